@@ -1,0 +1,84 @@
+"""The "torch" backend: masked log-sum-exp of a scaled product in pure PyTorch, row chunk by row
+chunk, with a recomputing backward. Bounded memory on any device, no compiler needed.
+
+    s_ij = alpha_i beta_j <x_i, y_j>, masked where exclude_diag and j == i + diag_offset
+    forward:  row_lse_i = logsumexp_j s_ij, col_lse_j = logsumexp_i s_ij (merged across chunks)
+    backward: dS_ij = g_i exp(s_ij - row_lse_i) + c_j exp(s_ij - col_lse_j)
+              dx_i = alpha_i sum_j dS_ij beta_j y_j,   dy_j = beta_j sum_i dS_ij alpha_i x_i
+"""
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+PREFERS_PRENORMALIZED = False
+
+# Score elements per chunk (rows * keys): 16 MiB of fp32 on CPU, 256 MiB on a GPU.
+_CPU_CHUNK_ELEMENTS = 1 << 22
+_GPU_CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunk_rows(x, n_keys):
+    override = os.environ.get("FASTCONTRAST_TORCH_CHUNK_ELEMENTS")
+    budget = int(override) if override else (
+        _GPU_CHUNK_ELEMENTS if x.is_cuda else _CPU_CHUNK_ELEMENTS)
+    return max(1, budget // max(1, n_keys))
+
+
+def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset):
+    """The (r1 - r0, M) tile of s for rows r0..r1, masked entries set to -inf."""
+    s = torch.mm(x[r0:r1], y.T)
+    s.mul_(alpha[r0:r1, None]).mul_(beta[None, :])
+    if exclude_diag:
+        rows = torch.arange(r0, r1, device=x.device)
+        cols = rows + diag_offset
+        keep = (cols >= 0) & (cols < y.shape[0])
+        s[(rows - r0)[keep], cols[keep]] = float("-inf")
+    return s
+
+
+def _unreachable_to_inf(lse):
+    """exp(s - lse) must be 0 when lse = -inf (no candidate): use +inf there."""
+    return torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+
+
+def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0,
+                       with_col_lse=False):
+    """(row_lse (N,), col_lse (M,) or None) over unmasked entries; -inf where none."""
+    n, m = q.shape[0], keys.shape[0]
+    row_lse = torch.empty(n, dtype=q.dtype, device=q.device)
+    col_lse = torch.full((m,), float("-inf"), dtype=q.dtype, device=q.device) \
+        if with_col_lse else None
+    step = _chunk_rows(q, m)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset)
+        row_lse[r0:r1] = torch.logsumexp(s, dim=1)
+        if with_col_lse:
+            torch.logaddexp(col_lse, torch.logsumexp(s, dim=0), out=col_lse)
+    return row_lse, col_lse
+
+
+def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, col_grad=None, *,
+                        exclude_diag=False, diag_offset=0, need_dq=True, need_dkeys=True):
+    """(dq (N, D) or None, dkeys (M, D) or None) for the dS above; recomputes each tile."""
+    n, m = q.shape[0], keys.shape[0]
+    dq = torch.empty_like(q) if need_dq else None
+    dkeys = torch.zeros_like(keys) if need_dkeys else None
+    row_lse = _unreachable_to_inf(row_lse)
+    if col_lse is not None:
+        col_lse = _unreachable_to_inf(col_lse)
+    step = _chunk_rows(q, m)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset)
+        h = torch.exp(s - row_lse[r0:r1, None]).mul_(row_grad[r0:r1, None])
+        if col_lse is not None:
+            h.add_(torch.exp(s.sub_(col_lse[None, :])).mul_(col_grad[None, :]))
+        del s
+        h.mul_(alpha[r0:r1, None]).mul_(beta[None, :])
+        if need_dq:
+            torch.mm(h, keys, out=dq[r0:r1])
+        if need_dkeys:
+            dkeys.addmm_(h.T, q[r0:r1])
+    return dq, dkeys

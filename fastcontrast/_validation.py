@@ -1,0 +1,93 @@
+"""Argument checks shared by the public functions: every bad input raises a TypeError or
+ValueError that names the argument, the expected value and the actual one."""
+import math
+import numbers
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "reference", "torch", "cpu", "triton")
+
+
+def _describe(t):
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name, t, ndims, *, optional=False):
+    """A floating-point tensor with one of ``ndims`` dimensions and no zero-sized dimension."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.dim() not in ndims:
+        expected = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name} must be {expected}, got {t.dim()}-D ({_describe(t)})")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got {_describe(t)}")
+
+
+def check_same(name, t, ref_name, ref):
+    """Same dtype and device as the reference tensor."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), "
+                         f"got {t.device}")
+
+
+def check_feature_dim(name, t, dim):
+    if t.shape[-1] != dim:
+        raise ValueError(f"{name} must have feature dimension D = {dim} (from query), "
+                         f"got shape {tuple(t.shape)}")
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def positive_scalar(name, value, device):
+    """A positive finite float or 0-dim floating tensor, returned as a 0-dim tensor on device."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape "
+                             f"{tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} tensor must have a floating-point dtype, got {value.dtype}")
+        number = float(value.detach())
+        tensor = value.to(device)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        tensor = None
+    else:
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {number}")
+    if tensor is None:
+        tensor = torch.tensor(number, dtype=torch.float64, device=device)
+    return tensor
+
+
+def check_targets(targets, n, m, device):
+    if targets is None:
+        return
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor of int64, got {type(targets).__name__}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must have dtype torch.int64, got {targets.dtype}")
+    if tuple(targets.shape) != (n,):
+        raise ValueError(f"targets must have shape ({n},) (one per query), "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"targets must be on the device of query ({device}), got {targets.device}")
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= m:
+        raise ValueError(f"targets must index keys in [0, {m - 1}] (M = {m}), "
+                         f"got values in [{low}, {high}]")

@@ -1,0 +1,81 @@
+"""nn.Module twins of the functional losses (hold the options, call fastcontrast.functional)."""
+import math
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+
+class InfoNCELoss(nn.Module):
+    """Module form of :func:`fastcontrast.info_nce`.
+
+    ``learn_temperature=True`` makes the temperature a parameter (stored as log(1/tau), so it
+    stays positive); otherwise it is a fixed float."""
+
+    def __init__(self, temperature=0.07, *, normalize=True, in_batch_negatives=True,
+                 exclude_self=False, symmetric=False, reduction="mean", backend="auto",
+                 learn_temperature=False):
+        super().__init__()
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+        self.normalize = normalize
+        self.in_batch_negatives = in_batch_negatives
+        self.exclude_self = exclude_self
+        self.symmetric = symmetric
+        self.reduction = reduction
+        self.backend = backend
+        if learn_temperature:
+            self.log_inverse_temperature = nn.Parameter(torch.tensor(-math.log(temperature)))
+        else:
+            self.register_parameter("log_inverse_temperature", None)
+            self._temperature = float(temperature)
+
+    @property
+    def temperature(self):
+        if self.log_inverse_temperature is None:
+            return self._temperature
+        return torch.exp(-self.log_inverse_temperature)
+
+    def forward(self, query, key, negatives=None, targets=None):
+        return F.info_nce(query, key, negatives, temperature=self.temperature,
+                          normalize=self.normalize, targets=targets,
+                          in_batch_negatives=self.in_batch_negatives,
+                          exclude_self=self.exclude_self, symmetric=self.symmetric,
+                          reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"temperature={float(self.temperature):.4g}, normalize={self.normalize}, "
+                f"symmetric={self.symmetric}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
+
+
+class ClipLoss(nn.Module):
+    """Module form of :func:`fastcontrast.clip_loss`, optionally owning CLIP's learnable
+    temperature: logit_scale = exp(log_logit_scale), clamped at ``max_logit_scale`` (100, as
+    OpenCLIP). Pass ``logit_scale`` to forward to use a model-owned scale instead."""
+
+    def __init__(self, init_logit_scale=1 / 0.07, *, learnable=True, max_logit_scale=100.0,
+                 reduction="mean", backend="auto"):
+        super().__init__()
+        if not (init_logit_scale > 0 and max_logit_scale > 0):
+            raise ValueError(f"init_logit_scale and max_logit_scale must be positive, got "
+                             f"{init_logit_scale!r}, {max_logit_scale!r}")
+        log_scale = torch.tensor(math.log(init_logit_scale))
+        if learnable:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+        self.max_logit_scale = float(max_logit_scale)
+        self.reduction = reduction
+        self.backend = backend
+
+    @property
+    def logit_scale(self):
+        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(self, image, text, logit_scale=None, logit_bias=None):
+        scale = self.logit_scale if logit_scale is None else logit_scale
+        return F.clip_loss(image, text, scale, logit_bias=logit_bias, reduction=self.reduction,
+                           backend=self.backend)
