@@ -1,0 +1,187 @@
+"""Every fused backend against the float64 reference: values and gradients (query, key,
+negatives, temperature) over options x odd shapes x dtypes x temperatures."""
+import pytest
+import torch
+
+import fastcontrast
+from fastcontrast.reference import info_nce_reference
+
+from ._helpers import (FUSED_BACKENDS, as_float64, assert_close, backend_usable, device_for,
+                       interpreting_triton, make_inputs)
+
+# Option sets of DESIGN.md section 1. "m" is a function of n; "targets" a recipe.
+CASES = {
+    "plain": dict(),
+    "grouped_keys": dict(m=lambda n: 2 * n + 3, targets="random"),
+    "shared_bank": dict(negatives="bank"),
+    "per_query_negatives": dict(negatives="per_query"),
+    "moco_queue": dict(negatives="bank", in_batch_negatives=False),
+    "positive_and_per_query_only": dict(negatives="per_query", in_batch_negatives=False),
+    "exclude_self": dict(targets="partner", exclude_self=True),
+    "exclude_self_bank": dict(targets="partner", exclude_self=True, negatives="bank"),
+    "symmetric": dict(symmetric=True),
+    "unnormalized": dict(normalize=False),
+}
+SHAPES = [(1, 3), (7, 64), (257, 1000)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _targets(recipe, n, m, device):
+    if recipe == "random":
+        return torch.randint(0, m, (n,), device=device)
+    if recipe == "partner":  # another row of the same set (needs n >= 2)
+        return (torch.arange(n, device=device) + torch.randint(1, n, (n,), device=device)) % n
+    return None
+
+
+def _build(case, n, d, dtype, device, scale=1.0):
+    spec = dict(CASES[case])
+    m = spec.pop("m", lambda n_: n_)(n)
+    q, k, neg = make_inputs(n, m, d, dtype, device, negatives=spec.pop("negatives", None),
+                            scale=scale)
+    targets = _targets(spec.pop("targets", None), n, m, device)
+    return q, k, neg, targets, spec
+
+
+def _skip_unsupported(backend, case, n, d, dtype):
+    if not backend_usable(backend, device_for(backend)):
+        pytest.skip(f"backend {backend!r} unavailable here")
+    if CASES[case].get("targets") == "partner" and n < 2:
+        pytest.skip("exclude_self needs two rows")
+    if backend == "triton":
+        from fastcontrast.kernels import infonce
+
+        if dtype not in infonce.SUPPORTED_DTYPES:
+            pytest.skip(f"triton kernels do not take {dtype}")
+        if interpreting_triton(backend) and n * d > 64 * 1000 and case not in ("plain",
+                                                                                 "symmetric"):
+            pytest.skip("large shapes run only for two cases in the slow Triton interpreter")
+        if interpreting_triton(backend) and dtype == torch.bfloat16 and n > 7:
+            pytest.skip("bf16 in the interpreter is emulated slowly; small shape only")
+
+
+def _loss_and_grads(fn, q, k, neg, tau, reduction, weight):
+    loss = fn(q, k, neg, tau)
+    inputs = [t for t in (q, k, neg, tau) if t is not None and t.requires_grad]
+    total = (loss * weight).sum() if reduction == "none" else loss * 1.5
+    return loss, torch.autograd.grad(total, inputs)
+
+
+def _check_against_reference(backend, case, q, k, neg, targets, spec, tau_value, reduction,
+                             dtype, *, learn_tau=True):
+    device = q.device
+    tau = torch.tensor(tau_value, dtype=torch.float64, device=device, requires_grad=learn_tau)
+    opts = dict(targets=targets, reduction=reduction, **spec)
+    loss, grads = _loss_and_grads(
+        lambda a, b, c, t: fastcontrast.info_nce(a, b, c, temperature=t, backend=backend, **opts),
+        q, k, neg, tau, reduction,
+        weight=torch.linspace(-1, 2, q.shape[0], dtype=dtype, device=device))
+    q64, k64, neg64, tau64 = as_float64(q, k, neg, tau)
+    ref, ref_grads = _loss_and_grads(
+        lambda a, b, c, t: info_nce_reference(a, b, c, temperature=t, **opts),
+        q64, k64, neg64, tau64, reduction,
+        weight=torch.linspace(-1, 2, q.shape[0], dtype=torch.float64))
+    assert loss.dtype == dtype and loss.shape == ref.shape
+    assert_close(loss, ref.cpu(), dtype, f"{backend}/{case} loss")
+    names = [n for n, t in zip(("query", "key", "negatives", "temperature"), (q, k, neg, tau))
+             if t is not None and t.requires_grad]
+    for name, grad, ref_grad in zip(names, grads, ref_grads):
+        expected_dtype = torch.float64 if name == "temperature" else dtype
+        assert grad.dtype == expected_dtype, f"{name} grad dtype {grad.dtype}"
+        assert_close(grad, ref_grad.cpu(), dtype, f"{backend}/{case} d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[1])
+@pytest.mark.parametrize("n,d", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_matches_reference(backend, case, n, d, dtype):
+    _skip_unsupported(backend, case, n, d, dtype)
+    if dtype in (torch.float16, torch.bfloat16) and n * d > 7 * 64 and backend != "triton":
+        pytest.skip("half precision checked on the small shapes (the CPU upcasts anyway)")
+    device = device_for(backend)
+    q, k, neg, targets, spec = _build(case, n, d, dtype, device)
+    _check_against_reference(backend, case, q, k, neg, targets, spec, 0.07, "mean", dtype)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("case", ["plain", "grouped_keys", "moco_queue", "exclude_self_bank",
+                                  "per_query_negatives", "symmetric"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_reductions(backend, case, reduction):
+    _skip_unsupported(backend, case, 33, 16, torch.float32)
+    q, k, neg, targets, spec = _build(case, 33, 16, torch.float32, device_for(backend))
+    _check_against_reference(backend, case, q, k, neg, targets, spec, 0.1, reduction,
+                             torch.float32)
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.07, 1.0])
+@pytest.mark.parametrize("case", ["plain", "moco_queue", "symmetric", "exclude_self"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_temperatures(backend, case, tau):
+    _skip_unsupported(backend, case, 40, 24, torch.float32)
+    q, k, neg, targets, spec = _build(case, 40, 24, torch.float32, device_for(backend))
+    _check_against_reference(backend, case, q, k, neg, targets, spec, tau, "mean", torch.float32)
+
+
+@pytest.mark.parametrize("case", ["unnormalized", "symmetric", "grouped_keys", "moco_queue"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_large_norm_tiny_temperature(backend, case):
+    """|s| up to ~1e4: no overflow, no NaN; compared in fp32 relative to the logit scale."""
+    _skip_unsupported(backend, case, 31, 16, torch.float32)
+    q, k, neg, targets, spec = _build(case, 31, 16, torch.float32, device_for(backend),
+                                      scale=25.0)
+    spec["normalize"] = False
+    _check_against_reference(backend, case, q, k, neg, targets, spec, 0.01, "mean",
+                             torch.float32)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_float_temperature_and_frozen_inputs(backend):
+    """A plain float temperature, and only some inputs requiring grad (e.g. a MoCo key)."""
+    _skip_unsupported(backend, "moco_queue", 20, 8, torch.float32)
+    device = device_for(backend)
+    q, k, neg = make_inputs(20, 20, 8, torch.float32, device, negatives="bank")
+    k.requires_grad_(False)
+    neg.requires_grad_(False)
+    loss = fastcontrast.info_nce(q, k, neg, temperature=0.2, backend=backend)
+    (grad,) = torch.autograd.grad(loss, [q])
+    q64, k64, neg64 = as_float64(q, k, neg)
+    ref = info_nce_reference(q64, k64, neg64, temperature=0.2)
+    (ref_grad,) = torch.autograd.grad(ref, [q64])
+    assert_close(loss, ref, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "dquery")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_no_grad_and_retain_graph(backend):
+    _skip_unsupported(backend, "plain", 9, 8, torch.float64)
+    device = device_for(backend)
+    q, k, _ = make_inputs(9, 9, 8, torch.float64, device)
+    with torch.no_grad():
+        value = fastcontrast.info_nce(q, k, backend=backend)
+    loss = fastcontrast.info_nce(q, k, backend=backend)
+    assert torch.allclose(value, loss.detach())
+    first = torch.autograd.grad(loss, [q, k], retain_graph=True)
+    second = torch.autograd.grad(2 * loss, [q, k])
+    for a, b in zip(first, second):
+        assert torch.allclose(2 * a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_clip_loss_matches_reference(backend):
+    from fastcontrast.reference import clip_loss_reference
+
+    _skip_unsupported(backend, "symmetric", 23, 12, torch.float32)
+    device = device_for(backend)
+    image, text, _ = make_inputs(23, 23, 12, torch.float32, device)
+    scale = torch.tensor(14.0, device=device, requires_grad=True)
+    bias = torch.tensor(-3.0, device=device, requires_grad=True)
+    loss = fastcontrast.clip_loss(image, text, scale, logit_bias=bias, backend=backend)
+    grads = torch.autograd.grad(loss, [image, text, scale, bias])
+    i64, t64, s64, b64 = as_float64(image, text, scale, bias)
+    ref = clip_loss_reference(i64, t64, s64, logit_bias=b64)
+    ref_grads = torch.autograd.grad(ref, [i64, t64, s64, b64])
+    assert_close(loss, ref, torch.float32, "clip loss")
+    for name, g, r in zip(("image", "text", "logit_scale", "logit_bias"), grads, ref_grads):
+        assert_close(g, r, torch.float32, f"clip d{name}")

@@ -1,0 +1,50 @@
+"""nn.Module twins: they forward to the functional API and own their parameters correctly."""
+import math
+
+import torch
+
+import fastcontrast
+from fastcontrast.reference import clip_loss_reference, info_nce_reference
+
+
+def test_info_nce_loss_module_matches_functional():
+    q, k = torch.randn(10, 8), torch.randn(10, 8)
+    module = fastcontrast.InfoNCELoss(temperature=0.2, symmetric=True, backend="torch")
+    expected = info_nce_reference(q.double(), k.double(), temperature=0.2, symmetric=True)
+    assert torch.allclose(module(q, k).double(), expected, rtol=1e-5)
+    assert "temperature=0.2" in repr(module)
+
+
+def test_info_nce_loss_learnable_temperature_gets_gradient():
+    module = fastcontrast.InfoNCELoss(temperature=0.1, learn_temperature=True, backend="torch")
+    q, k = torch.randn(12, 5), torch.randn(12, 5)
+    module(q, k).backward()
+    assert math.isclose(float(module.temperature.detach()), 0.1, rel_tol=1e-6)
+    grad = module.log_inverse_temperature.grad
+    # Reference gradient w.r.t. log(1/tau) through float64 autograd.
+    log_inv = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
+    info_nce_reference(q.double(), k.double(), temperature=torch.exp(-log_inv)).backward()
+    assert torch.allclose(grad.double(), log_inv.grad, rtol=1e-4)
+    assert set(dict(module.named_parameters())) == {"log_inverse_temperature"}
+
+
+def test_clip_loss_module_clamps_logit_scale_like_openclip():
+    module = fastcontrast.ClipLoss(init_logit_scale=500.0, backend="torch")
+    assert float(module.logit_scale) == 100.0
+    image, text = torch.randn(7, 6), torch.randn(7, 6)
+    loss = module(image, text)
+    expected = clip_loss_reference(image.double(), text.double(), 100.0)
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    loss.backward()
+    assert module.log_logit_scale.grad == 0  # clamped: no gradient, as in OpenCLIP
+
+
+def test_clip_loss_module_learns_scale_and_round_trips_state():
+    module = fastcontrast.ClipLoss(init_logit_scale=10.0, backend="torch")
+    image, text = torch.randn(9, 4), torch.randn(9, 4)
+    module(image, text).backward()
+    assert module.log_logit_scale.grad is not None and module.log_logit_scale.grad != 0
+    frozen = fastcontrast.ClipLoss(init_logit_scale=3.0, learnable=False)
+    frozen.load_state_dict(module.state_dict())
+    assert torch.equal(frozen.log_logit_scale, module.log_logit_scale.detach())
+    assert list(frozen.parameters()) == []
