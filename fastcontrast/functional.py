@@ -30,6 +30,13 @@ def _cpu_ops():
     return _ext
 
 
+def _cpu_available():
+    try:
+        return _cpu_ops().available()
+    except ImportError:
+        return False
+
+
 def _torch_ops():
     from . import _torch_chunked
 
@@ -59,7 +66,7 @@ def available_backends(device="cpu"):
     """The backends that can run on ``device`` in this process."""
     device = torch.device(device)
     names = ["reference", "torch"]
-    if device.type == "cpu" and _cpu_ops().available():
+    if device.type == "cpu" and _cpu_available():
         names.append("cpu")
     if _triton_usable(device):
         names.append("triton")
@@ -72,13 +79,13 @@ def resolve_backend(backend, device):
     if backend == "auto":
         if device.type == "cuda" and _triton_usable(device):
             return "triton"
-        if device.type == "cpu" and _cpu_ops().available():
+        if device.type == "cpu" and _cpu_available():
             return "cpu"
         return "torch"
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-        if not _cpu_ops().available():
+        if not _cpu_available():
             raise RuntimeError("backend='cpu' needs the C++ extension, which could not be built "
                                "or loaded here (see the warning above); use backend='torch'")
     if backend == "triton" and not _triton_usable(device):
