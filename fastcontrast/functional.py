@@ -143,6 +143,9 @@ def _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclu
 def _run(query, key, negatives, scale, temperature, *, normalize, targets, in_batch_negatives,
          exclude_self, symmetric, reduction, backend):
     name = resolve_backend(backend, query.device)
+    if name == "triton" and query.dtype == torch.float64:
+        raise TypeError("backend='triton' computes in float16/bfloat16/float32, got float64 "
+                        "inputs; use backend='torch' (or 'cpu') for float64")
     if name == "reference":
         return info_nce_reference(
             query, key, negatives, temperature=temperature, normalize=normalize, targets=targets,

@@ -67,6 +67,10 @@ def _loss_and_grads(fn, q, k, neg, tau, reduction, weight):
     return loss, torch.autograd.grad(total, inputs)
 
 
+def _on_cpu(opts):
+    return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+
+
 def _max_abs_logit(q, k, neg, tau, normalize):
     """max |s_ij| over every pair, from the float64 inputs (sets the rounding tolerance)."""
     keys = [k] if neg is None else [k, neg.reshape(-1, neg.shape[-1])]
@@ -89,16 +93,24 @@ def _check_against_reference(backend, case, q, k, neg, targets, spec, tau_value,
         lambda a, b, c, t: info_nce_reference(a, b, c, temperature=t, **opts),
         q64, k64, neg64, tau64, reduction,
         weight=torch.linspace(-1, 2, q.shape[0], dtype=torch.float64))
+    # The same reference computed in the test dtype (on the CPU): the error baseline.
+    q_lp, k_lp, neg_lp, tau_lp = [None if t is None else t.detach().cpu().requires_grad_(
+        t.requires_grad) for t in (q, k, neg, tau)]
+    base, base_grads = _loss_and_grads(
+        lambda a, b, c, t: info_nce_reference(a, b, c, temperature=t, **_on_cpu(opts)),
+        q_lp, k_lp, neg_lp, tau_lp, reduction,
+        weight=torch.linspace(-1, 2, q.shape[0], dtype=dtype))
     assert loss.dtype == dtype and loss.shape == ref.shape
     max_logit = _max_abs_logit(q64, k64, neg64, tau_value, spec.get("normalize", True))
-    assert_close(loss, ref.cpu(), dtype, f"{backend}/{case} loss", max_logit=max_logit)
+    assert_close(loss, ref.cpu(), dtype, f"{backend}/{case} loss", max_logit=max_logit,
+                 baseline=base)
     names = [n for n, t in zip(("query", "key", "negatives", "temperature"), (q, k, neg, tau))
              if t is not None and t.requires_grad]
-    for name, grad, ref_grad in zip(names, grads, ref_grads):
+    for name, grad, ref_grad, base_grad in zip(names, grads, ref_grads, base_grads):
         expected_dtype = torch.float64 if name == "temperature" else dtype
         assert grad.dtype == expected_dtype, f"{name} grad dtype {grad.dtype}"
         assert_close(grad, ref_grad.cpu(), dtype, f"{backend}/{case} d{name}",
-                     max_logit=max_logit)
+                     max_logit=max_logit, baseline=base_grad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[1])

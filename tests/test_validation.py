@@ -130,6 +130,17 @@ def test_triton_backend_on_cpu_without_interpreter_is_rejected(monkeypatch):
         fastcontrast.info_nce(*q_k(), backend="triton")
 
 
+def test_triton_backend_refuses_float64():
+    if "triton" not in fastcontrast.available_backends("cuda" if torch.cuda.is_available()
+                                                        else "cpu"):
+        pytest.skip("triton unavailable")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = (t.to(device) for t in q_k(dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"backend='triton' computes in float16/bfloat16/float32, "
+                                        r"got float64"):
+        fastcontrast.info_nce(q, k, backend="triton")
+
+
 def test_module_rejects_bad_temperature():
     with pytest.raises(ValueError, match="temperature must be a positive finite float"):
         fastcontrast.InfoNCELoss(temperature=0.0)

@@ -1,0 +1,396 @@
+"""Tests of the Triton masked log-sum-exp kernels (kernels/infonce.py) against float64 PyTorch.
+
+The oracle below materialises the (N, M) score matrix in float64 from the very same (already
+rounded) inputs, so the tolerances measure only the kernels' own arithmetic: fp32 accumulation,
+and for fp16/bf16 the rounding of the gradient tile to the input dtype before the second product.
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET),
+so shapes stay small; odd sizes exercise every masked edge (D = 3, D = 1000, N = 1, M = 1)."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INF = float("inf")
+
+# log2(0) of a row without candidates is a legitimate -inf; numpy (the interpreter) warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+
+
+def _load_kernels():
+    """fastcontrast.kernels.infonce when installed, else kernels/infonce.py of this checkout."""
+    try:
+        from fastcontrast.kernels import infonce
+        return infonce
+    except ImportError:
+        path = Path(__file__).resolve().parents[1] / "kernels" / "infonce.py"
+        spec = importlib.util.spec_from_file_location("_fastcontrast_kernels_infonce", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+K = _load_kernels()
+
+# Per-dtype (rtol, atol): |out - ref| <= atol * scale + rtol * |ref|, where scale = max |ref| for
+# gradients and max(1, max |ref|) for lse values (their rounding error follows the O(1) scores).
+# fp32 is exact up to fp32 rounding (GPU: torch's "highest" matmul precision means no tf32);
+# fp16/bf16 gradients round the dS tile to the input dtype before the second product.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+DTYPES = list(TOL)
+SHAPES = [(1, 1, 3), (7, 5, 64), (33, 70, 3), (64, 64, 130), (100, 37, 1000)]
+# (exclude_diag, diag_offset): none, the plain diagonal, and shifted diagonals either way.
+MASKS = [(False, 0), (True, 0), (True, 3), (True, -2)]
+# Small blocks: several row and key programs (the column lock and staggered start, partial last
+# blocks) and D split into chunks (the accumulate-in-place path of the backward kernel).
+SMALL_BLOCKS = [(16, 16, 16), (32, 16, 32)]
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 oracle
+# ------------------------------------------------------------------------------------------------
+
+def ref_scores(q, keys, alpha, beta, exclude_diag, diag_offset):
+    """(N, M) float64 scores, masked entries -inf."""
+    s = alpha.double()[:, None] * beta.double()[None, :] * (q.double() @ keys.double().T)
+    if exclude_diag:
+        i = torch.arange(q.shape[0], device=q.device)[:, None]
+        j = torch.arange(keys.shape[0], device=q.device)[None, :]
+        s = s.masked_fill(j == i + diag_offset, -INF)
+    return s
+
+
+def ref_probs(s, lse, dim):
+    """exp(s - lse) along `dim`, 0 where lse is -inf (no candidate) or s is masked."""
+    lse = lse.double().unsqueeze(dim)
+    return torch.where(torch.isfinite(lse), torch.exp(s - lse), torch.zeros_like(s))
+
+
+def ref_backward(q, keys, alpha, beta, s, row_lse, row_grad, col_lse=None, col_grad=None):
+    ds = row_grad.double()[:, None] * ref_probs(s, row_lse, 1)
+    if col_lse is not None:
+        ds = ds + col_grad.double()[None, :] * ref_probs(s, col_lse, 0)
+    ds = ds.masked_fill(s == -INF, 0.0)
+    a, b = alpha.double(), beta.double()
+    dq = a[:, None] * ((ds * b[None, :]) @ keys.double())
+    dkeys = b[:, None] * ((ds.T * a[None, :]) @ q.double())
+    return dq, dkeys
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+def assert_close(name, out, ref, tol, floor=0.0):
+    """Every element: same -inf pattern as ref, finite elsewhere, within tolerance; verbose on failure."""
+    assert out is not None, f"{name}: got None"
+    assert out.dtype == torch.float32, f"{name}: dtype {out.dtype}, expected float32"
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    out64, ref = out.double().cpu(), ref.double().cpu()
+    neg_inf = ref == -INF
+    assert torch.equal(out64 == -INF, neg_inf), (
+        f"{name}: -inf at {(out64 == -INF).nonzero().tolist()}, expected at {neg_inf.nonzero().tolist()}")
+    finite_ref = ref[~neg_inf]
+    finite_out = out64[~neg_inf]
+    assert torch.isfinite(finite_ref).all(), f"{name}: the reference itself is not finite"
+    bad_values = ~torch.isfinite(finite_out)
+    assert not bad_values.any(), f"{name}: {int(bad_values.sum())} non-finite values (inf/NaN) in the output"
+    if finite_ref.numel() == 0:
+        return
+    rtol, atol = tol
+    scale = max(floor, finite_ref.abs().max().item()) or 1.0
+    err = (finite_out - finite_ref).abs()
+    allowed = atol * scale + rtol * finite_ref.abs()
+    if (err > allowed).any():
+        k = int((err - allowed).argmax())
+        idx = (~neg_inf).nonzero()[k].tolist()
+        raise AssertionError(
+            f"{name}: {int((err > allowed).sum())}/{err.numel()} elements out of tolerance (rtol={rtol}, "
+            f"atol={atol}*{scale:.3g}); worst at {idx}: got {finite_out[k].item():.8g}, "
+            f"expected {finite_ref[k].item():.8g} (max abs err {err.max().item():.3g})")
+
+
+def make_inputs(N, M, D, dtype, temperature=0.07, normalize=True):
+    """L2-normalised q/keys (as the host passes them) with non-uniform alpha and beta around 1/tau, 1."""
+    q = torch.randn(N, D, device=DEVICE)
+    keys = torch.randn(M, D, device=DEVICE)
+    if normalize:
+        q = torch.nn.functional.normalize(q, dim=1)
+        keys = torch.nn.functional.normalize(keys, dim=1)
+    alpha = (torch.rand(N, device=DEVICE) * 0.4 + 0.8) / temperature
+    beta = torch.rand(M, device=DEVICE) * 0.4 + 0.8
+    return q.to(dtype), keys.to(dtype), alpha, beta
+
+
+def lse_pair(s):
+    return torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: f"diag{m[1]}" if m[0] else "nodiag")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_float64(shape, mask, with_col, dtype):
+    N, M, D = shape
+    exclude_diag, diag_offset = mask
+    q, keys, alpha, beta = make_inputs(N, M, D, dtype)
+    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, exclude_diag=exclude_diag,
+                                            diag_offset=diag_offset, with_col_lse=with_col)
+    ref_row, ref_col = lse_pair(ref_scores(q, keys, alpha, beta, exclude_diag, diag_offset))
+    assert_close("row_lse", row_lse, ref_row, TOL[dtype], floor=1.0)
+    if with_col:
+        assert_close("col_lse", col_lse, ref_col, TOL[dtype], floor=1.0)
+    else:
+        assert col_lse is None
+
+
+@pytest.mark.parametrize("blocks", SMALL_BLOCKS, ids=str)
+@pytest.mark.parametrize("mask", [(False, 0), (True, 0), (True, 5)], ids=lambda m: f"diag{m[1]}" if m[0] else "nodiag")
+@pytest.mark.parametrize("shape", [(33, 70, 3), (50, 47, 40), (70, 33, 100)], ids=lambda s: "x".join(map(str, s)))
+def test_forward_many_programs(shape, mask, blocks):
+    """Several row programs merging into the same columns under the locks, D in several chunks."""
+    N, M, D = shape
+    q, keys, alpha, beta = make_inputs(N, M, D, torch.float32)
+    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, exclude_diag=mask[0], diag_offset=mask[1],
+                                            with_col_lse=True, blocks=blocks)
+    ref_row, ref_col = lse_pair(ref_scores(q, keys, alpha, beta, *mask))
+    assert_close("row_lse", row_lse, ref_row, TOL[torch.float32], floor=1.0)
+    assert_close("col_lse", col_lse, ref_col, TOL[torch.float32], floor=1.0)
+
+
+def test_forward_no_candidates_gives_neg_inf():
+    """N = M = 1 with the diagonal excluded: nothing is a candidate anywhere -> -inf, not NaN."""
+    q, keys, alpha, beta = make_inputs(1, 1, 8, torch.float32)
+    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, exclude_diag=True, with_col_lse=True)
+    assert row_lse.tolist() == [-INF] and col_lse.tolist() == [-INF]
+    # One masked row among others: M = 1, row 0 loses its only key; column 0 keeps rows 1..4.
+    q, keys, alpha, beta = make_inputs(5, 1, 8, torch.float32)
+    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, exclude_diag=True, with_col_lse=True)
+    ref_row, ref_col = lse_pair(ref_scores(q, keys, alpha, beta, True, 0))
+    assert row_lse[0].item() == -INF
+    assert_close("row_lse", row_lse, ref_row, TOL[torch.float32], floor=1.0)
+    assert_close("col_lse", col_lse, ref_col, TOL[torch.float32], floor=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_large_scores_stay_finite(dtype):
+    """Unnormalised inputs, |s| up to ~1e4 (tau = 0.01, norms ~ 10): no overflow, no NaN.
+
+    fp32 scores of size 1e4 carry an absolute rounding error ~1e-3, so the tolerance is relative
+    to the score range here, not to 1."""
+    N, M, D = 40, 48, 96
+    q = (torch.randn(N, D, device=DEVICE)).to(dtype)
+    keys = (torch.randn(M, D, device=DEVICE)).to(dtype)
+    alpha = torch.full((N,), 100.0, device=DEVICE)
+    beta = torch.full((M,), 1.0, device=DEVICE)
+    s = ref_scores(q, keys, alpha, beta, True, 0)
+    assert s[torch.isfinite(s)].abs().max() > 2e3
+    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, exclude_diag=True, with_col_lse=True)
+    ref_row, ref_col = lse_pair(s)
+    assert_close("row_lse", row_lse, ref_row, (2e-6, 0.0), floor=1.0)
+    assert_close("col_lse", col_lse, ref_col, (2e-6, 0.0), floor=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+
+def _extra_mass(lse):
+    """log of extra candidates' exp-mass: around the local lse (or ~3 where it is -inf)."""
+    base = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, 3.0))
+    return base + 0.5 * torch.randn_like(lse)
+
+
+def run_backward_case(shape, mask, with_col, dtype, *, blocks=None, global_lse=False,
+                      need_dq=True, need_dkeys=True, tol=None, inputs=None):
+    N, M, D = shape
+    exclude_diag, diag_offset = mask
+    q, keys, alpha, beta = inputs if inputs is not None else make_inputs(N, M, D, dtype)
+    s = ref_scores(q, keys, alpha, beta, exclude_diag, diag_offset)
+    ref_row, ref_col = lse_pair(s)
+    if global_lse:
+        # A global lse merged with candidates outside this call (other key blocks, extra negatives)
+        # of comparable total weight: larger than the local one, and finite even where that is -inf.
+        ref_row = torch.logaddexp(ref_row, _extra_mass(ref_row))
+        ref_col = torch.logaddexp(ref_col, _extra_mass(ref_col))
+    row_lse = ref_row.float()
+    col_lse = ref_col.float() if with_col else None
+    row_grad = torch.randn(N, device=DEVICE)  # non-uniform, both signs
+    col_grad = torch.randn(M, device=DEVICE) * 0.5 if with_col else None
+    dq, dkeys = K.masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad,
+                                      exclude_diag=exclude_diag, diag_offset=diag_offset,
+                                      need_dq=need_dq, need_dkeys=need_dkeys, blocks=blocks)
+    # The oracle uses the lse the kernel was given (rounded to fp32), as the kernel's caller would.
+    ref_dq, ref_dkeys = ref_backward(q, keys, alpha, beta, s, row_lse, row_grad, col_lse, col_grad)
+    tol = tol or TOL[dtype]
+    if need_dq:
+        assert_close("dq", dq, ref_dq, tol)
+    else:
+        assert dq is None
+    if need_dkeys:
+        assert_close("dkeys", dkeys, ref_dkeys, tol)
+    else:
+        assert dkeys is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: f"diag{m[1]}" if m[0] else "nodiag")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_matches_float64(shape, mask, with_col, dtype):
+    run_backward_case(shape, mask, with_col, dtype)
+
+
+@pytest.mark.parametrize("blocks", SMALL_BLOCKS, ids=str)
+@pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
+@pytest.mark.parametrize("mask", [(False, 0), (True, 0), (True, -3)], ids=lambda m: f"diag{m[1]}" if m[0] else "nodiag")
+@pytest.mark.parametrize("shape", [(33, 70, 3), (50, 47, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_backward_many_programs(shape, mask, with_col, blocks):
+    """Several programs per direction; D = 40 over chunks of 16/32 accumulates dX in place."""
+    run_backward_case(shape, mask, with_col, torch.float32, blocks=blocks)
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 16, 16)], ids=["default", "small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_many_programs_low_precision(dtype, blocks):
+    run_backward_case((45, 38, 72), (True, 1), True, dtype, blocks=blocks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
+@pytest.mark.parametrize("shape", [(7, 5, 64), (100, 37, 1000)], ids=lambda s: "x".join(map(str, s)))
+def test_backward_with_global_lse(shape, with_col, dtype):
+    """row_lse/col_lse larger than this call's own (merged with candidates elsewhere)."""
+    run_backward_case(shape, (True, 0), with_col, dtype, global_lse=True)
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True), (False, False)], ids=["dq", "dkeys", "none"])
+@pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
+def test_backward_need_subsets(need, with_col):
+    run_backward_case((33, 70, 130), (True, 2), with_col, torch.float32, need_dq=need[0], need_dkeys=need[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_no_candidates_is_zero(dtype):
+    """-inf lse (no candidate) contributes exactly 0, never NaN; other rows still get gradients."""
+    q, keys, alpha, beta = make_inputs(1, 1, 8, dtype)
+    minus_inf = torch.full((1,), -INF, device=DEVICE)
+    dq, dkeys = K.masked_lse_backward(q, keys, alpha, beta, minus_inf, torch.ones(1, device=DEVICE),
+                                      minus_inf.clone(), torch.ones(1, device=DEVICE), exclude_diag=True)
+    assert dq.tolist() == [[0.0] * 8] and dkeys.tolist() == [[0.0] * 8]
+    run_backward_case((5, 1, 8), (True, 0), True, dtype)  # row 0 has no candidate
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_large_norm_small_alpha(dtype):
+    """Large-norm inputs with a small alpha (the host's unnormalised cosine form alpha = 1/(tau |q_i|),
+    beta = 1/|k_j|): tile values ~1e3 scaled down, gradients of the right size, all finite."""
+    N, M, D = 37, 29, 64
+    q = torch.randn(N, D, device=DEVICE) * 300.0
+    keys = torch.randn(M, D, device=DEVICE) * 300.0
+    q, keys = q.to(dtype), keys.to(dtype)
+    alpha = 1.0 / (0.05 * q.float().norm(dim=1))
+    beta = 1.0 / keys.float().norm(dim=1)
+    run_backward_case((N, M, D), (False, 0), True, dtype, inputs=(q, keys, alpha, beta))
+
+
+def test_backward_large_scores_fp32():
+    """|s| up to ~1e4 (tau = 0.01, norms ~ 10): the probabilities are near one-hot and their fp32
+    error is ~|s| * 2^-24 relative, so the tolerance scales with the score range."""
+    N, M, D = 40, 48, 96
+    q = torch.randn(N, D, device=DEVICE)
+    keys = torch.randn(M, D, device=DEVICE)
+    alpha = torch.full((N,), 100.0, device=DEVICE)
+    beta = torch.ones(M, device=DEVICE)
+    run_backward_case((N, M, D), (True, 0), True, torch.float32, inputs=(q, keys, alpha, beta),
+                      tol=(1e-3, 1e-3))
+
+
+# ------------------------------------------------------------------------------------------------
+# edge cases and validation
+# ------------------------------------------------------------------------------------------------
+
+def test_empty_inputs():
+    q, keys, alpha, beta = make_inputs(0, 4, 8, torch.float32)
+    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, with_col_lse=True)
+    assert row_lse.shape == (0,) and col_lse.tolist() == [-INF] * 4
+    dq, dkeys = K.masked_lse_backward(q, keys, alpha, beta, row_lse, torch.zeros(0, device=DEVICE), col_lse,
+                                      torch.ones(4, device=DEVICE))
+    assert dq.shape == (0, 8) and torch.equal(dkeys, torch.zeros(4, 8, device=DEVICE))
+
+
+def test_module_constants():
+    assert set(K.SUPPORTED_DTYPES) == {torch.float16, torch.bfloat16, torch.float32}
+    assert K.PREFERS_PRENORMALIZED is True
+
+
+def _valid(N=6, M=5, D=8):
+    q, keys, alpha, beta = make_inputs(N, M, D, torch.float32)
+    return dict(q=q, keys=keys, alpha=alpha, beta=beta)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda a: a.update(q=a["q"].double(), keys=a["keys"].double()), TypeError, "float64"),
+    (lambda a: a.update(keys=a["keys"].half()), TypeError, "keys"),
+    (lambda a: a.update(q=a["q"].to(torch.int32)), TypeError, "q"),
+    (lambda a: a.update(q=a["q"][:, :7]), ValueError, "keys"),
+    (lambda a: a.update(q=a["q"].reshape(-1)), ValueError, "2-D"),
+    (lambda a: a.update(q=a["q"].T.contiguous().T), ValueError, "contiguous"),
+    (lambda a: a.update(alpha=a["alpha"][:5]), ValueError, "alpha"),
+    (lambda a: a.update(alpha=a["alpha"].double()), TypeError, "alpha"),
+    (lambda a: a.update(beta=a["beta"][None]), ValueError, "beta"),
+    (lambda a: a.update(beta=torch.ones(10, device=DEVICE)[::2]), ValueError, "contiguous"),
+    (lambda a: a.update(beta=a["beta"].to("meta")), ValueError, "beta"),
+    (lambda a: a.update(q=a["q"].to("meta"), keys=a["keys"].to("meta")), ValueError, "device"),
+    (lambda a: a.update(keys=[[1.0] * 8] * 5), TypeError, "keys"),
+])
+def test_forward_validation(change, error, words):
+    args = _valid()
+    change(args)
+    with pytest.raises(error, match=words):
+        K.masked_lse_forward(args["q"], args["keys"], args["alpha"], args["beta"])
+
+
+def test_backward_validation():
+    a = _valid()
+    q, keys, alpha, beta = a["q"], a["keys"], a["alpha"], a["beta"]
+    lse, grad = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
+    with pytest.raises(ValueError, match="col_lse and col_grad"):
+        K.masked_lse_backward(q, keys, alpha, beta, lse, grad, torch.zeros(5, device=DEVICE), None)
+    with pytest.raises(ValueError, match="row_lse"):
+        K.masked_lse_backward(q, keys, alpha, beta, lse[:5], grad)
+    with pytest.raises(TypeError, match="row_grad"):
+        K.masked_lse_backward(q, keys, alpha, beta, lse, grad.half())
+    with pytest.raises(ValueError, match="col_grad"):
+        K.masked_lse_backward(q, keys, alpha, beta, lse, grad, torch.zeros(5, device=DEVICE),
+                              torch.zeros(6, device=DEVICE))
+    with pytest.raises(ValueError, match="blocks"):
+        K.masked_lse_backward(q, keys, alpha, beta, lse, grad, blocks=(16, 24, 16))
+    with pytest.raises(ValueError, match="blocks"):
+        K.masked_lse_forward(q, keys, alpha, beta, blocks=(8, 16, 16))
+
+
+def test_reference_sanity():
+    """The oracle itself: masked entries excluded, symmetric lse of a symmetric matrix."""
+    x = torch.nn.functional.normalize(torch.randn(6, 4, device=DEVICE), dim=1)
+    ones = torch.ones(6, device=DEVICE)
+    s = ref_scores(x, x, ones, ones, True, 0)
+    assert torch.isinf(s.diagonal()).all()
+    row, col = lse_pair(s)
+    torch.testing.assert_close(row, col)
+    expected = torch.log(torch.exp(x.double() @ x.double().T).sum(1) - math.e)
+    torch.testing.assert_close(row, expected)
