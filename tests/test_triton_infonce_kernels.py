@@ -324,6 +324,22 @@ def test_backward_large_scores_fp32():
 # edge cases and validation
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("D", [40, 200])
+def test_row_strided_views(D):
+    """Rows of a wider matrix (row stride != D, last dimension contiguous) are read in place."""
+    q_wide = torch.nn.functional.normalize(torch.randn(21, D + 7, device=DEVICE), dim=1)
+    k_wide = torch.nn.functional.normalize(torch.randn(26, D + 3, device=DEVICE), dim=1)
+    q, keys = q_wide[:, 2:D + 2], k_wide[:, :D]
+    assert not q.is_contiguous() and q.stride(1) == 1
+    alpha, beta = torch.full((21,), 1 / 0.1, device=DEVICE), torch.ones(26, device=DEVICE)
+    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, exclude_diag=True, with_col_lse=True)
+    s = ref_scores(q, keys, alpha, beta, True, 0)
+    ref_row, ref_col = lse_pair(s)
+    assert_close("row_lse", row_lse, ref_row, TOL[torch.float32], floor=1.0)
+    assert_close("col_lse", col_lse, ref_col, TOL[torch.float32], floor=1.0)
+    run_backward_case((21, 26, D), (True, 0), True, torch.float32, inputs=(q, keys, alpha, beta))
+
+
 def test_empty_inputs():
     q, keys, alpha, beta = make_inputs(0, 4, 8, torch.float32)
     row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, with_col_lse=True)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastcontrast, one op family per module (installed as fastcontrast.kernels)."""

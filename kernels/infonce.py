@@ -1,0 +1,470 @@
+"""Masked log-sum-exp over similarity tiles, and its gradient: the Triton core of the InfoNCE family.
+
+Every fused loss of fastcontrast (info_nce, clip_loss, nt_xent, supcon, moco_loss) reduces to scores
+
+    s_ij = alpha_i * beta_j * <q_i, keys_j>          (alpha = 1/temperature, beta = 1 usually)
+
+over candidate pairs, of which it needs only the per-row (and, when symmetric, per-column)
+log-sum-exp in the forward pass and the tile gradient dS in the backward pass. The (N, M) score
+matrix is never stored: the forward pass streams key tiles past a block of rows with an online
+max/sum, and the backward pass recomputes each tile (FlashAttention-2 style).
+
+Read top to bottom:
+  1. @triton.jit helpers and kernels
+     - ``_masked_lse_fwd_kernel``: grid over row blocks; each program loops over all key blocks and
+       keeps a running (max, sum) per row. With HAS_COL it also reduces every tile over its rows and
+       merges the per-column (max, sum) into global fp32 buffers under a per-key-block spin lock,
+       so the symmetric (CLIP) loss gets both directions from one pass over the tiles.
+     - ``_masked_lse_bwd_kernel``: gradient with respect to one operand ("outer", X), looping over
+       the other ("inner", Y). Launched twice: X = q (dq, grid over row blocks) and X = keys
+       (dkeys, grid over key blocks, the tile seen transposed). Each program owns its output rows,
+       so no atomics and the result is deterministic.
+  2. host functions ``masked_lse_forward`` / ``masked_lse_backward`` (validation, block choice,
+     launch).
+
+Numerics: scores are kept in log2 units (log2(e) folded into the row scale) so the kernels use
+exp2/log2; all accumulation is fp32 whatever the input dtype; tile products run on input-dtype
+tiles (fp16/bf16 tensor cores on GPU; fp32 inputs follow torch's float32 matmul precision setting).
+A row or column without any candidate gets an lse of -inf and contributes nothing (never NaN).
+"""
+import math
+import os
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The host should pass L2-normalised q/keys with alpha = 1/temperature and beta = 1: tile values
+# are then O(1) and fp16/bf16 tiles lose nothing. General alpha/beta are still honoured.
+PREFERS_PRENORMALIZED = True
+
+# Read once, like @triton.jit does: kernels defined in this module run in the interpreter iff set.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Global constexprs, usable inside the kernels.
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(s) = exp2(s * log2(e))
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2): natural log from log2 units
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptr, offs, mask, stride, d0, D, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Load rows `offs` (masked by `mask`) of a row-major (rows, D) matrix, columns d0..d0+BLOCK_D.
+
+    Out-of-range rows and columns read as 0, so they add nothing to a dot product. With UPCAST the
+    tile is converted to fp32 at once (bf16 arithmetic is not supported by the interpreter)."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    tile = tl.load(ptr + offs[:, None] * stride + offs_d[None, :],
+                   mask=mask[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _dot_rows(X, Y, offs_x, offs_y, mask_x, mask_y, stride_x, stride_y, D,
+              BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
+              UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(BLOCK_X, BLOCK_Y) fp32 tile of <x_i, y_j>, looping over D in BLOCK_D chunks."""
+    acc = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_rows(X, offs_x, mask_x, stride_x, d0, D, BLOCK_D, UPCAST)
+        y = _load_rows(Y, offs_y, mask_y, stride_y, d0, D, BLOCK_D, UPCAST)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _masked_lse_fwd_kernel(
+    Q, K, Alpha, Beta,          # q (N, D), keys (M, D) row-major; alpha (N,), beta (M,) fp32
+    RowLse,                     # out: (N,) fp32, natural log
+    ColMax, ColSum, Lock,       # HAS_COL only: (M,) fp32 running max (log2 units, init -inf),
+                                # (M,) fp32 running sum (init 0), (cdiv(M, BLOCK_M),) int32 locks (init 0)
+    N, M, D, stride_q, stride_k, diag_offset,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr, HAS_COL: tl.constexpr, ONE_D_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # int64 program offsets: row * stride reaches N * D, which exceeds 2^31 at the sizes we target
+    # (e.g. 4M rows x 1024 dims); int32 arithmetic would wrap silently.
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    # Row scale in log2 units: every score below is s_ij * log2(e).
+    a2 = tl.load(Alpha + offs_n, mask=mask_n, other=0.0) * _LOG2E
+    if ONE_D_CHUNK:  # the whole row block fits one chunk: load it once, keep it for all key blocks
+        q_tile = _load_rows(Q, offs_n, mask_n, stride_q, 0, D, BLOCK_D, UPCAST)
+
+    m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of exp2(s - m_i)
+
+    n_kb = tl.cdiv(M, BLOCK_M)
+    if HAS_COL:
+        # Start at a different key block per program so that concurrent programs take different
+        # column locks (round robin) instead of all queueing on block 0.
+        first_kb = pid % n_kb
+    else:
+        first_kb = pid * 0
+    arange_m = tl.arange(0, BLOCK_M).to(tl.int64)  # int64 for the same reason as offs_n
+    for it in range(0, n_kb):
+        kb = (first_kb + it) % n_kb
+        offs_m = kb * BLOCK_M + arange_m
+        mask_m = offs_m < M
+        b = tl.load(Beta + offs_m, mask=mask_m, other=0.0)
+        if ONE_D_CHUNK:
+            k_tile = _load_rows(K, offs_m, mask_m, stride_k, 0, D, BLOCK_D, UPCAST)
+            dots = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
+        else:
+            dots = _dot_rows(Q, K, offs_n, offs_m, mask_n, mask_m, stride_q, stride_k, D,
+                             BLOCK_N, BLOCK_M, BLOCK_D, UPCAST, INPUT_PRECISION)
+        s = dots * a2[:, None] * b[None, :]
+        valid = mask_n[:, None] & mask_m[None, :]
+        if EXCLUDE_DIAG:
+            valid = valid & (offs_m[None, :] != offs_n[:, None] + diag_offset)
+        s = tl.where(valid, s, float("-inf"))
+
+        # Online row log-sum-exp. A max of -inf (nothing unmasked yet) is replaced by 0 so that
+        # -inf - (-inf) never appears: exp2(-inf - 0) = 0 keeps the sum at exactly 0.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m_i = m_new
+
+        if HAS_COL:
+            # This tile's column (max, sum), from the same scores. It costs a second exp2 per score:
+            # one shared tile max would underflow whole rows or columns when scores span > ~100.
+            c_max = tl.max(s, axis=0)
+            c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+            c_sum = tl.sum(tl.exp2(s - c_safe[None, :]), axis=0)
+            # Merge into the global per-column state under this key block's lock (the pattern of
+            # Triton's layer-norm backward). Barriers: all threads of the program must see the lock
+            # taken before reading, and must have issued their stores before it is released.
+            lock = Lock + kb
+            while tl.atomic_cas(lock, 0, 1) == 1:
+                pass
+            tl.debug_barrier()
+            # .cg: read through L2, never a stale L1 line written by a program on another SM.
+            g_max = tl.load(ColMax + offs_m, mask=mask_m, other=float("-inf"), cache_modifier=".cg")
+            g_sum = tl.load(ColSum + offs_m, mask=mask_m, other=0.0, cache_modifier=".cg")
+            n_max = tl.maximum(g_max, c_max)
+            n_safe = tl.where(n_max == float("-inf"), 0.0, n_max)
+            n_sum = g_sum * tl.exp2(g_max - n_safe) + c_sum * tl.exp2(c_max - n_safe)
+            tl.store(ColMax + offs_m, n_max, mask=mask_m)
+            tl.store(ColSum + offs_m, n_sum, mask=mask_m)
+            tl.debug_barrier()
+            tl.atomic_xchg(lock, 0)
+
+    # lse = ln(2) * (m + log2(l)); no candidate: m = -inf and l = 0 give -inf.
+    row_lse = (m_i + tl.log2(l_i)) * _LN2
+    tl.store(RowLse + offs_n, row_lse, mask=mask_n)
+
+
+@triton.jit
+def _masked_lse_bwd_kernel(
+    X, Y, DX,                   # outer operand (NX, D), inner operand (NY, D); out: dX (NX, D) fp32
+    ScaleX, ScaleY,             # (NX,), (NY,) fp32: s_ij = scale_x_i * scale_y_j * <x_i, y_j>
+    LseX, GradX,                # HAS_LSE_X: (NX,) fp32 lse and upstream grad of the outer side
+    LseY, GradY,                # HAS_LSE_Y: (NY,) fp32 lse and upstream grad of the inner side
+    GradScale,                  # (1,) fp32 G > 0: dS * scale_y is divided by G before the cast
+    NX, NY, D, stride_x, stride_y, stride_dx, diag_offset,
+    BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr, HAS_LSE_X: tl.constexpr, HAS_LSE_Y: tl.constexpr,
+    ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dX_i = scale_x_i * sum_j dS_ij * scale_y_j * y_j, with
+    dS_ij = gx_i exp(s_ij - lse_x_i) + gy_j exp(s_ij - lse_y_j) over unmasked (i, j), 0 elsewhere.
+
+    dq: X = q, Y = keys (lse_x = row lse, lse_y = column lse). dkeys: X = keys, Y = q, roles of the
+    row/column terms swapped and the diagonal offset negated (key j masked for row i iff
+    j == i + offset, i.e. i == j - offset). The program owns rows offs_x of dX: no atomics."""
+    # int64 program offsets: row * stride reaches NX * D, which exceeds 2^31 at the sizes we target.
+    pid = tl.program_id(0).to(tl.int64)
+    offs_x = pid * BLOCK_X + tl.arange(0, BLOCK_X)
+    mask_x = offs_x < NX
+    offs_d = tl.arange(0, BLOCK_D)
+    sx = tl.load(ScaleX + offs_x, mask=mask_x, other=0.0)
+    sx2 = sx * _LOG2E  # scores in log2 units
+    g = tl.load(GradScale)
+    inv_g = 1.0 / g
+    if HAS_LSE_X:
+        # An lse of -inf (no candidate) becomes +inf: exp2(s - inf) = 0, never -inf - (-inf).
+        lse_x = tl.load(LseX + offs_x, mask=mask_x, other=float("inf")) * _LOG2E
+        lse_x = tl.where(lse_x == float("-inf"), float("inf"), lse_x)
+        gx = tl.load(GradX + offs_x, mask=mask_x, other=0.0)
+    if ONE_D_CHUNK:  # D fits one chunk: x tile and the dX accumulator stay on chip
+        x_tile = _load_rows(X, offs_x, mask_x, stride_x, 0, D, BLOCK_D, UPCAST)
+        acc = tl.zeros((BLOCK_X, BLOCK_D), dtype=tl.float32)
+
+    arange_y = tl.arange(0, BLOCK_Y).to(tl.int64)  # int64 for the same reason as offs_x
+    n_yb = tl.cdiv(NY, BLOCK_Y)
+    for yb in range(0, n_yb):
+        offs_y = yb * BLOCK_Y + arange_y
+        mask_y = offs_y < NY
+        sy = tl.load(ScaleY + offs_y, mask=mask_y, other=0.0)
+        if ONE_D_CHUNK:
+            y_tile = _load_rows(Y, offs_y, mask_y, stride_y, 0, D, BLOCK_D, UPCAST)
+            dots = tl.dot(x_tile, tl.trans(y_tile), input_precision=INPUT_PRECISION)
+        else:
+            dots = _dot_rows(X, Y, offs_x, offs_y, mask_x, mask_y, stride_x, stride_y, D,
+                             BLOCK_X, BLOCK_Y, BLOCK_D, UPCAST, INPUT_PRECISION)
+        s = dots * sx2[:, None] * sy[None, :]
+        valid = mask_x[:, None] & mask_y[None, :]
+        if EXCLUDE_DIAG:
+            valid = valid & (offs_y[None, :] != offs_x[:, None] + diag_offset)
+        s = tl.where(valid, s, float("-inf"))  # masked: exp2(-inf - lse) = 0
+
+        ds = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
+        if HAS_LSE_X:
+            ds += gx[:, None] * tl.exp2(s - lse_x[:, None])
+        if HAS_LSE_Y:
+            lse_y = tl.load(LseY + offs_y, mask=mask_y, other=float("inf")) * _LOG2E
+            lse_y = tl.where(lse_y == float("-inf"), float("inf"), lse_y)
+            gy = tl.load(GradY + offs_y, mask=mask_y, other=0.0)
+            ds += gy[None, :] * tl.exp2(s - lse_y[None, :])
+        # Fold scale_y into dS and divide by G = max|grad| * max|scale_y|: entries are then at most
+        # 2 in magnitude (the lse values are at least this call's own), so the cast to the input
+        # dtype neither overflows fp16 nor flushes the largest entries to zero; G and scale_x are
+        # multiplied back in fp32 when dX is stored.
+        ds = ds * (sy * inv_g)[None, :]
+        if UPCAST:
+            ds_in = ds
+        else:
+            ds_in = ds.to(Y.dtype.element_ty)  # fp16/bf16 tensor-core operand (no-op for fp32)
+
+        if ONE_D_CHUNK:
+            acc = tl.dot(ds_in, y_tile, acc, input_precision=INPUT_PRECISION)
+        else:
+            # D spans several chunks: accumulate into this program's own rows of DX (fp32, no
+            # other program touches them). The barrier orders the previous iteration's stores
+            # before this iteration's loads across the program's threads.
+            tl.debug_barrier()
+            out_scale = tl.where(yb == n_yb - 1, sx * g, 1.0)  # finish on the last inner block
+            for d0 in range(0, D, BLOCK_D):
+                y_chunk = _load_rows(Y, offs_y, mask_y, stride_y, d0, D, BLOCK_D, UPCAST)
+                part = tl.dot(ds_in, y_chunk, input_precision=INPUT_PRECISION)
+                cols = d0 + offs_d
+                dx_ptrs = DX + offs_x[:, None] * stride_dx + cols[None, :]
+                dx_mask = mask_x[:, None] & (cols[None, :] < D)
+                prev = tl.load(dx_ptrs, mask=dx_mask & (yb > 0), other=0.0)
+                tl.store(dx_ptrs, (prev + part) * out_scale[:, None], mask=dx_mask)
+
+    if ONE_D_CHUNK:
+        dx_ptrs = DX + offs_x[:, None] * stride_dx + offs_d[None, :]
+        tl.store(dx_ptrs, acc * (sx * g)[:, None], mask=mask_x[:, None] & (offs_d[None, :] < D))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host functions
+# ---------------------------------------------------------------------------------------------
+
+# Launch configurations: rows of the outer operand per program (block_x), rows of the inner
+# operand per tile (block_y), the largest D run as one chunk (the outer tile, and in backward the
+# gradient accumulator, then stay on chip), the chunk size for larger D, num_warps, num_stages.
+# One config per case, no autotuning (a multi-config autotune breaks the interpreter); the GPU
+# values were checked to compile for sm_90 without register spills but are not yet tuned on a GPU.
+# Tensor-core tiles (fp16/bf16, fp32 as tf32): FlashAttention-like 128 x 64 tiles, 8 warps.
+_GPU_TENSOR_CORE = {
+    "fwd": dict(block_x=128, block_y=64, max_block_d=128, chunk_d=64, num_warps=8, num_stages=3),
+    "bwd": dict(block_x=128, block_y=64, max_block_d=128, chunk_d=64, num_warps=8, num_stages=2),
+}
+# Full-precision fp32 ("ieee"): tl.dot runs on the FMA units with operands in registers, so
+# smaller tiles and chunks (larger ones spill).
+_GPU_IEEE = dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2)
+# The interpreter runs each tile op once in numpy: few, large tiles are fastest.
+_INTERPRETER = dict(block_x=64, block_y=64, max_block_d=128, chunk_d=128, num_warps=4, num_stages=1)
+
+
+def _input_precision(dtype):
+    """fp32 tiles follow torch's float32 matmul setting (tf32 only when torch would use it)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for fp16/bf16 tiles
+
+
+def _config(which, D, precision, blocks):
+    """(block_x, block_y, block_d, one_d_chunk, num_warps, num_stages) for a launch.
+
+    `blocks` = (block_x, block_y, block_d) overrides the block sizes (powers of two >= 16, the
+    minimum tl.dot tile on GPU); block_d is then both the largest single chunk and the chunk size."""
+    if _INTERPRET:
+        base = _INTERPRETER
+    elif precision == "ieee":
+        base = _GPU_IEEE
+    else:
+        base = _GPU_TENSOR_CORE[which]
+    block_x, block_y = base["block_x"], base["block_y"]
+    max_block_d, chunk_d = base["max_block_d"], base["chunk_d"]
+    if blocks is not None:
+        if (len(blocks) != 3
+                or any(isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1) for b in blocks)):
+            raise ValueError(f"blocks must be three powers of two >= 16 (rows, keys, D chunk), got {blocks!r}")
+        block_x, block_y, max_block_d = blocks
+        chunk_d = max_block_d
+    if D <= max_block_d:
+        block_d, one_chunk = max(16, triton.next_power_of_2(max(D, 1))), True
+    else:
+        block_d, one_chunk = chunk_d, False
+    return block_x, block_y, block_d, one_chunk, base["num_warps"], base["num_stages"]
+
+
+def _device_context(t):
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
+def _check_matrix(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype in {SUPPORTED_DTYPES} (float64 is not supported by the "
+                        f"Triton kernels: their outputs are float32), got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, D), got shape {tuple(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
+
+
+def _check_vector(name, t, length, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if t.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of q), got {t.device}")
+    if length > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
+
+
+def _check_operands(q, keys, alpha, beta):
+    """Validate q/keys/alpha/beta; return (N, M, D)."""
+    _check_matrix("q", q)
+    _check_matrix("keys", keys)
+    if keys.dtype != q.dtype:
+        raise TypeError(f"keys must have the dtype of q ({q.dtype}), got {keys.dtype}")
+    if keys.shape[1] != q.shape[1]:
+        raise ValueError(f"keys must have D = {q.shape[1]} columns like q, got shape {tuple(keys.shape)}")
+    if keys.device != q.device:
+        raise ValueError(f"keys must be on {q.device} (the device of q), got {keys.device}")
+    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+        raise ValueError(f"q must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set before "
+                         f"fastcontrast.kernels is imported), got device {q.device}")
+    N, D = q.shape
+    M = keys.shape[0]
+    _check_vector("alpha", alpha, N, q.device)
+    _check_vector("beta", beta, M, q.device)
+    return N, M, D
+
+
+def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, with_col_lse=False,
+                       blocks=None):
+    """Row (and optionally column) log-sum-exp of s_ij = alpha_i * beta_j * <q_i, keys_j>.
+
+    q: (N, D), keys: (M, D), same dtype (float16, bfloat16, float32) and device, rows contiguous.
+    alpha: (N,) float32, beta: (M,) float32. Entry (i, j) is masked iff exclude_diag and
+    j == i + diag_offset. Returns (row_lse (N,) float32, col_lse (M,) float32 or None); a row or
+    column without candidates gets -inf. `blocks` optionally overrides (block_rows, block_keys,
+    block_d). The column lse is merged across programs in scheduling order, so its last bits may
+    vary from run to run on GPU; row_lse is deterministic."""
+    N, M, D = _check_operands(q, keys, alpha, beta)
+    dev = q.device
+    row_lse = torch.empty(N, dtype=torch.float32, device=dev)
+    col_lse = None
+    if N == 0 or M == 0:
+        row_lse.fill_(float("-inf"))
+        if with_col_lse:
+            col_lse = torch.full((M,), float("-inf"), dtype=torch.float32, device=dev)
+        return row_lse, col_lse
+
+    precision = _input_precision(q.dtype)
+    block_n, block_m, block_d, one_chunk, num_warps, num_stages = _config("fwd", D, precision, blocks)
+    if with_col_lse:
+        col_max = torch.full((M,), float("-inf"), dtype=torch.float32, device=dev)
+        col_sum = torch.zeros(M, dtype=torch.float32, device=dev)
+        lock = torch.zeros(triton.cdiv(M, block_m), dtype=torch.int32, device=dev)
+    else:  # never dereferenced when HAS_COL is False
+        col_max = col_sum = lock = row_lse
+    grid = (triton.cdiv(N, block_n),)
+    with _device_context(q):
+        _masked_lse_fwd_kernel[grid](
+            q, keys, alpha, beta, row_lse, col_max, col_sum, lock,
+            N, M, D, q.stride(0), keys.stride(0), int(diag_offset),
+            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+            EXCLUDE_DIAG=bool(exclude_diag), HAS_COL=bool(with_col_lse), ONE_D_CHUNK=one_chunk,
+            UPCAST=_INTERPRET and q.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    if with_col_lse:
+        # col_lse = ln2 * (max + log2(sum)); no candidate: -inf + log2(0) = -inf.
+        col_lse = col_sum.log2_().add_(col_max).mul_(math.log(2.0))
+    return row_lse, col_lse
+
+
+def _grad_scale(gmax, scales):
+    """G = max|grad| * max|scale| as a (1,) device tensor (no host sync); 1 where that is 0 or not finite."""
+    g = gmax * scales.abs().amax()
+    return torch.where((g > 0) & torch.isfinite(g), g, torch.ones_like(g)).reshape(1)
+
+
+def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, col_grad=None, *,
+                        exclude_diag=False, diag_offset=0, need_dq=True, need_dkeys=True, blocks=None):
+    """Gradient of sum_i row_grad_i * row_lse_i (+ sum_j col_grad_j * col_lse_j) w.r.t. q and keys.
+
+    dS_ij = row_grad_i * exp(s_ij - row_lse_i) + col_grad_j * exp(s_ij - col_lse_j) (second term
+    only when col_lse is given), 0 where masked; an lse of -inf contributes 0.
+    dq_i = alpha_i * sum_j dS_ij beta_j keys_j;  dkeys_j = beta_j * sum_i dS_ij alpha_i q_i.
+    row_lse/col_lse may be larger than this pair's own lse (global lse over more candidates).
+    Returns (dq (N, D) float32 or None, dkeys (M, D) float32 or None); deterministic."""
+    N, M, D = _check_operands(q, keys, alpha, beta)
+    dev = q.device
+    _check_vector("row_lse", row_lse, N, dev)
+    _check_vector("row_grad", row_grad, N, dev)
+    if (col_lse is None) != (col_grad is None):
+        raise ValueError("col_lse and col_grad must be given together (both or neither), got "
+                         f"col_lse={'None' if col_lse is None else 'tensor'}, "
+                         f"col_grad={'None' if col_grad is None else 'tensor'}")
+    has_col = col_lse is not None
+    if has_col:
+        _check_vector("col_lse", col_lse, M, dev)
+        _check_vector("col_grad", col_grad, M, dev)
+
+    dq = torch.empty((N, D), dtype=torch.float32, device=dev) if need_dq else None
+    dkeys = torch.empty((M, D), dtype=torch.float32, device=dev) if need_dkeys else None
+    if N == 0 or M == 0 or D == 0:
+        for t in (dq, dkeys):
+            if t is not None:
+                t.zero_()
+        return dq, dkeys
+
+    gmax = row_grad.abs().amax()
+    if has_col:
+        gmax = torch.maximum(gmax, col_grad.abs().amax())
+    precision = _input_precision(q.dtype)
+    bx, by, bd, one, warps, stages = _config("bwd", D, precision, blocks)
+    common = dict(BLOCK_X=bx, BLOCK_Y=by, BLOCK_D=bd, ONE_D_CHUNK=one, EXCLUDE_DIAG=bool(exclude_diag),
+                  UPCAST=_INTERPRET and q.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+                  num_warps=warps, num_stages=stages)
+    # Unused pointer arguments (HAS_LSE_* False) point at a tensor that exists; never read.
+    col_lse_arg = col_lse if has_col else row_lse
+    col_grad_arg = col_grad if has_col else row_grad
+    with _device_context(q):
+        if need_dq:  # outer = q (row terms), inner = keys (column terms)
+            _masked_lse_bwd_kernel[(triton.cdiv(N, bx),)](
+                q, keys, dq, alpha, beta, row_lse, row_grad, col_lse_arg, col_grad_arg,
+                _grad_scale(gmax, beta),
+                N, M, D, q.stride(0), keys.stride(0), dq.stride(0), int(diag_offset),
+                HAS_LSE_X=True, HAS_LSE_Y=has_col, **common,
+            )
+        if need_dkeys:  # outer = keys (column terms), inner = q (row terms); mask i == j - offset
+            _masked_lse_bwd_kernel[(triton.cdiv(M, bx),)](
+                keys, q, dkeys, beta, alpha, col_lse_arg, col_grad_arg, row_lse, row_grad,
+                _grad_scale(gmax, alpha),
+                M, N, D, keys.stride(0), q.stride(0), dkeys.stride(0), -int(diag_offset),
+                HAS_LSE_X=has_col, HAS_LSE_Y=True, **common,
+            )
+    return dq, dkeys
