@@ -12,7 +12,7 @@ def cpu_extension_sources(repo_root):
 
 def cpu_extension_flags():
     """(compile flags, link flags): O3, OpenMP, and the host's vector ISA (built where it runs)."""
-    cflags = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-std=c++17"]
+    cflags = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno"]
     ldflags = ["-fopenmp"]
     if os.environ.get("FASTCONTRAST_PORTABLE_BUILD") == "1":
         cflags.remove("-march=native")

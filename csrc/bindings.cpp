@@ -1,0 +1,128 @@
+// Python bindings of the fastcontrast C++ CPU kernels: argument checks, then the kernels of
+// cpu/infonce.cpp. Every check names the argument, the expected and the actual value.
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "cpu/infonce.h"
+
+#define CHECK_CPU(x) \
+  TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got device ", (x).device())
+#define CHECK_CONTIGUOUS(x) \
+  TORCH_CHECK((x).is_contiguous(), #x " must be contiguous, got strides ", (x).strides())
+#define CHECK_DTYPE(x, dtype)                                                              \
+  TORCH_CHECK((x).scalar_type() == (dtype), #x " must have dtype ", (dtype),              \
+              " (the dtype of q), got ", (x).scalar_type())
+#define CHECK_SHAPE(x, ...)                                                                \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape ",     \
+              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+#define CHECK_INPUT(x, dtype, ...) \
+  CHECK_CPU(x);                    \
+  CHECK_DTYPE(x, dtype);           \
+  CHECK_SHAPE(x, __VA_ARGS__);     \
+  CHECK_CONTIGUOUS(x)
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// q (N, D) float32/float64, keys (M, D), alpha (N,), beta (M,), all CPU, contiguous, q's dtype.
+void check_problem(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+                   const at::Tensor& beta) {
+  CHECK_CPU(q);
+  TORCH_CHECK(q.dim() == 2, "q must be 2-D (N, D), got shape ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "q must have dtype float32 or float64, got ", q.scalar_type());
+  CHECK_CONTIGUOUS(q);
+  const auto dtype = q.scalar_type();
+  const int64_t n = q.size(0), d = q.size(1);
+  CHECK_CPU(keys);
+  TORCH_CHECK(keys.dim() == 2 && keys.size(1) == d, "keys must have shape (M, D) with D = ", d,
+              " (the feature dim of q), got ", keys.sizes());
+  CHECK_DTYPE(keys, dtype);
+  CHECK_CONTIGUOUS(keys);
+  const int64_t m = keys.size(0);
+  CHECK_INPUT(alpha, dtype, n);
+  CHECK_INPUT(beta, dtype, m);
+}
+
+std::tuple<at::Tensor, OptTensor> forward(const at::Tensor& q, const at::Tensor& keys,
+                                          const at::Tensor& alpha, const at::Tensor& beta,
+                                          bool exclude_diag, int64_t diag_offset,
+                                          bool with_col_lse, int64_t block_rows) {
+  check_problem(q, keys, alpha, beta);
+  const at::NoGradGuard no_grad;  // out= GEMMs on inputs that require grad
+  return fastcontrast::masked_lse_forward(q, keys, alpha, beta, exclude_diag, diag_offset,
+                                          with_col_lse, block_rows);
+}
+
+std::tuple<OptTensor, OptTensor> backward(const at::Tensor& q, const at::Tensor& keys,
+                                          const at::Tensor& alpha, const at::Tensor& beta,
+                                          const at::Tensor& row_lse, const at::Tensor& row_grad,
+                                          const OptTensor& col_lse_opt,
+                                          const OptTensor& col_grad_opt, bool exclude_diag,
+                                          int64_t diag_offset, bool need_dq, bool need_dkeys,
+                                          int64_t block_rows) {
+  check_problem(q, keys, alpha, beta);
+  const auto dtype = q.scalar_type();
+  const int64_t n = q.size(0), m = keys.size(0);
+  CHECK_INPUT(row_lse, dtype, n);
+  CHECK_INPUT(row_grad, dtype, n);
+  TORCH_CHECK(col_lse_opt.has_value() == col_grad_opt.has_value(),
+              "col_lse and col_grad must be given together, got col_lse ",
+              col_lse_opt ? "a tensor" : "None", " and col_grad ",
+              col_grad_opt ? "a tensor" : "None");
+  if (col_lse_opt) {
+    const at::Tensor& col_lse = *col_lse_opt;
+    const at::Tensor& col_grad = *col_grad_opt;
+    CHECK_INPUT(col_lse, dtype, m);
+    CHECK_INPUT(col_grad, dtype, m);
+  }
+  const at::NoGradGuard no_grad;
+  return fastcontrast::masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse_opt,
+                                           col_grad_opt, exclude_diag, diag_offset, need_dq,
+                                           need_dkeys, block_rows);
+}
+
+std::tuple<at::Tensor, OptTensor, OptTensor> forward_with_grad(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
+    const at::Tensor& row_grad, bool exclude_diag, int64_t diag_offset,
+    const OptTensor& extra_lse_opt, bool need_dq, bool need_dkeys, int64_t block_rows) {
+  check_problem(q, keys, alpha, beta);
+  const auto dtype = q.scalar_type();
+  const int64_t n = q.size(0);
+  CHECK_INPUT(row_grad, dtype, n);
+  if (extra_lse_opt) {
+    const at::Tensor& extra_lse = *extra_lse_opt;
+    CHECK_INPUT(extra_lse, dtype, n);
+  }
+  const at::NoGradGuard no_grad;
+  return fastcontrast::masked_lse_forward_with_grad(q, keys, alpha, beta, row_grad, exclude_diag,
+                                                    diag_offset, extra_lse_opt, need_dq,
+                                                    need_dkeys, block_rows);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+  m.doc() = "fastcontrast C++ CPU kernels: fused masked log-sum-exp and its gradient";
+  m.def("masked_lse_forward", &forward, release_gil(),
+        "(row_lse, col_lse or None) of s_ij = alpha_i beta_j <q_i, keys_j>", py::arg("q"),
+        py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::kw_only(),
+        py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
+        py::arg("with_col_lse") = false, py::arg("block_rows") = 0);
+  m.def("masked_lse_backward", &backward, release_gil(),
+        "(dq or None, dkeys or None), recomputing the score tiles", py::arg("q"), py::arg("keys"),
+        py::arg("alpha"), py::arg("beta"), py::arg("row_lse"), py::arg("row_grad"),
+        py::arg("col_lse") = py::none(), py::arg("col_grad") = py::none(), py::kw_only(),
+        py::arg("exclude_diag") = false, py::arg("diag_offset") = 0, py::arg("need_dq") = true,
+        py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
+  m.def("masked_lse_forward_with_grad", &forward_with_grad, release_gil(),
+        "(row_lse, dq or None, dkeys or None) in one pass, no recompute", py::arg("q"),
+        py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::arg("row_grad"), py::kw_only(),
+        py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
+        py::arg("extra_lse") = py::none(), py::arg("need_dq") = true,
+        py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
+}
