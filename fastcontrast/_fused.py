@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from .reference import reduce_loss
+
 # Rows per chunk for the O(N * D) host helpers below: bounds their temporaries.
 _HOST_CHUNK_ROWS = 4096
 
@@ -282,14 +284,6 @@ def _gradients(ops, cfg, op, targets, y, beta, row_lse, col_lse, g, kernel_grads
     return dq, dkey, dbank, dper_query, dscale
 
 
-def _reduce(loss, reduction):
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
 class FusedInfoNCE(torch.autograd.Function):
     """InfoNCE (DESIGN.md section 1) on a masked-LSE backend, O(N + M) memory beyond inputs.
 
@@ -329,7 +323,7 @@ class FusedInfoNCE(torch.autograd.Function):
             loss = 0.5 * (row_lse + col_lse) - positive
         else:
             loss = row_lse - positive
-        out = _reduce(loss, cfg.reduction).to(query.dtype)
+        out = reduce_loss(loss, cfg.reduction).to(query.dtype)
 
         ctx.cfg, ctx.ops = cfg, ops
         ctx.needs = needs

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _reduce(loss, reduction):
+def reduce_loss(loss, reduction):
+    """Per-row losses reduced as ``reduction``: "mean", "sum" or "none" (unchanged)."""
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -53,7 +54,7 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
     loss = torch.logsumexp(logits, dim=1) - positive
     if symmetric:
         loss = 0.5 * (loss + torch.logsumexp(logits, dim=0) - positive)
-    return _reduce(loss, reduction)
+    return reduce_loss(loss, reduction)
 
 
 def clip_loss_reference(image, text, logit_scale, *, logit_bias=None, reduction="mean"):
@@ -65,4 +66,4 @@ def clip_loss_reference(image, text, logit_scale, *, logit_bias=None, reduction=
     labels = torch.arange(image.shape[0], device=image.device)
     per_image = F.cross_entropy(logits, labels, reduction="none")
     per_text = F.cross_entropy(logits.T, labels, reduction="none")
-    return _reduce(0.5 * (per_image + per_text), reduction)
+    return reduce_loss(0.5 * (per_image + per_text), reduction)

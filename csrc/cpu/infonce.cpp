@@ -37,7 +37,8 @@ namespace {
 // Tile budget of the gradient kernels: at least kMinTileBytes, or half the size of q and keys
 // together when that is larger (dq and dkeys alone take that much, so the tile stays a fraction of
 // the memory the call needs anyway, while large problems get the taller tiles that keep the GEMMs
-// efficient). The forward alone returns only O(N + M) values: its tile may be twice as large.
+// efficient). The forward alone returns only O(N + M) values, and the symmetric (column-term)
+// backward is not the memory-critical fused path: their tiles may be twice as large.
 constexpr int64_t kMinTileBytes = int64_t(16) << 20;
 constexpr int64_t kMinBlockRows = 32;
 constexpr int64_t kMaxBlockRows = 512;
@@ -50,12 +51,12 @@ constexpr T kInf = std::numeric_limits<T>::infinity();
 // multiple of 16 (GEMM-friendly), never more than N. Measured on N = M = 16384, D = 256 fp32
 // (2 cores): the three GEMMs run at ~100 / 120 / 130 GFLOP/s for R = 128 / 256 / 512 and the
 // elementwise passes add a few percent; R = 256 there (16 MiB tile), 512 for the forward alone.
-int64_t choose_block_rows(int64_t n, int64_t m, int64_t d, int64_t elem_size, bool forward_only,
+int64_t choose_block_rows(int64_t n, int64_t m, int64_t d, int64_t elem_size, bool large_tile,
                           int64_t requested) {
   int64_t b = requested;
   if (b <= 0) {
     int64_t budget = std::max(kMinTileBytes, (n + m) * d * elem_size / 2);
-    if (forward_only) budget *= 2;
+    if (large_tile) budget *= 2;
     b = budget / std::max<int64_t>(m * elem_size, 1);
     b = std::clamp<int64_t>(b / 16 * 16, kMinBlockRows, kMaxBlockRows);
   }
@@ -174,12 +175,12 @@ struct Problem {
   int64_t block_rows;
 
   Problem(const at::Tensor& q_, const at::Tensor& keys_, const at::Tensor& alpha_,
-          const at::Tensor& beta_, bool exclude_diag_, int64_t diag_offset_, bool forward_only,
+          const at::Tensor& beta_, bool exclude_diag_, int64_t diag_offset_, bool large_tile,
           int64_t requested)
       : q(q_), keys(keys_), alpha_tensor(alpha_), alpha(alpha_.data_ptr<T>()),
         beta(beta_.data_ptr<T>()), n(q_.size(0)), m(keys_.size(0)), d(q_.size(1)),
         exclude_diag(exclude_diag_), diag_offset(diag_offset_),
-        block_rows(choose_block_rows(n, m, d, sizeof(T), forward_only, requested)) {}
+        block_rows(choose_block_rows(n, m, d, sizeof(T), large_tile, requested)) {}
 
   // The query (index within the block r0 .. r0 + rows) masked in tile row j, or rows if none:
   // tile row j's unmasked queries are [0, cut) and [cut + 1, rows).
@@ -396,7 +397,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
     bool exclude_diag, int64_t diag_offset, bool with_col_lse, int64_t block_rows) {
   return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward", [&] {
     const Problem<scalar_t> p(q, keys, alpha, beta, exclude_diag, diag_offset,
-                              /*forward_only=*/true, block_rows);
+                              /*large_tile=*/true, block_rows);
     return forward_impl(p, with_col_lse);
   });
 }
@@ -408,7 +409,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> masked_lse_back
     bool need_dkeys, int64_t block_rows) {
   return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_backward", [&] {
     const Problem<scalar_t> p(q, keys, alpha, beta, exclude_diag, diag_offset,
-                              /*forward_only=*/!need_dq && !need_dkeys, block_rows);
+                              /*large_tile=*/col_lse.has_value() || (!need_dq && !need_dkeys), block_rows);
     return backward_impl(p, row_lse, row_grad, col_lse, col_grad, need_dq, need_dkeys);
   });
 }
@@ -420,7 +421,7 @@ masked_lse_forward_with_grad(const at::Tensor& q, const at::Tensor& keys, const 
                              bool need_dq, bool need_dkeys, int64_t block_rows) {
   return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward_with_grad", [&] {
     const Problem<scalar_t> p(q, keys, alpha, beta, exclude_diag, diag_offset,
-                              /*forward_only=*/!need_dq && !need_dkeys, block_rows);
+                              /*large_tile=*/!need_dq && !need_dkeys, block_rows);
     return forward_with_grad_impl(p, row_grad, extra_lse, need_dq, need_dkeys);
   });
 }
