@@ -67,9 +67,17 @@ def _rowwise_dot(a, b):
     return out
 
 
-def _gather_rows(x, index):
-    """x[index]; ``index`` None means x itself (no copy)."""
-    return x if index is None else x.index_select(0, index)
+def _positive_keys(op, targets, r0, r1):
+    """key_{t_i} for rows r0..r1; without targets key i itself (a view, no copy)."""
+    if targets is None:
+        return op.key[r0:r1]
+    return op.key.index_select(0, targets[r0:r1])
+
+
+def _positive_key_scales(op, targets):
+    """beta_{t_i} for every query."""
+    beta = _key_scales(op, op.inv_key)
+    return beta if targets is None else beta[targets]
 
 
 @dataclass
@@ -105,7 +113,7 @@ def _prepare(ops, cfg, query, key, bank, per_query, scale):
         t = t.to(cdt).contiguous()
         inv = _inverse_norms(t, cfg.normalize, cfg.eps, acc)
         if prenormalized:
-            t = (t * inv.unsqueeze(-1).to(t.dtype)) if t.dtype == acc else (t.to(acc) * inv.unsqueeze(-1)).to(cdt)
+            t = (t.to(acc) * inv.unsqueeze(-1)).to(cdt)
         return t, inv
 
     x, inv_x = prep(query)
@@ -145,16 +153,11 @@ def _excludes_diagonal(cfg):
 
 def _positive_scores(op, targets):
     """s_{i, t_i} = alpha_i beta_{t_i} <x_i, key_{t_i}>."""
-    beta_t = _key_scales(op, op.inv_key)
-    if targets is not None:
-        beta_t = beta_t[targets]
     dots = torch.empty_like(op.alpha)
     for r0 in range(0, op.x.shape[0], _HOST_CHUNK_ROWS):
         r1 = r0 + _HOST_CHUNK_ROWS
-        rows = None if targets is None else targets[r0:r1]
-        keys = op.key[r0:r1] if rows is None else _gather_rows(op.key, rows)
-        dots[r0:r1] = _rowwise_dot(op.x[r0:r1], keys)
-    return op.alpha * beta_t * dots
+        dots[r0:r1] = _rowwise_dot(op.x[r0:r1], _positive_keys(op, targets, r0, r1))
+    return op.alpha * _positive_key_scales(op, targets) * dots
 
 
 def _per_query_scores(op):
@@ -213,9 +216,11 @@ def _normalize_backward(grad, t, inv, op, normalize, eps):
     return grad
 
 
-def _gradients(ops, cfg, op, targets, y, beta, row_lse, col_lse, g, kernel_grads, needs):
-    """All input gradients for per-row weights g (N,). ``kernel_grads`` = (dx, dy) already
-    computed by the backend (fused forward) or None to run masked_lse_backward now."""
+def _gradients(ops, cfg, op, targets, positive, y, beta, row_lse, col_lse, g, kernel_grads,
+               needs):
+    """All input gradients for per-row weights g (N,). ``positive`` = s_{i,t_i};
+    ``kernel_grads`` = (dx, dy) already computed by the backend (fused forward) or None to run
+    masked_lse_backward now."""
     need_q, need_key, need_bank, need_per_query, need_scale = needs
     acc = op.alpha.dtype
     n = op.x.shape[0]
@@ -241,20 +246,16 @@ def _gradients(ops, cfg, op, targets, y, beta, row_lse, col_lse, g, kernel_grads
     dbank = dy[dy.shape[0] - op.bank.shape[0]:] if (need_bank and dy is not None) else None
 
     # Positive: d loss_i / d s_{i,t_i} = g_i (p_{i,t_i} [if not in the product] - 1).
-    positive = _positive_scores(op, targets)
     coef = -g.to(acc)
     if not cfg.in_batch_negatives:
         coef = coef + g * torch.exp(positive - row_lse)
-    beta_t = _key_scales(op, op.inv_key)
-    beta_t = beta_t if targets is None else beta_t[targets]
-    coef = coef * op.alpha * beta_t
+    coef = coef * op.alpha * _positive_key_scales(op, targets)
     for r0 in range(0, n, _HOST_CHUNK_ROWS):
         r1 = min(r0 + _HOST_CHUNK_ROWS, n)
         c = coef[r0:r1].unsqueeze(1)
         rows = None if targets is None else targets[r0:r1]
         if want_dx:
-            keys = op.key[r0:r1] if rows is None else _gather_rows(op.key, rows)
-            dx[r0:r1].addcmul_(keys.to(acc), c)
+            dx[r0:r1].addcmul_(_positive_keys(op, targets, r0, r1).to(acc), c)
         if need_key:
             if rows is None:
                 dkey[r0:r1].addcmul_(op.x[r0:r1].to(acc), c)
@@ -310,7 +311,7 @@ class FusedInfoNCE(torch.autograd.Function):
             row_lse, dx, dy = ops.masked_lse_forward_with_grad(
                 op.x, y, op.alpha, beta, g, exclude_diag=_excludes_diagonal(cfg), extra_lse=extra_lse,
                 need_dq=needs[0] or needs[4], need_dkeys=needs[1] or needs[2])
-            fused_grads = _gradients(ops, cfg, op, targets, y, beta, row_lse, None, g,
+            fused_grads = _gradients(ops, cfg, op, targets, positive, y, beta, row_lse, None, g,
                                      (dx, dy), needs)
         elif y is not None:
             row_lse, col_lse = ops.masked_lse_forward(
@@ -346,7 +347,7 @@ class FusedInfoNCE(torch.autograd.Function):
             op = _prepare(ctx.ops, cfg, query, key, bank, per_query, scale)
             y, beta = _product_keys(op, cfg)
             g = _row_weights(cfg, query.shape[0], grad_output, op.alpha.dtype).contiguous()
-            grads = list(_gradients(ctx.ops, cfg, op, targets, y, beta, row_lse, col_lse, g,
-                                    None, ctx.needs))
+            grads = list(_gradients(ctx.ops, cfg, op, targets, _positive_scores(op, targets), y,
+                                    beta, row_lse, col_lse, g, None, ctx.needs))
         grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
         return (None, None, *grads, None)
