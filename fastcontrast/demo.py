@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _measure
-from .functional import available_backends, info_nce
+from .functional import info_nce, resolve_backend
 
 TEMPERATURE = 0.07
 
@@ -35,17 +35,12 @@ def naive_info_nce(query, key, temperature=TEMPERATURE, symmetric=False):
 
 
 def concrete_backend(requested="auto", device="cpu"):
-    """The backend a fastcontrast call runs on for ``requested``: "auto" is "cpu" where the C++
-    extension is available on a CPU device, else "torch" (never fails: a missing or broken
-    extension just means the pure-PyTorch backend). Other names are returned unchanged."""
+    """The backend a fastcontrast call runs on for ``requested``: "auto" resolved exactly as
+    fastcontrast.info_nce resolves it (never fails: a missing or broken extension means the
+    pure-PyTorch backend). Other names are returned unchanged."""
     if requested != "auto":
         return requested
-    if torch.device(device).type != "cpu":
-        return "auto"
-    try:
-        return "cpu" if "cpu" in available_backends(device) else "torch"
-    except Exception:  # the extension failed to import or build: the fallback is the point
-        return "torch"
+    return resolve_backend("auto", torch.device(device))
 
 
 def make_inputs(n, dim, seed=0, dtype=torch.float32):
