@@ -80,6 +80,18 @@ def _dot_rows(X, Y, offs_x, offs_y, mask_x, mask_y, stride_x, stride_y, D,
 
 
 @triton.jit
+def _scaled_masked_scores(dots, row_scale, col_scale, offs_r, offs_c, mask_r, mask_c, diag_offset,
+                          EXCLUDE_DIAG: tl.constexpr):
+    """s_ij = dots_ij * row_scale_i * col_scale_j, -inf outside the matrix and, with EXCLUDE_DIAG,
+    where column c == row r + diag_offset."""
+    s = dots * row_scale[:, None] * col_scale[None, :]
+    valid = mask_r[:, None] & mask_c[None, :]
+    if EXCLUDE_DIAG:
+        valid = valid & (offs_c[None, :] != offs_r[:, None] + diag_offset)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
 def _masked_lse_fwd_kernel(
     Q, K, Alpha, Beta,          # q (N, D), keys (M, D) row-major; alpha (N,), beta (M,) fp32
     RowLse,                     # out: (N,) fp32, natural log
@@ -122,11 +134,8 @@ def _masked_lse_fwd_kernel(
         else:
             dots = _dot_rows(Q, K, offs_n, offs_m, mask_n, mask_m, stride_q, stride_k, D,
                              BLOCK_N, BLOCK_M, BLOCK_D, UPCAST, INPUT_PRECISION)
-        s = dots * a2[:, None] * b[None, :]
-        valid = mask_n[:, None] & mask_m[None, :]
-        if EXCLUDE_DIAG:
-            valid = valid & (offs_m[None, :] != offs_n[:, None] + diag_offset)
-        s = tl.where(valid, s, float("-inf"))
+        s = _scaled_masked_scores(dots, a2, b, offs_n, offs_m, mask_n, mask_m, diag_offset,
+                                  EXCLUDE_DIAG)
 
         # Online row log-sum-exp. A max of -inf (nothing unmasked yet) is replaced by 0 so that
         # -inf - (-inf) never appears: exp2(-inf - 0) = 0 keeps the sum at exactly 0.
@@ -212,11 +221,8 @@ def _masked_lse_bwd_kernel(
         else:
             dots = _dot_rows(X, Y, offs_x, offs_y, mask_x, mask_y, stride_x, stride_y, D,
                              BLOCK_X, BLOCK_Y, BLOCK_D, UPCAST, INPUT_PRECISION)
-        s = dots * sx2[:, None] * sy[None, :]
-        valid = mask_x[:, None] & mask_y[None, :]
-        if EXCLUDE_DIAG:
-            valid = valid & (offs_y[None, :] != offs_x[:, None] + diag_offset)
-        s = tl.where(valid, s, float("-inf"))  # masked: exp2(-inf - lse) = 0
+        s = _scaled_masked_scores(dots, sx2, sy, offs_x, offs_y, mask_x, mask_y, diag_offset,
+                                  EXCLUDE_DIAG)  # masked: exp2(-inf - lse) = 0
 
         ds = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
         if HAS_LSE_X:
