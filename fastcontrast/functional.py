@@ -202,6 +202,7 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
                 in_batch_negatives=True, exclude_self=False, symmetric=True, reduction=reduction,
                 backend=backend)
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
-        loss = loss + 0.0 * logit_bias.sum()
+        # Keep logit_bias in the graph (zero gradient) without promoting the loss's dtype.
+        loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
     return loss
 

@@ -195,20 +195,30 @@ def test_no_grad_and_retain_graph(backend):
         assert torch.allclose(2 * a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[1])
+@pytest.mark.parametrize("n,d", [(1, 3), (23, 12), (257, 64)], ids=str)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_clip_loss_matches_reference(backend):
+def test_clip_loss_matches_reference(backend, n, d, dtype):
     from fastcontrast.reference import clip_loss_reference
 
-    _skip_unsupported(backend, "symmetric", 23, 12, torch.float32)
+    _skip_unsupported(backend, "symmetric", n, d, dtype)
     device = device_for(backend)
-    image, text, _ = make_inputs(23, 23, 12, torch.float32, device)
+    image, text, _ = make_inputs(n, n, d, dtype, device, scale=d ** -0.5)
     scale = torch.tensor(14.0, device=device, requires_grad=True)
     bias = torch.tensor(-3.0, device=device, requires_grad=True)
     loss = fastcontrast.clip_loss(image, text, scale, logit_bias=bias, backend=backend)
     grads = torch.autograd.grad(loss, [image, text, scale, bias])
-    i64, t64, s64, b64 = as_float64(image, text, scale, bias)
-    ref = clip_loss_reference(i64, t64, s64, logit_bias=b64)
-    ref_grads = torch.autograd.grad(ref, [i64, t64, s64, b64])
-    assert_close(loss, ref, torch.float32, "clip loss")
-    for name, g, r in zip(("image", "text", "logit_scale", "logit_bias"), grads, ref_grads):
-        assert_close(g, r, torch.float32, f"clip d{name}")
+    inputs64 = as_float64(image, text, scale, bias)
+    ref = clip_loss_reference(*inputs64[:3], logit_bias=inputs64[3])
+    ref_grads = torch.autograd.grad(ref, inputs64)
+    # The same reference in the test dtype (on the CPU) is the error baseline.
+    inputs_lp = [t.detach().cpu().requires_grad_() for t in (image, text, scale, bias)]
+    base = clip_loss_reference(*inputs_lp[:3], logit_bias=inputs_lp[3])
+    base_grads = torch.autograd.grad(base, inputs_lp)
+    with torch.no_grad():
+        max_logit = 14.0 * float((inputs64[0] @ inputs64[1].T).abs().max())
+    assert loss.dtype == dtype
+    assert_close(loss, ref, dtype, "clip loss", max_logit=max_logit, baseline=base)
+    for name, g, r, b in zip(("image", "text", "logit_scale", "logit_bias"), grads, ref_grads,
+                             base_grads):
+        assert_close(g, r, dtype, f"clip d{name}", max_logit=max_logit, baseline=b)
