@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "cpu/infonce.h"
+#include "register_ops.h"
 
 #define CHECK_CPU(x) \
   TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got device ", (x).device())
@@ -125,4 +126,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
         py::arg("extra_lse") = py::none(), py::arg("need_dq") = true,
         py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
+  fastcontrast::register_siglip_ops(m);
+  fastcontrast::register_momentum_ops(m);
 }

@@ -67,3 +67,15 @@ def clip_loss_reference(image, text, logit_scale, *, logit_bias=None, reduction=
     per_image = F.cross_entropy(logits, labels, reduction="none")
     per_text = F.cross_entropy(logits.T, labels, reduction="none")
     return reduce_loss(0.5 * (per_image + per_text), reduction)
+
+
+def siglip_loss_reference(image, text, logit_scale, logit_bias, *, reduction="mean"):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, OpenCLIP SigLipLoss):
+        z_ij = logit_scale * <image_i, text_j> + logit_bias,  y_ij = +1 if i == j else -1
+        loss_i = -sum_j log sigmoid(y_ij z_ij)
+    "mean" divides the total by N (OpenCLIP's normalisation), "sum" is the total, "none" the (N,)
+    per-image sums."""
+    logits = logit_scale * image @ text.T + logit_bias
+    labels = 2 * torch.eye(image.shape[0], dtype=logits.dtype, device=logits.device) - 1
+    per_image = -F.logsigmoid(labels * logits).sum(dim=1)
+    return reduce_loss(per_image, reduction)

@@ -1,0 +1,12 @@
+// One registration function per op family of the CPU extension. Each family's .cpp file in cpu/
+// defines its own pybind11 entry points; bindings.cpp creates the module and calls them all.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace fastcontrast {
+
+void register_siglip_ops(pybind11::module_& m);    // cpu/siglip.cpp
+void register_momentum_ops(pybind11::module_& m);  // cpu/momentum.cpp
+
+}  // namespace fastcontrast
