@@ -47,14 +47,29 @@ void check_problem(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
   CHECK_INPUT(beta, dtype, m);
 }
 
+// row_ids (N,) and col_ids (M,): int64 CPU contiguous, both or neither; packed with the diagonal
+// mask into the kernels' Mask.
+fastcontrast::Mask make_mask(bool exclude_diag, int64_t diag_offset, const OptTensor& row_ids,
+                             const OptTensor& col_ids, int64_t n, int64_t m) {
+  TORCH_CHECK(row_ids.has_value() == col_ids.has_value(),
+              "row_ids and col_ids must be given together, got row_ids ",
+              row_ids ? "a tensor" : "None", " and col_ids ", col_ids ? "a tensor" : "None");
+  if (row_ids) {
+    CHECK_INPUT(*row_ids, at::kLong, n);
+    CHECK_INPUT(*col_ids, at::kLong, m);
+  }
+  return fastcontrast::Mask{exclude_diag, diag_offset, row_ids, col_ids};
+}
+
 std::tuple<at::Tensor, OptTensor> forward(const at::Tensor& q, const at::Tensor& keys,
                                           const at::Tensor& alpha, const at::Tensor& beta,
                                           bool exclude_diag, int64_t diag_offset,
+                                          const OptTensor& row_ids, const OptTensor& col_ids,
                                           bool with_col_lse, int64_t block_rows) {
   check_problem(q, keys, alpha, beta);
+  const auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, q.size(0), keys.size(0));
   const at::NoGradGuard no_grad;  // out= GEMMs on inputs that require grad
-  return fastcontrast::masked_lse_forward(q, keys, alpha, beta, exclude_diag, diag_offset,
-                                          with_col_lse, block_rows);
+  return fastcontrast::masked_lse_forward(q, keys, alpha, beta, mask, with_col_lse, block_rows);
 }
 
 std::tuple<OptTensor, OptTensor> backward(const at::Tensor& q, const at::Tensor& keys,
@@ -62,7 +77,8 @@ std::tuple<OptTensor, OptTensor> backward(const at::Tensor& q, const at::Tensor&
                                           const at::Tensor& row_lse, const at::Tensor& row_grad,
                                           const OptTensor& col_lse_opt,
                                           const OptTensor& col_grad_opt, bool exclude_diag,
-                                          int64_t diag_offset, bool need_dq, bool need_dkeys,
+                                          int64_t diag_offset, const OptTensor& row_ids,
+                                          const OptTensor& col_ids, bool need_dq, bool need_dkeys,
                                           int64_t block_rows) {
   check_problem(q, keys, alpha, beta);
   const auto dtype = q.scalar_type();
@@ -79,16 +95,17 @@ std::tuple<OptTensor, OptTensor> backward(const at::Tensor& q, const at::Tensor&
     CHECK_INPUT(col_lse, dtype, m);
     CHECK_INPUT(col_grad, dtype, m);
   }
+  const auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, n, m);
   const at::NoGradGuard no_grad;
   return fastcontrast::masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse_opt,
-                                           col_grad_opt, exclude_diag, diag_offset, need_dq,
-                                           need_dkeys, block_rows);
+                                           col_grad_opt, mask, need_dq, need_dkeys, block_rows);
 }
 
 std::tuple<at::Tensor, OptTensor, OptTensor> forward_with_grad(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
-    const at::Tensor& row_grad, bool exclude_diag, int64_t diag_offset,
-    const OptTensor& extra_lse_opt, bool need_dq, bool need_dkeys, int64_t block_rows) {
+    const at::Tensor& row_grad, bool exclude_diag, int64_t diag_offset, const OptTensor& row_ids,
+    const OptTensor& col_ids, const OptTensor& extra_lse_opt, bool need_dq, bool need_dkeys,
+    int64_t block_rows) {
   check_problem(q, keys, alpha, beta);
   const auto dtype = q.scalar_type();
   const int64_t n = q.size(0);
@@ -97,10 +114,11 @@ std::tuple<at::Tensor, OptTensor, OptTensor> forward_with_grad(
     const at::Tensor& extra_lse = *extra_lse_opt;
     CHECK_INPUT(extra_lse, dtype, n);
   }
+  const auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, n, keys.size(0));
   const at::NoGradGuard no_grad;
-  return fastcontrast::masked_lse_forward_with_grad(q, keys, alpha, beta, row_grad, exclude_diag,
-                                                    diag_offset, extra_lse_opt, need_dq,
-                                                    need_dkeys, block_rows);
+  return fastcontrast::masked_lse_forward_with_grad(q, keys, alpha, beta, row_grad, mask,
+                                                    extra_lse_opt, need_dq, need_dkeys,
+                                                    block_rows);
 }
 
 }  // namespace
@@ -113,17 +131,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(row_lse, col_lse or None) of s_ij = alpha_i beta_j <q_i, keys_j>", py::arg("q"),
         py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::kw_only(),
         py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
+        py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(),
         py::arg("with_col_lse") = false, py::arg("block_rows") = 0);
   m.def("masked_lse_backward", &backward, release_gil(),
         "(dq or None, dkeys or None), recomputing the score tiles", py::arg("q"), py::arg("keys"),
         py::arg("alpha"), py::arg("beta"), py::arg("row_lse"), py::arg("row_grad"),
         py::arg("col_lse") = py::none(), py::arg("col_grad") = py::none(), py::kw_only(),
-        py::arg("exclude_diag") = false, py::arg("diag_offset") = 0, py::arg("need_dq") = true,
+        py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
+        py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(), py::arg("need_dq") = true,
         py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
   m.def("masked_lse_forward_with_grad", &forward_with_grad, release_gil(),
         "(row_lse, dq or None, dkeys or None) in one pass, no recompute", py::arg("q"),
         py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::arg("row_grad"), py::kw_only(),
         py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
+        py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(),
         py::arg("extra_lse") = py::none(), py::arg("need_dq") = true,
         py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
   fastcontrast::register_siglip_ops(m);

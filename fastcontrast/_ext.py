@@ -11,7 +11,7 @@ The compiled module is found in this order:
 FASTCONTRAST_DISABLE_EXTENSION=1 makes ``load_extension()`` return None (to test the fallback).
 
 The kernels compute, for s_ij = alpha_i * beta_j * <q_i, keys_j> with entry (i, j) masked iff
-``exclude_diag and j == i + diag_offset``, the row (and column) log-sum-exp and the gradient of
+``exclude_diag and j == i + diag_offset`` or ``row_ids[i] == col_ids[j] >= 0``, the row (and column) log-sum-exp and the gradient of
 sum_i row_grad_i * row_lse_i (+ sum_j col_grad_j * col_lse_j) with respect to q and keys. Inputs
 are CPU tensors of one dtype in SUPPORTED_DTYPES; alpha / beta carry the normalisation and the
 temperature, so q and keys are passed raw (PREFERS_PRENORMALIZED is False).
@@ -150,21 +150,21 @@ def _opt(tensor):
     return None if tensor is None else tensor.contiguous()
 
 
-def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0,
-                       with_col_lse=False, block_rows=0):
+def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
+                       col_ids=None, with_col_lse=False, block_rows=0):
     """(row_lse (N,), col_lse (M,) or None) in q's dtype; -inf for a row/column with no entry.
 
     q (N, D), keys (M, D), alpha (N,), beta (M,): CPU, one dtype of SUPPORTED_DTYPES.
     block_rows: rows per score tile (0 = automatic)."""
     return _require().masked_lse_forward(
         q.contiguous(), keys.contiguous(), alpha.contiguous(), beta.contiguous(),
-        exclude_diag=bool(exclude_diag), diag_offset=int(diag_offset),
-        with_col_lse=bool(with_col_lse), block_rows=int(block_rows))
+        exclude_diag=bool(exclude_diag), diag_offset=int(diag_offset), row_ids=_opt(row_ids),
+        col_ids=_opt(col_ids), with_col_lse=bool(with_col_lse), block_rows=int(block_rows))
 
 
 def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, col_grad=None, *,
-                        exclude_diag=False, diag_offset=0, need_dq=True, need_dkeys=True,
-                        block_rows=0):
+                        exclude_diag=False, diag_offset=0, row_ids=None, col_ids=None,
+                        need_dq=True, need_dkeys=True, block_rows=0):
     """(dq or None, dkeys or None), recomputing the scores.
 
     dS_ij = row_grad_i exp(s_ij - row_lse_i) + col_grad_j exp(s_ij - col_lse_j) (second term only
@@ -174,13 +174,14 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     return _require().masked_lse_backward(
         q.contiguous(), keys.contiguous(), alpha.contiguous(), beta.contiguous(),
         row_lse.contiguous(), row_grad.contiguous(), _opt(col_lse), _opt(col_grad),
-        exclude_diag=bool(exclude_diag), diag_offset=int(diag_offset), need_dq=bool(need_dq),
-        need_dkeys=bool(need_dkeys), block_rows=int(block_rows))
+        exclude_diag=bool(exclude_diag), diag_offset=int(diag_offset), row_ids=_opt(row_ids),
+        col_ids=_opt(col_ids), need_dq=bool(need_dq), need_dkeys=bool(need_dkeys),
+        block_rows=int(block_rows))
 
 
 def masked_lse_forward_with_grad(q, keys, alpha, beta, row_grad, *, exclude_diag=False,
-                                 diag_offset=0, extra_lse=None, need_dq=True, need_dkeys=True,
-                                 block_rows=0):
+                                 diag_offset=0, row_ids=None, col_ids=None, extra_lse=None,
+                                 need_dq=True, need_dkeys=True, block_rows=0):
     """(row_lse, dq or None, dkeys or None) in one pass over the scores, without recompute.
 
     row_lse = logaddexp(this kernel's row lse, extra_lse) (extra_lse (N,) optional, may hold -inf);
@@ -188,5 +189,5 @@ def masked_lse_forward_with_grad(q, keys, alpha, beta, row_grad, *, exclude_diag
     return _require().masked_lse_forward_with_grad(
         q.contiguous(), keys.contiguous(), alpha.contiguous(), beta.contiguous(),
         row_grad.contiguous(), exclude_diag=bool(exclude_diag), diag_offset=int(diag_offset),
-        extra_lse=_opt(extra_lse), need_dq=bool(need_dq), need_dkeys=bool(need_dkeys),
+        row_ids=_opt(row_ids), col_ids=_opt(col_ids), extra_lse=_opt(extra_lse), need_dq=bool(need_dq), need_dkeys=bool(need_dkeys),
         block_rows=int(block_rows))

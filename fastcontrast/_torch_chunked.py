@@ -2,6 +2,7 @@
 chunk, with a recomputing backward. Bounded memory on any device, no compiler needed.
 
     s_ij = alpha_i beta_j <x_i, y_j>, masked where exclude_diag and j == i + diag_offset
+           or row_ids_i == col_ids_j >= 0
     forward:  row_lse_i = logsumexp_j s_ij, col_lse_j = logsumexp_i s_ij (merged across chunks)
     backward: dS_ij = g_i exp(s_ij - row_lse_i) + c_j exp(s_ij - col_lse_j)
               dx_i = alpha_i sum_j dS_ij beta_j y_j,   dy_j = beta_j sum_i dS_ij alpha_i x_i
@@ -25,7 +26,7 @@ def _chunk_rows(x, n_keys):
     return max(1, budget // max(1, n_keys))
 
 
-def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset):
+def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids):
     """The (r1 - r0, M) tile of s for rows r0..r1, masked entries set to -inf."""
     s = torch.mm(x[r0:r1], y.T)
     s.mul_(alpha[r0:r1, None]).mul_(beta[None, :])
@@ -34,6 +35,9 @@ def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset):
         cols = rows + diag_offset
         keep = (cols >= 0) & (cols < y.shape[0])
         s[(rows - r0)[keep], cols[keep]] = float("-inf")
+    if row_ids is not None:
+        ids = row_ids[r0:r1, None]
+        s.masked_fill_((ids == col_ids[None, :]) & (ids >= 0), float("-inf"))
     return s
 
 
@@ -42,8 +46,8 @@ def _unreachable_to_inf(lse):
     return torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
 
 
-def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0,
-                       with_col_lse=False):
+def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
+                       col_ids=None, with_col_lse=False):
     """(row_lse (N,), col_lse (M,) or None) over unmasked entries; -inf where none."""
     n, m = q.shape[0], keys.shape[0]
     row_lse = torch.empty(n, dtype=q.dtype, device=q.device)
@@ -52,7 +56,7 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
     step = _chunk_rows(q, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset)
+        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
         row_lse[r0:r1] = torch.logsumexp(s, dim=1)
         if with_col_lse:
             torch.logaddexp(col_lse, torch.logsumexp(s, dim=0), out=col_lse)
@@ -60,7 +64,8 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
 
 
 def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, col_grad=None, *,
-                        exclude_diag=False, diag_offset=0, need_dq=True, need_dkeys=True):
+                        exclude_diag=False, diag_offset=0, row_ids=None, col_ids=None,
+                        need_dq=True, need_dkeys=True):
     """(dq (N, D) or None, dkeys (M, D) or None) for the dS above; recomputes each tile."""
     n, m = q.shape[0], keys.shape[0]
     dq = torch.empty_like(q) if need_dq else None
@@ -71,7 +76,7 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     step = _chunk_rows(q, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset)
+        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
         h = torch.exp(s - row_lse[r0:r1, None]).mul_(row_grad[r0:r1, None])
         if col_lse is not None:
             h.add_(torch.exp(s.sub_(col_lse[None, :])).mul_(col_grad[None, :]))

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validation import check_ids
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The host should pass L2-normalised q/keys with alpha = 1/temperature and beta = 1: tile values
 # are then O(1) and fp16/bf16 tiles lose nothing. General alpha/beta are still honoured.
@@ -81,26 +83,37 @@ def _dot_rows(X, Y, offs_x, offs_y, mask_x, mask_y, stride_x, stride_y, D,
 
 @triton.jit
 def _scaled_masked_scores(dots, row_scale, col_scale, offs_r, offs_c, mask_r, mask_c, diag_offset,
-                          EXCLUDE_DIAG: tl.constexpr):
-    """s_ij = dots_ij * row_scale_i * col_scale_j, -inf outside the matrix and, with EXCLUDE_DIAG,
-    where column c == row r + diag_offset."""
+                          ids_r, ids_c, EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr):
+    """s_ij = dots_ij * row_scale_i * col_scale_j, -inf outside the matrix, with EXCLUDE_DIAG
+    where column c == row r + diag_offset, and with HAS_IDS where ids_r[r] == ids_c[c] >= 0."""
     s = dots * row_scale[:, None] * col_scale[None, :]
     valid = mask_r[:, None] & mask_c[None, :]
     if EXCLUDE_DIAG:
         valid = valid & (offs_c[None, :] != offs_r[:, None] + diag_offset)
+    if HAS_IDS:
+        valid = valid & ((ids_r[:, None] != ids_c[None, :]) | (ids_r[:, None] < 0))
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _load_ids(Ids, offs, mask, HAS_IDS: tl.constexpr):
+    """The int64 ids of rows offs (-1, matching nothing, outside the matrix or without ids)."""
+    if HAS_IDS:
+        return tl.load(Ids + offs, mask=mask, other=-1)
+    return offs * 0 - 1
 
 
 @triton.jit
 def _masked_lse_fwd_kernel(
     Q, K, Alpha, Beta,          # q (N, D), keys (M, D) row-major; alpha (N,), beta (M,) fp32
+    RowIds, ColIds,             # HAS_IDS only: (N,), (M,) int64; (i, j) masked iff equal and >= 0
     RowLse,                     # out: (N,) fp32, natural log
     ColMax, ColSum, Lock,       # HAS_COL only: (M,) fp32 running max (log2 units, init -inf),
                                 # (M,) fp32 running sum (init 0), (cdiv(M, BLOCK_M),) int32 locks (init 0)
     N, M, D, stride_q, stride_k, diag_offset,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    EXCLUDE_DIAG: tl.constexpr, HAS_COL: tl.constexpr, ONE_D_CHUNK: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_COL: tl.constexpr,
+    ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # int64 program offsets: row * stride reaches N * D, which exceeds 2^31 at the sizes we target
     # (e.g. 4M rows x 1024 dims); int32 arithmetic would wrap silently.
@@ -109,6 +122,7 @@ def _masked_lse_fwd_kernel(
     mask_n = offs_n < N
     # Row scale in log2 units: every score below is s_ij * log2(e).
     a2 = tl.load(Alpha + offs_n, mask=mask_n, other=0.0) * _LOG2E
+    ids_n = _load_ids(RowIds, offs_n, mask_n, HAS_IDS)
     if ONE_D_CHUNK:  # the whole row block fits one chunk: load it once, keep it for all key blocks
         q_tile = _load_rows(Q, offs_n, mask_n, stride_q, 0, D, BLOCK_D, UPCAST)
 
@@ -134,8 +148,8 @@ def _masked_lse_fwd_kernel(
         else:
             dots = _dot_rows(Q, K, offs_n, offs_m, mask_n, mask_m, stride_q, stride_k, D,
                              BLOCK_N, BLOCK_M, BLOCK_D, UPCAST, INPUT_PRECISION)
-        s = _scaled_masked_scores(dots, a2, b, offs_n, offs_m, mask_n, mask_m, diag_offset,
-                                  EXCLUDE_DIAG)
+        s = _scaled_masked_scores(dots, a2, b, offs_n, offs_m, mask_n, mask_m, diag_offset, ids_n,
+                                  _load_ids(ColIds, offs_m, mask_m, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
 
         # Online row log-sum-exp. A max of -inf (nothing unmasked yet) is replaced by 0 so that
         # -inf - (-inf) never appears: exp2(-inf - 0) = 0 keeps the sum at exactly 0.
@@ -177,13 +191,15 @@ def _masked_lse_fwd_kernel(
 def _masked_lse_bwd_kernel(
     X, Y, DX,                   # outer operand (NX, D), inner operand (NY, D); out: dX (NX, D) fp32
     ScaleX, ScaleY,             # (NX,), (NY,) fp32: s_ij = scale_x_i * scale_y_j * <x_i, y_j>
+    IdsX, IdsY,                 # HAS_IDS only: (NX,), (NY,) int64; (i, j) masked iff equal and >= 0
     LseX, GradX,                # HAS_LSE_X: (NX,) fp32 lse and upstream grad of the outer side
     LseY, GradY,                # HAS_LSE_Y: (NY,) fp32 lse and upstream grad of the inner side
     GradScale,                  # (1,) fp32 G > 0: dS * scale_y is divided by G before the cast
     NX, NY, D, stride_x, stride_y, stride_dx, diag_offset,
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
-    EXCLUDE_DIAG: tl.constexpr, HAS_LSE_X: tl.constexpr, HAS_LSE_Y: tl.constexpr,
-    ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_LSE_X: tl.constexpr,
+    HAS_LSE_Y: tl.constexpr, ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """dX_i = scale_x_i * sum_j dS_ij * scale_y_j * y_j, with
     dS_ij = gx_i exp(s_ij - lse_x_i) + gy_j exp(s_ij - lse_y_j) over unmasked (i, j), 0 elsewhere.
@@ -198,6 +214,7 @@ def _masked_lse_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     sx = tl.load(ScaleX + offs_x, mask=mask_x, other=0.0)
     sx2 = sx * _LOG2E  # scores in log2 units
+    ids_x = _load_ids(IdsX, offs_x, mask_x, HAS_IDS)
     g = tl.load(GradScale)
     inv_g = 1.0 / g
     if HAS_LSE_X:
@@ -221,8 +238,9 @@ def _masked_lse_bwd_kernel(
         else:
             dots = _dot_rows(X, Y, offs_x, offs_y, mask_x, mask_y, stride_x, stride_y, D,
                              BLOCK_X, BLOCK_Y, BLOCK_D, UPCAST, INPUT_PRECISION)
-        s = _scaled_masked_scores(dots, sx2, sy, offs_x, offs_y, mask_x, mask_y, diag_offset,
-                                  EXCLUDE_DIAG)  # masked: exp2(-inf - lse) = 0
+        s = _scaled_masked_scores(dots, sx2, sy, offs_x, offs_y, mask_x, mask_y, diag_offset, ids_x,
+                                  _load_ids(IdsY, offs_y, mask_y, HAS_IDS), EXCLUDE_DIAG,
+                                  HAS_IDS)  # masked: exp2(-inf - lse) = 0
 
         ds = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
         if HAS_LSE_X:
@@ -367,18 +385,35 @@ def _check_operands(q, keys, alpha, beta):
     return N, M, D
 
 
-def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, with_col_lse=False,
-                       blocks=None):
+def _check_ids(row_ids, col_ids, N, M, device):
+    """True when both id vectors are given (validated: int64 (N,) / (M,) on device)."""
+    if (row_ids is None) != (col_ids is None):
+        raise ValueError("row_ids and col_ids must be given together (both or neither), got "
+                         f"row_ids={'None' if row_ids is None else 'tensor'}, "
+                         f"col_ids={'None' if col_ids is None else 'tensor'}")
+    if row_ids is None:
+        return False
+    check_ids("row_ids", row_ids, N, device)
+    check_ids("col_ids", col_ids, M, device)
+    if row_ids.stride(0) != 1 or col_ids.stride(0) != 1:
+        raise ValueError("row_ids and col_ids must be contiguous")
+    return True
+
+
+def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
+                       col_ids=None, with_col_lse=False, blocks=None):
     """Row (and optionally column) log-sum-exp of s_ij = alpha_i * beta_j * <q_i, keys_j>.
 
     q: (N, D), keys: (M, D), same dtype (float16, bfloat16, float32) and device, rows contiguous.
     alpha: (N,) float32, beta: (M,) float32. Entry (i, j) is masked iff exclude_diag and
-    j == i + diag_offset. Returns (row_lse (N,) float32, col_lse (M,) float32 or None); a row or
+    j == i + diag_offset, or row_ids[i] == col_ids[j] >= 0 (int64 (N,), (M,), both or neither).
+    Returns (row_lse (N,) float32, col_lse (M,) float32 or None); a row or
     column without candidates gets -inf. `blocks` optionally overrides (block_rows, block_keys,
     block_d). The column lse is merged across programs in scheduling order, so its last bits may
     vary from run to run on GPU; row_lse is deterministic."""
     N, M, D = _check_operands(q, keys, alpha, beta)
     dev = q.device
+    has_ids = _check_ids(row_ids, col_ids, N, M, dev)
     row_lse = torch.empty(N, dtype=torch.float32, device=dev)
     col_lse = None
     if N == 0 or M == 0:
@@ -398,10 +433,11 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
     grid = (triton.cdiv(N, block_n),)
     with _device_context(q):
         _masked_lse_fwd_kernel[grid](
-            q, keys, alpha, beta, row_lse, col_max, col_sum, lock,
+            q, keys, alpha, beta, row_ids if has_ids else alpha, col_ids if has_ids else beta,
+            row_lse, col_max, col_sum, lock,
             N, M, D, q.stride(0), keys.stride(0), int(diag_offset),
-            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-            EXCLUDE_DIAG=bool(exclude_diag), HAS_COL=bool(with_col_lse), ONE_D_CHUNK=one_chunk,
+            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EXCLUDE_DIAG=bool(exclude_diag),
+            HAS_IDS=has_ids, HAS_COL=bool(with_col_lse), ONE_D_CHUNK=one_chunk,
             UPCAST=_INTERPRET and q.dtype == torch.bfloat16, INPUT_PRECISION=precision,
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -418,11 +454,13 @@ def _grad_scale(gmax, scales):
 
 
 def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, col_grad=None, *,
-                        exclude_diag=False, diag_offset=0, need_dq=True, need_dkeys=True, blocks=None):
+                        exclude_diag=False, diag_offset=0, row_ids=None, col_ids=None, need_dq=True,
+                        need_dkeys=True, blocks=None):
     """Gradient of sum_i row_grad_i * row_lse_i (+ sum_j col_grad_j * col_lse_j) w.r.t. q and keys.
 
     dS_ij = row_grad_i * exp(s_ij - row_lse_i) + col_grad_j * exp(s_ij - col_lse_j) (second term
-    only when col_lse is given), 0 where masked; an lse of -inf contributes 0.
+    only when col_lse is given), 0 where masked (as in masked_lse_forward); an lse of -inf
+    contributes 0.
     dq_i = alpha_i * sum_j dS_ij beta_j keys_j;  dkeys_j = beta_j * sum_i dS_ij alpha_i q_i.
     row_lse/col_lse may be larger than this pair's own lse (global lse over more candidates).
     Returns (dq (N, D) float32 or None, dkeys (M, D) float32 or None); deterministic."""
@@ -430,6 +468,7 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     dev = q.device
     _check_vector("row_lse", row_lse, N, dev)
     _check_vector("row_grad", row_grad, N, dev)
+    has_ids = _check_ids(row_ids, col_ids, N, M, dev)
     if (col_lse is None) != (col_grad is None):
         raise ValueError("col_lse and col_grad must be given together (both or neither), got "
                          f"col_lse={'None' if col_lse is None else 'tensor'}, "
@@ -453,22 +492,23 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     precision = _input_precision(q.dtype)
     bx, by, bd, one, warps, stages = _config("bwd", D, precision, blocks)
     common = dict(BLOCK_X=bx, BLOCK_Y=by, BLOCK_D=bd, ONE_D_CHUNK=one, EXCLUDE_DIAG=bool(exclude_diag),
-                  UPCAST=_INTERPRET and q.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+                  HAS_IDS=has_ids, UPCAST=_INTERPRET and q.dtype == torch.bfloat16, INPUT_PRECISION=precision,
                   num_warps=warps, num_stages=stages)
     # Unused pointer arguments (HAS_LSE_* False) point at a tensor that exists; never read.
     col_lse_arg = col_lse if has_col else row_lse
     col_grad_arg = col_grad if has_col else row_grad
+    row_ids_arg, col_ids_arg = (row_ids, col_ids) if has_ids else (alpha, beta)
     with _device_context(q):
         if need_dq:  # outer = q (row terms), inner = keys (column terms)
             _masked_lse_bwd_kernel[(triton.cdiv(N, bx),)](
-                q, keys, dq, alpha, beta, row_lse, row_grad, col_lse_arg, col_grad_arg,
+                q, keys, dq, alpha, beta, row_ids_arg, col_ids_arg, row_lse, row_grad, col_lse_arg, col_grad_arg,
                 _grad_scale(gmax, beta),
                 N, M, D, q.stride(0), keys.stride(0), dq.stride(0), int(diag_offset),
                 HAS_LSE_X=True, HAS_LSE_Y=has_col, **common,
             )
         if need_dkeys:  # outer = keys (column terms), inner = q (row terms); mask i == j - offset
             _masked_lse_bwd_kernel[(triton.cdiv(M, bx),)](
-                keys, q, dkeys, beta, alpha, col_lse_arg, col_grad_arg, row_lse, row_grad,
+                keys, q, dkeys, beta, alpha, col_ids_arg, row_ids_arg, col_lse_arg, col_grad_arg, row_lse, row_grad,
                 _grad_scale(gmax, alpha),
                 M, N, D, keys.stride(0), q.stride(0), dkeys.stride(0), -int(diag_offset),
                 HAS_LSE_X=has_col, HAS_LSE_Y=True, **common,

@@ -19,7 +19,8 @@
 // 10-15% faster than q_blk @ keys^T, and the two gradient products equally fast in either layout;
 // column statistics (the symmetric loss) become contiguous reductions over a tile row.
 // The masked entry of a tile row (query j - diag_offset) is skipped by splitting the query range
-// in two, so that no loop tests a mask per element. Everything accumulates in the input dtype.
+// in two, so that no loop tests a mask per element; entries masked by equal ids are set to -inf in
+// the tile right after its GEMM (Problem::mask_equal_ids). Everything accumulates in the input dtype.
 #include "cpu/infonce.h"
 
 #include <ATen/Parallel.h>
@@ -172,14 +173,17 @@ struct Problem {
   int64_t n, m, d;
   bool exclude_diag;
   int64_t diag_offset;
+  const int64_t* row_ids;  // nullptr, or (N,): entry (i, j) masked where row_ids_i == col_ids_j >= 0
+  const int64_t* col_ids;
   int64_t block_rows;
 
   Problem(const at::Tensor& q_, const at::Tensor& keys_, const at::Tensor& alpha_,
-          const at::Tensor& beta_, bool exclude_diag_, int64_t diag_offset_, bool large_tile,
-          int64_t requested)
+          const at::Tensor& beta_, const Mask& mask, bool large_tile, int64_t requested)
       : q(q_), keys(keys_), alpha_tensor(alpha_), alpha(alpha_.data_ptr<T>()),
         beta(beta_.data_ptr<T>()), n(q_.size(0)), m(keys_.size(0)), d(q_.size(1)),
-        exclude_diag(exclude_diag_), diag_offset(diag_offset_),
+        exclude_diag(mask.exclude_diag), diag_offset(mask.diag_offset),
+        row_ids(mask.row_ids ? mask.row_ids->data_ptr<int64_t>() : nullptr),
+        col_ids(mask.col_ids ? mask.col_ids->data_ptr<int64_t>() : nullptr),
         block_rows(choose_block_rows(n, m, d, sizeof(T), large_tile, requested)) {}
 
   // The query (index within the block r0 .. r0 + rows) masked in tile row j, or rows if none:
@@ -198,8 +202,30 @@ struct Problem {
       const int64_t rows = std::min(block_rows, n - r0);
       at::Tensor tile = buffer.narrow(0, 0, m * rows).view({m, rows});
       at::mm_out(tile, keys, q.narrow(0, r0, rows).t());
+      if (row_ids) mask_equal_ids(r0, rows, tile);
       fn(r0, rows, tile);
     }
+  }
+
+  // Sets tile entries (j, i) with row_ids[r0 + i] == col_ids[j] >= 0 to -inf, so that every pass
+  // sees s = -inf there (alpha, beta > 0) and the gradient weight exp(-inf) = 0. The block's ids
+  // are sorted once and each key looks its id up: O((M + R) log R), no per-element mask test.
+  void mask_equal_ids(int64_t r0, int64_t rows, at::Tensor& tile) const {
+    std::vector<std::pair<int64_t, int64_t>> sorted;  // (id, query within the block)
+    sorted.reserve(rows);
+    for (int64_t i = 0; i < rows; ++i)
+      if (row_ids[r0 + i] >= 0) sorted.emplace_back(row_ids[r0 + i], i);
+    if (sorted.empty()) return;
+    std::sort(sorted.begin(), sorted.end());
+    T* base = tile.data_ptr<T>();
+    at::parallel_for(0, m, kElemsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t id = col_ids[j];
+        if (id < 0) continue;
+        auto it = std::lower_bound(sorted.begin(), sorted.end(), std::make_pair(id, int64_t(0)));
+        for (; it != sorted.end() && it->first == id; ++it) base[j * rows + it->second] = -kInf<T>;
+      }
+    });
   }
 
   // Runs fn(j, x, cut) over the tile rows in parallel: x = tile row j (key j), cut as above.
@@ -394,10 +420,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
-    bool exclude_diag, int64_t diag_offset, bool with_col_lse, int64_t block_rows) {
+    const Mask& mask, bool with_col_lse, int64_t block_rows) {
   return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward", [&] {
-    const Problem<scalar_t> p(q, keys, alpha, beta, exclude_diag, diag_offset,
-                              /*large_tile=*/true, block_rows);
+    const Problem<scalar_t> p(q, keys, alpha, beta, mask, /*large_tile=*/true, block_rows);
     return forward_impl(p, with_col_lse);
   });
 }
@@ -405,23 +430,21 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> masked_lse_backward(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
     const at::Tensor& row_lse, const at::Tensor& row_grad, const std::optional<at::Tensor>& col_lse,
-    const std::optional<at::Tensor>& col_grad, bool exclude_diag, int64_t diag_offset, bool need_dq,
-    bool need_dkeys, int64_t block_rows) {
+    const std::optional<at::Tensor>& col_grad, const Mask& mask, bool need_dq, bool need_dkeys,
+    int64_t block_rows) {
   return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_backward", [&] {
-    const Problem<scalar_t> p(q, keys, alpha, beta, exclude_diag, diag_offset,
-                              /*large_tile=*/col_lse.has_value() || (!need_dq && !need_dkeys), block_rows);
+    const Problem<scalar_t> p(q, keys, alpha, beta, mask, /*large_tile=*/col_lse.has_value() || (!need_dq && !need_dkeys), block_rows);
     return backward_impl(p, row_lse, row_grad, col_lse, col_grad, need_dq, need_dkeys);
   });
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>
 masked_lse_forward_with_grad(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
-                             const at::Tensor& beta, const at::Tensor& row_grad, bool exclude_diag,
-                             int64_t diag_offset, const std::optional<at::Tensor>& extra_lse,
-                             bool need_dq, bool need_dkeys, int64_t block_rows) {
+                             const at::Tensor& beta, const at::Tensor& row_grad, const Mask& mask,
+                             const std::optional<at::Tensor>& extra_lse, bool need_dq,
+                             bool need_dkeys, int64_t block_rows) {
   return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward_with_grad", [&] {
-    const Problem<scalar_t> p(q, keys, alpha, beta, exclude_diag, diag_offset,
-                              /*large_tile=*/!need_dq && !need_dkeys, block_rows);
+    const Problem<scalar_t> p(q, keys, alpha, beta, mask, /*large_tile=*/!need_dq && !need_dkeys, block_rows);
     return forward_with_grad_impl(p, row_grad, extra_lse, need_dq, need_dkeys);
   });
 }

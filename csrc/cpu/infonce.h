@@ -1,7 +1,8 @@
 // Fused masked log-sum-exp over a scaled similarity matrix, and its gradient, on CPU.
 //
 //   s_ij = alpha_i * beta_j * <q_i, keys_j>        (N queries, M keys, D features)
-//   entry (i, j) is masked (-inf) iff exclude_diag and j == i + diag_offset
+//   entry (i, j) is masked (-inf) iff exclude_diag and j == i + diag_offset,
+//                                  or row_ids_i == col_ids_j >= 0 (when ids are given)
 //
 // The host passes raw q / keys and folds L2 normalisation and temperature into the scales
 // (alpha_i = (1 / tau) / ||q_i||, beta_j = 1 / ||keys_j||), so no normalised copy is ever made.
@@ -22,11 +23,20 @@
 
 namespace fastcontrast {
 
+// Which entries of the score matrix are excluded. row_ids (N,) and col_ids (M,) are int64 and given
+// together or not at all; a negative id matches nothing. Masking by ids needs alpha, beta > 0.
+struct Mask {
+  bool exclude_diag = false;
+  int64_t diag_offset = 0;
+  std::optional<at::Tensor> row_ids;
+  std::optional<at::Tensor> col_ids;
+};
+
 // Returns (row_lse (N,), col_lse (M,) or nullopt): log-sum-exp of each row / column over its
 // unmasked entries; -inf where there are none.
 std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
-    bool exclude_diag, int64_t diag_offset, bool with_col_lse, int64_t block_rows);
+    const Mask& mask, bool with_col_lse, int64_t block_rows);
 
 // Recomputes the tiles. dS_ij = row_grad_i exp(s_ij - row_lse_i) + col_grad_j exp(s_ij - col_lse_j)
 // (second term only with col_lse), 0 where masked; an lse of -inf contributes 0.
@@ -34,15 +44,15 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> masked_lse_backward(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
     const at::Tensor& row_lse, const at::Tensor& row_grad, const std::optional<at::Tensor>& col_lse,
-    const std::optional<at::Tensor>& col_grad, bool exclude_diag, int64_t diag_offset, bool need_dq,
-    bool need_dkeys, int64_t block_rows);
+    const std::optional<at::Tensor>& col_grad, const Mask& mask, bool need_dq, bool need_dkeys,
+    int64_t block_rows);
 
 // One pass, no recompute: row_lse = logaddexp(own row lse, extra_lse) and the row-only gradient
 // of masked_lse_backward with that row_lse. Returns (row_lse, dq or nullopt, dkeys or nullopt).
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>
 masked_lse_forward_with_grad(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
-                             const at::Tensor& beta, const at::Tensor& row_grad, bool exclude_diag,
-                             int64_t diag_offset, const std::optional<at::Tensor>& extra_lse,
+                             const at::Tensor& beta, const at::Tensor& row_grad, const Mask& mask,
+                             const std::optional<at::Tensor>& extra_lse,
                              bool need_dq, bool need_dkeys, int64_t block_rows);
 
 }  // namespace fastcontrast
