@@ -3,12 +3,15 @@
     import fastcontrast as fc
     loss = fc.info_nce(query, key, temperature=0.07)          # InfoNCE, key i positive of query i
     loss = fc.clip_loss(image_features, text_features, logit_scale)
+    loss = fc.nt_xent(z1, z2, temperature=0.5)                  # SimCLR (also DCL / DCLW / HCL)
+    loss = fc.supcon(features, labels, temperature=0.1)         # supervised contrastive
+    loss = fc.moco_loss(query, key, queue, temperature=0.07)    # MoCo with a negative queue
 
 The N x M similarity matrix is never materialised: the fused backends stream it in tiles.
 """
-from .functional import available_backends, clip_loss, info_nce
-from .losses import ClipLoss, InfoNCELoss
+from .functional import available_backends, clip_loss, info_nce, moco_loss, nt_xent, supcon
+from .losses import ClipLoss, InfoNCELoss, MoCoLoss, NTXentLoss, SupConLoss
 
 __version__ = "0.1.0"
-__all__ = ["info_nce", "clip_loss", "InfoNCELoss", "ClipLoss", "available_backends",
-           "__version__"]
+__all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "InfoNCELoss", "ClipLoss",
+           "NTXentLoss", "SupConLoss", "MoCoLoss", "available_backends", "__version__"]

@@ -3,7 +3,8 @@
 A backend ("ops": fastcontrast._torch_chunked, fastcontrast._ext, fastcontrast.kernels.infonce)
 only implements the masked log-sum-exp of a scaled product and its gradient:
 
-    s_ij = alpha_i * beta_j * <x_i, y_j>,   entry (i, j) masked iff exclude_diag and j == i + offset
+    s_ij = alpha_i * beta_j * <x_i, y_j>,   entry (i, j) masked iff exclude_diag and j == i + offset,
+                                            or row_ids_i == col_ids_j >= 0 (ids given)
     masked_lse_forward  -> row_lse_i = logsumexp_j s_ij   (and col_lse_j = logsumexp_i s_ij)
     masked_lse_backward -> with dS_ij = g_i exp(s_ij - row_lse_i) + c_j exp(s_ij - col_lse_j):
                            dx_i = alpha_i sum_j dS_ij beta_j y_j,  dy_j = beta_j sum_i dS_ij alpha_i x_i
@@ -16,6 +17,10 @@ merging their log-sum-exp with the kernel's, the loss, and all gradients:
 
     loss_i = lse_i - s_{i,t_i}   (symmetric: (row_lse_i + col_lse_i) / 2 - s_ii)
     d loss / d s_{i,t_i} = g_i (p_{i,t_i} - 1),   d tau = -(1/tau) sum_{ij} dS_ij s_ij
+Options: ``exclude_positive`` removes the positive from the candidates (DCL: masked by ids
+row_ids = t, col_ids = key index inside the product); ``subtract_positive=False`` returns lse_i
+alone (the building block of fastcontrast._objectives); ``mask_ids`` = (query ids (N,), bank ids
+(K,)) excludes bank entries of the query's own instance.
 and sum_ij dS_ij s_ij = sum_i <dx_i, x_i>, so the temperature gradient needs no kernel support.
 """
 from dataclasses import dataclass
@@ -38,6 +43,8 @@ class InfoNCEConfig:
     symmetric: bool = False
     normalize: bool = True
     reduction: str = "mean"
+    exclude_positive: bool = False  # DCL: the positive is not a candidate (not in the lse)
+    subtract_positive: bool = True  # False: loss_i = lse_i (no "- s_{i,t_i}")
     grad_enabled: bool = True
     eps: float = 1e-12  # as torch.nn.functional.normalize
 
@@ -146,6 +153,34 @@ def _product_keys(op, cfg):
     return y, _key_scales(op, inv)
 
 
+def _product_ids(op, cfg, targets, mask_ids):
+    """(row_ids, col_ids) of the id mask of the fused product [key; bank], or (None, None).
+
+    exclude_positive with in-batch keys: row i masks key t_i (row id t_i, key j has id j).
+    mask_ids = (query ids, bank ids): a bank entry with the query's id is masked (same instance)."""
+    n, device = op.x.shape[0], op.x.device
+    mask_positive = cfg.exclude_positive and cfg.in_batch_negatives
+    if not mask_positive and mask_ids is None:
+        return None, None
+    cols = []
+    if mask_positive:
+        row_ids = torch.arange(n, device=device) if targets is None else targets
+        cols.append(torch.arange(op.n_key, device=device))
+    else:
+        row_ids = mask_ids[0]
+        if cfg.in_batch_negatives:
+            cols.append(torch.full((op.n_key,), -1, dtype=torch.int64, device=device))
+    if op.bank is not None:
+        cols.append(mask_ids[1] if (mask_ids is not None and not mask_positive) else
+                    torch.full((op.bank.shape[0],), -1, dtype=torch.int64, device=device))
+    return row_ids.contiguous(), torch.cat(cols).contiguous()
+
+
+def _positive_in_extra(cfg):
+    """The positive is a candidate outside the fused product (in_batch_negatives=False, not DCL)."""
+    return not cfg.in_batch_negatives and not cfg.exclude_positive
+
+
 def _excludes_diagonal(cfg):
     """Key i is a column of the product only with in-batch negatives."""
     return cfg.exclude_self and cfg.in_batch_negatives
@@ -171,7 +206,7 @@ def _per_query_scores(op):
 def _extra_scores(op, cfg, positive):
     """Scores of candidates outside the fused product, (N, E), or None."""
     extra = []
-    if not cfg.in_batch_negatives:
+    if _positive_in_extra(cfg):
         extra.append(positive.unsqueeze(1))
     if op.per_query is not None:
         extra.append(_per_query_scores(op))
@@ -216,7 +251,7 @@ def _normalize_backward(grad, t, inv, op, normalize, eps):
     return grad
 
 
-def _gradients(ops, cfg, op, targets, positive, y, beta, row_lse, col_lse, g, kernel_grads,
+def _gradients(ops, cfg, op, targets, positive, y, beta, ids, row_lse, col_lse, g, kernel_grads,
                needs):
     """All input gradients for per-row weights g (N,). ``positive`` = s_{i,t_i};
     ``kernel_grads`` = (dx, dy) already computed by the backend (fused forward) or None to run
@@ -233,7 +268,8 @@ def _gradients(ops, cfg, op, targets, positive, y, beta, row_lse, col_lse, g, ke
         col_grad = row_grad if cfg.symmetric else None
         dx, dy = ops.masked_lse_backward(
             op.x, y, op.alpha, beta, row_lse, row_grad, col_lse, col_grad,
-            exclude_diag=_excludes_diagonal(cfg), need_dq=want_dx, need_dkeys=want_dy)
+            exclude_diag=_excludes_diagonal(cfg), row_ids=ids[0], col_ids=ids[1],
+            need_dq=want_dx, need_dkeys=want_dy)
     else:
         dx, dy = None, None
     if want_dx and dx is None:
@@ -245,9 +281,10 @@ def _gradients(ops, cfg, op, targets, positive, y, beta, row_lse, col_lse, g, ke
             torch.zeros(op.key.shape, dtype=acc, device=op.x.device)
     dbank = dy[dy.shape[0] - op.bank.shape[0]:] if (need_bank and dy is not None) else None
 
-    # Positive: d loss_i / d s_{i,t_i} = g_i (p_{i,t_i} [if not in the product] - 1).
-    coef = -g.to(acc)
-    if not cfg.in_batch_negatives:
+    # Positive: d loss_i / d s_{i,t_i} = g_i (p_{i,t_i} [if a candidate outside the product]
+    # - 1 [if subtracted]); a positive inside the product gets its p through the kernel.
+    coef = -g.to(acc) if cfg.subtract_positive else torch.zeros_like(g, dtype=acc)
+    if _positive_in_extra(cfg):
         coef = coef + g * torch.exp(positive - row_lse)
     coef = coef * op.alpha * _positive_key_scales(op, targets)
     for r0 in range(0, n, _HOST_CHUNK_ROWS):
@@ -289,13 +326,15 @@ class FusedInfoNCE(torch.autograd.Function):
     """InfoNCE (DESIGN.md section 1) on a masked-LSE backend, O(N + M) memory beyond inputs.
 
     Inputs: ops (backend module), cfg (InfoNCEConfig), query (N, D), key (M, D), bank (K, D) or
-    None, per_query (N, K, D) or None, scale = 1/temperature (0-dim tensor), targets (N,) or None.
+    None, per_query (N, K, D) or None, scale = 1/temperature (0-dim tensor), targets (N,) or None,
+    mask_ids None or (query ids (N,), bank ids (K,)) int64.
     """
 
     @staticmethod
-    def forward(ctx, ops, cfg, query, key, bank, per_query, scale, targets):
+    def forward(ctx, ops, cfg, query, key, bank, per_query, scale, targets, mask_ids=None):
         op = _prepare(ops, cfg, query, key, bank, per_query, scale)
         y, beta = _product_keys(op, cfg)
+        ids = _product_ids(op, cfg, targets, mask_ids)
         positive = _positive_scores(op, targets)
         extra = _extra_scores(op, cfg, positive)
         extra_lse = None if extra is None else torch.logsumexp(extra, dim=1)
@@ -309,21 +348,24 @@ class FusedInfoNCE(torch.autograd.Function):
         if can_fuse:
             g = _row_weights(cfg, n, op.alpha.new_tensor(1.0), op.alpha.dtype).contiguous()
             row_lse, dx, dy = ops.masked_lse_forward_with_grad(
-                op.x, y, op.alpha, beta, g, exclude_diag=_excludes_diagonal(cfg), extra_lse=extra_lse,
-                need_dq=needs[0] or needs[4], need_dkeys=needs[1] or needs[2])
-            fused_grads = _gradients(ops, cfg, op, targets, positive, y, beta, row_lse, None, g,
-                                     (dx, dy), needs)
+                op.x, y, op.alpha, beta, g, exclude_diag=_excludes_diagonal(cfg), row_ids=ids[0],
+                col_ids=ids[1], extra_lse=extra_lse, need_dq=needs[0] or needs[4],
+                need_dkeys=needs[1] or needs[2])
+            fused_grads = _gradients(ops, cfg, op, targets, positive, y, beta, ids, row_lse, None,
+                                     g, (dx, dy), needs)
         elif y is not None:
             row_lse, col_lse = ops.masked_lse_forward(
-                op.x, y, op.alpha, beta, exclude_diag=_excludes_diagonal(cfg),
-                with_col_lse=cfg.symmetric)
+                op.x, y, op.alpha, beta, exclude_diag=_excludes_diagonal(cfg), row_ids=ids[0],
+                col_ids=ids[1], with_col_lse=cfg.symmetric)
             row_lse = _logaddexp(row_lse, extra_lse)
         else:
             row_lse = extra_lse
         if cfg.symmetric:
             loss = 0.5 * (row_lse + col_lse) - positive
-        else:
+        elif cfg.subtract_positive:
             loss = row_lse - positive
+        else:
+            loss = row_lse
         out = reduce_loss(loss, cfg.reduction).to(query.dtype)
 
         ctx.cfg, ctx.ops = cfg, ops
@@ -332,6 +374,7 @@ class FusedInfoNCE(torch.autograd.Function):
         # The fused gradients are handed out on the first backward (so autograd can adopt them
         # as .grad without a copy); a second backward (retain_graph=True) recomputes.
         ctx.fused_grads = fused_grads
+        ctx.mask_ids = mask_ids
         ctx.save_for_backward(query, key, bank, per_query, scale, targets, row_lse, col_lse)
         return out
 
@@ -346,8 +389,9 @@ class FusedInfoNCE(torch.autograd.Function):
             query, key, bank, per_query, scale, targets, row_lse, col_lse = ctx.saved_tensors
             op = _prepare(ctx.ops, cfg, query, key, bank, per_query, scale)
             y, beta = _product_keys(op, cfg)
+            ids = _product_ids(op, cfg, targets, ctx.mask_ids)
             g = _row_weights(cfg, query.shape[0], grad_output, op.alpha.dtype).contiguous()
             grads = list(_gradients(ctx.ops, cfg, op, targets, _positive_scores(op, targets), y,
-                                    beta, row_lse, col_lse, g, None, ctx.needs))
+                                    beta, ids, row_lse, col_lse, g, None, ctx.needs))
         grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
-        return (None, None, *grads, None)
+        return (None, None, *grads, None, None)

@@ -91,3 +91,23 @@ def check_targets(targets, n, m, device):
     if low < 0 or high >= m:
         raise ValueError(f"targets must index keys in [0, {m - 1}] (M = {m}), "
                          f"got values in [{low}, {high}]")
+
+
+def non_negative_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
+def check_ids(name, ids, n, device):
+    """An int64 tensor of shape (n,) on device (labels, sample indices)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(ids).__name__}")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {ids.dtype}")
+    if tuple(ids.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of the features), "
+                         f"got {ids.device}")

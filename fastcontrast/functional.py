@@ -1,7 +1,11 @@
 """Public functional API: argument validation, then dispatch to a backend.
 
     info_nce  loss_i = logsumexp_{j in C(i)} <q_i, k_j>/tau - <q_i, k_{t_i}>/tau   (DESIGN.md 1)
+              options: DCL / DCLW (decoupled, dclw_sigma), HCL (hcl_beta, hcl_tau_plus)
     clip_loss symmetric info_nce with tau = 1 / logit_scale, no normalisation (OpenCLIP ClipLoss)
+    nt_xent   SimCLR: info_nce over the 2N views [z1; z2], positive of view i is view i +- N
+    supcon    Khosla et al. L_out: positives = the other samples with the same label
+    moco_loss info_nce(query, key, queue, in_batch_negatives=False)
 
 Backends: "reference" (materialised logits, the oracle), "torch" (chunked, recomputing backward),
 "cpu" (C++ kernels in csrc/), "triton" (kernels/), "auto" (triton on CUDA, else cpu if the
@@ -12,10 +16,12 @@ import os
 import torch
 
 from . import _validation as check
-from ._fused import FusedInfoNCE, InfoNCEConfig
-from .reference import info_nce_reference
+from ._fused import InfoNCEConfig
+from ._objectives import Objective, info_nce_objective, supcon_objective
+from .reference import info_nce_reference, supcon_reference
 
-__all__ = ["info_nce", "clip_loss", "available_backends", "resolve_backend"]
+__all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "available_backends",
+           "resolve_backend"]
 
 
 def _triton_ops():
@@ -94,6 +100,16 @@ def resolve_backend(backend, device):
     return backend
 
 
+def resolve_backend_for(backend, tensor):
+    """resolve_backend for the device of ``tensor``, refusing dtypes the backend cannot compute
+    in (triton: float16 / bfloat16 / float32)."""
+    name = resolve_backend(backend, tensor.device)
+    if name == "triton" and tensor.dtype == torch.float64:
+        raise TypeError("backend='triton' computes in float16/bfloat16/float32, got float64 "
+                        "inputs; use backend='torch' (or 'cpu') for float64")
+    return name
+
+
 def _ops(name):
     return {"torch": _torch_ops, "cpu": _cpu_ops, "triton": _triton_ops}[name]()
 
@@ -140,31 +156,80 @@ def _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclu
                              "nor exclude_self=True")
 
 
+def _validate_objective(objective, symmetric, exclude_self, in_batch_negatives, n_keys,
+                        negatives, mask_ids):
+    check.check_flag("decoupled", objective.decoupled)
+    if objective.dclw_sigma is not None:
+        check.positive_scalar("dclw_sigma", objective.dclw_sigma, "cpu")
+        if not objective.decoupled:
+            raise ValueError("dclw_sigma weights the positive of the decoupled loss (DCLW): "
+                             "pass decoupled=True with it")
+        if objective.hard_negatives:
+            raise ValueError("dclw_sigma and hcl_beta / hcl_tau_plus cannot be combined")
+    check.non_negative_float("hcl_beta", objective.hcl_beta)
+    check.non_negative_float("hcl_tau_plus", objective.hcl_tau_plus)
+    if objective.hcl_tau_plus >= 1:
+        raise ValueError(f"hcl_tau_plus must be in [0, 1), got {objective.hcl_tau_plus}")
+    if symmetric and (objective.decoupled or objective.needs_host_terms):
+        raise ValueError("symmetric=True supports neither decoupled, dclw_sigma nor hcl options")
+    n_negatives = (n_keys - 1 - int(exclude_self) if in_batch_negatives else 0)
+    if negatives is not None:
+        n_negatives += negatives.shape[-2]
+    if (objective.decoupled or objective.hard_negatives) and n_negatives < 1:
+        raise ValueError("decoupled / hcl options need at least one negative per query, got none "
+                         f"(M = {n_keys}, in_batch_negatives={in_batch_negatives}, "
+                         f"exclude_self={exclude_self}, negatives "
+                         f"{'None' if negatives is None else tuple(negatives.shape)})")
+    if mask_ids is not None and objective.decoupled and in_batch_negatives:
+        raise ValueError("query_ids / negative_ids cannot be combined with decoupled=True and "
+                         "in_batch_negatives=True")
+
+
+def _validate_ids(query_ids, negative_ids, n, negatives, device):
+    if query_ids is None and negative_ids is None:
+        return None
+    if query_ids is None or negative_ids is None:
+        raise ValueError("query_ids and negative_ids must be given together, got "
+                         f"query_ids={'None' if query_ids is None else 'tensor'}, "
+                         f"negative_ids={'None' if negative_ids is None else 'tensor'}")
+    if negatives is None or negatives.dim() != 2:
+        raise ValueError("query_ids / negative_ids need shared negatives (K, D), got negatives "
+                         f"{'None' if negatives is None else tuple(negatives.shape)}")
+    check.check_ids("query_ids", query_ids, n, device)
+    check.check_ids("negative_ids", negative_ids, negatives.shape[0], device)
+    return query_ids.contiguous(), negative_ids.contiguous()
+
+
 def _run(query, key, negatives, scale, temperature, *, normalize, targets, in_batch_negatives,
-         exclude_self, symmetric, reduction, backend):
-    name = resolve_backend(backend, query.device)
-    if name == "triton" and query.dtype == torch.float64:
-        raise TypeError("backend='triton' computes in float16/bfloat16/float32, got float64 "
-                        "inputs; use backend='torch' (or 'cpu') for float64")
+         exclude_self, symmetric, reduction, backend, objective=Objective(), mask_ids=None):
+    name = resolve_backend_for(backend, query)
     if name == "reference":
+        query_ids, negative_ids = mask_ids if mask_ids is not None else (None, None)
         return info_nce_reference(
             query, key, negatives, temperature=temperature, normalize=normalize, targets=targets,
             in_batch_negatives=in_batch_negatives, exclude_self=exclude_self, symmetric=symmetric,
-            reduction=reduction)
+            reduction=reduction, decoupled=objective.decoupled, query_ids=query_ids,
+            negative_ids=negative_ids, dclw_sigma=objective.dclw_sigma,
+            hcl_beta=objective.hcl_beta, hcl_tau_plus=objective.hcl_tau_plus)
     bank = negatives if negatives is not None and negatives.dim() == 2 else None
     per_query = negatives if negatives is not None and negatives.dim() == 3 else None
-    inputs = (query, key, bank, per_query, scale)
-    cfg = InfoNCEConfig(
-        in_batch_negatives=in_batch_negatives, exclude_self=exclude_self, symmetric=symmetric,
-        normalize=normalize, reduction=reduction,
-        grad_enabled=torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in inputs))
-    return FusedInfoNCE.apply(_ops(name), cfg, query, key, bank, per_query, scale, targets)
+    cfg = _config(query, key, bank, per_query, scale, in_batch_negatives=in_batch_negatives,
+                  exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
+                  reduction=reduction)
+    return info_nce_objective(_ops(name), cfg, objective, query, key, bank, per_query, scale,
+                              targets, mask_ids)
+
+
+def _config(*inputs, **options):
+    grad_enabled = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in inputs)
+    return InfoNCEConfig(grad_enabled=grad_enabled, **options)
 
 
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
-             backend="auto"):
+             decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
+             negative_ids=None, backend="auto"):
     """InfoNCE / NT-Xent style contrastive loss, fused (never materialises the N x M logits).
 
     loss_i = logsumexp_{j in C(i)} s_ij - s_{i, t_i},  s_ij = <q_i, k_j> / temperature
@@ -173,14 +238,101 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     shared bank (K, D) or per-query negatives (N, K, D). ``targets`` (N,) int64: positive key of
     each query (default i, needs M == N). ``symmetric``: mean of query->key and key->query.
     ``temperature``: float or 0-dim tensor (exact gradient). ``reduction``: mean | sum | none.
+
+    Objectives (fused into the same kernels; see fastcontrast._objectives for the formulas):
+    ``decoupled`` DCL, the positive is removed from the denominator; ``dclw_sigma`` DCLW, the
+    positive weighted by w_i = 2 - N softmax(cos_i / sigma) (needs decoupled); ``hcl_beta``,
+    ``hcl_tau_plus`` HCL, hard-negative reweighting exp(beta s) and debiasing with class prior
+    tau_plus. ``query_ids`` (N,) / ``negative_ids`` (K,) int64: a shared negative whose id equals
+    the query's (>= 0) is not a candidate (e.g. the same instance still in a MoCo queue).
     """
     _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclude_self,
                        symmetric, normalize, reduction)
+    objective = Objective(decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
+                          hcl_tau_plus=hcl_tau_plus)
+    mask_ids = _validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
+    _validate_objective(objective, symmetric, exclude_self, in_batch_negatives, key.shape[0],
+                        negatives, mask_ids)
     tau = check.positive_scalar("temperature", temperature, query.device)
+    return _run(query, key, negatives, tau.reciprocal(), temperature, normalize=normalize,
+                targets=targets, in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
+                symmetric=symmetric, reduction=reduction, backend=backend, objective=objective,
+                mask_ids=mask_ids)
+
+
+def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
+            dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto"):
+    """SimCLR's NT-Xent over the 2N views z = [z1; z2] (lightly's NTXentLoss):
+    loss_i = logsumexp_{j != i} <z_i, z_j>/tau - <z_i, z_{i+-N}>/tau, mean over the 2N rows
+    ("none": (2N,), rows of z1 first). DCL / DCLW / HCL options as in info_nce."""
+    check.check_tensor("z1", z1, (2,))
+    check.check_tensor("z2", z2, (2,))
+    check.check_same("z2", z2, "z1", z1)
+    if z2.shape != z1.shape:
+        raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
+    n = z1.shape[0]
+    views = torch.cat([z1, z2])
+    targets = (torch.arange(2 * n, device=z1.device) + n) % (2 * n)
+    return info_nce(views, views, temperature=temperature, normalize=normalize, targets=targets,
+                    exclude_self=True, reduction=reduction, decoupled=decoupled,
+                    dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                    backend=backend)
+
+
+def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction="mean",
+           backend="auto"):
+    """Supervised contrastive loss L_out (Khosla et al. 2020), fused.
+
+    features (N, D) with labels (N,) int64, or (N, V, D) multi-view features (labels (N,) or None:
+    then each sample is its own class, i.e. SimCLR over V views). For anchor a with label c:
+        loss_a = logsumexp_{b != a} s_ab - mean_{p != a, label_p = c} s_ap,  s = <z^_a, z^_b> / tau
+    Anchors without a positive give 0 and are left out of the mean. "none": (N,) or (N, V).
+    Positives are summed per class (no N x N mask); the denominator is the fused log-sum-exp."""
+    check.check_tensor("features", features, (2, 3))
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    check.check_flag("normalize", normalize)
+    n = features.shape[0]
+    if labels is None and features.dim() == 2:
+        raise ValueError("supcon needs labels for (N, D) features (or (N, V, D) multi-view "
+                         "features, where labels default to the sample index)")
+    if labels is not None:
+        check.check_ids("labels", labels, n, features.device)
+    tau = check.positive_scalar("temperature", temperature, features.device)
+    name = resolve_backend_for(backend, features)
+    if name == "reference":
+        return supcon_reference(features, labels, temperature=temperature, normalize=normalize,
+                                reduction=reduction)
+    shape = features.shape[:-1]
+    if features.dim() == 3:
+        labels = torch.arange(n, device=features.device) if labels is None else labels
+        labels = labels.repeat_interleave(features.shape[1])
+        features = features.reshape(-1, features.shape[-1])
     scale = tau.reciprocal()
-    return _run(query, key, negatives, scale, temperature, normalize=normalize, targets=targets,
-                in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
-                symmetric=symmetric, reduction=reduction, backend=backend)
+    cfg = _config(features, scale, normalize=normalize, reduction=reduction)
+    loss = supcon_objective(_ops(name), cfg, features, labels, scale)
+    return loss.reshape(shape) if reduction == "none" else loss
+
+
+def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
+              query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
+              backend="auto"):
+    """MoCo's InfoNCE: loss_i = -log( e^{<q_i, k_i>/tau} / (e^{<q_i, k_i>/tau} + sum_j e^{<q_i, u_j>/tau}) )
+    with the queue entries u_j (K, D) as the only negatives (info_nce with
+    in_batch_negatives=False). ``queue``: a (K, D) tensor or a NegativeQueue (its filled part).
+    ``query_index`` (N,) int64: sample ids of the batch; queue entries stored with the same id
+    (a NegativeQueue with store_indices=True) are not negatives. DCL / HCL options as in info_nce."""
+    negative_ids = None
+    if hasattr(queue, "negatives") and callable(queue.negatives):
+        negative_ids = queue.stored_indices() if query_index is not None else None
+        queue = queue.negatives()
+    elif query_index is not None:
+        raise ValueError("query_index needs a NegativeQueue that stores indices "
+                         "(store_indices=True), got a plain tensor queue")
+    check.check_tensor("queue", queue, (2,))
+    return info_nce(query, key, queue, temperature=temperature, normalize=normalize,
+                    in_batch_negatives=False, reduction=reduction, decoupled=decoupled,
+                    hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus, query_ids=query_index,
+                    negative_ids=negative_ids, backend=backend)
 
 
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", backend="auto"):

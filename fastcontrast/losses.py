@@ -7,23 +7,15 @@ from torch import nn
 from . import functional as F
 
 
-class InfoNCELoss(nn.Module):
-    """Module form of :func:`fastcontrast.info_nce`.
+class _ContrastiveLoss(nn.Module):
+    """Holds the temperature of a contrastive loss: a fixed float, or with
+    ``learn_temperature=True`` a parameter stored as log(1/tau) (so it stays positive)."""
 
-    ``learn_temperature=True`` makes the temperature a parameter (stored as log(1/tau), so it
-    stays positive); otherwise it is a fixed float."""
-
-    def __init__(self, temperature=0.07, *, normalize=True, in_batch_negatives=True,
-                 exclude_self=False, symmetric=False, reduction="mean", backend="auto",
-                 learn_temperature=False):
+    def __init__(self, temperature, learn_temperature, reduction, backend):
         super().__init__()
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
                 and temperature > 0):
             raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
-        self.normalize = normalize
-        self.in_batch_negatives = in_batch_negatives
-        self.exclude_self = exclude_self
-        self.symmetric = symmetric
         self.reduction = reduction
         self.backend = backend
         if learn_temperature:
@@ -38,17 +30,70 @@ class InfoNCELoss(nn.Module):
             return self._temperature
         return torch.exp(-self.log_inverse_temperature)
 
-    def forward(self, query, key, negatives=None, targets=None):
-        return F.info_nce(query, key, negatives, temperature=self.temperature,
-                          normalize=self.normalize, targets=targets,
-                          in_batch_negatives=self.in_batch_negatives,
-                          exclude_self=self.exclude_self, symmetric=self.symmetric,
-                          reduction=self.reduction, backend=self.backend)
-
     def extra_repr(self):
-        return (f"temperature={float(self.temperature):.4g}, normalize={self.normalize}, "
-                f"symmetric={self.symmetric}, reduction={self.reduction!r}, "
+        return (f"temperature={float(self.temperature):.4g}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}")
+
+
+class InfoNCELoss(_ContrastiveLoss):
+    """Module form of :func:`fastcontrast.info_nce` (options as there)."""
+
+    def __init__(self, temperature=0.07, *, normalize=True, in_batch_negatives=True,
+                 exclude_self=False, symmetric=False, reduction="mean", decoupled=False,
+                 dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto",
+                 learn_temperature=False):
+        super().__init__(temperature, learn_temperature, reduction, backend)
+        self.options = dict(normalize=normalize, in_batch_negatives=in_batch_negatives,
+                            exclude_self=exclude_self, symmetric=symmetric, decoupled=decoupled,
+                            dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+
+    def forward(self, query, key, negatives=None, targets=None):
+        return F.info_nce(query, key, negatives, temperature=self.temperature, targets=targets,
+                          reduction=self.reduction, backend=self.backend, **self.options)
+
+
+class NTXentLoss(_ContrastiveLoss):
+    """Module form of :func:`fastcontrast.nt_xent` (SimCLR; DCL / DCLW / HCL options)."""
+
+    def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", decoupled=False,
+                 dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto",
+                 learn_temperature=False):
+        super().__init__(temperature, learn_temperature, reduction, backend)
+        self.options = dict(normalize=normalize, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                            hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+
+    def forward(self, z1, z2):
+        return F.nt_xent(z1, z2, temperature=self.temperature, reduction=self.reduction,
+                         backend=self.backend, **self.options)
+
+
+class SupConLoss(_ContrastiveLoss):
+    """Module form of :func:`fastcontrast.supcon` (features (N, D) + labels, or (N, V, D))."""
+
+    def __init__(self, temperature=0.1, *, normalize=True, reduction="mean", backend="auto",
+                 learn_temperature=False):
+        super().__init__(temperature, learn_temperature, reduction, backend)
+        self.normalize = normalize
+
+    def forward(self, features, labels=None):
+        return F.supcon(features, labels, temperature=self.temperature, normalize=self.normalize,
+                        reduction=self.reduction, backend=self.backend)
+
+
+class MoCoLoss(_ContrastiveLoss):
+    """Module form of :func:`fastcontrast.moco_loss`: the queue (a (K, D) tensor or a
+    NegativeQueue) is passed to forward, so the module holds only the options."""
+
+    def __init__(self, temperature=0.07, *, normalize=True, reduction="mean", decoupled=False,
+                 hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto", learn_temperature=False):
+        super().__init__(temperature, learn_temperature, reduction, backend)
+        self.options = dict(normalize=normalize, decoupled=decoupled, hcl_beta=hcl_beta,
+                            hcl_tau_plus=hcl_tau_plus)
+
+    def forward(self, query, key, queue, query_index=None):
+        return F.moco_loss(query, key, queue, temperature=self.temperature,
+                           query_index=query_index, reduction=self.reduction,
+                           backend=self.backend, **self.options)
 
 
 class ClipLoss(nn.Module):

@@ -24,10 +24,14 @@ def reduce_loss(loss, reduction):
 
 def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normalize=True,
                        targets=None, in_batch_negatives=True, exclude_self=False, symmetric=False,
-                       reduction="mean"):
+                       reduction="mean", decoupled=False, query_ids=None, negative_ids=None,
+                       dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0):
     """InfoNCE on the full (N, M [+ K]) logits matrix; see the module docstring for the formula.
 
-    ``symmetric``: loss_i = (row_i + col_i) / 2 with col_i = logsumexp_j s_ji - s_ii (CLIP)."""
+    ``symmetric``: loss_i = (row_i + col_i) / 2 with col_i = logsumexp_j s_ji - s_ii (CLIP).
+    ``decoupled`` (DCL): the positive is not a candidate. ``query_ids`` / ``negative_ids``: a
+    shared negative with the query's id (>= 0) is not a candidate. ``dclw_sigma`` (DCLW) and
+    ``hcl_beta`` / ``hcl_tau_plus`` (HCL): see ``contrastive_objective_reference``."""
     if normalize:
         query = F.normalize(query, dim=-1)
         key = F.normalize(key, dim=-1)
@@ -39,22 +43,101 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
         targets = rows
     logits = query @ key.T / temperature
     positive = logits[rows, targets]
+    is_positive = F.one_hot(targets, m).bool()
     candidate = torch.ones(n, m, dtype=torch.bool, device=query.device)
     if not in_batch_negatives:
-        candidate = F.one_hot(targets, m).bool()
+        candidate = is_positive.clone()
     if exclude_self:
         candidate &= ~torch.eye(n, m, dtype=torch.bool, device=query.device)
-    logits = logits.masked_fill(~candidate, float("-inf"))
     if negatives is not None:
         if negatives.dim() == 2:
             extra = query @ negatives.T / temperature
         else:
             extra = torch.einsum("nd,nkd->nk", query, negatives) / temperature
+        extra_candidate = torch.ones_like(extra, dtype=torch.bool)
+        if query_ids is not None:
+            extra_candidate = (query_ids[:, None] != negative_ids[None, :]) | (query_ids[:, None] < 0)
         logits = torch.cat([logits, extra], dim=1)
+        candidate = torch.cat([candidate, extra_candidate], dim=1)
+        is_positive = torch.cat([is_positive, torch.zeros_like(extra_candidate)], dim=1)
+    if dclw_sigma is not None or hcl_beta != 0 or hcl_tau_plus != 0:
+        loss = contrastive_objective_reference(
+            logits.masked_fill(~candidate | is_positive, float("-inf")), positive,
+            temperature=temperature, decoupled=decoupled, dclw_sigma=dclw_sigma,
+            cosine=positive * temperature, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+        return reduce_loss(loss, reduction)
+    if decoupled:
+        candidate &= ~is_positive
+    logits = logits.masked_fill(~candidate, float("-inf"))
     loss = torch.logsumexp(logits, dim=1) - positive
     if symmetric:
-        loss = 0.5 * (loss + torch.logsumexp(logits, dim=0) - positive)
+        loss = 0.5 * (loss + torch.logsumexp(logits[:, :m], dim=0) - positive)
     return reduce_loss(loss, reduction)
+
+
+def contrastive_objective_reference(negative_logits, positive, *, temperature, decoupled=False,
+                                    dclw_sigma=None, cosine=None, hcl_beta=0.0, hcl_tau_plus=0.0):
+    """Per-row loss from the negatives' logits (-inf where not a negative) and the positive s_p.
+
+    DCLW (Yeh et al. 2022): loss_i = log sum_neg exp(s) - w_i s_p,
+        w_i = 2 - N softmax_i(cosine_i / sigma)   (cosine = the positive pair's <q^, k^>)
+    HCL (Robinson et al. 2021), with n_i negatives per row:
+        Ng_i = (n_i sum_neg exp((1 + beta) s) / sum_neg exp(beta s) - tau_plus n_i exp(s_p))
+               / (1 - tau_plus),  clamped below at n_i exp(-1 / temperature)
+        loss_i = log(exp(s_p) + Ng_i) - s_p   (decoupled: log Ng_i - s_p)"""
+    if dclw_sigma is not None:
+        weight = 2 - positive.shape[0] * torch.softmax(cosine / dclw_sigma, dim=0)
+        return torch.logsumexp(negative_logits, dim=1) - weight * positive
+    is_negative = torch.isfinite(negative_logits)
+    count = is_negative.sum(dim=1).to(positive.dtype)
+    exp_neg = torch.exp(negative_logits)
+    finite_logits = torch.where(is_negative, negative_logits, torch.zeros_like(negative_logits))
+    importance = torch.where(is_negative, torch.exp(hcl_beta * finite_logits),
+                             torch.zeros_like(exp_neg))  # exp(beta s), 0 for non-negatives
+    reweighted = count * (importance * exp_neg).sum(dim=1) / importance.sum(dim=1)
+    ng = (reweighted - hcl_tau_plus * count * torch.exp(positive)) / (1 - hcl_tau_plus)
+    ng = torch.maximum(ng, count * torch.exp(-1 / torch.as_tensor(temperature).to(ng)))
+    denominator = ng if decoupled else torch.exp(positive) + ng
+    return torch.log(denominator) - positive
+
+
+def nt_xent_reference(z1, z2, *, temperature=0.5, normalize=True, reduction="mean"):
+    """SimCLR's NT-Xent (lightly's NTXentLoss): over the 2N views z = [z1; z2], cross-entropy of
+    row i of z z^T / tau (self excluded) with target i + N (mod 2N); "none" gives (2N,)."""
+    z = torch.cat([z1, z2])
+    if normalize:
+        z = F.normalize(z, dim=-1)
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+    n = z1.shape[0]
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return reduce_loss(F.cross_entropy(logits, targets, reduction="none"), reduction)
+
+
+def supcon_reference(features, labels=None, *, temperature=0.1, normalize=True, reduction="mean"):
+    """Supervised contrastive loss L_out (Khosla et al. 2020), on the materialised matrix.
+
+    features (N, D) with labels (N,), or (N, V, D) multi-view (labels default to the sample
+    index: SimCLR). Anchor a, positives P(a) = other samples with its label, A(a) = all but a:
+        loss_a = -1/|P(a)| sum_{p in P(a)} log(exp(s_ap) / sum_{b in A(a)} exp(s_ab))
+    Anchors without a positive give 0 and are left out of the mean. "none": (N,) or (N, V)."""
+    shape = features.shape[:-1]
+    if features.dim() == 3:
+        n, v = shape
+        labels = torch.arange(n, device=features.device) if labels is None else labels
+        labels = labels.repeat_interleave(v)
+        features = features.reshape(n * v, -1)
+    if normalize:
+        features = F.normalize(features, dim=-1)
+    r = features.shape[0]
+    self_mask = torch.eye(r, dtype=torch.bool, device=features.device)
+    logits = (features @ features.T / temperature).masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positive.sum(dim=1)
+    loss = -torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(dim=1) / count.clamp_min(1)
+    if reduction == "mean":
+        return loss.sum() / (count > 0).sum().clamp_min(1)
+    return reduce_loss(loss, reduction).reshape(shape) if reduction == "none" else loss.sum()
 
 
 def clip_loss_reference(image, text, logit_scale, *, logit_bias=None, reduction="mean"):
