@@ -221,12 +221,12 @@ def _logaddexp(a, b):
     return torch.logaddexp(a, b)
 
 
-def _row_weights(cfg, n, grad_output, dtype):
-    """g_i = d(reduced loss) / d loss_i."""
+def _row_weights(cfg, n, grad_output, dtype, row_weights=None):
+    """g_i = d(reduced loss) / d loss_i (times w_i for a weighted sum)."""
     if cfg.reduction == "none":
         return grad_output.to(dtype)
     w = grad_output.to(dtype) / n if cfg.reduction == "mean" else grad_output.to(dtype)
-    return w.expand(n)
+    return w.expand(n) if row_weights is None else w * row_weights.to(dtype)
 
 
 def _normalize_backward(grad, t, inv, op, normalize, eps):
@@ -327,11 +327,14 @@ class FusedInfoNCE(torch.autograd.Function):
 
     Inputs: ops (backend module), cfg (InfoNCEConfig), query (N, D), key (M, D), bank (K, D) or
     None, per_query (N, K, D) or None, scale = 1/temperature (0-dim tensor), targets (N,) or None,
-    mask_ids None or (query ids (N,), bank ids (K,)) int64.
+    mask_ids None or (query ids (N,), bank ids (K,)) int64; row_weights None or (N,): with
+    reduction "sum" the output is sum_i w_i loss_i (the gradient is still formed in the forward
+    pass, e.g. SupCon's mean over the anchors that have a positive).
     """
 
     @staticmethod
-    def forward(ctx, ops, cfg, query, key, bank, per_query, scale, targets, mask_ids=None):
+    def forward(ctx, ops, cfg, query, key, bank, per_query, scale, targets, mask_ids=None,
+                row_weights=None):
         op = _prepare(ops, cfg, query, key, bank, per_query, scale)
         y, beta = _product_keys(op, cfg)
         ids = _product_ids(op, cfg, targets, mask_ids)
@@ -346,7 +349,8 @@ class FusedInfoNCE(torch.autograd.Function):
         can_fuse = (hasattr(ops, "masked_lse_forward_with_grad") and cfg.reduction != "none"
                     and not cfg.symmetric and any(needs) and y is not None)
         if can_fuse:
-            g = _row_weights(cfg, n, op.alpha.new_tensor(1.0), op.alpha.dtype).contiguous()
+            g = _row_weights(cfg, n, op.alpha.new_tensor(1.0), op.alpha.dtype,
+                             row_weights).contiguous()
             row_lse, dx, dy = ops.masked_lse_forward_with_grad(
                 op.x, y, op.alpha, beta, g, exclude_diag=_excludes_diagonal(cfg), row_ids=ids[0],
                 col_ids=ids[1], extra_lse=extra_lse, need_dq=needs[0] or needs[4],
@@ -366,6 +370,9 @@ class FusedInfoNCE(torch.autograd.Function):
             loss = row_lse - positive
         else:
             loss = row_lse
+        if row_weights is not None:  # a row of weight 0 may have no candidate (lse = -inf)
+            w = row_weights.to(loss.dtype)
+            loss = torch.where(w != 0, loss * w, torch.zeros_like(loss))
         out = reduce_loss(loss, cfg.reduction).to(query.dtype)
 
         ctx.cfg, ctx.ops = cfg, ops
@@ -374,7 +381,7 @@ class FusedInfoNCE(torch.autograd.Function):
         # The fused gradients are handed out on the first backward (so autograd can adopt them
         # as .grad without a copy); a second backward (retain_graph=True) recomputes.
         ctx.fused_grads = fused_grads
-        ctx.mask_ids = mask_ids
+        ctx.mask_ids, ctx.row_weights = mask_ids, row_weights
         ctx.save_for_backward(query, key, bank, per_query, scale, targets, row_lse, col_lse)
         return out
 
@@ -390,8 +397,9 @@ class FusedInfoNCE(torch.autograd.Function):
             op = _prepare(ctx.ops, cfg, query, key, bank, per_query, scale)
             y, beta = _product_keys(op, cfg)
             ids = _product_ids(op, cfg, targets, ctx.mask_ids)
-            g = _row_weights(cfg, query.shape[0], grad_output, op.alpha.dtype).contiguous()
+            g = _row_weights(cfg, query.shape[0], grad_output, op.alpha.dtype,
+                             ctx.row_weights).contiguous()
             grads = list(_gradients(ctx.ops, cfg, op, targets, _positive_scores(op, targets), y,
                                     beta, ids, row_lse, col_lse, g, None, ctx.needs))
         grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
-        return (None, None, *grads, None, None)
+        return (None, None, *grads, None, None, None)

@@ -124,8 +124,6 @@ def _hard_negative_loss(ops, cfg, objective, inputs, scale, positive):
 def supcon_objective(ops, cfg, features, labels, scale):
     """SupCon L_out over features (R, D) with labels (R,); per-anchor losses reduced as
     cfg.reduction (mean over anchors that have a positive); see the module docstring."""
-    lse_cfg = replace(cfg, reduction="none", subtract_positive=False, exclude_self=True)
-    lse = FusedInfoNCE.apply(ops, lse_cfg, features, features, None, None, scale, None, None)
     z = _accumulate(features)
     if cfg.normalize:
         z = F.normalize(z, dim=-1, eps=cfg.eps)
@@ -133,12 +131,20 @@ def supcon_objective(ops, cfg, features, labels, scale):
     n_cls = int(cls.max()) + 1
     class_sums = torch.zeros(n_cls, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, cls, z)
     pos_count = torch.bincount(cls, minlength=n_cls)[cls] - 1
-    pos_sum = ((z * class_sums[cls]).sum(dim=1) - (z * z).sum(dim=1)) * scale.to(z.dtype)
+    pos_mean = ((z * class_sums[cls]).sum(dim=1) - (z * z).sum(dim=1)) * scale.to(z.dtype) \
+        / pos_count.clamp_min(1)
     has_positive = pos_count > 0
-    loss = torch.where(has_positive, lse.to(z.dtype) - pos_sum / pos_count.clamp_min(1),
-                       torch.zeros_like(pos_sum))
+    lse_cfg = replace(cfg, subtract_positive=False, exclude_self=True)
+    if cfg.reduction == "none":
+        lse = FusedInfoNCE.apply(ops, lse_cfg, features, features, None, None, scale, None, None)
+        loss = torch.where(has_positive, lse.to(z.dtype) - pos_mean, torch.zeros_like(pos_mean))
+        return loss.to(features.dtype)
+    # A weighted sum keeps the fused kernels on their no-recompute path: w_a = 1 / #anchors with
+    # a positive ("mean") or 1 ("sum") for those anchors, 0 for the others.
+    weights = has_positive.to(z.dtype)
     if cfg.reduction == "mean":
-        loss = loss.sum() / has_positive.sum().clamp_min(1)
-    elif cfg.reduction == "sum":
-        loss = loss.sum()
-    return loss.to(features.dtype)
+        weights = weights / has_positive.sum().clamp_min(1)
+    lse_cfg = replace(lse_cfg, reduction="sum")
+    lse_sum = FusedInfoNCE.apply(ops, lse_cfg, features, features, None, None, scale, None, None,
+                                 weights)
+    return (lse_sum.to(z.dtype) - (weights * pos_mean).sum()).to(features.dtype)
