@@ -431,3 +431,21 @@ def test_bad_input_raises_clear_error(case):
     call, error, message = BAD_CALLS[case]
     with pytest.raises(error, match=message):
         call()
+
+
+def test_moco_loss_with_a_real_negative_queue():
+    """The filled part of a NegativeQueue (wrapped around, stored indices) as the negatives."""
+    queue = fastcontrast.NegativeQueue(10, 4, dtype=torch.float64, store_indices=True)
+    for start in range(0, 14, 3):  # 14 keys through a queue of 10: wraps around
+        queue.enqueue(torch.randn(3, 4, dtype=torch.float64), indices=torch.arange(start, start + 3))
+    q = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 4, dtype=torch.float64)
+    index = torch.tensor([14, 3, 13, 7, 100])
+    got = fastcontrast.moco_loss(q, k, queue, query_index=index, reduction="none", backend="torch")
+    expected = info_nce_reference(q, k, queue.negatives(), in_batch_negatives=False,
+                                  query_ids=index, negative_ids=queue.stored_indices(),
+                                  reduction="none")
+    assert torch.allclose(got, expected, atol=1e-12)
+    with pytest.raises(ValueError, match="store_indices"):
+        fastcontrast.moco_loss(q, k, fastcontrast.NegativeQueue(4, 4, dtype=torch.float64),
+                               query_index=index)

@@ -1,0 +1,262 @@
+"""NegativeQueue: MoCo's ring buffer of negative keys (optionally with their labels and sample
+indices), as an nn.Module whose whole state is registered buffers.
+
+    queue = NegativeQueue(65536, 128, store_indices=True)
+    loss = fc.moco_loss(q, k, queue.negatives())        # the filled rows, no copy
+    queue.enqueue(k, indices=batch_ids)                 # after the step, any batch size
+
+Enqueue semantics (as if the B rows were pushed one by one): row b of the batch goes to slot
+(pointer + b) % size; pointer <- (pointer + B) % size; count <- min(count + B, size). A batch
+larger than the queue keeps only its last ``size`` rows. Rows are stored in ring order, not
+oldest first: once the queue has wrapped, negatives() returns slot order (the oldest row is
+at ``pointer``). InfoNCE sums over its negatives, so the order does not change the loss; use
+``negatives(oldest_first=True)`` for a chronological copy.
+
+Backends of the enqueue, one fused write of keys (cast to the queue dtype), labels, indices,
+pointer and count:
+  "torch"   slice copies (at most two contiguous runs per buffer; copy_ casts on the fly); the
+            only path on CPU, where a launch costs nothing
+  "triton"  kernels/queue.py, one launch (CUDA; CPU under TRITON_INTERPRET=1)
+  "cuda"    csrc/cuda/queue.cu, one launch (built just in time)
+  "auto"    "triton" on CUDA when triton imports, else "torch".
+
+The pointer and count live in 0-dim int64 buffers (so .to(), state_dict() and load_state_dict()
+carry them) and are mirrored as Python ints, so an enqueue never reads the device; the mirror is
+refreshed (and checked) after load_state_dict().
+"""
+import torch
+from torch import nn
+
+from . import _validation as check
+
+__all__ = ["NegativeQueue", "available_backends"]
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def _check_size(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def available_backends(device="cpu"):
+    """The enqueue backends that can run on a queue on ``device`` in this process."""
+    from . import _cuda_ext
+    from .functional import available_backends as loss_backends
+
+    device = torch.device(device)
+    names = ["torch"] + (["triton"] if "triton" in loss_backends(device) else [])
+    return names + ["cuda"] if device.type == "cuda" and _cuda_ext.available() else names
+
+
+class NegativeQueue(nn.Module):
+    """Ring buffer of ``size`` keys of dimension ``dim`` (buffers: keys (size, dim), optional
+    labels / indices (size,) int64, pointer and count (0-dim int64)); see the module docstring."""
+
+    def __init__(self, size, dim, *, dtype=torch.float32, device=None, store_labels=False,
+                 store_indices=False, backend="auto"):
+        super().__init__()
+        _check_size("size", size)
+        _check_size("dim", dim)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        check.check_flag("store_labels", store_labels)
+        check.check_flag("store_indices", store_indices)
+        check.check_choice("backend", backend, BACKENDS)
+        self.size, self.dim, self.backend = size, dim, backend
+        self.store_labels, self.store_indices = store_labels, store_indices
+        self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype, device=device))
+        for name, stored in (("labels", store_labels), ("indices", store_indices)):
+            if stored:
+                self.register_buffer(name, torch.full((size,), -1, dtype=torch.int64,
+                                                      device=device))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64, device=device))
+        self._host = (0, 0)  # mirror of (pointer, count); None: read the buffers first
+
+    # -----------------------------------------------------------------------------------------
+    # State
+
+    def _state(self):
+        """(pointer, count) as ints, from the mirror (or from the buffers after a load)."""
+        if self._host is None:
+            pointer, count = int(self.pointer), int(self.count)
+            if not (0 <= count <= self.size and 0 <= pointer < self.size):
+                raise ValueError(f"corrupt queue state: pointer must be in [0, {self.size}) and "
+                                 f"count in [0, {self.size}], got pointer {pointer}, count {count}")
+            if count < self.size and pointer != count:
+                raise ValueError(f"corrupt queue state: a queue that is not full has "
+                                 f"pointer == count, got pointer {pointer}, count {count}")
+            self._host = (pointer, count)
+        return self._host
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None  # the buffers changed under the mirror
+        self._state()      # fail now, not at the next enqueue, if the loaded state is corrupt
+
+    def __len__(self):
+        """Number of filled rows, min(total enqueued, size)."""
+        return self._state()[1]
+
+    @property
+    def is_full(self):
+        return len(self) == self.size
+
+    def extra_repr(self):
+        return (f"size={self.size}, dim={self.dim}, dtype={self.keys.dtype}, filled={len(self)}, "
+                f"store_labels={self.store_labels}, store_indices={self.store_indices}")
+
+    @torch.no_grad()
+    def reset(self):
+        """Empty the queue (pointer and count 0; keys zeroed, labels and indices set to -1)."""
+        self.keys.zero_()
+        for name in ("labels", "indices"):
+            if hasattr(self, name):
+                getattr(self, name).fill_(-1)
+        self.pointer.zero_()
+        self.count.zero_()
+        self._host = (0, 0)
+
+    # -----------------------------------------------------------------------------------------
+    # Reading
+
+    def negatives(self, *, oldest_first=False):
+        """The filled rows, (min(count, size), dim): a view of ``keys`` in slot order, or with
+        ``oldest_first`` a chronological copy once the queue has wrapped."""
+        return self._filled(self.keys, oldest_first)
+
+    def stored_labels(self, *, oldest_first=False):
+        """Labels of the filled rows, aligned with negatives() (needs store_labels=True)."""
+        return self._filled(self._stored("labels"), oldest_first)
+
+    def stored_indices(self, *, oldest_first=False):
+        """Sample indices of the filled rows, aligned with negatives() (needs store_indices)."""
+        return self._filled(self._stored("indices"), oldest_first)
+
+    def _stored(self, name):
+        if not getattr(self, f"store_{name}"):
+            raise ValueError(f"this queue does not store {name}; create it with "
+                             f"store_{name}=True")
+        return getattr(self, name)
+
+    def _filled(self, buffer, oldest_first):
+        pointer, count = self._state()
+        if oldest_first and count == self.size and pointer != 0:
+            return torch.cat([buffer[pointer:], buffer[:pointer]])
+        return buffer[:count]
+
+    # -----------------------------------------------------------------------------------------
+    # Writing
+
+    def _check_rows(self, name, t, batch):
+        """Optional (B,) integer tensor on the queue's device, returned as int64."""
+        stored = getattr(self, f"store_{name}")
+        if t is None:
+            if stored:
+                raise ValueError(f"{name} is required: this queue was created with "
+                                 f"store_{name}=True")
+            return None
+        if not stored:
+            raise ValueError(f"{name} was given but this queue was created with "
+                             f"store_{name}=False")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},) (one per key), got "
+                             f"{tuple(t.shape)}")
+        if t.device != self.keys.device:
+            raise ValueError(f"{name} must be on the queue's device ({self.keys.device}), got "
+                             f"{t.device}")
+        return t.to(torch.int64).contiguous()
+
+    def _check_keys(self, keys):
+        if not isinstance(keys, torch.Tensor):
+            raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
+        if not keys.is_floating_point():
+            raise TypeError(f"keys must have a floating-point dtype, got {keys.dtype}")
+        if keys.dim() != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"keys must have shape (B, {self.dim}), got {tuple(keys.shape)}")
+        if keys.device != self.keys.device:
+            raise ValueError(f"keys must be on the queue's device ({self.keys.device}), got "
+                             f"{keys.device}")
+
+    def _resolve(self, backend):
+        check.check_choice("backend", backend, BACKENDS)
+        device = self.keys.device
+        if backend == "auto":
+            from .functional import available_backends
+
+            return "triton" if device.type == "cuda" and "triton" in available_backends(
+                device) else "torch"
+        if backend == "cuda" and device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs a queue on a CUDA device, got {device}")
+        if backend == "triton":
+            from .functional import available_backends
+
+            if "triton" not in available_backends(device):
+                raise ValueError(f"backend='triton' needs a queue on a CUDA device and triton (or "
+                                 f"TRITON_INTERPRET=1 for the CPU), got {device}")
+        return backend
+
+    @torch.no_grad()
+    def enqueue(self, keys, labels=None, indices=None, *, backend=None):
+        """Push a batch of keys (B, dim) (any floating dtype: cast to the queue's dtype; any
+        B >= 0, also B > size), with labels / indices (B,) when the queue stores them.
+        ``backend`` overrides the queue's backend for this call."""
+        self._check_keys(keys)
+        batch = keys.shape[0]
+        labels = self._check_rows("labels", labels, batch)
+        indices = self._check_rows("indices", indices, batch)
+        name = self._resolve(self.backend if backend is None else backend)
+        pointer, count = self._state()
+        if batch == 0:
+            return
+        keys = keys.detach()
+        rows = {"keys": keys}
+        if labels is not None:
+            rows["labels"] = labels
+        if indices is not None:
+            rows["indices"] = indices
+        if name == "torch":
+            self._host = self._write_slices(rows, pointer, count)
+        else:
+            self._host = self._write_fused(name, rows, pointer, count)
+
+    def _write_slices(self, rows, pointer, count):
+        """The ring write as at most two slice copies per buffer."""
+        batch = rows["keys"].shape[0]
+        kept = min(batch, self.size)
+        start = (pointer + batch - kept) % self.size  # slot of the first kept row
+        head = min(kept, self.size - start)           # rows before the end of the buffer
+        for name, src in rows.items():
+            dst = getattr(self, name)
+            src = src[batch - kept:]
+            dst[start:start + head].copy_(src[:head])
+            if kept > head:
+                dst[:kept - head].copy_(src[head:])
+        new = ((pointer + batch) % self.size, min(count + batch, self.size))
+        self.pointer.fill_(new[0])
+        self.count.fill_(new[1])
+        return new
+
+    def _write_fused(self, name, rows, pointer, count):
+        if rows["keys"].stride(1) != 1:  # the kernels read rows with unit column stride
+            rows["keys"] = rows["keys"].contiguous()
+        buffers = dict(dst_labels=getattr(self, "labels", None) if "labels" in rows else None,
+                       labels=rows.get("labels"),
+                       dst_indices=getattr(self, "indices", None) if "indices" in rows else None,
+                       indices=rows.get("indices"))
+        if name == "triton":
+            from .kernels import queue as kernels
+
+            return kernels.enqueue_(self.keys, rows["keys"], pointer, count, self.pointer,
+                                    self.count, **buffers)
+        from . import _cuda_ext
+
+        return tuple(_cuda_ext.require().queue_enqueue_(
+            self.keys, rows["keys"], pointer, count, self.pointer, self.count, **buffers))
