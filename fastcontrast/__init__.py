@@ -6,17 +6,19 @@
     loss = fc.nt_xent(z1, z2, temperature=0.5)                  # SimCLR (also DCL / DCLW / HCL)
     loss = fc.supcon(features, labels, temperature=0.1)         # supervised contrastive
     loss = fc.moco_loss(query, key, queue, temperature=0.07)    # MoCo with a negative queue
+    loss = fc.siglip_loss(image, text, logit_scale, logit_bias)  # SigLIP pairwise sigmoid loss
     queue = fc.NegativeQueue(65536, 128); queue.enqueue(keys)   # ring buffer, any batch size
     fc.momentum_update(key_encoder, query_encoder, m=0.999)     # fused EMA of all parameters
 
 The N x M similarity matrix is never materialised: the fused backends stream it in tiles.
 """
+from ._siglip import siglip_loss
 from .functional import available_backends, clip_loss, info_nce, moco_loss, nt_xent, supcon
-from .losses import ClipLoss, InfoNCELoss, MoCoLoss, NTXentLoss, SupConLoss
+from .losses import ClipLoss, InfoNCELoss, MoCoLoss, NTXentLoss, SigLIPLoss, SupConLoss
 from .momentum import momentum_update
 from .queue import NegativeQueue
 
 __version__ = "0.1.0"
-__all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "InfoNCELoss", "ClipLoss",
-           "NTXentLoss", "SupConLoss", "MoCoLoss", "NegativeQueue", "momentum_update",
+__all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_loss", "InfoNCELoss",
+           "ClipLoss", "NTXentLoss", "SupConLoss", "MoCoLoss", "SigLIPLoss", "NegativeQueue", "momentum_update",
            "available_backends", "__version__"]

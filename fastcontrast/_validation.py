@@ -53,8 +53,9 @@ def check_flag(name, value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
-def positive_scalar(name, value, device):
-    """A positive finite float or 0-dim floating tensor, returned as a 0-dim tensor on device."""
+def finite_scalar(name, value, device, *, positive=False):
+    """A finite (``positive``: and > 0) float or 0-dim floating tensor, returned as a 0-dim tensor
+    on device (a tensor keeps its dtype and autograd history; a float becomes float64)."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape "
@@ -68,11 +69,27 @@ def positive_scalar(name, value, device):
         tensor = None
     else:
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be positive and finite, got {number}")
+    if not math.isfinite(number) or (positive and number <= 0):
+        raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, "
+                         f"got {number}")
     if tensor is None:
         tensor = torch.tensor(number, dtype=torch.float64, device=device)
     return tensor
+
+
+def positive_scalar(name, value, device):
+    """finite_scalar(..., positive=True): temperatures, logit scales."""
+    return finite_scalar(name, value, device, positive=True)
+
+
+def check_image_text(image, text):
+    """(N, D) floating image and text of one shape, dtype and device (text i matches image i)."""
+    check_tensor("image", image, (2,))
+    check_tensor("text", text, (2,))
+    check_same("text", text, "image", image)
+    if text.shape != image.shape:
+        raise ValueError(f"text must have the shape of image {tuple(image.shape)} (text i is the "
+                         f"positive of image i), got {tuple(text.shape)}")
 
 
 def check_targets(targets, n, m, device):

@@ -340,12 +340,7 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
     logit_scale * image @ text.T, pair i the positive. Features are used as given (CLIP models
     normalise them). ``logit_bias`` shifts every logit of a softmax equally, so it cancels: it is
     accepted for API compatibility and receives a zero gradient."""
-    check.check_tensor("image", image, (2,))
-    check.check_tensor("text", text, (2,))
-    check.check_same("text", text, "image", image)
-    if text.shape != image.shape:
-        raise ValueError(f"text must have the shape of image {tuple(image.shape)}, "
-                         f"got {tuple(text.shape)}")
+    check.check_image_text(image, text)
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     scale = check.positive_scalar("logit_scale", logit_scale, image.device)
     if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from ._siglip import siglip_loss
 
 
 class _ContrastiveLoss(nn.Module):
@@ -123,4 +124,32 @@ class ClipLoss(nn.Module):
     def forward(self, image, text, logit_scale=None, logit_bias=None):
         scale = self.logit_scale if logit_scale is None else logit_scale
         return F.clip_loss(image, text, scale, logit_bias=logit_bias, reduction=self.reduction,
+                           backend=self.backend)
+
+
+class SigLIPLoss(nn.Module):
+    """Module form of :func:`fastcontrast.siglip_loss`, owning SigLIP's logit_scale (stored as
+    its log, init 10) and logit_bias (init -10), the paper's initialisation; learnable unless
+    ``learnable=False``. Pass ``logit_scale`` / ``logit_bias`` to forward to use a model's own."""
+
+    def __init__(self, init_logit_scale=10.0, init_logit_bias=-10.0, *, learnable=True,
+                 reduction="mean", backend="auto"):
+        super().__init__()
+        if not (init_logit_scale > 0 and math.isfinite(init_logit_bias)):
+            raise ValueError(f"init_logit_scale must be positive and init_logit_bias finite, got "
+                             f"{init_logit_scale!r}, {init_logit_bias!r}")
+        log_scale = torch.tensor(math.log(init_logit_scale))
+        bias = torch.tensor(float(init_logit_bias))
+        if learnable:
+            self.log_logit_scale, self.logit_bias = nn.Parameter(log_scale), nn.Parameter(bias)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+            self.register_buffer("logit_bias", bias)
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, image, text, logit_scale=None, logit_bias=None):
+        scale = self.log_logit_scale.exp() if logit_scale is None else logit_scale
+        bias = self.logit_bias if logit_bias is None else logit_bias
+        return siglip_loss(image, text, scale, bias, reduction=self.reduction,
                            backend=self.backend)

@@ -1,6 +1,7 @@
 """nn.Module twins: they forward to the functional API and own their parameters correctly."""
 import math
 
+import pytest
 import torch
 
 import fastcontrast
@@ -48,3 +49,18 @@ def test_clip_loss_module_learns_scale_and_round_trips_state():
     frozen.load_state_dict(module.state_dict())
     assert torch.equal(frozen.log_logit_scale, module.log_logit_scale.detach())
     assert list(frozen.parameters()) == []
+
+
+def test_siglip_module_owns_scale_and_bias():
+    image, text = torch.randn(6, 5), torch.randn(6, 5)
+    module = fastcontrast.SigLIPLoss()
+    expected = fastcontrast.siglip_loss(image, text, 10.0, -10.0)
+    assert torch.allclose(module(image, text), expected, atol=1e-5)
+    module(image, text).backward()
+    assert module.log_logit_scale.grad is not None and module.logit_bias.grad is not None
+    frozen = fastcontrast.SigLIPLoss(learnable=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert torch.allclose(frozen(image, text, logit_scale=2.0, logit_bias=0.5),
+                          fastcontrast.siglip_loss(image, text, 2.0, 0.5))
+    with pytest.raises(ValueError, match="init_logit_scale"):
+        fastcontrast.SigLIPLoss(init_logit_scale=0.0)
