@@ -128,3 +128,12 @@ def check_ids(name, ids, n, device):
     if ids.device != device:
         raise ValueError(f"{name} must be on {device} (the device of the features), "
                          f"got {ids.device}")
+
+
+def check_int(name, value, minimum=1):
+    """An int (not a bool) >= minimum, returned as int."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
