@@ -1,0 +1,39 @@
+"""The interface every reference method implements, so that one trainer, one evaluation and the
+``fastcontrast train`` command work for all of them.
+
+A method is an ``nn.Module`` that owns its networks (encoder, heads, momentum copies, queues) and
+knows how to draw its own views:
+
+    batch = method.views(dataset, indices, generator)   # augmented views of dataset[indices]
+    out = method.loss(batch)                            # {"loss": scalar tensor, "mi_bound": ..., ...}
+    out["loss"].backward(); optimizer.step()
+    method.after_step()                                 # momentum update, queue enqueue, ...
+    features = method.features(inputs)                  # frozen features for the probes (no grad)
+
+``loss`` returns a dict: "loss" (the scalar to minimise, a tensor with grad) and "mi_bound" (the
+InfoNCE lower bound log(N) - L of its main contrastive term, a float tensor), plus any other
+scalar diagnostics (e.g. per-step accuracies for CPC), all reported by the trainer.
+"""
+from torch import nn
+
+
+class ContrastiveMethod(nn.Module):
+    """Base class: subclasses implement ``views``, ``loss`` and ``features``."""
+
+    #: short name used by ``fastcontrast train NAME``
+    name = "method"
+
+    def views(self, dataset, indices, generator):
+        """The batch ``loss`` takes: augmented views of the samples ``indices`` of ``dataset``."""
+        raise NotImplementedError
+
+    def loss(self, batch):
+        """{"loss": scalar tensor, "mi_bound": scalar tensor, ...other scalar diagnostics}."""
+        raise NotImplementedError
+
+    def after_step(self):
+        """Called after each optimizer step (momentum encoders, queues); nothing by default."""
+
+    def features(self, inputs):
+        """(B, F) frozen representation used by the linear probe and kNN evaluation."""
+        raise NotImplementedError
