@@ -1,4 +1,5 @@
-"""Build script: packages fastcontrast (with kernels/ installed as fastcontrast.kernels) and, when
+"""Build script: packages fastcontrast (with kernels/ installed as fastcontrast.kernels and
+benchmarks/ as fastcontrast.benchmarks, the `fastcontrast bench` suite) and, when
 torch is importable at build time, compiles the C++ CPU extension fastcontrast._C ahead of time.
 
 A failed or impossible extension build never fails the install: fastcontrast._ext then compiles
@@ -8,8 +9,10 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["fastcontrast", "fastcontrast.kernels"]
-PACKAGE_DIR = {"fastcontrast": "fastcontrast", "fastcontrast.kernels": "kernels"}
+PACKAGES = ["fastcontrast", "fastcontrast.kernels", "fastcontrast.methods", "fastcontrast.benchmarks"]
+PACKAGE_DIR = {"fastcontrast": "fastcontrast", "fastcontrast.kernels": "kernels",
+               "fastcontrast.methods": "fastcontrast/methods",
+               "fastcontrast.benchmarks": "benchmarks"}
 
 
 def _extension_build():

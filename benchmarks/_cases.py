@@ -10,15 +10,7 @@ The baseline and the step are the ones of the quick-start demo (fastcontrast.dem
 and the benchmarks compare exactly the same computations. "auto" is resolved here once: the C++
 backend when its extension is available, else the pure-PyTorch one (see concrete_backend).
 """
-import os
-import sys
-
-try:
-    import fastcontrast  # noqa: F401
-except ImportError:  # run from a checkout without installing: use the repository's package
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fastcontrast.demo import (  # noqa: E402  (re-exported for the benchmark modules)
+from fastcontrast.demo import (  # re-exported for the benchmark modules
     FASTCONTRAST, NAIVE, TEMPERATURE, concrete_backend, forward_backward, loss_function,
     make_inputs, make_step)
 

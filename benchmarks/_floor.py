@@ -20,16 +20,18 @@ def matmul_flop(rows, keys, dim):
     return 2 * rows * keys * dim
 
 
-def matmul_steps(rows, keys, dim, seed=0):
-    """{orientation: zero-argument callable running that product once} on fixed random fp32
-    operands (allocated once here, so a call measures the product, not the allocation)."""
+def matmul_steps(rows, keys, dim, seed=0, dtype=torch.float32, device="cpu"):
+    """{orientation: zero-argument callable running that product once} on fixed random
+    operands of ``dtype`` on ``device`` (allocated once here, so a call measures the product,
+    not the allocation)."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(rows, dim, generator=gen)
-    k = torch.randn(keys, dim, generator=gen)
-    p = torch.randn(rows, keys, generator=gen)
-    dk = torch.zeros(keys, dim)
-    scores_out = torch.empty(rows, keys)
-    dq_out = torch.empty(rows, dim)
+    like = {"dtype": dtype, "device": device}
+    q = torch.randn(rows, dim, generator=gen).to(**like)
+    k = torch.randn(keys, dim, generator=gen).to(**like)
+    p = torch.randn(rows, keys, generator=gen).to(**like)
+    dk = torch.zeros(keys, dim, **like)
+    scores_out = torch.empty(rows, keys, **like)
+    dq_out = torch.empty(rows, dim, **like)
     return {
         "scores": lambda: torch.mm(q, k.T, out=scores_out),
         "dq": lambda: torch.mm(p, k, out=dq_out),

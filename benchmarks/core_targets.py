@@ -1,6 +1,7 @@
 """Check the core InfoNCE targets in ONE run, side by side; write JSON, CSV and a markdown summary.
 
     python benchmarks/core_targets.py --out benchmarks/results/<name> [--repeats 3] [--quick]
+    python -m fastcontrast.benchmarks.core_targets ...        (the same, installed)
 
 (a) N = M = 16384, D = 256, fp32, forward+backward, reduction "mean": fastcontrast vs naive
     PyTorch. Targets: speedup >= 1.6x; time / floor <= 1.25, the floor being 6 N M D FLOP at the
@@ -23,10 +24,16 @@ import argparse
 import sys
 from dataclasses import asdict, dataclass
 
-from _cases import TEMPERATURE, case_memory_args, case_steps, concrete_backend, \
-    info_nce_flop, make_inputs, make_step
-from _floor import ORIENTATIONS, floor_from_medians, matmul_steps, repeated
-from _report import print_tables, write_all
+if __package__ in (None, ""):  # run as a script: sys.path[0] is this folder
+    import _bootstrap
+
+    _bootstrap.ensure_package()
+
+from fastcontrast.benchmarks._cases import TEMPERATURE, case_memory_args, case_steps, \
+    concrete_backend, info_nce_flop, make_inputs, make_step  # noqa: E402
+from fastcontrast.benchmarks._floor import ORIENTATIONS, floor_from_medians, matmul_steps, \
+    repeated  # noqa: E402
+from fastcontrast.benchmarks._report import print_tables, write_all  # noqa: E402
 from fastcontrast._measure import GiB, format_bytes, format_seconds, machine_info, \
     paired_ratio, peak_extra_memory, summarize, time_interleaved
 

@@ -9,9 +9,14 @@ Each record's extra_info holds the provider, backend, shape, FLOP and the achiev
 import pytest
 import torch
 
-from _cases import (CASES, DTYPE, case_step, concrete_backend, info_nce_flop, make_inputs)
-from _floor import FLOOR_SHAPE, ORIENTATIONS, matmul_flop, matmul_steps
-from fastcontrast._measure import cpu_model
+from . import _bootstrap
+
+_bootstrap.ensure_package()
+from fastcontrast._measure import cpu_model  # noqa: E402
+from fastcontrast.benchmarks._cases import (CASES, DTYPE, case_step, concrete_backend,  # noqa: E402
+                                            info_nce_flop, make_inputs)
+from fastcontrast.benchmarks._floor import (FLOOR_SHAPE, ORIENTATIONS, matmul_flop,  # noqa: E402
+                                            matmul_steps)
 
 DIM = 256
 SIZES = [4096, pytest.param(16384, marks=pytest.mark.slow)]

@@ -1,0 +1,196 @@
+"""Output of ``fastcontrast bench``: the terminal table, results.json (everything), results.csv
+(one row per case, to accumulate across runs and machines) and summary.md.
+
+A result dict: "machine", "config", "floors" (matmul rate per D / dtype), "records" (one per
+case, benchmarks/runner.py), "largest_n" (the search), "targets" (issue-4 checks) and "notes".
+"""
+import csv
+import json
+import os
+
+from fastcontrast._measure import format_bytes, format_seconds
+
+CSV_FIELDS = ("suite", "part", "family", "impl", "kind", "backend", "peer_version", "n", "m", "d",
+              "k", "dtype", "device", "mode", "status", "reason", "loss", "reference",
+              "rel_err", "median_s", "p20_s", "p80_s", "timed_runs", "cold_s",
+              "peak_extra_bytes", "memory_method", "budget_bytes", "flop_essential",
+              "products", "gflops", "floor_s", "time_over_floor", "machine", "threads", "torch",
+              "fastcontrast", "date")
+
+HEADER = ("implementation", "status", "loss (rel. err.)", "fwd+bwd time", "vs fastest",
+          "peak extra memory", "GFLOP/s", "time / floor", "largest N in budget")
+
+
+def _fmt_rate(gflops, device):
+    if gflops is None:
+        return "-"
+    return f"{gflops / 1e3:.1f} T" if device == "cuda" else f"{gflops:.0f}"
+
+
+def _largest(summary):
+    if summary is None:
+        return "-"
+    if summary["largest_n"] is None:
+        return f"< smallest ({summary['stopped_by']})"
+    prefix = ">= " if summary["capped"] else ""
+    stop = "" if summary["capped"] or not summary["stopped_by"] else f" ({summary['stopped_by']})"
+    return f"{prefix}{summary['largest_n']}{stop}"
+
+
+def row_cells(record, fastest_s, largest):
+    """The table cells of one record (a failure's reason is returned apart, as a footnote)."""
+    status = record["status"]
+    check = record.get("check") or {}
+    if record.get("loss") is None:
+        loss = "-"
+    elif check.get("status") in ("ok", "WRONG"):
+        loss = f"{record['loss']:.5f} ({check['rel_err']:.0e})"
+    else:
+        loss = f"{record['loss']:.5f} (unchecked)"
+    ok = status == "OK"
+    time = format_seconds(record["median_s"]) if ok and record.get("median_s") else "-"
+    if ok and record.get("timed_runs") == 0:
+        time += " (1 run)"
+    relative = f"{record['median_s'] / fastest_s:.2f}x" if ok and fastest_s else "-"
+    memory = format_bytes(record["peak_extra_bytes"]) \
+        if ok and record.get("peak_extra_bytes") is not None else "-"
+    over = f"{record['time_over_floor']:.2f}" if record.get("time_over_floor") else "-"
+    name = record["impl"] + (f" {record['peer_version']}" if record.get("peer_version") else "")
+    return [name, status, loss, time, relative, memory,
+            _fmt_rate(record.get("gflops"), record["device"]), over, largest]
+
+
+def groups(result):
+    """{(family, n, d, dtype, k): [timed records]} in run order (search runs excluded)."""
+    out = {}
+    for record in result["records"]:
+        if record.get("mode") == "reach":
+            continue
+        key = (record["family"], record["n"], record["d"], record["dtype"], record["k"])
+        out.setdefault(key, []).append(record)
+    return out
+
+
+def _group_rows(result, records):
+    """(rows, footnotes): a record with a reason gets "[i]" after its status, notes[i - 1]."""
+    ok = [r["median_s"] for r in records if r["status"] == "OK" and r.get("median_s")]
+    fastest = min(ok) if ok else None
+    searched = {(s["family"], s["impl"]): s for s in result.get("largest_n", [])}
+    rows, notes = [], []
+    for record in records:
+        cells = row_cells(record, fastest, _largest(searched.get((record["family"],
+                                                                  record["impl"]))))
+        if record.get("reason") and record["status"] != "OK":
+            notes.append(record["reason"])
+            cells[1] += f" [{len(notes)}]"
+        rows.append(cells)
+    return rows, notes
+
+
+def _title(key, result):
+    family, n, d, dtype, k = key
+    queue = f", K = {k}" if k else ""
+    return f"{result['titles'].get(family, family)}: N = {n}, D = {d}{queue}, {dtype}"
+
+
+STYLE = {"OK": "green", "WRONG": "bold red", "ERROR": "bold red", "CRASH": "bold red",
+         "OOM": "yellow", "TIMEOUT": "yellow", "SKIPPED": "dim"}
+
+
+def print_tables(console, result):
+    from rich.markup import escape
+    from rich.table import Table
+
+    for key, records in groups(result).items():
+        rows, notes = _group_rows(result, records)
+        caption = "\n".join(f"[{i}] {escape(note)}" for i, note in enumerate(notes, 1))
+        table = Table(title=_title(key, result), title_justify="left", caption=caption or None,
+                      caption_justify="left")
+        for i, name in enumerate(HEADER):
+            table.add_column(name, justify="left" if i < 2 else "right")
+        for cells, record in zip(rows, records):
+            cells = [escape(c) for c in cells]
+            cells[1] = f"[{STYLE.get(record['status'], 'dim')}]{cells[1]}[/]"
+            table.add_row(*cells)
+        console.print(table)
+    for target in result.get("targets", []):
+        verdict = {True: "[green]met[/]", False: "[bold red]NOT met[/]", None: "[dim]n/a[/]"}
+        console.print(f"target {escape(target['check'])}: {escape(target['display'])} "
+                      f"(target {escape(target['target'])}): {verdict[target['met']]}")
+    for note in result.get("notes", []):
+        console.print(f"[dim]- {escape(note)}[/]")
+
+
+def write_json(path, result):
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+        f.write("\n")
+
+
+def write_csv(path, result):
+    m = result["machine"]
+    context = {"suite": result["config"]["suite"], "machine": m.get("gpu") or m["cpu"],
+               "threads": m["torch_threads"], "torch": m["torch"],
+               "fastcontrast": m["fastcontrast"], "date": m["date"]}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for record in result["records"]:
+            check = record.get("check") or {}
+            writer.writerow({**context, **record, "reference": check.get("reference"),
+                             "rel_err": check.get("rel_err")})
+
+
+def _md_row(cells):
+    return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+
+def markdown(result, plots=()):
+    m, c = result["machine"], result["config"]
+    lines = [f"# fastcontrast bench, suite `{c['suite']}`", "",
+             f"- machine: {m.get('gpu') or m['cpu']} ({m['logical_cpus']} logical CPUs, "
+             f"{m['torch_threads']} torch threads); torch {m['torch']}, fastcontrast "
+             f"{m['fastcontrast']}, Python {m['python']}; {m['date']}",
+             f"- command: `{c['command']}`; wall time {c.get('wall_s', 0):.0f} s; load "
+             f"average {(c.get('load_average') or {}).get('start')} at the start, "
+             f"{(c.get('load_average') or {}).get('end')} at the end "
+             f"({m['logical_cpus']} CPUs: above that, other processes shared them)",
+             f"- every case forward+backward (gradients of every input that needs one) in a "
+             f"fresh process; time = median of up to {c['repeats']} runs after a checked "
+             f"first run; memory budget per case {c['budget']}; time limit {c['time_limit_s']:.0f} s",
+             ""]
+    for floor in result.get("floors", []):
+        if floor.get("status") == "OK":
+            lines.append(f"- matmul floor ({floor['dtype']}, D = {floor['d']}): best torch.mm "
+                         f"{floor['best_gflops']:.0f} GFLOP/s ({floor['best']}, "
+                         f"{' x '.join(map(str, floor['shape']))})")
+    for key, records in groups(result).items():
+        rows, notes = _group_rows(result, records)
+        lines += ["", f"## {_title(key, result)}", "", _md_row(HEADER),
+                  _md_row(["---"] * len(HEADER))]
+        lines += [_md_row(cells) for cells in rows]
+        lines += [""] * bool(notes) + [f"[{i}] {note}  " for i, note in enumerate(notes, 1)]
+    if result.get("targets"):
+        lines += ["", "## Targets", "", _md_row(["check", "measured", "target", "met"]),
+                  _md_row(["---"] * 4)]
+        lines += [_md_row([t["check"], t["display"], t["target"],
+                           {True: "yes", False: "NO", None: "n/a"}[t["met"]]])
+                  for t in result["targets"]]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
+                                         for p in plots]
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_all(out_dir, result, plots=()):
+    """results.json, results.csv and summary.md into ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, name) for name in ("results.json", "results.csv",
+                                                      "summary.md")]
+    write_json(paths[0], result)
+    write_csv(paths[1], result)
+    with open(paths[2], "w") as f:
+        f.write(markdown(result, plots))
+    return paths

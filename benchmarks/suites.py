@@ -1,0 +1,105 @@
+"""The grids ``fastcontrast bench --suite NAME`` runs.
+
+    default         N = 8192, D = 256, fp32, CPU: InfoNCE, CLIP, NT-Xent against every peer, then
+                    the largest N each reaches within a 2 GiB budget (doubling up to 16384).
+                    Sized for under 3 minutes on a quiet 2-core machine.
+    full            N = 1024 ... 131072, D in {128, 256, 1024}, fp32 / bf16, every family.
+    issue4-targets  moco N = 256, K = 65536, D = 128 vs the concat-logits MoCo loss; nt_xent and
+                    supcon at N = 2B = 16384, D = 256 vs lightly / pytorch-metric-learning.
+    gpu             CUDA: bf16 / fp32, N = 16384 and 131072, and fastcontrast alone at N = 2^20
+                    (bf16); sized to fit benchmarks/gpu_check.sh's few minutes. Widen it with
+                    --suite full --device cuda (fp16 via --families/--sizes as needed).
+    smoke           tiny sizes, for the harness's own tests.
+"""
+from dataclasses import dataclass, field
+
+from .families import FAMILIES, Problem
+
+GiB = 1 << 30
+COMPILE_SKIP = ("torch.compile compiles for minutes on a small CPU (measured: 160 s for the "
+                "first graph on 2 cores); it is in --suite full")
+
+TORCH_SKIP = ("fastcontrast's pure-PyTorch fallback backend is left out of the 3-minute default "
+              "(the C++ backend is what CPU users get); it is in --suite full")
+GPU_COMPILE_SKIP = "left out of the timed GPU check (compilation per shape and dtype)"
+GPU_TORCH_SKIP = "the GPU check times the default (triton) backend"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    device: str
+    families: tuple
+    sizes: tuple                 # N values
+    dims: tuple
+    dtypes: tuple
+    repeats: int = 3
+    time_limit_s: float = 120.0
+    budget_gib: float = None     # memory budget of every case (None: the --memory-budget default)
+    search_budget_gib: float = None   # largest-N search within this budget (None: no search)
+    search_max_n: int = 0
+    queue: int = 0               # moco's K
+    impls: tuple = None          # only these implementations (None: all)
+    skip: dict = field(default_factory=dict)   # implementation -> reason (recorded as SKIPPED)
+    fastcontrast_only_above: int = None        # larger N: fastcontrast implementations only
+    part: str = "grid"
+
+
+SUITES = {
+    "default": Suite(
+        "default", "headline: N = 8192, D = 256, fp32; largest N within a 2 GiB budget", "cpu",
+        ("infonce", "clip", "ntxent"), (8192,), (256,), ("fp32",), repeats=3, time_limit_s=45,
+        search_budget_gib=2.0, search_max_n=16384,
+        skip={"torch.compile": COMPILE_SKIP, "fastcontrast[torch]": TORCH_SKIP},
+        part="headline"),
+    "full": Suite(
+        "full", "N = 1024 ... 131072, D in {128, 256, 1024}, fp32 / bf16", "cpu",
+        ("infonce", "clip", "ntxent", "supcon", "siglip"),
+        tuple(1024 << i for i in range(8)), (128, 256, 1024), ("fp32", "bf16"), repeats=3,
+        time_limit_s=600),
+    "issue4-targets": Suite(
+        "issue4-targets", "moco N=256 K=65536 D=128; nt_xent / supcon at 2N = 16384, D = 256",
+        "cpu", ("ntxent", "supcon"), (16384,), (256,), ("fp32",), repeats=3, time_limit_s=300,
+        skip={"torch.compile": COMPILE_SKIP, "fastcontrast[torch]": "the targets compare the "
+              "default (cpu) backend"}, part="targets"),
+    "gpu": Suite(
+        "gpu", "CUDA: bf16 / fp32, N = 16384 and 131072; fastcontrast alone at N = 2^20 (bf16)",
+        "cuda", ("infonce", "clip", "ntxent"), (16384, 131072), (256,), ("bf16", "fp32"),
+        repeats=5, time_limit_s=90, skip={"torch.compile": GPU_COMPILE_SKIP,
+                                          "fastcontrast[torch]": GPU_TORCH_SKIP}),
+    "smoke": Suite(
+        "smoke", "tiny sizes (tests of the harness)", "cpu", ("infonce", "ntxent"), (64,), (8,),
+        ("fp32",), repeats=1, time_limit_s=60, search_budget_gib=0.25, search_max_n=128,
+        impls=("fastcontrast[torch]", "naive"), part="headline"),
+}
+
+MOCO_TARGET = Problem(n=256, d=128, k=65536)
+GPU_LARGE = Problem(n=1 << 20, d=256, dtype="bf16", device="cuda")
+
+
+def cases(suite):
+    """[(family, implementation, Problem, skip reason or None)] of a suite, in run order:
+    per family, dtype and D, every implementation at each N (smallest N first)."""
+    from .runner import Case
+
+    out = []
+    for family in suite.families:
+        for dtype in suite.dtypes:
+            for d in suite.dims:
+                for n in suite.sizes:
+                    for impl in FAMILIES[family].implementations:
+                        if suite.impls is not None and impl not in suite.impls:
+                            continue
+                        if suite.fastcontrast_only_above and n > suite.fastcontrast_only_above \
+                                and not impl.startswith("fastcontrast"):
+                            continue
+                        problem = Problem(n=n, d=d, dtype=dtype, device=suite.device)
+                        out.append((Case(family, impl, problem, part=suite.part),
+                                    suite.skip.get(impl)))
+    if suite.name == "issue4-targets":
+        for impl in ("fastcontrast[cpu]", "naive"):
+            out.insert(0, (Case("moco", impl, MOCO_TARGET, part="targets"), None))
+    if suite.name == "gpu":
+        out.append((Case("infonce", "fastcontrast[triton]", GPU_LARGE), None))
+    return out

@@ -1,0 +1,254 @@
+"""The benchmark harness itself (fastcontrast bench), on tiny sizes: case isolation, OOM and
+timeout recorded as results, the loss cross-check catching a wrong implementation, the outputs
+written, the command line, the peer import shims.
+
+This file is also loaded by the benchmark workers as a plugin (runner.Runner(plugins=...)):
+``register_fakes()`` adds deliberately misbehaving implementations of the InfoNCE family."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastcontrast.cli import benchmarks_package, build_parser
+
+benchmarks_package()  # fastcontrast.benchmarks, installed or from the checkout
+from fastcontrast.benchmarks import families as fam  # noqa: E402
+from fastcontrast.benchmarks import peers, report, runner as bench_runner  # noqa: E402
+from fastcontrast.benchmarks.families import Implementation, Problem  # noqa: E402
+from fastcontrast.demo import naive_info_nce  # noqa: E402
+
+MiB = 1 << 20
+LEAK = []  # what the leaky fake keeps alive in its process
+SMALL = Problem(n=64, d=8)
+
+
+def _hungry():
+    def loss(query, key):
+        block = torch.ones(1 << 30, dtype=torch.float32)  # 4 GiB: over any test budget
+        return naive_info_nce(query, key) + 0 * block[-1]
+    return loss
+
+
+def _sleepy():
+    def loss(query, key):
+        time.sleep(60)
+        return naive_info_nce(query, key)
+    return loss
+
+
+def _leaky():
+    def loss(query, key):
+        LEAK.append(torch.ones(150 * MiB // 4))  # stays allocated after the step
+        return naive_info_nce(query, key)
+    return loss
+
+
+def _wrong_temperature():
+    return lambda query, key: naive_info_nce(query, key, temperature=0.1)  # the family uses 0.07
+
+
+def register_fakes():
+    impls = fam.FAMILIES["infonce"].implementations
+    for name, make in (("fake hungry", _hungry), ("fake sleepy", _sleepy),
+                       ("fake leaky", _leaky), ("fake wrong", _wrong_temperature)):
+        impls[name] = Implementation(name, "baseline", make)
+    peers.PEERS["fake missing"] = peers.Peer("no-such-distribution", "no_such_module_xyz",
+                                             "Loss", False)
+    impls["fake missing peer"] = Implementation(
+        "fake missing peer", "peer", lambda: None,
+        unavailable=lambda: peers.installed("fake missing"), peer="fake missing")
+
+
+register_fakes()
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return bench_runner.Runner(budget_bytes=512 * MiB, time_limit_s=60, repeats=2,
+                               plugins=[os.path.abspath(__file__)])
+
+
+def _case(impl, problem=SMALL, family="infonce"):
+    return bench_runner.Case(family, impl, problem)
+
+
+def test_a_case_measures_its_own_peak_memory_not_the_previous_ones(runner):
+    leaky = runner.run_case(_case("fake leaky"))
+    after = runner.run_case(_case("naive"))
+    assert leaky["status"] == "OK", leaky
+    # The leak (150 MiB per call, the checked first run) is in the leaky case's own peak ...
+    assert 140 * MiB <= leaky["peak_extra_bytes"] <= 200 * MiB, leaky["peak_extra_bytes"]
+    # ... and nowhere in the next case's, measured in a fresh process.
+    assert after["status"] == "OK", after
+    assert after["peak_extra_bytes"] < 20 * MiB, after["peak_extra_bytes"]
+    assert after["memory_method"] == "VmHWM reset"
+
+
+def test_out_of_memory_is_a_result(runner):
+    record = runner.run_case(_case("fake hungry"), budget_bytes=256 * MiB)
+    assert record["status"] == "OOM", record
+    assert "allocate" in record["reason"] and "forward+backward" in record["reason"]
+    assert record.get("median_s") is None
+
+
+def test_timeout_is_a_result_and_the_process_is_killed(runner):
+    t0 = time.monotonic()
+    record = runner.run_case(_case("fake sleepy"), time_limit_s=8)
+    assert record["status"] == "TIMEOUT", record
+    assert "8 s" in record["reason"]
+    assert time.monotonic() - t0 < 30
+
+
+def test_the_loss_check_catches_a_wrong_implementation_before_timing(runner):
+    record = runner.run_case(_case("fake wrong"))
+    assert record["status"] == "WRONG", record
+    assert record["check"]["status"] == "WRONG" and record["check"]["rel_err"] > 1e-2
+    assert "reference" in record["reason"]
+    assert record.get("median_s") is None and record.get("timed_runs") is None
+
+
+def test_a_correct_implementation_passes_the_check_within_tolerance(runner):
+    record = runner.run_case(_case("fastcontrast[torch]"))
+    assert record["status"] == "OK", record
+    assert record["check"]["status"] == "ok" and record["check"]["rel_err"] < 1e-5
+    assert record["timed_runs"] == 2 and record["median_s"] > 0
+    assert record["products"] == 4 and record["gflops"] > 0  # recomputing backward
+
+
+def test_a_misconfigured_real_peer_is_caught():
+    cls, reason = peers.load_peer("info-nce-pytorch")
+    if cls is None:
+        pytest.skip(reason)
+    inputs = fam.FAMILIES["infonce"].make_inputs(SMALL)
+    reference = bench_runner.reference_value(fam.FAMILIES["infonce"], SMALL)
+    good = cls(temperature=fam.INFONCE_TAU)(inputs["query"], inputs["key"]).item()
+    bad = cls(temperature=0.5)(inputs["query"], inputs["key"]).item()
+    from fastcontrast.benchmarks.worker import check_loss
+
+    assert check_loss(good, reference, "fp32")["status"] == "ok"
+    assert check_loss(bad, reference, "fp32")["status"] == "WRONG"
+
+
+def test_a_missing_peer_is_skipped_with_the_reason(runner):
+    record = runner.run_case(_case("fake missing peer"))
+    assert record["status"] == "SKIPPED"
+    assert "no-such-distribution is not installed" in record["reason"]
+    assert "bench" in record["reason"]  # says how to install the peers
+
+
+def test_reference_falls_back_to_the_float64_torch_backend_above_its_memory_cap(monkeypatch):
+    family = fam.FAMILIES["ntxent"]
+    exact = bench_runner.reference_value(family, SMALL)
+    monkeypatch.setattr(bench_runner, "REFERENCE_MAX_BYTES", 0)
+    chunked = bench_runner.reference_value(family, SMALL)
+    assert exact["method"] == "reference, float64"
+    assert chunked["method"].startswith("torch backend, float64")
+    assert chunked["value"] == pytest.approx(exact["value"], rel=1e-10)
+
+
+def test_floor_ratio_and_rates():
+    record = {"status": "OK", "median_s": 2.0, "flop_essential": 6e9}
+    bench_runner.apply_floor(record, {"status": "OK", "best_gflops": 6.0})
+    assert record["floor_s"] == pytest.approx(1.0)
+    assert record["time_over_floor"] == pytest.approx(2.0)
+    family = fam.FAMILIES["moco"]
+    problem = Problem(n=4, d=3, k=10)
+    assert fam.essential_flop(family, problem) == 2 * 2 * 4 * 10 * 3
+
+
+def test_every_family_builds_inputs_its_reference_accepts():
+    for family in fam.FAMILIES.values():
+        if family.enabled() is not None:
+            continue
+        problem = Problem(n=300, d=3, k=5)  # supcon: 300 samples over 100 classes
+        inputs = family.make_inputs(problem)
+        value = family.reference(**bench_runner._float64(inputs))
+        assert torch.isfinite(value) and value > 0, family.name
+        naive = family.implementations["naive"].make()(**inputs).detach()
+        assert float(naive) == pytest.approx(float(value), rel=1e-4), family.name
+
+
+def test_smoke_suite_writes_json_csv_png_and_summary(tmp_path):
+    from rich.console import Console
+
+    from fastcontrast.benchmarks.driver import run_bench
+
+    printed = tmp_path / "out.txt"
+    with open(printed, "w") as f:
+        result = run_bench("smoke", out_dir=str(tmp_path), family_names=["infonce"],
+                           console=Console(file=f, width=160))
+    statuses = {(r["impl"], r["mode"]): r["status"] for r in result["records"]}
+    assert statuses[("naive", "time")] == "OK" and statuses[("fastcontrast[torch]", "time")] == "OK"
+    assert {s["impl"] for s in result["largest_n"]} == {"naive", "fastcontrast[torch]"}
+    assert all(s["largest_n"] == 128 and s["capped"] for s in result["largest_n"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["floors"][0]["status"] == "OK" and data["floors"][0]["best_gflops"] > 0
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert csv_text.startswith("suite,part,family,impl") and "fastcontrast[torch]" in csv_text
+    summary = (tmp_path / "summary.md").read_text()
+    assert "InfoNCE" in summary
+    png = tmp_path / "bench_fp32_d8.png"
+    try:
+        import matplotlib  # noqa: F401 - the bench extra
+    except ImportError:
+        assert not png.exists() and any("no plots" in note for note in result["notes"])
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+        assert "bench_fp32_d8.png" in summary
+    assert "largest N in budget" in printed.read_text()
+
+
+def test_a_failure_shows_its_status_with_the_reason_as_a_footnote():
+    records = [{"impl": "naive", "status": "OOM", "reason": "can't allocate", "device": "cpu",
+                "family": "infonce"},
+               {"impl": "fastcontrast[cpu]", "status": "OK", "median_s": 2.0, "device": "cpu",
+                "family": "infonce", "peak_extra_bytes": 3 << 20}]
+    rows, notes = report._group_rows({"largest_n": []}, records)
+    assert rows[0][1] == "OOM [1]" and rows[0][3] == "-" and notes == ["can't allocate"]
+    assert rows[1][1] == "OK" and rows[1][3] == "2.00 s" and rows[1][5] == "3.0 MiB"
+
+
+def test_cli_parses_the_bench_options():
+    args = build_parser().parse_args(
+        ["bench", "--suite", "full", "--memory-budget", "2.5", "--time-limit", "30",
+         "--families", "infonce,clip", "--sizes", "1024,2048", "--no-search", "--device", "cpu"])
+    assert (args.command, args.suite, args.memory_budget, args.time_limit) == \
+        ("bench", "full", 2.5, 30.0)
+    assert args.families == ["infonce", "clip"] and args.sizes == [1024, 2048]
+    assert args.search is False and args.plots is True
+    for bad in (["bench", "--memory-budget", "0"], ["bench", "--suite", "nope"],
+                ["bench", "--sizes", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(bad)
+
+
+def test_bench_help_from_the_console_entry_point():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "fastcontrast", "bench", "--help"], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--memory-budget" in proc.stdout and "issue4-targets" in proc.stdout
+
+
+def test_package_init_skipping_import_and_torchvision_placeholder(tmp_path, monkeypatch):
+    pkg = tmp_path / "heavy_pkg_for_shim_test"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('the model zoo needs torchvision')\n")
+    (pkg / "sub" / "__init__.py").write_text("raise ImportError('also heavy')\n")
+    (pkg / "sub" / "loss.py").write_text("from heavy_pkg_for_shim_test import helpers\n"
+                                         "def value():\n    return helpers.TWO + 1\n")
+    (pkg / "helpers.py").write_text("TWO = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError):
+        __import__("heavy_pkg_for_shim_test.sub.loss")
+    module = peers.import_skipping_package_inits("heavy_pkg_for_shim_test.sub.loss")
+    assert module.value() == 3
+    for name in [m for m in sys.modules if m.startswith("heavy_pkg_for_shim_test")]:
+        monkeypatch.delitem(sys.modules, name)
+    placeholder = peers._PlaceholderModule("torchvision.ops")
+    with pytest.raises(RuntimeError, match="placeholder"):
+        placeholder.StochasticDepth(0.1, "row")
