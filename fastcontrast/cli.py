@@ -2,6 +2,7 @@
 
     fastcontrast demo [--n 4096] [--dim 256] [--repeats 5] [--backend auto]
     fastcontrast bench [--suite default|full|issue4-targets|gpu] [--device cpu|cuda] [--out DIR]
+    fastcontrast train METHOD [--seconds S] [--steps N] [--backend auto] [--plots DIR] [--out DIR]
     python -m fastcontrast demo ...
 
 Each subcommand is registered by an ``_add_<name>(subparsers)`` function that declares its options
@@ -142,6 +143,9 @@ def build_parser():
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(subparsers)
     _add_bench(subparsers)
+    from .methods.cli_train import add_train_parser  # the reference methods' trainer
+
+    add_train_parser(subparsers)
     return parser
 
 
