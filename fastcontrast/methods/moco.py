@@ -24,8 +24,10 @@ Deviations from the papers, all for a small CPU benchmark:
 
 * Data and augmentations: the cluttered translated digits of ``fastcontrast.data`` (fresh
   rendering per view: random position and clutter in place of random resized crops) with the
-  grey-level intensity jitter of ``simclr.intensity_jitter`` (``v2``: also a random Gaussian
-  blur); no flips, no grey-scale conversion (already grey), no colour.
+  grey-level intensity jitter of ``simclr.intensity_jitter``; no flips, no grey-scale
+  conversion (already grey), no colour. v2's random Gaussian blur is implemented
+  (``blur_p``) but off by default: on 24 x 24 digits it blurs away the strokes (probe 84.0% with
+  blur_p = 0.5 against 87.9% without, 300 s, same seed).
 * Encoder: ``SmallConvEncoder`` (3 conv layers, 128-d) instead of ResNet-50; v2's head
   Linear(128, 128) - BN - ReLU - Linear(128, 64) instead of 2048 - 2048 - 128 (the BN in the
   head is SimCLR's; MoCo v2's head has none); v1's head is a linear layer to 64.
@@ -74,7 +76,7 @@ DEFAULTS = {
     "width": 32,
     "projection_dim": 64,
     "jitter_p": 0.8,
-    "blur_p": 0.5,
+    "blur_p": 0.0,
 }
 
 
@@ -119,7 +121,7 @@ class MoCo(ContrastiveMethod):
     name = "moco"
 
     def __init__(self, encoder, *, version=2, projection_dim=64, temperature=0.2,
-                 queue_size=512, momentum=0.9, bn_splits=2, jitter_p=0.8, blur_p=0.5,
+                 queue_size=512, momentum=0.9, bn_splits=2, jitter_p=0.8, blur_p=0.0,
                  backend="auto"):
         super().__init__()
         if not isinstance(encoder, nn.Module) or not hasattr(encoder, "feature_dim"):
