@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .reference import reduce_loss
+from .reference import reduce_loss, reduction_weights
 
 # Rows per chunk for the O(N * D) host helpers below: bounds their temporaries.
 _HOST_CHUNK_ROWS = 4096
@@ -221,14 +221,6 @@ def _logaddexp(a, b):
     return torch.logaddexp(a, b)
 
 
-def _row_weights(cfg, n, grad_output, dtype, row_weights=None):
-    """g_i = d(reduced loss) / d loss_i (times w_i for a weighted sum)."""
-    if cfg.reduction == "none":
-        return grad_output.to(dtype)
-    w = grad_output.to(dtype) / n if cfg.reduction == "mean" else grad_output.to(dtype)
-    return w.expand(n) if row_weights is None else w * row_weights.to(dtype)
-
-
 def _normalize_backward(grad, t, inv, op, normalize, eps):
     """Chain rule through t_hat = t * inv (inv = 1/max(||t||, eps)), in place on ``grad``.
 
@@ -249,6 +241,34 @@ def _normalize_backward(grad, t, inv, op, normalize, eps):
         coef = coef * flat_inv * flat_inv
         flat_g.addcmul_(flat_t.to(flat_g.dtype), coef.unsqueeze(1).to(flat_g.dtype), value=-1)
     return grad
+
+
+def _uses_positive(cfg):
+    """Whether the loss involves s_{i,t_i} outside the kernel: subtracted, or a candidate merged
+    into the log-sum-exp on the host."""
+    return cfg.subtract_positive or _positive_in_extra(cfg)
+
+
+def _add_positive_gradients(cfg, op, targets, positive, row_lse, g, dx, dkey):
+    """dx_i += c_i key_{t_i}, dkey_{t_i} += c_i x_i with c_i = d loss_i / d s_{i,t_i} * alpha_i
+    beta_{t_i}, chunk by chunk (no (N, D) temporary)."""
+    acc = op.alpha.dtype
+    coef = -g.to(acc) if cfg.subtract_positive else torch.zeros_like(g, dtype=acc)
+    if _positive_in_extra(cfg):
+        coef = coef + g * torch.exp(positive - row_lse)
+    coef = coef * op.alpha * _positive_key_scales(op, targets)
+    n = op.x.shape[0]
+    for r0 in range(0, n, _HOST_CHUNK_ROWS):
+        r1 = min(r0 + _HOST_CHUNK_ROWS, n)
+        c = coef[r0:r1].unsqueeze(1)
+        rows = None if targets is None else targets[r0:r1]
+        if dx is not None:
+            dx[r0:r1].addcmul_(_positive_keys(op, targets, r0, r1).to(acc), c)
+        if dkey is not None:
+            if rows is None:
+                dkey[r0:r1].addcmul_(op.x[r0:r1].to(acc), c)
+            else:
+                dkey.index_add_(0, rows, op.x[r0:r1].to(acc) * c)
 
 
 def _gradients(ops, cfg, op, targets, positive, y, beta, ids, row_lse, col_lse, g, kernel_grads,
@@ -282,22 +302,11 @@ def _gradients(ops, cfg, op, targets, positive, y, beta, ids, row_lse, col_lse, 
     dbank = dy[dy.shape[0] - op.bank.shape[0]:] if (need_bank and dy is not None) else None
 
     # Positive: d loss_i / d s_{i,t_i} = g_i (p_{i,t_i} [if a candidate outside the product]
-    # - 1 [if subtracted]); a positive inside the product gets its p through the kernel.
-    coef = -g.to(acc) if cfg.subtract_positive else torch.zeros_like(g, dtype=acc)
-    if _positive_in_extra(cfg):
-        coef = coef + g * torch.exp(positive - row_lse)
-    coef = coef * op.alpha * _positive_key_scales(op, targets)
-    for r0 in range(0, n, _HOST_CHUNK_ROWS):
-        r1 = min(r0 + _HOST_CHUNK_ROWS, n)
-        c = coef[r0:r1].unsqueeze(1)
-        rows = None if targets is None else targets[r0:r1]
-        if want_dx:
-            dx[r0:r1].addcmul_(_positive_keys(op, targets, r0, r1).to(acc), c)
-        if need_key:
-            if rows is None:
-                dkey[r0:r1].addcmul_(op.x[r0:r1].to(acc), c)
-            else:
-                dkey.index_add_(0, rows, op.x[r0:r1].to(acc) * c)
+    # - 1 [if subtracted]); a positive inside the product gets its p through the kernel, and
+    # without either term (a plain log-sum-exp, e.g. SupCon's denominator) there is nothing to add.
+    if _uses_positive(cfg):
+        _add_positive_gradients(cfg, op, targets, positive, row_lse, g, dx if want_dx else None,
+                                dkey)
 
     dper_query = None
     if op.per_query is not None:
@@ -338,7 +347,7 @@ class FusedInfoNCE(torch.autograd.Function):
         op = _prepare(ops, cfg, query, key, bank, per_query, scale)
         y, beta = _product_keys(op, cfg)
         ids = _product_ids(op, cfg, targets, mask_ids)
-        positive = _positive_scores(op, targets)
+        positive = _positive_scores(op, targets) if _uses_positive(cfg) else None
         extra = _extra_scores(op, cfg, positive)
         extra_lse = None if extra is None else torch.logsumexp(extra, dim=1)
         needs = tuple(t is not None and t.requires_grad and cfg.grad_enabled
@@ -349,8 +358,8 @@ class FusedInfoNCE(torch.autograd.Function):
         can_fuse = (hasattr(ops, "masked_lse_forward_with_grad") and cfg.reduction != "none"
                     and not cfg.symmetric and any(needs) and y is not None)
         if can_fuse:
-            g = _row_weights(cfg, n, op.alpha.new_tensor(1.0), op.alpha.dtype,
-                             row_weights).contiguous()
+            g = reduction_weights(cfg.reduction, n, op.alpha.new_tensor(1.0), op.alpha.dtype,
+                                  row_weights).contiguous()
             row_lse, dx, dy = ops.masked_lse_forward_with_grad(
                 op.x, y, op.alpha, beta, g, exclude_diag=_excludes_diagonal(cfg), row_ids=ids[0],
                 col_ids=ids[1], extra_lse=extra_lse, need_dq=needs[0] or needs[4],
@@ -397,9 +406,10 @@ class FusedInfoNCE(torch.autograd.Function):
             op = _prepare(ctx.ops, cfg, query, key, bank, per_query, scale)
             y, beta = _product_keys(op, cfg)
             ids = _product_ids(op, cfg, targets, ctx.mask_ids)
-            g = _row_weights(cfg, query.shape[0], grad_output, op.alpha.dtype,
-                             ctx.row_weights).contiguous()
-            grads = list(_gradients(ctx.ops, cfg, op, targets, _positive_scores(op, targets), y,
+            g = reduction_weights(cfg.reduction, query.shape[0], grad_output, op.alpha.dtype,
+                                  ctx.row_weights).contiguous()
+            positive = _positive_scores(op, targets) if _uses_positive(cfg) else None
+            grads = list(_gradients(ctx.ops, cfg, op, targets, positive, y,
                                     beta, ids, row_lse, col_lse, g, None, ctx.needs))
         grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
         return (None, None, *grads, None, None, None)

@@ -24,7 +24,7 @@ import torch
 
 from . import _validation as check
 from .functional import resolve_backend_for
-from .reference import reduce_loss, siglip_loss_reference
+from .reference import reduce_loss, reduction_weights, siglip_loss_reference
 
 __all__ = ["siglip_loss"]
 
@@ -70,14 +70,6 @@ def _backend_ops(name):
 class _Config:
     reduction: str
     needs: tuple  # requires-grad of (image, text, logit_scale, logit_bias), grad mode included
-
-
-def _row_weights(reduction, n, grad_output, dtype):
-    """g_i = d(reduced loss) / d loss_i, (N,) contiguous."""
-    g = grad_output.to(dtype)
-    if reduction == "none":
-        return g.contiguous()
-    return (g / n if reduction == "mean" else g).expand(n).contiguous()
 
 
 def _operands(ops, image, text, scale, bias):
@@ -131,7 +123,7 @@ class FusedSigLIP(torch.autograd.Function):
         fused_grads = None
         if hasattr(ops, "siglip_forward_with_grad") and cfg.reduction != "none" and any(cfg.needs):
             # The gradient for grad_output = 1 comes with the loss (no recompute); backward scales it.
-            g = _row_weights(cfg.reduction, n, s.new_tensor(1.0), s.dtype)
+            g = reduction_weights(cfg.reduction, n, s.new_tensor(1.0), s.dtype).contiguous()
             loss, fused_grads = _backend_grads(ops, cfg, x, y, s, b, g, fused=True)
         else:
             loss = ops.siglip_forward(x, y, s, b)
@@ -151,7 +143,7 @@ class FusedSigLIP(torch.autograd.Function):
         else:
             image, text, scale, bias = ctx.saved_tensors
             x, y, s, b = _operands(ctx.ops, image, text, scale, bias)
-            g = _row_weights(ctx.cfg.reduction, x.shape[0], grad_output, s.dtype)
+            g = reduction_weights(ctx.cfg.reduction, x.shape[0], grad_output, s.dtype).contiguous()
             _, grads = _backend_grads(ctx.ops, ctx.cfg, x, y, s, b, g, fused=False)
         grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
         return (None, None, *grads)

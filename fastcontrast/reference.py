@@ -22,6 +22,15 @@ def reduce_loss(loss, reduction):
     return loss
 
 
+def reduction_weights(reduction, n, grad_output, dtype, weights=None):
+    """g_i = grad_output * d reduce_loss(loss, reduction) / d loss_i for N = ``n`` rows (times
+    ``weights`` for a weighted sum); "none": grad_output itself."""
+    if reduction == "none":
+        return grad_output.to(dtype)
+    g = grad_output.to(dtype) / n if reduction == "mean" else grad_output.to(dtype)
+    return g.expand(n) if weights is None else g * weights.to(dtype)
+
+
 def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normalize=True,
                        targets=None, in_batch_negatives=True, exclude_self=False, symmetric=False,
                        reduction="mean", decoupled=False, query_ids=None, negative_ids=None,
