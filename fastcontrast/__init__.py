@@ -12,13 +12,13 @@
 
 The N x M similarity matrix is never materialised: the fused backends stream it in tiles.
 """
-from ._siglip import siglip_loss
-from .functional import available_backends, clip_loss, info_nce, moco_loss, nt_xent, supcon
+from .functional import (available_backends, clip_loss, info_nce, moco_loss, nt_xent,
+                         siglip_loss, supcon)
 from .losses import ClipLoss, InfoNCELoss, MoCoLoss, NTXentLoss, SigLIPLoss, SupConLoss
 from .momentum import momentum_update
 from .queue import NegativeQueue
 
 __version__ = "0.1.0"
 __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_loss", "InfoNCELoss",
-           "ClipLoss", "NTXentLoss", "SupConLoss", "MoCoLoss", "SigLIPLoss", "NegativeQueue", "momentum_update",
-           "available_backends", "__version__"]
+           "ClipLoss", "NTXentLoss", "SupConLoss", "MoCoLoss", "SigLIPLoss", "NegativeQueue",
+           "momentum_update", "available_backends", "__version__"]

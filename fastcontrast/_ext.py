@@ -1,4 +1,4 @@
-"""Loader and thin Python surface of the C++ CPU kernels (csrc/bindings.cpp, csrc/cpu/*.cpp).
+"""Loader of the C++ CPU kernels (csrc/bindings.cpp, csrc/cpu/*.cpp).
 
 The compiled module is found in this order:
   1. ``fastcontrast._C``, built ahead of time by setup.py
@@ -10,11 +10,8 @@ The compiled module is found in this order:
 
 FASTCONTRAST_DISABLE_EXTENSION=1 makes ``load_extension()`` return None (to test the fallback).
 
-The kernels compute, for s_ij = alpha_i * beta_j * <q_i, keys_j> with entry (i, j) masked iff
-``exclude_diag and j == i + diag_offset`` or ``row_ids[i] == col_ids[j] >= 0``, the row (and column) log-sum-exp and the gradient of
-sum_i row_grad_i * row_lse_i (+ sum_j col_grad_j * col_lse_j) with respect to q and keys. Inputs
-are CPU tensors of one dtype in SUPPORTED_DTYPES; alpha / beta carry the normalisation and the
-temperature, so q and keys are passed raw (PREFERS_PRENORMALIZED is False).
+The module's entry points are called only by the kernels of the registered ops
+(fastcontrast/infonce.py, siglip.py, momentum.py), through fastcontrast.backends.kernels.
 """
 import glob
 import importlib
@@ -23,9 +20,6 @@ import threading
 import warnings
 
 import torch
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64)  # the host upcasts fp16 / bf16 before calling
-PREFERS_PRENORMALIZED = False  # raw q / keys, with alpha_i = (1/tau)/||q_i||, beta_j = 1/||k_j||
 
 JIT_MODULE_NAME = "fastcontrast_cpu"
 _EXPECTED = ("masked_lse_forward", "masked_lse_backward", "masked_lse_forward_with_grad")
@@ -136,58 +130,3 @@ def available():
         return load_extension() is not None
     except Exception:  # noqa: BLE001
         return False
-
-
-def _require():
-    module = load_extension()
-    if module is None:
-        raise RuntimeError("fastcontrast C++ CPU extension is not available; check "
-                           "fastcontrast._ext.available() first. " + _HOW_TO_FIX)
-    return module
-
-
-def _opt(tensor):
-    return None if tensor is None else tensor.contiguous()
-
-
-def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
-                       col_ids=None, with_col_lse=False, block_rows=0):
-    """(row_lse (N,), col_lse (M,) or None) in q's dtype; -inf for a row/column with no entry.
-
-    q (N, D), keys (M, D), alpha (N,), beta (M,): CPU, one dtype of SUPPORTED_DTYPES.
-    block_rows: rows per score tile (0 = automatic)."""
-    return _require().masked_lse_forward(
-        q.contiguous(), keys.contiguous(), alpha.contiguous(), beta.contiguous(),
-        exclude_diag=bool(exclude_diag), diag_offset=int(diag_offset), row_ids=_opt(row_ids),
-        col_ids=_opt(col_ids), with_col_lse=bool(with_col_lse), block_rows=int(block_rows))
-
-
-def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, col_grad=None, *,
-                        exclude_diag=False, diag_offset=0, row_ids=None, col_ids=None,
-                        need_dq=True, need_dkeys=True, block_rows=0):
-    """(dq or None, dkeys or None), recomputing the scores.
-
-    dS_ij = row_grad_i exp(s_ij - row_lse_i) + col_grad_j exp(s_ij - col_lse_j) (second term only
-    with col_lse / col_grad), 0 where masked; an lse of -inf contributes 0. row_lse may exceed
-    this kernel's own lse (a global lse merged with other terms).
-    dq_i = alpha_i sum_j dS_ij beta_j keys_j, dkeys_j = beta_j sum_i dS_ij alpha_i q_i."""
-    return _require().masked_lse_backward(
-        q.contiguous(), keys.contiguous(), alpha.contiguous(), beta.contiguous(),
-        row_lse.contiguous(), row_grad.contiguous(), _opt(col_lse), _opt(col_grad),
-        exclude_diag=bool(exclude_diag), diag_offset=int(diag_offset), row_ids=_opt(row_ids),
-        col_ids=_opt(col_ids), need_dq=bool(need_dq), need_dkeys=bool(need_dkeys),
-        block_rows=int(block_rows))
-
-
-def masked_lse_forward_with_grad(q, keys, alpha, beta, row_grad, *, exclude_diag=False,
-                                 diag_offset=0, row_ids=None, col_ids=None, extra_lse=None,
-                                 need_dq=True, need_dkeys=True, block_rows=0):
-    """(row_lse, dq or None, dkeys or None) in one pass over the scores, without recompute.
-
-    row_lse = logaddexp(this kernel's row lse, extra_lse) (extra_lse (N,) optional, may hold -inf);
-    dq / dkeys are those of masked_lse_backward with that row_lse and no column term."""
-    return _require().masked_lse_forward_with_grad(
-        q.contiguous(), keys.contiguous(), alpha.contiguous(), beta.contiguous(),
-        row_grad.contiguous(), exclude_diag=bool(exclude_diag), diag_offset=int(diag_offset),
-        row_ids=_opt(row_ids), col_ids=_opt(col_ids), extra_lse=_opt(extra_lse), need_dq=bool(need_dq), need_dkeys=bool(need_dkeys),
-        block_rows=int(block_rows))

@@ -5,8 +5,14 @@ import numbers
 
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "reference", "torch", "cpu", "triton")
+from ._reduction import REDUCTIONS
+from .backends import LOSS_BACKENDS as BACKENDS  # noqa: F401  (the methods' backend= choices)
+
+
+def reads_values(t):
+    """Whether a check may read the values of tensor ``t``: not under torch.compile (a read is a
+    device sync and a graph break) and not for meta tensors (they have none)."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
 def _describe(t):
@@ -62,7 +68,7 @@ def finite_scalar(name, value, device, *, positive=False):
                              f"{tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} tensor must have a floating-point dtype, got {value.dtype}")
-        number = float(value.detach())
+        number = float(value.detach()) if reads_values(value) else 1.0  # unchecked when tracing
         tensor = value.to(device)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         number = float(value)
@@ -104,6 +110,8 @@ def check_targets(targets, n, m, device):
                          f"got {tuple(targets.shape)}")
     if targets.device != device:
         raise ValueError(f"targets must be on the device of query ({device}), got {targets.device}")
+    if not reads_values(targets):
+        return
     low, high = int(targets.min()), int(targets.max())
     if low < 0 or high >= m:
         raise ValueError(f"targets must index keys in [0, {m - 1}] (M = {m}), "

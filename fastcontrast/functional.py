@@ -1,117 +1,31 @@
-"""Public functional API: argument validation, then dispatch to a backend.
+"""Public functional API: argument validation, then the op module of the loss family.
 
-    info_nce  loss_i = logsumexp_{j in C(i)} <q_i, k_j>/tau - <q_i, k_{t_i}>/tau   (DESIGN.md 1)
-              options: DCL / DCLW (decoupled, dclw_sigma), HCL (hcl_beta, hcl_tau_plus)
-    clip_loss symmetric info_nce with tau = 1 / logit_scale, no normalisation (OpenCLIP ClipLoss)
-    nt_xent   SimCLR: info_nce over the 2N views [z1; z2], positive of view i is view i +- N
-    supcon    Khosla et al. L_out: positives = the other samples with the same label
-    moco_loss info_nce(query, key, queue, in_batch_negatives=False)
+    info_nce    loss_i = logsumexp_{j in C(i)} <q_i, k_j>/tau - <q_i, k_{t_i}>/tau  (DESIGN.md 1)
+                options: DCL / DCLW (decoupled, dclw_sigma), HCL (hcl_beta, hcl_tau_plus)
+    clip_loss   symmetric info_nce with tau = 1 / logit_scale, no normalisation (OpenCLIP)
+    nt_xent     SimCLR: info_nce over the 2N views [z1; z2], positive of view i is view i +- N
+    supcon      Khosla et al. L_out: positives = the other samples with the same label
+    moco_loss   info_nce(query, key, queue, in_batch_negatives=False)
+    siglip_loss SigLIP's pairwise sigmoid loss
 
-Backends: "reference" (materialised logits, the oracle), "torch" (chunked, recomputing backward),
-"cpu" (C++ kernels in csrc/), "triton" (kernels/), "auto" (triton on CUDA, else cpu if the
-extension builds, else torch).
+Each function validates its arguments, resolves ``backend`` once (fastcontrast.backends) and calls
+the oracle (backend="reference", fastcontrast.reference) or its op family's module
+(fastcontrast.infonce, fastcontrast.siglip), whose registered ops run the kernels.
+
+Under torch.compile (and for meta tensors) the checks that would read tensor values (a positive
+temperature tensor, targets in range, targets[i] != i with exclude_self) are skipped: reading a
+value forces a device sync and a graph break. Out-of-range targets then fail in index_select.
 """
-import os
-
 import torch
 
 from . import _validation as check
-from ._fused import InfoNCEConfig
-from ._objectives import Objective, info_nce_objective, supcon_objective
-from .reference import info_nce_reference, supcon_reference
+from .backends import available_backends, resolve
+from .infonce import InfoNCEOptions, info_nce_loss, supcon_loss
+from .reference import info_nce_reference, siglip_loss_reference, supcon_reference
+from .siglip import siglip_fused_loss
 
-__all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "available_backends",
-           "resolve_backend"]
-
-
-def _triton_ops():
-    from .kernels import infonce
-
-    return infonce
-
-
-def _cpu_ops():
-    from . import _ext
-
-    return _ext
-
-
-def _cpu_available():
-    try:
-        return _cpu_ops().available()
-    except ImportError:
-        return False
-
-
-def _torch_ops():
-    from . import _torch_chunked
-
-    return _torch_chunked
-
-
-def _triton_usable(device):
-    if device.type == "cuda":
-        try:
-            _triton_ops()
-            return True
-        except ImportError:
-            return False
-    return os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
-
-
-def _triton_importable():
-    try:
-        import triton  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
-
-
-def available_backends(device="cpu"):
-    """The backends that can run on ``device`` in this process."""
-    device = torch.device(device)
-    names = ["reference", "torch"]
-    if device.type == "cpu" and _cpu_available():
-        names.append("cpu")
-    if _triton_usable(device):
-        names.append("triton")
-    return names
-
-
-def resolve_backend(backend, device):
-    """The concrete backend name for ``backend`` on ``device`` (raises if it cannot run there)."""
-    check.check_choice("backend", backend, check.BACKENDS)
-    if backend == "auto":
-        if device.type == "cuda" and _triton_usable(device):
-            return "triton"
-        if device.type == "cpu" and _cpu_available():
-            return "cpu"
-        return "torch"
-    if backend == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-        if not _cpu_available():
-            raise RuntimeError("backend='cpu' needs the C++ extension, which could not be built "
-                               "or loaded here (see the warning above); use backend='torch'")
-    if backend == "triton" and not _triton_usable(device):
-        raise ValueError(f"backend='triton' needs CUDA tensors and triton (or TRITON_INTERPRET=1 "
-                         f"for CPU tensors), got tensors on {device}")
-    return backend
-
-
-def resolve_backend_for(backend, tensor):
-    """resolve_backend for the device of ``tensor``, refusing dtypes the backend cannot compute
-    in (triton: float16 / bfloat16 / float32)."""
-    name = resolve_backend(backend, tensor.device)
-    if name == "triton" and tensor.dtype == torch.float64:
-        raise TypeError("backend='triton' computes in float16/bfloat16/float32, got float64 "
-                        "inputs; use backend='torch' (or 'cpu') for float64")
-    return name
-
-
-def _ops(name):
-    return {"torch": _torch_ops, "cpu": _cpu_ops, "triton": _triton_ops}[name]()
+__all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_loss",
+           "available_backends"]
 
 
 def _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclude_self,
@@ -144,7 +58,8 @@ def _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclu
         if targets is None:
             raise ValueError("exclude_self=True needs targets: without them the positive of "
                              "query i is key i, which exclude_self removes")
-        if bool((targets == torch.arange(n, device=targets.device)).any()):
+        if check.reads_values(targets) and bool(
+                (targets == torch.arange(n, device=targets.device)).any()):
             raise ValueError("exclude_self=True: targets[i] must differ from i (the positive "
                              "would be excluded)")
     if symmetric:
@@ -156,8 +71,9 @@ def _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclu
                              "nor exclude_self=True")
 
 
-def _validate_objective(objective, symmetric, exclude_self, in_batch_negatives, n_keys,
-                        negatives, mask_ids):
+def _validate_objective(objective, n_keys, negatives, has_ids):
+    symmetric, exclude_self = objective.symmetric, objective.exclude_self
+    in_batch_negatives = objective.in_batch_negatives
     check.check_flag("decoupled", objective.decoupled)
     if objective.dclw_sigma is not None:
         check.positive_scalar("dclw_sigma", objective.dclw_sigma, "cpu")
@@ -180,14 +96,14 @@ def _validate_objective(objective, symmetric, exclude_self, in_batch_negatives, 
                          f"(M = {n_keys}, in_batch_negatives={in_batch_negatives}, "
                          f"exclude_self={exclude_self}, negatives "
                          f"{'None' if negatives is None else tuple(negatives.shape)})")
-    if mask_ids is not None and objective.decoupled and in_batch_negatives:
+    if has_ids and objective.decoupled and in_batch_negatives:
         raise ValueError("query_ids / negative_ids cannot be combined with decoupled=True and "
                          "in_batch_negatives=True")
 
 
 def _validate_ids(query_ids, negative_ids, n, negatives, device):
     if query_ids is None and negative_ids is None:
-        return None
+        return
     if query_ids is None or negative_ids is None:
         raise ValueError("query_ids and negative_ids must be given together, got "
                          f"query_ids={'None' if query_ids is None else 'tensor'}, "
@@ -197,33 +113,6 @@ def _validate_ids(query_ids, negative_ids, n, negatives, device):
                          f"{'None' if negatives is None else tuple(negatives.shape)}")
     check.check_ids("query_ids", query_ids, n, device)
     check.check_ids("negative_ids", negative_ids, negatives.shape[0], device)
-    return query_ids.contiguous(), negative_ids.contiguous()
-
-
-def _run(query, key, negatives, scale, temperature, *, normalize, targets, in_batch_negatives,
-         exclude_self, symmetric, reduction, backend, objective=Objective(), mask_ids=None):
-    name = resolve_backend_for(backend, query)
-    if name == "reference":
-        query_ids, negative_ids = mask_ids if mask_ids is not None else (None, None)
-        return info_nce_reference(
-            query, key, negatives, temperature=temperature, normalize=normalize, targets=targets,
-            in_batch_negatives=in_batch_negatives, exclude_self=exclude_self, symmetric=symmetric,
-            reduction=reduction, decoupled=objective.decoupled, query_ids=query_ids,
-            negative_ids=negative_ids, dclw_sigma=objective.dclw_sigma,
-            hcl_beta=objective.hcl_beta, hcl_tau_plus=objective.hcl_tau_plus)
-    bank = negatives if negatives is not None and negatives.dim() == 2 else None
-    per_query = negatives if negatives is not None and negatives.dim() == 3 else None
-    cfg = _config(query, key, bank, per_query, scale, in_batch_negatives=in_batch_negatives,
-                  exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
-                  reduction=reduction)
-    return info_nce_objective(_ops(name), cfg, objective, query, key, bank, per_query, scale,
-                              targets, mask_ids)
-
-
-def _config(*inputs, **options):
-    grad_enabled = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in inputs)
-    return InfoNCEConfig(grad_enabled=grad_enabled, **options)
 
 
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
@@ -239,7 +128,7 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     each query (default i, needs M == N). ``symmetric``: mean of query->key and key->query.
     ``temperature``: float or 0-dim tensor (exact gradient). ``reduction``: mean | sum | none.
 
-    Objectives (fused into the same kernels; see fastcontrast._objectives for the formulas):
+    Objectives (fused into the same kernels; see fastcontrast.infonce for the formulas):
     ``decoupled`` DCL, the positive is removed from the denominator; ``dclw_sigma`` DCLW, the
     positive weighted by w_i = 2 - N softmax(cos_i / sigma) (needs decoupled); ``hcl_beta``,
     ``hcl_tau_plus`` HCL, hard-negative reweighting exp(beta s) and debiasing with class prior
@@ -248,16 +137,34 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     """
     _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclude_self,
                        symmetric, normalize, reduction)
-    objective = Objective(decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
-                          hcl_tau_plus=hcl_tau_plus)
-    mask_ids = _validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
-    _validate_objective(objective, symmetric, exclude_self, in_batch_negatives, key.shape[0],
-                        negatives, mask_ids)
+    _validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
     tau = check.positive_scalar("temperature", temperature, query.device)
-    return _run(query, key, negatives, tau.reciprocal(), temperature, normalize=normalize,
-                targets=targets, in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
-                symmetric=symmetric, reduction=reduction, backend=backend, objective=objective,
-                mask_ids=mask_ids)
+    name = resolve(backend, query.device, dtype=query.dtype)
+    options = InfoNCEOptions(name, in_batch_negatives=in_batch_negatives,
+                             exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
+                             reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+    _validate_objective(options, key.shape[0], negatives, query_ids is not None)
+    return _info_nce(options, query, key, negatives, tau, tau.reciprocal(), targets, query_ids,
+                     negative_ids)
+
+
+def _info_nce(options, query, key, negatives, temperature, scale, targets, query_ids=None,
+              negative_ids=None):
+    """The validated call: the oracle (at ``temperature``), or the fused op module (at
+    ``scale`` = 1 / temperature)."""
+    if options.backend == "reference":
+        return info_nce_reference(
+            query, key, negatives, temperature=temperature, normalize=options.normalize,
+            targets=targets, in_batch_negatives=options.in_batch_negatives,
+            exclude_self=options.exclude_self, symmetric=options.symmetric,
+            reduction=options.reduction, decoupled=options.decoupled, query_ids=query_ids,
+            negative_ids=negative_ids, dclw_sigma=options.dclw_sigma, hcl_beta=options.hcl_beta,
+            hcl_tau_plus=options.hcl_tau_plus)
+    bank = negatives if negatives is not None and negatives.dim() == 2 else None
+    per_query = negatives if negatives is not None and negatives.dim() == 3 else None
+    return info_nce_loss(options, query, key, bank, per_query, scale, targets, query_ids,
+                         negative_ids)
 
 
 def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
@@ -298,18 +205,17 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
     if labels is not None:
         check.check_ids("labels", labels, n, features.device)
     tau = check.positive_scalar("temperature", temperature, features.device)
-    name = resolve_backend_for(backend, features)
+    name = resolve(backend, features.device, dtype=features.dtype)
     if name == "reference":
-        return supcon_reference(features, labels, temperature=temperature, normalize=normalize,
+        return supcon_reference(features, labels, temperature=tau, normalize=normalize,
                                 reduction=reduction)
     shape = features.shape[:-1]
     if features.dim() == 3:
         labels = torch.arange(n, device=features.device) if labels is None else labels
         labels = labels.repeat_interleave(features.shape[1])
         features = features.reshape(-1, features.shape[-1])
-    scale = tau.reciprocal()
-    cfg = _config(features, scale, normalize=normalize, reduction=reduction)
-    loss = supcon_objective(_ops(name), cfg, features, labels, scale)
+    loss = supcon_loss(features, labels, tau.reciprocal(), normalize=normalize,
+                       reduction=reduction, backend=name)
     return loss.reshape(shape) if reduction == "none" else loss
 
 
@@ -345,11 +251,29 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
     scale = check.positive_scalar("logit_scale", logit_scale, image.device)
     if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
         raise TypeError(f"logit_bias must be a float or a tensor, got {type(logit_bias).__name__}")
-    loss = _run(image, text, None, scale, scale.reciprocal(), normalize=False, targets=None,
-                in_batch_negatives=True, exclude_self=False, symmetric=True, reduction=reduction,
-                backend=backend)
+    name = resolve(backend, image.device, dtype=image.dtype)
+    options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction)
+    loss = _info_nce(options, image, text, None, scale.reciprocal(), scale, None)
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         # Keep logit_bias in the graph (zero gradient) without promoting the loss's dtype.
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
     return loss
 
+
+def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backend="auto"):
+    """SigLIP's pairwise sigmoid loss, fused (never materialises the N x N logits).
+
+    loss_i = -sum_j log sigmoid(y_ij z_ij),  z_ij = logit_scale <image_i, text_j> + logit_bias,
+    y_ij = +1 if i == j else -1. image, text: (N, D), same dtype and device, used as given (no
+    normalisation). logit_scale, logit_bias: finite floats or 0-dim tensors (exact gradients when
+    they require grad). reduction: "mean" (total / N, as OpenCLIP), "sum", or "none" ((N,)).
+    backend: "auto", "reference", "torch", "cpu", "triton" (float16 / bfloat16 / float32 only).
+    """
+    check.check_image_text(image, text)
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    scale = check.finite_scalar("logit_scale", logit_scale, image.device)
+    bias = check.finite_scalar("logit_bias", logit_bias, image.device)
+    name = resolve(backend, image.device, dtype=image.dtype)
+    if name == "reference":
+        return siglip_loss_reference(image, text, scale, bias, reduction=reduction)
+    return siglip_fused_loss(image, text, scale, bias, reduction=reduction, backend=name)

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._siglip import siglip_loss
 
 
 class _ContrastiveLoss(nn.Module):
@@ -151,5 +150,5 @@ class SigLIPLoss(nn.Module):
     def forward(self, image, text, logit_scale=None, logit_bias=None):
         scale = self.log_logit_scale.exp() if logit_scale is None else logit_scale
         bias = self.logit_bias if logit_bias is None else logit_bias
-        return siglip_loss(image, text, scale, bias, reduction=self.reduction,
+        return F.siglip_loss(image, text, scale, bias, reduction=self.reduction,
                            backend=self.backend)

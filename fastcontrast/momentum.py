@@ -23,15 +23,17 @@ import math
 import numbers
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import List
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import _validation as check
+from . import backends
 
 __all__ = ["momentum_update", "available_backends", "BACKENDS", "SUPPORTED_DTYPE_PAIRS"]
 
-BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+BACKENDS = ("auto",) + backends.FAMILIES["momentum"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # (target dtype, online dtype): equal dtypes, or a float32 / float64 master copy of a
 # lower-precision online network. Anything else raises a TypeError.
@@ -129,69 +131,43 @@ def _pairs(target, online, include_buffers):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: each takes one group (one device, one dtype pair) and the lerp weight w = 1 - m.
+# The kernel op: one group (one device, one dtype pair), lerp weight w = 1 - m.
 
 
-def _run_torch(targets, onlines, weight):
+def _lerp_torch(targets, onlines, weight):
     dtype = targets[0].dtype
     onlines = [o if o.dtype == dtype else o.to(dtype) for o in onlines]
     torch._foreach_lerp_(targets, onlines, weight)
 
 
-def _run_cpu(targets, onlines, weight):
-    from . import _ext
-
-    module = _ext.load_extension()
-    if module is None:
-        raise RuntimeError("backend='cpu' needs the C++ extension, which could not be built or "
-                           "loaded here (see the warning above); use backend='torch'")
-    module.momentum_update_(targets, onlines, weight)
-
-
-def _run_triton(targets, onlines, weight):
-    from .kernels import momentum as kernels
-
-    kernels.lerp_multi_tensor_(targets, onlines, weight)
-
-
-def _run_cuda(targets, onlines, weight):
-    from . import _cuda_ext
-
-    _cuda_ext.require().momentum_update_(targets, onlines, weight)
+@torch.library.custom_op("fastcontrast::momentum_lerp_", mutates_args=("targets",),
+                         device_types=("cpu", "cuda"))
+def momentum_lerp_(targets: List[Tensor], onlines: List[Tensor], weight: float,
+                   backend: str) -> None:
+    """targets[i] <- lerp(targets[i], onlines[i], weight) in place, in one launch of backend
+    ``backend`` ("torch": torch._foreach_lerp_; "cpu": csrc/cpu/momentum.cpp; "triton":
+    kernels/momentum.py; "cuda": csrc/cuda/momentum.cu)."""
+    if backend == "torch":
+        _lerp_torch(targets, onlines, weight)
+    elif backend == "triton":
+        backends.kernels("momentum", "triton").lerp_multi_tensor_(targets, onlines, weight)
+    else:  # the C++ CPU and CUDA modules have the same entry point
+        backends.kernels("momentum", backend).momentum_update_(targets, onlines, weight)
 
 
-_RUNNERS = {"torch": _run_torch, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
+@momentum_lerp_.register_fake
+def _(targets, onlines, weight, backend):
+    return None
 
 
 def available_backends(device="cpu"):
     """The momentum_update backends that can run on ``device`` in this process."""
-    from . import _cuda_ext
-    from .functional import available_backends as loss_backends
-
-    device = torch.device(device)
-    names = [b for b in loss_backends(device) if b in BACKENDS]
-    return names + ["cuda"] if device.type == "cuda" and _cuda_ext.available() else names
+    return backends.available_backends(device, family="momentum")
 
 
 def resolve_backend(backend, device):
     """The concrete backend for ``backend`` on ``device``; ValueError where it cannot run."""
-    from .functional import available_backends
-
-    check.check_choice("backend", backend, BACKENDS)
-    device = torch.device(device)
-    if backend == "auto":
-        usable = available_backends(device)
-        if device.type == "cuda":
-            return "triton" if "triton" in usable else "torch"
-        return "cpu" if device.type == "cpu" and "cpu" in usable else "torch"
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-    if backend == "triton" and "triton" not in available_backends(device):
-        raise ValueError(f"backend='triton' needs CUDA tensors and triton (or TRITON_INTERPRET=1 "
-                         f"for CPU tensors), got tensors on {device}")
-    return backend
+    return backends.resolve(backend, device, family="momentum")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +203,7 @@ def momentum_update(target, online, m, *, include_buffers=False, backend="auto")
         bucket[1].append(o)
     with torch.no_grad():
         for (device, _, _, fused), (targets, onlines) in groups.items():
-            runner = _RUNNERS[resolve_backend(backend, device)] if fused else _run_torch
-            runner(targets, onlines, weight)
+            name = resolve_backend(backend, device) if fused else "torch"
+            momentum_lerp_(targets, onlines, weight, name)
         if copies[0]:
             torch._foreach_copy_(copies[0], copies[1])

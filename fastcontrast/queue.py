@@ -24,14 +24,17 @@ The pointer and count live in 0-dim int64 buffers (so .to(), state_dict() and lo
 carry them) and are mirrored as Python ints, so an enqueue never reads the device; the mirror is
 refreshed (and checked) after load_state_dict().
 """
+from typing import Optional
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import _validation as check
+from . import backends
 
-__all__ = ["NegativeQueue", "available_backends"]
+__all__ = ["NegativeQueue", "available_backends", "queue_enqueue_"]
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto",) + backends.FAMILIES["queue"]
 
 
 def _check_size(name, value):
@@ -43,12 +46,55 @@ def _check_size(name, value):
 
 def available_backends(device="cpu"):
     """The enqueue backends that can run on a queue on ``device`` in this process."""
-    from . import _cuda_ext
-    from .functional import available_backends as loss_backends
+    return backends.available_backends(device, family="queue")
 
-    device = torch.device(device)
-    names = ["torch"] + (["triton"] if "triton" in loss_backends(device) else [])
-    return names + ["cuda"] if device.type == "cuda" and _cuda_ext.available() else names
+
+def _write_slices(dst, rows, pointer):
+    """The ring write of ``rows`` (B, ...) into ``dst`` (size, ...) at ``pointer`` as at most two
+    slice copies (copy_ casts on the fly); a batch larger than the buffer keeps its last rows."""
+    batch, size = rows.shape[0], dst.shape[0]
+    kept = min(batch, size)
+    start = (pointer + batch - kept) % size  # slot of the first kept row
+    head = min(kept, size - start)           # rows before the end of the buffer
+    src = rows[batch - kept:]
+    dst[start:start + head].copy_(src[:head])
+    if kept > head:
+        dst[:kept - head].copy_(src[head:])
+
+
+@torch.library.custom_op("fastcontrast::queue_enqueue_",
+                         mutates_args=("dst", "pointer_buf", "count_buf", "dst_labels",
+                                       "dst_indices"), device_types=("cpu", "cuda"))
+def queue_enqueue_(dst: Tensor, keys: Tensor, pointer: int, count: int, pointer_buf: Tensor,
+                   count_buf: Tensor, dst_labels: Optional[Tensor], labels: Optional[Tensor],
+                   dst_indices: Optional[Tensor], indices: Optional[Tensor],
+                   backend: str) -> None:
+    """Ring-buffer write of ``keys`` (B, D) (and labels / indices (B,)) into ``dst`` (size, D)
+    at slot ``pointer`` as if row by row, then pointer_buf <- (pointer + B) % size and
+    count_buf <- min(count + B, size); backend "torch" (slice copies), "triton"
+    (kernels/queue.py) or "cuda" (csrc/cuda/queue.cu), one launch for the fused ones."""
+    if backend == "torch":
+        for buffer, rows in ((dst, keys), (dst_labels, labels), (dst_indices, indices)):
+            if rows is not None:
+                _write_slices(buffer, rows, pointer)
+        pointer_buf.fill_((pointer + keys.shape[0]) % dst.shape[0])
+        count_buf.fill_(min(count + keys.shape[0], dst.shape[0]))
+        return
+    if keys.stride(1) != 1:  # the kernels read rows with unit column stride
+        keys = keys.contiguous()
+    buffers = dict(dst_labels=dst_labels, labels=labels, dst_indices=dst_indices, indices=indices)
+    if backend == "triton":
+        backends.kernels("queue", "triton").enqueue_(dst, keys, pointer, count, pointer_buf,
+                                                     count_buf, **buffers)
+    else:
+        backends.kernels("queue", "cuda").queue_enqueue_(dst, keys, pointer, count, pointer_buf,
+                                                          count_buf, **buffers)
+
+
+@queue_enqueue_.register_fake
+def _(dst, keys, pointer, count, pointer_buf, count_buf, dst_labels, labels, dst_indices,
+      indices, backend):
+    return None
 
 
 class NegativeQueue(nn.Module):
@@ -186,22 +232,7 @@ class NegativeQueue(nn.Module):
                              f"{keys.device}")
 
     def _resolve(self, backend):
-        check.check_choice("backend", backend, BACKENDS)
-        device = self.keys.device
-        if backend == "auto":
-            from .functional import available_backends
-
-            return "triton" if device.type == "cuda" and "triton" in available_backends(
-                device) else "torch"
-        if backend == "cuda" and device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs a queue on a CUDA device, got {device}")
-        if backend == "triton":
-            from .functional import available_backends
-
-            if "triton" not in available_backends(device):
-                raise ValueError(f"backend='triton' needs a queue on a CUDA device and triton (or "
-                                 f"TRITON_INTERPRET=1 for the CPU), got {device}")
-        return backend
+        return backends.resolve(backend, self.keys.device, family="queue")
 
     @torch.no_grad()
     def enqueue(self, keys, labels=None, indices=None, *, backend=None):
@@ -216,47 +247,8 @@ class NegativeQueue(nn.Module):
         pointer, count = self._state()
         if batch == 0:
             return
-        keys = keys.detach()
-        rows = {"keys": keys}
-        if labels is not None:
-            rows["labels"] = labels
-        if indices is not None:
-            rows["indices"] = indices
-        if name == "torch":
-            self._host = self._write_slices(rows, pointer, count)
-        else:
-            self._host = self._write_fused(name, rows, pointer, count)
-
-    def _write_slices(self, rows, pointer, count):
-        """The ring write as at most two slice copies per buffer."""
-        batch = rows["keys"].shape[0]
-        kept = min(batch, self.size)
-        start = (pointer + batch - kept) % self.size  # slot of the first kept row
-        head = min(kept, self.size - start)           # rows before the end of the buffer
-        for name, src in rows.items():
-            dst = getattr(self, name)
-            src = src[batch - kept:]
-            dst[start:start + head].copy_(src[:head])
-            if kept > head:
-                dst[:kept - head].copy_(src[head:])
-        new = ((pointer + batch) % self.size, min(count + batch, self.size))
-        self.pointer.fill_(new[0])
-        self.count.fill_(new[1])
-        return new
-
-    def _write_fused(self, name, rows, pointer, count):
-        if rows["keys"].stride(1) != 1:  # the kernels read rows with unit column stride
-            rows["keys"] = rows["keys"].contiguous()
-        buffers = dict(dst_labels=getattr(self, "labels", None) if "labels" in rows else None,
-                       labels=rows.get("labels"),
-                       dst_indices=getattr(self, "indices", None) if "indices" in rows else None,
-                       indices=rows.get("indices"))
-        if name == "triton":
-            from .kernels import queue as kernels
-
-            return kernels.enqueue_(self.keys, rows["keys"], pointer, count, self.pointer,
-                                    self.count, **buffers)
-        from . import _cuda_ext
-
-        return tuple(_cuda_ext.require().queue_enqueue_(
-            self.keys, rows["keys"], pointer, count, self.pointer, self.count, **buffers))
+        queue_enqueue_(self.keys, keys.detach(), pointer, count, self.pointer, self.count,
+                       getattr(self, "labels", None) if labels is not None else None, labels,
+                       getattr(self, "indices", None) if indices is not None else None, indices,
+                       name)
+        self._host = ((pointer + batch) % self.size, min(count + batch, self.size))

@@ -12,23 +12,7 @@ where C(i) = the M keys (or only key t_i when ``in_batch_negatives`` is False), 
 import torch
 import torch.nn.functional as F
 
-
-def reduce_loss(loss, reduction):
-    """Per-row losses reduced as ``reduction``: "mean", "sum" or "none" (unchanged)."""
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
-def reduction_weights(reduction, n, grad_output, dtype, weights=None):
-    """g_i = grad_output * d reduce_loss(loss, reduction) / d loss_i for N = ``n`` rows (times
-    ``weights`` for a weighted sum); "none": grad_output itself."""
-    if reduction == "none":
-        return grad_output.to(dtype)
-    g = grad_output.to(dtype) / n if reduction == "mean" else grad_output.to(dtype)
-    return g.expand(n) if weights is None else g * weights.to(dtype)
+from ._reduction import reduce_loss
 
 
 def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normalize=True,

@@ -1,0 +1,732 @@
+"""The InfoNCE op family (info_nce, clip_loss, nt_xent, supcon, moco_loss, DCL / DCLW / HCL):
+its registered kernel ops, its options, its autograd, and its objectives, read top to bottom.
+
+1. Kernel ops (torch.library, namespace ``fastcontrast``; a fake kernel each for meta tensors
+   and torch.compile). Every loss of the family reduces to the masked log-sum-exp of a scaled
+   product and its gradient:
+
+       s_ij = alpha_i * beta_j * <x_i, y_j>,   entry (i, j) masked iff exclude_diag and
+              j == i + diag_offset, or row_ids_i == col_ids_j >= 0 (ids given)
+       masked_lse_forward            -> row_lse_i = logsumexp_j s_ij (col_lse_j = logsumexp_i s_ij)
+       masked_lse_backward           -> with dS_ij = g_i exp(s_ij - row_lse_i) + c_j exp(s_ij - col_lse_j):
+                                        dx_i = alpha_i sum_j dS_ij beta_j y_j,
+                                        dy_j = beta_j sum_i dS_ij alpha_i x_i
+       masked_lse_forward_with_grad  -> both in one pass, no recompute (backends that fuse it)
+
+   The per-device kernel runs the implementation of the backend named in the call
+   (fastcontrast.backends.kernels): kernels/infonce.py (triton), csrc/cpu/infonce.cpp (cpu),
+   fastcontrast/_torch_chunked.py (torch). Absent optional outputs are empty (0-element) tensors.
+
+2. ``FusedInfoNCE``: one autograd.Function for the whole family, O(N + M) memory beyond the
+   inputs. The host part, once for every backend: L2 normalisation (folded into alpha / beta, or
+   normalised copies when the backend prefers them), the positive score, the candidates that are
+   not a tile of the product (the positive when ``in_batch_negatives`` is False, per-query
+   negatives (N, K, D)), merging their log-sum-exp with the kernel's, the loss, all gradients:
+
+       loss_i = lse_i - s_{i,t_i}   (symmetric: (row_lse_i + col_lse_i) / 2 - s_ii)
+       d loss / d s_{i,t_i} = g_i (p_{i,t_i} - 1),   d tau = -(1/tau) sum_ij dS_ij s_ij
+   and sum_ij dS_ij s_ij = sum_i <dx_i, x_i>, so the temperature gradient needs no kernel support.
+
+3. Objectives on top of the fused log-sum-exp (O(N D) per row, plain autograd):
+   DCL  (Yeh et al. 2022)      loss_i = lse_{neg(i)} s - s_p(i)             (FusedInfoNCE alone)
+   DCLW                        loss_i = lse_{neg(i)} s - w_i s_p(i),
+                               w_i = 2 - N softmax_i(<q^_i, k^_t(i)> / sigma)
+   HCL  (Robinson et al. 2021) log Ng_i = log(n_i) + lse_neg((1+beta) s) - lse_neg(beta s)
+                               Ng_i <- max((Ng_i - tau_plus n_i e^{s_p}) / (1 - tau_plus),
+                                           n_i e^{-1/tau})
+                               loss_i = log(e^{s_p} + Ng_i) - s_p   (decoupled: log Ng_i - s_p)
+   SupCon L_out (Khosla et al. 2020)
+                               loss_a = lse_{b != a} s_ab - (1/|P(a)|) sum_{p in P(a)} s_ap
+      with sum_{p in P(a)} s_ap = <z^_a, S_{c(a)}> / tau - <z^_a, z^_a> / tau, S_c the sum of
+      the normalised features of class c: no N x N mask, no pass over the tiles.
+   HCL costs two fused log-sum-exp passes (scales (1+beta)/tau and beta/tau; one when beta = 0).
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+from ._reduction import reduce_loss, reduction_weights
+
+__all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
+           "masked_lse_backward", "masked_lse_forward_with_grad"]
+
+# Rows per chunk for the O(N * D) host helpers below: bounds their temporaries.
+_HOST_CHUNK_ROWS = 4096
+
+# ---------------------------------------------------------------------------------------------
+# 1. Kernel ops
+# ---------------------------------------------------------------------------------------------
+
+
+def _or_empty(t, like):
+    """``t``, or for an absent optional output a 0-element placeholder (ops return tensors)."""
+    return like.new_empty(0) if t is None else t
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+@torch.library.custom_op("fastcontrast::masked_lse_forward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def masked_lse_forward(q: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor,
+                       row_ids: Optional[Tensor], col_ids: Optional[Tensor], exclude_diag: bool,
+                       diag_offset: int, with_col_lse: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """(row_lse (N,), col_lse (M,), or (0,) without ``with_col_lse``); -inf where no entry."""
+    q, keys, alpha, beta, row_ids, col_ids = _contiguous(q, keys, alpha, beta, row_ids, col_ids)
+    row_lse, col_lse = backends.kernels("infonce", backend).masked_lse_forward(
+        q, keys, alpha, beta, exclude_diag=exclude_diag, diag_offset=diag_offset,
+        row_ids=row_ids, col_ids=col_ids, with_col_lse=with_col_lse)
+    return row_lse, _or_empty(col_lse, row_lse)
+
+
+@masked_lse_forward.register_fake
+def _(q, keys, alpha, beta, row_ids, col_ids, exclude_diag, diag_offset, with_col_lse, backend):
+    dtype = backends.PROPERTIES[backend].output_dtype(q.dtype)
+    return (q.new_empty(q.shape[0], dtype=dtype),
+            q.new_empty(keys.shape[0] if with_col_lse else 0, dtype=dtype))
+
+
+@torch.library.custom_op("fastcontrast::masked_lse_backward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def masked_lse_backward(q: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor, row_lse: Tensor,
+                        row_grad: Tensor, col_lse: Optional[Tensor], col_grad: Optional[Tensor],
+                        row_ids: Optional[Tensor], col_ids: Optional[Tensor], exclude_diag: bool,
+                        diag_offset: int, need_dq: bool, need_dkeys: bool,
+                        backend: str) -> Tuple[Tensor, Tensor]:
+    """(dq (N, D), dkeys (M, D)), each (0,) when not needed; recomputes the score tiles."""
+    args = _contiguous(q, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, row_ids,
+                       col_ids)
+    q, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, row_ids, col_ids = args
+    dq, dkeys = backends.kernels("infonce", backend).masked_lse_backward(
+        q, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, exclude_diag=exclude_diag,
+        diag_offset=diag_offset, row_ids=row_ids, col_ids=col_ids, need_dq=need_dq,
+        need_dkeys=need_dkeys)
+    return _or_empty(dq, row_lse), _or_empty(dkeys, row_lse)
+
+
+def _fake_gradients(q, keys, need_dq, need_dkeys, backend):
+    dtype = backends.PROPERTIES[backend].output_dtype(q.dtype)
+    return (q.new_empty(q.shape if need_dq else (0,), dtype=dtype),
+            q.new_empty(keys.shape if need_dkeys else (0,), dtype=dtype))
+
+
+@masked_lse_backward.register_fake
+def _(q, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, row_ids, col_ids,
+      exclude_diag, diag_offset, need_dq, need_dkeys, backend):
+    return _fake_gradients(q, keys, need_dq, need_dkeys, backend)
+
+
+@torch.library.custom_op("fastcontrast::masked_lse_forward_with_grad", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def masked_lse_forward_with_grad(q: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor,
+                                 row_grad: Tensor, row_ids: Optional[Tensor],
+                                 col_ids: Optional[Tensor], extra_lse: Optional[Tensor],
+                                 exclude_diag: bool, diag_offset: int, need_dq: bool,
+                                 need_dkeys: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(row_lse, dq, dkeys) in one pass over the scores: row_lse = logaddexp(this product's lse,
+    extra_lse); dq / dkeys those of masked_lse_backward with that row_lse, no column term."""
+    args = _contiguous(q, keys, alpha, beta, row_grad, row_ids, col_ids, extra_lse)
+    q, keys, alpha, beta, row_grad, row_ids, col_ids, extra_lse = args
+    row_lse, dq, dkeys = backends.kernels("infonce", backend).masked_lse_forward_with_grad(
+        q, keys, alpha, beta, row_grad, exclude_diag=exclude_diag, diag_offset=diag_offset,
+        row_ids=row_ids, col_ids=col_ids, extra_lse=extra_lse, need_dq=need_dq,
+        need_dkeys=need_dkeys)
+    return row_lse, _or_empty(dq, row_lse), _or_empty(dkeys, row_lse)
+
+
+@masked_lse_forward_with_grad.register_fake
+def _(q, keys, alpha, beta, row_grad, row_ids, col_ids, extra_lse, exclude_diag, diag_offset,
+      need_dq, need_dkeys, backend):
+    dtype = backends.PROPERTIES[backend].output_dtype(q.dtype)
+    return (q.new_empty(q.shape[0], dtype=dtype),
+            *_fake_gradients(q, keys, need_dq, need_dkeys, backend))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Options and the fused autograd.Function
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InfoNCEOptions:
+    """The static options of one info_nce call, built once by fastcontrast.functional from the
+    validated arguments (``backend`` is the resolved name)."""
+
+    backend: str
+    in_batch_negatives: bool = True
+    exclude_self: bool = False
+    symmetric: bool = False
+    normalize: bool = True
+    reduction: str = "mean"
+    decoupled: bool = False
+    dclw_sigma: Optional[float] = None
+    hcl_beta: float = 0.0
+    hcl_tau_plus: float = 0.0
+    eps: float = 1e-12  # as torch.nn.functional.normalize
+
+    @property
+    def hard_negatives(self):
+        return self.hcl_beta != 0 or self.hcl_tau_plus != 0
+
+    @property
+    def needs_host_terms(self):
+        """DCLW / HCL: the loss is more than one fused log-sum-exp minus the positive."""
+        return self.dclw_sigma is not None or self.hard_negatives
+
+
+@dataclass(frozen=True)
+class _FusedPass:
+    """What one FusedInfoNCE call computes. ``exclude_positive``: the positive is not a candidate
+    (DCL; masked by ids row_ids = t, col_ids = key index); ``subtract_positive=False``: loss_i is
+    lse_i alone (the negatives' log-sum-exp of DCLW / HCL, SupCon's denominator)."""
+
+    backend: str
+    in_batch_negatives: bool
+    exclude_self: bool
+    symmetric: bool
+    normalize: bool
+    reduction: str
+    exclude_positive: bool
+    subtract_positive: bool
+    eps: float
+
+    @property
+    def properties(self):
+        return backends.PROPERTIES[self.backend]
+
+
+def _loss_pass(options):
+    """The pass of a plain InfoNCE / DCL loss: lse over the candidates minus the positive."""
+    return _FusedPass(options.backend, options.in_batch_negatives, options.exclude_self,
+                      options.symmetric, options.normalize, options.reduction,
+                      exclude_positive=options.decoupled, subtract_positive=True,
+                      eps=options.eps)
+
+
+def _negatives_pass(options):
+    """The per-row log-sum-exp over the negatives alone (positive masked): DCLW and HCL."""
+    return _FusedPass(options.backend, options.in_batch_negatives, options.exclude_self,
+                      options.symmetric, options.normalize, "none", exclude_positive=True,
+                      subtract_positive=False, eps=options.eps)
+
+
+def _accumulate_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inverse_norms(x, normalize, eps, acc):
+    """1 / max(||x||, eps) over the last dim in ``acc`` precision (ones when not normalising)."""
+    if not normalize:
+        return torch.ones(x.shape[:-1], dtype=acc, device=x.device)
+    return torch.linalg.vector_norm(x, dim=-1, dtype=acc).clamp_min(eps).reciprocal()
+
+
+def rowwise_dot(a, b):
+    """<a_i, b_i> for (R, D) tensors, in chunks so that no (R, D) temporary is made."""
+    out = torch.empty(a.shape[0], dtype=_accumulate_dtype(a.dtype), device=a.device)
+    for r0 in range(0, a.shape[0], _HOST_CHUNK_ROWS):
+        r1 = r0 + _HOST_CHUNK_ROWS
+        out[r0:r1] = torch.einsum("nd,nd->n", a[r0:r1].to(out.dtype), b[r0:r1].to(out.dtype))
+    return out
+
+
+@dataclass
+class _Operands:
+    """Inputs as the kernels see them: x (N, D), keys / bank / per-query negatives, their
+    inverse norms, the scale 1/tau and the row scales alpha."""
+
+    x: Tensor
+    alpha: Tensor
+    scale: Tensor
+    inv_x: Tensor
+    key: Tensor
+    inv_key: Tensor
+    bank: Optional[Tensor]
+    inv_bank: Optional[Tensor]
+    per_query: Optional[Tensor]
+    inv_per_query: Optional[Tensor]
+    prenormalized: bool
+
+    @property
+    def n_key(self):
+        return self.key.shape[0]
+
+    def key_scales(self, inv):
+        """beta for key-like rows: 1 for normalised copies, the inverse norms otherwise."""
+        return torch.ones_like(inv) if self.prenormalized else inv
+
+    def positive_keys(self, targets, r0, r1):
+        """key_{t_i} for rows r0..r1; without targets key i itself (a view, no copy)."""
+        return self.key[r0:r1] if targets is None else self.key.index_select(0, targets[r0:r1])
+
+    def positive_key_scales(self, targets):
+        beta = self.key_scales(self.inv_key)
+        return beta if targets is None else beta[targets]
+
+
+def _prepare(spec, query, key, bank, per_query, scale):
+    """Cast to the compute dtype and fold normalisation into scales (or normalised copies)."""
+    props = spec.properties
+    cdt = props.compute_dtype(query.dtype)
+    acc = _accumulate_dtype(cdt)
+    prenormalized = spec.normalize and props.prenormalized
+
+    def prep(t):
+        if t is None:
+            return None, None
+        t = t.to(cdt).contiguous()
+        inv = _inverse_norms(t, spec.normalize, spec.eps, acc)
+        if prenormalized:
+            t = (t.to(acc) * inv.unsqueeze(-1)).to(cdt)
+        return t, inv
+
+    x, inv_x = prep(query)
+    key_c, inv_key = prep(key)
+    bank_c, inv_bank = prep(bank)
+    per_query_c, inv_per_query = prep(per_query)
+    scale = scale.to(acc)
+    alpha = scale * (torch.ones_like(inv_x) if prenormalized else inv_x)
+    return _Operands(x, alpha, scale, inv_x, key_c, inv_key, bank_c, inv_bank, per_query_c,
+                     inv_per_query, prenormalized)
+
+
+def _product_keys(op, spec):
+    """(y, beta) of the fused product: [key; bank] with in-batch negatives, else the bank alone."""
+    parts = ([(op.key, op.inv_key)] if spec.in_batch_negatives else [])
+    if op.bank is not None:
+        parts.append((op.bank, op.inv_bank))
+    if not parts:
+        return None, None
+    if len(parts) == 1:
+        y, inv = parts[0]
+    else:
+        y = torch.cat([p[0] for p in parts])
+        inv = torch.cat([p[1] for p in parts])
+    return y, op.key_scales(inv)
+
+
+def _product_ids(op, spec, targets, query_ids, bank_ids):
+    """(row_ids, col_ids) of the id mask of the fused product [key; bank], or (None, None).
+
+    exclude_positive with in-batch keys: row i masks key t_i (row id t_i, key j has id j).
+    (query_ids, bank_ids): a bank entry with the query's id is masked (same instance)."""
+    n, device = op.x.shape[0], op.x.device
+    mask_positive = spec.exclude_positive and spec.in_batch_negatives
+    if not mask_positive and query_ids is None:
+        return None, None
+    cols = []
+    if mask_positive:
+        row_ids = torch.arange(n, device=device) if targets is None else targets
+        cols.append(torch.arange(op.n_key, device=device))
+    else:
+        row_ids = query_ids
+        if spec.in_batch_negatives:
+            cols.append(torch.full((op.n_key,), -1, dtype=torch.int64, device=device))
+    if op.bank is not None:
+        cols.append(bank_ids if (query_ids is not None and not mask_positive) else
+                    torch.full((op.bank.shape[0],), -1, dtype=torch.int64, device=device))
+    return row_ids.contiguous(), torch.cat(cols).contiguous()
+
+
+def _positive_in_extra(spec):
+    """The positive is a candidate outside the fused product (in_batch_negatives=False, not DCL)."""
+    return not spec.in_batch_negatives and not spec.exclude_positive
+
+
+def _excludes_diagonal(spec):
+    """Key i is a column of the product only with in-batch negatives."""
+    return spec.exclude_self and spec.in_batch_negatives
+
+
+def _uses_positive(spec):
+    """Whether the loss involves s_{i,t_i} outside the kernel: subtracted, or a candidate merged
+    into the log-sum-exp on the host."""
+    return spec.subtract_positive or _positive_in_extra(spec)
+
+
+def _positive_scores(op, targets):
+    """s_{i, t_i} = alpha_i beta_{t_i} <x_i, key_{t_i}>."""
+    dots = torch.empty_like(op.alpha)
+    for r0 in range(0, op.x.shape[0], _HOST_CHUNK_ROWS):
+        r1 = r0 + _HOST_CHUNK_ROWS
+        dots[r0:r1] = rowwise_dot(op.x[r0:r1], op.positive_keys(targets, r0, r1))
+    return op.alpha * op.positive_key_scales(targets) * dots
+
+
+def _per_query_scores(op):
+    """s_ik = alpha_i gamma_ik <x_i, n_ik> for per-query negatives (N, K, D): an (N, K) tensor."""
+    gamma = op.key_scales(op.inv_per_query)
+    acc = op.alpha.dtype
+    dots = torch.einsum("nd,nkd->nk", op.x.to(acc), op.per_query.to(acc))
+    return op.alpha.unsqueeze(1) * gamma * dots
+
+
+def _extra_scores(op, spec, positive):
+    """Scores of candidates outside the fused product, (N, E), or None."""
+    extra = []
+    if _positive_in_extra(spec):
+        extra.append(positive.unsqueeze(1))
+    if op.per_query is not None:
+        extra.append(_per_query_scores(op))
+    return torch.cat(extra, dim=1) if extra else None
+
+
+def _logaddexp(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return torch.logaddexp(a, b)
+
+
+def _normalize_backward(grad, t, inv, op, normalize, eps):
+    """Chain rule through t_hat = t * inv (inv = 1/max(||t||, eps)), in place on ``grad``.
+
+    ``grad`` is d/dt (scales mode, inv already applied) or d/dt_hat (normalised-copies mode):
+        scales:  dt = grad - inv^2 t <t, grad>          copies: dt = inv (grad - t_hat <t_hat, grad>)
+    Where the eps clamp is active the map is linear and the projection term vanishes."""
+    if not normalize:
+        return grad
+    flat_g = grad.reshape(-1, grad.shape[-1])
+    flat_t = t.reshape(-1, t.shape[-1])
+    flat_inv = inv.reshape(-1)
+    unclamped = (flat_inv < 1.0 / eps).to(flat_inv.dtype)
+    coef = rowwise_dot(flat_t, flat_g) * unclamped
+    if op.prenormalized:
+        flat_g.addcmul_(flat_t.to(flat_g.dtype), coef.unsqueeze(1).to(flat_g.dtype), value=-1)
+        flat_g.mul_(flat_inv.unsqueeze(1).to(flat_g.dtype))
+    else:
+        coef = coef * flat_inv * flat_inv
+        flat_g.addcmul_(flat_t.to(flat_g.dtype), coef.unsqueeze(1).to(flat_g.dtype), value=-1)
+    return grad
+
+
+def _add_positive_gradients(spec, op, targets, positive, row_lse, g, dx, dkey):
+    """dx_i += c_i key_{t_i}, dkey_{t_i} += c_i x_i with c_i = d loss_i / d s_{i,t_i} * alpha_i
+    beta_{t_i}, chunk by chunk (no (N, D) temporary)."""
+    acc = op.alpha.dtype
+    coef = -g.to(acc) if spec.subtract_positive else torch.zeros_like(g, dtype=acc)
+    if _positive_in_extra(spec):
+        coef = coef + g * torch.exp(positive - row_lse)
+    coef = coef * op.alpha * op.positive_key_scales(targets)
+    n = op.x.shape[0]
+    for r0 in range(0, n, _HOST_CHUNK_ROWS):
+        r1 = min(r0 + _HOST_CHUNK_ROWS, n)
+        c = coef[r0:r1].unsqueeze(1)
+        if dx is not None:
+            dx[r0:r1].addcmul_(op.positive_keys(targets, r0, r1).to(acc), c)
+        if dkey is not None:
+            if targets is None:
+                dkey[r0:r1].addcmul_(op.x[r0:r1].to(acc), c)
+            else:
+                dkey.index_add_(0, targets[r0:r1], op.x[r0:r1].to(acc) * c)
+
+
+def _gradients(spec, op, targets, positive, y, beta, ids, row_lse, col_lse, g, kernel_grads,
+               needs):
+    """All input gradients (query, key, bank, per_query, scale) for per-row weights g (N,).
+    ``positive`` = s_{i,t_i}; ``kernel_grads`` = (dx, dy) already computed by the backend
+    (fused forward) or None to run masked_lse_backward now."""
+    need_q, need_key, need_bank, need_per_query, need_scale = needs
+    acc = op.alpha.dtype
+    want_dx = need_q or need_scale
+    want_dy = need_key or need_bank
+    if kernel_grads is not None:
+        dx, dy = kernel_grads
+    elif y is not None:
+        row_grad = 0.5 * g if spec.symmetric else g
+        has_col = spec.symmetric
+        dx, dy = masked_lse_backward(
+            op.x, y, op.alpha, beta, row_lse, row_grad, col_lse if has_col else None,
+            row_grad if has_col else None, ids[0], ids[1], _excludes_diagonal(spec), 0, want_dx,
+            want_dy, spec.backend)
+    else:
+        dx = dy = None
+    dx = dx if want_dx and dx is not None else (
+        torch.zeros(op.x.shape, dtype=acc, device=op.x.device) if want_dx else None)
+    dkey = None
+    if need_key:
+        dkey = dy[:op.n_key] if (spec.in_batch_negatives and dy is not None) else \
+            torch.zeros(op.key.shape, dtype=acc, device=op.x.device)
+    dbank = dy[dy.shape[0] - op.bank.shape[0]:] if (need_bank and dy is not None) else None
+
+    # Positive: d loss_i / d s_{i,t_i} = g_i (p_{i,t_i} [if a candidate outside the product]
+    # - 1 [if subtracted]); a positive inside the product gets its p through the kernel, and
+    # without either term (a plain log-sum-exp, e.g. SupCon's denominator) there is nothing to add.
+    if _uses_positive(spec):
+        _add_positive_gradients(spec, op, targets, positive, row_lse, g, dx, dkey)
+
+    dper_query = None
+    if op.per_query is not None:
+        gamma = op.key_scales(op.inv_per_query)
+        d_s = g.unsqueeze(1) * torch.exp(_per_query_scores(op) - row_lse.unsqueeze(1))
+        weighted = d_s * gamma * op.alpha.unsqueeze(1)
+        if want_dx:
+            dx.add_(torch.einsum("nk,nkd->nd", weighted, op.per_query.to(acc)))
+        if need_per_query:
+            dper_query = weighted.unsqueeze(2) * op.x.to(acc).unsqueeze(1)
+
+    # d/d scale = sum_ij dS_ij s_ij / scale = sum_i <dx_i, x_i> / scale (before normalisation).
+    dscale = rowwise_dot(op.x, dx).sum() / op.scale if need_scale else None
+    norm_args = (op, spec.normalize, spec.eps)
+    dq = _normalize_backward(dx, op.x, op.inv_x, *norm_args) if need_q else None
+    if dkey is not None:
+        dkey = _normalize_backward(dkey, op.key, op.inv_key, *norm_args)
+    if dbank is not None:
+        dbank = _normalize_backward(dbank, op.bank, op.inv_bank, *norm_args)
+    if dper_query is not None:
+        dper_query = _normalize_backward(dper_query, op.per_query, op.inv_per_query, *norm_args)
+    return dq, dkey, dbank, dper_query, dscale
+
+
+def _fuses_gradient(spec, needs, has_product):
+    """The backend forms the gradient in the forward pass: a reduced, one-directional loss."""
+    return (spec.properties.fuses_gradient and spec.reduction != "none" and not spec.symmetric
+            and any(needs) and has_product)
+
+
+def _forward_pass(spec, needs, query, key, bank, per_query, scale, targets, query_ids, bank_ids,
+                  row_weights):
+    """(loss (reduced), row_lse, col_lse or None, fused gradients or None)."""
+    op = _prepare(spec, query, key, bank, per_query, scale)
+    y, beta = _product_keys(op, spec)
+    ids = _product_ids(op, spec, targets, query_ids, bank_ids)
+    positive = _positive_scores(op, targets) if _uses_positive(spec) else None
+    extra = _extra_scores(op, spec, positive)
+    extra_lse = None if extra is None else torch.logsumexp(extra, dim=1)
+    n = query.shape[0]
+    col_lse = None
+    fused_grads = None
+    if _fuses_gradient(spec, needs, y is not None):
+        g = reduction_weights(spec.reduction, n, op.alpha.new_tensor(1.0), op.alpha.dtype,
+                              row_weights).contiguous()
+        row_lse, dx, dy = masked_lse_forward_with_grad(
+            op.x, y, op.alpha, beta, g, ids[0], ids[1], extra_lse, _excludes_diagonal(spec), 0,
+            needs[0] or needs[4], needs[1] or needs[2], spec.backend)
+        fused_grads = _gradients(spec, op, targets, positive, y, beta, ids, row_lse, None, g,
+                                 (_present(dx), _present(dy)), needs)
+    elif y is not None:
+        row_lse, col_lse = masked_lse_forward(op.x, y, op.alpha, beta, ids[0], ids[1],
+                                              _excludes_diagonal(spec), 0, spec.symmetric,
+                                              spec.backend)
+        row_lse = _logaddexp(row_lse, extra_lse)
+        col_lse = col_lse if spec.symmetric else None
+    else:
+        row_lse = extra_lse
+    if spec.symmetric:
+        loss = 0.5 * (row_lse + col_lse) - positive
+    elif spec.subtract_positive:
+        loss = row_lse - positive
+    else:
+        loss = row_lse.clone()  # the loss and the saved row_lse are distinct outputs
+    if row_weights is not None:  # a row of weight 0 may have no candidate (lse = -inf)
+        w = row_weights.to(loss.dtype)
+        loss = torch.where(w != 0, loss * w, torch.zeros_like(loss))
+    return reduce_loss(loss, spec.reduction).to(query.dtype), row_lse, col_lse, fused_grads
+
+
+def _present(t):
+    """None for the 0-element placeholder of an absent op output."""
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+class FusedInfoNCE(torch.autograd.Function):
+    """InfoNCE (DESIGN.md section 1) on the masked-LSE kernel ops, O(N + M) memory beyond inputs.
+
+    apply(query (N, D), key (M, D) or None (the keys are the queries), bank (K, D) or None, per_query (N, K, D) or None,
+    scale = 1/temperature (0-dim), targets (N,) or None, query_ids (N,) / bank_ids (K,) or None,
+    row_weights (N,) or None, spec (_FusedPass), needs (requires-grad of query, key, bank,
+    per_query, scale)) -> (loss, row_lse, col_lse, *fused gradients); only the loss is
+    differentiable. With row_weights and reduction "sum" the loss is sum_i w_i loss_i (the
+    gradient is still formed in the forward pass, e.g. SupCon's mean over the anchors that have
+    a positive). A fusing backend returns the gradient for grad_output = 1 with the loss and the
+    backward scales it; otherwise the backward recomputes the tiles."""
+
+    @staticmethod
+    def forward(query, key, bank, per_query, scale, targets, query_ids, bank_ids, row_weights,
+                spec, needs):
+        key = query if key is None else key  # key None: the keys are the queries (_fused)
+        loss, row_lse, col_lse, fused = _forward_pass(spec, needs, query, key, bank, per_query,
+                                                      scale, targets, query_ids, bank_ids,
+                                                      row_weights)
+        fused = [None] * 5 if fused is None else fused
+        return (loss, row_lse, _or_empty(col_lse, loss), *[_or_empty(t, loss) for t in fused])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        query, key, bank, per_query, scale, targets, query_ids, bank_ids, row_weights, spec, \
+            needs = inputs
+        _, row_lse, col_lse, *fused = output
+        ctx.spec, ctx.needs = spec, needs
+        ctx.fused = _fuses_gradient(spec, needs, spec.in_batch_negatives or bank is not None)
+        ctx.shared_key = key is None
+        ctx.dtypes = [None if t is None else t.dtype for t in (query, key, bank, per_query, scale)]
+        ctx.mark_non_differentiable(row_lse, col_lse, *fused)
+        ctx.save_for_backward(query, key, bank, per_query, scale, targets, query_ids, bank_ids,
+                              row_weights, row_lse, col_lse, *fused)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_):
+        spec = ctx.spec
+        (query, key, bank, per_query, scale, targets, query_ids, bank_ids, row_weights, row_lse,
+         col_lse, *fused) = ctx.saved_tensors
+        key = query if ctx.shared_key else key
+        if ctx.fused:
+            grads = [t * grad_output.to(t.dtype) if need else None
+                     for t, need in zip(fused, ctx.needs)]
+        else:
+            op = _prepare(spec, query, key, bank, per_query, scale)
+            y, beta = _product_keys(op, spec)
+            ids = _product_ids(op, spec, targets, query_ids, bank_ids)
+            g = reduction_weights(spec.reduction, query.shape[0], grad_output, op.alpha.dtype,
+                                  row_weights).contiguous()
+            positive = _positive_scores(op, targets) if _uses_positive(spec) else None
+            grads = _gradients(spec, op, targets, positive, y, beta, ids, row_lse,
+                               _present(col_lse), g, None, ctx.needs)
+        if ctx.shared_key:  # one tensor in both roles: its gradient is the sum of both
+            dq, dkey = grads[:2]
+            grads = [dkey if dq is None else dq if dkey is None else dq + dkey, None, *grads[2:]]
+        grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None)
+
+
+def _requires_grad(*tensors):
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
+def _fused(spec, query, key, bank, per_query, scale, targets, query_ids=None, bank_ids=None,
+           row_weights=None):
+    """The loss of one fused pass (see FusedInfoNCE)."""
+    needs = _requires_grad(query, key, bank, per_query, scale)
+    # One tensor in the roles of query and key (NT-Xent's views, SupCon) goes in once: as two
+    # inputs of one autograd.Function it would break the graph under torch.compile.
+    key = None if key is query else key
+    return FusedInfoNCE.apply(query, key, bank, per_query, scale, targets, query_ids, bank_ids,
+                              row_weights, spec, needs)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Objectives
+# ---------------------------------------------------------------------------------------------
+
+
+def _accumulate(t):
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+def positive_scores(query, key, targets, scale, normalize, eps):
+    """s_p(i) = <q_i, k_t(i)> * scale (normalised first when ``normalize``), with autograd."""
+    k = key if targets is None else key.index_select(0, targets)
+    q, k = _accumulate(query), _accumulate(k)
+    if normalize:
+        q, k = F.normalize(q, dim=-1, eps=eps), F.normalize(k, dim=-1, eps=eps)
+    return (q * k).sum(dim=-1) * scale.to(q.dtype)
+
+
+def negative_counts(options, n, m, bank, per_query, query_ids, bank_ids, device):
+    """n_i: the number of negatives of each row (the candidates minus the positive)."""
+    static = (m - 1 - int(options.exclude_self) if options.in_batch_negatives else 0)
+    static += (0 if bank is None else bank.shape[0]) + (
+        0 if per_query is None else per_query.shape[1])
+    counts = torch.full((n,), float(static), device=device)
+    if query_ids is not None:  # bank entries of the query's own instance are not negatives
+        sorted_ids = bank_ids.sort().values
+        same = (torch.searchsorted(sorted_ids, query_ids, right=True)
+                - torch.searchsorted(sorted_ids, query_ids))
+        counts -= torch.where(query_ids >= 0, same, torch.zeros_like(same)).to(counts.dtype)
+    return counts
+
+
+def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_ids=None,
+                  bank_ids=None):
+    """InfoNCE with the objective of ``options`` (plain, DCL, DCLW, HCL), reduced as
+    options.reduction. bank (K, D) / per_query (N, K, D) negatives; scale = 1/temperature."""
+    if not options.needs_host_terms:
+        return _fused(_loss_pass(options), query, key, bank, per_query, scale, targets,
+                      query_ids, bank_ids)
+    negatives = _negatives_pass(options)
+
+    def negatives_lse(at_scale):
+        return _fused(negatives, query, key, bank, per_query, at_scale, targets, query_ids,
+                      bank_ids).to(positive.dtype)
+
+    positive = positive_scores(query, key, targets, scale, options.normalize, options.eps)
+    if options.dclw_sigma is not None:
+        cosine = positive / scale.to(positive.dtype)
+        weight = 2 - positive.shape[0] * torch.softmax(cosine / options.dclw_sigma, dim=0)
+        loss = negatives_lse(scale) - weight * positive
+    else:
+        log_n = negative_counts(options, query.shape[0], key.shape[0], bank, per_query,
+                                query_ids, bank_ids, query.device).to(positive.dtype).log()
+        loss = _hard_negative_loss(options, negatives_lse, scale, positive, log_n)
+    return reduce_loss(loss, options.reduction).to(query.dtype)
+
+
+def _hard_negative_loss(options, negatives_lse, scale, positive, log_n):
+    beta, tau_plus = options.hcl_beta, options.hcl_tau_plus
+    lse_hard = negatives_lse(scale * (1 + beta))
+    lse_base = log_n if beta == 0 else negatives_lse(scale * beta)
+    log_reweighted = log_n + lse_hard - lse_base
+    # Debiasing in log space: Ng = rw (1 - tau_plus n e^{s_p} / rw) / (1 - tau_plus), then the
+    # paper's floor n e^{-1/tau}; the inner factor is clamped before the log (no NaN gradient).
+    log_ng = log_reweighted
+    if tau_plus > 0:
+        # inner = 1 - tau_plus n e^{s_p} / rw <= 0 once the exponent passes log(1 / tau_plus):
+        # clamp the exponent there so that exp never overflows into an inf * 0 gradient.
+        exponent = (positive + log_n - log_reweighted).clamp_max(-math.log(tau_plus))
+        inner = 1 - tau_plus * torch.exp(exponent)
+        tiny = torch.finfo(positive.dtype).tiny
+        log_ng = log_ng + inner.clamp_min(tiny).log() - math.log1p(-tau_plus)
+    log_ng = torch.maximum(log_ng, log_n - scale.to(positive.dtype))
+    denominator = log_ng if options.decoupled else torch.logaddexp(positive, log_ng)
+    return denominator - positive
+
+
+def _class_index(labels):
+    """Dense class ids in [0, N) for int64 labels (N,), with static shapes (traceable): sort,
+    then count the label changes. The same labels get the same id."""
+    sorted_labels, order = labels.sort()
+    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    dense = torch.cumsum(starts.to(torch.int64), 0) - 1
+    return torch.empty_like(dense).scatter_(0, order, dense)
+
+
+def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1e-12):
+    """SupCon L_out over features (R, D) with labels (R,); per-anchor losses reduced as
+    ``reduction`` (mean over anchors that have a positive); see the module docstring."""
+    z = _accumulate(features)
+    if normalize:
+        z = F.normalize(z, dim=-1, eps=eps)
+    cls = _class_index(labels)
+    n = z.shape[0]
+    class_sums = torch.zeros(n, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, cls, z)
+    counts = torch.zeros(n, dtype=torch.int64, device=z.device).index_add(
+        0, cls, torch.ones_like(cls))
+    pos_count = counts[cls] - 1
+    pos_mean = ((z * class_sums[cls]).sum(dim=1) - (z * z).sum(dim=1)) * scale.to(z.dtype) \
+        / pos_count.clamp_min(1)
+    has_positive = pos_count > 0
+    # The denominator: lse over b != a (self excluded), without subtracting a positive.
+    denominator = _FusedPass(backend, in_batch_negatives=True, exclude_self=True, symmetric=False,
+                             normalize=normalize, reduction="none" if reduction == "none" else
+                             "sum", exclude_positive=False, subtract_positive=False, eps=eps)
+    if reduction == "none":
+        lse = _fused(denominator, features, features, None, None, scale, None)
+        loss = torch.where(has_positive, lse.to(z.dtype) - pos_mean, torch.zeros_like(pos_mean))
+        return loss.to(features.dtype)
+    # A weighted sum keeps the fused kernels on their no-recompute path: w_a = 1 / #anchors with
+    # a positive ("mean") or 1 ("sum") for those anchors, 0 for the others.
+    weights = has_positive.to(z.dtype)
+    if reduction == "mean":
+        weights = weights / has_positive.sum().clamp_min(1)
+    lse_sum = _fused(denominator, features, features, None, None, scale, None,
+                     row_weights=weights)
+    return (lse_sum.to(z.dtype) - (weights * pos_mean).sum()).to(features.dtype)
