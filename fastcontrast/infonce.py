@@ -50,13 +50,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from ._reduction import reduce_loss, reduction_weights
+from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, reduce_loss,
+                    reduction_weights, rowwise_dot, scaled_fused_gradients)
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
            "masked_lse_backward", "masked_lse_forward_with_grad"]
-
-# Rows per chunk for the O(N * D) host helpers below: bounds their temporaries.
-_HOST_CHUNK_ROWS = 4096
 
 # ---------------------------------------------------------------------------------------------
 # 1. Kernel ops
@@ -216,24 +214,11 @@ def _negatives_pass(options):
                       subtract_positive=False, eps=options.eps)
 
 
-def _accumulate_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _inverse_norms(x, normalize, eps, acc):
     """1 / max(||x||, eps) over the last dim in ``acc`` precision (ones when not normalising)."""
     if not normalize:
         return torch.ones(x.shape[:-1], dtype=acc, device=x.device)
     return torch.linalg.vector_norm(x, dim=-1, dtype=acc).clamp_min(eps).reciprocal()
-
-
-def rowwise_dot(a, b):
-    """<a_i, b_i> for (R, D) tensors, in chunks so that no (R, D) temporary is made."""
-    out = torch.empty(a.shape[0], dtype=_accumulate_dtype(a.dtype), device=a.device)
-    for r0 in range(0, a.shape[0], _HOST_CHUNK_ROWS):
-        r1 = r0 + _HOST_CHUNK_ROWS
-        out[r0:r1] = torch.einsum("nd,nd->n", a[r0:r1].to(out.dtype), b[r0:r1].to(out.dtype))
-    return out
 
 
 @dataclass
@@ -274,7 +259,7 @@ def _prepare(spec, query, key, bank, per_query, scale):
     """Cast to the compute dtype and fold normalisation into scales (or normalised copies)."""
     props = spec.properties
     cdt = props.compute_dtype(query.dtype)
-    acc = _accumulate_dtype(cdt)
+    acc = accumulate_dtype(cdt)
     prenormalized = spec.normalize and props.prenormalized
 
     def prep(t):
@@ -353,8 +338,8 @@ def _uses_positive(spec):
 def _positive_scores(op, targets):
     """s_{i, t_i} = alpha_i beta_{t_i} <x_i, key_{t_i}>."""
     dots = torch.empty_like(op.alpha)
-    for r0 in range(0, op.x.shape[0], _HOST_CHUNK_ROWS):
-        r1 = r0 + _HOST_CHUNK_ROWS
+    for r0 in range(0, op.x.shape[0], HOST_CHUNK_ROWS):
+        r1 = r0 + HOST_CHUNK_ROWS
         dots[r0:r1] = rowwise_dot(op.x[r0:r1], op.positive_keys(targets, r0, r1))
     return op.alpha * op.positive_key_scales(targets) * dots
 
@@ -416,8 +401,8 @@ def _add_positive_gradients(spec, op, targets, positive, row_lse, g, dx, dkey):
         coef = coef + g * torch.exp(positive - row_lse)
     coef = coef * op.alpha * op.positive_key_scales(targets)
     n = op.x.shape[0]
-    for r0 in range(0, n, _HOST_CHUNK_ROWS):
-        r1 = min(r0 + _HOST_CHUNK_ROWS, n)
+    for r0 in range(0, n, HOST_CHUNK_ROWS):
+        r1 = min(r0 + HOST_CHUNK_ROWS, n)
         c = coef[r0:r1].unsqueeze(1)
         if dx is not None:
             dx[r0:r1].addcmul_(op.positive_keys(targets, r0, r1).to(acc), c)
@@ -578,8 +563,7 @@ class FusedInfoNCE(torch.autograd.Function):
          col_lse, *fused) = ctx.saved_tensors
         key = query if ctx.shared_key else key
         if ctx.fused:
-            grads = [t * grad_output.to(t.dtype) if need else None
-                     for t, need in zip(fused, ctx.needs)]
+            grads = scaled_fused_gradients(fused, ctx.needs, grad_output)
         else:
             op = _prepare(spec, query, key, bank, per_query, scale)
             y, beta = _product_keys(op, spec)
@@ -592,8 +576,7 @@ class FusedInfoNCE(torch.autograd.Function):
         if ctx.shared_key:  # one tensor in both roles: its gradient is the sum of both
             dq, dkey = grads[:2]
             grads = [dkey if dq is None else dq if dkey is None else dq + dkey, None, *grads[2:]]
-        grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None)
+        return (*cast_gradients(grads, ctx.dtypes), None, None, None, None, None, None)
 
 
 def _requires_grad(*tensors):

@@ -12,7 +12,7 @@ where C(i) = the M keys (or only key t_i when ``in_batch_negatives`` is False), 
 import torch
 import torch.nn.functional as F
 
-from ._reduction import reduce_loss
+from ._host import reduce_loss
 
 
 def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normalize=True,

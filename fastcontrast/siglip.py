@@ -25,11 +25,10 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._reduction import reduce_loss, reduction_weights
+from ._host import (accumulate_dtype, cast_gradients, reduce_loss, reduction_weights,
+                    rowwise_dot, scaled_fused_gradients)
 
 __all__ = ["siglip_fused_loss", "siglip_forward", "siglip_backward", "siglip_forward_with_grad"]
-
-_HOST_CHUNK_ROWS = 4096  # rows per chunk of the O(N D) host reduction for d scale
 
 # ---------------------------------------------------------------------------------------------
 # 1. Kernel ops
@@ -125,7 +124,7 @@ def _operands(backend, image, text, scale, bias):
     """Inputs in the backend's compute dtype (float32 for half inputs the backend does not take),
     scale and bias as 0-dim tensors of the accumulation dtype (float64 or float32)."""
     cdt = backends.PROPERTIES[backend].compute_dtype(image.dtype)
-    acc = torch.float64 if cdt == torch.float64 else torch.float32
+    acc = accumulate_dtype(cdt)
     return (image.to(cdt).contiguous(), text.to(cdt).contiguous(), scale.detach().to(acc),
             bias.detach().to(acc))
 
@@ -135,12 +134,7 @@ def _input_grads(needs, x, scale, gx, gy, dz_total):
     needed); d scale = sum_i <gx_i, x_i>, before gx is scaled in place."""
     need_image, need_text, need_scale, need_bias = needs
     acc = scale.dtype
-    d_scale = None
-    if need_scale:
-        d_scale = torch.zeros((), dtype=acc, device=x.device)
-        for r0 in range(0, x.shape[0], _HOST_CHUNK_ROWS):  # no (N, D) temporary in acc precision
-            r1 = r0 + _HOST_CHUNK_ROWS
-            d_scale += torch.einsum("nd,nd->", gx[r0:r1].to(acc), x[r0:r1].to(acc))
+    d_scale = rowwise_dot(x, gx).to(acc).sum() if need_scale else None
     d_image = gx.mul_(scale.to(gx.dtype)) if need_image else None
     d_text = gy.mul_(scale.to(gy.dtype)) if need_text else None
     d_bias = dz_total.to(acc) if need_bias else None
@@ -193,14 +187,12 @@ class FusedSigLIP(torch.autograd.Function):
         spec = ctx.spec
         image, text, scale, bias, *fused = ctx.saved_tensors
         if spec.fused:
-            grads = [t * grad_output.to(t.dtype) if need else None
-                     for t, need in zip(fused, spec.needs)]
+            grads = scaled_fused_gradients(fused, spec.needs, grad_output)
         else:
             x, y, s, b = _operands(spec.backend, image, text, scale, bias)
             g = reduction_weights(spec.reduction, x.shape[0], grad_output, s.dtype).contiguous()
             _, grads = _backend_grads(spec, x, y, s, b, g, fused=False)
-        grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)]
-        return (*grads, None)
+        return (*cast_gradients(grads, ctx.dtypes), None)
 
 
 def siglip_fused_loss(image, text, scale, bias, *, reduction, backend):

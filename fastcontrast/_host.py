@@ -1,0 +1,56 @@
+"""Host code shared by the fused op families (fastcontrast/infonce.py, siglip.py): reductions and
+the per-row gradient weights they imply, the accumulation dtype, the chunked row-wise dot, and
+the hand-out of gradients in backward. (The reference implementations use reduce_loss too.)"""
+import torch
+
+__all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype", "rowwise_dot",
+           "scaled_fused_gradients", "cast_gradients"]
+
+# Rows per chunk of the O(N * D) host helpers: bounds their temporaries.
+HOST_CHUNK_ROWS = 4096
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def reduce_loss(loss, reduction):
+    """Per-row losses reduced as ``reduction``: "mean", "sum" or "none" (unchanged)."""
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def reduction_weights(reduction, n, grad_output, dtype, weights=None):
+    """g_i = grad_output * d reduce_loss(loss, reduction) / d loss_i for N = ``n`` rows (times
+    ``weights`` for a weighted sum); "none": grad_output itself."""
+    if reduction == "none":
+        return grad_output.to(dtype)
+    g = grad_output.to(dtype) / n if reduction == "mean" else grad_output.to(dtype)
+    return g.expand(n) if weights is None else g * weights.to(dtype)
+
+
+def accumulate_dtype(dtype):
+    """float64 for float64 inputs, else float32 (what the host accumulates in)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rowwise_dot(a, b):
+    """<a_i, b_i> for (R, D) tensors in the accumulation dtype of ``a``, in chunks of rows so
+    that no (R, D) temporary is made."""
+    out = torch.empty(a.shape[0], dtype=accumulate_dtype(a.dtype), device=a.device)
+    for r0 in range(0, a.shape[0], HOST_CHUNK_ROWS):
+        r1 = r0 + HOST_CHUNK_ROWS
+        out[r0:r1] = torch.einsum("nd,nd->n", a[r0:r1].to(out.dtype), b[r0:r1].to(out.dtype))
+    return out
+
+
+def scaled_fused_gradients(fused, needs, grad_output):
+    """The gradients a fusing backend formed in the forward pass (for grad_output = 1), scaled by
+    the actual grad_output; None where not needed."""
+    return [t * grad_output.to(t.dtype) if need else None for t, need in zip(fused, needs)]
+
+
+def cast_gradients(grads, dtypes):
+    """Each gradient in the dtype of its input (None stays None)."""
+    return [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, dtypes)]
