@@ -19,8 +19,6 @@ import os
 import threading
 import warnings
 
-import torch
-
 JIT_MODULE_NAME = "fastcontrast_cpu"
 _EXPECTED = ("masked_lse_forward", "masked_lse_backward", "masked_lse_forward_with_grad")
 _HOW_TO_FIX = ("To get the fast path, install a C++ compiler and ninja, then reinstall with "

@@ -3,8 +3,8 @@ the per-row gradient weights they imply, the accumulation dtype, the chunked row
 the hand-out of gradients in backward. (The reference implementations use reduce_loss too.)"""
 import torch
 
-__all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype", "rowwise_dot",
-           "scaled_fused_gradients", "cast_gradients"]
+__all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype",
+           "rowwise_dot", "scaled_fused_gradients", "cast_gradients"]
 
 # Rows per chunk of the O(N * D) host helpers: bounds their temporaries.
 HOST_CHUNK_ROWS = 4096

@@ -222,11 +222,13 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
               query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
               backend="auto"):
-    """MoCo's InfoNCE: loss_i = -log( e^{<q_i, k_i>/tau} / (e^{<q_i, k_i>/tau} + sum_j e^{<q_i, u_j>/tau}) )
+    """MoCo's InfoNCE:
+        loss_i = -log(e^{<q_i, k_i>/tau} / (e^{<q_i, k_i>/tau} + sum_j e^{<q_i, u_j>/tau}))
     with the queue entries u_j (K, D) as the only negatives (info_nce with
     in_batch_negatives=False). ``queue``: a (K, D) tensor or a NegativeQueue (its filled part).
     ``query_index`` (N,) int64: sample ids of the batch; queue entries stored with the same id
-    (a NegativeQueue with store_indices=True) are not negatives. DCL / HCL options as in info_nce."""
+    (a NegativeQueue with store_indices=True) are not negatives. DCL / HCL options as in
+    info_nce."""
     negative_ids = None
     if hasattr(queue, "negatives") and callable(queue.negatives):
         negative_ids = queue.stored_indices() if query_index is not None else None

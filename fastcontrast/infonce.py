@@ -7,8 +7,9 @@ its registered kernel ops, its options, its autograd, and its objectives, read t
 
        s_ij = alpha_i * beta_j * <x_i, y_j>,   entry (i, j) masked iff exclude_diag and
               j == i + diag_offset, or row_ids_i == col_ids_j >= 0 (ids given)
-       masked_lse_forward            -> row_lse_i = logsumexp_j s_ij (col_lse_j = logsumexp_i s_ij)
-       masked_lse_backward           -> with dS_ij = g_i exp(s_ij - row_lse_i) + c_j exp(s_ij - col_lse_j):
+       masked_lse_forward            -> row_lse_i = logsumexp_j s_ij, col_lse_j = logsumexp_i s_ij
+       masked_lse_backward           -> with dS_ij = g_i exp(s_ij - row_lse_i)
+                                                     + c_j exp(s_ij - col_lse_j):
                                         dx_i = alpha_i sum_j dS_ij beta_j y_j,
                                         dy_j = beta_j sum_i dS_ij alpha_i x_i
        masked_lse_forward_with_grad  -> both in one pass, no recompute (backends that fuse it)
@@ -84,7 +85,8 @@ def masked_lse_forward(q: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor,
 
 
 @masked_lse_forward.register_fake
-def _(q, keys, alpha, beta, row_ids, col_ids, exclude_diag, diag_offset, with_col_lse, backend):
+def _forward_fake(q, keys, alpha, beta, row_ids, col_ids, exclude_diag, diag_offset,
+                  with_col_lse, backend):
     dtype = backends.PROPERTIES[backend].output_dtype(q.dtype)
     return (q.new_empty(q.shape[0], dtype=dtype),
             q.new_empty(keys.shape[0] if with_col_lse else 0, dtype=dtype))
@@ -115,8 +117,8 @@ def _fake_gradients(q, keys, need_dq, need_dkeys, backend):
 
 
 @masked_lse_backward.register_fake
-def _(q, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, row_ids, col_ids,
-      exclude_diag, diag_offset, need_dq, need_dkeys, backend):
+def _backward_fake(q, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, row_ids, col_ids,
+                   exclude_diag, diag_offset, need_dq, need_dkeys, backend):
     return _fake_gradients(q, keys, need_dq, need_dkeys, backend)
 
 
@@ -139,8 +141,8 @@ def masked_lse_forward_with_grad(q: Tensor, keys: Tensor, alpha: Tensor, beta: T
 
 
 @masked_lse_forward_with_grad.register_fake
-def _(q, keys, alpha, beta, row_grad, row_ids, col_ids, extra_lse, exclude_diag, diag_offset,
-      need_dq, need_dkeys, backend):
+def _forward_with_grad_fake(q, keys, alpha, beta, row_grad, row_ids, col_ids, extra_lse,
+                            exclude_diag, diag_offset, need_dq, need_dkeys, backend):
     dtype = backends.PROPERTIES[backend].output_dtype(q.dtype)
     return (q.new_empty(q.shape[0], dtype=dtype),
             *_fake_gradients(q, keys, need_dq, need_dkeys, backend))
@@ -374,7 +376,7 @@ def _normalize_backward(grad, t, inv, op, normalize, eps):
     """Chain rule through t_hat = t * inv (inv = 1/max(||t||, eps)), in place on ``grad``.
 
     ``grad`` is d/dt (scales mode, inv already applied) or d/dt_hat (normalised-copies mode):
-        scales:  dt = grad - inv^2 t <t, grad>          copies: dt = inv (grad - t_hat <t_hat, grad>)
+        scales:  dt = grad - inv^2 t <t, grad>      copies: dt = inv (grad - t_hat <t_hat, grad>)
     Where the eps clamp is active the map is linear and the projection term vanishes."""
     if not normalize:
         return grad
@@ -524,8 +526,9 @@ def _present(t):
 class FusedInfoNCE(torch.autograd.Function):
     """InfoNCE (DESIGN.md section 1) on the masked-LSE kernel ops, O(N + M) memory beyond inputs.
 
-    apply(query (N, D), key (M, D) or None (the keys are the queries), bank (K, D) or None, per_query (N, K, D) or None,
-    scale = 1/temperature (0-dim), targets (N,) or None, query_ids (N,) / bank_ids (K,) or None,
+    apply(query (N, D), key (M, D) or None (the keys are the queries), bank (K, D) or None,
+    per_query (N, K, D) or None, scale = 1/temperature (0-dim), targets (N,) or None,
+    query_ids (N,) / bank_ids (K,) or None,
     row_weights (N,) or None, spec (_FusedPass), needs (requires-grad of query, key, bank,
     per_query, scale)) -> (loss, row_lse, col_lse, *fused gradients); only the loss is
     differentiable. With row_weights and reduction "sum" the loss is sum_i w_i loss_i (the

@@ -156,7 +156,7 @@ def momentum_lerp_(targets: List[Tensor], onlines: List[Tensor], weight: float,
 
 
 @momentum_lerp_.register_fake
-def _(targets, onlines, weight, backend):
+def _momentum_lerp_fake(targets, onlines, weight, backend):
     return None
 
 

@@ -92,8 +92,8 @@ def queue_enqueue_(dst: Tensor, keys: Tensor, pointer: int, count: int, pointer_
 
 
 @queue_enqueue_.register_fake
-def _(dst, keys, pointer, count, pointer_buf, count_buf, dst_labels, labels, dst_indices,
-      indices, backend):
+def _enqueue_fake(dst, keys, pointer, count, pointer_buf, count_buf, dst_labels, labels,
+                  dst_indices, indices, backend):
     return None
 
 

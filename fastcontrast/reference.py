@@ -49,7 +49,8 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
             extra = torch.einsum("nd,nkd->nk", query, negatives) / temperature
         extra_candidate = torch.ones_like(extra, dtype=torch.bool)
         if query_ids is not None:
-            extra_candidate = (query_ids[:, None] != negative_ids[None, :]) | (query_ids[:, None] < 0)
+            same = query_ids[:, None] == negative_ids[None, :]
+            extra_candidate = ~same | (query_ids[:, None] < 0)
         logits = torch.cat([logits, extra], dim=1)
         candidate = torch.cat([candidate, extra_candidate], dim=1)
         is_positive = torch.cat([is_positive, torch.zeros_like(extra_candidate)], dim=1)
@@ -127,7 +128,8 @@ def supcon_reference(features, labels=None, *, temperature=0.1, normalize=True, 
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positive = (labels[:, None] == labels[None, :]) & ~self_mask
     count = positive.sum(dim=1)
-    loss = -torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(dim=1) / count.clamp_min(1)
+    positive_log_prob = torch.where(positive, log_prob, torch.zeros_like(log_prob))
+    loss = -positive_log_prob.sum(dim=1) / count.clamp_min(1)
     if reduction == "mean":
         return loss.sum() / (count > 0).sum().clamp_min(1)
     return reduce_loss(loss, reduction).reshape(shape) if reduction == "none" else loss.sum()

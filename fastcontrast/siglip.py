@@ -57,7 +57,7 @@ def siglip_forward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, backend: s
 
 
 @siglip_forward.register_fake
-def _(x, y, scale, bias, backend):
+def _siglip_forward_fake(x, y, scale, bias, backend):
     return x.new_empty(x.shape[0], dtype=backends.PROPERTIES[backend].output_dtype(x.dtype))
 
 
@@ -79,7 +79,7 @@ def _fake_gradients(x, y, need_gx, need_gy, backend):
 
 
 @siglip_backward.register_fake
-def _(x, y, scale, bias, row_grad, need_gx, need_gy, backend):
+def _siglip_backward_fake(x, y, scale, bias, row_grad, need_gx, need_gy, backend):
     return _fake_gradients(x, y, need_gx, need_gy, backend)
 
 
@@ -96,7 +96,7 @@ def siglip_forward_with_grad(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, 
 
 
 @siglip_forward_with_grad.register_fake
-def _(x, y, scale, bias, row_grad, need_gx, need_gy, backend):
+def _siglip_forward_with_grad_fake(x, y, scale, bias, row_grad, need_gx, need_gy, backend):
     dtype = backends.PROPERTIES[backend].output_dtype(x.dtype)
     return (x.new_empty(x.shape[0], dtype=dtype),
             *_fake_gradients(x, y, need_gx, need_gy, backend))
