@@ -16,7 +16,8 @@ import fastcontrast
 
 
 def relative_error(actual, expected):
-    return float((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30))
+    error = (actual.float() - expected.float()).norm()
+    return float(error / expected.float().norm().clamp_min(1e-30))
 
 
 def loss_and_grads(q, k, backend, symmetric):

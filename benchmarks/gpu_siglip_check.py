@@ -44,7 +44,7 @@ def _import_fastcontrast():
 
 
 _import_fastcontrast()
-from fastcontrast._siglip import siglip_loss  # noqa: E402
+from fastcontrast import siglip_loss  # noqa: E402
 from fastcontrast.reference import siglip_loss_reference  # noqa: E402
 
 SCALE, BIAS = 10.0, -10.0
