@@ -9,10 +9,11 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["fastcontrast", "fastcontrast.kernels", "fastcontrast.methods", "fastcontrast.benchmarks"]
+PACKAGES = ["fastcontrast", "fastcontrast.kernels", "fastcontrast.methods", "fastcontrast.cli",
+            "fastcontrast.benchmarks"]
 PACKAGE_DIR = {"fastcontrast": "fastcontrast", "fastcontrast.kernels": "kernels",
                "fastcontrast.methods": "fastcontrast/methods",
-               "fastcontrast.benchmarks": "benchmarks"}
+               "fastcontrast.cli": "fastcontrast/cli", "fastcontrast.benchmarks": "benchmarks"}
 
 
 def _extension_build():

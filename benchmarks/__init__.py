@@ -10,5 +10,6 @@ are results. Modules: ``families`` (the losses and their implementations), ``pee
 the other libraries), ``worker`` (one case, in the child), ``runner`` (the parent: processes,
 budgets, progress), ``suites`` (the grids), ``report`` (table, JSON, CSV, markdown), ``plots``
 (PNG), ``driver`` (the command). ``core_targets.py`` and the pytest-benchmark suites
-(``pytest benchmarks/``) measure the fused core's targets.
+(``pytest benchmarks/``) measure the fused core's targets; ``methods_cpc_run.py`` and
+``methods_dim_amdim_cmc.py`` the reference methods (benchmarks/results/methods-*).
 """

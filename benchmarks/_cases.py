@@ -6,11 +6,11 @@ A case is one loss implementation, forward + backward on (query, key) of shape (
     "naive"                   F.cross_entropy(F.normalize(q) @ F.normalize(k).T / tau, arange(N))
     "... symmetric"           the same with symmetric=True (naive: mean of the two directions)
 
-The baseline and the step are the ones of the quick-start demo (fastcontrast.demo), so the demo
-and the benchmarks compare exactly the same computations. "auto" is resolved here once: the C++
-backend when its extension is available, else the pure-PyTorch one (see concrete_backend).
+The baseline and the step are the ones of the quick-start demo (fastcontrast.cli.demo), so the
+demo and the benchmarks compare exactly the same computations. "auto" is resolved here once: the
+C++ backend when its extension is available, else the pure-PyTorch one (see concrete_backend).
 """
-from fastcontrast.demo import (  # re-exported for the benchmark modules
+from fastcontrast.cli.demo import (  # re-exported for the benchmark modules
     FASTCONTRAST, NAIVE, TEMPERATURE, concrete_backend, forward_backward, loss_function,
     make_inputs, make_step)
 
@@ -38,8 +38,8 @@ def case_steps(names, query, key, backend="auto", temperature=TEMPERATURE):
 
 
 def case_memory_args(name, n, dim, backend="auto", temperature=TEMPERATURE, seed=0):
-    """Positional arguments of fastcontrast.demo.make_step for case ``name`` (the memory probe
-    rebuilds the inputs from the seed in a fresh process)."""
+    """Positional arguments of fastcontrast.cli.demo.make_step for case ``name`` (the memory
+    probe rebuilds the inputs from the seed in a fresh process)."""
     impl, symmetric = CASES[name]
     return (impl, n, dim, concrete_backend(backend), temperature, symmetric, seed)
 

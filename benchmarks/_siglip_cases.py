@@ -16,7 +16,7 @@ initialisation).
 import torch
 import torch.nn.functional as F
 
-from fastcontrast._siglip import siglip_loss
+from fastcontrast import siglip_loss
 
 SCALE, BIAS = 10.0, -10.0
 CHUNK_ROWS = 1024

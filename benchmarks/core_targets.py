@@ -11,9 +11,9 @@
     run: its logits alone would take N * M * 4 bytes = 64 GiB.
 (c) symmetric=True vs the one-directional loss at (a)'s size: time ratio < 1.4.
 
-How it measures (fastcontrast/_measure.py): (a) and (c) share one loop on the same inputs; each
-round runs every case once, in a rotated order, plus each torch.mm orientation of the floor, so
-that the noise of a shared machine falls on all of them alike; medians over the rounds. Targets
+How it measures (fastcontrast/cli/measure.py): (a) and (c) share one loop on the same inputs;
+each round runs every case once, in a rotated order, plus each torch.mm orientation of the floor,
+so that the noise of a shared machine falls on all of them alike; medians over the rounds. Targets
 are judged on ratios of medians; "per round" is the median of the ratios within each round,
 which load changing from round to round does not skew. Peak extra memory: each implementation
 once more in a fresh process (VmHWM reset). (b) takes minutes, so it runs once, in a fresh
@@ -33,8 +33,8 @@ from fastcontrast.benchmarks._cases import TEMPERATURE, case_memory_args, case_s
     concrete_backend, info_nce_flop, make_inputs, make_step  # noqa: E402
 from fastcontrast.benchmarks._floor import ORIENTATIONS, floor_from_medians, matmul_steps, \
     repeated  # noqa: E402
-from fastcontrast.benchmarks._report import print_tables, write_all  # noqa: E402
-from fastcontrast._measure import GiB, format_bytes, format_seconds, machine_info, \
+from fastcontrast.benchmarks.report import print_target_tables, write_target_files  # noqa: E402
+from fastcontrast.cli.measure import GiB, format_bytes, format_seconds, machine_info, \
     paired_ratio, peak_extra_memory, summarize, time_interleaved
 
 TITLE = "fastcontrast core targets (CPU, fp32)"
@@ -259,8 +259,8 @@ def main(argv=None):
     log = lambda message: console.print(f"[dim]{message}[/]")  # noqa: E731
     sizes = QUICK if args.quick else FULL
     result = run(sizes, args.repeats, args.backend, sorted(set(args.parts)), log)
-    paths = write_all(args.out, result, TITLE)
-    print_tables(console, result, TITLE)
+    paths = write_target_files(args.out, result, TITLE)
+    print_target_tables(console, result, TITLE)
     console.print("wrote " + ", ".join(paths))
     return 0
 

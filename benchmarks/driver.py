@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from fastcontrast import _measure
+from fastcontrast.cli import measure
 
 from . import families as fam
 from .plots import plot_all
@@ -49,7 +49,7 @@ def _load_average():
 
 
 def machine(device):
-    info = _measure.machine_info()
+    info = measure.machine_info()
     if device == "cuda":
         import torch
 
@@ -130,15 +130,15 @@ def targets(records):
             continue
         speedup = theirs["median_s"] / mine["median_s"]
         checks.append({"check": f"{family}: speed-up vs {other}", "value": speedup,
-                       "display": f"{speedup:.2f}x ({_measure.format_seconds(theirs['median_s'])}"
-                                  f" / {_measure.format_seconds(mine['median_s'])})",
+                       "display": f"{speedup:.2f}x ({measure.format_seconds(theirs['median_s'])}"
+                                  f" / {measure.format_seconds(mine['median_s'])})",
                        "target": f">= {speed_target}x", "met": speedup >= speed_target})
         if memory_target is not None:
             ratio = mine["peak_extra_bytes"] / max(1, theirs["peak_extra_bytes"])
             checks.append({"check": f"{family}: peak extra memory vs {other}", "value": ratio,
                            "display": f"{100 * ratio:.2f}% "
-                                      f"({_measure.format_bytes(mine['peak_extra_bytes'])} / "
-                                      f"{_measure.format_bytes(theirs['peak_extra_bytes'])})",
+                                      f"({measure.format_bytes(mine['peak_extra_bytes'])} / "
+                                      f"{measure.format_bytes(theirs['peak_extra_bytes'])})",
                            "target": f"< {100 * memory_target:.0f}%",
                            "met": ratio < memory_target})
     return checks
@@ -240,9 +240,9 @@ def run_bench(suite_name="default", out_dir=None, device=None, budget_gib=None,
             # Load (or compile, once, into its cache) the C++ extension here, so that no
             # worker spends its time limit compiling it.
             advance("loading fastcontrast's C++ extension")
-            from fastcontrast import _ext
+            from fastcontrast import backends
 
-            _ext.available()
+            backends.available_backends("cpu")
         floors = {}
         for d, dtype in floor_keys:
             advance(f"matmul floor D={d} {dtype}")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcontrast
-from fastcontrast.demo import naive_info_nce
+from fastcontrast.cli.demo import naive_info_nce
 
 from . import peers
 

@@ -6,7 +6,6 @@ and the median of per-round ratios are reported. Writes momentum_targets.json, .
     python benchmarks/momentum_targets.py --out DIR [--repeats 21] [--quick]
 """
 import argparse
-import csv
 import os
 import sys
 
@@ -15,11 +14,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _momentum_cases import (RESNET50_NUM_ELEMENTS, RESNET50_NUM_TENSORS,  # noqa: E402
                              implementations, make_params, resnet50_param_shapes)
-from _report import write_json  # noqa: E402
+from report import write_csv, write_json  # noqa: E402
 
 import fastcontrast.momentum as fm  # noqa: E402
-from fastcontrast._measure import (format_seconds, machine_info, paired_ratio,  # noqa: E402
-                                   summarize, time_interleaved)
+from fastcontrast.cli.measure import (format_seconds, machine_info, paired_ratio,  # noqa: E402
+                                       summarize, time_interleaved)
 from fastcontrast.functional import available_backends  # noqa: E402
 
 MOMENTUM = 0.999
@@ -80,16 +79,13 @@ def run(repeats, quick):
 
 def write_outputs(out, result):
     os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "momentum_targets.json"), result)
-    with open(os.path.join(out, "momentum_targets.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS + ("cpu", "threads", "torch", "date"),
-                                extrasaction="ignore")
-        writer.writeheader()
-        m = result["machine"]
-        for record in result["records"]:
-            writer.writerow({**record, "cpu": m["cpu"], "threads": m["torch_threads"],
-                             "torch": m["torch"], "date": m["date"]})
+    write_json(os.path.join(out, "momentum_targets.json"), result, indent=2)
     m = result["machine"]
+    context = {"cpu": m["cpu"], "threads": m["torch_threads"], "torch": m["torch"],
+               "date": m["date"]}
+    write_csv(os.path.join(out, "momentum_targets.csv"),
+              [{**record, **context} for record in result["records"]],
+              FIELDS + tuple(context))
     lines = [f"# momentum_update targets ({m['cpu']}, {m['torch_threads']} threads, torch "
              f"{m['torch']}, {m['date']})", "",
              f"m = {MOMENTUM}; medians of {result['config']['repeats']} interleaved rounds; "

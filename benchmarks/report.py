@@ -1,14 +1,59 @@
-"""Output of ``fastcontrast bench``: the terminal table, results.json (everything), results.csv
-(one row per case, to accumulate across runs and machines) and summary.md.
+"""Writing benchmark results: the terminal tables, JSON (everything), CSV (one row per measured
+thing, to accumulate across runs and machines) and a markdown summary.
 
-A result dict: "machine", "config", "floors" (matmul rate per D / dtype), "records" (one per
-case, benchmarks/runner.py), "largest_n" (the search), "targets" (issue-4 checks) and "notes".
+Two kinds of result share the writers. A ``fastcontrast bench`` run (benchmarks/driver.py):
+"machine", "config", "floors" (matmul rate per D / dtype), "records" (one per case,
+benchmarks/runner.py), "largest_n" (the search), "targets" (issue-4 checks) and "notes";
+``print_tables`` and ``write_all`` (results.json, results.csv, summary.md). A targets script
+(benchmarks/core_targets.py): "machine" (fastcontrast.cli.measure.machine_info()), "config",
+"records" (measurements: part, case, backend, shape, median/p20/p80 seconds, peak extra bytes,
+GFLOP/s), "targets" (checks: part, check, value, display, target, met) and "notes";
+``print_target_tables`` and ``write_target_files``.
 """
 import csv
 import json
 import os
 
-from fastcontrast._measure import format_bytes, format_seconds
+from fastcontrast.cli.measure import format_bytes, format_seconds
+
+
+def write_json(path, result, indent=1):
+    """``result`` as JSON (a value JSON has no type for is written as its str)."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=indent, default=str)
+        f.write("\n")
+
+
+def write_csv(path, rows, fields):
+    """One CSV row per dict of ``rows``, the columns ``fields`` (other keys are ignored)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_files(out_dir, names, result, csv_rows, csv_fields, summary, indent=1):
+    """JSON, CSV and then the markdown ``summary()`` into ``out_dir`` (created), named
+    ``names``; returns the three paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, name) for name in names]
+    write_json(paths[0], result, indent)
+    write_csv(paths[1], csv_rows, csv_fields)
+    with open(paths[2], "w") as f:
+        f.write(summary())
+    return paths
+
+
+def _md_row(cells):
+    return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+
+def _verdict(met):
+    return {True: "yes", False: "NO", None: "n/a"}[met]
+
+
+# ---------------------------------------------------------------------------------------------
+# fastcontrast bench
 
 CSV_FIELDS = ("suite", "part", "family", "impl", "kind", "backend", "peer_version", "n", "m", "d",
               "k", "dtype", "device", "mode", "status", "reason", "loss", "reference",
@@ -121,28 +166,16 @@ def print_tables(console, result):
         console.print(f"[dim]- {escape(note)}[/]")
 
 
-def write_json(path, result):
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-        f.write("\n")
-
-
-def write_csv(path, result):
+def bench_csv_rows(result):
+    """The CSV rows of a bench run: each record with the run's context and its loss check."""
     m = result["machine"]
     context = {"suite": result["config"]["suite"], "machine": m.get("gpu") or m["cpu"],
                "threads": m["torch_threads"], "torch": m["torch"],
                "fastcontrast": m["fastcontrast"], "date": m["date"]}
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for record in result["records"]:
-            check = record.get("check") or {}
-            writer.writerow({**context, **record, "reference": check.get("reference"),
-                             "rel_err": check.get("rel_err")})
-
-
-def _md_row(cells):
-    return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+    for record in result["records"]:
+        check = record.get("check") or {}
+        yield {**context, **record, "reference": check.get("reference"),
+               "rel_err": check.get("rel_err")}
 
 
 def markdown(result, plots=()):
@@ -157,7 +190,8 @@ def markdown(result, plots=()):
              f"({m['logical_cpus']} CPUs: above that, other processes shared them)",
              f"- every case forward+backward (gradients of every input that needs one) in a "
              f"fresh process; time = median of up to {c['repeats']} runs after a checked "
-             f"first run; memory budget per case {c['budget']}; time limit {c['time_limit_s']:.0f} s",
+             f"first run; memory budget per case {c['budget']}; time limit "
+             f"{c['time_limit_s']:.0f} s",
              ""]
     for floor in result.get("floors", []):
         if floor.get("status") == "OK":
@@ -173,8 +207,7 @@ def markdown(result, plots=()):
     if result.get("targets"):
         lines += ["", "## Targets", "", _md_row(["check", "measured", "target", "met"]),
                   _md_row(["---"] * 4)]
-        lines += [_md_row([t["check"], t["display"], t["target"],
-                           {True: "yes", False: "NO", None: "n/a"}[t["met"]]])
+        lines += [_md_row([t["check"], t["display"], t["target"], _verdict(t["met"])])
                   for t in result["targets"]]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
@@ -186,11 +219,93 @@ def markdown(result, plots=()):
 
 def write_all(out_dir, result, plots=()):
     """results.json, results.csv and summary.md into ``out_dir``; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, name) for name in ("results.json", "results.csv",
-                                                      "summary.md")]
-    write_json(paths[0], result)
-    write_csv(paths[1], result)
-    with open(paths[2], "w") as f:
-        f.write(markdown(result, plots))
-    return paths
+    return _write_files(out_dir, ("results.json", "results.csv", "summary.md"), result,
+                        bench_csv_rows(result), CSV_FIELDS, lambda: markdown(result, plots))
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets scripts (core_targets.py)
+
+TARGET_CSV_FIELDS = ("part", "case", "backend", "n", "m", "d", "dtype", "symmetric", "repeats",
+                     "median_s", "p20_s", "p80_s", "gflops", "peak_extra_bytes",
+                     "memory_method", "cpu", "threads", "torch", "fastcontrast", "date")
+
+
+def _record_cells(record):
+    time = "-" if record.get("median_s") is None else (
+        f"{format_seconds(record['median_s'])} ({format_seconds(record['p20_s'])} - "
+        f"{format_seconds(record['p80_s'])})" if record.get("p20_s") is not None
+        else format_seconds(record["median_s"]))
+    extra = record.get("peak_extra_bytes")
+    memory = "-" if extra is None else format_bytes(extra)
+    gflops = "-" if record.get("gflops") is None else f"{record['gflops']:.0f}"
+    shape = f"{record['n']} x {record['m']} x {record['d']}"
+    backend = record.get("backend") or "-"
+    return [record["part"], record["case"], backend, shape, time, gflops, memory]
+
+
+TARGET_RECORD_HEADER = ["part", "case", "backend", "N x M x D", "median (p20 - p80)",
+                        "GFLOP/s", "peak extra memory"]
+TARGET_HEADER = ["part", "check", "measured", "target", "met"]
+
+
+def _target_cells(target):
+    return [target["part"], target["check"], target["display"], target["target"] or "-",
+            _verdict(target["met"])]
+
+
+def target_markdown(result, title):
+    """summary.md of a targets script: the machine, the targets, the measurements, the notes."""
+    m = result["machine"]
+    lines = [f"# {title}", "",
+             f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs, "
+             f"{m['torch_threads']} torch threads)",
+             f"- torch {m['torch']}, fastcontrast {m['fastcontrast']}, Python {m['python']}, "
+             f"{m['platform']}",
+             f"- date: {m['date']}",
+             f"- config: {', '.join(f'{k}={v}' for k, v in result['config'].items())}", "",
+             "## Targets", "", _md_row(TARGET_HEADER), _md_row(["---"] * len(TARGET_HEADER))]
+    lines += [_md_row(_target_cells(t)) for t in result["targets"]]
+    lines += ["", "## Measurements", "", _md_row(TARGET_RECORD_HEADER),
+              _md_row(["---"] * len(TARGET_RECORD_HEADER))]
+    lines += [_md_row(_record_cells(r)) for r in result["records"]]
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_target_files(out_dir, result, title, stem="core_targets"):
+    """JSON + CSV + markdown into ``out_dir`` (created); returns the three paths."""
+    machine = result["machine"]
+    context = {"cpu": machine["cpu"], "threads": machine["torch_threads"],
+               "torch": machine["torch"], "fastcontrast": machine["fastcontrast"],
+               "date": machine["date"]}
+    rows = ({**context, **record} for record in result["records"])
+    return _write_files(out_dir, (f"{stem}.json", f"{stem}.csv", "summary.md"), result, rows,
+                        TARGET_CSV_FIELDS, lambda: target_markdown(result, title), indent=2)
+
+
+def print_target_tables(console, result, title):
+    """The targets and the measurements as rich tables (the p20 - p80 spread is in the files)."""
+    from rich.table import Table
+
+    records = Table(title=f"{title}: measurements")
+    for name in ("part", "case", "N x M x D", "median", "GFLOP/s", "peak extra memory"):
+        records.add_column(name, justify="left" if name in ("part", "case") else "right")
+    for record in result["records"]:
+        part, case, backend, shape, _, gflops, memory = _record_cells(record)
+        case = case if backend == "-" else f"{case} ({backend})"
+        median = "-" if record["median_s"] is None else format_seconds(record["median_s"])
+        records.add_row(part, case, shape, median, gflops, memory)
+    console.print(records)
+    targets = Table(title=f"{title}: targets")
+    for name in TARGET_HEADER:
+        targets.add_column(name)
+    style = {True: "green", False: "bold red", None: "dim"}
+    for target in result["targets"]:
+        cells = _target_cells(target)
+        cells[-1] = f"[{style[target['met']]}]{cells[-1]}[/]"
+        targets.add_row(*cells)
+    console.print(targets)
+    for note in result.get("notes", []):
+        console.print(f"- {note}")

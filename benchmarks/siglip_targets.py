@@ -5,7 +5,7 @@ variant. Writes siglip_targets.json and summary.md into --out.
     python benchmarks/siglip_targets.py --out OUT_DIR [--n 8192] [--dim 256] [--repeats 5]
 
 Time: every implementation once per round, the order rotated from round to round, medians
-(fastcontrast._measure.time_interleaved). Memory: each implementation once more in a fresh
+(fastcontrast.cli.measure.time_interleaved). Memory: each implementation once more in a fresh
 process, peak resident set during the step minus the resident set before it (gradients
 included). The losses are checked to agree before anything is timed. The essential work is
 6 N^2 D FLOP (logits, d image, d text); its rate is reported beside a torch.mm rate measured in
@@ -19,8 +19,9 @@ import time
 import torch
 
 import fastcontrast
-from fastcontrast._measure import (format_bytes, format_seconds, machine_info, paired_ratio,
-                                   peak_extra_memory, summarize, time_interleaved)
+from fastcontrast.cli.measure import (format_bytes, format_seconds, machine_info,
+                                       paired_ratio, peak_extra_memory, summarize,
+                                       time_interleaved)
 
 try:
     from ._siglip_cases import (BIAS, SCALE, forward_backward, loss_function, make_inputs,

@@ -16,7 +16,7 @@ import torch
 from . import _bootstrap
 
 _bootstrap.ensure_package()
-from fastcontrast._measure import cpu_model  # noqa: E402
+from fastcontrast.cli.measure import cpu_model  # noqa: E402
 from fastcontrast.benchmarks import families as fam  # noqa: E402
 from fastcontrast.benchmarks.runner import reference_value  # noqa: E402
 from fastcontrast.benchmarks.worker import check_loss, make_step  # noqa: E402

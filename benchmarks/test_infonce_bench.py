@@ -12,7 +12,7 @@ import torch
 from . import _bootstrap
 
 _bootstrap.ensure_package()
-from fastcontrast._measure import cpu_model  # noqa: E402
+from fastcontrast.cli.measure import cpu_model  # noqa: E402
 from fastcontrast.benchmarks._cases import (CASES, DTYPE, case_step, concrete_backend,  # noqa: E402
                                             info_nce_flop, make_inputs)
 from fastcontrast.benchmarks._floor import (FLOOR_SHAPE, ORIENTATIONS, matmul_flop,  # noqa: E402

@@ -14,7 +14,7 @@ try:
     from ._momentum_cases import implementations, make_params, resnet50_param_shapes
 except ImportError:  # this folder on sys.path, not imported as a package
     from _momentum_cases import implementations, make_params, resnet50_param_shapes
-from fastcontrast._measure import cpu_model
+from fastcontrast.cli.measure import cpu_model
 from fastcontrast.functional import available_backends
 
 MOMENTUM = 0.999

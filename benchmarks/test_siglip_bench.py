@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastcontrast
-from fastcontrast._measure import cpu_model
+from fastcontrast.cli.measure import cpu_model
 
 try:
     from ._siglip_cases import forward_backward, loss_function, make_inputs, siglip_flop

@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: sys.path[0] is this folder
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fastcontrast import _measure  # noqa: E402
+from fastcontrast.cli import measure  # noqa: E402
 from fastcontrast.benchmarks import families as fam  # noqa: E402
 from fastcontrast.benchmarks._floor import matmul_flop, matmul_steps  # noqa: E402
 
@@ -84,7 +84,7 @@ def timer(device):
 
 
 def _vm_size_bytes():
-    size = _measure._proc_status_bytes("VmSize")
+    size = measure._proc_status_bytes("VmSize")
     if size is None:
         raise OSError("/proc/self/status has no VmSize")
     return size
@@ -123,12 +123,13 @@ class MemoryProbe:
             self.baseline = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated - inputs"
             return
-        if _measure._reset_peak() and _measure._proc_status_bytes("VmHWM") is not None:
-            self.method, self.read_peak = "VmHWM reset", lambda: _measure._proc_status_bytes("VmHWM")
+        if measure._reset_peak() and measure._proc_status_bytes("VmHWM") is not None:
+            self.method = "VmHWM reset"
+            self.read_peak = lambda: measure._proc_status_bytes("VmHWM")
         else:
             self.method = "ru_maxrss (peak could not be reset; lifetime peak)"
-            self.read_peak = _measure._max_rss_bytes
-        self.baseline = _measure._current_rss_bytes()
+            self.read_peak = measure._max_rss_bytes
+        self.baseline = measure._current_rss_bytes()
 
     def stop(self):
         if self.device.type == "cuda":
@@ -241,7 +242,7 @@ def timed_runs(step, clock, spec, cold_s):
     samples = [clock(step) for _ in range(repeats)]
     if not samples:
         return {"median_s": cold_s, "p20_s": None, "p80_s": None, "samples_s": [], "timed_runs": 0}
-    return {**_measure.summarize(samples), "timed_runs": len(samples)}
+    return {**measure.summarize(samples), "timed_runs": len(samples)}
 
 
 def run_floor(spec):

@@ -7,7 +7,8 @@ import os
 def cpu_extension_sources(repo_root):
     """The .cpp files of the CPU extension: csrc/bindings.cpp and csrc/cpu/*.cpp."""
     csrc = os.path.join(repo_root, "csrc")
-    return [os.path.join(csrc, "bindings.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    kernels = sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    return [os.path.join(csrc, "bindings.cpp")] + kernels
 
 
 def cpu_extension_flags():

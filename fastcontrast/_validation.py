@@ -6,7 +6,6 @@ import numbers
 import torch
 
 from ._host import REDUCTIONS  # noqa: F401  (re-exported for the checks' callers)
-from .backends import LOSS_BACKENDS as BACKENDS  # noqa: F401  (the methods' backend= choices)
 
 
 def reads_values(t):

@@ -9,4 +9,6 @@ if [ "${FASTCONTRAST_BENCH_PEERS:-0}" = 1 ]; then
 else
   ./scripts/setup.sh
 fi
+# Lint first (configured in pyproject.toml: pycodestyle + pyflakes, lines <= 100).
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest tests "$@"

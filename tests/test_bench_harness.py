@@ -13,13 +13,14 @@ import time
 import pytest
 import torch
 
-from fastcontrast.cli import benchmarks_package, build_parser
+from fastcontrast.cli import build_parser
+from fastcontrast.cli.bench import benchmarks_package
 
 benchmarks_package()  # fastcontrast.benchmarks, installed or from the checkout
 from fastcontrast.benchmarks import families as fam  # noqa: E402
 from fastcontrast.benchmarks import peers, report, runner as bench_runner  # noqa: E402
 from fastcontrast.benchmarks.families import Implementation, Problem  # noqa: E402
-from fastcontrast.demo import naive_info_nce  # noqa: E402
+from fastcontrast.cli.demo import naive_info_nce  # noqa: E402
 
 MiB = 1 << 20
 LEAK = []  # what the leaky fake keeps alive in its process

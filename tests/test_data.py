@@ -3,10 +3,10 @@ augmentations, and the synthetic speaker sequences for CPC."""
 import pytest
 import torch
 
-from fastcontrast.data import (ClutteredDigits, ClutterRenderer, SyntheticSpeakers,
-                               evaluation_set, filtered_views, load_digit_images,
-                               random_resized_crops, split_halves, stratified_split)
-from fastcontrast.evaluate import linear_probe
+from fastcontrast.methods.data import (ClutteredDigits, ClutterRenderer, SyntheticSpeakers,
+                                       evaluation_set, filtered_views, load_digit_images,
+                                       random_resized_crops, split_halves, stratified_split)
+from fastcontrast.methods.evaluate import linear_probe
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from fastcontrast import _measure
-from fastcontrast.cli import build_parser, main
+from fastcontrast.cli import build_parser, main, measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +45,7 @@ def test_cli_without_a_command_prints_help(capsys):
 def test_demo_in_process_agrees_between_implementations():
     from rich.console import Console
 
-    from fastcontrast.demo import FASTCONTRAST, NAIVE, run_demo
+    from fastcontrast.cli.demo import FASTCONTRAST, NAIVE, run_demo
 
     printed = io.StringIO()
     result = run_demo(n=64, dim=8, repeats=1, backend="torch", memory=False,
@@ -57,11 +56,11 @@ def test_demo_in_process_agrees_between_implementations():
 
 
 def test_memory_probe_measures_a_known_allocation_and_nothing():
-    big = _measure.peak_extra_memory(_measure.allocation_step, 200 * _measure.MiB,
-                                     warmup_args=(_measure.MiB,))
-    none = _measure.peak_extra_memory(_measure.allocation_step, 0, warmup_args=(_measure.MiB,))
-    assert 150 * _measure.MiB <= big.extra_bytes <= 260 * _measure.MiB, big
-    assert 0 <= none.extra_bytes < 8 * _measure.MiB, none
+    big = measure.peak_extra_memory(measure.allocation_step, 200 * measure.MiB,
+                                    warmup_args=(measure.MiB,))
+    none = measure.peak_extra_memory(measure.allocation_step, 0, warmup_args=(measure.MiB,))
+    assert 150 * measure.MiB <= big.extra_bytes <= 260 * measure.MiB, big
+    assert 0 <= none.extra_bytes < 8 * measure.MiB, none
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastcontrast.encoders import SequenceEncoder, SmallConvEncoder
+from fastcontrast.methods.encoders import SequenceEncoder, SmallConvEncoder
 
 
 @pytest.mark.parametrize("side", [24, 17, 4])

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import fastcontrast
-from fastcontrast.evaluate import (extract_features, knn_accuracy, knn_predict, linear_probe,
-                                   mi_lower_bound, raw_pixel_baseline, untrained_baseline)
+from fastcontrast.methods.evaluate import (extract_features, knn_accuracy, knn_predict,
+                                           linear_probe, mi_lower_bound, raw_pixel_baseline,
+                                           untrained_baseline)
 
 PROBES = ["sklearn", "torch"]
 
@@ -255,7 +256,7 @@ def test_bad_input_is_named(call, error, words):
 def test_cluttered_digits_raw_pixels_are_near_chance():
     """Calibration of the benchmark: a linear probe on raw cluttered pixels stays near chance
     (about 11%; the plain 8x8 digits give about 97%), because position and clutter vary."""
-    from fastcontrast.data import ClutteredDigits
+    from fastcontrast.methods.data import ClutteredDigits
 
     train = ClutteredDigits("train").evaluation_set()
     test = ClutteredDigits("test").evaluation_set()

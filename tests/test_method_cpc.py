@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcontrast
-from fastcontrast.data import SyntheticSpeakers
 from fastcontrast.methods import cpc
+from fastcontrast.methods.data import SyntheticSpeakers
 
 TINY = dict(latent_dim=3, context_dim=5, encoder_width=4, prediction_steps=2)
 

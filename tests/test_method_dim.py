@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fastcontrast
-from fastcontrast.data import ClutteredDigits
 from fastcontrast.methods import dim
+from fastcontrast.methods.data import ClutteredDigits
 
 FUSED = [b for b in ("cpu", "torch") if b in fastcontrast.available_backends("cpu")]
 TINY = {"width": 8, "out_dim": 16, "head_dim": 8}

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcontrast.data import ClutteredDigits
 from fastcontrast.methods import simclr
+from fastcontrast.methods.data import ClutteredDigits
 
 TINY = {"width": 4, "feature_dim": 16, "projection_dim": 8}
 

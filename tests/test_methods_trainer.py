@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from fastcontrast import evaluate as ev
 from fastcontrast import info_nce
-from fastcontrast.data import ClutteredDigits
+from fastcontrast.cli.train import add_train_parser
 from fastcontrast.methods import ContrastiveMethod, moco, simclr, trainer
-from fastcontrast.methods.cli_train import add_train_parser
+from fastcontrast.methods import evaluate as ev
+from fastcontrast.methods.data import ClutteredDigits
 
 TINY = {"width": 4, "feature_dim": 16, "projection_dim": 8}
 

@@ -69,9 +69,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as fc
-from .._validation import BACKENDS, check_choice, check_int, positive_scalar
-from ..data import random_resized_crops
+from ..backends import LOSS_BACKENDS as BACKENDS
+from .._validation import check_choice, check_int, positive_scalar
 from .base import ContrastiveMethod
+from .data import random_resized_crops
 from .dim import build_from_defaults, check_images, map_encoder, render_batch
 
 PAIRS = ("1-5", "1-7", "5-5", "1-1")

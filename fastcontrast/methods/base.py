@@ -5,7 +5,7 @@ A method is an ``nn.Module`` that owns its networks (encoder, heads, momentum co
 knows how to draw its own views:
 
     batch = method.views(dataset, indices, generator)   # augmented views of dataset[indices]
-    out = method.loss(batch)                            # {"loss": scalar tensor, "mi_bound": ..., ...}
+    out = method.loss(batch)                 # {"loss": scalar tensor, "mi_bound": ..., ...}
     out["loss"].backward(); optimizer.step()
     method.after_step()                                 # momentum update, queue enqueue, ...
     features = method.features(inputs)                  # frozen features for the probes (no grad)

@@ -44,12 +44,13 @@ import torch
 from torch import nn
 
 from .. import functional as fc
-from .._validation import BACKENDS, check_choice, check_ids, check_int, positive_scalar
-from ..data import filtered_views, split_halves
-from ..encoders import SmallConvEncoder
+from ..backends import LOSS_BACKENDS as BACKENDS
+from .._validation import check_choice, check_ids, check_int, positive_scalar
 from ..queue import NegativeQueue
 from .base import ContrastiveMethod
+from .data import filtered_views, split_halves
 from .dim import build_from_defaults, check_images, render_batch
+from .encoders import SmallConvEncoder
 
 VIEWS = ("low", "high", "top", "bottom", "left", "right", "full")
 GRAPHS = ("core", "full")

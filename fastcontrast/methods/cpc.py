@@ -31,12 +31,12 @@ Representation for evaluation (``features``): the mean over time of the context 
 the whole sequence, (B, context_dim), in whatever train/eval mode the caller has set.
 
 Deviations from the paper:
-* Data: ``fastcontrast.data.SyntheticSpeakers`` (1-D synthetic sequences whose "speaker" is a
-  set of close frequencies, resolvable only over a long context), not LibriSpeech; sequences of
+* Data: ``fastcontrast.methods.data.SyntheticSpeakers`` (1-D synthetic sequences whose "speaker"
+  is a set of close frequencies, resolvable only over a long context), not LibriSpeech; sequences of
   1024 samples, not 20480-sample windows, and the stored sequences are used as they are (no
   random windowing; CPC uses no other augmentation).
-* Encoder: ``fastcontrast.encoders.SequenceEncoder`` (4 strided conv1d blocks with BatchNorm,
-  which the paper does not use, and a 1x1 projection; downsampling 16, receptive field 76
+* Encoder: ``fastcontrast.methods.encoders.SequenceEncoder`` (4 strided conv1d blocks with
+  BatchNorm, which the paper does not use, and a 1x1 projection; downsampling 16, receptive field 76
   samples) instead of the paper's five conv layers (strides 5, 4, 2, 2, 2, downsampling 160, 512
   channels, ReLU only); latent size 64 and GRU context size 128 instead of 512 and 256.
 * Negatives: all latents of the batch, including earlier and later steps of the same sequence
@@ -53,9 +53,10 @@ import torch
 from torch import nn
 
 from .. import functional
-from .._validation import BACKENDS, check_choice, check_flag, check_int, positive_scalar
-from ..encoders import SequenceEncoder
+from ..backends import LOSS_BACKENDS as BACKENDS
+from .._validation import check_choice, check_flag, check_int, positive_scalar
 from .base import ContrastiveMethod
+from .encoders import SequenceEncoder
 
 DEFAULTS = {
     # training settings (read by the trainer)

@@ -63,10 +63,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as fc
-from .._validation import (BACKENDS, check_choice, check_flag, check_int, non_negative_float,
+from ..backends import LOSS_BACKENDS as BACKENDS
+from .._validation import (check_choice, check_flag, check_int, non_negative_float,
                            positive_scalar)
-from ..encoders import SmallConvEncoder
 from .base import ContrastiveMethod
+from .encoders import SmallConvEncoder
 
 ESTIMATORS = ("infonce", "jsd")
 OBJECTIVES = ("local", "global", "both")
@@ -199,9 +200,9 @@ class DeepInfoMax(ContrastiveMethod):
         out, total = {}, 0.0
         if self.objective != "global":
             b, p = local.shape[0], local.shape[2] * local.shape[3]
-            l = self.local_head(local).flatten(2).transpose(1, 2).reshape(b * p, -1)
+            local_codes = self.local_head(local).flatten(2).transpose(1, 2).reshape(b * p, -1)
             targets = torch.arange(b, device=local.device).repeat_interleave(p)
-            term, out = self._term(l, g, targets)
+            term, out = self._term(local_codes, g, targets)
             total = total + self.beta * term
         if self.objective != "local":
             w = self.map_head(local).mean(dim=(2, 3))

@@ -22,7 +22,7 @@ InfoNCE bound is log(K + 1) - L.
 
 Deviations from the papers, all for a small CPU benchmark:
 
-* Data and augmentations: the cluttered translated digits of ``fastcontrast.data`` (fresh
+* Data and augmentations: the cluttered translated digits of ``fastcontrast.methods.data`` (fresh
   rendering per view: random position and clutter in place of random resized crops) with the
   grey-level intensity jitter of ``simclr.intensity_jitter``; no flips, no grey-scale
   conversion (already grey), no colour. v2's random Gaussian blur is implemented
@@ -57,8 +57,8 @@ from torch import nn
 
 from .. import NegativeQueue, moco_loss, momentum_update
 from .._validation import check_choice
-from ..encoders import SmallConvEncoder
 from .base import ContrastiveMethod
+from .encoders import SmallConvEncoder
 from .simclr import check_batch, draw_views, intensity_jitter, projection_head, settings
 
 DEFAULTS = {

@@ -16,8 +16,8 @@ on the mutual information of the two views is log(2N - 1) - L.
 
 Deviations from the paper, all for a small CPU benchmark:
 
-* Data: the cluttered translated digits of ``fastcontrast.data`` (24 x 24 grey canvases, 1258
-  training digits) instead of ImageNet / CIFAR-10.
+* Data: the cluttered translated digits of ``fastcontrast.methods.data`` (24 x 24 grey canvases,
+  1258 training digits) instead of ImageNet / CIFAR-10.
 * Augmentations: a view is a fresh rendering (random position of the digit and random clutter
   fragments; this plays the role of random crop + resize) followed by a random intensity scale
   and offset (a grey-level stand-in for colour jitter, probability ``jitter_p``). No flips (digits
@@ -37,8 +37,8 @@ from torch import nn
 
 from .. import nt_xent
 from .._validation import check_choice
-from ..encoders import SmallConvEncoder
 from .base import ContrastiveMethod
+from .encoders import SmallConvEncoder
 
 DEFAULTS = {
     "data": "digits",

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import evaluate as ev
+from . import evaluate as ev
 from .base import ContrastiveMethod
 
 DATASETS = ("digits", "speakers")
@@ -52,7 +52,7 @@ def _positive(name, value, kind=numbers.Real, optional=False):
 def datasets(name, **kwargs):
     """(train, test) splits of an embedded data set: "digits" (ClutteredDigits) or "speakers"
     (SyntheticSpeakers); ``kwargs`` go to both constructors."""
-    from ..data import ClutteredDigits, SyntheticSpeakers
+    from .data import ClutteredDigits, SyntheticSpeakers
 
     if name == "digits":
         return ClutteredDigits("train", **kwargs), ClutteredDigits("test", **kwargs)

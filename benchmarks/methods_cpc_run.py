@@ -1,7 +1,11 @@
-"""The measurement behind cpc.json in this folder: CPC trained with its DEFAULTS through the
-trainer, then evaluated (probe, kNN, per-step accuracy and InfoNCE bound on held-out sequences),
-against the untrained network and raw inputs; step time of the fused loss vs backend="reference";
-the same-first-steps check. Usage: python run.py OUT_DIR [--threads T]"""
+"""Measure CPC on SyntheticSpeakers and write OUT_DIR/cpc.json (the measurement behind
+benchmarks/results/methods-cpc-cpu-2026-11-29/).
+
+    python benchmarks/methods_cpc_run.py OUT_DIR [--threads T] [--seed S]
+
+CPC trained with its DEFAULTS through the trainer, then evaluated (probe, kNN, per-step accuracy
+and InfoNCE bound on held-out sequences), against the untrained network and raw inputs; step time
+of the fused loss vs backend="reference"; the same-first-steps check."""
 import argparse
 import json
 import math
@@ -12,8 +16,8 @@ import time
 
 import torch
 
-from fastcontrast import evaluate as ev
 from fastcontrast.methods import cpc, trainer
+from fastcontrast.methods import evaluate as ev
 
 
 def held_out_diagnostics(method, test_set, batch_size):

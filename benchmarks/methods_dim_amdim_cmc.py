@@ -1,6 +1,8 @@
-"""Measure Deep InfoMax, AMDIM and CMC on cluttered digits and write one JSON per method.
+"""Measure Deep InfoMax, AMDIM and CMC on cluttered digits and write one JSON per method (by
+default into benchmarks/results/methods-dim-amdim-cmc-cpu-2026-11-29/, the recorded run).
 
-    python measure.py METHOD [--seconds S] [--threads T] [--baseline-seconds S] [--out DIR]
+    python benchmarks/methods_dim_amdim_cmc.py METHOD [--seconds S] [--threads T]
+                                               [--baseline-seconds S] [--out DIR]
 
 Trains ``build(METHOD)`` with its DEFAULTS for the DEFAULTS["seconds"] budget (``fit``), then
 records: linear-probe and kNN accuracy of the frozen features (held-out split), the untrained
@@ -19,6 +21,9 @@ import torch
 from fastcontrast.methods import method_module
 from fastcontrast.methods import trainer
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                       "methods-dim-amdim-cmc-cpu-2026-11-29")
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -26,7 +31,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--baseline-seconds", type=float, default=60.0)
-    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     module = method_module(args.method)

@@ -14,8 +14,9 @@ benchmarks (benchmarks/) reuse, so the demo and the benchmarks compare exactly t
 import torch
 import torch.nn.functional as F
 
-from . import _measure
-from .functional import info_nce, resolve_backend
+from ..backends import resolve
+from ..functional import info_nce
+from . import measure
 
 TEMPERATURE = 0.07
 
@@ -40,7 +41,7 @@ def concrete_backend(requested="auto", device="cpu"):
     pure-PyTorch backend). Other names are returned unchanged."""
     if requested != "auto":
         return requested
-    return resolve_backend("auto", torch.device(device))
+    return resolve("auto", torch.device(device))
 
 
 def make_inputs(n, dim, seed=0, dtype=torch.float32):
@@ -82,7 +83,7 @@ def make_step(impl, n, dim, backend="auto", temperature=TEMPERATURE, symmetric=F
 def compare(n=4096, dim=256, repeats=5, backend="auto", temperature=TEMPERATURE, memory=True):
     """Both implementations on the same inputs: loss, median forward+backward seconds (runs
     interleaved, after one warm-up run each) and, if ``memory``, the peak extra memory of each
-    (measured in a fresh process, fastcontrast._measure.peak_extra_memory)."""
+    (measured in a fresh process, fastcontrast.cli.measure.peak_extra_memory)."""
     resolved = concrete_backend(backend)
     query, key = make_inputs(n, dim)
     steps = {}
@@ -90,14 +91,14 @@ def compare(n=4096, dim=256, repeats=5, backend="auto", temperature=TEMPERATURE,
         loss_fn = loss_function(impl, resolved, temperature)
         steps[impl] = lambda loss_fn=loss_fn: forward_backward(loss_fn, query, key)
     losses = {impl: step() for impl, step in steps.items()}  # doubles as the warm-up run
-    timings = _measure.time_interleaved(steps, repeats, warmup=0)
+    timings = measure.time_interleaved(steps, repeats, warmup=0)
     memory_results = {impl: None for impl in steps}
     if memory:
         for impl in steps:
-            memory_results[impl] = _measure.peak_extra_memory(
+            memory_results[impl] = measure.peak_extra_memory(
                 make_step, impl, n, dim, resolved, temperature,
                 warmup_args=(impl, 64, dim, resolved, temperature))
-    medians = {impl: _measure.summarize(t)["median_s"] for impl, t in timings.items()}
+    medians = {impl: measure.summarize(t)["median_s"] for impl, t in timings.items()}
     extra = {impl: None if r is None else r.extra_bytes for impl, r in memory_results.items()}
     ratio = extra[FASTCONTRAST] / extra[NAIVE] if memory and extra[NAIVE] > 0 else None
     return {"n": n, "dim": dim, "temperature": temperature, "repeats": repeats,
@@ -111,7 +112,7 @@ def print_comparison(console, result):
     """The comparison as a rich table plus a one-line verdict."""
     from rich.table import Table
 
-    fmt_bytes, fmt_s = _measure.format_bytes, _measure.format_seconds
+    fmt_bytes, fmt_s = measure.format_bytes, measure.format_seconds
     names = {FASTCONTRAST: f"fastcontrast ({result['backend']})", NAIVE: "plain PyTorch"}
     table = Table(title=f"forward+backward, median of {result['repeats']}")
     table.add_column("implementation")
@@ -147,7 +148,7 @@ def run_demo(n=4096, dim=256, repeats=5, backend="auto", temperature=TEMPERATURE
     from rich.console import Console
 
     console = console or Console()
-    info = _measure.machine_info()
+    info = measure.machine_info()
     console.print(f"[bold]fastcontrast demo[/]: InfoNCE, N = M = {n}, D = {dim}, fp32, "
                   f"tau = {temperature}")
     console.print(f"{info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}, "

@@ -12,12 +12,12 @@ architecture trained for the same time). ``--out DIR`` writes DIR/METHOD.json (s
 accuracies, wall time, threads); ``--plots DIR`` the training curves and a 2-D projection of
 the test features coloured by class (needs matplotlib; t-SNE also scikit-learn).
 """
-from ..cli import BACKENDS, positive
+from .options import BACKENDS, positive
 
 
 def add_train_parser(subparsers):
     """Register ``train`` on an argparse subparsers object; its handler is ``run_train``."""
-    from . import METHODS
+    from ..methods import METHODS
 
     p = subparsers.add_parser(
         "train", help="train a reference contrastive method (simclr, moco, ...) and probe it",
@@ -78,8 +78,7 @@ def run_train(args):
 
     import torch
 
-    from . import method_module
-    from . import trainer
+    from ..methods import method_module, trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +129,7 @@ def run_train(args):
         os.makedirs(args.plots, exist_ok=True)
         trainer.plot_history(history, os.path.join(args.plots, f"{args.method}-curves.png"))
         test_x, test_y = trainer.evaluation_inputs(test_set)
-        from ..evaluate import extract_features
+        from ..methods.evaluate import extract_features
         features = extract_features(trainer.FeatureModule(method), test_x)
         trainer.plot_embedding(features, test_y, os.path.join(
             args.plots, f"{args.method}-embedding-{args.embedding}.png"), args.embedding)
@@ -149,7 +148,7 @@ def run_train(args):
 def _compare_backends(module, method, train_set, cfg, backend, curve_steps=20):
     """Step time with ``backend`` vs "reference" on the trained method, and the first
     ``curve_steps`` losses of two fresh runs from the same seed."""
-    from . import trainer
+    from ..methods import trainer
 
     times = {name: trainer.step_time(method, train_set, cfg["batch_size"], name)
              for name in (backend, "reference")}
