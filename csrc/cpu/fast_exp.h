@@ -26,25 +26,13 @@ namespace fastcontrast {
 
 namespace detail {
 
-FASTCONTRAST_ALWAYS_INLINE float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-FASTCONTRAST_ALWAYS_INLINE int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
-}
-FASTCONTRAST_ALWAYS_INLINE double bits_to_double(int64_t i) {
-  double d;
-  std::memcpy(&d, &i, sizeof d);
-  return d;
-}
-FASTCONTRAST_ALWAYS_INLINE int64_t double_to_bits(double d) {
-  int64_t i;
-  std::memcpy(&i, &d, sizeof i);
-  return i;
+// The bits of a value reinterpreted as another type of the same size (std::bit_cast of C++20).
+template <typename To, typename From>
+FASTCONTRAST_ALWAYS_INLINE To bit_cast(From value) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
+  To out;
+  std::memcpy(&out, &value, sizeof out);
+  return out;
 }
 
 }  // namespace detail
@@ -60,7 +48,7 @@ FASTCONTRAST_ALWAYS_INLINE float fast_exp(float x) {
   const float xc = x < kMin ? kMin : (x > kMax ? kMax : x);
   // n = round(x / ln2), read from the low mantissa bits of (x / ln2 + 1.5 * 2^23).
   const float shifted = xc * kLog2e + kRound;
-  const int32_t n = detail::float_to_bits(shifted) - detail::float_to_bits(kRound);
+  const int32_t n = detail::bit_cast<int32_t>(shifted) - detail::bit_cast<int32_t>(kRound);
   const float fn = shifted - kRound;
   float r = xc - fn * kLn2Hi;
   r = r - fn * kLn2Lo;
@@ -72,7 +60,7 @@ FASTCONTRAST_ALWAYS_INLINE float fast_exp(float x) {
   p = p * r + 5.0000001201e-1f;
   const float er = p * (r * r) + r + 1.0f;
   // 2^n as 2^(n-1) * 2 so that n = 128 (x close to kMax) does not overflow the exponent field.
-  const float scale = detail::bits_to_float((n + 126) << 23);
+  const float scale = detail::bit_cast<float>((n + 126) << 23);
   const float y = er * scale * 2.0f;
   return x < kMin ? 0.0f : (x > kMax ? std::numeric_limits<float>::infinity() : y);
 }
@@ -87,7 +75,7 @@ FASTCONTRAST_ALWAYS_INLINE double fast_exp(double x) {
 
   const double xc = x < kMin ? kMin : (x > kMax ? kMax : x);
   const double shifted = xc * kLog2e + kRound;
-  const int64_t n = detail::double_to_bits(shifted) - detail::double_to_bits(kRound);
+  const int64_t n = detail::bit_cast<int64_t>(shifted) - detail::bit_cast<int64_t>(kRound);
   const double fn = shifted - kRound;
   const double r = (xc - fn * kLn2Hi) - fn * kLn2Lo;
   // Taylor series to r^13 / 13!: truncation error < 2e-16 relative for |r| <= ln2 / 2.
@@ -104,7 +92,7 @@ FASTCONTRAST_ALWAYS_INLINE double fast_exp(double x) {
   p = p * r + 1.0 / 6.0;
   p = p * r + 0.5;
   const double er = p * (r * r) + r + 1.0;
-  const double scale = detail::bits_to_double((n + 1022) << 52);
+  const double scale = detail::bit_cast<double>((n + 1022) << 52);
   const double y = er * scale * 2.0;
   return x < kMin ? 0.0 : (x > kMax ? std::numeric_limits<double>::infinity() : y);
 }
