@@ -1,4 +1,4 @@
-"""Masked log-sum-exp over similarity tiles, and its gradient: the Triton core of the InfoNCE family.
+"""Masked log-sum-exp over similarity tiles, and its gradient: the Triton core of InfoNCE losses.
 
 Every fused loss of fastcontrast (info_nce, clip_loss, nt_xent, supcon, moco_loss) reduces to scores
 
@@ -21,6 +21,8 @@ Read top to bottom:
        so no atomics and the result is deterministic.
   2. host functions ``masked_lse_forward`` / ``masked_lse_backward`` (validation, block choice,
      launch).
+The tile loads and dot products, the block-config rule, the device check and the output
+allocation are shared with the SigLIP kernels (kernels/_common.py).
 
 Numerics: scores are kept in log2 units (log2(e) folded into the row scale) so the kernels use
 exp2/log2; all accumulation is fp32 whatever the input dtype; tile products run on input-dtype
@@ -34,8 +36,9 @@ import triton
 import triton.language as tl
 
 from .._validation import check_ids
-from ._common import (SUPPORTED_DTYPES, _INTERPRET, _check_matrix, _device_context, _dot_rows,
-                      _input_precision, _load_rows)
+from ._common import SUPPORTED_DTYPES  # noqa: F401 (read by the host, fastcontrast/_fused.py)
+from ._common import (_block_config, _check_device, _check_matrix, _device_context, _grad_scale,
+                      _input_precision, _load_rows, _tile_dots, _upcast, new_output)
 
 # The host should pass L2-normalised q/keys with alpha = 1/temperature and beta = 1: tile values
 # are then O(1) and fp16/bf16 tiles lose nothing. General alpha/beta are still honoured.
@@ -78,7 +81,8 @@ def _masked_lse_fwd_kernel(
     RowIds, ColIds,             # HAS_IDS only: (N,), (M,) int64; (i, j) masked iff equal and >= 0
     RowLse,                     # out: (N,) fp32, natural log
     ColMax, ColSum, Lock,       # HAS_COL only: (M,) fp32 running max (log2 units, init -inf),
-                                # (M,) fp32 running sum (init 0), (cdiv(M, BLOCK_M),) int32 locks (init 0)
+                                # (M,) fp32 running sum (init 0),
+                                # (cdiv(M, BLOCK_M),) int32 locks (init 0)
     N, M, D, stride_q, stride_k, diag_offset,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_COL: tl.constexpr,
@@ -92,8 +96,9 @@ def _masked_lse_fwd_kernel(
     # Row scale in log2 units: every score below is s_ij * log2(e).
     a2 = tl.load(Alpha + offs_n, mask=mask_n, other=0.0) * _LOG2E
     ids_n = _load_ids(RowIds, offs_n, mask_n, HAS_IDS)
-    if ONE_D_CHUNK:  # the whole row block fits one chunk: load it once, keep it for all key blocks
-        q_tile = _load_rows(Q, offs_n, mask_n, stride_q, 0, D, BLOCK_D, UPCAST)
+    # With ONE_D_CHUNK the row block is one chunk: loaded once, kept for all key blocks (else
+    # unused: the compiler drops the load).
+    q_tile = _load_rows(Q, offs_n, mask_n, stride_q, 0, D, BLOCK_D, UPCAST)
 
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -111,12 +116,8 @@ def _masked_lse_fwd_kernel(
         offs_m = kb * BLOCK_M + arange_m
         mask_m = offs_m < M
         b = tl.load(Beta + offs_m, mask=mask_m, other=0.0)
-        if ONE_D_CHUNK:
-            k_tile = _load_rows(K, offs_m, mask_m, stride_k, 0, D, BLOCK_D, UPCAST)
-            dots = tl.dot(q_tile, tl.trans(k_tile), input_precision=INPUT_PRECISION)
-        else:
-            dots = _dot_rows(Q, K, offs_n, offs_m, mask_n, mask_m, stride_q, stride_k, D,
-                             BLOCK_N, BLOCK_M, BLOCK_D, UPCAST, INPUT_PRECISION)
+        dots, _ = _tile_dots(Q, K, q_tile, offs_n, offs_m, mask_n, mask_m, stride_q, stride_k, D,
+                             BLOCK_N, BLOCK_M, BLOCK_D, ONE_D_CHUNK, UPCAST, INPUT_PRECISION)
         s = _scaled_masked_scores(dots, a2, b, offs_n, offs_m, mask_n, mask_m, diag_offset, ids_n,
                                   _load_ids(ColIds, offs_m, mask_m, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
 
@@ -191,8 +192,10 @@ def _masked_lse_bwd_kernel(
         lse_x = tl.load(LseX + offs_x, mask=mask_x, other=float("inf")) * _LOG2E
         lse_x = tl.where(lse_x == float("-inf"), float("inf"), lse_x)
         gx = tl.load(GradX + offs_x, mask=mask_x, other=0.0)
-    if ONE_D_CHUNK:  # D fits one chunk: x tile and the dX accumulator stay on chip
-        x_tile = _load_rows(X, offs_x, mask_x, stride_x, 0, D, BLOCK_D, UPCAST)
+    # With ONE_D_CHUNK (D fits one chunk) the x tile and the dX accumulator stay on chip (else
+    # the x tile is unused: the compiler drops the load).
+    x_tile = _load_rows(X, offs_x, mask_x, stride_x, 0, D, BLOCK_D, UPCAST)
+    if ONE_D_CHUNK:
         acc = tl.zeros((BLOCK_X, BLOCK_D), dtype=tl.float32)
 
     arange_y = tl.arange(0, BLOCK_Y).to(tl.int64)  # int64 for the same reason as offs_x
@@ -201,12 +204,9 @@ def _masked_lse_bwd_kernel(
         offs_y = yb * BLOCK_Y + arange_y
         mask_y = offs_y < NY
         sy = tl.load(ScaleY + offs_y, mask=mask_y, other=0.0)
-        if ONE_D_CHUNK:
-            y_tile = _load_rows(Y, offs_y, mask_y, stride_y, 0, D, BLOCK_D, UPCAST)
-            dots = tl.dot(x_tile, tl.trans(y_tile), input_precision=INPUT_PRECISION)
-        else:
-            dots = _dot_rows(X, Y, offs_x, offs_y, mask_x, mask_y, stride_x, stride_y, D,
-                             BLOCK_X, BLOCK_Y, BLOCK_D, UPCAST, INPUT_PRECISION)
+        dots, y_tile = _tile_dots(X, Y, x_tile, offs_x, offs_y, mask_x, mask_y, stride_x,
+                                  stride_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, ONE_D_CHUNK, UPCAST,
+                                  INPUT_PRECISION)
         s = _scaled_masked_scores(dots, sx2, sy, offs_x, offs_y, mask_x, mask_y, diag_offset, ids_x,
                                   _load_ids(IdsY, offs_y, mask_y, HAS_IDS), EXCLUDE_DIAG,
                                   HAS_IDS)  # masked: exp2(-inf - lse) = 0
@@ -273,29 +273,10 @@ _INTERPRETER = dict(block_x=64, block_y=64, max_block_d=128, chunk_d=128, num_wa
 
 
 def _config(which, D, precision, blocks):
-    """(block_x, block_y, block_d, one_d_chunk, num_warps, num_stages) for a launch.
-
-    `blocks` = (block_x, block_y, block_d) overrides the block sizes (powers of two >= 16, the
-    minimum tl.dot tile on GPU); block_d is then both the largest single chunk and the chunk size."""
-    if _INTERPRET:
-        base = _INTERPRETER
-    elif precision == "ieee":
-        base = _GPU_IEEE
-    else:
-        base = _GPU_TENSOR_CORE[which]
-    block_x, block_y = base["block_x"], base["block_y"]
-    max_block_d, chunk_d = base["max_block_d"], base["chunk_d"]
-    if blocks is not None:
-        if (len(blocks) != 3
-                or any(isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1) for b in blocks)):
-            raise ValueError(f"blocks must be three powers of two >= 16 (rows, keys, D chunk), got {blocks!r}")
-        block_x, block_y, max_block_d = blocks
-        chunk_d = max_block_d
-    if D <= max_block_d:
-        block_d, one_chunk = max(16, triton.next_power_of_2(max(D, 1))), True
-    else:
-        block_d, one_chunk = chunk_d, False
-    return block_x, block_y, block_d, one_chunk, base["num_warps"], base["num_stages"]
+    """(block_x, block_y, block_d, one_d_chunk, num_warps, num_stages) of the `which` ("fwd" or
+    "bwd") launch: _common._block_config over the configs above."""
+    return _block_config(D, precision, blocks, tensor_core=_GPU_TENSOR_CORE[which], ieee=_GPU_IEEE,
+                         interpreter=_INTERPRETER)
 
 
 def _check_vector(name, t, length, device):
@@ -318,12 +299,11 @@ def _check_operands(q, keys, alpha, beta):
     if keys.dtype != q.dtype:
         raise TypeError(f"keys must have the dtype of q ({q.dtype}), got {keys.dtype}")
     if keys.shape[1] != q.shape[1]:
-        raise ValueError(f"keys must have D = {q.shape[1]} columns like q, got shape {tuple(keys.shape)}")
+        raise ValueError(f"keys must have D = {q.shape[1]} columns like q, got shape "
+                         f"{tuple(keys.shape)}")
     if keys.device != q.device:
         raise ValueError(f"keys must be on {q.device} (the device of q), got {keys.device}")
-    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
-        raise ValueError(f"q must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set before "
-                         f"fastcontrast.kernels is imported), got device {q.device}")
+    _check_device("q", q.device)
     N, D = q.shape
     M = keys.shape[0]
     _check_vector("alpha", alpha, N, q.device)
@@ -360,7 +340,7 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
     N, M, D = _check_operands(q, keys, alpha, beta)
     dev = q.device
     has_ids = _check_ids(row_ids, col_ids, N, M, dev)
-    row_lse = torch.empty(N, dtype=torch.float32, device=dev)
+    row_lse = new_output(N, torch.float32, dev)
     col_lse = None
     if N == 0 or M == 0:
         row_lse.fill_(float("-inf"))
@@ -369,7 +349,7 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
         return row_lse, col_lse
 
     precision = _input_precision(q.dtype)
-    block_n, block_m, block_d, one_chunk, num_warps, num_stages = _config("fwd", D, precision, blocks)
+    block_n, block_m, block_d, one_chunk, warps, stages = _config("fwd", D, precision, blocks)
     if with_col_lse:
         col_max = torch.full((M,), float("-inf"), dtype=torch.float32, device=dev)
         col_sum = torch.zeros(M, dtype=torch.float32, device=dev)
@@ -384,19 +364,13 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
             N, M, D, q.stride(0), keys.stride(0), int(diag_offset),
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EXCLUDE_DIAG=bool(exclude_diag),
             HAS_IDS=has_ids, HAS_COL=bool(with_col_lse), ONE_D_CHUNK=one_chunk,
-            UPCAST=_INTERPRET and q.dtype == torch.bfloat16, INPUT_PRECISION=precision,
-            num_warps=num_warps, num_stages=num_stages,
+            UPCAST=_upcast(q.dtype), INPUT_PRECISION=precision,
+            num_warps=warps, num_stages=stages,
         )
     if with_col_lse:
         # col_lse = ln2 * (max + log2(sum)); no candidate: -inf + log2(0) = -inf.
         col_lse = col_sum.log2_().add_(col_max).mul_(math.log(2.0))
     return row_lse, col_lse
-
-
-def _grad_scale(gmax, scales):
-    """G = max|grad| * max|scale| as a (1,) device tensor (no host sync); 1 where that is 0 or not finite."""
-    g = gmax * scales.abs().amax()
-    return torch.where((g > 0) & torch.isfinite(g), g, torch.ones_like(g)).reshape(1)
 
 
 def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, col_grad=None, *,
@@ -424,8 +398,8 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
         _check_vector("col_lse", col_lse, M, dev)
         _check_vector("col_grad", col_grad, M, dev)
 
-    dq = torch.empty((N, D), dtype=torch.float32, device=dev) if need_dq else None
-    dkeys = torch.empty((M, D), dtype=torch.float32, device=dev) if need_dkeys else None
+    dq = new_output((N, D), torch.float32, dev) if need_dq else None
+    dkeys = new_output((M, D), torch.float32, dev) if need_dkeys else None
     if N == 0 or M == 0 or D == 0:
         for t in (dq, dkeys):
             if t is not None:
@@ -437,9 +411,9 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
         gmax = torch.maximum(gmax, col_grad.abs().amax())
     precision = _input_precision(q.dtype)
     bx, by, bd, one, warps, stages = _config("bwd", D, precision, blocks)
-    common = dict(BLOCK_X=bx, BLOCK_Y=by, BLOCK_D=bd, ONE_D_CHUNK=one, EXCLUDE_DIAG=bool(exclude_diag),
-                  HAS_IDS=has_ids, UPCAST=_INTERPRET and q.dtype == torch.bfloat16, INPUT_PRECISION=precision,
-                  num_warps=warps, num_stages=stages)
+    common = dict(BLOCK_X=bx, BLOCK_Y=by, BLOCK_D=bd, ONE_D_CHUNK=one,
+                  EXCLUDE_DIAG=bool(exclude_diag), HAS_IDS=has_ids, UPCAST=_upcast(q.dtype),
+                  INPUT_PRECISION=precision, num_warps=warps, num_stages=stages)
     # Unused pointer arguments (HAS_LSE_* False) point at a tensor that exists; never read.
     col_lse_arg = col_lse if has_col else row_lse
     col_grad_arg = col_grad if has_col else row_grad
@@ -447,15 +421,17 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     with _device_context(q):
         if need_dq:  # outer = q (row terms), inner = keys (column terms)
             _masked_lse_bwd_kernel[(triton.cdiv(N, bx),)](
-                q, keys, dq, alpha, beta, row_ids_arg, col_ids_arg, row_lse, row_grad, col_lse_arg, col_grad_arg,
-                _grad_scale(gmax, beta),
+                q, keys, dq, alpha, beta, row_ids_arg, col_ids_arg, row_lse, row_grad, col_lse_arg,
+                col_grad_arg,
+                _grad_scale(gmax * beta.abs().amax()),
                 N, M, D, q.stride(0), keys.stride(0), dq.stride(0), int(diag_offset),
                 HAS_LSE_X=True, HAS_LSE_Y=has_col, **common,
             )
         if need_dkeys:  # outer = keys (column terms), inner = q (row terms); mask i == j - offset
             _masked_lse_bwd_kernel[(triton.cdiv(M, bx),)](
-                keys, q, dkeys, beta, alpha, col_ids_arg, row_ids_arg, col_lse_arg, col_grad_arg, row_lse, row_grad,
-                _grad_scale(gmax, alpha),
+                keys, q, dkeys, beta, alpha, col_ids_arg, row_ids_arg, col_lse_arg, col_grad_arg,
+                row_lse, row_grad,
+                _grad_scale(gmax * alpha.abs().amax()),
                 M, N, D, keys.stride(0), q.stride(0), dkeys.stride(0), -int(diag_offset),
                 HAS_LSE_X=has_col, HAS_LSE_Y=True, **common,
             )

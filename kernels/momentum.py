@@ -19,18 +19,13 @@ updates the same parameters every step): a cached call is exactly one kernel lau
 
 Read top to bottom: the @triton.jit kernel, then the host function ``lerp_multi_tensor_``.
 """
-import os
 from collections import OrderedDict
-from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
-from .queue import cast_rne
-
-# Read once, like @triton.jit does: the kernel below runs in the interpreter iff this is set.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import _INTERPRET, _check_device, _device_context, cast_rne
 
 # (target dtype, online dtype) pairs the kernel accepts: the same dtype, or an fp32/fp64 master
 # target fed by a lower-precision online network.
@@ -108,10 +103,6 @@ _CACHE_SIZE = 8
 _metadata_cache = OrderedDict()
 
 
-def _device_context(t):
-    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
-
-
 def _check(targets, onlines):
     if len(targets) != len(onlines):
         raise ValueError(f"targets and onlines must have the same length, got {len(targets)} and "
@@ -120,9 +111,7 @@ def _check(targets, onlines):
     if (t0.dtype, o0.dtype) not in SUPPORTED_PAIRS:
         raise TypeError(f"unsupported (target, online) dtypes ({t0.dtype}, {o0.dtype}); supported: "
                         "equal dtypes, or an fp32/fp64 target with a lower-precision online tensor")
-    if t0.device.type != "cuda" and not (_INTERPRET and t0.device.type == "cpu"):
-        raise ValueError(f"targets must be CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
-                         f"set before fastcontrast.kernels is imported), got device {t0.device}")
+    _check_device("targets", t0.device)
     for i, (t, o) in enumerate(zip(targets, onlines)):
         if t.dtype != t0.dtype or o.dtype != o0.dtype:
             raise TypeError(f"one launch takes one dtype pair: pair {i} has ({t.dtype}, "

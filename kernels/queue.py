@@ -14,30 +14,15 @@ no device-to-host read) and the kernel's first program stores their new values i
 0-dim buffers. Grid: (row blocks, column blocks); the programs of column block 0 also copy the
 labels / indices of their rows.
 """
-import os
-from contextlib import nullcontext
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import _INTERPRET, _check_device, _device_context, cast_rne
+
+# Key dtypes of the queue and of the enqueued batch (any pair: the kernel casts, rounding to
+# nearest even).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@triton.jit
-def cast_rne(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """x.to(DTYPE), rounding to nearest even. With EMULATE_BF16 (the interpreter, whose float32 ->
-    bfloat16 cast truncates) a float32 x is rounded to bfloat16 in integer arithmetic: add half
-    an ulp of bfloat16 (plus the tie bit), drop the low 16 bits; NaNs stay quiet NaNs.
-    Shared with kernels/momentum.py."""
-    if EMULATE_BF16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        half = tl.where(x != x, (bits >> 16) | 0x40, rounded).to(tl.uint16)
-        return half.to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
 
 
 @triton.jit
@@ -94,9 +79,7 @@ def _check(keys, dst, labels, dst_labels, indices, dst_indices, pointer_buf, cou
     if not dst.is_contiguous():
         raise ValueError(f"the queue's keys must be contiguous, got strides {dst.stride()}")
     device = dst.device
-    if device.type != "cuda" and not (_INTERPRET and device.type == "cpu"):
-        raise ValueError(f"the queue must be on a CUDA device (or the CPU with TRITON_INTERPRET=1 "
-                         f"set before fastcontrast.kernels is imported), got {device}")
+    _check_device("the queue", device)
     for name, src, buf in (("labels", labels, dst_labels), ("indices", indices, dst_indices)):
         if (src is None) != (buf is None):
             raise ValueError(f"{name} and the queue's {name} buffer must be given together")
@@ -127,8 +110,7 @@ def enqueue_(dst, keys, pointer, count, pointer_buf, count_buf, *, dst_labels=No
     block_r, block_d = _block_sizes(D)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(D, block_d))
     # Unused pointers are never dereferenced (their constexpr flag is off): pass dst.
-    context = torch.cuda.device(dst.device) if dst.is_cuda else nullcontext()
-    with context:
+    with _device_context(dst):
         _enqueue_kernel[grid](
             keys, dst,
             labels if labels is not None else dst, dst_labels if dst_labels is not None else dst,

@@ -13,7 +13,8 @@ rows: no atomics, deterministic results.
 
 Read top to bottom: @triton.jit helpers and the two kernels, then the host functions
 ``siglip_forward`` / ``siglip_backward`` (validation, block choice, launch). The tile loaders and
-the D-chunked dot product are the InfoNCE kernels' (kernels/infonce.py).
+the (one chunk or D-chunked) tile dot product are shared with the InfoNCE kernels
+(kernels/_common.py).
 
 Numerics: fp32 accumulation whatever the input dtype; softplus(t) = max(t, 0) + log1p(exp(-|t|))
 with log1p(e) = log(u) e / (u - 1), u = 1 + e (exact to rounding also where 1 + e rounds to 1:
@@ -25,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (SUPPORTED_DTYPES, _INTERPRET, _check_matrix, _device_context, _dot_rows,  # noqa: F401
-                      _input_precision, _load_rows)
+from ._common import SUPPORTED_DTYPES  # noqa: F401 (read by the host, fastcontrast/_siglip.py)
+from ._common import (_block_config, _check_device, _check_matrix, _device_context, _grad_scale,
+                      _input_precision, _load_rows, _tile_dots, _upcast, new_output)
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -50,22 +52,6 @@ def _softplus_sigmoid(t):
     log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
     r = 1.0 / u
     return tl.maximum(t, 0.0) + log1p_e, tl.where(t >= 0.0, r, e * r)
-
-
-@triton.jit
-def _tile_dots(X, Y, x_tile, offs_x, offs_y, mask_x, mask_y, stride_x, stride_y, D,
-               BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
-               ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(<x_i, y_j>, y tile or None): with ONE_D_CHUNK from the resident x tile and one y tile
-    (returned for reuse), else chunk by chunk over D."""
-    if ONE_D_CHUNK:
-        y_tile = _load_rows(Y, offs_y, mask_y, stride_y, 0, D, BLOCK_D, UPCAST)
-        dots = tl.dot(x_tile, tl.trans(y_tile), input_precision=INPUT_PRECISION)
-    else:
-        y_tile = x_tile  # unused
-        dots = _dot_rows(X, Y, offs_x, offs_y, mask_x, mask_y, stride_x, stride_y, D,
-                         BLOCK_X, BLOCK_Y, BLOCK_D, UPCAST, INPUT_PRECISION)
-    return dots, y_tile
 
 
 @triton.jit
@@ -99,7 +85,8 @@ def _siglip_fwd_kernel(
 def _siglip_bwd_kernel(
     X, Y, Params, Grad,         # outer (NX, D), inner (NY, D); (scale, bias); g (image rows) fp32
     InvGradScale,               # (1,) fp32 1/G: dz / G is in [-1, 1] before the cast for tl.dot
-    GX, DzSum,                  # out: GX (NX, D) fp32 = G^-1 sum_j dz_ij y_j; DzSum (NX,) sum_j dz_ij
+    GX, DzSum,                  # out: GX (NX, D) fp32 = G^-1 sum_j dz_ij y_j,
+                                # DzSum (NX,) fp32 = sum_j dz_ij
     NX, NY, D, stride_x, stride_y, stride_gx,
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
     GRAD_ON_OUTER: tl.constexpr, ACCUMULATE: tl.constexpr,
@@ -165,32 +152,16 @@ def _siglip_bwd_kernel(
 # Host functions
 # ---------------------------------------------------------------------------------------------
 
-# (rows per program, inner rows per tile, largest D run as one chunk, chunk size for larger D,
-# num_warps, num_stages). One config per case, no autotuning (a multi-config autotune breaks the
-# interpreter). Not yet tuned on a GPU: tensor-core tiles as FlashAttention, smaller tiles for
-# full-precision fp32 (its tl.dot runs from registers), few large tiles in the interpreter.
-_GPU_TENSOR_CORE = (128, 64, 128, 64, 8, 3)
-_GPU_IEEE = (64, 64, 32, 32, 8, 2)
-_INTERPRETER = (128, 128, 128, 128, 4, 1)
-
-
-def _config(D, precision, blocks):
-    """(block_x, block_y, block_d, one_d_chunk, num_warps, num_stages).
-
-    ``blocks`` = (block_x, block_y, block_d), powers of two >= 16, overrides the sizes (block_d
-    then being both the largest single chunk and the chunk size)."""
-    base = _INTERPRETER if _INTERPRET else (_GPU_IEEE if precision == "ieee" else _GPU_TENSOR_CORE)
-    block_x, block_y, max_d, chunk_d, warps, stages = base
-    if blocks is not None:
-        if (len(blocks) != 3 or any(isinstance(b, bool) or not isinstance(b, int) or b < 16
-                                    or b & (b - 1) for b in blocks)):
-            raise ValueError(f"blocks must be three powers of two >= 16 (rows, inner rows, D "
-                             f"chunk), got {blocks!r}")
-        block_x, block_y, max_d = blocks
-        chunk_d = max_d
-    if D <= max_d:
-        return block_x, block_y, max(16, triton.next_power_of_2(D)), True, warps, stages
-    return block_x, block_y, chunk_d, False, warps, stages
+# Launch configurations (the keys of _common._block_config): rows per program, inner rows per
+# tile, the largest D run as one chunk, the chunk size for larger D, num_warps, num_stages. One
+# config per case, no autotuning (a multi-config autotune breaks the interpreter). Not yet tuned
+# on a GPU: tensor-core tiles as FlashAttention, smaller tiles for full-precision fp32 (its tl.dot
+# runs from registers), few large tiles in the interpreter.
+_GPU_TENSOR_CORE = dict(block_x=128, block_y=64, max_block_d=128, chunk_d=64, num_warps=8,
+                        num_stages=3)
+_GPU_IEEE = dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2)
+_INTERPRETER = dict(block_x=128, block_y=128, max_block_d=128, chunk_d=128, num_warps=4,
+                    num_stages=1)
 
 
 def _check_inputs(x, y, scale, bias):
@@ -203,9 +174,7 @@ def _check_inputs(x, y, scale, bias):
         raise ValueError(f"y must be on {x.device} (the device of x), got {y.device}")
     if y.shape[1] != x.shape[1]:
         raise ValueError(f"y must have D = {x.shape[1]} columns like x, got shape {tuple(y.shape)}")
-    if x.device.type != "cuda" and not (_INTERPRET and x.device.type == "cpu"):
-        raise ValueError(f"x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set "
-                         f"before fastcontrast.kernels is imported), got device {x.device}")
+    _check_device("x", x.device)
     for name, value in (("scale", scale), ("bias", bias)):
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             raise TypeError(f"{name} must be a 0-dim tensor, got {value!r}")
@@ -214,10 +183,13 @@ def _check_inputs(x, y, scale, bias):
 
 
 def _launch_options(x, D, blocks):
+    """(block_x, block_y, the launch options shared by the forward and backward kernels)."""
     precision = _input_precision(x.dtype)
-    bx, by, bd, one, warps, stages = _config(D, precision, blocks)
-    options = dict(BLOCK_D=bd, ONE_D_CHUNK=one, UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
-                   INPUT_PRECISION=precision, num_warps=warps, num_stages=stages)
+    bx, by, bd, one, warps, stages = _block_config(D, precision, blocks,
+                                                   tensor_core=_GPU_TENSOR_CORE, ieee=_GPU_IEEE,
+                                                   interpreter=_INTERPRETER)
+    options = dict(BLOCK_D=bd, ONE_D_CHUNK=one, UPCAST=_upcast(x.dtype), INPUT_PRECISION=precision,
+                   num_warps=warps, num_stages=stages)
     return bx, by, options
 
 
@@ -227,7 +199,7 @@ def siglip_forward(x, y, scale, bias, *, blocks=None):
     x (N, D), y (M, D): one dtype of SUPPORTED_DTYPES, one device, rows contiguous; scale and
     bias: 0-dim tensors. ``blocks`` optionally overrides (block_rows, block_texts, block_d)."""
     N, M, D, params = _check_inputs(x, y, scale, bias)
-    loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    loss = new_output(N, torch.float32, x.device)
     bx, by, options = _launch_options(x, D, blocks)
     with _device_context(x):
         _siglip_fwd_kernel[(triton.cdiv(N, bx),)](
@@ -247,26 +219,25 @@ def siglip_backward(x, y, scale, bias, row_grad, *, need_gx=True, need_gy=True, 
                          f"{getattr(row_grad, 'dtype', type(row_grad).__name__)} "
                          f"{tuple(getattr(row_grad, 'shape', ()))}")
     row_grad = row_grad.contiguous()
-    # G = max |g| (1 where that is 0 or not finite), as a device tensor: no host sync.
-    gs = row_grad.abs().amax()
-    gs = torch.where((gs > 0) & torch.isfinite(gs), gs, torch.ones_like(gs))
-    inv_gs = gs.reciprocal().reshape(1)
+    gs = _grad_scale(row_grad.abs().amax())  # G = max |g|
+    inv_gs = gs.reciprocal()
     bx, by, options = _launch_options(x, D, blocks)
     gx = gy = dz_total = None
     with _device_context(x):
-        # The image-side launch also yields d bias (row sums of dz): run it unless only gy is wanted.
+        # The image-side launch also yields d bias (row sums of dz): run it unless only gy is
+        # wanted.
         if need_gx or not need_gy:
-            dz_rows = torch.empty(N, dtype=torch.float32, device=x.device)
+            dz_rows = new_output(N, torch.float32, x.device)
             # Without need_gx, GX is never written: dz_rows stands in for it.
-            gx = torch.empty((N, D), dtype=torch.float32, device=x.device) if need_gx else dz_rows
+            gx = new_output((N, D), torch.float32, x.device) if need_gx else dz_rows
             _siglip_bwd_kernel[(triton.cdiv(N, bx),)](
                 x, y, params, row_grad, inv_gs, gx, dz_rows, N, M, D, x.stride(0), y.stride(0),
-                gx.stride(0) if need_gx else 0, BLOCK_X=bx, BLOCK_Y=by, GRAD_ON_OUTER=True, ACCUMULATE=need_gx,
-                **options)
+                gx.stride(0) if need_gx else 0, BLOCK_X=bx, BLOCK_Y=by, GRAD_ON_OUTER=True,
+                ACCUMULATE=need_gx, **options)
             dz_total = dz_rows.sum()
         if need_gy:
-            gy = torch.empty((M, D), dtype=torch.float32, device=x.device)
-            dz_cols = torch.empty(M, dtype=torch.float32, device=x.device)
+            gy = new_output((M, D), torch.float32, x.device)
+            dz_cols = new_output(M, torch.float32, x.device)
             _siglip_bwd_kernel[(triton.cdiv(M, bx),)](
                 y, x, params, row_grad, inv_gs, gy, dz_cols, M, N, D, y.stride(0), x.stride(0),
                 gy.stride(0), BLOCK_X=bx, BLOCK_Y=by, GRAD_ON_OUTER=False, ACCUMULATE=True,
