@@ -11,9 +11,7 @@ backend, FASTCONTRAST_TORCH_CHUNK_ELEMENTS included).
 import torch
 import torch.nn.functional as F
 
-from ._torch_chunked import _chunk_rows
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+from ._torch_chunked import _chunk_rows, new_output
 
 
 def _signed_logits(x, y, scale, bias, r0, r1):
@@ -26,7 +24,7 @@ def _signed_logits(x, y, scale, bias, r0, r1):
 def siglip_forward(x, y, scale, bias):
     """Per-row loss (N,) in x's dtype; scale and bias are 0-dim tensors of that dtype."""
     n = x.shape[0]
-    loss = torch.empty(n, dtype=x.dtype, device=x.device)
+    loss = new_output(n, x.dtype, x.device)
     step = _chunk_rows(x, y.shape[0])
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -38,7 +36,7 @@ def siglip_forward(x, y, scale, bias):
 def siglip_backward(x, y, scale, bias, row_grad, *, need_gx=True, need_gy=True):
     """(gx (N, D) or None, gy (M, D) or None, dz_total 0-dim), recomputing each chunk."""
     n = x.shape[0]
-    gx = torch.empty_like(x) if need_gx else None
+    gx = new_output(x.shape, x.dtype, x.device) if need_gx else None
     gy = torch.zeros_like(y) if need_gy else None
     dz_total = torch.zeros((), dtype=x.dtype, device=x.device)
     step = _chunk_rows(x, y.shape[0])

@@ -11,12 +11,16 @@ import os
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
-PREFERS_PRENORMALIZED = False
-
 # Score elements per chunk (rows * keys): 16 MiB of fp32 on CPU, 256 MiB on a GPU.
 _CPU_CHUNK_ELEMENTS = 1 << 22
 _GPU_CHUNK_ELEMENTS = 1 << 26
+
+
+def new_output(shape, dtype, device):
+    """torch.empty for an output written completely; NaN-filled under FASTCONTRAST_POISON_OUTPUTS=1
+    (read at every call), so that an element never written shows up in the tests."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if os.environ.get("FASTCONTRAST_POISON_OUTPUTS") == "1" else out
 
 
 def _chunk_rows(x, n_keys):
@@ -50,7 +54,7 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
                        col_ids=None, with_col_lse=False):
     """(row_lse (N,), col_lse (M,) or None) over unmasked entries; -inf where none."""
     n, m = q.shape[0], keys.shape[0]
-    row_lse = torch.empty(n, dtype=q.dtype, device=q.device)
+    row_lse = new_output(n, q.dtype, q.device)
     col_lse = torch.full((m,), float("-inf"), dtype=q.dtype, device=q.device) \
         if with_col_lse else None
     step = _chunk_rows(q, m)
@@ -68,7 +72,7 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
                         need_dq=True, need_dkeys=True):
     """(dq (N, D) or None, dkeys (M, D) or None) for the dS above; recomputes each tile."""
     n, m = q.shape[0], keys.shape[0]
-    dq = torch.empty_like(q) if need_dq else None
+    dq = new_output(q.shape, q.dtype, q.device) if need_dq else None
     dkeys = torch.zeros_like(keys) if need_dkeys else None
     row_lse = _unreachable_to_inf(row_lse)
     if col_lse is not None:

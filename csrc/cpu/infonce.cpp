@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/fast_exp.h"
+#include "cpu/outputs.h"
 
 namespace fastcontrast {
 namespace {
@@ -275,7 +276,7 @@ void block_shift(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile
 
 template <typename T>
 std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(const Problem<T>& p, bool with_col) {
-  at::Tensor row_lse = at::empty({p.n}, p.q.options());
+  at::Tensor row_lse = new_output({p.n}, p.q.options());
   T* out = row_lse.data_ptr<T>();
   // Running per-key (max, sum) of the column log-sum-exp, merged block after block.
   std::vector<T> col_max(with_col ? p.m : 0, -kInf<T>);
@@ -318,7 +319,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(const Problem<T>&
 
   std::optional<at::Tensor> col_lse;
   if (with_col) {
-    col_lse = at::empty({p.m}, p.q.options());
+    col_lse = new_output({p.m}, p.q.options());
     T* c = col_lse->data_ptr<T>();
     for (int64_t j = 0; j < p.m; ++j) c[j] = lse_from(safe_shift(col_max[j]), col_sum[j]);
   }
@@ -331,8 +332,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
     const std::optional<at::Tensor>& col_lse, const std::optional<at::Tensor>& col_grad,
     bool need_dq, bool need_dkeys) {
   std::optional<at::Tensor> dq, dkeys;
-  if (need_dq) dq = at::empty({p.n, p.d}, p.q.options());
-  if (need_dkeys) dkeys = at::zeros({p.m, p.d}, p.q.options());
+  if (need_dq) dq = new_output({p.n, p.d}, p.q.options());
+  if (need_dkeys) dkeys = at::zeros({p.m, p.d}, p.q.options());  // accumulated
   if (!need_dq && !need_dkeys) return {dq, dkeys};
 
   std::vector<T> rl(p.n);
@@ -372,11 +373,11 @@ template <typename T>
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> forward_with_grad_impl(
     const Problem<T>& p, const at::Tensor& row_grad, const std::optional<at::Tensor>& extra_lse,
     bool need_dq, bool need_dkeys) {
-  at::Tensor row_lse = at::empty({p.n}, p.q.options());
+  at::Tensor row_lse = new_output({p.n}, p.q.options());
   at::Tensor row_scale = at::empty({p.n}, p.q.options());
   std::optional<at::Tensor> dq, dkeys;
-  if (need_dq) dq = at::empty({p.n, p.d}, p.q.options());
-  if (need_dkeys) dkeys = at::zeros({p.m, p.d}, p.q.options());
+  if (need_dq) dq = new_output({p.n, p.d}, p.q.options());
+  if (need_dkeys) dkeys = at::zeros({p.m, p.d}, p.q.options());  // accumulated
   const bool need_grad = need_dq || need_dkeys;
 
   T* lse_out = row_lse.data_ptr<T>();

@@ -21,6 +21,7 @@
 #include <optional>
 
 #include "cpu/fast_exp.h"
+#include "cpu/outputs.h"
 #include "cpu/siglip.h"
 #include "register_ops.h"
 
@@ -128,10 +129,10 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> tiles_impl(
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   const int64_t block_rows = choose_block_rows(n, m, sizeof(T), requested_rows);
   OptTensor loss, gx, gy, dz_total;
-  if (kLoss) loss = at::empty({n}, x.options());
-  at::Tensor dz_rows = at::empty({kGrad ? n : 0}, x.options());
-  if (kGrad && need_gx) gx = at::empty({n, d}, x.options());
-  if (kGrad && need_gy) gy = at::zeros({m, d}, x.options());
+  if (kLoss) loss = new_output({n}, x.options());
+  at::Tensor dz_rows = new_output({kGrad ? n : 0}, x.options());  // summed into dz_total
+  if (kGrad && need_gx) gx = new_output({n, d}, x.options());
+  if (kGrad && need_gy) gy = at::zeros({m, d}, x.options());  // accumulated
   T* loss_out = kLoss ? loss->data_ptr<T>() : nullptr;
   T* dz_out = dz_rows.data_ptr<T>();
   const T* g_in = kGrad ? row_grad->data_ptr<T>() : nullptr;

@@ -1,7 +1,7 @@
 """MoCo (fastcontrast.methods.moco): the loss against the reference backend and a float64
 InfoNCE written out, shuffle-BN (emulated and across two gloo ranks), momentum update and
 queue, views, bad input (training runs, determinism and the same-curve check:
-tests/test_methods_trainer.py)."""
+tests/methods/test_methods_trainer.py)."""
 import math
 
 import pytest

@@ -20,7 +20,7 @@ import torch
 
 import fastcontrast.momentum as fm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(REPO, "csrc")
 CU_FILES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
 ARCH = "sm_90"

@@ -2,16 +2,24 @@
 of image, text, logit_scale, logit_bias) over odd shapes x dtypes x reductions, large logits,
 tiny loss terms, gradcheck, frozen inputs, no_grad, the multi-tile paths of each backend, and
 bad input."""
+
 import math
 
 import pytest
 import torch
 
-from fastcontrast._siglip import siglip_loss
+from fastcontrast import backends
+from fastcontrast.functional import siglip_loss
 from fastcontrast.reference import siglip_loss_reference
 
-from ._helpers import (FUSED_BACKENDS, assert_close, backend_usable, device_for,
-                       interpreting_triton)
+from .._helpers import (
+    FUSED_BACKENDS,
+    POISON_ENV,
+    assert_close,
+    backend_usable,
+    device_for,
+    interpreting_triton,
+)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1, 3), (7, 64), (33, 3), (257, 1000)]
@@ -36,8 +44,10 @@ def _features(n, d, dtype, device, *, norm=1.0, correlated=True):
 
 
 def _params(scale, bias, device, requires_grad=True):
-    return [torch.tensor(v, dtype=torch.float32, device=device, requires_grad=requires_grad)
-            for v in (scale, bias)]
+    return [
+        torch.tensor(v, dtype=torch.float32, device=device, requires_grad=requires_grad)
+        for v in (scale, bias)
+    ]
 
 
 def _loss_and_grads(fn, inputs, reduction):
@@ -64,20 +74,28 @@ def _conditioning(image, text, scale, bias, reduction):
 
 def _copies(inputs, dtype=None):
     """Detached copies (float64 when ``dtype``) keeping requires_grad; plain floats pass through."""
-    return [t.detach().cpu().to(dtype or t.dtype).requires_grad_(t.requires_grad)
-            if isinstance(t, torch.Tensor) else t for t in inputs]
+    return [
+        t.detach().cpu().to(dtype or t.dtype).requires_grad_(t.requires_grad)
+        if isinstance(t, torch.Tensor)
+        else t
+        for t in inputs
+    ]
 
 
 def check_against_reference(backend, image, text, scale, bias, reduction, dtype):
     inputs = [image, text, scale, bias]
     loss, grads = _loss_and_grads(
-        lambda *a: siglip_loss(*a, reduction=reduction, backend=backend), inputs, reduction)
+        lambda *a: siglip_loss(*a, reduction=reduction, backend=backend), inputs, reduction
+    )
     ref, ref_grads = _loss_and_grads(
-        lambda *a: siglip_loss_reference(*a, reduction=reduction), _copies(inputs, torch.float64),
-        reduction)
+        lambda *a: siglip_loss_reference(*a, reduction=reduction),
+        _copies(inputs, torch.float64),
+        reduction,
+    )
     # The same reference computed in the test dtype on the CPU: the error baseline.
     base, base_grads = _loss_and_grads(
-        lambda *a: siglip_loss_reference(*a, reduction=reduction), _copies(inputs), reduction)
+        lambda *a: siglip_loss_reference(*a, reduction=reduction), _copies(inputs), reduction
+    )
     assert loss.dtype == dtype and loss.shape == ref.shape
     max_logit, dscale_terms, dbias_terms = _conditioning(image, text, scale, bias, reduction)
     assert_close(loss, ref, dtype, f"{backend} loss", max_logit=max_logit, baseline=base)
@@ -87,8 +105,15 @@ def check_against_reference(backend, image, text, scale, bias, reduction, dtype)
     assert len(grads) == len(trained)
     for i, grad, ref_grad, base_grad in zip(trained, grads, ref_grads, base_grads):
         assert grad.dtype == inputs[i].dtype, f"d{names[i]} dtype {grad.dtype}"
-        assert_close(grad, ref_grad, dtype, f"{backend} d{names[i]}", max_logit=max_logit,
-                     baseline=base_grad, scale=scales[i])
+        assert_close(
+            grad,
+            ref_grad,
+            dtype,
+            f"{backend} d{names[i]}",
+            max_logit=max_logit,
+            baseline=base_grad,
+            scale=scales[i],
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[1])
@@ -136,8 +161,9 @@ def test_tiny_terms_keep_relative_precision(backend):
     text = torch.eye(40, 64, device=device)
     scale, bias = _params(60.0, -30.0, device)  # z_ii = +30, z_ij = -30: softplus(-30) ~ 9e-14
     loss = siglip_loss(image, text, scale, bias, reduction="none", backend=backend)
-    ref = siglip_loss_reference(*_copies([image, text, scale, bias], torch.float64),
-                                reduction="none").detach()
+    ref = siglip_loss_reference(
+        *_copies([image, text, scale, bias], torch.float64), reduction="none"
+    ).detach()
     rel = ((loss.detach().double().cpu() - ref) / ref).abs().max()
     assert float(ref.min()) < 1e-11 and float(rel) < 1e-5, f"relative error {float(rel):.3e}"
 
@@ -159,8 +185,9 @@ def test_gradcheck(backend, n, reduction):
 
     # nondet_tol: the cpu backend hands out gradients formed in the forward pass on the first
     # backward and recomputes them on later ones; both agree to rounding.
-    assert torch.autograd.gradcheck(loss, (image, text, scale, bias), eps=1e-6, atol=1e-7,
-                                    rtol=1e-5, nondet_tol=1e-12)
+    assert torch.autograd.gradcheck(
+        loss, (image, text, scale, bias), eps=1e-6, atol=1e-7, rtol=1e-5, nondet_tol=1e-12
+    )
 
 
 @pytest.mark.parametrize("trainable", ["image", "text", "text_scale", "scale_bias", "bias"])
@@ -172,7 +199,9 @@ def test_frozen_inputs(backend, trainable):
     image, text = _features(20, 8, torch.float32, device)
     image.requires_grad_(trainable == "image")
     text.requires_grad_(trainable in ("text", "text_scale"))
-    scale, bias = _params(5.0, -2.0, device, requires_grad=trainable in ("text_scale", "scale_bias"))
+    scale, bias = _params(
+        5.0, -2.0, device, requires_grad=trainable in ("text_scale", "scale_bias")
+    )
     bias.requires_grad_(trainable in ("scale_bias", "bias"))
     if trainable == "image":  # plain floats for scale and bias
         scale, bias = 5.0, -2.0
@@ -207,12 +236,13 @@ def test_no_grad_and_retain_graph(backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# Each backend's own surface, on several tiles: per-row loss, gx, gy, dz_total against float64.
+# The kernels: each backend's own surface on several tiles, and the registered ops, per-row
+# loss, gx, gy, dz_total against float64, outputs NaN-poisoned (an element never written fails).
 # ---------------------------------------------------------------------------------------------
 
 
 def _tile_reference(x, y, scale, bias, row_grad):
-    """float64 (loss (N,), gx, gy, dz_total) of the backend contract (fastcontrast/_siglip.py)."""
+    """float64 (loss (N,), gx, gy, dz_total) of the kernel contract (fastcontrast/siglip.py)."""
     x, y, g = x.double().cpu(), y.double().cpu(), row_grad.double().cpu()
     labels = 2 * torch.eye(x.shape[0], y.shape[0], dtype=torch.float64) - 1
     t = -labels * (scale * (x @ y.T) + bias)
@@ -222,6 +252,7 @@ def _tile_reference(x, y, scale, bias, row_grad):
 
 def _backend_runner(backend, monkeypatch):
     """(ops, extra kwargs) with tiles small enough that a 70-row problem spans several."""
+    monkeypatch.setenv(POISON_ENV, "1")
     if backend == "torch":
         from fastcontrast import _siglip_torch
 
@@ -236,6 +267,22 @@ def _backend_runner(backend, monkeypatch):
     return siglip, dict(blocks=(16, 16, 16)), lambda s: s
 
 
+_TERMS = ("loss", "gx", "gy", "dz_total")
+
+
+def _check_terms(backend, results, expected, wanted):
+    """Each wanted term of results [(term, tensor)] against the float64 reference."""
+    for name, got in results:
+        ref = expected[_TERMS.index(name)]
+        if not wanted[name]:
+            continue
+        assert got is not None and got.dtype == torch.float32, f"{backend} {name}: {got}"
+        # gradients: relative to their magnitude, at least that of N terms of size 0.05
+        n = expected[0].numel()
+        scale = None if name == "loss" else max(1.0, float(ref.abs().max()), 0.05 * n)
+        assert_close(got, ref, torch.float32, f"{backend} {name}", scale=scale)
+
+
 @pytest.mark.parametrize("need", ["both", "gx", "gy", "neither"])
 @pytest.mark.parametrize("d", [3, 40])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -244,28 +291,58 @@ def test_backend_tiles(backend, d, need, monkeypatch):
     ops, extra, as_scalar = _backend_runner(backend, monkeypatch)
     device = device_for(backend)
     x, y = [t.detach() for t in _features(70, d, torch.float32, device, norm=3.0)]
-    scale, bias = torch.tensor(4.0, device=device), torch.tensor(-1.5, device=device)
+    scale, bias = (
+        as_scalar(torch.tensor(4.0, device=device)),
+        as_scalar(torch.tensor(-1.5, device=device)),
+    )
     g = torch.linspace(-1, 2, 70, device=device)
     need_gx, need_gy = need in ("both", "gx"), need in ("both", "gy")
-    loss = ops.siglip_forward(x, y, as_scalar(scale), as_scalar(bias), **extra)
-    gx, gy, dz_total = ops.siglip_backward(x, y, as_scalar(scale), as_scalar(bias), g,
-                                           need_gx=need_gx, need_gy=need_gy, **extra)
-    expected = _tile_reference(x, y, 4.0, -1.5, g)
-    assert_close(loss, expected[0], torch.float32, f"{backend} per-row loss")
-    assert (gx is not None) == need_gx and (gy is not None) == need_gy
-    for name, got, ref in (("gx", gx, expected[1]), ("gy", gy, expected[2]),
-                           ("dz_total", dz_total, expected[3])):
-        if got is not None:
-            assert_close(got, ref, torch.float32, f"{backend} {name}",
-                         scale=max(1.0, float(ref.abs().max()), 70 * 0.05))
+    wanted = dict(loss=True, gx=need_gx, gy=need_gy, dz_total=True)
+    results = [("loss", ops.siglip_forward(x, y, scale, bias, **extra))]
+    results += zip(
+        _TERMS[1:],
+        ops.siglip_backward(x, y, scale, bias, g, need_gx=need_gx, need_gy=need_gy, **extra),
+    )
     if hasattr(ops, "siglip_forward_with_grad"):
-        fused = ops.siglip_forward_with_grad(x, y, as_scalar(scale), as_scalar(bias), g,
-                                             need_gx=need_gx, need_gy=need_gy, **extra)
-        torch.testing.assert_close(fused[0], loss, rtol=1e-6, atol=1e-6)
-        for got, recomputed in zip(fused[1:], (gx, gy, dz_total)):
-            assert (got is None) == (recomputed is None)
-            if got is not None:
-                torch.testing.assert_close(got, recomputed, rtol=1e-5, atol=1e-6)
+        results += zip(
+            _TERMS,
+            ops.siglip_forward_with_grad(
+                x, y, scale, bias, g, need_gx=need_gx, need_gy=need_gy, **extra
+            ),
+        )
+    for name, got in results:  # the backends' own surface: None where not needed
+        assert (got is not None) == wanted[name], f"{backend} {name}: {got}"
+    _check_terms(backend, results, _tile_reference(x, y, 4.0, -1.5, g), wanted)
+
+
+@pytest.mark.parametrize(
+    "need",
+    [(True, True), (True, False), (False, True), (False, False)],
+    ids=["both", "gx", "gy", "neither"],
+)
+@pytest.mark.parametrize("n,d", [(1, 3), (37, 67), (130, 1000)], ids=str)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_registered_ops(backend, n, d, need, monkeypatch):
+    """torch.ops.fastcontrast.siglip_forward / _backward / _forward_with_grad (the last where the
+    backend fuses the gradient): outputs not needed are 0-element tensors, the others match."""
+    _skip_unsupported(backend, n, d, torch.float32)
+    if interpreting_triton(backend) and d > 100:
+        pytest.skip("the Triton interpreter runs the small shapes")
+    monkeypatch.setenv(POISON_ENV, "1")
+    device = device_for(backend)
+    x, y = [t.detach() for t in _features(n, d, torch.float32, device, norm=3.0)]
+    scale, bias = torch.tensor(4.0, device=device), torch.tensor(-1.5, device=device)
+    g = torch.linspace(-1, 2, n, device=device)
+    ops = torch.ops.fastcontrast
+    results = [("loss", ops.siglip_forward(x, y, scale, bias, backend))]
+    results += zip(_TERMS[1:], ops.siglip_backward(x, y, scale, bias, g, *need, backend))
+    if backends.PROPERTIES[backend].fuses_gradient:
+        results += zip(_TERMS, ops.siglip_forward_with_grad(x, y, scale, bias, g, *need, backend))
+    wanted = dict(loss=True, gx=need[0], gy=need[1], dz_total=True)
+    for name, got in results:
+        if not wanted[name]:
+            assert got.shape == (0,), f"{name}: {tuple(got.shape)}, expected a 0-element tensor"
+    _check_terms(backend, results, _tile_reference(x, y, 4.0, -1.5, g), wanted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,20 +352,64 @@ def test_backend_tiles(backend, d, need, monkeypatch):
 _GOOD = dict(image=torch.randn(4, 3), text=torch.randn(4, 3), logit_scale=10.0, logit_bias=-10.0)
 BAD_INPUTS = {
     "image_not_tensor": (dict(image=[[1.0]]), TypeError, "image must be a torch.Tensor"),
-    "image_int": (dict(image=torch.ones(4, 3, dtype=torch.int64)), TypeError, "image must have a floating"),
+    "image_int": (
+        dict(image=torch.ones(4, 3, dtype=torch.int64)),
+        TypeError,
+        "image must have a floating",
+    ),
     "image_1d": (dict(image=torch.randn(4)), ValueError, "image must be 2-D"),
-    "image_empty": (dict(image=torch.randn(0, 3), text=torch.randn(0, 3)), ValueError, "image must not be empty"),
-    "text_dtype": (dict(text=torch.randn(4, 3, dtype=torch.float64)), TypeError, "text must have the dtype of image"),
-    "text_rows": (dict(text=torch.randn(5, 3)), ValueError, "text must have the shape of image (4, 3)"),
+    "image_empty": (
+        dict(image=torch.randn(0, 3), text=torch.randn(0, 3)),
+        ValueError,
+        "image must not be empty",
+    ),
+    "text_dtype": (
+        dict(text=torch.randn(4, 3, dtype=torch.float64)),
+        TypeError,
+        "text must have the dtype of image",
+    ),
+    "text_rows": (
+        dict(text=torch.randn(5, 3)),
+        ValueError,
+        "text must have the shape of image (4, 3)",
+    ),
     "text_dim": (dict(text=torch.randn(4, 2)), ValueError, "text must have the shape of image"),
-    "scale_vector": (dict(logit_scale=torch.ones(1)), ValueError, "logit_scale must be a float or a 0-dim tensor, got shape (1,)"),
-    "scale_int_tensor": (dict(logit_scale=torch.tensor(3)), TypeError, "logit_scale tensor must have a floating-point dtype"),
-    "scale_string": (dict(logit_scale="10"), TypeError, "logit_scale must be a float or a 0-dim tensor, got str"),
+    "scale_vector": (
+        dict(logit_scale=torch.ones(1)),
+        ValueError,
+        "logit_scale must be a float or a 0-dim tensor, got shape (1,)",
+    ),
+    "scale_int_tensor": (
+        dict(logit_scale=torch.tensor(3)),
+        TypeError,
+        "logit_scale tensor must have a floating-point dtype",
+    ),
+    "scale_string": (
+        dict(logit_scale="10"),
+        TypeError,
+        "logit_scale must be a float or a 0-dim tensor, got str",
+    ),
     "scale_bool": (dict(logit_scale=True), TypeError, "logit_scale must be a float"),
-    "scale_nan": (dict(logit_scale=float("nan")), ValueError, "logit_scale must be finite, got nan"),
-    "bias_inf": (dict(logit_bias=torch.tensor(float("-inf"))), ValueError, "logit_bias must be finite, got -inf"),
-    "bias_none": (dict(logit_bias=None), TypeError, "logit_bias must be a float or a 0-dim tensor, got NoneType"),
-    "reduction": (dict(reduction="avg"), ValueError, "reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
+    "scale_nan": (
+        dict(logit_scale=float("nan")),
+        ValueError,
+        "logit_scale must be finite, got nan",
+    ),
+    "bias_inf": (
+        dict(logit_bias=torch.tensor(float("-inf"))),
+        ValueError,
+        "logit_bias must be finite, got -inf",
+    ),
+    "bias_none": (
+        dict(logit_bias=None),
+        TypeError,
+        "logit_bias must be a float or a 0-dim tensor, got NoneType",
+    ),
+    "reduction": (
+        dict(reduction="avg"),
+        ValueError,
+        "reduction must be one of 'mean', 'sum', 'none', got 'avg'",
+    ),
     "backend": (dict(backend="gpu"), ValueError, "backend must be one of"),
 }
 
@@ -298,8 +419,13 @@ def test_bad_input(case):
     change, error, message = BAD_INPUTS[case]
     kwargs = {**_GOOD, **change}
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
-        siglip_loss(kwargs.pop("image"), kwargs.pop("text"), kwargs.pop("logit_scale"),
-                    kwargs.pop("logit_bias"), **kwargs)
+        siglip_loss(
+            kwargs.pop("image"),
+            kwargs.pop("text"),
+            kwargs.pop("logit_scale"),
+            kwargs.pop("logit_bias"),
+            **kwargs,
+        )
 
 
 def test_triton_refuses_float64():
@@ -314,11 +440,23 @@ CPU_BAD = {
     "x_dtype": (dict(x=torch.randn(4, 3).half()), "x must have dtype float32 or float64, got Half"),
     "x_1d": (dict(x=torch.randn(4)), "x must be 2-D (N, D), got shape [4]"),
     "x_strided": (dict(x=torch.randn(3, 4).T), "x must be contiguous"),
-    "y_dim": (dict(y=torch.randn(4, 2)), "y must have shape (M, D) with D = 3 (the feature dim of x), got [4, 2]"),
-    "y_dtype": (dict(y=torch.randn(4, 3, dtype=torch.float64)), "y must have dtype Float (the dtype of x), got Double"),
+    "y_dim": (
+        dict(y=torch.randn(4, 2)),
+        "y must have shape (M, D) with D = 3 (the feature dim of x), got [4, 2]",
+    ),
+    "y_dtype": (
+        dict(y=torch.randn(4, 3, dtype=torch.float64)),
+        "y must have dtype Float (the dtype of x), got Double",
+    ),
     "scale": (dict(scale=float("inf")), "scale must be finite, got inf"),
-    "row_grad_shape": (dict(row_grad=torch.ones(5)), "row_grad must have shape (4,) (one per row of x), got [5]"),
-    "row_grad_dtype": (dict(row_grad=torch.ones(4, dtype=torch.float64)), "row_grad must have dtype Float"),
+    "row_grad_shape": (
+        dict(row_grad=torch.ones(5)),
+        "row_grad must have shape (4,) (one per row of x), got [5]",
+    ),
+    "row_grad_dtype": (
+        dict(row_grad=torch.ones(4, dtype=torch.float64)),
+        "row_grad must have dtype Float",
+    ),
     "block_rows": (dict(block_rows=-1), "block_rows must be >= 0"),
 }
 
@@ -332,13 +470,31 @@ def test_cpu_entry_point_checks(case):
 
     module = _ext.load_extension()
     change, message = CPU_BAD[case]
-    args = dict(x=torch.randn(4, 3), y=torch.randn(4, 3), scale=2.0, bias=-1.0,
-                row_grad=torch.ones(4), block_rows=0, **{})
+    args = dict(
+        x=torch.randn(4, 3),
+        y=torch.randn(4, 3),
+        scale=2.0,
+        bias=-1.0,
+        row_grad=torch.ones(4),
+        block_rows=0,
+        **{},
+    )
     args.update(change)
-    with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
-        module.siglip_backward(args["x"], args["y"], args["scale"], args["bias"],
-                               args["row_grad"], block_rows=args["block_rows"])
+    with pytest.raises(
+        RuntimeError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
+        module.siglip_backward(
+            args["x"],
+            args["y"],
+            args["scale"],
+            args["bias"],
+            args["row_grad"],
+            block_rows=args["block_rows"],
+        )
 
 
 def test_triton_host_checks():

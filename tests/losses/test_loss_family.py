@@ -1,6 +1,7 @@
 """nt_xent (with DCL / DCLW / HCL), supcon and moco_loss on every fused backend against the
 float64 references (values and gradients, temperature included), plus the references against
 the papers' own formulations written out literally."""
+
 import math
 
 import pytest
@@ -10,8 +11,14 @@ import torch.nn.functional as F
 import fastcontrast
 from fastcontrast.reference import info_nce_reference, nt_xent_reference, supcon_reference
 
-from ._helpers import (FUSED_BACKENDS, as_float64, assert_close, backend_usable, device_for,
-                       interpreting_triton)
+from .._helpers import (
+    FUSED_BACKENDS,
+    as_float64,
+    assert_close,
+    backend_usable,
+    device_for,
+    interpreting_triton,
+)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OBJECTIVES = {
@@ -29,7 +36,9 @@ def _skip(backend, dtype, size):
     if backend == "triton":
         if dtype == torch.float64:
             pytest.skip("triton kernels do not take float64")
-        if interpreting_triton(backend) and (size > 64 * 64 or dtype == torch.bfloat16 and size > 8 * 64):
+        if interpreting_triton(backend) and (
+            size > 64 * 64 or dtype == torch.bfloat16 and size > 8 * 64
+        ):
             pytest.skip("the Triton interpreter runs only small shapes")
 
 
@@ -50,8 +59,9 @@ def _check(backend, dtype, fused_fn, reference_fn, inputs, *, max_logit=0.0, red
 
     ref_in = as_float64(*inputs)
     if reduction == "none":
-        weight = torch.rand(reference_fn(*ref_in).shape, dtype=torch.float64,
-                            device=inputs[0].device)
+        weight = torch.rand(
+            reference_fn(*ref_in).shape, dtype=torch.float64, device=inputs[0].device
+        )
     loss, grads = run(lambda *t: fused_fn(*t, backend=backend), inputs)
     ref_loss, ref_grads = run(reference_fn, ref_in)
     low = dtype in (torch.float16, torch.bfloat16)
@@ -69,8 +79,11 @@ def _check(backend, dtype, fused_fn, reference_fn, inputs, *, max_logit=0.0, red
 # ---------------------------------------------------------------------------------------------
 # nt_xent
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 3), (7, 64), (129, 1000)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(2, 3), (7, 64), (129, 1000)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_nt_xent_matches_reference(backend, objective, shape, dtype):
@@ -80,10 +93,14 @@ def test_nt_xent_matches_reference(backend, objective, shape, dtype):
     z1, z2 = _rand(n, d, dtype=dtype, device=device), _rand(n, d, dtype=dtype, device=device)
     tau = torch.tensor(0.2, dtype=torch.float64, device=device, requires_grad=True)
     opts = OBJECTIVES[objective]
-    _check(backend, dtype,
-           lambda a, b, t, backend: fastcontrast.nt_xent(a, b, temperature=t, backend=backend, **opts),
-           lambda a, b, t: fastcontrast.nt_xent(a, b, temperature=t, backend="reference", **opts),
-           [z1, z2, tau], max_logit=5.0)
+    _check(
+        backend,
+        dtype,
+        lambda a, b, t, backend: fastcontrast.nt_xent(a, b, temperature=t, backend=backend, **opts),
+        lambda a, b, t: fastcontrast.nt_xent(a, b, temperature=t, backend="reference", **opts),
+        [z1, z2, tau],
+        max_logit=5.0,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
@@ -94,14 +111,22 @@ def test_nt_xent_reductions(backend, objective, reduction):
     device = device_for(backend)
     z1, z2 = (_rand(33, 16, dtype=torch.float32, device=device) for _ in range(2))
     opts = OBJECTIVES[objective]
-    _check(backend, torch.float32,
-           lambda a, b, backend: fastcontrast.nt_xent(a, b, reduction=reduction, backend=backend, **opts),
-           lambda a, b: fastcontrast.nt_xent(a, b, reduction=reduction, backend="reference", **opts),
-           [z1, z2], reduction=reduction)
+    _check(
+        backend,
+        torch.float32,
+        lambda a, b, backend: fastcontrast.nt_xent(
+            a, b, reduction=reduction, backend=backend, **opts
+        ),
+        lambda a, b: fastcontrast.nt_xent(a, b, reduction=reduction, backend="reference", **opts),
+        [z1, z2],
+        reduction=reduction,
+    )
 
 
-@pytest.mark.parametrize("objective,scale,tau", [("plain", 30.0, 0.01), ("dcl", 30.0, 0.01),
-                                                 ("dclw", 30.0, 0.01), ("hcl", 1.5, 0.1)])
+@pytest.mark.parametrize(
+    "objective,scale,tau",
+    [("plain", 30.0, 0.01), ("dcl", 30.0, 0.01), ("dclw", 30.0, 0.01), ("hcl", 1.5, 0.1)],
+)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_nt_xent_tiny_temperature_large_norms(backend, objective, scale, tau):
     """Unnormalised inputs: with tau = 0.01 and norms ~100 the scores reach ~1e4 and must not
@@ -111,10 +136,14 @@ def test_nt_xent_tiny_temperature_large_norms(backend, objective, scale, tau):
     z1, z2 = (_rand(17, 8, dtype=torch.float32, device=device, scale=scale) for _ in range(2))
     opts = dict(OBJECTIVES[objective], normalize=False, temperature=tau)
     max_logit = float((torch.cat([z1, z2]).detach().double().norm(dim=1).max() ** 2) / tau)
-    _check(backend, torch.float32,
-           lambda a, b, backend: fastcontrast.nt_xent(a, b, backend=backend, **opts),
-           lambda a, b: fastcontrast.nt_xent(a, b, backend="reference", **opts),
-           [z1, z2], max_logit=max_logit)
+    _check(
+        backend,
+        torch.float32,
+        lambda a, b, backend: fastcontrast.nt_xent(a, b, backend=backend, **opts),
+        lambda a, b: fastcontrast.nt_xent(a, b, backend="reference", **opts),
+        [z1, z2],
+        max_logit=max_logit,
+    )
 
 
 def test_nt_xent_reference_is_simclr_cross_entropy():
@@ -147,8 +176,9 @@ def _dcl_paper(z1, z2, tau, sigma=None):
 def test_dcl_matches_the_papers_code(sigma):
     z1, z2 = (F.normalize(torch.randn(10, 7, dtype=torch.float64), dim=1) for _ in range(2))
     expected = 0.5 * (_dcl_paper(z1, z2, 0.1, sigma) + _dcl_paper(z2, z1, 0.1, sigma))
-    got = fastcontrast.nt_xent(z1, z2, temperature=0.1, decoupled=True, dclw_sigma=sigma,
-                               backend="reference")
+    got = fastcontrast.nt_xent(
+        z1, z2, temperature=0.1, decoupled=True, dclw_sigma=sigma, backend="reference"
+    )
     assert abs(float(got - expected)) < 1e-9  # the code's mask leaves e^{-103.6}, not 0
 
 
@@ -176,8 +206,9 @@ def test_hcl_matches_the_papers_code(beta, tau_plus):
     z1, z2 = (F.normalize(torch.randn(9, 6, dtype=torch.float64), dim=1) for _ in range(2))
     expected = _hcl_paper(z1, z2, 0.5, beta, tau_plus)
     for backend in ("reference", "torch"):
-        got = fastcontrast.nt_xent(z1, z2, temperature=0.5, hcl_beta=beta, hcl_tau_plus=tau_plus,
-                                   backend=backend)
+        got = fastcontrast.nt_xent(
+            z1, z2, temperature=0.5, hcl_beta=beta, hcl_tau_plus=tau_plus, backend=backend
+        )
         assert abs(float(got - expected)) < 1e-10, backend
 
 
@@ -191,6 +222,7 @@ def test_hcl_without_reweighting_is_infonce():
 
 # ---------------------------------------------------------------------------------------------
 # supcon
+
 
 def _labels(n, n_classes, device):
     labels = torch.randint(0, n_classes, (n,), device=device)
@@ -210,10 +242,14 @@ def test_supcon_matches_reference(backend, layout, dtype):
     features = _rand(*([n, views, d] if views else [n, d]), dtype=dtype, device=device)
     labels = None if views and n % 2 else _labels(n, 4, device)
     tau = torch.tensor(0.1, dtype=torch.float64, device=device, requires_grad=True)
-    _check(backend, dtype,
-           lambda f, t, backend: fastcontrast.supcon(f, labels, temperature=t, backend=backend),
-           lambda f, t: supcon_reference(f, labels, temperature=t),
-           [features, tau], max_logit=10.0)
+    _check(
+        backend,
+        dtype,
+        lambda f, t, backend: fastcontrast.supcon(f, labels, temperature=t, backend=backend),
+        lambda f, t: supcon_reference(f, labels, temperature=t),
+        [features, tau],
+        max_logit=10.0,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
@@ -225,10 +261,14 @@ def test_supcon_reductions_and_multiview_shape(backend, reduction):
     labels = _labels(12, 3, device)
     loss = fastcontrast.supcon(features, labels, reduction=reduction, backend=backend)
     assert loss.shape == ((12, 2) if reduction == "none" else ())
-    _check(backend, torch.float32,
-           lambda f, backend: fastcontrast.supcon(f, labels, reduction=reduction, backend=backend),
-           lambda f: supcon_reference(f, labels, reduction=reduction), [features],
-           reduction=reduction)
+    _check(
+        backend,
+        torch.float32,
+        lambda f, backend: fastcontrast.supcon(f, labels, reduction=reduction, backend=backend),
+        lambda f: supcon_reference(f, labels, reduction=reduction),
+        [features],
+        reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -267,6 +307,7 @@ def test_supcon_with_unique_labels_over_views_is_nt_xent():
 # ---------------------------------------------------------------------------------------------
 # moco_loss
 
+
 class _QueueLike:
     """The part of NegativeQueue's interface that moco_loss uses."""
 
@@ -282,7 +323,9 @@ class _QueueLike:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_ids", [False, True], ids=["queue", "queue+ids"])
-@pytest.mark.parametrize("shape", [(1, 5, 3), (8, 70, 64), (37, 300, 128)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(1, 5, 3), (8, 70, 64), (37, 300, 128)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_moco_loss_matches_reference(backend, shape, with_ids, dtype):
     n, k, d = shape
@@ -296,14 +339,27 @@ def test_moco_loss_matches_reference(backend, shape, with_ids, dtype):
     queue = _QueueLike(queue_keys, stored)
 
     def reference(q, t):
-        return info_nce_reference(q, key.to(q.dtype), queue_keys.to(q.dtype), temperature=t,
-                                  in_batch_negatives=False, query_ids=index, negative_ids=stored)
+        return info_nce_reference(
+            q,
+            key.to(q.dtype),
+            queue_keys.to(q.dtype),
+            temperature=t,
+            in_batch_negatives=False,
+            query_ids=index,
+            negative_ids=stored,
+        )
 
     tau = torch.tensor(0.07, dtype=torch.float64, device=device, requires_grad=True)
-    _check(backend, dtype,
-           lambda q, t, backend: fastcontrast.moco_loss(q, key, queue, temperature=t,
-                                                        query_index=index, backend=backend),
-           reference, [query, tau], max_logit=1 / 0.07)
+    _check(
+        backend,
+        dtype,
+        lambda q, t, backend: fastcontrast.moco_loss(
+            q, key, queue, temperature=t, query_index=index, backend=backend
+        ),
+        reference,
+        [query, tau],
+        max_logit=1 / 0.07,
+    )
 
 
 def test_moco_loss_is_classic_concat_logits():
@@ -324,16 +380,20 @@ def test_moco_same_instance_negatives_are_excluded():
     keys = torch.randn(6, 4, dtype=torch.float64)
     stored = torch.tensor([5, 0, 7, 1, -1, 0])  # query 0 has entries 1 and 5, query 1 entry 3
     index = torch.tensor([0, 1, 2])
-    got = fastcontrast.moco_loss(q, k, _QueueLike(keys, stored), query_index=index,
-                                 reduction="none", backend="torch")
+    got = fastcontrast.moco_loss(
+        q, k, _QueueLike(keys, stored), query_index=index, reduction="none", backend="torch"
+    )
     for i, drop in enumerate([[1, 5], [3], []]):
         keep = [j for j in range(6) if j not in drop]
-        expected = fastcontrast.moco_loss(q[i:i + 1], k[i:i + 1], keys[keep], backend="reference")
+        expected = fastcontrast.moco_loss(
+            q[i : i + 1], k[i : i + 1], keys[keep], backend="reference"
+        )
         assert abs(float(got[i] - expected)) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
 # gradcheck (float64) and modules
+
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_gradcheck_loss_family(backend):
@@ -350,79 +410,173 @@ def test_gradcheck_loss_family(backend):
     for opts in OBJECTIVES.values():
         assert torch.autograd.gradcheck(
             lambda a, b, t: fastcontrast.nt_xent(a, b, temperature=t, backend=backend, **opts),
-            (z1, z2, tau), **check)
+            (z1, z2, tau),
+            **check,
+        )
     features, labels = rnd(6, 2, 3), torch.tensor([0, 1, 0, 2, 1, 1])
     assert torch.autograd.gradcheck(
-        lambda f, t: fastcontrast.supcon(f, labels, temperature=t, backend=backend), (features, tau),
-        **check)
+        lambda f, t: fastcontrast.supcon(f, labels, temperature=t, backend=backend),
+        (features, tau),
+        **check,
+    )
     q, k, queue = rnd(3, 4), rnd(3, 4), rnd(7, 4)
     ids = (torch.tensor([0, 1, 2]), torch.tensor([1, -1, 0, 2, 2, 5, 6]))
     assert torch.autograd.gradcheck(
-        lambda a, b, c, t: fastcontrast.info_nce(a, b, c, temperature=t, in_batch_negatives=False,
-                                                 query_ids=ids[0], negative_ids=ids[1],
-                                                 hcl_beta=0.5, backend=backend),
-        (q, k, queue, tau), **check)
+        lambda a, b, c, t: fastcontrast.info_nce(
+            a,
+            b,
+            c,
+            temperature=t,
+            in_batch_negatives=False,
+            query_ids=ids[0],
+            negative_ids=ids[1],
+            hcl_beta=0.5,
+            backend=backend,
+        ),
+        (q, k, queue, tau),
+        **check,
+    )
 
 
 def test_modules_equal_functional():
     z1, z2 = torch.randn(5, 4), torch.randn(5, 4)
     module = fastcontrast.NTXentLoss(0.3, decoupled=True, learn_temperature=True)
-    assert torch.allclose(module(z1, z2), fastcontrast.nt_xent(z1, z2, temperature=0.3,
-                                                               decoupled=True), atol=1e-6)
+    assert torch.allclose(
+        module(z1, z2), fastcontrast.nt_xent(z1, z2, temperature=0.3, decoupled=True), atol=1e-6
+    )
     module(z1, z2).backward()
-    assert module.log_inverse_temperature.grad is not None
+    log_inv = torch.tensor(math.log(1 / 0.3), dtype=torch.float64, requires_grad=True)
+    fastcontrast.nt_xent(
+        z1.double(),
+        z2.double(),
+        temperature=torch.exp(-log_inv),
+        decoupled=True,
+        backend="reference",
+    ).backward()
+    torch.testing.assert_close(
+        module.log_inverse_temperature.grad.double(), log_inv.grad, rtol=1e-4, atol=1e-6
+    )
     features, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
-    assert torch.allclose(fastcontrast.SupConLoss(0.2)(features, labels),
-                          fastcontrast.supcon(features, labels, temperature=0.2))
+    assert torch.allclose(
+        fastcontrast.SupConLoss(0.2)(features, labels),
+        fastcontrast.supcon(features, labels, temperature=0.2),
+    )
     q, k, queue = torch.randn(3, 4), torch.randn(3, 4), torch.randn(9, 4)
-    assert torch.allclose(fastcontrast.MoCoLoss(hcl_beta=0.5)(q, k, queue),
-                          fastcontrast.moco_loss(q, k, queue, hcl_beta=0.5))
+    assert torch.allclose(
+        fastcontrast.MoCoLoss(hcl_beta=0.5)(q, k, queue),
+        fastcontrast.moco_loss(q, k, queue, hcl_beta=0.5),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # bad input
 
 BAD_CALLS = {
-    "nt_xent_shape": (lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(5, 3)),
-                      ValueError, "z2 must have the shape of z1"),
-    "nt_xent_dtype": (lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3).double()),
-                      TypeError, "z2 must have the dtype of z1"),
-    "dcl_no_negatives": (lambda: fastcontrast.nt_xent(torch.randn(1, 3), torch.randn(1, 3), decoupled=True),
-                         ValueError, "at least one negative"),
-    "dclw_without_dcl": (lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3), dclw_sigma=0.5),
-                         ValueError, "decoupled=True"),
-    "dclw_sigma_negative": (lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3),
-                                                         decoupled=True, dclw_sigma=-1.0),
-                            ValueError, "dclw_sigma"),
-    "hcl_tau_plus_one": (lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3), hcl_tau_plus=1.0),
-                         ValueError, "hcl_tau_plus"),
-    "hcl_beta_negative": (lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3), hcl_beta=-1.0),
-                          ValueError, "hcl_beta"),
-    "hcl_beta_type": (lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3), hcl_beta="1"),
-                      TypeError, "hcl_beta"),
-    "symmetric_dcl": (lambda: fastcontrast.info_nce(torch.randn(4, 3), torch.randn(4, 3), symmetric=True,
-                                                    decoupled=True), ValueError, "symmetric"),
+    "nt_xent_shape": (
+        lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(5, 3)),
+        ValueError,
+        "z2 must have the shape of z1",
+    ),
+    "nt_xent_dtype": (
+        lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3).double()),
+        TypeError,
+        "z2 must have the dtype of z1",
+    ),
+    "dcl_no_negatives": (
+        lambda: fastcontrast.nt_xent(torch.randn(1, 3), torch.randn(1, 3), decoupled=True),
+        ValueError,
+        "at least one negative",
+    ),
+    "dclw_without_dcl": (
+        lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3), dclw_sigma=0.5),
+        ValueError,
+        "decoupled=True",
+    ),
+    "dclw_sigma_negative": (
+        lambda: fastcontrast.nt_xent(
+            torch.randn(4, 3), torch.randn(4, 3), decoupled=True, dclw_sigma=-1.0
+        ),
+        ValueError,
+        "dclw_sigma",
+    ),
+    "hcl_tau_plus_one": (
+        lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3), hcl_tau_plus=1.0),
+        ValueError,
+        "hcl_tau_plus",
+    ),
+    "hcl_beta_negative": (
+        lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3), hcl_beta=-1.0),
+        ValueError,
+        "hcl_beta",
+    ),
+    "hcl_beta_type": (
+        lambda: fastcontrast.nt_xent(torch.randn(4, 3), torch.randn(4, 3), hcl_beta="1"),
+        TypeError,
+        "hcl_beta",
+    ),
+    "symmetric_dcl": (
+        lambda: fastcontrast.info_nce(
+            torch.randn(4, 3), torch.randn(4, 3), symmetric=True, decoupled=True
+        ),
+        ValueError,
+        "symmetric",
+    ),
     "supcon_no_labels": (lambda: fastcontrast.supcon(torch.randn(4, 3)), ValueError, "labels"),
-    "supcon_label_dtype": (lambda: fastcontrast.supcon(torch.randn(4, 3), torch.zeros(4)),
-                           TypeError, "labels must have dtype torch.int64"),
-    "supcon_label_shape": (lambda: fastcontrast.supcon(torch.randn(4, 3), torch.zeros(3, dtype=torch.int64)),
-                           ValueError, r"labels must have shape \(4,\)"),
-    "supcon_1d": (lambda: fastcontrast.supcon(torch.randn(4), torch.zeros(4, dtype=torch.int64)),
-                  ValueError, "features must be 2-D or 3-D"),
-    "ids_without_bank": (lambda: fastcontrast.info_nce(torch.randn(4, 3), torch.randn(4, 3),
-                                                       query_ids=torch.arange(4), negative_ids=torch.arange(4)),
-                         ValueError, "shared negatives"),
-    "ids_alone": (lambda: fastcontrast.info_nce(torch.randn(4, 3), torch.randn(4, 3), torch.randn(6, 3),
-                                                query_ids=torch.arange(4)),
-                  ValueError, "given together"),
-    "ids_shape": (lambda: fastcontrast.info_nce(torch.randn(4, 3), torch.randn(4, 3), torch.randn(6, 3),
-                                                query_ids=torch.arange(4), negative_ids=torch.arange(5)),
-                  ValueError, r"negative_ids must have shape \(6,\)"),
-    "moco_index_plain_queue": (lambda: fastcontrast.moco_loss(torch.randn(4, 3), torch.randn(4, 3),
-                                                              torch.randn(6, 3), query_index=torch.arange(4)),
-                               ValueError, "NegativeQueue"),
-    "moco_queue_dim": (lambda: fastcontrast.moco_loss(torch.randn(4, 3), torch.randn(4, 3), torch.randn(6, 5)),
-                       ValueError, "feature dimension"),
+    "supcon_label_dtype": (
+        lambda: fastcontrast.supcon(torch.randn(4, 3), torch.zeros(4)),
+        TypeError,
+        "labels must have dtype torch.int64",
+    ),
+    "supcon_label_shape": (
+        lambda: fastcontrast.supcon(torch.randn(4, 3), torch.zeros(3, dtype=torch.int64)),
+        ValueError,
+        r"labels must have shape \(4,\)",
+    ),
+    "supcon_1d": (
+        lambda: fastcontrast.supcon(torch.randn(4), torch.zeros(4, dtype=torch.int64)),
+        ValueError,
+        "features must be 2-D or 3-D",
+    ),
+    "ids_without_bank": (
+        lambda: fastcontrast.info_nce(
+            torch.randn(4, 3),
+            torch.randn(4, 3),
+            query_ids=torch.arange(4),
+            negative_ids=torch.arange(4),
+        ),
+        ValueError,
+        "shared negatives",
+    ),
+    "ids_alone": (
+        lambda: fastcontrast.info_nce(
+            torch.randn(4, 3), torch.randn(4, 3), torch.randn(6, 3), query_ids=torch.arange(4)
+        ),
+        ValueError,
+        "given together",
+    ),
+    "ids_shape": (
+        lambda: fastcontrast.info_nce(
+            torch.randn(4, 3),
+            torch.randn(4, 3),
+            torch.randn(6, 3),
+            query_ids=torch.arange(4),
+            negative_ids=torch.arange(5),
+        ),
+        ValueError,
+        r"negative_ids must have shape \(6,\)",
+    ),
+    "moco_index_plain_queue": (
+        lambda: fastcontrast.moco_loss(
+            torch.randn(4, 3), torch.randn(4, 3), torch.randn(6, 3), query_index=torch.arange(4)
+        ),
+        ValueError,
+        "NegativeQueue",
+    ),
+    "moco_queue_dim": (
+        lambda: fastcontrast.moco_loss(torch.randn(4, 3), torch.randn(4, 3), torch.randn(6, 5)),
+        ValueError,
+        "feature dimension",
+    ),
 }
 
 
@@ -437,15 +591,24 @@ def test_moco_loss_with_a_real_negative_queue():
     """The filled part of a NegativeQueue (wrapped around, stored indices) as the negatives."""
     queue = fastcontrast.NegativeQueue(10, 4, dtype=torch.float64, store_indices=True)
     for start in range(0, 14, 3):  # 14 keys through a queue of 10: wraps around
-        queue.enqueue(torch.randn(3, 4, dtype=torch.float64), indices=torch.arange(start, start + 3))
+        queue.enqueue(
+            torch.randn(3, 4, dtype=torch.float64), indices=torch.arange(start, start + 3)
+        )
     q = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(5, 4, dtype=torch.float64)
     index = torch.tensor([14, 3, 13, 7, 100])
     got = fastcontrast.moco_loss(q, k, queue, query_index=index, reduction="none", backend="torch")
-    expected = info_nce_reference(q, k, queue.negatives(), in_batch_negatives=False,
-                                  query_ids=index, negative_ids=queue.stored_indices(),
-                                  reduction="none")
+    expected = info_nce_reference(
+        q,
+        k,
+        queue.negatives(),
+        in_batch_negatives=False,
+        query_ids=index,
+        negative_ids=queue.stored_indices(),
+        reduction="none",
+    )
     assert torch.allclose(got, expected, atol=1e-12)
     with pytest.raises(ValueError, match="store_indices"):
-        fastcontrast.moco_loss(q, k, fastcontrast.NegativeQueue(4, 4, dtype=torch.float64),
-                               query_index=index)
+        fastcontrast.moco_loss(
+            q, k, fastcontrast.NegativeQueue(4, 4, dtype=torch.float64), query_index=index
+        )

@@ -1,6 +1,6 @@
 """SimCLR (fastcontrast.methods.simclr): the loss against the reference backend and a float64
 NT-Xent written out, extreme temperatures, views, bad input (training runs, determinism and
-the same-curve check: tests/test_methods_trainer.py)."""
+the same-curve check: tests/methods/test_methods_trainer.py)."""
 import math
 
 import pytest

@@ -5,7 +5,7 @@ Parent side (pytest, where tests/conftest.py has set TRITON_INTERPRET=1):
 modules read it when they are imported, and only a non-interpreted @triton.jit function can be
 compiled), and skips the calling test where Triton's CUDA backend or ptxas is absent.
 
-Child side (``python -m tests._triton_compile_helpers OP...``, OP in HOST_CALLS): the host
+Child side (``python -m tests.kernels._triton_compile_helpers OP...``, OP in HOST_CALLS): the host
 functions of each op are called on small CPU tensors with the module's @triton.jit kernels
 replaced by recorders, so every launch the host would make on a GPU (its block config, its
 constexpr flags, the types and alignment of its arguments, num_warps / num_stages) is captured
@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAPABILITY = 90  # sm_90 (H100 / H200)
 
 

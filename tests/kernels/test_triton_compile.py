@@ -1,7 +1,7 @@
 """Every InfoNCE and SigLIP Triton kernel variant the host functions can launch compiles for
 sm_90 with Triton's own compiler, and ptxas reports no register spills.
 
-The variants are the host's own launches: tests/_triton_compile_helpers.py calls the host
+The variants are the host's own launches: tests/kernels/_triton_compile_helpers.py calls the host
 functions of kernels/infonce.py and kernels/siglip.py in a subprocess without the interpreter,
 records each launch instead of running it (block config, constexpr flags, argument types and
 alignment, num_warps / num_stages: what a GPU run would compile) and compiles each distinct one.
@@ -13,6 +13,7 @@ The first run compiles all 192 variants: about two minutes on two idle cores (mo
 machine). Triton's cache then holds the kernels and a copy of each ptxas report, so a rerun with
 unchanged kernels takes seconds. Skipped with a message where Triton's CUDA backend or ptxas is
 absent."""
+
 import itertools
 import json
 
@@ -34,12 +35,20 @@ FLAGS = {
 LAUNCHED = {
     "_masked_lse_fwd_kernel": list(itertools.product(BOOLS, BOOLS, BOOLS, BOOLS)),
     # dq: HAS_LSE_X, and HAS_LSE_Y with column terms; dkeys: the roles swapped.
-    "_masked_lse_bwd_kernel": [(e, i, lx, ly, one) for e, i, (lx, ly), one in itertools.product(
-        BOOLS, BOOLS, [(True, False), (False, True), (True, True)], BOOLS)],
+    "_masked_lse_bwd_kernel": [
+        (e, i, lx, ly, one)
+        for e, i, (lx, ly), one in itertools.product(
+            BOOLS, BOOLS, [(True, False), (False, True), (True, True)], BOOLS
+        )
+    ],
     "_siglip_fwd_kernel": [(one,) for one in BOOLS],
     # gx with d bias, d bias alone (need_gx False), gy.
-    "_siglip_bwd_kernel": [(outer, acc, one) for (outer, acc), one in itertools.product(
-        [(True, True), (True, False), (False, True)], BOOLS)],
+    "_siglip_bwd_kernel": [
+        (outer, acc, one)
+        for (outer, acc), one in itertools.product(
+            [(True, True), (True, False), (False, True)], BOOLS
+        )
+    ],
 }
 
 
@@ -60,33 +69,46 @@ KNOWN_SPILLS = {
 def variant(result):
     """(kernel, dtype, precision, flag values in FLAGS order) of a compiled variant."""
     flags = result["flags"]
-    return (result["kernel"], result["dtype"], flags["INPUT_PRECISION"],
-            tuple(flags[name] for name in FLAGS[result["kernel"]]))
+    return (
+        result["kernel"],
+        result["dtype"],
+        flags["INPUT_PRECISION"],
+        tuple(flags[name] for name in FLAGS[result["kernel"]]),
+    )
 
 
 def table(results):
-    rows = [f"{'kernel':24} {'dtype':6} {'prec':5} {'flags':48} {'BLOCK_X/Y/D':13} {'regs':>4} "
-            f"{'spill st/ld':>11}"]
+    rows = [
+        f"{'kernel':24} {'dtype':6} {'prec':5} {'flags':48} {'BLOCK_X/Y/D':13} {'regs':>4} "
+        f"{'spill st/ld':>11}"
+    ]
     for r in sorted(results, key=variant):
         kernel, dtype, precision, values = variant(r)
         on = ",".join(n for n, v in zip(FLAGS[kernel], values) if v) or "-"
         f = r["flags"]
         blocks = "/".join(str(f[k]) for k in f if k.startswith("BLOCK_"))
-        rows.append(f"{kernel:24} {dtype[1:]:6} {precision:5} {on:48} {blocks:13} "
-                    f"{r['registers']:4} {r['spill_stores']:5}/{r['spill_loads']:<5}")
+        rows.append(
+            f"{kernel:24} {dtype[1:]:6} {precision:5} {on:48} {blocks:13} "
+            f"{r['registers']:4} {r['spill_stores']:5}/{r['spill_loads']:<5}"
+        )
     return "\n".join(rows)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    stdout = run_without_interpreter(["-m", "tests._triton_compile_helpers", "infonce", "siglip"],
-                                     timeout=1500)
+    stdout = run_without_interpreter(
+        ["-m", "tests.kernels._triton_compile_helpers", "infonce", "siglip"], timeout=1500
+    )
     return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_every_launch_variant_is_compiled(compiled):
-    expected = {(kernel, dtype, precision, values) for kernel, combos in LAUNCHED.items()
-                for values in combos for dtype, precision in DTYPE_PRECISIONS}
+    expected = {
+        (kernel, dtype, precision, values)
+        for kernel, combos in LAUNCHED.items()
+        for values in combos
+        for dtype, precision in DTYPE_PRECISIONS
+    }
     got = [variant(r) for r in compiled]
     assert len(got) == len(set(got)) == len(expected) == 192
     assert set(got) == expected, (sorted(expected - set(got)), sorted(set(got) - expected))
@@ -96,9 +118,12 @@ def test_every_launch_variant_is_compiled(compiled):
 def test_no_variant_spills_registers_but_the_known_ones(compiled):
     print("\n" + table(compiled))  # shown with pytest -s / -rP
     spilling = {variant(r): r for r in compiled if r["spill_stores"] or r["spill_loads"]}
-    unexpected = [r for v, r in spilling.items()
-                  if r["spill_stores"] > KNOWN_SPILLS.get(v, (0, 0))[0]
-                  or r["spill_loads"] > KNOWN_SPILLS.get(v, (0, 0))[1]]
+    unexpected = [
+        r
+        for v, r in spilling.items()
+        if r["spill_stores"] > KNOWN_SPILLS.get(v, (0, 0))[0]
+        or r["spill_loads"] > KNOWN_SPILLS.get(v, (0, 0))[1]
+    ]
     assert not unexpected, "register spills (bytes of spill stores / loads):\n" + table(unexpected)
     gone = set(KNOWN_SPILLS) - set(spilling)
     assert not gone, f"no longer spilling, remove from KNOWN_SPILLS: {sorted(gone)}"

@@ -10,7 +10,7 @@ import pytest
 
 from fastcontrast.cli import build_parser, main, measure
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(args, timeout):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastcontrast
-from fastcontrast.reference import clip_loss_reference, info_nce_reference
+from fastcontrast.reference import clip_loss_reference, info_nce_reference, siglip_loss_reference
 
 
 def test_info_nce_loss_module_matches_functional():
@@ -40,11 +40,22 @@ def test_clip_loss_module_clamps_logit_scale_like_openclip():
     assert module.log_logit_scale.grad == 0  # clamped: no gradient, as in OpenCLIP
 
 
+def _log_parameter_grad(loss_of_scale, value):
+    """d loss / d log(value) through float64 autograd."""
+    log_value = torch.tensor(math.log(value), dtype=torch.float64, requires_grad=True)
+    loss_of_scale(log_value.exp()).backward()
+    return log_value.grad
+
+
 def test_clip_loss_module_learns_scale_and_round_trips_state():
     module = fastcontrast.ClipLoss(init_logit_scale=10.0, backend="torch")
     image, text = torch.randn(9, 4), torch.randn(9, 4)
     module(image, text).backward()
-    assert module.log_logit_scale.grad is not None and module.log_logit_scale.grad != 0
+    expected = _log_parameter_grad(
+        lambda scale: clip_loss_reference(image.double(), text.double(), scale), 10.0)
+    assert expected.abs() > 1e-3  # the scale matters here
+    torch.testing.assert_close(module.log_logit_scale.grad.double(), expected, rtol=1e-4,
+                               atol=1e-6)
     frozen = fastcontrast.ClipLoss(init_logit_scale=3.0, learnable=False)
     frozen.load_state_dict(module.state_dict())
     assert torch.equal(frozen.log_logit_scale, module.log_logit_scale.detach())
@@ -54,10 +65,17 @@ def test_clip_loss_module_learns_scale_and_round_trips_state():
 def test_siglip_module_owns_scale_and_bias():
     image, text = torch.randn(6, 5), torch.randn(6, 5)
     module = fastcontrast.SigLIPLoss()
-    expected = fastcontrast.siglip_loss(image, text, 10.0, -10.0)
-    assert torch.allclose(module(image, text), expected, atol=1e-5)
+    image64, text64 = image.double(), text.double()
+    expected = siglip_loss_reference(image64, text64, 10.0, -10.0)
+    torch.testing.assert_close(module(image, text).double(), expected, rtol=1e-5, atol=1e-5)
     module(image, text).backward()
-    assert module.log_logit_scale.grad is not None and module.logit_bias.grad is not None
+    d_log_scale = _log_parameter_grad(
+        lambda scale: siglip_loss_reference(image64, text64, scale, -10.0), 10.0)
+    bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    siglip_loss_reference(image64, text64, 10.0, bias).backward()
+    torch.testing.assert_close(module.log_logit_scale.grad.double(), d_log_scale, rtol=1e-4,
+                               atol=1e-6)
+    torch.testing.assert_close(module.logit_bias.grad.double(), bias.grad, rtol=1e-4, atol=1e-6)
     frozen = fastcontrast.SigLIPLoss(learnable=False)
     assert not any(p.requires_grad for p in frozen.parameters())
     assert torch.allclose(frozen(image, text, logit_scale=2.0, logit_bias=0.5),

@@ -228,7 +228,7 @@ def test_cli_parses_the_bench_options():
 
 
 def test_bench_help_from_the_console_entry_point():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-m", "fastcontrast", "bench", "--help"], cwd=root,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

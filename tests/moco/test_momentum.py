@@ -100,22 +100,31 @@ def test_mixed_groups_and_non_contiguous_pairs_in_one_call(backend):
     assert torch.equal(base_t.t()[1::2], untouched)  # the rows between the view's rows
 
 
-def test_one_launch_per_dtype_group(monkeypatch):
+def _counting_launches(monkeypatch):
+    """[(target dtype, online dtype, tensors, backend)] of every momentum_lerp_ op call."""
     calls = []
-    real = fm._RUNNERS["torch"]
+    real = fm.momentum_lerp_
 
-    def counting(targets, onlines, weight):
-        calls.append((targets[0].dtype, onlines[0].dtype, len(targets)))
-        real(targets, onlines, weight)
+    def counting(targets, onlines, weight, backend):
+        calls.append((targets[0].dtype, onlines[0].dtype, len(targets), backend))
+        real(targets, onlines, weight, backend)
 
-    monkeypatch.setitem(fm._RUNNERS, "torch", counting)
+    monkeypatch.setattr(fm, "momentum_lerp_", counting)
+    return calls
+
+
+def test_one_launch_per_dtype_group(monkeypatch):
+    calls = _counting_launches(monkeypatch)
     targets = _tensors([(3,), (4,), (5,)], torch.float32) + _tensors([(2,)], torch.float64)
     onlines = _tensors([(3,)], torch.float32) + _tensors([(4,), (5,)], torch.bfloat16)
     onlines += _tensors([(2,)], torch.float64)
+    expected = reference(targets, onlines, 0.5)
+    before = [t.clone() for t in targets]
     fm.momentum_update(targets, onlines, 0.5, backend="torch")
     assert sorted(calls, key=str) == sorted(
-        [(torch.float32, torch.float32, 1), (torch.float32, torch.bfloat16, 2),
-         (torch.float64, torch.float64, 1)], key=str)
+        [(torch.float32, torch.float32, 1, "torch"), (torch.float32, torch.bfloat16, 2, "torch"),
+         (torch.float64, torch.float64, 1, "torch")], key=str)
+    assert_ema_close(targets, expected, before, onlines, "grouped")
 
 
 def _net():
@@ -162,11 +171,30 @@ def test_momentum_as_a_tensor():
     assert_ema_close(targets, expected, before, onlines, "tensor m")
 
 
-def test_auto_picks_the_measured_faster_cpu_kernel():
-    expected = "cpu" if _ext.available() else "torch"
-    assert fm.resolve_backend("auto", "cpu") == expected
-    if torch.cuda.is_available():
-        assert fm.resolve_backend("auto", "cuda") == "triton"
+@pytest.mark.skipif(not _ext.available(), reason="C++ extension unavailable: auto takes torch "
+                    "(test_cpu_extension.py::test_disabled_extension_falls_back_with_one_warning)")
+def test_auto_takes_the_cpu_kernel_on_cpu(monkeypatch):
+    """Documented: CPU tensors with the C++ extension built -> "cpu" (measured faster)."""
+    assert fm.resolve_backend("auto", "cpu") == "cpu"
+    calls = _counting_launches(monkeypatch)
+    targets, onlines = _tensors([(6,)], torch.float32), _tensors([(6,)], torch.float32)
+    targets = [t.cpu() for t in targets]
+    onlines = [o.cpu() for o in onlines]
+    expected = reference(targets, onlines, 0.9)
+    before = [t.clone() for t in targets]
+    fm.momentum_update(targets, onlines, 0.9)
+    assert [c[3] for c in calls] == ["cpu"]
+    assert_ema_close(targets, expected, before, onlines, "auto")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_auto_takes_triton_on_cuda():
+    """Documented: CUDA tensors -> "triton" when triton imports, else "torch"."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed")
+    assert fm.resolve_backend("auto", "cuda") == "triton"
 
 
 @pytest.mark.skipif(not _ext.available(), reason="C++ extension unavailable")

@@ -1,0 +1,1 @@
+"""Tests of the reference methods with their data, encoders, evaluation and trainer."""

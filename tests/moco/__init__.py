@@ -1,0 +1,1 @@
+"""Tests of NegativeQueue and momentum_update."""
