@@ -10,7 +10,7 @@ The baseline and the step are the ones of the quick-start demo (fastcontrast.cli
 demo and the benchmarks compare exactly the same computations. "auto" is resolved here once: the
 C++ backend when its extension is available, else the pure-PyTorch one (see concrete_backend).
 """
-from fastcontrast.cli.demo import (  # re-exported for the benchmark modules
+from fastcontrast.cli.demo import (  # noqa: F401  (re-exported for the benchmark modules)
     FASTCONTRAST, NAIVE, TEMPERATURE, concrete_backend, forward_backward, loss_function,
     make_inputs, make_step)
 

@@ -11,6 +11,7 @@ included). The losses are checked to agree before anything is timed. The essenti
 6 N^2 D FLOP (logits, d image, d text); its rate is reported beside a torch.mm rate measured in
 the same run on one row block of the problem (512 x N x D), the floor.
 """
+
 import argparse
 import json
 import os
@@ -19,16 +20,36 @@ import time
 import torch
 
 import fastcontrast
-from fastcontrast.cli.measure import (format_bytes, format_seconds, machine_info,
-                                       paired_ratio, peak_extra_memory, summarize,
-                                       time_interleaved)
+from fastcontrast.cli.measure import (
+    format_bytes,
+    format_seconds,
+    machine_info,
+    paired_ratio,
+    peak_extra_memory,
+    summarize,
+    time_interleaved,
+)
 
 try:
-    from ._siglip_cases import (BIAS, SCALE, forward_backward, loss_function, make_inputs,
-                                make_step, siglip_flop)
+    from ._siglip_cases import (
+        BIAS,
+        SCALE,
+        forward_backward,
+        loss_function,
+        make_inputs,
+        make_step,
+        siglip_flop,
+    )
 except ImportError:  # run as a script: this folder is on sys.path
-    from _siglip_cases import (BIAS, SCALE, forward_backward, loss_function, make_inputs,
-                               make_step, siglip_flop)
+    from _siglip_cases import (
+        BIAS,
+        SCALE,
+        forward_backward,
+        loss_function,
+        make_inputs,
+        make_step,
+        siglip_flop,
+    )
 
 BASELINE = "materialised"
 
@@ -62,7 +83,9 @@ def run(n, dim, repeats):
     spread = max(values.values()) - min(values.values())
     if spread > 1e-4 * abs(values[BASELINE]):
         raise SystemExit(f"implementations disagree on the loss: {values}")
-    steps = {impl: (lambda fn=loss_function(impl): forward_backward(fn, inputs)) for impl in impls}
+    steps = {
+        impl: (lambda fn=loss_function(impl), x=inputs: forward_backward(fn, x)) for impl in impls
+    }
     samples = time_interleaved(steps, repeats=repeats)
     del inputs, steps
     flop = siglip_flop(n, dim)
@@ -70,39 +93,62 @@ def run(n, dim, repeats):
     for impl in impls:
         memory = peak_extra_memory(make_step, impl, n, dim, warmup_args=(impl, 256, dim))
         stats = summarize(samples[impl])
-        results[impl] = {**stats, "gflops_essential": flop / stats["median_s"] / 1e9,
-                         "peak_extra_bytes": memory.extra_bytes, "memory_method": memory.method,
-                         "loss": values[impl]}
+        results[impl] = {
+            **stats,
+            "gflops_essential": flop / stats["median_s"] / 1e9,
+            "peak_extra_bytes": memory.extra_bytes,
+            "memory_method": memory.method,
+            "loss": values[impl],
+        }
     for impl in impls:
-        results[impl]["speedup_vs_materialised_per_round"] = paired_ratio(samples[BASELINE],
-                                                                         samples[impl])
-        results[impl]["memory_vs_materialised"] = (results[impl]["peak_extra_bytes"]
-                                                   / max(1, results[BASELINE]["peak_extra_bytes"]))
-    return {"machine": machine_info(), "n": n, "d": dim, "dtype": "fp32", "scale": SCALE,
-            "bias": BIAS, "repeats": repeats, "essential_flop": flop,
-            "mm_gflops_512xNxD": _mm_rate(n, dim, repeats=10), "implementations": results}
+        results[impl]["speedup_vs_materialised_per_round"] = paired_ratio(
+            samples[BASELINE], samples[impl]
+        )
+        results[impl]["memory_vs_materialised"] = results[impl]["peak_extra_bytes"] / max(
+            1, results[BASELINE]["peak_extra_bytes"]
+        )
+    return {
+        "machine": machine_info(),
+        "n": n,
+        "d": dim,
+        "dtype": "fp32",
+        "scale": SCALE,
+        "bias": BIAS,
+        "repeats": repeats,
+        "essential_flop": flop,
+        "mm_gflops_512xNxD": _mm_rate(n, dim, repeats=10),
+        "implementations": results,
+    }
 
 
 def summary(record):
-    lines = [f"# SigLIP forward+backward, CPU fp32, N = {record['n']}, D = {record['d']}", "",
-             f"{record['machine']['cpu']}, {record['machine']['torch_threads']} threads, torch "
-             f"{record['machine']['torch']}, {record['machine']['date']}; medians of "
-             f"{record['repeats']} interleaved rounds; torch.mm on a 512 x N x D block: "
-             f"{record['mm_gflops_512xNxD']:.0f} GFLOP/s.", "",
-             "| implementation | time (median) | GFLOP/s (6 N^2 D) | speedup vs materialised "
-             "(per round) | peak extra memory | memory vs materialised |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# SigLIP forward+backward, CPU fp32, N = {record['n']}, D = {record['d']}",
+        "",
+        f"{record['machine']['cpu']}, {record['machine']['torch_threads']} threads, torch "
+        f"{record['machine']['torch']}, {record['machine']['date']}; medians of "
+        f"{record['repeats']} interleaved rounds; torch.mm on a 512 x N x D block: "
+        f"{record['mm_gflops_512xNxD']:.0f} GFLOP/s.",
+        "",
+        "| implementation | time (median) | GFLOP/s (6 N^2 D) | speedup vs materialised "
+        "(per round) | peak extra memory | memory vs materialised |",
+        "|---|---|---|---|---|---|",
+    ]
     for impl, r in record["implementations"].items():
-        lines.append(f"| {impl} | {format_seconds(r['median_s'])} | {r['gflops_essential']:.0f} | "
-                     f"{r['speedup_vs_materialised_per_round']:.2f}x | "
-                     f"{format_bytes(r['peak_extra_bytes'])} | "
-                     f"{100 * r['memory_vs_materialised']:.1f}% |")
+        lines.append(
+            f"| {impl} | {format_seconds(r['median_s'])} | {r['gflops_essential']:.0f} | "
+            f"{r['speedup_vs_materialised_per_round']:.2f}x | "
+            f"{format_bytes(r['peak_extra_bytes'])} | "
+            f"{100 * r['memory_vs_materialised']:.1f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for siglip_targets.json and summary.md")
+    parser.add_argument(
+        "--out", required=True, help="folder for siglip_targets.json and summary.md"
+    )
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)

@@ -111,8 +111,12 @@ def _runnable(name, device_type):
     return False
 
 
-def _why_not(name, device_type):
+def _why_not(name, device_type, family="loss"):
     """The error for a backend asked for explicitly that cannot run here."""
+    if family == "queue" and name in ("triton", "cuda") and device_type != "cuda":
+        extra = " and triton (or TRITON_INTERPRET=1 for the CPU)" if name == "triton" else ""
+        return ValueError(f"backend={name!r} needs a queue on a CUDA device{extra}, "
+                          f"got {device_type}")
     if name == "cpu" and device_type != "cpu":
         return ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device_type}")
     if name == "cpu":
@@ -143,7 +147,7 @@ def _resolve_name(backend, device_type, family):
         return _auto(family, device_type)
     if _runnable(backend, device_type):
         return backend
-    raise _why_not(backend, device_type)
+    raise _why_not(backend, device_type, family)
 
 
 def resolve(backend, device, *, family="loss", dtype=None):
