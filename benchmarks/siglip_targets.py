@@ -31,9 +31,11 @@ from fastcontrast.cli.measure import (
 )
 
 try:
-    from ._siglip_cases import (BIAS, SCALE, forward_backward, loss_function, make_inputs, make_step, siglip_flop)
+    from ._siglip_cases import (BIAS, SCALE, forward_backward, loss_function,
+                                make_inputs, make_step, siglip_flop)
 except ImportError:  # run as a script: this folder is on sys.path
-    from _siglip_cases import (BIAS, SCALE, forward_backward, loss_function, make_inputs, make_step, siglip_flop)
+    from _siglip_cases import (BIAS, SCALE, forward_backward, loss_function,
+                               make_inputs, make_step, siglip_flop)
 
 BASELINE = "materialised"
 
