@@ -138,24 +138,6 @@ def lse_pair(s):
 # forward
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
-@pytest.mark.parametrize("mask", MASKS, ids=mask_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_forward_matches_float64(shape, mask, with_col, dtype):
-    N, M, D = shape
-    exclude_diag, diag_offset = mask
-    q, keys, alpha, beta = make_inputs(N, M, D, dtype)
-    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, exclude_diag=exclude_diag,
-                                            diag_offset=diag_offset, with_col_lse=with_col)
-    ref_row, ref_col = lse_pair(ref_scores(q, keys, alpha, beta, exclude_diag, diag_offset))
-    assert_close("row_lse", row_lse, ref_row, TOL[dtype], floor=1.0)
-    if with_col:
-        assert_close("col_lse", col_lse, ref_col, TOL[dtype], floor=1.0)
-    else:
-        assert col_lse is None
-
-
 @pytest.mark.parametrize("blocks", SMALL_BLOCKS, ids=str)
 @pytest.mark.parametrize("mask", [(False, 0), (True, 0), (True, 5)], ids=mask_id)
 @pytest.mark.parametrize("shape", [(33, 70, 3), (50, 47, 40), (70, 33, 100)],
@@ -168,22 +150,6 @@ def test_forward_many_programs(shape, mask, blocks):
                                             diag_offset=mask[1],
                                             with_col_lse=True, blocks=blocks)
     ref_row, ref_col = lse_pair(ref_scores(q, keys, alpha, beta, *mask))
-    assert_close("row_lse", row_lse, ref_row, TOL[torch.float32], floor=1.0)
-    assert_close("col_lse", col_lse, ref_col, TOL[torch.float32], floor=1.0)
-
-
-def test_forward_no_candidates_gives_neg_inf():
-    """N = M = 1 with the diagonal excluded: nothing is a candidate anywhere -> -inf, not NaN."""
-    q, keys, alpha, beta = make_inputs(1, 1, 8, torch.float32)
-    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, exclude_diag=True,
-                                            with_col_lse=True)
-    assert row_lse.tolist() == [-INF] and col_lse.tolist() == [-INF]
-    # One masked row among others: M = 1, row 0 loses its only key; column 0 keeps rows 1..4.
-    q, keys, alpha, beta = make_inputs(5, 1, 8, torch.float32)
-    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, exclude_diag=True,
-                                            with_col_lse=True)
-    ref_row, ref_col = lse_pair(ref_scores(q, keys, alpha, beta, True, 0))
-    assert row_lse[0].item() == -INF
     assert_close("row_lse", row_lse, ref_row, TOL[torch.float32], floor=1.0)
     assert_close("col_lse", col_lse, ref_col, TOL[torch.float32], floor=1.0)
 
@@ -250,14 +216,6 @@ def run_backward_case(shape, mask, with_col, dtype, *, blocks=None, global_lse=F
         assert dkeys is None
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
-@pytest.mark.parametrize("mask", MASKS, ids=mask_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_backward_matches_float64(shape, mask, with_col, dtype):
-    run_backward_case(shape, mask, with_col, dtype)
-
-
 @pytest.mark.parametrize("blocks", SMALL_BLOCKS, ids=str)
 @pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
 @pytest.mark.parametrize("mask", [(False, 0), (True, 0), (True, -3)], ids=mask_id)
@@ -274,34 +232,6 @@ def test_backward_many_programs_low_precision(dtype, blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
-@pytest.mark.parametrize("shape", [(7, 5, 64), (100, 37, 1000)], ids=shape_id)
-def test_backward_with_global_lse(shape, with_col, dtype):
-    """row_lse/col_lse larger than this call's own (merged with candidates elsewhere)."""
-    run_backward_case(shape, (True, 0), with_col, dtype, global_lse=True)
-
-
-@pytest.mark.parametrize("need", [(True, False), (False, True), (False, False)],
-                         ids=["dq", "dkeys", "none"])
-@pytest.mark.parametrize("with_col", [False, True], ids=["rows", "rows+cols"])
-def test_backward_need_subsets(need, with_col):
-    run_backward_case((33, 70, 130), (True, 2), with_col, torch.float32, need_dq=need[0],
-                      need_dkeys=need[1])
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_no_candidates_is_zero(dtype):
-    """-inf lse (no candidate) contributes exactly 0, never NaN; other rows still get gradients."""
-    q, keys, alpha, beta = make_inputs(1, 1, 8, dtype)
-    minus_inf = torch.full((1,), -INF, device=DEVICE)
-    dq, dkeys = K.masked_lse_backward(q, keys, alpha, beta, minus_inf, torch.ones(1, device=DEVICE),
-                                      minus_inf.clone(), torch.ones(1, device=DEVICE),
-                                      exclude_diag=True)
-    assert dq.tolist() == [[0.0] * 8] and dkeys.tolist() == [[0.0] * 8]
-    run_backward_case((5, 1, 8), (True, 0), True, dtype)  # row 0 has no candidate
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_large_norm_small_alpha(dtype):
     """Large-norm inputs with a small alpha (the host's unnormalised cosine form
     alpha = 1/(tau |q_i|), beta = 1/|k_j|): tile values ~1e3 scaled down, gradients of the right
@@ -313,18 +243,6 @@ def test_backward_large_norm_small_alpha(dtype):
     alpha = 1.0 / (0.05 * q.float().norm(dim=1))
     beta = 1.0 / keys.float().norm(dim=1)
     run_backward_case((N, M, D), (False, 0), True, dtype, inputs=(q, keys, alpha, beta))
-
-
-def test_backward_large_scores_fp32():
-    """|s| up to ~1e4 (tau = 0.01, norms ~ 10): the probabilities are near one-hot and their fp32
-    error is ~|s| * 2^-24 relative, so the tolerance scales with the score range."""
-    N, M, D = 40, 48, 96
-    q = torch.randn(N, D, device=DEVICE)
-    keys = torch.randn(M, D, device=DEVICE)
-    alpha = torch.full((N,), 100.0, device=DEVICE)
-    beta = torch.ones(M, device=DEVICE)
-    run_backward_case((N, M, D), (True, 0), True, torch.float32, inputs=(q, keys, alpha, beta),
-                      tol=(1e-3, 1e-3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,15 +264,6 @@ def test_row_strided_views(D):
     assert_close("row_lse", row_lse, ref_row, TOL[torch.float32], floor=1.0)
     assert_close("col_lse", col_lse, ref_col, TOL[torch.float32], floor=1.0)
     run_backward_case((21, 26, D), (True, 0), True, torch.float32, inputs=(q, keys, alpha, beta))
-
-
-def test_empty_inputs():
-    q, keys, alpha, beta = make_inputs(0, 4, 8, torch.float32)
-    row_lse, col_lse = K.masked_lse_forward(q, keys, alpha, beta, with_col_lse=True)
-    assert row_lse.shape == (0,) and col_lse.tolist() == [-INF] * 4
-    dq, dkeys = K.masked_lse_backward(q, keys, alpha, beta, row_lse, torch.zeros(0, device=DEVICE),
-                                      col_lse, torch.ones(4, device=DEVICE))
-    assert dq.shape == (0, 8) and torch.equal(dkeys, torch.zeros(4, 8, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
@@ -416,18 +325,6 @@ def test_backward_validation():
         K.masked_lse_backward(q, keys, alpha, beta, lse, grad, blocks=(16, 24, 16))
     with pytest.raises(ValueError, match="blocks"):
         K.masked_lse_forward(q, keys, alpha, beta, blocks=(8, 16, 16))
-
-
-def test_reference_sanity():
-    """The oracle itself: masked entries excluded, symmetric lse of a symmetric matrix."""
-    x = torch.nn.functional.normalize(torch.randn(6, 4, device=DEVICE), dim=1)
-    ones = torch.ones(6, device=DEVICE)
-    s = ref_scores(x, x, ones, ones, True, 0)
-    assert torch.isinf(s.diagonal()).all()
-    row, col = lse_pair(s)
-    torch.testing.assert_close(row, col)
-    expected = torch.log(torch.exp(x.double() @ x.double().T).sum(1) - math.e)
-    torch.testing.assert_close(row, expected)
 
 
 # ------------------------------------------------------------------------------------------------
