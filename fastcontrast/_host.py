@@ -4,7 +4,8 @@ the hand-out of gradients in backward. (The reference implementations use reduce
 import torch
 
 __all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype",
-           "rowwise_dot", "scaled_fused_gradients", "cast_gradients"]
+           "rowwise_dot", "scaled_fused_gradients", "cast_gradients", "or_empty",
+           "requires_grad"]
 
 # Rows per chunk of the O(N * D) host helpers: bounds their temporaries.
 HOST_CHUNK_ROWS = 4096
@@ -54,3 +55,15 @@ def scaled_fused_gradients(fused, needs, grad_output):
 def cast_gradients(grads, dtypes):
     """Each gradient in the dtype of its input (None stays None)."""
     return [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, dtypes)]
+
+
+def or_empty(t, like):
+    """``t``, or for an absent optional output a 0-element placeholder (custom ops return
+    tensors, never None)."""
+    return like.new_empty(0) if t is None else t
+
+
+def requires_grad(*tensors):
+    """Per tensor: whether autograd will want its gradient (grad mode on, None counts False)."""
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t is not None and t.requires_grad for t in tensors)

@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, reduce_loss,
-                    reduction_weights, rowwise_dot, scaled_fused_gradients)
+from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, or_empty, reduce_loss,
+                    reduction_weights, requires_grad, rowwise_dot, scaled_fused_gradients)
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
            "masked_lse_backward", "masked_lse_forward_with_grad"]
@@ -60,11 +60,6 @@ __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward
 # ---------------------------------------------------------------------------------------------
 # 1. Kernel ops
 # ---------------------------------------------------------------------------------------------
-
-
-def _or_empty(t, like):
-    """``t``, or for an absent optional output a 0-element placeholder (ops return tensors)."""
-    return like.new_empty(0) if t is None else t
 
 
 def _contiguous(*tensors):
@@ -81,7 +76,7 @@ def masked_lse_forward(q: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor,
     row_lse, col_lse = backends.kernels("infonce", backend).masked_lse_forward(
         q, keys, alpha, beta, exclude_diag=exclude_diag, diag_offset=diag_offset,
         row_ids=row_ids, col_ids=col_ids, with_col_lse=with_col_lse)
-    return row_lse, _or_empty(col_lse, row_lse)
+    return row_lse, or_empty(col_lse, row_lse)
 
 
 @masked_lse_forward.register_fake
@@ -107,7 +102,7 @@ def masked_lse_backward(q: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor, ro
         q, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, exclude_diag=exclude_diag,
         diag_offset=diag_offset, row_ids=row_ids, col_ids=col_ids, need_dq=need_dq,
         need_dkeys=need_dkeys)
-    return _or_empty(dq, row_lse), _or_empty(dkeys, row_lse)
+    return or_empty(dq, row_lse), or_empty(dkeys, row_lse)
 
 
 def _fake_gradients(q, keys, need_dq, need_dkeys, backend):
@@ -137,7 +132,7 @@ def masked_lse_forward_with_grad(q: Tensor, keys: Tensor, alpha: Tensor, beta: T
         q, keys, alpha, beta, row_grad, exclude_diag=exclude_diag, diag_offset=diag_offset,
         row_ids=row_ids, col_ids=col_ids, extra_lse=extra_lse, need_dq=need_dq,
         need_dkeys=need_dkeys)
-    return row_lse, _or_empty(dq, row_lse), _or_empty(dkeys, row_lse)
+    return row_lse, or_empty(dq, row_lse), or_empty(dkeys, row_lse)
 
 
 @masked_lse_forward_with_grad.register_fake
@@ -544,7 +539,7 @@ class FusedInfoNCE(torch.autograd.Function):
                                                       scale, targets, query_ids, bank_ids,
                                                       row_weights)
         fused = [None] * 5 if fused is None else fused
-        return (loss, row_lse, _or_empty(col_lse, loss), *[_or_empty(t, loss) for t in fused])
+        return (loss, row_lse, or_empty(col_lse, loss), *[or_empty(t, loss) for t in fused])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -582,15 +577,10 @@ class FusedInfoNCE(torch.autograd.Function):
         return (*cast_gradients(grads, ctx.dtypes), None, None, None, None, None, None)
 
 
-def _requires_grad(*tensors):
-    enabled = torch.is_grad_enabled()
-    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
-
-
 def _fused(spec, query, key, bank, per_query, scale, targets, query_ids=None, bank_ids=None,
            row_weights=None):
     """The loss of one fused pass (see FusedInfoNCE)."""
-    needs = _requires_grad(query, key, bank, per_query, scale)
+    needs = requires_grad(query, key, bank, per_query, scale)
     # One tensor in the roles of query and key (NT-Xent's views, SupCon) goes in once: as two
     # inputs of one autograd.Function it would break the graph under torch.compile.
     key = None if key is query else key

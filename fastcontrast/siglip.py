@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._host import (accumulate_dtype, cast_gradients, reduce_loss, reduction_weights,
-                    rowwise_dot, scaled_fused_gradients)
+from ._host import (accumulate_dtype, cast_gradients, or_empty, reduce_loss, reduction_weights,
+                    requires_grad, rowwise_dot, scaled_fused_gradients)
 
 __all__ = ["siglip_fused_loss", "siglip_forward", "siglip_backward", "siglip_forward_with_grad"]
 
@@ -42,10 +42,6 @@ def _kernel_args(backend, x, y, scale, bias):
     if backend == "cpu":
         scale, bias = float(scale), float(bias)
     return impl, x.contiguous(), y.contiguous(), scale, bias
-
-
-def _or_empty(t, like):
-    return like.new_empty(0) if t is None else t
 
 
 @torch.library.custom_op("fastcontrast::siglip_forward", mutates_args=(),
@@ -69,7 +65,7 @@ def siglip_backward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, row_grad:
     impl, x, y, scale, bias = _kernel_args(backend, x, y, scale, bias)
     gx, gy, dz_total = impl.siglip_backward(x, y, scale, bias, row_grad.contiguous(),
                                             need_gx=need_gx, need_gy=need_gy)
-    return _or_empty(gx, dz_total), _or_empty(gy, dz_total), dz_total
+    return or_empty(gx, dz_total), or_empty(gy, dz_total), dz_total
 
 
 def _fake_gradients(x, y, need_gx, need_gy, backend):
@@ -92,7 +88,7 @@ def siglip_forward_with_grad(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, 
     impl, x, y, scale, bias = _kernel_args(backend, x, y, scale, bias)
     loss, gx, gy, dz_total = impl.siglip_forward_with_grad(
         x, y, scale, bias, row_grad.contiguous(), need_gx=need_gx, need_gy=need_gy)
-    return loss, _or_empty(gx, loss), _or_empty(gy, loss), dz_total
+    return loss, or_empty(gx, loss), or_empty(gy, loss), dz_total
 
 
 @siglip_forward_with_grad.register_fake
@@ -172,7 +168,7 @@ class FusedSigLIP(torch.autograd.Function):
         else:
             loss = siglip_forward(x, y, s, b, spec.backend)
         out = reduce_loss(loss, spec.reduction).to(image.dtype)
-        return (out, *[_or_empty(t, out) for t in fused])
+        return (out, *[or_empty(t, out) for t in fused])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -197,6 +193,5 @@ class FusedSigLIP(torch.autograd.Function):
 
 def siglip_fused_loss(image, text, scale, bias, *, reduction, backend):
     """SigLIP's loss on a fused backend (validated inputs; scale and bias 0-dim tensors)."""
-    enabled = torch.is_grad_enabled()
-    needs = tuple(enabled and t.requires_grad for t in (image, text, scale, bias))
+    needs = requires_grad(image, text, scale, bias)
     return FusedSigLIP.apply(image, text, scale, bias, _Spec(backend, reduction, needs))[0]
