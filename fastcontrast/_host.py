@@ -5,7 +5,7 @@ import torch
 
 __all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype",
            "rowwise_dot", "scaled_fused_gradients", "cast_gradients", "or_empty",
-           "requires_grad"]
+           "requires_grad", "first_order_only"]
 
 # Rows per chunk of the O(N * D) host helpers: bounds their temporaries.
 HOST_CHUNK_ROWS = 4096
@@ -13,10 +13,11 @@ HOST_CHUNK_ROWS = 4096
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def reduce_loss(loss, reduction):
-    """Per-row losses reduced as ``reduction``: "mean", "sum" or "none" (unchanged)."""
+def reduce_loss(loss, reduction, counted=None):
+    """Per-row losses reduced as ``reduction``: "mean", "sum" or "none" (unchanged). ``counted``
+    (bool, per row): "mean" over those rows only (0 when there is none)."""
     if reduction == "mean":
-        return loss.mean()
+        return loss.mean() if counted is None else loss.sum() / counted.sum().clamp_min(1)
     if reduction == "sum":
         return loss.sum()
     return loss
@@ -24,9 +25,10 @@ def reduce_loss(loss, reduction):
 
 def reduction_weights(reduction, n, grad_output, dtype, weights=None):
     """g_i = grad_output * d reduce_loss(loss, reduction) / d loss_i for N = ``n`` rows (times
-    ``weights`` for a weighted sum); "none": grad_output itself."""
+    ``weights`` for a weighted sum); "none": grad_output itself (times ``weights``)."""
     if reduction == "none":
-        return grad_output.to(dtype)
+        g = grad_output.to(dtype)
+        return g if weights is None else g * weights.to(dtype)
     g = grad_output.to(dtype) / n if reduction == "mean" else grad_output.to(dtype)
     return g.expand(n) if weights is None else g * weights.to(dtype)
 
@@ -67,3 +69,40 @@ def requires_grad(*tensors):
     """Per tensor: whether autograd will want its gradient (grad mode on, None counts False)."""
     enabled = torch.is_grad_enabled()
     return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
+class _DoubleBackwardUnsupported(torch.autograd.Function):
+    """Identity on the first-order gradients whose backward raises: they are exact, but the graph
+    of their computation is not recorded, so differentiating them again must not be silent."""
+
+    @staticmethod
+    def forward(ctx, backend, *grads):
+        ctx.backend = backend
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"double backward (a gradient taken with create_graph=True, then differentiated) is "
+            f"not supported by the fused backend {ctx.backend!r}: its first-order gradients are "
+            f"exact but carry no graph. Use backend='reference' (plain autograd on the "
+            f"materialised logits) for higher-order gradients.")
+
+
+def first_order_only(grads, backend):
+    """The input gradients of a fused backward, made to raise if differentiated again.
+
+    Under create_graph=True (grad mode on inside backward) each gradient is returned through
+    _DoubleBackwardUnsupported, so a second backward through it raises a RuntimeError naming the
+    backend instead of silently returning a first-order result; otherwise unchanged."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return grads
+    leaves = [grads[i].detach().requires_grad_() for i in present]
+    wrapped = _DoubleBackwardUnsupported.apply(backend, *leaves)
+    out = list(grads)
+    for i, g in zip(present, wrapped):
+        out[i] = g
+    return out

@@ -43,7 +43,7 @@ its registered kernel ops, its options, its autograd, and its objectives, read t
    HCL costs two fused log-sum-exp passes (scales (1+beta)/tau and beta/tau; one when beta = 0).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
@@ -51,8 +51,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, or_empty, reduce_loss,
-                    reduction_weights, requires_grad, rowwise_dot, scaled_fused_gradients)
+from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, first_order_only, or_empty,
+                    reduce_loss, reduction_weights, requires_grad, rowwise_dot,
+                    scaled_fused_gradients)
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
            "masked_lse_backward", "masked_lse_forward_with_grad"]
@@ -507,10 +508,34 @@ def _forward_pass(spec, needs, query, key, bank, per_query, scale, targets, quer
         loss = row_lse - positive
     else:
         loss = row_lse.clone()  # the loss and the saved row_lse are distinct outputs
+    if _positive_is_candidate(spec):
+        loss = _non_negative(loss, _candidate_count(spec, op) == 1)
     if row_weights is not None:  # a row of weight 0 may have no candidate (lse = -inf)
         w = row_weights.to(loss.dtype)
         loss = torch.where(w != 0, loss * w, torch.zeros_like(loss))
     return reduce_loss(loss, spec.reduction).to(query.dtype), row_lse, col_lse, fused_grads
+
+
+def _positive_is_candidate(spec):
+    """loss_i = lse over candidates that include s_{i,t_i}, minus s_{i,t_i}: never below 0."""
+    return spec.subtract_positive and not spec.exclude_positive
+
+
+def _candidate_count(spec, op):
+    """Candidates per row before id masks: the product's keys (or the positive alone), minus
+    key i with exclude_self, plus the bank and the per-query negatives."""
+    count = (op.n_key - int(_excludes_diagonal(spec))) if spec.in_batch_negatives else 1
+    count += 0 if op.bank is None else op.bank.shape[0]
+    return count + (0 if op.per_query is None else op.per_query.shape[1])
+
+
+def _non_negative(loss, single_candidate):
+    """The loss value where the positive is a candidate (the gradient is the kernels'): the
+    positive's score inside the log-sum-exp and the subtracted one are computed apart, so
+    round-off can leave loss_i a few ulp below 0; it is clamped there. A row whose only
+    candidate is the positive is s - s: exactly 0 (NaN for a non-finite score, as in the
+    cross-entropy form). NaN propagates either way."""
+    return loss * 0 if single_candidate else loss.clamp_min(0)
 
 
 def _present(t):
@@ -556,9 +581,17 @@ class FusedInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_):
+        saved = ctx.saved_tensors  # checks the version counters: in-place edits raise here
+        with torch.no_grad():
+            grads = FusedInfoNCE._input_gradients(ctx, grad_output, saved)
+        grads = first_order_only(cast_gradients(grads, ctx.dtypes), ctx.spec.backend)
+        return (*grads, None, None, None, None, None, None)
+
+    @staticmethod
+    def _input_gradients(ctx, grad_output, saved):
         spec = ctx.spec
         (query, key, bank, per_query, scale, targets, query_ids, bank_ids, row_weights, row_lse,
-         col_lse, *fused) = ctx.saved_tensors
+         col_lse, *fused) = saved
         key = query if ctx.shared_key else key
         if ctx.fused:
             grads = scaled_fused_gradients(fused, ctx.needs, grad_output)
@@ -574,7 +607,7 @@ class FusedInfoNCE(torch.autograd.Function):
         if ctx.shared_key:  # one tensor in both roles: its gradient is the sum of both
             dq, dkey = grads[:2]
             grads = [dkey if dq is None else dq if dkey is None else dq + dkey, None, *grads[2:]]
-        return (*cast_gradients(grads, ctx.dtypes), None, None, None, None, None, None)
+        return grads
 
 
 def _fused(spec, query, key, bank, per_query, scale, targets, query_ids=None, bank_ids=None,
@@ -624,14 +657,20 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
                   bank_ids=None):
     """InfoNCE with the objective of ``options`` (plain, DCL, DCLW, HCL), reduced as
     options.reduction. bank (K, D) / per_query (N, K, D) negatives; scale = 1/temperature."""
+    valid = None  # rows that keep a negative (None: every row does)
+    if query_ids is not None and (options.decoupled or options.needs_host_terms):
+        valid = negative_counts(options, query.shape[0], key.shape[0], bank, per_query,
+                                query_ids, bank_ids, query.device) > 0
     if not options.needs_host_terms:
-        return _fused(_loss_pass(options), query, key, bank, per_query, scale, targets,
-                      query_ids, bank_ids)
+        spec, weights = _over_rows(_loss_pass(options), valid, accumulate_dtype(query.dtype))
+        return _fused(spec, query, key, bank, per_query, scale, targets, query_ids, bank_ids,
+                      row_weights=weights)
     negatives = _negatives_pass(options)
 
     def negatives_lse(at_scale):
-        return _fused(negatives, query, key, bank, per_query, at_scale, targets, query_ids,
-                      bank_ids).to(positive.dtype)
+        lse = _fused(negatives, query, key, bank, per_query, at_scale, targets, query_ids,
+                     bank_ids).to(positive.dtype)
+        return _zero_outside(lse, valid)
 
     positive = positive_scores(query, key, targets, scale, options.normalize, options.eps)
     if options.dclw_sigma is not None:
@@ -641,8 +680,28 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
     else:
         log_n = negative_counts(options, query.shape[0], key.shape[0], bank, per_query,
                                 query_ids, bank_ids, query.device).to(positive.dtype).log()
-        loss = _hard_negative_loss(options, negatives_lse, scale, positive, log_n)
-    return reduce_loss(loss, options.reduction).to(query.dtype)
+        loss = _hard_negative_loss(options, negatives_lse, scale, positive,
+                                   _zero_outside(log_n, valid))
+    return reduce_loss(_zero_outside(loss, valid), options.reduction, valid).to(query.dtype)
+
+
+def _zero_outside(t, valid):
+    """t where ``valid`` (rows with a negative), 0 elsewhere (None: every row is valid). Applied
+    to every per-row term, so that the -inf of an empty row never reaches a gradient."""
+    return t if valid is None else torch.where(valid, t, torch.zeros_like(t))
+
+
+def _over_rows(spec, valid, dtype):
+    """(spec, row weights) of a fused pass whose loss counts only the ``valid`` rows: a row
+    without any candidate gives 0 and is left out of the mean (weights 1 / #valid for "mean",
+    1 for "sum" and "none", 0 for the empty rows); (spec, None) when every row is valid."""
+    if valid is None:
+        return spec, None
+    weights = valid.to(dtype)
+    if spec.reduction == "mean":
+        weights = weights / valid.sum().clamp_min(1)
+        spec = replace(spec, reduction="sum")
+    return spec, weights
 
 
 def _hard_negative_loss(options, negatives_lse, scale, positive, log_n):

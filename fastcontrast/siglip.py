@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._host import (accumulate_dtype, cast_gradients, or_empty, reduce_loss, reduction_weights,
-                    requires_grad, rowwise_dot, scaled_fused_gradients)
+from ._host import (accumulate_dtype, cast_gradients, first_order_only, or_empty, reduce_loss,
+                    reduction_weights, requires_grad, rowwise_dot, scaled_fused_gradients)
 
 __all__ = ["siglip_fused_loss", "siglip_forward", "siglip_backward", "siglip_forward_with_grad"]
 
@@ -181,14 +181,16 @@ class FusedSigLIP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, *_):
         spec = ctx.spec
-        image, text, scale, bias, *fused = ctx.saved_tensors
-        if spec.fused:
-            grads = scaled_fused_gradients(fused, spec.needs, grad_output)
-        else:
-            x, y, s, b = _operands(spec.backend, image, text, scale, bias)
-            g = reduction_weights(spec.reduction, x.shape[0], grad_output, s.dtype).contiguous()
-            _, grads = _backend_grads(spec, x, y, s, b, g, fused=False)
-        return (*cast_gradients(grads, ctx.dtypes), None)
+        image, text, scale, bias, *fused = ctx.saved_tensors  # version checks: in-place raises
+        with torch.no_grad():
+            if spec.fused:
+                grads = scaled_fused_gradients(fused, spec.needs, grad_output)
+            else:
+                x, y, s, b = _operands(spec.backend, image, text, scale, bias)
+                g = reduction_weights(spec.reduction, x.shape[0], grad_output,
+                                      s.dtype).contiguous()
+                _, grads = _backend_grads(spec, x, y, s, b, g, fused=False)
+        return (*first_order_only(cast_gradients(grads, ctx.dtypes), spec.backend), None)
 
 
 def siglip_fused_loss(image, text, scale, bias, *, reduction, backend):
