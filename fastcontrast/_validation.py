@@ -6,6 +6,7 @@ import numbers
 import torch
 
 from ._host import REDUCTIONS  # noqa: F401  (re-exported for the checks' callers)
+from ._host import accumulate_dtype
 
 
 def reads_values(t):
@@ -58,9 +59,14 @@ def check_flag(name, value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
-def finite_scalar(name, value, device, *, positive=False):
+def finite_scalar(name, value, device, *, positive=False, dtype=None):
     """A finite (``positive``: and > 0) float or 0-dim floating tensor, returned as a 0-dim tensor
-    on device (a tensor keeps its dtype and autograd history; a float becomes float64)."""
+    on device (a tensor keeps its autograd history; a float becomes float64).
+
+    ``dtype``: the inputs' dtype. Then the scalar is returned in the precision the loss
+    accumulates in (float64 for float64 inputs, else float32, whatever the scalar's own dtype:
+    a float16 temperature is inverted in float32), and it (and with ``positive`` its
+    reciprocal) must be finite there."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape "
@@ -79,12 +85,25 @@ def finite_scalar(name, value, device, *, positive=False):
                          f"got {number}")
     if tensor is None:
         tensor = torch.tensor(number, dtype=torch.float64, device=device)
+    if dtype is not None:
+        acc = accumulate_dtype(dtype)
+        _check_in_range(name, number, acc, positive)
+        tensor = tensor.to(acc)
     return tensor
 
 
-def positive_scalar(name, value, device):
+def _check_in_range(name, number, acc, positive):
+    """number (and 1 / number for positive scalars, which are inverted) finite in ``acc``."""
+    limit = torch.finfo(acc).max
+    if abs(number) > limit or (positive and 1.0 / number > limit):
+        what = f"{name} = {number!r}" + (f" (1 / {name} = {1.0 / number!r})" if positive else "")
+        raise ValueError(f"{what} overflows {acc}, the precision this loss computes in for "
+                         f"these inputs; use a value within +-{limit:.3g} (or float64 inputs)")
+
+
+def positive_scalar(name, value, device, *, dtype=None):
     """finite_scalar(..., positive=True): temperatures, logit scales."""
-    return finite_scalar(name, value, device, positive=True)
+    return finite_scalar(name, value, device, positive=True, dtype=dtype)
 
 
 def check_image_text(image, text):

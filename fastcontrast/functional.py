@@ -16,6 +16,8 @@ Under torch.compile (and for meta tensors) the checks that would read tensor val
 temperature tensor, targets in range, targets[i] != i with exclude_self) are skipped: reading a
 value forces a device sync and a graph break. Out-of-range targets then fail in index_select.
 """
+import functools
+
 import torch
 
 from . import _validation as check
@@ -26,6 +28,25 @@ from .siglip import siglip_fused_loss
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_loss",
            "available_backends"]
+
+
+def _autocast_policy(loss_fn):
+    """Autocast policy of every public loss (as autocast's float32 ops, e.g. F.cross_entropy):
+    under torch.autocast the loss runs with autocast disabled, so the inputs keep their dtype
+    (float32 is not downcast; low-precision kernels still accumulate in float32), and the loss
+    is returned in float32 (float64 inputs: float64)."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        first = args[0] if args else None
+        device = first.device.type if isinstance(first, torch.Tensor) else "cpu"
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return loss_fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            loss = loss_fn(*args, **kwargs)
+        return loss if loss.dtype == torch.float64 else loss.float()
+
+    return wrapper
 
 
 def _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclude_self,
@@ -115,6 +136,7 @@ def _validate_ids(query_ids, negative_ids, n, negatives, device):
     check.check_ids("negative_ids", negative_ids, negatives.shape[0], device)
 
 
+@_autocast_policy
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
@@ -138,7 +160,7 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclude_self,
                        symmetric, normalize, reduction)
     _validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
-    tau = check.positive_scalar("temperature", temperature, query.device)
+    tau = check.positive_scalar("temperature", temperature, query.device, dtype=query.dtype)
     name = resolve(backend, query.device, dtype=query.dtype)
     options = InfoNCEOptions(name, in_batch_negatives=in_batch_negatives,
                              exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
@@ -167,6 +189,7 @@ def _info_nce(options, query, key, negatives, temperature, scale, targets, query
                          negative_ids)
 
 
+@_autocast_policy
 def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
             dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto"):
     """SimCLR's NT-Xent over the 2N views z = [z1; z2] (lightly's NTXentLoss):
@@ -186,6 +209,7 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
                     backend=backend)
 
 
+@_autocast_policy
 def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction="mean",
            backend="auto"):
     """Supervised contrastive loss L_out (Khosla et al. 2020), fused.
@@ -204,7 +228,8 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
                          "features, where labels default to the sample index)")
     if labels is not None:
         check.check_ids("labels", labels, n, features.device)
-    tau = check.positive_scalar("temperature", temperature, features.device)
+    tau = check.positive_scalar("temperature", temperature, features.device,
+                                 dtype=features.dtype)
     name = resolve(backend, features.device, dtype=features.dtype)
     if name == "reference":
         return supcon_reference(features, labels, temperature=tau, normalize=normalize,
@@ -219,6 +244,7 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
     return loss.reshape(shape) if reduction == "none" else loss
 
 
+@_autocast_policy
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
               query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
               backend="auto"):
@@ -236,13 +262,19 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
     elif query_index is not None:
         raise ValueError("query_index needs a NegativeQueue that stores indices "
                          "(store_indices=True), got a plain tensor queue")
+    # Checked here under the caller's names (info_nce calls them negatives / query_ids).
+    check.check_tensor("query", query, (2,))
     check.check_tensor("queue", queue, (2,))
+    check.check_same("queue", queue, "query", query)
+    if query_index is not None:
+        check.check_ids("query_index", query_index, query.shape[0], query.device)
     return info_nce(query, key, queue, temperature=temperature, normalize=normalize,
                     in_batch_negatives=False, reduction=reduction, decoupled=decoupled,
                     hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus, query_ids=query_index,
                     negative_ids=negative_ids, backend=backend)
 
 
+@_autocast_policy
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", backend="auto"):
     """OpenCLIP's ClipLoss: (CE(image -> text) + CE(text -> image)) / 2 on
     logit_scale * image @ text.T, pair i the positive. Features are used as given (CLIP models
@@ -250,7 +282,7 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
     accepted for API compatibility and receives a zero gradient."""
     check.check_image_text(image, text)
     check.check_choice("reduction", reduction, check.REDUCTIONS)
-    scale = check.positive_scalar("logit_scale", logit_scale, image.device)
+    scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
     if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
         raise TypeError(f"logit_bias must be a float or a tensor, got {type(logit_bias).__name__}")
     name = resolve(backend, image.device, dtype=image.dtype)
@@ -262,6 +294,7 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
     return loss
 
 
+@_autocast_policy
 def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backend="auto"):
     """SigLIP's pairwise sigmoid loss, fused (never materialises the N x N logits).
 
@@ -273,8 +306,8 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
     """
     check.check_image_text(image, text)
     check.check_choice("reduction", reduction, check.REDUCTIONS)
-    scale = check.finite_scalar("logit_scale", logit_scale, image.device)
-    bias = check.finite_scalar("logit_bias", logit_bias, image.device)
+    scale = check.finite_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
+    bias = check.finite_scalar("logit_bias", logit_bias, image.device, dtype=image.dtype)
     name = resolve(backend, image.device, dtype=image.dtype)
     if name == "reference":
         return siglip_loss_reference(image, text, scale, bias, reduction=reduction)
