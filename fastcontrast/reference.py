@@ -54,45 +54,59 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
         logits = torch.cat([logits, extra], dim=1)
         candidate = torch.cat([candidate, extra_candidate], dim=1)
         is_positive = torch.cat([is_positive, torch.zeros_like(extra_candidate)], dim=1)
+    if decoupled or dclw_sigma is not None or hcl_beta != 0 or hcl_tau_plus != 0:
+        candidate &= ~is_positive  # the objectives below are over the negatives alone
+    # A row without any candidate (every negative masked by ids) has loss 0 and is left out of
+    # the mean; its logits are replaced by zeros so that no -inf reaches a gradient.
+    has_candidate = candidate.any(dim=1)
+    logits = logits.masked_fill(~candidate, float("-inf")).masked_fill(~has_candidate[:, None], 0)
     if dclw_sigma is not None or hcl_beta != 0 or hcl_tau_plus != 0:
         loss = contrastive_objective_reference(
-            logits.masked_fill(~candidate | is_positive, float("-inf")), positive,
-            temperature=temperature, decoupled=decoupled, dclw_sigma=dclw_sigma,
-            cosine=positive * temperature, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
-        return reduce_loss(loss, reduction)
-    if decoupled:
-        candidate &= ~is_positive
-    logits = logits.masked_fill(~candidate, float("-inf"))
-    loss = torch.logsumexp(logits, dim=1) - positive
-    if symmetric:
-        loss = 0.5 * (loss + torch.logsumexp(logits[:, :m], dim=0) - positive)
-    return reduce_loss(loss, reduction)
+            logits, candidate, positive, temperature=temperature, decoupled=decoupled,
+            dclw_sigma=dclw_sigma, cosine=positive * temperature, hcl_beta=hcl_beta,
+            hcl_tau_plus=hcl_tau_plus)
+    else:
+        loss = torch.logsumexp(logits, dim=1) - positive
+        if symmetric:
+            loss = 0.5 * (loss + torch.logsumexp(logits[:, :m], dim=0) - positive)
+    return reduce_loss(torch.where(has_candidate, loss, torch.zeros_like(loss)), reduction,
+                       has_candidate)
 
 
-def contrastive_objective_reference(negative_logits, positive, *, temperature, decoupled=False,
-                                    dclw_sigma=None, cosine=None, hcl_beta=0.0, hcl_tau_plus=0.0):
-    """Per-row loss from the negatives' logits (-inf where not a negative) and the positive s_p.
+def contrastive_objective_reference(logits, is_negative, positive, *, temperature,
+                                    decoupled=False, dclw_sigma=None, cosine=None, hcl_beta=0.0,
+                                    hcl_tau_plus=0.0):
+    """Per-row loss from the logits, the mask of the negatives and the positive s_p.
 
     DCLW (Yeh et al. 2022): loss_i = log sum_neg exp(s) - w_i s_p,
         w_i = 2 - N softmax_i(cosine_i / sigma)   (cosine = the positive pair's <q^, k^>)
     HCL (Robinson et al. 2021), with n_i negatives per row:
         Ng_i = (n_i sum_neg exp((1 + beta) s) / sum_neg exp(beta s) - tau_plus n_i exp(s_p))
                / (1 - tau_plus),  clamped below at n_i exp(-1 / temperature)
-        loss_i = log(exp(s_p) + Ng_i) - s_p   (decoupled: log Ng_i - s_p)"""
+        loss_i = log(exp(s_p) + Ng_i) - s_p   (decoupled: log Ng_i - s_p)
+    Ng is formed relative to exp(shift_i), shift_i = max(log of the first term, s_p), so that
+    nothing overflows (fp32 at beta = 10, temperature = 0.05 has exp(beta s) = e^200)."""
+    # A row without negatives (its loss is discarded by the caller) counts its zeros instead,
+    # which keeps its terms finite and its gradient 0.
+    is_negative = is_negative | ~is_negative.any(dim=1, keepdim=True)
+
+    def negatives_lse(x):
+        return torch.logsumexp(x.masked_fill(~is_negative, float("-inf")), dim=1)
+
     if dclw_sigma is not None:
         weight = 2 - positive.shape[0] * torch.softmax(cosine / dclw_sigma, dim=0)
-        return torch.logsumexp(negative_logits, dim=1) - weight * positive
-    is_negative = torch.isfinite(negative_logits)
+        return negatives_lse(logits) - weight * positive
     count = is_negative.sum(dim=1).to(positive.dtype)
-    exp_neg = torch.exp(negative_logits)
-    finite_logits = torch.where(is_negative, negative_logits, torch.zeros_like(negative_logits))
-    importance = torch.where(is_negative, torch.exp(hcl_beta * finite_logits),
-                             torch.zeros_like(exp_neg))  # exp(beta s), 0 for non-negatives
-    reweighted = count * (importance * exp_neg).sum(dim=1) / importance.sum(dim=1)
-    ng = (reweighted - hcl_tau_plus * count * torch.exp(positive)) / (1 - hcl_tau_plus)
-    ng = torch.maximum(ng, count * torch.exp(-1 / torch.as_tensor(temperature).to(ng)))
-    denominator = ng if decoupled else torch.exp(positive) + ng
-    return torch.log(denominator) - positive
+    log_reweighted = count.log() + negatives_lse((1 + hcl_beta) * logits) \
+        - negatives_lse(hcl_beta * logits)
+    shift = torch.maximum(log_reweighted, positive)
+    ng = (torch.exp(log_reweighted - shift) - hcl_tau_plus * count * torch.exp(positive - shift)) \
+        / (1 - hcl_tau_plus)
+    inverse_temperature = 1 / torch.as_tensor(temperature).to(ng)
+    ng = torch.maximum(ng, count * torch.exp(-inverse_temperature - shift))
+    log_ng = torch.log(ng) + shift
+    denominator = log_ng if decoupled else torch.logaddexp(positive, log_ng)
+    return denominator - positive
 
 
 def nt_xent_reference(z1, z2, *, temperature=0.5, normalize=True, reduction="mean"):
