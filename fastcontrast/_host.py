@@ -94,8 +94,11 @@ def first_order_only(grads, backend):
 
     Under create_graph=True (grad mode on inside backward) each gradient is returned through
     _DoubleBackwardUnsupported, so a second backward through it raises a RuntimeError naming the
-    backend instead of silently returning a first-order result; otherwise unchanged."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    backend instead of silently returning a first-order result; otherwise unchanged. Under
+    torch.func transforms (grad mode is on there in every backward) and torch.compile the
+    gradients are returned as they are: nesting torch.func.grad is not guarded."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
         return grads
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
