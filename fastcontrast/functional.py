@@ -92,8 +92,8 @@ def _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclu
                              "nor exclude_self=True")
 
 
-def _validate_objective(objective, n_keys, negatives, has_ids):
-    symmetric, exclude_self = objective.symmetric, objective.exclude_self
+def _validate_objective(objective, has_ids):
+    symmetric = objective.symmetric
     in_batch_negatives = objective.in_batch_negatives
     check.check_flag("decoupled", objective.decoupled)
     if objective.dclw_sigma is not None:
@@ -109,14 +109,6 @@ def _validate_objective(objective, n_keys, negatives, has_ids):
         raise ValueError(f"hcl_tau_plus must be in [0, 1), got {objective.hcl_tau_plus}")
     if symmetric and (objective.decoupled or objective.needs_host_terms):
         raise ValueError("symmetric=True supports neither decoupled, dclw_sigma nor hcl options")
-    n_negatives = (n_keys - 1 - int(exclude_self) if in_batch_negatives else 0)
-    if negatives is not None:
-        n_negatives += negatives.shape[-2]
-    if (objective.decoupled or objective.hard_negatives) and n_negatives < 1:
-        raise ValueError("decoupled / hcl options need at least one negative per query, got none "
-                         f"(M = {n_keys}, in_batch_negatives={in_batch_negatives}, "
-                         f"exclude_self={exclude_self}, negatives "
-                         f"{'None' if negatives is None else tuple(negatives.shape)})")
     if has_ids and objective.decoupled and in_batch_negatives:
         raise ValueError("query_ids / negative_ids cannot be combined with decoupled=True and "
                          "in_batch_negatives=True")
@@ -166,7 +158,7 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
                              exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
                              reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
                              hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
-    _validate_objective(options, key.shape[0], negatives, query_ids is not None)
+    _validate_objective(options, query_ids is not None)
     return _info_nce(options, query, key, negatives, tau, tau.reciprocal(), targets, query_ids,
                      negative_ids)
 

@@ -639,11 +639,17 @@ def positive_scores(query, key, targets, scale, normalize, eps):
     return (q * k).sum(dim=-1) * scale.to(q.dtype)
 
 
+def static_negative_count(options, m, bank, per_query):
+    """The number of negatives of every row before id masks (the candidates minus the
+    positive)."""
+    static = (m - 1 - int(options.exclude_self) if options.in_batch_negatives else 0)
+    return static + (0 if bank is None else bank.shape[0]) + (
+        0 if per_query is None else per_query.shape[1])
+
+
 def negative_counts(options, n, m, bank, per_query, query_ids, bank_ids, device):
     """n_i: the number of negatives of each row (the candidates minus the positive)."""
-    static = (m - 1 - int(options.exclude_self) if options.in_batch_negatives else 0)
-    static += (0 if bank is None else bank.shape[0]) + (
-        0 if per_query is None else per_query.shape[1])
+    static = static_negative_count(options, m, bank, per_query)
     counts = torch.full((n,), float(static), device=device)
     if query_ids is not None:  # bank entries of the query's own instance are not negatives
         sorted_ids = bank_ids.sort().values
@@ -658,7 +664,10 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
     """InfoNCE with the objective of ``options`` (plain, DCL, DCLW, HCL), reduced as
     options.reduction. bank (K, D) / per_query (N, K, D) negatives; scale = 1/temperature."""
     valid = None  # rows that keep a negative (None: every row does)
-    if query_ids is not None and (options.decoupled or options.needs_host_terms):
+    over_negatives = options.decoupled or options.needs_host_terms
+    if over_negatives and static_negative_count(options, key.shape[0], bank, per_query) == 0:
+        return _no_candidate_loss(options, query, key, targets, scale)
+    if over_negatives and query_ids is not None:
         valid = negative_counts(options, query.shape[0], key.shape[0], bank, per_query,
                                 query_ids, bank_ids, query.device) > 0
     if not options.needs_host_terms:
@@ -683,6 +692,15 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
         loss = _hard_negative_loss(options, negatives_lse, scale, positive,
                                    _zero_outside(log_n, valid))
     return reduce_loss(_zero_outside(loss, valid), options.reduction, valid).to(query.dtype)
+
+
+def _no_candidate_loss(options, query, key, targets, scale):
+    """A DCL / HCL loss whose rows have no negative at all (e.g. N = 1): every row gives 0, none
+    counts in the mean (so "mean" is 0 as well), and the gradient is 0, kept in the graph."""
+    positive = positive_scores(query, key, targets, scale, options.normalize, options.eps)
+    loss = torch.where(torch.zeros_like(positive, dtype=torch.bool), positive,
+                       torch.zeros_like(positive))
+    return reduce_loss(loss, options.reduction).to(query.dtype)
 
 
 def _zero_outside(t, valid):
@@ -756,7 +774,7 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
     if reduction == "none":
         lse = _fused(denominator, features, features, None, None, scale, None)
         loss = torch.where(has_positive, lse.to(z.dtype) - pos_mean, torch.zeros_like(pos_mean))
-        return loss.to(features.dtype)
+        return _supcon_non_negative(loss, n).to(features.dtype)
     # A weighted sum keeps the fused kernels on their no-recompute path: w_a = 1 / #anchors with
     # a positive ("mean") or 1 ("sum") for those anchors, 0 for the others.
     weights = has_positive.to(z.dtype)
@@ -764,4 +782,12 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
         weights = weights / has_positive.sum().clamp_min(1)
     lse_sum = _fused(denominator, features, features, None, None, scale, None,
                      row_weights=weights)
-    return (lse_sum.to(z.dtype) - (weights * pos_mean).sum()).to(features.dtype)
+    loss = lse_sum.to(z.dtype) - (weights * pos_mean).sum()
+    return _supcon_non_negative(loss, n).to(features.dtype)
+
+
+def _supcon_non_negative(loss, n):
+    """SupCon's value is >= 0 (the lse over b != a bounds the mean over a's positives), and
+    with two samples it is exactly s_ab - s_ab = 0: fix the value as _non_negative does, leaving
+    the gradient as it is (a detached correction)."""
+    return loss + (_non_negative(loss.detach(), n == 2) - loss.detach())
