@@ -57,7 +57,7 @@ def _mode_code(mode):
 
 def _prepare(t, dtype, normalize):
     t = t.to(dtype)
-    return F.normalize(t, dim=-1, eps=_EPS) if normalize else t.contiguous()
+    return (F.normalize(t, dim=-1, eps=_EPS) if normalize else t).contiguous()
 
 
 def _reduce(comm, loss, reduction, total):

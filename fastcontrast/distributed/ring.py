@@ -43,7 +43,7 @@ def circulate(comm, payload, payload_like, acc_like, compute, merge):
     accumulators with every rank's share merged in (empty list when there are none)."""
     world, rank, group = comm.world, comm.rank, comm.group
     nxt, prv = comm.global_rank(rank + 1), comm.global_rank(rank - 1)
-    block, pending = payload, None
+    block, pending = [t.contiguous() for t in payload], None
     for t in range(world):
         source = (rank - t) % world
         ops, arriving, incoming = [], None, None
