@@ -12,6 +12,7 @@ backend="reference") on the concatenated batch:
     mean/loss     |mean over ranks of the returned losses - single-process loss|
     mean/<input>  each rank's input gradient vs W x the single-process gradient of its shard
     mean/<scalar> the DDP average (mean over ranks) of the scalar gradient vs single-process
+    sum/loss      reduction="sum": mean over ranks of the returned losses vs the total
     rows/...      reduction="none" with random per-row upstream weights (different on every
                   rank): the gradients of sum_i w_i loss_i (scalars: summed over ranks)
     agree/...     gather and ring give the same losses and gradients
@@ -183,6 +184,23 @@ def _case_list():
         lambda x, red: fc.info_nce(x["query"], x["key"], x["negatives"], temperature=x["tau"],
                                    reduction=red, **ref)))
 
+    def far_targets(gen, sizes):
+        g, s, diff = per_query(gen, sizes)
+        n = sum(sizes)
+        g["targets"] = torch.randint(0, n, (n,), generator=gen)
+        s["targets"] = _rows(sizes)
+        return g, s, diff
+
+    cases.append(Case(  # the positive from another rank, outside the fused product
+        "info_nce_no_in_batch_global_targets", far_targets,
+        lambda x, red, mode, grp: fcd.info_nce(x["query"], x["key"], x["negatives"],
+                                               temperature=x["tau"], targets=x["targets"],
+                                               in_batch_negatives=False, reduction=red,
+                                               mode=mode, group=grp, **dst),
+        lambda x, red: fc.info_nce(x["query"], x["key"], x["negatives"], temperature=x["tau"],
+                                   targets=x["targets"], in_batch_negatives=False,
+                                   reduction=red, **ref)))
+
     cases.append(Case(
         "info_nce_symmetric", plain,
         lambda x, red, mode, grp: fcd.info_nce(x["query"], x["key"], temperature=x["tau"],
@@ -337,6 +355,9 @@ def run_case(case, group, seed, out, tag=""):
                 loss = case.dist(local, red, mode, group)
                 reference = case.ref(full, red)
                 if variant == "mean":
+                    total = case.dist(local, "sum", mode, group).detach()
+                    out[f"{key}/{mode}/sum/loss"] = _err(_gather_scalar(total, group).mean(),
+                                                         case.ref(full, "sum").detach())
                     loss.backward()
                     reference.backward()
                     out[f"{prefix}/loss"] = _err(_gather_scalar(loss, group).mean(), reference)
