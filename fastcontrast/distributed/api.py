@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import _validation as check
 from .. import functional
-from ..backends import resolve
+from ..backends import PROPERTIES, resolve
 from .collectives import (AllGatherWithGrad, AllReduceWithGrad, Comm, all_gather_rows,
                           dtype_code)
 from .ops import DistributedLSE, DistributedSigLIP, Layout, LSESpec
@@ -69,8 +69,6 @@ def _reduce(comm, loss, reduction, total):
 
 
 def _compute_dtype(backend, dtype):
-    from ..backends import PROPERTIES
-
     return PROPERTIES[backend].compute_dtype(dtype)
 
 
@@ -82,6 +80,22 @@ def _same_layout(comm, table, what_rows, what_keys, name_rows, name_keys):
                          f"every rank ({name_keys} i is the positive of {name_rows} i), got "
                          f"{name_rows} rows {rows} and {name_keys} rows {keys} on ranks "
                          f"{list(range(comm.world))}")
+
+
+def _product(k, b, n_keys, bank_sizes, global_targets, in_batch_negatives):
+    """(y, every rank's rows of y, the product index of the positives or None): the keys of the
+    fused product on this rank, [key_r; bank_r] with in-batch negatives (a global key index t of
+    rank s is product index product_offset_s + (t - key_offset_s)), else bank_r (or None)."""
+    if not in_batch_negatives:
+        return b, bank_sizes, None
+    y = k if b is None else torch.cat([k, b])
+    sizes = [m + kb for m, kb in zip(n_keys, bank_sizes)]
+    device = k.device
+    starts = torch.tensor([sum(n_keys[:s]) for s in range(len(n_keys))], device=device)
+    shift = torch.tensor([sum(sizes[:s]) - sum(n_keys[:s]) for s in range(len(n_keys))],
+                         device=device)
+    owner = torch.searchsorted(starts, global_targets, right=True) - 1
+    return y, sizes, global_targets + shift[owner]
 
 
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
@@ -165,19 +179,8 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     bank = negatives if neg_kind == 2 else None
     bank_sizes = [r[5] for r in table] if bank is not None else [0] * comm.world
     b = None if bank is None else _prepare(bank, cdt, normalize)
-    # The keys of the fused product on each rank: [key_r; bank_r] with in-batch negatives, else
-    # bank_r; a global key index t (of rank s) is product index prod_offset_s + (t - offset_s).
-    product_targets = None
-    if in_batch_negatives:
-        y = k if b is None else torch.cat([k, b])
-        sizes = [m + kb for m, kb in zip(n_keys, bank_sizes)]
-        starts = torch.tensor([sum(n_keys[:s]) for s in range(comm.world)], device=query.device)
-        shift = torch.tensor([sum(sizes[:s]) - sum(n_keys[:s]) for s in range(comm.world)],
-                             device=query.device)
-        owner = torch.searchsorted(starts, global_targets, right=True) - 1
-        product_targets = global_targets + shift[owner]
-    else:
-        y, sizes = b, bank_sizes
+    y, sizes, product_targets = _product(k, b, n_keys, bank_sizes, global_targets,
+                                         in_batch_negatives)
     layout = Layout(tuple(n_rows), tuple(sizes))
     positive = None
     if y is not None and sum(sizes) > 0:

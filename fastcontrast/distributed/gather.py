@@ -20,7 +20,7 @@ def lse_forward(comm, layout, spec, x, scale, y, targets):
     """(row_lse (N,), col_lse of this rank's keys (M_r,) or None, positive (N,) or None,
     saved tensors for lse_backward)."""
     keys = all_gather_rows(comm, y.contiguous(), layout.keys)
-    off = sum(layout.keys[:comm.rank])
+    off = layout.key_offset(comm.rank)
     positive = None if targets is None else x.new_zeros(x.shape[0], dtype=accumulate_dtype(x.dtype))
     row_lse, col_part = lse_block_forward(x, scale, keys, 0, off if spec.exclude_self else None,
                                           spec.with_col, targets, positive, spec.backend)
@@ -33,7 +33,7 @@ def lse_backward(comm, layout, spec, x, scale, y, targets, row_lse, saved, g, c,
     """(dx (N, D), dy (M_r, D)) in the accumulation dtype: the gradient of the sum of all ranks'
     losses."""
     keys, col_all = saved
-    off = sum(layout.keys[:comm.rank])
+    off = layout.key_offset(comm.rank)
     c_all = all_gather_rows(comm, c.to(row_lse.dtype).contiguous(), layout.keys) \
         if spec.with_col else None
     dx, dkeys = lse_block_backward(x, scale, keys, 0, off if spec.exclude_self else None,
@@ -44,7 +44,7 @@ def lse_backward(comm, layout, spec, x, scale, y, targets, row_lse, saved, g, c,
 def siglip_forward(comm, layout, backend, x, y, scale, bias):
     """(per-row loss (N,) of this rank's rows over every rank's texts, saved tensors)."""
     texts = all_gather_rows(comm, y.contiguous(), layout.keys)
-    loss = siglip_block_forward(x, texts, scale, bias, 0, sum(layout.keys[:comm.rank]), backend)
+    loss = siglip_block_forward(x, texts, scale, bias, 0, layout.key_offset(comm.rank), backend)
     return loss, (texts,)
 
 
@@ -52,6 +52,6 @@ def siglip_backward(comm, layout, backend, x, y, scale, bias, saved, g):
     """(gx, gy of this rank's texts, d scale, d bias), gx / gy before the factor scale."""
     (texts,) = saved
     gx, gy, dscale, dbias = siglip_block_backward(x, texts, scale, bias, 0,
-                                                  sum(layout.keys[:comm.rank]), g, True, backend)
+                                                  layout.key_offset(comm.rank), g, True, backend)
     return gx, reduce_scatter_rows(comm, gy, layout.keys), dscale, dbias
 

@@ -33,9 +33,6 @@ class Layout:
     rows: tuple
     keys: tuple
 
-    def row_offset(self, rank):
-        return sum(self.rows[:rank])
-
     def key_offset(self, rank):
         return sum(self.keys[:rank])
 
