@@ -45,11 +45,19 @@ def _free_port():
 def run_world(world, out_dir, deadline_s=90):
     """Spawn ``world`` workers, wait at most ``deadline_s``, return the ranks' result dicts."""
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.update(env)
-    ctx = mp.start_processes(_main, args=(world, str(out_dir)), nprocs=world, join=False,
-                             start_method="spawn")
+    if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # the children read it at start; the test process gets it back
+    try:
+        ctx = mp.start_processes(_main, args=(world, str(out_dir)), nprocs=world, join=False,
+                                 start_method="spawn")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     deadline = time.monotonic() + deadline_s
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
