@@ -1,16 +1,25 @@
 """``fastcontrast train METHOD``: train a reference method with its defaults and evaluate it.
 
     fastcontrast train simclr [--seconds S | --steps N] [--batch-size B] [--lr LR] [--seed S]
-                              [--backend auto] [--no-baselines] [--plots DIR]
+                              [--backend auto] [--no-baselines] [--ceiling] [--plots DIR]
                               [--embedding pca|tsne] [--out DIR] [--threads T]
                               [--eval-at S] [--compare-backends] [--quiet]
+                              [--set KEY=VALUE] [--nproc N] [--distributed-mode gather|ring]
 
 Prints a progress bar and one line per epoch (loss, InfoNCE bound log(N) - L), then the linear
 probe and kNN accuracy on frozen features of the held-out split next to the same encoder
-untrained (and, unless --no-baselines, raw inputs and a supervised encoder of the same
-architecture trained for the same time). ``--out DIR`` writes DIR/METHOD.json (settings, history,
-accuracies, wall time, threads); ``--plots DIR`` the training curves and a 2-D projection of
-the test features coloured by class (needs matplotlib; t-SNE also scikit-learn).
+untrained and a linear probe on the raw inputs (unless --no-baselines). ``--ceiling`` also
+trains a supervised encoder of the same architecture for the same budget (the ceiling; it
+doubles the wall time, so the default run does not). ``--out DIR`` writes DIR/METHOD.json
+(settings, history, accuracies, wall time, threads); ``--plots DIR`` the training curves and a
+2-D projection of the test features coloured by class (needs matplotlib; t-SNE also
+scikit-learn).
+
+``--nproc N`` trains data-parallel in N processes on this machine (``methods/launch.py``: gloo
+on 127.0.0.1, a free port, torch threads split between them unless --threads), each with its
+shard of every global batch (``--batch-size`` is the global batch), DistributedDataParallel and
+the distributed loss (``--distributed-mode``); rank 0 alone prints, evaluates and writes. Under
+torchrun (its environment variables set) the processes torchrun started are used instead.
 """
 from .options import BACKENDS, positive
 
@@ -40,8 +49,18 @@ def add_train_parser(subparsers):
     p.add_argument("--threads", type=positive(int), default=None,
                    help="torch CPU threads (default: torch's)")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
-                   help="skip the raw-input probe and the supervised ceiling (the untrained "
-                        "encoder is always reported)")
+                   help="skip the raw-input probe (the untrained encoder is always reported)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also train the supervised ceiling (the same encoder + a linear layer "
+                        "with labels) for the same budget: doubles the wall time")
+    p.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
+                   metavar="KEY=VALUE", help="override one of the method's DEFAULTS (e.g. "
+                                             "--set width=8 --set temperature=0.1; repeatable)")
+    p.add_argument("--nproc", type=positive(int), default=1,
+                   help="data-parallel processes on this machine (gloo; default 1); "
+                        "--batch-size is then the global batch")
+    p.add_argument("--distributed-mode", choices=("gather", "ring"), default="gather",
+                   help="distributed loss with --nproc > 1 (default gather)")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write METHOD-curves.png and METHOD-embedding.png into DIR")
     p.add_argument("--embedding", choices=("pca", "tsne"), default="pca",
@@ -61,6 +80,21 @@ def add_train_parser(subparsers):
     return p
 
 
+def _override(text):
+    """KEY=VALUE -> (KEY, VALUE as a Python literal, else the string)."""
+    import argparse
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    return key.strip(), value
+
+
 def _settings(args, defaults):
     seconds = args.seconds if args.seconds is not None else (
         None if args.steps is not None else defaults["seconds"])
@@ -72,6 +106,28 @@ def _settings(args, defaults):
 
 def run_train(args):
     """Handler of ``fastcontrast train``; returns the exit status."""
+    from ..methods import launch
+
+    if launch.launched_by_torchrun():
+        return launch.run_in_torchrun(_rank_main, (args,))
+    nproc = getattr(args, "nproc", 1)
+    if nproc == 1:
+        return _train_and_report(args)
+    if args.compare_backends:
+        raise ValueError("--compare-backends times single-process steps; drop --nproc")
+    import os
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
+    statuses = launch.spawn(_rank_main, nproc, (args,), threads=threads)
+    return max(statuses)
+
+
+def _rank_main(rank, world_size, args):
+    """One rank of ``--nproc`` (or torchrun): train its shard; rank 0 reports."""
+    return _train_and_report(args, rank=rank)
+
+
+def _train_and_report(args, rank=0):
     import json
     import os
     import platform
@@ -86,7 +142,8 @@ def run_train(args):
     cfg = _settings(args, module.DEFAULTS)
     train_set, test_set = trainer.datasets(module.DEFAULTS["data"])
     torch.manual_seed(args.seed)
-    method = module.build(backend=args.backend)
+    overrides = dict(getattr(args, "overrides", []))
+    method = module.build(backend=args.backend, **overrides)
     marks, checkpoints = sorted(args.eval_at), []
 
     def on_epoch(history, elapsed):
@@ -98,19 +155,27 @@ def run_train(args):
             print(f"  probe at {elapsed:.0f} s (step {history.steps}): "
                   f"{100 * checkpoints[-1]['probe']:.1f}%")
 
-    history = trainer.fit(method, train_set, progress=not args.quiet, on_epoch=on_epoch, **cfg)
-    print(f"{args.method}: {history.steps} steps in {history.seconds:.1f} s on "
-          f"{history.threads} thread(s), final epoch loss {history.epoch_loss[-1]:.4f}, "
+    history = trainer.fit(method, train_set, progress=not args.quiet,
+                          on_epoch=on_epoch if rank == 0 else None,
+                          distributed_mode=getattr(args, "distributed_mode", "gather"), **cfg)
+    if rank != 0:
+        return 0
+    world = history.settings["world_size"]
+    where = (f"{history.threads} thread(s)" if world == 1 else
+             f"{world} processes x {history.threads} thread(s), "
+             f"{history.settings['distributed_mode']} mode")
+    print(f"{args.method}: {history.steps} steps in {history.seconds:.1f} s on {where}, "
+          f"final epoch loss {history.epoch_loss[-1]:.4f}, "
           f"MI bound {history.epoch_mi_bound[-1]:.3f} nats")
+    method.distributed_mode = None  # evaluation below is local to rank 0
     scores = trainer.evaluate(method, train_set, test_set)
     budget = {"seconds": cfg["seconds"], "steps": cfg["steps"]}
-    if args.baselines:
-        base = trainer.baselines(lambda: module.build(backend=args.backend), train_set,
-                                 test_set, batch_size=cfg["batch_size"], lr=cfg["lr"],
-                                 seed=args.seed, **budget)
-    else:
-        base = trainer.baselines(lambda: module.build(backend=args.backend), train_set,
-                                 test_set, seed=args.seed, supervised=False, raw=False)
+    ceiling = getattr(args, "ceiling", False)
+    base = trainer.baselines(lambda: module.build(backend=args.backend, **overrides),
+                             train_set, test_set,
+                             batch_size=cfg["batch_size"], lr=cfg["lr"], seed=args.seed,
+                             supervised=ceiling, raw=args.baselines,
+                             **(budget if ceiling else {}))
     comparison = None
     if args.compare_backends:
         comparison = _compare_backends(module, method, train_set, cfg, args.backend)
@@ -125,6 +190,8 @@ def run_train(args):
     for name, row in rows:
         knn = f"{100 * row['knn']:7.1f}%" if "knn" in row else f"{'-':>8}"
         print(f"{name:<12} {100 * row['probe']:11.1f}% {knn}")
+    if not ceiling:
+        print("(supervised ceiling not trained: add --ceiling; it doubles the wall time)")
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
         trainer.plot_history(history, os.path.join(args.plots, f"{args.method}-curves.png"))

@@ -22,6 +22,18 @@ class ContrastiveMethod(nn.Module):
 
     #: short name used by ``fastcontrast train NAME``
     name = "method"
+    #: None on one process; "gather" or "ring" when ``trainer.fit`` trains data-parallel (the
+    #: method then computes its loss with ``fastcontrast.distributed`` over ``group``)
+    distributed_mode = None
+    group = None
+
+    def world_size(self):
+        """Processes the batch is split over (1 unless training data-parallel)."""
+        if self.distributed_mode is None:
+            return 1
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.group)
 
     def views(self, dataset, indices, generator):
         """The batch ``loss`` takes: augmented views of the samples ``indices`` of ``dataset``."""

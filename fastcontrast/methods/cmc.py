@@ -37,6 +37,8 @@ Deviations from the paper:
   ``negatives="queue"`` keeps a FIFO ``NegativeQueue`` of the last ``queue_size`` embeddings per
   view (no momentum) and uses the exact softmax over the batch plus the queue.
 * optimisation: Adam at a constant learning rate for a few minutes (paper: SGD, 200+ epochs).
+* data-parallel (``fastcontrast train cmc --nproc N``, ``negatives="batch"`` only): each pair
+  term is ``fastcontrast.distributed.info_nce(..., symmetric=True)`` over every rank's samples.
 """
 import math
 
@@ -154,10 +156,20 @@ class CMC(ContrastiveMethod):
 
     def _pair_loss(self, z, j, k, index):
         """(mean of the j -> k and k -> j losses, candidates per row)."""
+        if self.negatives == "batch" and self.distributed_mode is not None:
+            from .. import distributed as fcd
+
+            loss = fcd.info_nce(z[j], z[k], temperature=self.temperature, symmetric=True,
+                                backend=self.backend, mode=self.distributed_mode,
+                                group=self.group)
+            return loss, z[j].shape[0] * self.world_size()
         if self.negatives == "batch":
             loss = fc.info_nce(z[j], z[k], temperature=self.temperature, symmetric=True,
                                backend=self.backend)
             return loss, z[j].shape[0]
+        if self.distributed_mode is not None:
+            raise ValueError("CMC with negatives='queue' trains on one process only; use "
+                             "negatives='batch' (the default) data-parallel")
         losses, banks = [], []
         for a, b in ((j, k), (k, j)):
             queue = self.queues[b]

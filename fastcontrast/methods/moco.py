@@ -40,9 +40,14 @@ Deviations from the papers, all for a small CPU benchmark:
 * Shuffle-BN: on one process it is emulated by splitting the batch into ``bn_splits``
   sub-batches that each have their own BatchNorm statistics (the query batch unshuffled, the key
   batch shuffled across sub-batches before f_k and unshuffled after), like the official CIFAR
-  demo's SplitBatchNorm. With torch.distributed initialised (world size > 1) the real one is
-  used: keys are all-gathered, shuffled with a permutation broadcast from rank 0, each rank
-  encodes its slice, and the result is gathered and unshuffled.
+  demo's SplitBatchNorm. With torch.distributed initialised (world size > 1; ``fastcontrast
+  train moco --nproc N``) the real one is used: key images are all-gathered
+  (``fastcontrast.distributed.all_gather_with_grad``), shuffled with a permutation broadcast
+  from rank 0, each rank encodes its slice, and the keys are gathered and unshuffled; after
+  the step every rank enqueues the keys of all ranks in rank order
+  (``fastcontrast.distributed.enqueue_all``), so the queue stays identical on every rank.
+  The loss stays ``moco_loss`` on the local queries: keys and queue carry no gradient, so
+  the mean of the ranks' losses is the global batch's and DDP's gradient average is exact.
 * The queue starts filled with random unit vectors (as the official code) and the first
   momentum update happens after the first optimizer step (equivalent to the paper's update
   at the start of the next forward pass).
@@ -98,15 +103,8 @@ def gaussian_blur(images, p, generator, *, sigma=(0.1, 1.0)):
     return flat.view_as(images)
 
 
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_gather(x):
-    """Concatenation over ranks of equally sized x (no gradient: keys only)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+def _distributed(group=None):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 class MoCo(ContrastiveMethod):
@@ -179,13 +177,18 @@ class MoCo(ContrastiveMethod):
     @torch.no_grad()
     def _keys(self, x, shuffle):
         """Shuffle-BN key encoding: permute, encode per sub-batch (or per rank), un-permute."""
-        if _distributed():
-            gathered = _all_gather(x)
+        if _distributed(self.group):
+            from .. import distributed as fcd
+
+            gathered = fcd.all_gather_with_grad(x.flatten(1), group=self.group).view(
+                -1, *x.shape[1:])  # the key images of every rank, in rank order (no grad)
             order = torch.randperm(len(gathered), device=x.device)
-            dist.broadcast(order, src=0)
-            rank, n = dist.get_rank(), x.shape[0]
+            source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+            dist.broadcast(order, src=source, group=self.group)
+            rank, n = dist.get_rank(self.group), x.shape[0]
             mine = order[rank * n:(rank + 1) * n]
-            keys = _all_gather(self.head_k(self.encoder_k(gathered[mine])))
+            keys = fcd.all_gather_with_grad(self.head_k(self.encoder_k(gathered[mine])),
+                                            group=self.group)
             keys = keys[torch.argsort(order)]
             return keys[rank * n:(rank + 1) * n]
         keys = self._split_forward(self.encoder_k, self.head_k, x[shuffle])
@@ -203,7 +206,7 @@ class MoCo(ContrastiveMethod):
                                  f"got {getattr(t, 'shape', type(t).__name__)}")
         if not torch.equal(torch.sort(shuffle).values, torch.arange(n)):
             raise ValueError("batch['shuffle'] must be a permutation of 0..N-1")
-        if _distributed():  # each rank's batch is one device's sub-batch
+        if _distributed(self.group):  # each rank's batch is one device's sub-batch
             q = self.head_q(self.encoder_q(query))
         else:
             q = self._split_forward(self.encoder_q, self.head_q, query)
@@ -228,9 +231,12 @@ class MoCo(ContrastiveMethod):
         momentum_update(self.head_k, self.head_q, self.momentum)
         if self._pending is not None:
             keys, index = self._pending
-            if _distributed():
-                keys, index = _all_gather(keys), _all_gather(index)
-            self.queue.enqueue(keys, indices=index)
+            if _distributed(self.group):  # every rank's keys, in rank order, on every rank
+                from .. import distributed as fcd
+
+                fcd.enqueue_all(self.queue, keys, indices=index, group=self.group)
+            else:
+                self.queue.enqueue(keys, indices=index)
             self._pending = None
 
     def features(self, inputs):

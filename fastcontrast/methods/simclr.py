@@ -28,7 +28,10 @@ Deviations from the paper, all for a small CPU benchmark:
 * Optimisation: Adam, lr 1e-3, batch 256, tau 0.2, a 5 minute budget, instead of LARS with a
   lr of 0.3 x batch / 256, batch 4096, tau 0.1-0.5, weight decay 1e-6, 100-1000 epochs with
   warm-up and cosine decay. BatchNorm statistics are those of the 2N views together (the
-  paper's global BN across devices is the same thing on one process).
+  paper's global BN across devices is the same thing on one process). Data-parallel
+  (``fastcontrast train simclr --nproc N``): the loss is ``fastcontrast.distributed.nt_xent``
+  over all ranks' views, BatchNorm statistics stay per rank (no SyncBatchNorm on CPU), and the
+  accuracy diagnostic compares each rank's rows with its own views only.
 """
 import math
 
@@ -147,14 +150,21 @@ class SimCLR(ContrastiveMethod):
             raise ValueError(f"SimCLR needs at least 2 images per batch (negatives), got {n}")
         z = self.head(self.encoder(torch.cat([view_a, view_b])))
         z_a, z_b = z[:n], z[n:]
-        loss = nt_xent(z_a, z_b, temperature=self.temperature, backend=self.backend)
+        if self.distributed_mode is None:
+            loss = nt_xent(z_a, z_b, temperature=self.temperature, backend=self.backend)
+        else:  # data-parallel: this rank's rows against the views of every rank
+            from .. import distributed as fcd
+
+            loss = fcd.nt_xent(z_a, z_b, temperature=self.temperature, backend=self.backend,
+                               mode=self.distributed_mode, group=self.group)
         with torch.no_grad():
             zn = nn.functional.normalize(z.detach(), dim=1)
             sims = zn @ zn.T
             sims.fill_diagonal_(-float("inf"))
             positive = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
             accuracy = (sims.argmax(1) == positive).float().mean()
-        return {"loss": loss, "mi_bound": math.log(2 * n - 1) - loss.detach(),
+        views = 2 * n * self.world_size()  # the candidates span every rank's views
+        return {"loss": loss, "mi_bound": math.log(views - 1) - loss.detach(),
                 "accuracy": accuracy}
 
     def features(self, inputs):

@@ -10,6 +10,8 @@
 ``fit`` runs epochs over a seeded permutation of the training set (the last incomplete batch
 dropped), Adam by default, until the step count or the time budget is reached, and logs the
 per-step loss and InfoNCE bound log(N) - L (the method's "mi_bound"), plus their epoch means.
+With torch.distributed initialised (``fastcontrast train METHOD --nproc N``, or torchrun) it
+trains data-parallel: see ``fit``.
 Evaluation is on frozen features of the fixed renderings (``dataset.evaluation_set()``, else the
 stacked items): the linear probe and kNN are fitted on the training split and scored on the
 test split.
@@ -144,7 +146,7 @@ def _batches(n, batch_size, generator):
 
 
 def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_decay=0.0, seed=0,
-        optimizer="adam", progress=True, on_epoch=None):
+        optimizer="adam", progress=True, on_epoch=None, distributed_mode="gather", group=None):
     """Train ``method`` on ``dataset`` for ``steps`` optimizer steps and/or ``seconds`` of wall
     time (whichever comes first; at least one is required) and return its ``History``.
 
@@ -154,7 +156,19 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
     views (with a step budget; a time budget stops after however many steps fit). ``optimizer``:
     "adam" (Adam) or "sgd" (SGD with momentum 0.9), both with ``weight_decay``.
     ``on_epoch(history, elapsed)`` is called after every epoch (e.g. to evaluate at a time
-    mark); the time it takes is not counted in the budget nor in ``history.seconds``."""
+    mark); the time it takes is not counted in the budget nor in ``history.seconds``.
+
+    Data-parallel training (torch.distributed initialised, world size W > 1 in ``group``):
+    ``batch_size`` is the GLOBAL batch. Every rank draws the same seeded permutation and cuts
+    it into the same global batches (the last incomplete one dropped: DistributedSampler's
+    drop_last, applied per global batch, so no sample is padded or repeated); rank r takes rows
+    [r B / W, (r + 1) B / W) of each (B must be divisible by W) and draws their views with its
+    own generator (seed, rank). The method, wrapped in DistributedDataParallel, computes its
+    loss with the distributed losses (``method.distributed_mode = distributed_mode``, "gather"
+    or "ring"), whose gradients make DDP's average the gradient of the global-batch loss. One
+    small all-reduce per step averages the logged values over the ranks and carries rank 0's
+    "time is up", so all ranks stop after the same step; ``history`` is the same on every
+    rank. BatchNorm statistics stay per rank (one device's sub-batch)."""
     _check_method(method)
     if seconds is None and steps is None:
         raise ValueError("fit needs a budget: seconds and/or steps, got neither")
@@ -173,27 +187,43 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    rank, world = _world(group)
+    if world > 1 and batch_size % world:
+        raise ValueError(f"batch_size (the global batch) must be divisible by the world size "
+                         f"{world}, got {batch_size}")
+    if world > 1 and distributed_mode not in ("gather", "ring"):
+        raise ValueError(f"distributed_mode must be 'gather' or 'ring', got "
+                         f"{distributed_mode!r}")
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the batches (and views on one process)
+    views_generator = generator if world == 1 else torch.Generator().manual_seed(
+        seed * 1_000_003 + rank + 1)
+    step_module = _data_parallel(method, distributed_mode, group) if world > 1 else None
     history = History(threads=torch.get_num_threads(), settings={
         "method": method.name, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-        "seed": seed, "optimizer": optimizer, "budget_seconds": seconds, "budget_steps": steps})
-    bar = _Progress(progress, steps if steps is not None else seconds,
+        "seed": seed, "optimizer": optimizer, "budget_seconds": seconds, "budget_steps": steps,
+        "world_size": world, **({"distributed_mode": distributed_mode} if world > 1 else {})})
+    bar = _Progress(progress and rank == 0, steps if steps is not None else seconds,
                     "steps" if steps is not None else "s")
     method.train()
     start = time.perf_counter()
     paused = 0.0  # seconds spent in on_epoch
-    done = False
+    done = time_up = False
     try:
         while not done:
             epoch_losses, epoch_bounds = [], []
             for indices in _batches(len(dataset), batch_size, generator):
                 elapsed = time.perf_counter() - start - paused
-                if (steps is not None and history.steps >= steps) or (
-                        seconds is not None and elapsed >= seconds):
+                if world == 1:
+                    time_up = seconds is not None and elapsed >= seconds
+                if (steps is not None and history.steps >= steps) or time_up:
                     done = True
                     break
-                out = method.loss(method.views(dataset, indices, generator))
+                if world > 1:
+                    shard = batch_size // world
+                    indices = indices[rank * shard:(rank + 1) * shard]
+                batch = method.views(dataset, indices, views_generator)
+                out = step_module(batch) if step_module is not None else method.loss(batch)
                 loss = out["loss"]
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{method.name}: the loss became {float(loss)} at step "
@@ -202,12 +232,18 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
                 loss.backward()
                 opt.step()
                 method.after_step()
+                values = {key: float(value.detach() if torch.is_tensor(value) else value)
+                          for key, value in out.items()}
+                if world > 1:  # means over the ranks, and rank 0's clock
+                    over = rank == 0 and seconds is not None and (
+                        time.perf_counter() - start - paused >= seconds)
+                    values, time_up = _reduce_step(values, over, group, world)
                 history.steps += 1
-                history.step_loss.append(float(loss.detach()))
-                history.step_mi_bound.append(float(out["mi_bound"]))
-                for key, value in out.items():
+                history.step_loss.append(values["loss"])
+                history.step_mi_bound.append(values["mi_bound"])
+                for key, value in values.items():
                     if key not in ("loss", "mi_bound"):
-                        history.step_metrics.setdefault(key, []).append(float(value))
+                        history.step_metrics.setdefault(key, []).append(value)
                 epoch_losses.append(history.step_loss[-1])
                 epoch_bounds.append(history.step_mi_bound[-1])
                 now = time.perf_counter() - start - paused
@@ -230,6 +266,53 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
         history.seconds = time.perf_counter() - start - paused
         bar.close()
     return history
+
+
+def _world(group=None):
+    """(rank, world size) in ``group``, (0, 1) without torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _LossModule(nn.Module):
+    """``method.loss`` as a forward, so DistributedDataParallel can wrap the method."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch):
+        return self.method.loss(batch)
+
+
+def _data_parallel(method, mode, group):
+    """The method in DDP (gradients averaged over ``group``), its losses set distributed.
+    Buffers (queues, BatchNorm running statistics) are not broadcast: each method keeps its
+    replicated state consistent itself (MoCo enqueues every rank's keys on every rank)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import inspect
+
+    method.distributed_mode, method.group = mode, group
+    # no buffer broadcast before each forward (newer torch spells it forward_sync_buffers)
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+               inspect.signature(DistributedDataParallel).parameters else
+               {"broadcast_buffers": False})
+    return DistributedDataParallel(_LossModule(method), process_group=group, **no_sync)
+
+
+def _reduce_step(values, over, group, world):
+    """Means over the ranks of the step's logged values, and whether any rank said stop."""
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    flat = torch.tensor([values[k] for k in keys] + [float(over)], dtype=torch.float64)
+    dist.all_reduce(flat, group=group)
+    means = {k: float(v) / world for k, v in zip(keys, flat[:-1].tolist())}
+    return means, bool(flat[-1] > 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""Multi-GPU / multi-node contrastive losses on torch.distributed (NCCL on GPU, gloo on CPU;
+launched by torchrun): every rank passes its local batch and gets the negatives of every rank,
+without ever forming the logits.
+
+    from fastcontrast import distributed as fcd
+    loss = fcd.info_nce(query, key, negatives=None, *, mode="gather", group=None, **kwargs)
+    loss = fcd.clip_loss(image, text, logit_scale, *, logit_bias=None, mode=..., group=...)
+    loss = fcd.nt_xent(z1, z2, *, temperature=0.5, mode=..., group=...)
+    loss = fcd.supcon(features, labels, *, temperature=0.1, mode=..., group=...)
+    loss = fcd.siglip_loss(image, text, logit_scale, logit_bias, *, mode=..., group=...)
+    loss = fcd.moco_loss(query, key, queue, *, mode=..., group=...)
+    keys = fcd.all_gather_with_grad(tensor, group=None)   # rank order, exact backward
+    fcd.enqueue_all(queue, keys, group=None)              # every rank's keys, rank order
+
+Every function takes the arguments of its single-process twin in fastcontrast (same names,
+same defaults) plus ``mode`` and ``group`` (a torch.distributed group; None: all processes).
+
+Convention (W = the size of the group):
+  * Forward: each rank returns the loss of its own rows, scaled so that the MEAN over the ranks
+    of the returned losses equals the single-process loss on the concatenated batch (the ranks'
+    batches in rank order), whatever the per-rank counts (uneven batch sizes, SupCon anchors
+    without positives). reduction="none" returns this rank's rows.
+  * Backward: every rank's inputs receive the gradient of the SUM of all ranks' returned
+    losses. DDP averages parameter gradients over the W ranks, which then equals exactly the
+    single-process gradient. Every rank must run the backward (it communicates).
+  * Scalar parameters (temperature, logit_scale, logit_bias) are never all-reduced inside the
+    ops: each rank's gradient is its rows' share, and DDP's average is the single-process
+    gradient.
+
+Modes:
+  "gather"  all-gather the keys (O(M_total D) per rank), local rows against all keys in one
+            fused kernel call; symmetric losses merge the column log-sum-exps across ranks in
+            log space (O(M_total) floats); backward all-gathers the column weights (O(M_total))
+            and reduce-scatters the key gradients (O(M_total D)). Uneven batches work.
+  "ring"    key blocks travel around the ring with isend / irecv posted before each block's
+            compute: per rank O(M_r D) memory for its own block plus two travelling blocks; the
+            partial column statistics and the fp32 key-gradient accumulators travel with their
+            block and come home complete; a symmetric loss is one ring forward and one ring
+            backward. Uneven batches work.
+Every call starts with one small all_gather of shapes, dtypes and options, so mismatched
+inputs raise the same ValueError on every rank instead of hanging; every collective inherits
+the process group's timeout.
+"""
+from .api import MODES, clip_loss, enqueue_all, info_nce, moco_loss, nt_xent, siglip_loss, supcon
+from .collectives import all_gather_with_grad, all_reduce_with_grad
+
+__all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss",
+           "all_gather_with_grad", "all_reduce_with_grad", "enqueue_all", "MODES"]

@@ -1,0 +1,388 @@
+"""The public distributed losses: argument checks, the metadata exchange, the global index of
+the positives, normalisation (with autograd) and the reduction by the group convention; the
+heavy part is ops.DistributedLSE / DistributedSigLIP.
+
+Reduction convention (N_total = the rows of all ranks; W = the group size):
+    "mean"  rank r returns (W / N_total) sum_{i in r} loss_i  (SupCon: W / A_total over the
+            anchors that have a positive), so that mean_r(returned) = the single-process mean
+    "sum"   rank r returns W sum_{i in r} loss_i, so that mean_r(returned) = the total
+    "none"  rank r returns its rows' losses (concatenated in rank order they are the
+            single-process rows, except nt_xent: each rank's [z1_r; z2_r])
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import _validation as check
+from .. import functional
+from ..backends import PROPERTIES, resolve
+from .collectives import (AllGatherWithGrad, AllReduceWithGrad, Comm, all_gather_rows,
+                          dtype_code)
+from .ops import DistributedLSE, DistributedSigLIP, Layout, LSESpec
+
+__all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss",
+           "enqueue_all", "MODES"]
+
+MODES = ("gather", "ring")
+_EPS = 1e-12  # as torch.nn.functional.normalize and the single-process losses
+
+
+def _start(name, mode, group, backend, device, dtype):
+    """(Comm, resolved backend) after the local checks that need no communication."""
+    check.check_choice("mode", mode, MODES)
+    comm = Comm(group, caller=f"fastcontrast.distributed.{name}")
+    if backend == "reference":
+        raise ValueError(f"fastcontrast.distributed.{name} runs the fused kernels: backend must "
+                         "be 'auto', 'torch', 'cpu' or 'triton', got 'reference'")
+    return comm, resolve(backend, device, dtype=dtype)
+
+
+def _exchange(comm, device, rows):
+    """Every rank's metadata (``rows``: (what, value) pairs, values ints); checks that every
+    entry whose ``what`` is not None agrees across ranks (a clear ValueError naming it and the
+    ranks' values, on every rank at once: no rank is left waiting). Returns the W x k table."""
+    table = comm.exchange([int(v) for _, v in rows], device)
+    for column, (what, _) in enumerate(rows):
+        if what is None:
+            continue
+        if what.startswith("dtype of "):
+            comm.check_dtype(table, column, what[len("dtype of "):])
+        else:
+            comm.check_same(table, column, what)
+    return table
+
+
+def _mode_code(mode):
+    return MODES.index(mode)
+
+
+def _prepare(t, dtype, normalize):
+    t = t.to(dtype)
+    return (F.normalize(t, dim=-1, eps=_EPS) if normalize else t).contiguous()
+
+
+def _reduce(comm, loss, reduction, total):
+    """The group convention (see the module docstring): this rank's share of the loss."""
+    if reduction == "none":
+        return loss
+    scaled = loss.sum() * comm.world
+    return scaled / max(total, 1) if reduction == "mean" else scaled
+
+
+def _compute_dtype(backend, dtype):
+    return PROPERTIES[backend].compute_dtype(dtype)
+
+
+def _same_layout(comm, table, what_rows, what_keys, name_rows, name_keys):
+    rows = [r[what_rows] for r in table]
+    keys = [r[what_keys] for r in table]
+    if rows != keys:
+        raise ValueError(f"{comm.caller}: {name_keys} must have as many rows as {name_rows} on "
+                         f"every rank ({name_keys} i is the positive of {name_rows} i), got "
+                         f"{name_rows} rows {rows} and {name_keys} rows {keys} on ranks "
+                         f"{list(range(comm.world))}")
+
+
+def _product(k, b, n_keys, bank_sizes, global_targets, in_batch_negatives):
+    """(y, every rank's rows of y, the product index of the positives or None): the keys of the
+    fused product on this rank, [key_r; bank_r] with in-batch negatives (a global key index t of
+    rank s is product index product_offset_s + (t - key_offset_s)), else bank_r (or None)."""
+    if not in_batch_negatives:
+        return b, bank_sizes, None
+    y = k if b is None else torch.cat([k, b])
+    sizes = [m + kb for m, kb in zip(n_keys, bank_sizes)]
+    device = k.device
+    starts = torch.tensor([sum(n_keys[:s]) for s in range(len(n_keys))], device=device)
+    shift = torch.tensor([sum(sizes[:s]) - sum(n_keys[:s]) for s in range(len(n_keys))],
+                         device=device)
+    owner = torch.searchsorted(starts, global_targets, right=True) - 1
+    return y, sizes, global_targets + shift[owner]
+
+
+def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
+             in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
+             backend="auto", mode="gather", group=None, **objective):
+    """InfoNCE over the keys of every rank of ``group`` (fastcontrast.info_nce on the
+    concatenated batch; see fastcontrast.distributed for the convention).
+
+    Each rank passes its own query (N_r, D) and key (M_r, D). ``targets`` (N_r,) int64 index the
+    GLOBAL keys (the concatenation of every rank's keys in rank order), so a positive may live
+    on another rank; without targets key i of a rank is the positive of its query i (M_r = N_r
+    on every rank). ``negatives``: per-query (N_r, K, D) negatives stay with their rows; a 2-D
+    bank (K_r, D) is this rank's share of a global bank (every rank's banks are candidates of
+    every query). ``exclude_self``: query and key are the same set, global key i is removed from
+    global row i. The DCL / DCLW / HCL objectives and query_ids / negative_ids are not supported
+    here (TypeError)."""
+    if objective:
+        raise TypeError(f"fastcontrast.distributed.info_nce does not support "
+                        f"{', '.join(sorted(objective))} (the DCL / DCLW / HCL objectives and "
+                        "id masks run single-process only)")
+    check.check_tensor("query", query, (2,))
+    check.check_tensor("key", key, (2,))
+    check.check_same("key", key, "query", query)
+    check.check_feature_dim("key", key, query.shape[1])
+    check.check_tensor("negatives", negatives, (2, 3), optional=True)
+    if negatives is not None:
+        check.check_same("negatives", negatives, "query", query)
+        check.check_feature_dim("negatives", negatives, query.shape[1])
+        if negatives.dim() == 3 and negatives.shape[0] != query.shape[0]:
+            raise ValueError(f"per-query negatives must have shape (N={query.shape[0]}, K, D), "
+                             f"got {tuple(negatives.shape)}")
+    for flag_name, value in (("normalize", normalize), ("in_batch_negatives", in_batch_negatives),
+                             ("exclude_self", exclude_self), ("symmetric", symmetric)):
+        check.check_flag(flag_name, value)
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    if targets is not None:
+        check.check_ids("targets", targets, query.shape[0], query.device)
+    tau = check.positive_scalar("temperature", temperature, query.device)
+    comm, name = _start("info_nce", mode, group, backend, query.device, query.dtype)
+    neg_kind = 0 if negatives is None else negatives.dim()
+    flags = (int(normalize) | int(in_batch_negatives) << 1 | int(exclude_self) << 2
+             | int(symmetric) << 3 | int(targets is not None) << 4)
+    table = _exchange(comm, query.device, [
+        (None, query.shape[0]), (None, key.shape[0]),
+        ("the feature dimension D of query", query.shape[1]),
+        ("dtype of query", dtype_code(query.dtype)),
+        ("the kind of negatives (None, 2-D bank or 3-D per-query)", neg_kind),
+        (None, 0 if negatives is None else negatives.shape[-2]),
+        ("the options normalize / in_batch_negatives / exclude_self / symmetric / targets given",
+         flags), ("mode", _mode_code(mode)), ("reduction", check.REDUCTIONS.index(reduction))])
+    n_rows, n_keys = [r[0] for r in table], [r[1] for r in table]
+    n_total, m_total = sum(n_rows), sum(n_keys)
+    rank = comm.rank
+    key_offset = sum(n_keys[:rank])
+    if targets is None or exclude_self or symmetric:
+        _same_layout(comm, table, 0, 1, "query", "key")
+    if symmetric and (targets is not None or negatives is not None or not in_batch_negatives
+                      or exclude_self):
+        raise ValueError("symmetric=True needs targets=None, no negatives, in_batch_negatives="
+                         "True and exclude_self=False")
+    if exclude_self and targets is None:
+        raise ValueError("exclude_self=True needs targets: without them the positive of query "
+                         "i is key i, which exclude_self removes")
+    global_rows = torch.arange(key_offset, key_offset + query.shape[0], device=query.device)
+    if targets is None:
+        global_targets = global_rows
+    else:
+        if check.reads_values(targets) and targets.numel():
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= m_total:
+                raise ValueError(f"targets index the keys of all ranks, [0, {m_total - 1}] "
+                                 f"(M_total = {m_total}), got values in [{low}, {high}]")
+            if exclude_self and bool((targets == global_rows).any()):
+                raise ValueError("exclude_self=True: targets[i] must differ from the global "
+                                 "index of row i (the positive would be excluded)")
+        global_targets = targets
+    cdt = _compute_dtype(name, query.dtype)
+    q = _prepare(query, cdt, normalize)
+    k = _prepare(key, cdt, normalize)
+    scale = tau.reciprocal()
+    bank = negatives if neg_kind == 2 else None
+    bank_sizes = [r[5] for r in table] if bank is not None else [0] * comm.world
+    b = None if bank is None else _prepare(bank, cdt, normalize)
+    y, sizes, product_targets = _product(k, b, n_keys, bank_sizes, global_targets,
+                                         in_batch_negatives)
+    layout = Layout(tuple(n_rows), tuple(sizes))
+    positive = None
+    if y is not None and sum(sizes) > 0:
+        spec = LSESpec(mode, name, exclude_self and in_batch_negatives, symmetric)
+        row_lse, col_lse, positive = DistributedLSE.apply(q, scale, y, product_targets, comm,
+                                                          layout, spec)
+        if product_targets is None:
+            positive = None
+    else:
+        row_lse = col_lse = None
+    if positive is None:  # the positive is not a key of the product: in_batch_negatives=False
+        if targets is None:
+            positive = (q * k).sum(dim=1).to(scale.dtype) * scale
+        else:
+            keys = AllGatherWithGrad.apply(k, comm, tuple(n_keys))
+            positive = (q * keys[global_targets]).sum(dim=1).to(scale.dtype) * scale
+    positive = positive.to(torch.promote_types(positive.dtype, scale.dtype))
+    extra = []
+    if not in_batch_negatives:
+        extra.append(positive.unsqueeze(1))
+    if neg_kind == 3:
+        nq = _prepare(negatives, cdt, normalize)
+        extra.append(torch.einsum("nd,nkd->nk", q, nq).to(positive.dtype) * scale)
+    if row_lse is not None:
+        extra.append(row_lse.to(positive.dtype).unsqueeze(1))
+    lse = torch.logsumexp(torch.cat(extra, dim=1), dim=1) if len(extra) > 1 else extra[0][:, 0]
+    if symmetric:
+        loss = 0.5 * (lse + col_lse.to(lse.dtype)) - positive
+    else:
+        loss = lse - positive
+    return _reduce(comm, loss, reduction, n_total).to(query.dtype)
+
+
+def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", backend="auto",
+              mode="gather", group=None):
+    """OpenCLIP's ClipLoss over the texts and images of every rank (symmetric: one pass gives
+    the row and the column log-sum-exps). ``logit_scale`` is never all-reduced (DDP averages
+    its gradient); ``logit_bias`` cancels and gets a zero gradient, as single-process."""
+    check.check_image_text(image, text)
+    if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
+        raise TypeError(f"logit_bias must be a float or a tensor, got {type(logit_bias).__name__}")
+    scale = check.positive_scalar("logit_scale", logit_scale, image.device)
+    loss = info_nce(image, text, temperature=scale.reciprocal(), normalize=False,
+                    symmetric=True, reduction=reduction, backend=backend, mode=mode,
+                    group=group)
+    if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
+        loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
+    return loss
+
+
+def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", backend="auto",
+            mode="gather", group=None):
+    """SimCLR's NT-Xent over the 2 N_total views of every rank: the positive of view z1_i is
+    z2_i (same rank), the negatives every other view of every rank, self excluded. Per-rank
+    batch sizes may differ. "none": (2 N_r,), this rank's [z1; z2] rows."""
+    check.check_tensor("z1", z1, (2,))
+    check.check_tensor("z2", z2, (2,))
+    check.check_same("z2", z2, "z1", z1)
+    if z2.shape != z1.shape:
+        raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    check.check_flag("normalize", normalize)
+    tau = check.positive_scalar("temperature", temperature, z1.device)
+    comm, name = _start("nt_xent", mode, group, backend, z1.device, z1.dtype)
+    table = _exchange(comm, z1.device, [
+        (None, z1.shape[0]), ("the feature dimension D of z1", z1.shape[1]),
+        ("dtype of z1", dtype_code(z1.dtype)), ("mode", _mode_code(mode)),
+        ("normalize", int(normalize)), ("reduction", check.REDUCTIONS.index(reduction))])
+    sizes = [2 * r[0] for r in table]
+    n = z1.shape[0]
+    offset = sum(sizes[:comm.rank])
+    local = torch.arange(2 * n, device=z1.device)
+    targets = offset + (local + n) % (2 * n)
+    views = _prepare(torch.cat([z1, z2]), _compute_dtype(name, z1.dtype), normalize)
+    scale = tau.reciprocal()
+    spec = LSESpec(mode, name, exclude_self=True, with_col=False)
+    row_lse, _, positive = DistributedLSE.apply(views, scale, views, targets, comm,
+                                                Layout(tuple(sizes), tuple(sizes)), spec)
+    return _reduce(comm, row_lse - positive, reduction, sum(sizes)).to(z1.dtype)
+
+
+def _dense_classes(labels):
+    """Dense class ids in [0, C) of int64 labels (sorted unique), and C."""
+    unique, inverse = torch.unique(labels, return_inverse=True)
+    return inverse, unique.shape[0]
+
+
+def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction="mean",
+           backend="auto", mode="gather", group=None):
+    """SupCon L_out over the samples of every rank: the labels travel with the features (one
+    all_gather of the labels, O(N_total) int64), the positives of an anchor are all samples of
+    every rank with its label, the denominator runs over every other sample (self excluded at
+    its global position). The positive term uses the class sums of the normalised features,
+    all-reduced with autograd ((C, D) floats, C the number of distinct labels). Anchors without
+    a positive give 0 and are left out of the mean, counted over all ranks. (N, V, D) features:
+    labels default to the global sample index."""
+    check.check_tensor("features", features, (2, 3))
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    check.check_flag("normalize", normalize)
+    n = features.shape[0]
+    if labels is None and features.dim() == 2:
+        raise ValueError("supcon needs labels for (N, D) features (or (N, V, D) multi-view "
+                         "features, where labels default to the sample index)")
+    if labels is not None:
+        check.check_ids("labels", labels, n, features.device)
+    tau = check.positive_scalar("temperature", temperature, features.device)
+    comm, name = _start("supcon", mode, group, backend, features.device, features.dtype)
+    table = _exchange(comm, features.device, [
+        (None, n), ("the number of dimensions of features", features.dim()),
+        ("the shape[1:] of features", features.shape[1]),
+        ("the feature dimension D of features", features.shape[-1]),
+        ("dtype of features", dtype_code(features.dtype)), ("labels given", labels is not None),
+        ("mode", _mode_code(mode)), ("normalize", int(normalize)),
+        ("reduction", check.REDUCTIONS.index(reduction))])
+    shape = features.shape[:-1]
+    if features.dim() == 3:
+        views = features.shape[1]
+        if labels is None:
+            start = sum(r[0] for r in table[:comm.rank])
+            labels = torch.arange(start, start + n, device=features.device)
+        labels = labels.repeat_interleave(views)
+        features = features.reshape(-1, features.shape[-1])
+    sizes = [r[0] * (features.shape[0] // max(n, 1)) for r in table]
+    z = _prepare(features, _compute_dtype(name, features.dtype), normalize)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    all_labels = all_gather_rows(comm, labels.contiguous(), sizes)
+    cls_all, n_classes = _dense_classes(all_labels)
+    offset = sum(sizes[:comm.rank])
+    cls = cls_all[offset:offset + z.shape[0]]
+    counts = torch.bincount(cls_all, minlength=n_classes)
+    pos_count = counts[cls] - 1
+    anchors = int((counts[cls_all] > 1).sum())
+    zf = z.to(acc)
+    local_sums = torch.zeros(n_classes, zf.shape[1], dtype=acc, device=z.device).index_add(
+        0, cls, zf)
+    class_sums = AllReduceWithGrad.apply(local_sums, comm)
+    scale = tau.reciprocal()
+    pos_mean = ((zf * class_sums[cls]).sum(1) - (zf * zf).sum(1)) * scale.to(acc) \
+        / pos_count.clamp_min(1)
+    spec = LSESpec(mode, name, exclude_self=True, with_col=False)
+    row_lse, _, _ = DistributedLSE.apply(z, scale, z, None, comm,
+                                         Layout(tuple(sizes), tuple(sizes)), spec)
+    has_positive = pos_count > 0
+    loss = torch.where(has_positive, row_lse.to(acc) - pos_mean, torch.zeros_like(pos_mean))
+    if reduction == "none":
+        return loss.reshape(shape).to(features.dtype)
+    return _reduce(comm, loss, reduction, anchors).to(features.dtype)
+
+
+def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backend="auto",
+                mode="gather", group=None):
+    """SigLIP's sigmoid loss of this rank's images against the texts of every rank (the
+    positive of image i is its own text i). ``logit_scale`` / ``logit_bias`` are never
+    all-reduced (DDP averages their gradients). "mean" divides by N_total (OpenCLIP)."""
+    check.check_image_text(image, text)
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    scale = check.finite_scalar("logit_scale", logit_scale, image.device)
+    bias = check.finite_scalar("logit_bias", logit_bias, image.device)
+    comm, name = _start("siglip_loss", mode, group, backend, image.device, image.dtype)
+    table = _exchange(comm, image.device, [
+        (None, image.shape[0]), ("the feature dimension D of image", image.shape[1]),
+        ("dtype of image", dtype_code(image.dtype)), ("mode", _mode_code(mode)),
+        ("reduction", check.REDUCTIONS.index(reduction))])
+    sizes = tuple(r[0] for r in table)
+    cdt = _compute_dtype(name, image.dtype)
+    loss = DistributedSigLIP.apply(image.to(cdt).contiguous(), text.to(cdt).contiguous(), scale,
+                                   bias, comm, Layout(sizes, sizes), mode, name)
+    return _reduce(comm, loss, reduction, sum(sizes)).to(image.dtype)
+
+
+def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
+              query_index=None, backend="auto", mode="gather", group=None, **objective):
+    """MoCo's loss: the positive is the rank's own key, the negatives the queue, which every
+    rank holds identically (keep it so with enqueue_all), so nothing but the batch sizes is
+    communicated (``mode`` is accepted for symmetry). The returned loss follows the group
+    convention; DCL / HCL options as single-process."""
+    check.check_choice("mode", mode, MODES)
+    check.check_tensor("query", query, (2,))
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    comm = Comm(group, caller="fastcontrast.distributed.moco_loss")
+    table = _exchange(comm, query.device, [
+        (None, query.shape[0]), ("the feature dimension D of query", query.shape[1]),
+        ("dtype of query", dtype_code(query.dtype)),
+        ("reduction", check.REDUCTIONS.index(reduction))])
+    loss = functional.moco_loss(query, key, queue, temperature=temperature, normalize=normalize,
+                                reduction="none", query_index=query_index, backend=backend,
+                                **objective)
+    return _reduce(comm, loss, reduction, sum(r[0] for r in table)).to(query.dtype)
+
+
+@torch.no_grad()
+def enqueue_all(queue, keys, labels=None, indices=None, *, group=None):
+    """Enqueue the keys (and labels / indices) of every rank of ``group`` into ``queue`` (a
+    NegativeQueue), in rank order, on every rank: the queues of all ranks stay identical.
+    Batch sizes may differ per rank. One all_gather per tensor."""
+    comm = Comm(group, caller="fastcontrast.distributed.enqueue_all")
+    check.check_tensor("keys", keys, (2,))
+    table = _exchange(comm, keys.device, [
+        (None, keys.shape[0]), ("the feature dimension D of keys", keys.shape[1]),
+        ("dtype of keys", dtype_code(keys.dtype)), ("labels given", labels is not None),
+        ("indices given", indices is not None)])
+    sizes = [r[0] for r in table]
+    gathered = [None if t is None else all_gather_rows(comm, t.detach().contiguous(), sizes)
+                for t in (keys, labels, indices)]
+    queue.enqueue(gathered[0], labels=gathered[1], indices=gathered[2])

@@ -1,0 +1,98 @@
+"""fastcontrast.distributed against the single-process losses on the concatenated batch:
+W in {1, 2, 4} gloo processes on 127.0.0.1, both modes, float64 (see _workers.py for what each
+check measures). One spawn of 4 processes runs every world size (W = 2 on the subgroups
+{0, 2} and {1, 3}, W = 1 on {0}); the test functions assert on its results."""
+import pytest
+import torch
+
+from . import _workers
+
+WORLDS = (1, 2, 4)
+TOL = 1e-9
+CASE_NAMES = ["info_nce", "info_nce_global_targets", "info_nce_exclude_self",
+              "info_nce_bank_in_batch_True", "info_nce_bank_in_batch_False",
+              "info_nce_per_query_negatives", "info_nce_no_in_batch_global_targets",
+              "info_nce_symmetric",
+              "info_nce_symmetric_noncontiguous", "clip_loss", "siglip_loss", "nt_xent",
+              "supcon", "supcon_multiview", "moco_loss"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return _workers.run_world(4, tmp_path_factory.mktemp("distributed"))
+
+
+def _entries(results, prefix):
+    """(rank, key, value) of every result under ``prefix``; errors fail with their traceback."""
+    found = []
+    for rank, res in enumerate(results):
+        for key, value in res.items():
+            if key.startswith(prefix):
+                if key.endswith("/error"):
+                    pytest.fail(f"rank {rank}, {key}:\n{value}")
+                found.append((rank, key, value))
+    assert found, f"no results under {prefix!r}"
+    return found
+
+
+def _assert_small(results, prefix):
+    bad = [(rank, key, value) for rank, key, value in _entries(results, prefix)
+           if "/bad/" not in key and not value <= TOL]  # bad/: error messages
+    assert not bad, f"relative errors above {TOL}: {bad}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_matches_single_process(results, world, case):
+    case = f"w{world}/{case}"
+    _assert_small(results, f"{case}/")
+    for mode in _workers.MODES:  # the loss, every input and scalar gradient, both variants
+        keys = {key for _, key, _ in _entries(results, f"{case}/{mode}/")}
+        assert {f"{case}/{mode}/{v}/loss" for v in ("mean", "sum", "rows")} <= keys
+    assert {key for _, key, _ in _entries(results, f"{case}/agree/")} == {
+        f"{case}/agree/mean", f"{case}/agree/rows"}
+
+
+@pytest.mark.parametrize("world", (2, 4))
+def test_all_gather_with_grad_and_enqueue_all(results, world):
+    _assert_small(results, f"w{world}/all_gather_with_grad/")
+    _assert_small(results, f"w{world}/enqueue_all/")
+
+
+def test_subgroups_of_a_2_x_2_layout(results):
+    """W = 2 ran on the subgroups {0, 2} and {1, 3} of 4 processes, at once, on different data
+    (group ranks differ from global ranks: the ring's peers are the group's neighbours)."""
+    for rank, res in enumerate(results):
+        assert any(key.startswith("w2/info_nce_symmetric/ring/") for key in res), rank
+    _assert_small(results, "w2/")
+
+
+@pytest.mark.parametrize("world", (2, 4))
+def test_mismatched_inputs_raise_on_every_rank(results, world):
+    for rank, res in enumerate(results):
+        for mode in _workers.MODES:
+            message = res[f"w{world}/bad/dim/{mode}"]
+            assert "feature dimension D of query" in message, message
+            assert str([_workers.DIM + r for r in range(world)]) in message, message
+        message = res[f"w{world}/bad/dtype"]
+        assert "dtype" in message and "torch.float32" in message, message
+
+
+def test_needs_an_initialised_process_group():
+    from fastcontrast import distributed as fcd
+
+    q = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fcd.info_nce(q, q.clone())
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fcd.all_gather_with_grad(q)
+
+
+def test_bad_mode_and_backend_are_refused_before_communicating():
+    from fastcontrast import distributed as fcd
+
+    q = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="mode"):
+        fcd.info_nce(q, q.clone(), mode="tree")
+    with pytest.raises(TypeError, match="decoupled"):
+        fcd.info_nce(q, q.clone(), decoupled=True)
