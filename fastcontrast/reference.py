@@ -9,6 +9,8 @@ InfoNCE, one row per query i (DESIGN.md section 1):
 where C(i) = the M keys (or only key t_i when ``in_batch_negatives`` is False), minus key i when
 ``exclude_self``, plus the shared negatives (K, D) or the per-query negatives (N, K, D) of row i.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -34,8 +36,13 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
     rows = torch.arange(n, device=query.device)
     if targets is None:
         targets = rows
-    logits = query @ key.T / temperature
-    positive = logits[rows, targets]
+    if in_batch_negatives:
+        logits = query @ key.T / temperature
+        positive = logits[rows, targets]
+    else:  # only the positive pairs: no product of a query with another key (and its gradient)
+        positive = (query * key[targets]).sum(dim=-1) / temperature
+        logits = torch.full((n, m), float("-inf"), dtype=positive.dtype, device=query.device)
+        logits = logits.scatter(1, targets[:, None], positive[:, None])
     is_positive = F.one_hot(targets, m).bool()
     candidate = torch.ones(n, m, dtype=torch.bool, device=query.device)
     if not in_batch_negatives:
@@ -84,8 +91,9 @@ def contrastive_objective_reference(logits, is_negative, positive, *, temperatur
         Ng_i = (n_i sum_neg exp((1 + beta) s) / sum_neg exp(beta s) - tau_plus n_i exp(s_p))
                / (1 - tau_plus),  clamped below at n_i exp(-1 / temperature)
         loss_i = log(exp(s_p) + Ng_i) - s_p   (decoupled: log Ng_i - s_p)
-    Ng is formed relative to exp(shift_i), shift_i = max(log of the first term, s_p), so that
-    nothing overflows (fp32 at beta = 10, temperature = 0.05 has exp(beta s) = e^200)."""
+    log Ng is formed in log space (relative to shift_i = max(log of the first term, s_p), the
+    floor as log n_i - 1/temperature), so that nothing overflows or underflows (fp32 at
+    beta = 10, temperature = 0.05 has exp(beta s) = e^200)."""
     # A row without negatives (its loss is discarded by the caller) counts its zeros instead,
     # which keeps its terms finite and its gradient 0.
     is_negative = is_negative | ~is_negative.any(dim=1, keepdim=True)
@@ -100,11 +108,11 @@ def contrastive_objective_reference(logits, is_negative, positive, *, temperatur
     log_reweighted = count.log() + negatives_lse((1 + hcl_beta) * logits) \
         - negatives_lse(hcl_beta * logits)
     shift = torch.maximum(log_reweighted, positive)
-    ng = (torch.exp(log_reweighted - shift) - hcl_tau_plus * count * torch.exp(positive - shift)) \
-        / (1 - hcl_tau_plus)
-    inverse_temperature = 1 / torch.as_tensor(temperature).to(ng)
-    ng = torch.maximum(ng, count * torch.exp(-inverse_temperature - shift))
-    log_ng = torch.log(ng) + shift
+    inner = torch.exp(log_reweighted - shift) - hcl_tau_plus * count * torch.exp(positive - shift)
+    tiny = torch.finfo(inner.dtype).tiny  # inner <= 0: the floor below takes over
+    log_debiased = torch.log(inner.clamp_min(tiny)) + shift - math.log1p(-hcl_tau_plus)
+    inverse_temperature = 1 / torch.as_tensor(temperature).to(inner)
+    log_ng = torch.maximum(log_debiased, count.log() - inverse_temperature)
     denominator = log_ng if decoupled else torch.logaddexp(positive, log_ng)
     return denominator - positive
 
