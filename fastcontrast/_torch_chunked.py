@@ -30,19 +30,25 @@ def _chunk_rows(x, n_keys):
     return max(1, budget // max(1, n_keys))
 
 
-def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids):
-    """The (r1 - r0, M) tile of s for rows r0..r1, masked entries set to -inf."""
-    s = torch.mm(x[r0:r1], y.T)
-    s.mul_(alpha[r0:r1, None]).mul_(beta[None, :])
+def _fill_masked(t, value, r0, r1, exclude_diag, diag_offset, row_ids, col_ids):
+    """Sets the masked entries of the (r1 - r0, M) tile of rows r0..r1 to ``value``, in place."""
     if exclude_diag:
-        rows = torch.arange(r0, r1, device=x.device)
+        rows = torch.arange(r0, r1, device=t.device)
         cols = rows + diag_offset
-        keep = (cols >= 0) & (cols < y.shape[0])
-        s[(rows - r0)[keep], cols[keep]] = float("-inf")
+        keep = (cols >= 0) & (cols < t.shape[1])
+        t[(rows - r0)[keep], cols[keep]] = value
     if row_ids is not None:
         ids = row_ids[r0:r1, None]
-        s.masked_fill_((ids == col_ids[None, :]) & (ids >= 0), float("-inf"))
-    return s
+        t.masked_fill_((ids == col_ids[None, :]) & (ids >= 0), value)
+    return t
+
+
+def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids):
+    """The (r1 - r0, M) tile of s for rows r0..r1, masked entries set to -inf (after the scales,
+    so a NaN or zero scale never turns a masked entry into NaN)."""
+    s = torch.mm(x[r0:r1], y.T)
+    s.mul_(alpha[r0:r1, None]).mul_(beta[None, :])
+    return _fill_masked(s, float("-inf"), r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
 
 
 def _unreachable_to_inf(lse):
@@ -85,6 +91,9 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
         if col_lse is not None:
             h.add_(torch.exp(s.sub_(col_lse[None, :])).mul_(col_grad[None, :]))
         del s
+        # exp(-inf - NaN) and a non-finite upstream gradient times exp(-inf) are NaN: a masked
+        # entry's dS is 0 whatever the lse and the gradients (as autograd through a masked_fill).
+        _fill_masked(h, 0.0, r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
         h.mul_(alpha[r0:r1, None]).mul_(beta[None, :])
         if need_dq:
             torch.mm(h, keys, out=dq[r0:r1])

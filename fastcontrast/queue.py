@@ -24,6 +24,7 @@ The pointer and count live in 0-dim int64 buffers (so .to(), state_dict() and lo
 carry them) and are mirrored as Python ints, so an enqueue never reads the device; the mirror is
 refreshed (and checked) after load_state_dict().
 """
+import operator
 from typing import Optional
 
 import torch
@@ -38,15 +39,43 @@ BACKENDS = ("auto",) + backends.FAMILIES["queue"]
 
 
 def _check_size(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer >= 1 of any integral type (int, numpy.int64, ...: operator.index), as an int;
+    bools (also numpy / torch ones) and floats are refused."""
+    index = None
+    if not isinstance(value, bool) and getattr(value, "dtype", None) != torch.bool:
+        try:
+            index = operator.index(value)
+        except TypeError:
+            pass
+    if index is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if index < 1:
+        raise ValueError(f"{name} must be >= 1, got {index}")
+    return index
 
 
 def available_backends(device="cpu"):
     """The enqueue backends that can run on a queue on ``device`` in this process."""
     return backends.available_backends(device, family="queue")
+
+
+def _shares_memory(a, b):
+    """Whether the storages of a and b overlap (a view of the other, or of the same memory
+    through another tensor): decided by the memory ranges, never by the values."""
+    if a.device != b.device:
+        return False
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    pa, pb = sa.data_ptr(), sb.data_ptr()
+    return pa < pb + sb.nbytes() and pb < pa + sa.nbytes()
+
+
+def _detached_from(rows, destinations):
+    """``rows``, or a copy of them when they share memory with a buffer the enqueue writes: the
+    slice copies (and the kernels) would otherwise read rows they have already overwritten,
+    or meet torch's overlap check (e.g. queue.enqueue(queue.negatives()[1:]))."""
+    if rows is not None and any(d is not None and _shares_memory(rows, d) for d in destinations):
+        return rows.clone()
+    return rows
 
 
 def _write_slices(dst, rows, pointer):
@@ -72,7 +101,10 @@ def queue_enqueue_(dst: Tensor, keys: Tensor, pointer: int, count: int, pointer_
     """Ring-buffer write of ``keys`` (B, D) (and labels / indices (B,)) into ``dst`` (size, D)
     at slot ``pointer`` as if row by row, then pointer_buf <- (pointer + B) % size and
     count_buf <- min(count + B, size); backend "torch" (slice copies), "triton"
-    (kernels/queue.py) or "cuda" (csrc/cuda/queue.cu), one launch for the fused ones."""
+    (kernels/queue.py) or "cuda" (csrc/cuda/queue.cu), one launch for the fused ones. Rows that
+    share memory with a written buffer (a view of the queue itself) are copied first."""
+    destinations = (dst, dst_labels, dst_indices)
+    keys, labels, indices = (_detached_from(t, destinations) for t in (keys, labels, indices))
     if backend == "torch":
         for buffer, rows in ((dst, keys), (dst_labels, labels), (dst_indices, indices)):
             if rows is not None:
@@ -104,8 +136,7 @@ class NegativeQueue(nn.Module):
     def __init__(self, size, dim, *, dtype=torch.float32, device=None, store_labels=False,
                  store_indices=False, backend="auto"):
         super().__init__()
-        _check_size("size", size)
-        _check_size("dim", dim)
+        size, dim = _check_size("size", size), _check_size("dim", dim)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         check.check_flag("store_labels", store_labels)

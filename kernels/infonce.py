@@ -28,6 +28,9 @@ Numerics: scores are kept in log2 units (log2(e) folded into the row scale) so t
 exp2/log2; all accumulation is fp32 whatever the input dtype; tile products run on input-dtype
 tiles (fp16/bf16 tensor cores on GPU; fp32 inputs follow torch's float32 matmul precision setting).
 A row or column without any candidate gets an lse of -inf and contributes nothing (never NaN).
+Non-finite scores give what torch.logsumexp gives: NaN with a NaN candidate, +inf with a +inf one
+(the exp shift is 0 where the running max is infinite); a masked entry's gradient is 0 whatever
+the lse (NaN) and the upstream gradients.
 """
 import math
 
@@ -54,17 +57,36 @@ _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): natural log from log2 units
 
 
 @triton.jit
-def _scaled_masked_scores(dots, row_scale, col_scale, offs_r, offs_c, mask_r, mask_c, diag_offset,
-                          ids_r, ids_c, EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr):
-    """s_ij = dots_ij * row_scale_i * col_scale_j, -inf outside the matrix, with EXCLUDE_DIAG
-    where column c == row r + diag_offset, and with HAS_IDS where ids_r[r] == ids_c[c] >= 0."""
-    s = dots * row_scale[:, None] * col_scale[None, :]
+def _unmasked(offs_r, offs_c, mask_r, mask_c, diag_offset, ids_r, ids_c,
+              EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr):
+    """The entries of the tile that are candidates: inside the matrix, with EXCLUDE_DIAG not
+    where column c == row r + diag_offset, with HAS_IDS not where ids_r[r] == ids_c[c] >= 0."""
     valid = mask_r[:, None] & mask_c[None, :]
     if EXCLUDE_DIAG:
         valid = valid & (offs_c[None, :] != offs_r[:, None] + diag_offset)
     if HAS_IDS:
         valid = valid & ((ids_r[:, None] != ids_c[None, :]) | (ids_r[:, None] < 0))
+    return valid
+
+
+@triton.jit
+def _scaled_masked_scores(dots, row_scale, col_scale, offs_r, offs_c, mask_r, mask_c, diag_offset,
+                          ids_r, ids_c, EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr):
+    """s_ij = dots_ij * row_scale_i * col_scale_j, -inf where not _unmasked (after the scales: a
+    NaN or zero scale never turns a masked entry into NaN)."""
+    s = dots * row_scale[:, None] * col_scale[None, :]
+    valid = _unmasked(offs_r, offs_c, mask_r, mask_c, diag_offset, ids_r, ids_c, EXCLUDE_DIAG,
+                      HAS_IDS)
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """An exp shift from a running max: 0 where it is -inf (nothing unmasked yet: -inf - (-inf)
+    never appears, exp2(-inf - 0) = 0 keeps the sum at exactly 0) or +inf (an infinite score:
+    exp2(inf - 0) = inf makes the sum, and so the lse, +inf, or NaN with a NaN score, as
+    torch.logsumexp; a shift of +inf would give exp2(inf - inf) = NaN)."""
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
 
 
 @triton.jit
@@ -121,10 +143,10 @@ def _masked_lse_fwd_kernel(
         s = _scaled_masked_scores(dots, a2, b, offs_n, offs_m, mask_n, mask_m, diag_offset, ids_n,
                                   _load_ids(ColIds, offs_m, mask_m, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
 
-        # Online row log-sum-exp. A max of -inf (nothing unmasked yet) is replaced by 0 so that
-        # -inf - (-inf) never appears: exp2(-inf - 0) = 0 keeps the sum at exactly 0.
+        # Online row log-sum-exp; the shift is finite (_finite_or_zero). A NaN score makes the
+        # sum NaN whether or not the max propagates it, and the sum stays NaN.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = _finite_or_zero(m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
         m_i = m_new
 
@@ -132,7 +154,7 @@ def _masked_lse_fwd_kernel(
             # This tile's column (max, sum), from the same scores. It costs a second exp2 per score:
             # one shared tile max would underflow whole rows or columns when scores span > ~100.
             c_max = tl.max(s, axis=0)
-            c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+            c_safe = _finite_or_zero(c_max)
             c_sum = tl.sum(tl.exp2(s - c_safe[None, :]), axis=0)
             # Merge into the global per-column state under this key block's lock (the pattern of
             # Triton's layer-norm backward). Barriers: all threads of the program must see the lock
@@ -145,7 +167,7 @@ def _masked_lse_fwd_kernel(
             g_max = tl.load(ColMax + offs_m, mask=mask_m, other=float("-inf"), cache_modifier=".cg")
             g_sum = tl.load(ColSum + offs_m, mask=mask_m, other=0.0, cache_modifier=".cg")
             n_max = tl.maximum(g_max, c_max)
-            n_safe = tl.where(n_max == float("-inf"), 0.0, n_max)
+            n_safe = _finite_or_zero(n_max)
             n_sum = g_sum * tl.exp2(g_max - n_safe) + c_sum * tl.exp2(c_max - n_safe)
             tl.store(ColMax + offs_m, n_max, mask=mask_m)
             tl.store(ColSum + offs_m, n_sum, mask=mask_m)
@@ -207,9 +229,9 @@ def _masked_lse_bwd_kernel(
         dots, y_tile = _tile_dots(X, Y, x_tile, offs_x, offs_y, mask_x, mask_y, stride_x,
                                   stride_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, ONE_D_CHUNK, UPCAST,
                                   INPUT_PRECISION)
-        s = _scaled_masked_scores(dots, sx2, sy, offs_x, offs_y, mask_x, mask_y, diag_offset, ids_x,
-                                  _load_ids(IdsY, offs_y, mask_y, HAS_IDS), EXCLUDE_DIAG,
-                                  HAS_IDS)  # masked: exp2(-inf - lse) = 0
+        s = dots * sx2[:, None] * sy[None, :]
+        valid = _unmasked(offs_x, offs_y, mask_x, mask_y, diag_offset, ids_x,
+                          _load_ids(IdsY, offs_y, mask_y, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
 
         ds = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
         if HAS_LSE_X:
@@ -219,6 +241,8 @@ def _masked_lse_bwd_kernel(
             lse_y = tl.where(lse_y == float("-inf"), float("inf"), lse_y)
             gy = tl.load(GradY + offs_y, mask=mask_y, other=0.0)
             ds += gy[None, :] * tl.exp2(s - lse_y[None, :])
+        # 0 where masked, whatever the score, the lse (NaN) and the upstream gradients.
+        ds = tl.where(valid, ds, 0.0)
         # Fold scale_y into dS and divide by G = max|grad| * max|scale_y|: entries are then at most
         # 2 in magnitude (the lse values are at least this call's own), so the cast to the input
         # dtype neither overflows fp16 nor flushes the largest entries to zero; G and scale_x are

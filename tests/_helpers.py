@@ -172,3 +172,28 @@ def assert_close(actual, expected, dtype, name, *, scale=None, floor=1.0, max_lo
             f"{name} ({dtype}): {int(bad.sum())}/{bad.numel()} elements differ; max err "
             f"{float(err.max()):.3e} (scale {scale:.3e}); first at {list(idx)}: "
             f"actual {float(actual[idx]):.8e} expected {float(expected[idx]):.8e}")
+
+
+def masked_lse_truth(q, keys, alpha, beta, *, row_lse=None, row_grad=None, col_lse=None,
+                     col_grad=None, extra_lse=None, dtype=torch.float64, **mask):
+    """masked_lse_oracle with dS_ij = 0 at every masked entry, whatever the lse (NaN) and the
+    upstream gradients (non-finite): what autograd gives through the masked_fill of the scores.
+    Equal to masked_lse_oracle on finite inputs; the truth for NaN and +-inf inputs, where the
+    log-sum-exps and the products follow IEEE arithmetic as float64 PyTorch does."""
+    own = masked_lse_oracle(q, keys, alpha, beta, row_lse=row_lse, col_lse=col_lse,
+                            extra_lse=extra_lse, dtype=dtype, **mask)
+    if row_grad is None:
+        return own
+    s = masked_scores(q, keys, alpha, beta, dtype=dtype, **mask)
+    n, m = s.shape
+    # The mask alone: scores of zero vectors are 0 where unmasked, -inf where masked.
+    masked = torch.isneginf(masked_scores(torch.zeros(n, 1), torch.zeros(m, 1), torch.ones(n),
+                                          torch.ones(m), dtype=dtype, **mask))
+    ds = row_grad.detach().cpu().to(dtype)[:, None] * _probabilities(s, own.row_lse, 1)
+    if col_grad is not None:
+        ds = ds + col_grad.detach().cpu().to(dtype)[None, :] * _probabilities(s, own.col_lse, 0)
+    ds = ds.masked_fill(masked, 0.0)
+    q64, k64, a64, b64 = (t.detach().cpu().to(dtype) for t in (q, keys, alpha, beta))
+    dq = a64[:, None] * (ds @ (b64[:, None] * k64))
+    dkeys = b64[:, None] * (ds.T @ (a64[:, None] * q64))
+    return Contract(own.row_lse, own.col_lse, dq, dkeys)

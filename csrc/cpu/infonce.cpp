@@ -48,6 +48,8 @@ constexpr int64_t kElemsPerTask = 16384;  // parallel grain of the elementwise p
 
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
+template <typename T>
+constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
 
 // R: the tile budget over the size of one query's column, in [kMinBlockRows, kMaxBlockRows], a
 // multiple of 16 (GEMM-friendly), never more than N. Measured on N = M = 16384, D = 256 fp32
@@ -65,11 +67,13 @@ int64_t choose_block_rows(int64_t n, int64_t m, int64_t d, int64_t elem_size, bo
   return std::max<int64_t>(1, std::min(b, n));
 }
 
-// log(exp(a) + exp(b)), -inf when both are -inf.
+// log(exp(a) + exp(b)) as torch.logaddexp: NaN if either is NaN, -inf when both are -inf, +inf
+// when either is +inf.
 template <typename T>
 T log_add_exp(T a, T b) {
+  if (std::isnan(a) || std::isnan(b)) return kNaN<T>;
   const T hi = std::max(a, b);
-  if (hi == -kInf<T>) return hi;
+  if (std::isinf(hi)) return hi;
   return hi + std::log1p(std::exp(-std::abs(a - b)));
 }
 
@@ -77,12 +81,24 @@ T log_add_exp(T a, T b) {
 template <typename T>
 T safe_shift(T mx) { return mx == -kInf<T> ? T(0) : mx; }
 
+// Non-finite scores. The max passes skip NaN (s > mx is false) and the exp passes do not: a NaN
+// entry makes the sum NaN, and shift + log(sum) keeps it; no entry (sum 0) gives -inf. A +inf
+// entry makes the shift +inf and the sum NaN (exp(inf - inf)): the lse is then +inf, or NaN when
+// the row also has a NaN entry, which only a scan of that (rare) row can tell. So the hot loops
+// stay as they are and the finalisation sorts the cases out, as torch.logsumexp does.
 template <typename T>
-T lse_from(T shift, T sum) { return sum > 0 ? shift + std::log(sum) : -kInf<T>; }
+T lse_from(T shift, T sum) { return shift == kInf<T> ? kInf<T> : shift + std::log(sum); }
 
 // An lse of -inf contributes 0 to a gradient: exp(s - (+inf)) = 0 where exp(s - (-inf)) is not.
 template <typename T>
 T finite_or_inf(T lse) { return lse == -kInf<T> ? kInf<T> : lse; }
+
+template <typename T>
+bool any_nan(const T* s, int64_t r) {
+  for (int64_t i = 0; i < r; ++i)
+    if (std::isnan(s[i])) return true;
+  return false;
+}
 
 // Tile-row kernels. x is one tile row (R raw products with key j), a = alpha[r0:r0+R], b = beta_j,
 // so s_i = x_i * a_i * b. Each runs on a query range [i0, i1); callers skip the masked query.
@@ -208,10 +224,12 @@ struct Problem {
     }
   }
 
-  // Sets tile entries (j, i) with row_ids[r0 + i] == col_ids[j] >= 0 to -inf, so that every pass
-  // sees s = -inf there (alpha, beta > 0) and the gradient weight exp(-inf) = 0. The block's ids
-  // are sorted once and each key looks its id up: O((M + R) log R), no per-element mask test.
-  void mask_equal_ids(int64_t r0, int64_t rows, at::Tensor& tile) const {
+  // Sets tile entries (j, i) with row_ids[r0 + i] == col_ids[j] >= 0 to `value`: -inf after the
+  // GEMM, so that every pass sees s = -inf there (alpha, beta > 0, see fold_scales) and the
+  // gradient weight exp(-inf) = 0; 0 over gradient weights that a NaN lse or a non-finite
+  // upstream gradient made NaN there. The block's ids are sorted once and each key looks its id
+  // up: O((M + R) log R), no per-element mask test.
+  void mask_equal_ids(int64_t r0, int64_t rows, at::Tensor& tile, T value = -kInf<T>) const {
     std::vector<std::pair<int64_t, int64_t>> sorted;  // (id, query within the block)
     sorted.reserve(rows);
     for (int64_t i = 0; i < rows; ++i)
@@ -224,9 +242,25 @@ struct Problem {
         const int64_t id = col_ids[j];
         if (id < 0) continue;
         auto it = std::lower_bound(sorted.begin(), sorted.end(), std::make_pair(id, int64_t(0)));
-        for (; it != sorted.end() && it->first == id; ++it) base[j * rows + it->second] = -kInf<T>;
+        for (; it != sorted.end() && it->first == id; ++it) base[j * rows + it->second] = value;
       }
     });
+  }
+
+  // Whether entry (query `row`, key j) is masked.
+  bool masked(int64_t row, int64_t j) const {
+    return (exclude_diag && j == row + diag_offset) ||
+           (row_ids && row_ids[row] >= 0 && row_ids[row] == col_ids[j]);
+  }
+
+  // Whether query i of the block has an unmasked NaN score, from the raw tile: a scan of M
+  // entries, only for the rare queries whose max is +inf (see lse_from).
+  bool query_has_nan(int64_t r0, int64_t rows, const at::Tensor& tile, int64_t i) const {
+    const T* x = tile.data_ptr<T>();
+    const T a = alpha[r0 + i];
+    for (int64_t j = 0; j < m; ++j)
+      if (cut(j, r0, rows) != i && std::isnan(x[j * rows + i] * a * beta[j])) return true;
+    return false;
   }
 
   // Runs fn(j, x, cut) over the tile rows in parallel: x = tile row j (key j), cut as above.
@@ -281,6 +315,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(const Problem<T>&
   // Running per-key (max, sum) of the column log-sum-exp, merged block after block.
   std::vector<T> col_max(with_col ? p.m : 0, -kInf<T>);
   std::vector<T> col_sum(with_col ? p.m : 0, T(0));
+  // Per key: an unmasked NaN score seen once its max is +inf (the sum cannot tell them apart
+  // from then on). char, not bool: threads write different keys concurrently.
+  std::vector<char> col_nan(with_col ? p.m : 0, 0);
   Partials<T> partial(p.block_rows);
   std::vector<T> shift(p.block_rows), sum(p.block_rows);
 
@@ -297,6 +334,11 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(const Problem<T>&
         const T row_max = std::max(scores_max_into(sbuf.data(), mx, x, a, b, 0, cut),
                                    scores_max_into(sbuf.data(), mx, x, a, b, cut + 1, rows));
         if (cut < rows) sbuf[cut] = -kInf<T>;
+        if (row_max == kInf<T> || col_max[j] == kInf<T>) {  // rare: the lse is +inf or NaN
+          col_nan[j] = col_nan[j] || std::isnan(col_sum[j]) || any_nan(sbuf.data(), rows);
+          col_max[j] = kInf<T>;
+          return;
+        }
         const T new_max = std::max(col_max[j], row_max);
         const T s = safe_shift(new_max);
         col_sum[j] = col_sum[j] * fast_exp(col_max[j] - s) + sum_exp(sbuf.data(), s, rows);
@@ -314,14 +356,18 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(const Problem<T>&
       sum_exp_into(acc, x, a, p.beta[j], shift.data(), cut + 1, rows);
     });
     partial.combine_sum(sum.data());
-    for (int64_t i = 0; i < rows; ++i) out[r0 + i] = lse_from(shift[i], sum[i]);
+    for (int64_t i = 0; i < rows; ++i) {
+      const bool nan = shift[i] == kInf<T> && p.query_has_nan(r0, rows, tile, i);
+      out[r0 + i] = nan ? kNaN<T> : lse_from(shift[i], sum[i]);
+    }
   });
 
   std::optional<at::Tensor> col_lse;
   if (with_col) {
     col_lse = new_output({p.m}, p.q.options());
     T* c = col_lse->data_ptr<T>();
-    for (int64_t j = 0; j < p.m; ++j) c[j] = lse_from(safe_shift(col_max[j]), col_sum[j]);
+    for (int64_t j = 0; j < p.m; ++j)
+      c[j] = col_nan[j] ? kNaN<T> : lse_from(safe_shift(col_max[j]), col_sum[j]);
   }
   return {row_lse, col_lse};
 }
@@ -343,10 +389,17 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
   const T* cl = col_lse ? col_lse->data_ptr<T>() : nullptr;
   const T* cg = col_grad ? col_grad->data_ptr<T>() : nullptr;
   at::Tensor scaled_q = at::empty({need_dkeys ? p.block_rows : 0, p.d}, p.q.options());
+  // exp(-inf - NaN) and non-finite g * exp(-inf) are NaN: a NaN lse or a non-finite upstream
+  // gradient would leak into the id-masked entries, which are zeroed again then (rare).
+  const auto poisons = [](T lse, T grad) { return std::isnan(lse) || !std::isfinite(grad); };
+  bool cols_poisoned = false;
+  for (int64_t j = 0; cl && j < p.m; ++j) cols_poisoned = cols_poisoned || poisons(cl[j], cg[j]);
 
   p.for_each_block([&](int64_t r0, int64_t rows, at::Tensor& tile) {
     const T* a = p.alpha + r0;
     const T* g = rg + r0;
+    bool poisoned = cols_poisoned;
+    for (int64_t i = 0; i < rows; ++i) poisoned = poisoned || poisons(rl_in[r0 + i], g[i]);
     const T* lse = rl.data() + r0;
     // W_ji = beta_j dS_ij, s recomputed from the raw tile; 0 for the masked query.
     p.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
@@ -362,8 +415,9 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
 #pragma omp simd
         for (int64_t i = 0; i < rows; ++i) x[i] = b * g[i] * fast_exp(x[i] * a[i] * b - lse[i]);
       }
-      if (cut < rows) x[cut] = 0;
+      if (cut < rows) x[cut] = T(0) * b;  // W = beta_j dS: NaN where beta_j is
     });
+    if (poisoned && p.row_ids) p.mask_equal_ids(r0, rows, tile, T(0));
     accumulate_grads(p, r0, rows, tile, p.alpha_tensor, dq, dkeys, scaled_q);
   });
   return {dq, dkeys};
@@ -387,10 +441,15 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
   at::Tensor scaled_q = at::empty({need_dkeys ? p.block_rows : 0, p.d}, p.q.options());
   Partials<T> partial(p.block_rows);
   std::vector<T> shift(p.block_rows), sum(p.block_rows);
+  std::vector<char> inf_nan(p.block_rows);
+  std::vector<int64_t> nan_rows;
 
   p.for_each_block([&](int64_t r0, int64_t rows, at::Tensor& tile) {
     const T* a = p.alpha + r0;
     block_shift(p, r0, rows, tile, partial, shift.data());
+    // Queries with a +inf entry: whether they also have a NaN one, before W overwrites the tile.
+    for (int64_t i = 0; i < rows; ++i)
+      inf_nan[i] = shift[i] == kInf<T> && p.query_has_nan(r0, rows, tile, i);
     // W_ji = beta_j exp(s_ij - shift_i) over the tile, and the per-query sums of the exps.
     partial.reset(rows, T(0));
     p.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
@@ -398,23 +457,62 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
       if (need_grad) {
         exp_weights_into(acc, x, a, p.beta[j], shift.data(), 0, cut);
         exp_weights_into(acc, x, a, p.beta[j], shift.data(), cut + 1, rows);
-        if (cut < rows) x[cut] = 0;
+        if (cut < rows) x[cut] = T(0) * p.beta[j];  // NaN where beta_j is
       } else {
         sum_exp_into(acc, x, a, p.beta[j], shift.data(), 0, cut);
         sum_exp_into(acc, x, a, p.beta[j], shift.data(), cut + 1, rows);
       }
     });
     partial.combine_sum(sum.data());
+    nan_rows.clear();
     for (int64_t i = 0; i < rows; ++i) {
-      T lse = lse_from(shift[i], sum[i]);
+      T lse = inf_nan[i] ? kNaN<T> : lse_from(shift[i], sum[i]);
       if (extra) lse = log_add_exp(lse, extra[r0 + i]);
       lse_out[r0 + i] = lse;
-      // H_ij = g_i alpha_i beta_j exp(s_ij - lse_i) = c_i W_ji, W_ji = beta_j exp(s_ij - shift_i).
-      c[r0 + i] = sum[i] > 0 ? rg[r0 + i] * a[i] * std::exp(shift[i] - lse) : T(0);
+      // H_ij = g_i alpha_i beta_j exp(s_ij - lse_i) = c_i W_ji, W_ji = beta_j exp(s_ij - shift_i)
+      // (shift = lse = +inf: exp(shift - lse) is 1, W already has the NaN of exp(inf - inf)).
+      const T g = rg[r0 + i];
+      if (lse == -kInf<T>) {
+        c[r0 + i] = T(0);  // no candidate: W is 0 throughout
+      } else if (std::isnan(lse) || std::isnan(g)) {
+        c[r0 + i] = a[i];  // H_ij = NaN where unmasked, 0 where masked: written into W below
+        nan_rows.push_back(i);
+      } else {
+        c[r0 + i] = g * a[i] * (shift[i] == lse ? T(1) : std::exp(shift[i] - lse));
+      }
     }
-    if (need_grad) accumulate_grads(p, r0, rows, tile, row_scale, dq, dkeys, scaled_q);
+    if (!need_grad) return;
+    // Rare: rows whose every unmasked H_ij is NaN (O(M) each).
+    T* w = tile.data_ptr<T>();
+    for (const int64_t i : nan_rows)
+      for (int64_t j = 0; j < p.m; ++j)
+        w[j * rows + i] = p.masked(r0 + i, j) ? T(0) * p.beta[j] : kNaN<T>;
+    accumulate_grads(p, r0, rows, tile, row_scale, dq, dkeys, scaled_q);
   });
   return {row_lse, dq, dkeys};
+}
+
+// Masking by ids writes -inf into the raw products, which the passes then scale by alpha_i beta_j:
+// a scale that is NaN, 0 or infinite (non-finite inputs under normalisation) would make a masked
+// entry NaN. Such calls, and only those, run on the scaled operands alpha q, beta keys with unit
+// scales, and the gradients are scaled back (dq = alpha dq', dkeys = beta dkeys': exact).
+struct Operands {
+  at::Tensor q, keys, alpha, beta;
+  bool folded;
+};
+
+Operands fold_scales(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+                     const at::Tensor& beta, const Mask& mask) {
+  const auto usable = [](const at::Tensor& s) {
+    return (s > 0).logical_and(s.isfinite()).all().item<bool>();
+  };
+  if (!mask.row_ids || (usable(alpha) && usable(beta))) return {q, keys, alpha, beta, false};
+  return {q * alpha.unsqueeze(1), keys * beta.unsqueeze(1), at::ones_like(alpha),
+          at::ones_like(beta), true};
+}
+
+void unfold(const Operands& ops, std::optional<at::Tensor>& grad, const at::Tensor& scale) {
+  if (ops.folded && grad) grad->mul_(scale.unsqueeze(1));
 }
 
 }  // namespace
@@ -422,8 +520,10 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
 std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
     const Mask& mask, bool with_col_lse, int64_t block_rows) {
+  const Operands ops = fold_scales(q, keys, alpha, beta, mask);
   return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward", [&] {
-    const Problem<scalar_t> p(q, keys, alpha, beta, mask, /*large_tile=*/true, block_rows);
+    const Problem<scalar_t> p(ops.q, ops.keys, ops.alpha, ops.beta, mask, /*large_tile=*/true,
+                              block_rows);
     return forward_impl(p, with_col_lse);
   });
 }
@@ -433,10 +533,14 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> masked_lse_back
     const at::Tensor& row_lse, const at::Tensor& row_grad, const std::optional<at::Tensor>& col_lse,
     const std::optional<at::Tensor>& col_grad, const Mask& mask, bool need_dq, bool need_dkeys,
     int64_t block_rows) {
-  return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_backward", [&] {
-    const Problem<scalar_t> p(q, keys, alpha, beta, mask, /*large_tile=*/col_lse.has_value() || (!need_dq && !need_dkeys), block_rows);
+  const Operands ops = fold_scales(q, keys, alpha, beta, mask);
+  auto grads = AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_backward", [&] {
+    const Problem<scalar_t> p(ops.q, ops.keys, ops.alpha, ops.beta, mask, /*large_tile=*/col_lse.has_value() || (!need_dq && !need_dkeys), block_rows);
     return backward_impl(p, row_lse, row_grad, col_lse, col_grad, need_dq, need_dkeys);
   });
+  unfold(ops, std::get<0>(grads), alpha);
+  unfold(ops, std::get<1>(grads), beta);
+  return grads;
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>
@@ -444,10 +548,14 @@ masked_lse_forward_with_grad(const at::Tensor& q, const at::Tensor& keys, const 
                              const at::Tensor& beta, const at::Tensor& row_grad, const Mask& mask,
                              const std::optional<at::Tensor>& extra_lse, bool need_dq,
                              bool need_dkeys, int64_t block_rows) {
-  return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward_with_grad", [&] {
-    const Problem<scalar_t> p(q, keys, alpha, beta, mask, /*large_tile=*/!need_dq && !need_dkeys, block_rows);
+  const Operands ops = fold_scales(q, keys, alpha, beta, mask);
+  auto out = AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward_with_grad", [&] {
+    const Problem<scalar_t> p(ops.q, ops.keys, ops.alpha, ops.beta, mask, /*large_tile=*/!need_dq && !need_dkeys, block_rows);
     return forward_with_grad_impl(p, row_grad, extra_lse, need_dq, need_dkeys);
   });
+  unfold(ops, std::get<1>(out), alpha);
+  unfold(ops, std::get<2>(out), beta);
+  return out;
 }
 
 }  // namespace fastcontrast

@@ -24,7 +24,8 @@
 namespace fastcontrast {
 
 // Which entries of the score matrix are excluded. row_ids (N,) and col_ids (M,) are int64 and given
-// together or not at all; a negative id matches nothing. Masking by ids needs alpha, beta > 0.
+// together or not at all; a negative id matches nothing. (A scale that is not finite and positive
+// is folded into the operands when ids are given, see infonce.cpp.)
 struct Mask {
   bool exclude_diag = false;
   int64_t diag_offset = 0;
