@@ -180,7 +180,9 @@ class InfoNCEOptions:
 class _FusedPass:
     """What one FusedInfoNCE call computes. ``exclude_positive``: the positive is not a candidate
     (DCL; masked by ids row_ids = t, col_ids = key index); ``subtract_positive=False``: loss_i is
-    lse_i alone (the negatives' log-sum-exp of DCLW / HCL, SupCon's denominator)."""
+    lse_i alone (the negatives' log-sum-exp of DCLW / HCL, SupCon's denominator).
+    ``kernel_dtype``: the dtype the kernels read when an objective passes its low-precision
+    inputs upcast to float32 (see _upcast_inputs); None: the inputs' own dtype."""
 
     backend: str
     in_batch_negatives: bool
@@ -191,6 +193,7 @@ class _FusedPass:
     exclude_positive: bool
     subtract_positive: bool
     eps: float
+    kernel_dtype: Optional[torch.dtype] = None
 
     @property
     def properties(self):
@@ -256,7 +259,7 @@ class _Operands:
 def _prepare(spec, query, key, bank, per_query, scale):
     """Cast to the compute dtype and fold normalisation into scales (or normalised copies)."""
     props = spec.properties
-    cdt = props.compute_dtype(query.dtype)
+    cdt = props.compute_dtype(spec.kernel_dtype or query.dtype)
     acc = accumulate_dtype(cdt)
     prenormalized = spec.normalize and props.prenormalized
 
@@ -630,6 +633,27 @@ def _accumulate(t):
     return t.double() if t.dtype == torch.float64 else t.float()
 
 
+def _upcast_inputs(spec, *tensors):
+    """(spec, tensors) for an objective whose inputs also feed host terms with autograd (DCLW,
+    HCL, SupCon): low-precision inputs go in as ONE float32 copy each (the same object where
+    one tensor plays two roles), so that the gradients of the fused pass and of the host terms
+    are summed in float32 and cast once; a float16 sum of two large, cancelling parts would
+    overflow. The kernels still read the original dtype (spec.kernel_dtype)."""
+    first = tensors[0]
+    if first.dtype not in (torch.float16, torch.bfloat16):
+        return spec, tensors
+    upcast = {}
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        if id(t) not in upcast:
+            upcast[id(t)] = t.float()
+        out.append(upcast[id(t)])
+    return replace(spec, kernel_dtype=first.dtype), tuple(out)
+
+
 def positive_scores(query, key, targets, scale, normalize, eps):
     """s_p(i) = <q_i, k_t(i)> * scale (normalised first when ``normalize``), with autograd."""
     k = key if targets is None else key.index_select(0, targets)
@@ -674,7 +698,9 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
         spec, weights = _over_rows(_loss_pass(options), valid, accumulate_dtype(query.dtype))
         return _fused(spec, query, key, bank, per_query, scale, targets, query_ids, bank_ids,
                       row_weights=weights)
-    negatives = _negatives_pass(options)
+    out_dtype = query.dtype
+    negatives, (query, key, bank, per_query) = _upcast_inputs(_negatives_pass(options), query,
+                                                              key, bank, per_query)
 
     def negatives_lse(at_scale):
         lse = _fused(negatives, query, key, bank, per_query, at_scale, targets, query_ids,
@@ -691,7 +717,7 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
                                 query_ids, bank_ids, query.device).to(positive.dtype).log()
         loss = _hard_negative_loss(options, negatives_lse, scale, positive,
                                    _zero_outside(log_n, valid))
-    return reduce_loss(_zero_outside(loss, valid), options.reduction, valid).to(query.dtype)
+    return reduce_loss(_zero_outside(loss, valid), options.reduction, valid).to(out_dtype)
 
 
 def _no_candidate_loss(options, query, key, targets, scale):
@@ -755,9 +781,11 @@ def _class_index(labels):
 def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1e-12):
     """SupCon L_out over features (R, D) with labels (R,); per-anchor losses reduced as
     ``reduction`` (mean over anchors that have a positive); see the module docstring."""
-    z = _accumulate(features)
-    if normalize:
-        z = F.normalize(z, dim=-1, eps=eps)
+    out_dtype = features.dtype
+    # One float32 copy of low-precision features for the host terms and the fused pass (whose
+    # kernels still read out_dtype): their gradients are summed in float32 (see _upcast_inputs).
+    features = _accumulate(features)
+    z = F.normalize(features, dim=-1, eps=eps) if normalize else features
     cls = _class_index(labels)
     n = z.shape[0]
     class_sums = torch.zeros(n, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, cls, z)
@@ -770,11 +798,12 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
     # The denominator: lse over b != a (self excluded), without subtracting a positive.
     denominator = _FusedPass(backend, in_batch_negatives=True, exclude_self=True, symmetric=False,
                              normalize=normalize, reduction="none" if reduction == "none" else
-                             "sum", exclude_positive=False, subtract_positive=False, eps=eps)
+                             "sum", exclude_positive=False, subtract_positive=False, eps=eps,
+                             kernel_dtype=out_dtype if out_dtype != features.dtype else None)
     if reduction == "none":
         lse = _fused(denominator, features, features, None, None, scale, None)
         loss = torch.where(has_positive, lse.to(z.dtype) - pos_mean, torch.zeros_like(pos_mean))
-        return _supcon_non_negative(loss, n).to(features.dtype)
+        return _supcon_non_negative(loss, n).to(out_dtype)
     # A weighted sum keeps the fused kernels on their no-recompute path: w_a = 1 / #anchors with
     # a positive ("mean") or 1 ("sum") for those anchors, 0 for the others.
     weights = has_positive.to(z.dtype)
@@ -783,7 +812,7 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
     lse_sum = _fused(denominator, features, features, None, None, scale, None,
                      row_weights=weights)
     loss = lse_sum.to(z.dtype) - (weights * pos_mean).sum()
-    return _supcon_non_negative(loss, n).to(features.dtype)
+    return _supcon_non_negative(loss, n).to(out_dtype)
 
 
 def _supcon_non_negative(loss, n):
