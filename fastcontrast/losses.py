@@ -7,17 +7,43 @@ from torch import nn
 from . import functional as F
 
 
-class _ContrastiveLoss(nn.Module):
+def _format_value(value):
+    """A repr field's value: floats (and 0-dim tensors) to 4 significant digits, else repr."""
+    if isinstance(value, torch.Tensor):
+        value = float(value.detach())
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+
+class _Loss(nn.Module):
+    """Base of the loss modules: ``reduction`` and ``backend``, and the one ``extra_repr``
+    (the module's own fields from ``_repr_fields``, then reduction and backend)."""
+
+    def __init__(self, reduction, backend):
+        super().__init__()
+        self.reduction = reduction
+        self.backend = backend
+
+    def _repr_fields(self):
+        return {}
+
+    def extra_repr(self):
+        fields = {**self._repr_fields(), "reduction": self.reduction, "backend": self.backend}
+        return ", ".join(f"{name}={_format_value(value)}" for name, value in fields.items())
+
+
+class _ContrastiveLoss(_Loss):
     """Holds the temperature of a contrastive loss: a fixed float, or with
     ``learn_temperature=True`` a parameter stored as log(1/tau) (so it stays positive)."""
 
+    # Options shown in the repr only when they differ from these defaults (the objectives).
+    _OPTIONAL_DEFAULTS = dict(decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0)
+
     def __init__(self, temperature, learn_temperature, reduction, backend):
-        super().__init__()
+        super().__init__(reduction, backend)
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
                 and temperature > 0):
             raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
-        self.reduction = reduction
-        self.backend = backend
+        self.options = {}
         if learn_temperature:
             self.log_inverse_temperature = nn.Parameter(torch.tensor(-math.log(temperature)))
         else:
@@ -30,9 +56,12 @@ class _ContrastiveLoss(nn.Module):
             return self._temperature
         return torch.exp(-self.log_inverse_temperature)
 
-    def extra_repr(self):
-        return (f"temperature={float(self.temperature):.4g}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}")
+    def _repr_fields(self):
+        options = {name: value for name, value in self.options.items()
+                   if name not in self._OPTIONAL_DEFAULTS
+                   or value != self._OPTIONAL_DEFAULTS[name]}
+        return {"temperature": self.temperature,
+                "learn_temperature": self.log_inverse_temperature is not None, **options}
 
 
 class InfoNCELoss(_ContrastiveLoss):
@@ -73,7 +102,11 @@ class SupConLoss(_ContrastiveLoss):
     def __init__(self, temperature=0.1, *, normalize=True, reduction="mean", backend="auto",
                  learn_temperature=False):
         super().__init__(temperature, learn_temperature, reduction, backend)
-        self.normalize = normalize
+        self.options = dict(normalize=normalize)
+
+    @property
+    def normalize(self):
+        return self.options["normalize"]
 
     def forward(self, features, labels=None):
         return F.supcon(features, labels, temperature=self.temperature, normalize=self.normalize,
@@ -96,14 +129,14 @@ class MoCoLoss(_ContrastiveLoss):
                            backend=self.backend, **self.options)
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(_Loss):
     """Module form of :func:`fastcontrast.clip_loss`, optionally owning CLIP's learnable
     temperature: logit_scale = exp(log_logit_scale), clamped at ``max_logit_scale`` (100, as
     OpenCLIP). Pass ``logit_scale`` to forward to use a model-owned scale instead."""
 
     def __init__(self, init_logit_scale=1 / 0.07, *, learnable=True, max_logit_scale=100.0,
                  reduction="mean", backend="auto"):
-        super().__init__()
+        super().__init__(reduction, backend)
         if not (init_logit_scale > 0 and max_logit_scale > 0):
             raise ValueError(f"init_logit_scale and max_logit_scale must be positive, got "
                              f"{init_logit_scale!r}, {max_logit_scale!r}")
@@ -113,12 +146,15 @@ class ClipLoss(nn.Module):
         else:
             self.register_buffer("log_logit_scale", log_scale)
         self.max_logit_scale = float(max_logit_scale)
-        self.reduction = reduction
-        self.backend = backend
 
     @property
     def logit_scale(self):
         return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def _repr_fields(self):
+        return {"logit_scale": self.logit_scale,
+                "learnable": isinstance(self.log_logit_scale, nn.Parameter),
+                "max_logit_scale": self.max_logit_scale}
 
     def forward(self, image, text, logit_scale=None, logit_bias=None):
         scale = self.logit_scale if logit_scale is None else logit_scale
@@ -126,14 +162,14 @@ class ClipLoss(nn.Module):
                            backend=self.backend)
 
 
-class SigLIPLoss(nn.Module):
+class SigLIPLoss(_Loss):
     """Module form of :func:`fastcontrast.siglip_loss`, owning SigLIP's logit_scale (stored as
     its log, init 10) and logit_bias (init -10), the paper's initialisation; learnable unless
     ``learnable=False``. Pass ``logit_scale`` / ``logit_bias`` to forward to use a model's own."""
 
     def __init__(self, init_logit_scale=10.0, init_logit_bias=-10.0, *, learnable=True,
                  reduction="mean", backend="auto"):
-        super().__init__()
+        super().__init__(reduction, backend)
         if not (init_logit_scale > 0 and math.isfinite(init_logit_bias)):
             raise ValueError(f"init_logit_scale must be positive and init_logit_bias finite, got "
                              f"{init_logit_scale!r}, {init_logit_bias!r}")
@@ -144,8 +180,10 @@ class SigLIPLoss(nn.Module):
         else:
             self.register_buffer("log_logit_scale", log_scale)
             self.register_buffer("logit_bias", bias)
-        self.reduction = reduction
-        self.backend = backend
+
+    def _repr_fields(self):
+        return {"logit_scale": self.log_logit_scale.exp(), "logit_bias": self.logit_bias,
+                "learnable": isinstance(self.log_logit_scale, nn.Parameter)}
 
     def forward(self, image, text, logit_scale=None, logit_bias=None):
         scale = self.log_logit_scale.exp() if logit_scale is None else logit_scale
