@@ -15,19 +15,35 @@ def _format_value(value):
 
 
 class _Loss(nn.Module):
-    """Base of the loss modules: ``reduction`` and ``backend``, and the one ``extra_repr``
-    (the module's own fields from ``_repr_fields``, then reduction and backend)."""
+    """Base of the loss modules: ``reduction``, ``backend``, ``distributed`` / ``group``, and
+    the one ``extra_repr`` (the module's own fields from ``_repr_fields``, then the common ones).
 
-    def __init__(self, reduction, backend):
+    ``distributed="gather" | "ring"`` runs the loss of fastcontrast.distributed with that mode
+    over ``group`` (None: all processes; see its convention); None: the single-process loss."""
+
+    def __init__(self, reduction, backend, distributed=None, group=None):
         super().__init__()
+        if distributed is not None and distributed not in ("gather", "ring"):
+            raise ValueError(f"distributed must be None, 'gather' or 'ring', got {distributed!r}")
         self.reduction = reduction
         self.backend = backend
+        self.distributed = distributed
+        self.group = group
+
+    def _loss(self, name, *args, **kwargs):
+        """fastcontrast.functional.<name>, or fastcontrast.distributed.<name> in its mode."""
+        if self.distributed is None:
+            return getattr(F, name)(*args, **kwargs)
+        from . import distributed as fcd  # imports torch.distributed only when asked for
+        return getattr(fcd, name)(*args, mode=self.distributed, group=self.group, **kwargs)
 
     def _repr_fields(self):
         return {}
 
     def extra_repr(self):
         fields = {**self._repr_fields(), "reduction": self.reduction, "backend": self.backend}
+        if self.distributed is not None:
+            fields["distributed"] = self.distributed
         return ", ".join(f"{name}={_format_value(value)}" for name, value in fields.items())
 
 
@@ -38,8 +54,9 @@ class _ContrastiveLoss(_Loss):
     # Options shown in the repr only when they differ from these defaults (the objectives).
     _OPTIONAL_DEFAULTS = dict(decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0)
 
-    def __init__(self, temperature, learn_temperature, reduction, backend):
-        super().__init__(reduction, backend)
+    def __init__(self, temperature, learn_temperature, reduction, backend, distributed=None,
+                 group=None):
+        super().__init__(reduction, backend, distributed, group)
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
                 and temperature > 0):
             raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
@@ -70,15 +87,16 @@ class InfoNCELoss(_ContrastiveLoss):
     def __init__(self, temperature=0.07, *, normalize=True, in_batch_negatives=True,
                  exclude_self=False, symmetric=False, reduction="mean", decoupled=False,
                  dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto",
-                 learn_temperature=False):
-        super().__init__(temperature, learn_temperature, reduction, backend)
+                 learn_temperature=False, distributed=None, group=None):
+        super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, in_batch_negatives=in_batch_negatives,
                             exclude_self=exclude_self, symmetric=symmetric, decoupled=decoupled,
                             dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
 
     def forward(self, query, key, negatives=None, targets=None):
-        return F.info_nce(query, key, negatives, temperature=self.temperature, targets=targets,
-                          reduction=self.reduction, backend=self.backend, **self.options)
+        return self._loss("info_nce", query, key, negatives, temperature=self.temperature,
+                          targets=targets, reduction=self.reduction, backend=self.backend,
+                          **self.options)
 
 
 class NTXentLoss(_ContrastiveLoss):
@@ -86,13 +104,13 @@ class NTXentLoss(_ContrastiveLoss):
 
     def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", decoupled=False,
                  dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto",
-                 learn_temperature=False):
-        super().__init__(temperature, learn_temperature, reduction, backend)
+                 learn_temperature=False, distributed=None, group=None):
+        super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, decoupled=decoupled, dclw_sigma=dclw_sigma,
                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
 
     def forward(self, z1, z2):
-        return F.nt_xent(z1, z2, temperature=self.temperature, reduction=self.reduction,
+        return self._loss("nt_xent", z1, z2, temperature=self.temperature, reduction=self.reduction,
                          backend=self.backend, **self.options)
 
 
@@ -100,8 +118,8 @@ class SupConLoss(_ContrastiveLoss):
     """Module form of :func:`fastcontrast.supcon` (features (N, D) + labels, or (N, V, D))."""
 
     def __init__(self, temperature=0.1, *, normalize=True, reduction="mean", backend="auto",
-                 learn_temperature=False):
-        super().__init__(temperature, learn_temperature, reduction, backend)
+                 learn_temperature=False, distributed=None, group=None):
+        super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize)
 
     @property
@@ -109,8 +127,8 @@ class SupConLoss(_ContrastiveLoss):
         return self.options["normalize"]
 
     def forward(self, features, labels=None):
-        return F.supcon(features, labels, temperature=self.temperature, normalize=self.normalize,
-                        reduction=self.reduction, backend=self.backend)
+        return self._loss("supcon", features, labels, temperature=self.temperature,
+                          normalize=self.normalize, reduction=self.reduction, backend=self.backend)
 
 
 class MoCoLoss(_ContrastiveLoss):
@@ -118,13 +136,14 @@ class MoCoLoss(_ContrastiveLoss):
     NegativeQueue) is passed to forward, so the module holds only the options."""
 
     def __init__(self, temperature=0.07, *, normalize=True, reduction="mean", decoupled=False,
-                 hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto", learn_temperature=False):
-        super().__init__(temperature, learn_temperature, reduction, backend)
+                 hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto", learn_temperature=False,
+                 distributed=None, group=None):
+        super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, decoupled=decoupled, hcl_beta=hcl_beta,
                             hcl_tau_plus=hcl_tau_plus)
 
     def forward(self, query, key, queue, query_index=None):
-        return F.moco_loss(query, key, queue, temperature=self.temperature,
+        return self._loss("moco_loss", query, key, queue, temperature=self.temperature,
                            query_index=query_index, reduction=self.reduction,
                            backend=self.backend, **self.options)
 
@@ -135,8 +154,8 @@ class ClipLoss(_Loss):
     OpenCLIP). Pass ``logit_scale`` to forward to use a model-owned scale instead."""
 
     def __init__(self, init_logit_scale=1 / 0.07, *, learnable=True, max_logit_scale=100.0,
-                 reduction="mean", backend="auto"):
-        super().__init__(reduction, backend)
+                 reduction="mean", backend="auto", distributed=None, group=None):
+        super().__init__(reduction, backend, distributed, group)
         if not (init_logit_scale > 0 and max_logit_scale > 0):
             raise ValueError(f"init_logit_scale and max_logit_scale must be positive, got "
                              f"{init_logit_scale!r}, {max_logit_scale!r}")
@@ -158,8 +177,8 @@ class ClipLoss(_Loss):
 
     def forward(self, image, text, logit_scale=None, logit_bias=None):
         scale = self.logit_scale if logit_scale is None else logit_scale
-        return F.clip_loss(image, text, scale, logit_bias=logit_bias, reduction=self.reduction,
-                           backend=self.backend)
+        return self._loss("clip_loss", image, text, scale, logit_bias=logit_bias,
+                          reduction=self.reduction, backend=self.backend)
 
 
 class SigLIPLoss(_Loss):
@@ -168,8 +187,8 @@ class SigLIPLoss(_Loss):
     ``learnable=False``. Pass ``logit_scale`` / ``logit_bias`` to forward to use a model's own."""
 
     def __init__(self, init_logit_scale=10.0, init_logit_bias=-10.0, *, learnable=True,
-                 reduction="mean", backend="auto"):
-        super().__init__(reduction, backend)
+                 reduction="mean", backend="auto", distributed=None, group=None):
+        super().__init__(reduction, backend, distributed, group)
         if not (init_logit_scale > 0 and math.isfinite(init_logit_bias)):
             raise ValueError(f"init_logit_scale must be positive and init_logit_bias finite, got "
                              f"{init_logit_scale!r}, {init_logit_bias!r}")
@@ -188,5 +207,5 @@ class SigLIPLoss(_Loss):
     def forward(self, image, text, logit_scale=None, logit_bias=None):
         scale = self.log_logit_scale.exp() if logit_scale is None else logit_scale
         bias = self.logit_bias if logit_bias is None else logit_bias
-        return F.siglip_loss(image, text, scale, bias, reduction=self.reduction,
+        return self._loss("siglip_loss", image, text, scale, bias, reduction=self.reduction,
                            backend=self.backend)
