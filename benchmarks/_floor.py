@@ -1,5 +1,9 @@
 """The matmul floor: how fast this machine multiplies matrices of the shapes InfoNCE is made of.
 
+``fastcontrast bench`` takes its floor from the products the kernels actually run
+(``kernel_products`` below); core_targets.py and the pytest-benchmark suite use the fixed
+row-block shape that follows.
+
 A fused InfoNCE forward+backward on N x M x D is at least 3 such products (scores, dQ, dK) =
 6 N M D FLOP. The floor of a run is that work at the BEST torch.mm rate measured in the same run
 on a row block of the problem: 1024 query rows x 16384 keys x 256 features by default, in the
@@ -57,3 +61,98 @@ def floor_from_medians(median_s, shape, work_flop):
     best = max(gflops, key=gflops.get)
     return {"shape": list(shape), "gflops": gflops, "best": best, "best_gflops": gflops[best],
             "floor_s": work_flop / (gflops[best] * 1e9)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The products fastcontrast's kernels run (the floor of `fastcontrast bench`)
+#
+# The floor of a bench run is the best warm rate over exactly these shapes, so that no kernel can
+# beat it by running a product shape the floor did not measure. Each product is named by the
+# backend whose loop issues it; (rows, keys, dim) = (block rows R, M, D):
+#
+#   csrc/cpu/infonce.cpp (keys x queries tile, R rows a block):
+#     "cpu scores"  tile (M x R) = keys (M x D) @ q_blk^T (D x R, a transposed view)
+#     "cpu dq"      dq_blk (R x D) = W^T (R x M, a view of the tile) @ keys (M x D)
+#     "cpu dk"      dkeys (M x D) += W (M x R) @ (c q_blk) (R x D)          (addmm_)
+#   fastcontrast/_torch_chunked.py (R = chunk rows):
+#     "torch scores"  s (R x M) = q_chunk (R x D) @ keys^T (D x M, a view)
+#     "torch dq"      dq_chunk (R x D) = h (R x M) @ keys (M x D)
+#     "torch dk"      dkeys (M x D) += h^T (M x R, a view) @ q_chunk (R x D)  (addmm_)
+
+# csrc/cpu/infonce.cpp: choose_block_rows and its constants (tests check them against the
+# kernel's products recorded by the profiler).
+CPU_MIN_TILE_BYTES = 16 << 20
+CPU_MIN_BLOCK_ROWS = 32
+CPU_MAX_BLOCK_ROWS = 512
+PRODUCTS = ("scores", "dq", "dk")
+
+
+def cpu_block_rows(n, m, d, elem_size=4, large_tile=False):
+    """The block rows R of csrc/cpu/infonce.cpp for an N x M x D problem. ``large_tile``: the
+    forward alone and the symmetric (column-term) backward, whose tile budget is doubled; the
+    fused one-directional forward+backward has ``large_tile=False``."""
+    budget = max(CPU_MIN_TILE_BYTES, (n + m) * d * elem_size // 2)
+    if large_tile:
+        budget *= 2
+    b = budget // max(m * elem_size, 1)
+    b = min(max(b // 16 * 16, CPU_MIN_BLOCK_ROWS), CPU_MAX_BLOCK_ROWS)
+    return max(1, min(b, n))
+
+
+def torch_chunk_rows(n, m, chunk_elements=None):
+    """The chunk rows of fastcontrast/_torch_chunked.py on CPU (its score-element budget)."""
+    if chunk_elements is None:
+        from fastcontrast import _torch_chunked
+
+        chunk_elements = _torch_chunked._CPU_CHUNK_ELEMENTS
+    return min(n, max(1, chunk_elements // max(1, m)))
+
+
+def _blocks(n, rows):
+    """The distinct row counts of the blocks of n rows taken ``rows`` at a time (tail included)."""
+    return sorted({rows} | ({n % rows} if n % rows else set()))
+
+
+def kernel_products(n, m, d, elem_size=4, symmetric=False, backends=("cpu", "torch")):
+    """{(backend, product, rows, keys, dim)}: every product shape the backends' kernels run in
+    one forward+backward of an N x M x D problem (``symmetric``: the column-term path)."""
+    out = set()
+    if "cpu" in backends:
+        for rows in _blocks(n, cpu_block_rows(n, m, d, elem_size, large_tile=symmetric)):
+            out |= {("cpu", product, rows, m, d) for product in PRODUCTS}
+    if "torch" in backends:
+        for rows in _blocks(n, torch_chunk_rows(n, m)):
+            out |= {("torch", product, rows, m, d) for product in PRODUCTS}
+    return out
+
+
+def product_name(product):
+    """'cpu dq 512 x 8192 x 256' for (backend, product, rows, keys, dim)."""
+    backend, name, rows, keys, dim = product
+    return f"{backend} {name} {rows} x {keys} x {dim}"
+
+
+def product_step(product, seed=0, dtype=torch.float32, device="cpu"):
+    """A zero-argument callable running one product of kernel_products in the backend's own
+    layout (transposed views where the kernel passes them) on fixed random operands."""
+    backend, name, rows, keys, dim = product
+    gen = torch.Generator().manual_seed(seed)
+    like = {"dtype": dtype, "device": device}
+    q = torch.randn(rows, dim, generator=gen).to(**like)
+    k = torch.randn(keys, dim, generator=gen).to(**like)
+    dk = torch.zeros(keys, dim, **like)
+    if backend == "cpu":  # the tile is keys x rows
+        tile = torch.randn(keys, rows, generator=gen).to(**like)
+        dq_out = torch.empty(rows, dim, **like)
+        steps = {"scores": lambda: torch.mm(k, q.T, out=tile),
+                 "dq": lambda: torch.mm(tile.T, k, out=dq_out),
+                 "dk": lambda: dk.addmm_(tile, q)}
+    elif backend == "torch":  # the chunk is rows x keys
+        h = torch.randn(rows, keys, generator=gen).to(**like)
+        dq_out = torch.empty(rows, dim, **like)
+        steps = {"scores": lambda: torch.mm(q, k.T, out=h),
+                 "dq": lambda: torch.mm(h, k, out=dq_out),
+                 "dk": lambda: dk.addmm_(h.T, q)}
+    else:
+        raise ValueError(f"unknown backend {backend!r} (cpu, torch)")
+    return steps[name]

@@ -3,10 +3,13 @@ print the tables, write results.json / results.csv / summary.md and the PNG plot
 
     run_bench(suite_name="default", out_dir=None, device=None, budget_gib=None, ...)
 
-Order of work: the matmul floor of each (D, dtype) (benchmarks/_floor.py orientations), every
-case of the grid (an implementation that ran out of memory or time at some N is not started at
-larger N of the same D and dtype: those records say so), then the largest-N search for the
-default backend and every other implementation, then the issue-4 target checks.
+Order of work: the matmul floor of each (D, dtype) (the product shapes fastcontrast's kernels
+run at the suite's sizes, benchmarks/_floor.py kernel_products), every case of the grid (an
+implementation that ran out of memory or time at some N is not started at larger N of the same
+D and dtype: those records say so; a ``series`` suite runs each implementation's N in one
+process), then the largest-N search for the default backend and every other implementation,
+then the issue-4 target checks; last, the floor is settled (runner.settle_floor: the fastest
+rate observed, so time / floor >= 1) and applied to every record.
 """
 import os
 import shlex
@@ -20,7 +23,8 @@ from fastcontrast.cli import measure
 from . import families as fam
 from .plots import plot_all
 from .report import print_tables, write_all
-from .runner import Runner, apply_floor
+from ._floor import PRODUCTS, kernel_products
+from .runner import Runner, apply_floor, settle_floor
 from .suites import SUITES, cases
 
 GiB = 1 << 30
@@ -69,6 +73,44 @@ def _floor_key(record):
     return (record["d"], record["dtype"])
 
 
+def floor_products(suite_cases):
+    """{(d, dtype): the product shapes fastcontrast's kernels run in the suite's problems}."""
+    out = {}
+    for case, _ in suite_cases:
+        family, problem = fam.FAMILIES[case.family], case.problem
+        n, m, d = problem.n, family.columns(problem), problem.d
+        shapes = out.setdefault((d, problem.dtype), set())
+        if problem.device != "cpu":  # the GPU kernels' tiles are not modelled: big row blocks
+            shapes.update(("torch", p, min(n, 8192), min(m, 32768), d) for p in PRODUCTS)
+            continue
+        elem = fam.DTYPES[problem.dtype].itemsize
+        shapes.update(kernel_products(n, m, d, elem, symmetric=case.family == "clip"))
+    return out
+
+
+def _series_key(case):
+    return (case.family, case.impl, case.problem.d, case.problem.dtype, case.problem.k)
+
+
+def run_series_grid(runner, suite, suite_cases, records, advance):
+    """The suite's cases, each implementation's N ascending in one worker (Runner.run_series)."""
+    series = {}
+    for case, skip in suite_cases:
+        series.setdefault(_series_key(case), []).append((case, skip))
+    for members in series.values():
+        members.sort(key=lambda member: member[0].problem.n)
+        cases = [case for case, _ in members]
+        skip = members[0][1]
+        if skip is not None:
+            records += [{**runner.describe(c), "status": "SKIPPED", "reason": skip}
+                        for c in cases]
+            continue
+        first = cases[0]
+        advance(f"{first.family} {first.impl} N={','.join(str(c.problem.n) for c in cases)}",
+                len(cases))
+        records += runner.run_series(cases, [suite.repeats_at(c.problem.n) for c in cases])
+
+
 def run_grid(runner, suite_cases, floors, records, advance):
     """Every case; larger N of an implementation that failed (OOM / TIMEOUT) are not run."""
     fallen = {}
@@ -85,7 +127,7 @@ def run_grid(runner, suite_cases, floors, records, advance):
             record = runner.run_case(case)
             if record["status"] in ("OOM", "TIMEOUT"):
                 fallen[key] = (record["status"], case.problem.n)
-        records.append(apply_floor(record, floors.get(_floor_key(record))))
+        records.append(record)
 
 
 def search_largest(runner, suite, records, advance):
@@ -173,9 +215,18 @@ def _notes(suite, budget_gib):
         "before timing, each case's loss is checked against fastcontrast's reference in float64 "
         "on the same inputs (rounded to the case's dtype); a mismatch is WRONG and not timed",
         "time / floor: the essential work (2 products of N x M x D for moco, 3 otherwise: "
-        "6 N M D FLOP) at the best torch.mm rate measured in this run; GFLOP/s count the "
+        "6 N M D FLOP) at the floor rate: the best warm torch.mm rate measured in this run over "
+        "the product shapes fastcontrast's kernels run at the suite's sizes (csrc/cpu/infonce.cpp "
+        "block products and fastcontrast/_torch_chunked.py chunk products, named in the floor "
+        "line), or an implementation's fastest run if that did the essential work faster (the "
+        "floor line says which); so time / floor >= 1 for every timed case. GFLOP/s count the "
         "products each implementation actually runs (a recomputing backward runs one more)",
     ]
+    if suite.series:
+        notes.append("each implementation's N run ascending in one fresh process (one warm-up; "
+                     "before each N the memory cap is lifted, freed memory handed back with "
+                     "malloc_trim and the peak reset); an implementation that runs out of "
+                     "memory or time at some N is not run at larger N")
     if suite.search_budget_gib:
         notes.append(
             f"largest N in budget: doubling from the suite's N within {suite.search_budget_gib:g} "
@@ -208,11 +259,14 @@ def run_bench(suite_name="default", out_dir=None, device=None, budget_gib=None,
                     time_limit_s=time_limit_s or suite.time_limit_s,
                     repeats=repeats or suite.repeats)
     suite_cases = _select(cases(suite), family_names, impl_names, sizes)
-    floor_keys = sorted({(c.problem.d, c.problem.dtype) for c, _ in suite_cases})
+    products = floor_products(suite_cases)
+    floor_keys = sorted(products)
     do_search = search and bool(suite.search_budget_gib)
+    isolation = "each implementation's N in one fresh process" if suite.series \
+        else "each in a fresh process"
     console.print(f"[bold]fastcontrast bench[/] --suite {suite.name}: {suite.description}")
     console.print(f"{info.get('gpu') or info['cpu']}, {info['torch_threads']} threads, torch "
-                  f"{info['torch']}; {len(suite_cases)} cases, each in a fresh process; memory "
+                  f"{info['torch']}; {len(suite_cases)} cases, {isolation}; memory "
                   f"budget {budget_gib:.1f} GiB, time limit {runner.time_limit_s:.0f} s per case")
     result = {"machine": info, "titles": {name: f.title for name, f in fam.FAMILIES.items()},
               "config": {"suite": suite.name, "device": suite.device, "repeats": runner.repeats,
@@ -233,8 +287,8 @@ def run_bench(suite_name="default", out_dir=None, device=None, budget_gib=None,
             if not console.is_terminal:  # a log file: one line per step instead of the bar
                 console.print(f"[dim]{time.monotonic() - started:6.0f} s  {escape(description)}[/]")
 
-        def done_one():
-            progress.advance(task)
+        def done_one(count=1):
+            progress.advance(task, count)
 
         if suite.device == "cpu" and any(c.impl == "fastcontrast[cpu]" for c, _ in suite_cases):
             # Load (or compile, once, into its cache) the C++ extension here, so that no
@@ -245,23 +299,27 @@ def run_bench(suite_name="default", out_dir=None, device=None, budget_gib=None,
             backends.available_backends("cpu")
         floors = {}
         for d, dtype in floor_keys:
-            advance(f"matmul floor D={d} {dtype}")
-            keys = max(fam.FAMILIES[c.family].columns(c.problem) for c, _ in suite_cases
-                       if c.problem.d == d)  # the widest similarity matrix of this D
-            floors[(d, dtype)] = runner.floor(d, dtype, suite.device,
-                                              min(keys, 16384 if suite.device == "cpu" else 32768))
+            advance(f"matmul floor D={d} {dtype}: {len(products[(d, dtype)])} kernel products")
+            floors[(d, dtype)] = runner.floor(d, dtype, suite.device, products[(d, dtype)])
             done_one()
         result["floors"] = list(floors.values())
 
-        def advance_case(description):
+        def advance_case(description, count=1):
             advance(description)
-            done_one()
-        run_grid(runner, suite_cases, floors, result["records"], advance_case)
+            done_one(count)
+        if suite.series:
+            run_series_grid(runner, suite, suite_cases, result["records"], advance_case)
+        else:
+            run_grid(runner, suite_cases, floors, result["records"], advance_case)
         if do_search:
             progress.update(task, total=progress.tasks[0].total + 1)
             result["largest_n"], runs = search_largest(runner, suite, result["records"], advance)
-            result["records"] += [apply_floor(r, floors.get(_floor_key(r))) for r in runs]
+            result["records"] += runs
             done_one()
+    for key, floor in floors.items():
+        settle_floor(floor, [r for r in result["records"] if _floor_key(r) == key])
+    for record in result["records"]:
+        apply_floor(record, floors.get(_floor_key(record)))
     if suite.name == "issue4-targets":
         result["targets"] = targets(result["records"])
     result["config"]["wall_s"] = time.monotonic() - started

@@ -55,10 +55,11 @@ def plot_group(result, dtype, d, path):
         for ax, (index, ylabel, what) in zip(row, panels):
             for impl in impls:
                 points, failures = _series(fam_records, impl)
-                xs = [p[0] for p in points if p[index] is not None]
-                ys = [p[index] / MiB if index == 2 else p[index] for p in points
-                      if p[index] is not None]
-                filled = [p[4] for p in points if p[index] is not None]
+                # A log axis cannot show 0 (a peak below the page granularity): left out.
+                shown = [p for p in points if p[index] is not None and (index == 3 or p[index] > 0)]
+                xs = [p[0] for p in shown]
+                ys = [p[index] / MiB if index == 2 else p[index] for p in shown]
+                filled = [p[4] for p in shown]
                 if xs:
                     ax.plot(xs, ys, "-", color=colors[impl], label=impl, alpha=0.8)
                     for x, y, full in zip(xs, ys, filled):
@@ -76,7 +77,9 @@ def plot_group(result, dtype, d, path):
             ax.set_xscale("log", base=2)
             ax.set_xlim(ns[0] / 1.5, ns[-1] * 1.5)
             if index != 3:
-                ax.set_yscale("log")
+                if any(line.get_ydata().size for line in ax.get_lines()
+                       if line.get_transform() == ax.transData):
+                    ax.set_yscale("log")  # (not on a panel of failure markers alone)
             else:
                 ax.axhline(1.0, color="gray", lw=0.8, ls=":")
             ax.set_xlabel("N (rows of the similarity matrix)")

@@ -178,6 +178,70 @@ def bench_csv_rows(result):
                "rel_err": check.get("rel_err")}
 
 
+def _isolation(result):
+    series = any("one fresh process" in note for note in result.get("notes", []))
+    return " (one per implementation, its N ascending: see the notes)" if series else ""
+
+
+def _repeats(result):
+    """'3', or, where the timed runs differ with N, 'N: runs' for each N (from the records)."""
+    most = {}
+    for r in result["records"]:
+        if r.get("mode") == "time" and r.get("timed_runs") is not None:
+            most[r["n"]] = max(most.get(r["n"], 0), r["timed_runs"])
+    if len(set(most.values())) <= 1:
+        return str(result["config"]["repeats"])
+    return "(" + ", ".join(f"N = {n}: {k}" for n, k in sorted(most.items())) + ")"
+
+
+def floor_lines(floor):
+    """The floor of one (D, dtype) for summary.md: its rate, what set it, every product shape
+    measured (rows x keys x D, best and median rate)."""
+    if floor.get("status") != "OK":
+        return [f"- matmul floor ({floor['dtype']}, D = {floor['d']}): {floor.get('status')} "
+                f"({floor.get('reason')})"]
+    if "products" not in floor:  # a result written before the floor named its shapes
+        return [f"- matmul floor ({floor['dtype']}, D = {floor['d']}): best torch.mm "
+                f"{floor['best_gflops']:.0f} GFLOP/s ({floor['best']}, "
+                f"{' x '.join(map(str, floor['shape']))})"]
+    matmul = floor.get("matmul_best_gflops", floor["best_gflops"])
+    set_by = floor.get("set_by", "matmul")
+    source = f"best warm torch.mm rate, {floor['best']}" if set_by == "matmul" else \
+        f"set by {set_by}, above the best torch.mm rate {matmul:.0f} GFLOP/s ({floor['best']})"
+    lines = [f"- floor ({floor['dtype']}, D = {floor['d']}): {floor['best_gflops']:.0f} GFLOP/s "
+             f"({source}), over the {len(floor['products'])} product shapes the kernels run at "
+             f"these sizes (backend, product, block rows x keys x D: best / median GFLOP/s):"]
+    lines += [f"  - {p['name']}: {p['best_gflops']:.0f} / {p['median_gflops']:.0f}"
+              for p in floor["products"]]
+    return lines
+
+
+def curve_table(result):
+    """One markdown table per family (dtype, D): time / floor of each implementation against N,
+    or its status where it did not run (OOM, TIMEOUT, ...). [] for a single-N run."""
+    timed = [r for r in result["records"] if r.get("mode") != "reach"]
+    ns = sorted({r["n"] for r in timed})
+    if len(ns) < 2:
+        return []
+    lines = []
+    for family, d, dtype in dict.fromkeys((r["family"], r["d"], r["dtype"]) for r in timed):
+        rows = [r for r in timed if (r["family"], r["d"], r["dtype"]) == (family, d, dtype)
+                and r["status"] != "SKIPPED"]
+        if not rows:
+            continue
+        lines += ["", f"### {result['titles'].get(family, family)}, D = {d}, {dtype}: "
+                      f"time (time / floor) against N", "",
+                  _md_row(["implementation"] + [f"N = {n}" for n in ns]),
+                  _md_row(["---"] * (len(ns) + 1))]
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            cells = {r["n"]: (f"{format_seconds(r['median_s'])} ({r['time_over_floor']:.2f})"
+                              if r["status"] == "OK" and r.get("time_over_floor")
+                              else r["status"] + (" (not run)" if r.get("inferred") else ""))
+                     for r in rows if r["impl"] == impl}
+            lines.append(_md_row([impl] + [cells.get(n, "-") for n in ns]))
+    return lines
+
+
 def markdown(result, plots=()):
     m, c = result["machine"], result["config"]
     lines = [f"# fastcontrast bench, suite `{c['suite']}`", "",
@@ -189,15 +253,14 @@ def markdown(result, plots=()):
              f"{(c.get('load_average') or {}).get('end')} at the end "
              f"({m['logical_cpus']} CPUs: above that, other processes shared them)",
              f"- every case forward+backward (gradients of every input that needs one) in a "
-             f"fresh process; time = median of up to {c['repeats']} runs after a checked "
+             f"fresh process{_isolation(result)}; time = median of up to {_repeats(result)} "
+             f"runs after a checked "
              f"first run; memory budget per case {c['budget']}; time limit "
              f"{c['time_limit_s']:.0f} s",
              ""]
     for floor in result.get("floors", []):
-        if floor.get("status") == "OK":
-            lines.append(f"- matmul floor ({floor['dtype']}, D = {floor['d']}): best torch.mm "
-                         f"{floor['best_gflops']:.0f} GFLOP/s ({floor['best']}, "
-                         f"{' x '.join(map(str, floor['shape']))})")
+        lines += floor_lines(floor)
+    lines += curve_table(result)
     for key, records in groups(result).items():
         rows, notes = _group_rows(result, records)
         lines += ["", f"## {_title(key, result)}", "", _md_row(HEADER),

@@ -46,29 +46,37 @@ def _status_from_exit(returncode, stderr_tail):
     return "CRASH", f"exit status {returncode} without a result: {stderr_tail}"
 
 
-def run_worker(spec, timeout_s):
+def run_worker(spec, timeout_s, lines=False):
     """Run benchmarks/worker.py on ``spec`` in a new process group; the result dict (TIMEOUT /
-    CRASH / OOM made up here when the process did not write one)."""
+    CRASH / OOM made up here when the process did not write one). ``lines`` (a series): the
+    list of the result lines written, then the made-up result of the N it stopped in, if any."""
     with tempfile.TemporaryDirectory(prefix="fastcontrast-bench-") as tmp:
         spec = {**spec, "result_path": os.path.join(tmp, "result.json")}
         with open(os.path.join(tmp, "out.log"), "w+") as log:
             proc = subprocess.Popen([sys.executable, WORKER], stdin=subprocess.PIPE, stdout=log,
                                     stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
+            timeout = None
             try:
                 proc.communicate(json.dumps(spec), timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                return {"status": "TIMEOUT", "reason": f"still running after {timeout_s:.0f} s "
-                                                       f"(per-case time limit)"}
+                timeout = {"status": "TIMEOUT", "reason": f"still running after "
+                                                          f"{timeout_s:.0f} s (time limit)"}
             log.seek(0)
             tail = " | ".join(log.read().strip().splitlines()[-3:])[-600:]
+        written = []
         if os.path.exists(spec["result_path"]):
             with open(spec["result_path"]) as f:
-                return json.load(f)
-        status, reason = _status_from_exit(proc.returncode, tail)
-        return {"status": status, "reason": reason}
+                written = [json.loads(line) for line in f.read().splitlines() if line.strip()] \
+                    if lines else [json.load(f)]
+        if timeout is None and written and (not lines or proc.returncode == 0):
+            return written if lines else written[0]
+        if timeout is None:
+            status, reason = _status_from_exit(proc.returncode, tail)
+            timeout = {"status": status, "reason": reason}
+        return written + [timeout] if lines else timeout
 
 
 def _float64(inputs):
@@ -153,20 +161,54 @@ class Runner:
         record.update(run_worker(spec, timeout_s=limit))
         return annotate(record, family, impl)
 
-    def floor(self, d, dtype, device, keys):
-        """The best torch.mm rate on (rows x keys x d) products of ``dtype`` (benchmarks/_floor.py
-        orientations), measured in a worker."""
-        rows = min(keys, 1024 if device == "cpu" else 8192)
-        spec = {"mode": "floor", "shape": [rows, keys, d], "dtype": dtype, "device": device,
-                "repeats": 5}
-        result = run_worker(spec, timeout_s=self.time_limit_s)
+    def floor(self, d, dtype, device, products, repeats=5):
+        """The best warm torch.mm rate over ``products`` (benchmarks/_floor.py kernel_products:
+        the shapes the kernels run), measured in a worker: {"products": [each product's best
+        and median rate], "best" (its name), "shape" (its rows, keys, dim), "best_gflops"}."""
+        products = sorted(products)
+        spec = {"mode": "floor", "products": [list(p) for p in products], "dtype": dtype,
+                "device": device, "repeats": repeats}
+        result = run_worker(spec, timeout_s=max(self.time_limit_s, 120))
+        base = {"d": d, "dtype": dtype, "device": device}
         if result.get("status") != "OK":
-            return {"d": d, "dtype": dtype, "device": device, "shape": [rows, keys, d],
-                    "status": result.get("status"), "reason": result.get("reason")}
-        best = max(result["gflops"], key=result["gflops"].get)
-        return {"d": d, "dtype": dtype, "device": device, "shape": [rows, keys, d],
-                "status": "OK", "gflops": result["gflops"], "best": best,
-                "best_gflops": result["gflops"][best]}
+            return {**base, "status": result.get("status"), "reason": result.get("reason"),
+                    "products": [list(p) for p in products]}
+        best = max(result["products"], key=lambda p: p["best_gflops"])
+        return {**base, "status": "OK", "products": result["products"], "best": best["name"],
+                "shape": best["product"][2:], "best_gflops": best["best_gflops"],
+                "matmul_best_gflops": best["best_gflops"], "set_by": "matmul",
+                "wall_s": result.get("wall_s")}
+
+    def run_series(self, cases, repeats):
+        """The records of one implementation's cases (same family, D, dtype; ascending N) run
+        in ONE worker process (worker.run_series); ``repeats``: timed runs per case. Cases after
+        the first that is not OK are not run (their records say so)."""
+        family = fam.FAMILIES[cases[0].family]
+        impl = family.implementations[cases[0].impl]
+        budget, limit = self.budget_bytes, self.time_limit_s
+        records = [{**self.describe(c), "budget_bytes": budget, "time_limit_s": limit}
+                   for c in cases]
+        reason = fam.unavailable(family, impl, cases[0].problem.device)
+        if reason is None and impl.peer is not None:
+            reason = fam.peers.installed(impl.peer)
+        if reason is not None:
+            return [{**r, "status": "SKIPPED", "reason": reason} for r in records]
+        spec = {"mode": "series", "family": family.name, "impl": impl.name,
+                "problems": [asdict(c.problem) for c in cases],
+                "references": [self.reference(family, c.problem) for c in cases],
+                "repeats": list(repeats), "time_limit_s": limit, "budget_bytes": budget,
+                "plugins": self.plugins}
+        results = run_worker(spec, timeout_s=limit * len(cases), lines=True)
+        out = []
+        for i, record in enumerate(records):
+            if i < len(results):
+                record.update(results[i])
+                out.append(annotate(record, family, impl))
+            else:
+                fell = out[len(results) - 1]  # the N the series stopped at
+                out.append({**record, "status": fell["status"], "inferred": True,
+                            "reason": f"not run: {fell['status']} at N = {fell['n']} already"})
+        return out
 
     def largest_n(self, case, start_record, budget_bytes, max_n, time_limit_s):
         """Largest N (doubling from the start record's N) that completes forward+backward
@@ -213,6 +255,30 @@ def annotate(record, family, impl):
     if record.get("status") == "OK" and record.get("median_s"):
         record["gflops"] = run / record["median_s"] / 1e9
     return record
+
+
+def fastest_rate(record):
+    """GFLOP/s of the essential work in the record's fastest run (None unless OK and timed)."""
+    if record.get("status") != "OK" or record.get("mode") != "time":
+        return None
+    fastest = min(record.get("samples_s") or [record.get("median_s") or 0])
+    return record["flop_essential"] / fastest / 1e9 if fastest > 0 else None
+
+
+def settle_floor(floor, records):
+    """Make the floor the fastest rate observed in the run: the best warm rate of the kernels'
+    product shapes, or, if an implementation's fastest run did the essential work faster than
+    that (the product measurements caught a slow moment of the machine), that run's rate, and
+    ``set_by`` names it. Every OK timed record then has time / floor >= 1 (median >= fastest
+    run >= the floor's time)."""
+    if floor is None or floor.get("status") != "OK":
+        return floor
+    for record in records:
+        rate = fastest_rate(record)
+        if rate is not None and rate > floor["best_gflops"]:
+            floor.update(best_gflops=rate, set_by=f"{record['family']} {record['impl']} "
+                                                  f"N = {record['n']} (its fastest run)")
+    return floor
 
 
 def apply_floor(record, floor):

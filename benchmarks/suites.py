@@ -1,8 +1,10 @@
 """The grids ``fastcontrast bench --suite NAME`` runs.
 
-    default         N = 8192, D = 256, fp32, CPU: InfoNCE, CLIP, NT-Xent against every peer, then
-                    the largest N each reaches within a 2 GiB budget (doubling up to 16384).
-                    Sized for under 3 minutes on a quiet 2-core machine.
+    default         the curve: N = 1024 ... 16384 (doubling), D = 256, fp32, CPU: InfoNCE, CLIP,
+                    NT-Xent, fastcontrast against every CPU peer, each case within a 2 GiB
+                    memory budget (what does not fit is an OOM point); more timed runs at small
+                    N, fewer at large; each implementation's N in one process. Sized for about
+                    3 minutes on a quiet 2-core machine.
     full            N = 1024 ... 131072, D in {128, 256, 1024}, fp32 / bf16, every family.
     issue4-targets  moco N = 256, K = 65536, D = 128 vs the concat-logits MoCo loss; nt_xent and
                     supcon at N = 2B = 16384, D = 256 vs lightly / pytorch-metric-learning.
@@ -44,15 +46,23 @@ class Suite:
     skip: dict = field(default_factory=dict)   # implementation -> reason (recorded as SKIPPED)
     fastcontrast_only_above: int = None        # larger N: fastcontrast implementations only
     part: str = "grid"
+    repeats_by_n: dict = None    # N -> timed runs (None: ``repeats`` at every N)
+    series: bool = False         # each implementation's N ascending in one worker process
 
+    def repeats_at(self, n):
+        return (self.repeats_by_n or {}).get(n, self.repeats)
+
+
+CURVE_SIZES = tuple(1024 << i for i in range(5))   # 1024 ... 16384
+CURVE_REPEATS = {1024: 9, 2048: 7, 4096: 5, 8192: 3, 16384: 2}  # cheap at small N
 
 SUITES = {
     "default": Suite(
-        "default", "headline: N = 8192, D = 256, fp32; largest N within a 2 GiB budget", "cpu",
-        ("infonce", "clip", "ntxent"), (8192,), (256,), ("fp32",), repeats=3, time_limit_s=45,
-        search_budget_gib=2.0, search_max_n=16384,
+        "default", "curve: N = 1024 ... 16384, D = 256, fp32, 2 GiB memory budget per case",
+        "cpu", ("infonce", "clip", "ntxent"), CURVE_SIZES, (256,), ("fp32",), repeats=3,
+        time_limit_s=45, budget_gib=2.0,
         skip={"torch.compile": COMPILE_SKIP, "fastcontrast[torch]": TORCH_SKIP},
-        part="headline"),
+        part="curve", repeats_by_n=CURVE_REPEATS, series=True),
     "full": Suite(
         "full", "N = 1024 ... 131072, D in {128, 256, 1024}, fp32 / bf16", "cpu",
         ("infonce", "clip", "ntxent", "supcon", "siglip"),

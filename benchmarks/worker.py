@@ -6,7 +6,13 @@ Case spec: family, impl, problem (families.Problem fields), repeats, time_limit_
 budget_bytes (None: no cap), reference ({"value", "method"} or None: not checked), mode
 ("time": check + memory + timed runs; "reach": check-free single run, for the largest-N search).
 ``plugins``: Python files imported first (they may register extra implementations).
-Floor spec: {"mode": "floor", "shape": [rows, keys, d], "dtype", "device", "repeats"}.
+Series spec (mode "series"): family, impl, and lists "problems", "references", "repeats" (one
+entry per N, ascending): the cases of one implementation in one process, one warm-up, each N
+measured as above (memory cap lifted, freed memory returned to the system with malloc_trim and
+the peak reset before each N); one JSON line per N is appended to the result file as it ends,
+and the series stops at the first N that is not OK.
+Floor spec: {"mode": "floor", "products": [[backend, product, rows, keys, d], ...], "dtype",
+"device", "repeats"} (benchmarks/_floor.py kernel_products).
 
 In the child, in this order: warm up on a small problem (lazy initialisation, thread pools, a
 just-in-time extension load; torch.compile warms up at the real size, since it compiles per
@@ -36,7 +42,7 @@ import torch  # noqa: E402
 
 from fastcontrast.cli import measure  # noqa: E402
 from fastcontrast.benchmarks import families as fam  # noqa: E402
-from fastcontrast.benchmarks._floor import matmul_flop, matmul_steps  # noqa: E402
+from fastcontrast.benchmarks._floor import matmul_flop, product_name, product_step  # noqa: E402
 
 # Loss cross-check: |value - reference| <= atol + rtol * |reference|.
 TOLERANCE = {"fp64": (1e-6, 1e-8), "fp32": (1e-3, 1e-5), "fp16": (2e-2, 1e-3),
@@ -106,6 +112,26 @@ def cap_memory(device, budget_bytes):
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     return "RLIMIT_AS = address space after start-up and inputs + budget"
+
+
+SOFT_AS_LIMIT = resource.getrlimit(resource.RLIMIT_AS)[0]
+
+
+def uncap_memory(device):
+    """Undo cap_memory (the next N of a series sets its own cap after its inputs)."""
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+        return
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (SOFT_AS_LIMIT, hard))
+    gc.collect()
+    try:  # hand freed heap pages back, so that the next N's peak counts its own pages
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class MemoryProbe:
@@ -185,8 +211,9 @@ def load_plugins(paths):
         spec.loader.exec_module(module)
 
 
-def run_case(spec):
-    """The result dict of one case spec (never raises for the case's own failures)."""
+def run_case(spec, warm=True, started=None):
+    """The result dict of one case spec (never raises for the case's own failures); ``warm``:
+    run the small warm-up first; ``started``: when the case's time limit began."""
     family = fam.FAMILIES[spec["family"]]
     impl = family.implementations[spec["impl"]]
     problem = fam.Problem(**spec["problem"])
@@ -199,7 +226,8 @@ def run_case(spec):
         return {**result, "status": "SKIPPED", "reason": reason}
     phase = "warm-up"
     try:
-        make_step(loss_fn, family.make_inputs(_warmup_problem(problem, impl)))()
+        if warm or impl.warm_full_size:
+            make_step(loss_fn, family.make_inputs(_warmup_problem(problem, impl)))()
         phase = "inputs"
         step = make_step(loss_fn, family.make_inputs(problem))
         _sync(device)
@@ -220,7 +248,7 @@ def run_case(spec):
                               f"(rel. err. {check['rel_err']:.2e} > rtol {check['rtol']:g})"}
         if spec.get("mode", "time") == "time":
             phase = "timed runs"
-            result.update(timed_runs(step, clock, spec, cold))
+            result.update(timed_runs(step, clock, spec, cold, started))
     except Exception as error:  # noqa: BLE001 - every failure of the case is its result
         status = "OOM" if is_oom(error) else "ERROR"
         message = f"{type(error).__name__} in {phase}: {str(error).strip().splitlines()[0][:300]}" \
@@ -231,13 +259,13 @@ def run_case(spec):
     return result
 
 
-def timed_runs(step, clock, spec, cold_s):
+def timed_runs(step, clock, spec, cold_s, started=None):
     """Up to ``repeats`` timed forward+backward runs, as many as fit 80% of the time limit left;
     with none, the cold run's time stands (``timed_runs`` 0)."""
     limit = spec.get("time_limit_s")
     repeats = int(spec.get("repeats", 3))
     if limit is not None:
-        left = 0.8 * limit - (time.monotonic() - STARTED) - 1.0
+        left = 0.8 * limit - (time.monotonic() - (started or STARTED)) - 1.0
         repeats = max(0, min(repeats, int(left / max(cold_s, 1e-6))))
     samples = [clock(step) for _ in range(repeats)]
     if not samples:
@@ -246,24 +274,54 @@ def timed_runs(step, clock, spec, cold_s):
 
 
 def run_floor(spec):
-    """Median seconds of each torch.mm orientation on spec["shape"] (the matmul floor)."""
+    """The rate of each product of spec["products"] (benchmarks/_floor.py kernel_products),
+    warm (two untimed calls each), then ``repeats`` interleaved rounds, each timing every product
+    once (several calls per sample, the order rotated from round to round, so that a slow moment
+    of a shared machine does not fall on some shapes only); per product the best sample's rate
+    (what the floor takes) and the median's."""
     device = torch.device(spec["device"])
     dtype = fam.DTYPES[spec["dtype"]]
-    rows, keys, d = spec["shape"]
-    steps = matmul_steps(rows, keys, d, dtype=dtype, device=device)
     clock = timer(device)
-    medians = {}
-    for name, product in steps.items():
-        product()
+    runs = [product_step(tuple(product), dtype=dtype, device=device)
+            for product in spec["products"]]
+    calls = []
+    for run in runs:
+        run()
         _sync(device)
         # Several products per sample: each takes milliseconds (microseconds on a GPU).
-        calls = max(1, min(50, int(0.05 / max(clock(product), 1e-6))))
-        samples = [clock(lambda: [product() for _ in range(calls)]) / calls
-                   for _ in range(int(spec.get("repeats", 5)))]
-        medians[name] = float(np.median(samples))
-    flop = matmul_flop(rows, keys, d)
-    return {"status": "OK", "median_s": medians,
-            "gflops": {name: flop / s / 1e9 for name, s in medians.items()}}
+        calls.append(max(1, min(50, int(0.02 / max(clock(run), 1e-6)))))
+    samples = [[] for _ in runs]
+    for round_ in range(int(spec.get("repeats", 5))):
+        for j in range(len(runs)):
+            i = (j + round_) % len(runs)
+            samples[i].append(clock(lambda: [runs[i]() for _ in range(calls[i])]) / calls[i])
+    out = []
+    for product, times, n_calls in zip(spec["products"], samples, calls):
+        flop = matmul_flop(*product[2:])
+        out.append({"product": list(product), "name": product_name(tuple(product)),
+                    "best_gflops": flop / min(times) / 1e9,
+                    "median_gflops": flop / float(np.median(times)) / 1e9,
+                    "samples": len(times), "calls_per_sample": n_calls})
+    return {"status": "OK", "products": out}
+
+
+def run_series(spec):
+    """The cases of one implementation at ascending N in this process (see the module doc)."""
+    device = None
+    for i, problem in enumerate(spec["problems"]):
+        started = time.monotonic()
+        case = {**spec, "mode": "time", "problem": problem, "reference": spec["references"][i],
+                "repeats": spec["repeats"][i]}
+        if device is not None:
+            uncap_memory(device)
+        device = torch.device(problem["device"])
+        result = run_case(case, warm=i == 0, started=started)
+        result["wall_s"] = time.monotonic() - started
+        with open(spec["result_path"], "a") as f:
+            f.write(json.dumps(result) + "\n")
+        if result["status"] != "OK":
+            break
+    return None
 
 
 STARTED = time.monotonic()
@@ -272,6 +330,9 @@ STARTED = time.monotonic()
 def main():
     spec = json.loads(sys.stdin.read())
     load_plugins(spec.get("plugins", ()))
+    if spec.get("mode") == "series":
+        run_series(spec)
+        return 0
     result = run_floor(spec) if spec.get("mode") == "floor" else run_case(spec)
     result["wall_s"] = time.monotonic() - STARTED
     with open(spec["result_path"], "w") as f:

@@ -161,6 +161,120 @@ def test_floor_ratio_and_rates():
     assert fam.essential_flop(family, problem) == 2 * 2 * 4 * 10 * 3
 
 
+def _recorded_products(run, m, d, backend):
+    """{(product, rows, keys, dim)} of the N x M x D products ``run`` issues through
+    ``backend``, read from the profiler (aten::mm / aten::addmm_ with an M x D operand)."""
+    from torch.profiler import profile
+
+    run()  # warm (the extension load, first-call initialisation)
+    with profile(record_shapes=True) as prof:
+        run()
+    out = set()
+    for event in prof.events():
+        shapes = [tuple(s) for s in event.input_shapes if len(s) == 2]
+        if event.name == "aten::addmm_" and shapes[0] == (m, d):
+            out.add(("dk", shapes[1][1], m, d))  # dkeys (M x D) += (M x R) @ (R x D)
+        elif event.name == "aten::mm" and backend == "cpu" and shapes[0] == (m, d):
+            out.add(("cpu scores", shapes[1][1], m, d))  # keys @ q_blk^T: M x R tile
+        elif event.name == "aten::mm" and backend == "torch" and shapes[1] == (d, m):
+            out.add(("torch scores", shapes[0][0], m, d))  # q_chunk @ keys^T: R x M chunk
+        elif event.name == "aten::mm" and shapes[0][1] == m and shapes[1] == (m, d):
+            out.add(("dq", shapes[0][0], m, d))
+    return out
+
+
+def _expected_products(n, m, d, backend, symmetric=False):
+    from fastcontrast.benchmarks._floor import kernel_products
+
+    return {("dk" if p == "dk" else "dq" if p == "dq" else f"{b} scores", rows, keys, dim)
+            for b, p, rows, keys, dim in kernel_products(n, m, d, symmetric=symmetric,
+                                                         backends=(backend,))}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_the_floor_measures_the_product_shapes_the_kernels_run(backend, symmetric):
+    import fastcontrast
+
+    if backend not in fastcontrast.available_backends("cpu"):
+        pytest.skip(f"backend {backend} not available")
+    # M = 16384 keys: the cpu kernel's fused path takes R = 256 rows a block (512 with the
+    # doubled tile of the symmetric path), the torch backend 256-row chunks; N = 300 leaves a
+    # tail block. Symmetric needs N = M: 1100 x 1100 (R = 512, tail 76; torch 1100 rows).
+    n, m, d = (1100, 1100, 8) if symmetric else (300, 16384, 8)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(n, d, generator=gen, requires_grad=True)
+    k = torch.randn(m, d, generator=gen, requires_grad=True)
+    targets = torch.randint(0, m, (n,), generator=gen)
+
+    def run():
+        loss = fastcontrast.info_nce(q, k, symmetric=True, backend=backend) if symmetric else \
+            fastcontrast.info_nce(q, k, targets=targets, backend=backend)
+        loss.backward()
+    recorded = _recorded_products(run, m, d, backend)
+    assert recorded == _expected_products(n, m, d, backend, symmetric), recorded
+
+
+def test_kernel_block_rows_follow_the_kernels_budget():
+    from fastcontrast.benchmarks._floor import cpu_block_rows, kernel_products, torch_chunk_rows
+
+    assert [cpu_block_rows(n, n, 256) for n in (1024, 8192, 16384, 65536)] == [512, 512, 256, 256]
+    assert cpu_block_rows(16384, 16384, 256, large_tile=True) == 512
+    assert [torch_chunk_rows(n, n) for n in (1024, 4096, 16384)] == [1024, 1024, 256]
+    shapes = kernel_products(8192, 8192, 256)
+    assert ("cpu", "dq", 512, 8192, 256) in shapes and ("torch", "dk", 512, 8192, 256) in shapes
+    assert len(shapes) == 6
+
+
+def test_time_over_floor_is_at_least_one_by_construction():
+    floor = {"status": "OK", "best_gflops": 100.0, "best": "cpu dq 512 x 8192 x 256",
+             "matmul_best_gflops": 100.0, "set_by": "matmul"}
+    flop = 6e9
+    records = [{"status": "OK", "mode": "time", "family": "infonce", "impl": impl, "n": 8192,
+                "flop_essential": flop, "samples_s": samples,
+                "median_s": sorted(samples)[len(samples) // 2]}
+               for impl, samples in (("fast", [0.05, 0.055, 0.07]), ("slow", [0.2, 0.3, 0.25]))]
+    records.append({"status": "OOM", "mode": "time", "family": "infonce", "impl": "x",
+                    "n": 8192, "flop_essential": flop})
+    bench_runner.settle_floor(floor, records)
+    assert floor["best_gflops"] == pytest.approx(flop / 0.05 / 1e9)  # faster than the matmuls
+    assert floor["set_by"] == "infonce fast N = 8192 (its fastest run)"
+    assert floor["matmul_best_gflops"] == 100.0
+    for record in records:
+        bench_runner.apply_floor(record, floor)
+    assert [r.get("time_over_floor") for r in records][2] is None
+    assert all(r["time_over_floor"] >= 1 for r in records[:2])
+    assert records[0]["time_over_floor"] == pytest.approx(0.055 / 0.05)
+
+
+def test_the_default_suite_is_the_curve_over_every_cpu_peer():
+    from fastcontrast.benchmarks.suites import SUITES, cases
+
+    suite = SUITES["default"]
+    assert suite.sizes == (1024, 2048, 4096, 8192, 16384) and suite.series
+    repeats = [suite.repeats_at(n) for n in suite.sizes]
+    assert repeats == sorted(repeats, reverse=True) and repeats[-1] >= 2 > 1
+    assert suite.budget_gib == 2.0 and suite.device == "cpu"
+    run = {(c.family, c.impl, c.problem.n) for c, skip in cases(suite) if skip is None}
+    for family in suite.families:
+        peers_of = [name for name, impl in fam.FAMILIES[family].implementations.items()
+                    if impl.kind == "peer"]
+        for impl in ["fastcontrast[cpu]", "naive"] + peers_of:
+            assert {(family, impl, n) for n in suite.sizes} <= run, (family, impl)
+
+
+def test_a_series_runs_every_n_in_one_process_and_stops_at_the_first_failure(runner):
+    small = [_case("naive", Problem(n=n, d=8)) for n in (32, 64)]
+    ok = runner.run_series(small, [3, 1])
+    assert [r["status"] for r in ok] == ["OK", "OK"], ok
+    assert [r["timed_runs"] for r in ok] == [3, 1] and ok[1]["n"] == 64
+    assert all(r["check"]["status"] == "ok" for r in ok)
+    hungry = runner.run_series([_case("fake hungry", Problem(n=n, d=8)) for n in (32, 64)],
+                               [1, 1])
+    assert hungry[0]["status"] == "OOM" and hungry[1]["status"] == "OOM"
+    assert hungry[1]["inferred"] and "not run" in hungry[1]["reason"]
+
+
 def test_every_family_builds_inputs_its_reference_accepts():
     for family in fam.FAMILIES.values():
         if family.enabled() is not None:
@@ -187,11 +301,16 @@ def test_smoke_suite_writes_json_csv_png_and_summary(tmp_path):
     assert {s["impl"] for s in result["largest_n"]} == {"naive", "fastcontrast[torch]"}
     assert all(s["largest_n"] == 128 and s["capped"] for s in result["largest_n"])
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["floors"][0]["status"] == "OK" and data["floors"][0]["best_gflops"] > 0
+    floor = data["floors"][0]
+    assert floor["status"] == "OK" and floor["best_gflops"] > 0
+    names = {p["name"] for p in floor["products"]}
+    assert "cpu scores 64 x 64 x 8" in names and "torch dk 64 x 64 x 8" in names
+    timed = [r for r in data["records"] if r["status"] == "OK" and r["mode"] == "time"]
+    assert timed and all(r["time_over_floor"] >= 1 for r in timed)
     csv_text = (tmp_path / "results.csv").read_text()
     assert csv_text.startswith("suite,part,family,impl") and "fastcontrast[torch]" in csv_text
     summary = (tmp_path / "summary.md").read_text()
-    assert "InfoNCE" in summary
+    assert "InfoNCE" in summary and "cpu dq 64 x 64 x 8" in summary
     png = tmp_path / "bench_fp32_d8.png"
     try:
         import matplotlib  # noqa: F401 - the bench extra
