@@ -82,3 +82,18 @@ def test_siglip_module_owns_scale_and_bias():
                           fastcontrast.siglip_loss(image, text, 2.0, 0.5))
     with pytest.raises(ValueError, match="init_logit_scale"):
         fastcontrast.SigLIPLoss(init_logit_scale=0.0)
+
+
+def test_module_distributed_option():
+    """distributed=None is the single-process loss; a mode without a process group is refused by
+    fastcontrast.distributed (the multi-process cases are in tests/distributed)."""
+    q, k = torch.randn(6, 4), torch.randn(6, 4)
+    fc = fastcontrast
+    plain = fc.InfoNCELoss(temperature=0.2)(q, k)
+    torch.testing.assert_close(plain, fc.info_nce(q, k, temperature=0.2))
+    with pytest.raises(ValueError, match="distributed"):
+        fc.InfoNCELoss(distributed="allgather")
+    module = fc.ClipLoss(distributed="ring")
+    assert "distributed='ring'" in repr(module)
+    with pytest.raises(RuntimeError, match="process group"):
+        module(q, k)
