@@ -5,7 +5,7 @@ import numbers
 
 import torch
 
-from ._host import REDUCTIONS  # noqa: F401  (re-exported for the checks' callers)
+from ._host import REDUCTIONS
 from ._host import accumulate_dtype
 
 
@@ -163,3 +163,26 @@ def check_int(name, value, minimum=1):
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_view_pair(z1, z2):
+    """NT-Xent's two views: (N, D) floating tensors of one shape, dtype and device."""
+    check_tensor("z1", z1, (2,))
+    check_tensor("z2", z2, (2,))
+    check_same("z2", z2, "z1", z1)
+    if z2.shape != z1.shape:
+        raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
+
+
+def check_supcon_args(features, labels, temperature, reduction, normalize):
+    """SupCon's arguments: (N, D) features with (N,) int64 labels, or (N, V, D) with labels
+    optional; returns the temperature as finite_scalar does (in the accumulation dtype)."""
+    check_tensor("features", features, (2, 3))
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_flag("normalize", normalize)
+    if labels is None and features.dim() == 2:
+        raise ValueError("supcon needs labels for (N, D) features (or (N, V, D) multi-view "
+                         "features, where labels default to the sample index)")
+    if labels is not None:
+        check_ids("labels", labels, features.shape[0], features.device)
+    return positive_scalar("temperature", temperature, features.device, dtype=features.dtype)

@@ -187,11 +187,7 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     """SimCLR's NT-Xent over the 2N views z = [z1; z2] (lightly's NTXentLoss):
     loss_i = logsumexp_{j != i} <z_i, z_j>/tau - <z_i, z_{i+-N}>/tau, mean over the 2N rows
     ("none": (2N,), rows of z1 first). DCL / DCLW / HCL options as in info_nce."""
-    check.check_tensor("z1", z1, (2,))
-    check.check_tensor("z2", z2, (2,))
-    check.check_same("z2", z2, "z1", z1)
-    if z2.shape != z1.shape:
-        raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
+    check.check_view_pair(z1, z2)
     n = z1.shape[0]
     views = torch.cat([z1, z2])
     targets = (torch.arange(2 * n, device=z1.device) + n) % (2 * n)
@@ -211,17 +207,8 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
         loss_a = logsumexp_{b != a} s_ab - mean_{p != a, label_p = c} s_ap,  s = <z^_a, z^_b> / tau
     Anchors without a positive give 0 and are left out of the mean. "none": (N,) or (N, V).
     Positives are summed per class (no N x N mask); the denominator is the fused log-sum-exp."""
-    check.check_tensor("features", features, (2, 3))
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_flag("normalize", normalize)
+    tau = check.check_supcon_args(features, labels, temperature, reduction, normalize)
     n = features.shape[0]
-    if labels is None and features.dim() == 2:
-        raise ValueError("supcon needs labels for (N, D) features (or (N, V, D) multi-view "
-                         "features, where labels default to the sample index)")
-    if labels is not None:
-        check.check_ids("labels", labels, n, features.device)
-    tau = check.positive_scalar("temperature", temperature, features.device,
-                                 dtype=features.dtype)
     name = resolve(backend, features.device, dtype=features.dtype)
     if name == "reference":
         return supcon_reference(features, labels, temperature=tau, normalize=normalize,

@@ -133,7 +133,7 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     if targets is not None:
         check.check_ids("targets", targets, query.shape[0], query.device)
-    tau = check.positive_scalar("temperature", temperature, query.device)
+    tau = check.positive_scalar("temperature", temperature, query.device, dtype=query.dtype)
     comm, name = _start("info_nce", mode, group, backend, query.device, query.dtype)
     neg_kind = 0 if negatives is None else negatives.dim()
     flags = (int(normalize) | int(in_batch_negatives) << 1 | int(exclude_self) << 2
@@ -222,7 +222,7 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
     check.check_image_text(image, text)
     if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
         raise TypeError(f"logit_bias must be a float or a tensor, got {type(logit_bias).__name__}")
-    scale = check.positive_scalar("logit_scale", logit_scale, image.device)
+    scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
     loss = info_nce(image, text, temperature=scale.reciprocal(), normalize=False,
                     symmetric=True, reduction=reduction, backend=backend, mode=mode,
                     group=group)
@@ -236,14 +236,10 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", backen
     """SimCLR's NT-Xent over the 2 N_total views of every rank: the positive of view z1_i is
     z2_i (same rank), the negatives every other view of every rank, self excluded. Per-rank
     batch sizes may differ. "none": (2 N_r,), this rank's [z1; z2] rows."""
-    check.check_tensor("z1", z1, (2,))
-    check.check_tensor("z2", z2, (2,))
-    check.check_same("z2", z2, "z1", z1)
-    if z2.shape != z1.shape:
-        raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
+    check.check_view_pair(z1, z2)
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     check.check_flag("normalize", normalize)
-    tau = check.positive_scalar("temperature", temperature, z1.device)
+    tau = check.positive_scalar("temperature", temperature, z1.device, dtype=z1.dtype)
     comm, name = _start("nt_xent", mode, group, backend, z1.device, z1.dtype)
     table = _exchange(comm, z1.device, [
         (None, z1.shape[0]), ("the feature dimension D of z1", z1.shape[1]),
@@ -277,16 +273,8 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
     all-reduced with autograd ((C, D) floats, C the number of distinct labels). Anchors without
     a positive give 0 and are left out of the mean, counted over all ranks. (N, V, D) features:
     labels default to the global sample index."""
-    check.check_tensor("features", features, (2, 3))
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_flag("normalize", normalize)
+    tau = check.check_supcon_args(features, labels, temperature, reduction, normalize)
     n = features.shape[0]
-    if labels is None and features.dim() == 2:
-        raise ValueError("supcon needs labels for (N, D) features (or (N, V, D) multi-view "
-                         "features, where labels default to the sample index)")
-    if labels is not None:
-        check.check_ids("labels", labels, n, features.device)
-    tau = check.positive_scalar("temperature", temperature, features.device)
     comm, name = _start("supcon", mode, group, backend, features.device, features.dtype)
     table = _exchange(comm, features.device, [
         (None, n), ("the number of dimensions of features", features.dim()),
@@ -337,8 +325,8 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
     all-reduced (DDP averages their gradients). "mean" divides by N_total (OpenCLIP)."""
     check.check_image_text(image, text)
     check.check_choice("reduction", reduction, check.REDUCTIONS)
-    scale = check.finite_scalar("logit_scale", logit_scale, image.device)
-    bias = check.finite_scalar("logit_bias", logit_bias, image.device)
+    scale = check.finite_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
+    bias = check.finite_scalar("logit_bias", logit_bias, image.device, dtype=image.dtype)
     comm, name = _start("siglip_loss", mode, group, backend, image.device, image.dtype)
     table = _exchange(comm, image.device, [
         (None, image.shape[0]), ("the feature dimension D of image", image.shape[1]),
