@@ -782,9 +782,12 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
     """SupCon L_out over features (R, D) with labels (R,); per-anchor losses reduced as
     ``reduction`` (mean over anchors that have a positive); see the module docstring."""
     out_dtype = features.dtype
-    # One float32 copy of low-precision features for the host terms and the fused pass (whose
-    # kernels still read out_dtype): their gradients are summed in float32 (see _upcast_inputs).
-    features = _accumulate(features)
+    # The denominator: lse over b != a (self excluded), without subtracting a positive.
+    denominator = _FusedPass(backend, in_batch_negatives=True, exclude_self=True, symmetric=False,
+                             normalize=normalize, reduction="none" if reduction == "none" else
+                             "sum", exclude_positive=False, subtract_positive=False, eps=eps)
+    # One float32 copy of low-precision features feeds the host terms and the fused pass.
+    denominator, (features,) = _upcast_inputs(denominator, features)
     z = F.normalize(features, dim=-1, eps=eps) if normalize else features
     cls = _class_index(labels)
     n = z.shape[0]
@@ -795,11 +798,6 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
     pos_mean = ((z * class_sums[cls]).sum(dim=1) - (z * z).sum(dim=1)) * scale.to(z.dtype) \
         / pos_count.clamp_min(1)
     has_positive = pos_count > 0
-    # The denominator: lse over b != a (self excluded), without subtracting a positive.
-    denominator = _FusedPass(backend, in_batch_negatives=True, exclude_self=True, symmetric=False,
-                             normalize=normalize, reduction="none" if reduction == "none" else
-                             "sum", exclude_positive=False, subtract_positive=False, eps=eps,
-                             kernel_dtype=out_dtype if out_dtype != features.dtype else None)
     if reduction == "none":
         lse = _fused(denominator, features, features, None, None, scale, None)
         loss = torch.where(has_positive, lse.to(z.dtype) - pos_mean, torch.zeros_like(pos_mean))
