@@ -33,10 +33,13 @@ Modes:
             log space (O(M_total) floats); backward all-gathers the column weights (O(M_total))
             and reduce-scatters the key gradients (O(M_total D)). Uneven batches work.
   "ring"    key blocks travel around the ring with isend / irecv posted before each block's
-            compute: per rank O(M_r D) memory for its own block plus two travelling blocks; the
-            partial column statistics and the fp32 key-gradient accumulators travel with their
-            block and come home complete; a symmetric loss is one ring forward and one ring
-            backward. Uneven batches work.
+            compute: per rank its own block plus two travelling blocks (the one computed on and
+            the arriving one), and in the backward one fp32 key-gradient accumulator (two
+            during its hand-over) and a quarter-block partial; the forward saves O(N_r + M_r)
+            statistics, no key block. The partial column statistics (forward) and the
+            key-gradient accumulators (backward) travel with their block and come home
+            complete; a symmetric loss is one ring forward and one ring backward. Uneven
+            batches work (see ring.py).
 Every call starts with one small all_gather of shapes, dtypes and options, so mismatched
 inputs raise the same ValueError on every rank instead of hanging; every collective inherits
 the process group's timeout.

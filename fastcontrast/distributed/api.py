@@ -185,8 +185,8 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     positive = None
     if y is not None and sum(sizes) > 0:
         spec = LSESpec(mode, name, exclude_self and in_batch_negatives, symmetric)
-        row_lse, col_lse, positive = DistributedLSE.apply(q, scale, y, product_targets, comm,
-                                                          layout, spec)
+        row_lse, col_lse, positive = DistributedLSE.apply(q, scale, y, product_targets, None,
+                                                          None, comm, layout, spec)
         if product_targets is None:
             positive = None
     else:
@@ -253,7 +253,7 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", backen
     views = _prepare(torch.cat([z1, z2]), _compute_dtype(name, z1.dtype), normalize)
     scale = tau.reciprocal()
     spec = LSESpec(mode, name, exclude_self=True, with_col=False)
-    row_lse, _, positive = DistributedLSE.apply(views, scale, views, targets, comm,
+    row_lse, _, positive = DistributedLSE.apply(views, scale, views, targets, None, None, comm,
                                                 Layout(tuple(sizes), tuple(sizes)), spec)
     return _reduce(comm, row_lse - positive, reduction, sum(sizes)).to(z1.dtype)
 
@@ -309,7 +309,7 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
     pos_mean = ((zf * class_sums[cls]).sum(1) - (zf * zf).sum(1)) * scale.to(acc) \
         / pos_count.clamp_min(1)
     spec = LSESpec(mode, name, exclude_self=True, with_col=False)
-    row_lse, _, _ = DistributedLSE.apply(z, scale, z, None, comm,
+    row_lse, _, _ = DistributedLSE.apply(z, scale, z, None, None, None, comm,
                                          Layout(tuple(sizes), tuple(sizes)), spec)
     has_positive = pos_count > 0
     loss = torch.where(has_positive, row_lse.to(acc) - pos_mean, torch.zeros_like(pos_mean))

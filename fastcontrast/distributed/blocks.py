@@ -23,7 +23,7 @@ SigLIP (z_ij = scale <x_i, y_j> + bias, loss_i = sum_j softplus(-y_ij z_ij)):
 """
 import torch
 
-from .._host import accumulate_dtype, rowwise_dot
+from .._host import HOST_CHUNK_ROWS, accumulate_dtype, rowwise_dot
 from ..infonce import masked_lse_backward, masked_lse_forward
 from ..siglip import siglip_backward, siglip_forward
 
@@ -32,35 +32,38 @@ __all__ = ["lse_block_forward", "lse_block_backward", "siglip_block_forward",
 
 
 def _positives_in(targets, lo, m):
-    """(rows whose positive is in keys lo..lo+m, their column in the block), or None."""
+    """[(rows whose positive is in keys lo..lo+m, their column in the block)] in groups of at
+    most a quarter block (the copies x[rows], y[cols] stay small); [] without targets."""
     if targets is None:
-        return None
+        return []
     hit = ((targets >= lo) & (targets < lo + m)).nonzero().squeeze(1)
-    return hit, targets[hit] - lo
+    step = min(HOST_CHUNK_ROWS, max(1, -(-m // 4)))
+    return [(hit[h0:h0 + step], targets[hit[h0:h0 + step]] - lo)
+            for h0 in range(0, hit.numel(), step)]
 
 
-def lse_block_forward(x, scale, y, lo, diag_offset, with_col, targets, positive, backend):
+def lse_block_forward(x, scale, y, lo, diag_offset, with_col, targets, positive, backend,
+                      row_ids=None, col_ids=None):
     """(row_lse (N,), col_lse (M_b,) or None) of the block in the accumulation dtype; fills
     positive[i] (accumulation dtype) for the rows whose positive targets[i] is in the block.
-    diag_offset None: nothing masked."""
+    diag_offset None: no diagonal masked; row_ids (N,) / col_ids (M_b,): entries with
+    row_ids_i == col_ids_j >= 0 masked (None: no id mask)."""
     acc = accumulate_dtype(x.dtype)
     alpha = scale.to(acc).expand(x.shape[0]).contiguous()
     beta = torch.ones(y.shape[0], dtype=acc, device=x.device)
     exclude = diag_offset is not None
-    row_lse, col_lse = masked_lse_forward(x, y, alpha, beta, None, None, exclude,
+    row_lse, col_lse = masked_lse_forward(x, y, alpha, beta, row_ids, col_ids, exclude,
                                           diag_offset if exclude else 0, with_col, backend)
-    hits = _positives_in(targets, lo, y.shape[0])
-    if hits is not None and hits[0].numel():
-        rows, cols = hits
+    for rows, cols in _positives_in(targets, lo, y.shape[0]):
         positive[rows] = rowwise_dot(x[rows], y[cols]) * scale.to(acc)
     return row_lse.to(acc), (col_lse.to(acc) if with_col else None)
 
 
 def lse_block_backward(x, scale, y, lo, diag_offset, row_lse, g, col_lse, c, targets, g_pos,
-                       need_dy, backend):
+                       need_dy, backend, row_ids=None, col_ids=None):
     """(dx (N, D), dy (M_b, D) or None) in the accumulation dtype for row weights g (N,), the
     block's column weights c (M_b,) with their global col_lse (None without a column term) and
-    the weights g_pos (N,) of the positives (None without targets)."""
+    the weights g_pos (N,) of the positives (None without targets); masks as the forward."""
     acc = accumulate_dtype(x.dtype)
     alpha = scale.to(acc).expand(x.shape[0]).contiguous()
     beta = torch.ones(y.shape[0], dtype=acc, device=x.device)
@@ -69,13 +72,11 @@ def lse_block_backward(x, scale, y, lo, diag_offset, row_lse, g, col_lse, c, tar
     dx, dy = masked_lse_backward(
         x, y, alpha, beta, row_lse.to(acc).contiguous(), g.to(acc).contiguous(),
         col_lse.to(acc).contiguous() if with_col else None,
-        c.to(acc).contiguous() if with_col else None, None, None, exclude,
+        c.to(acc).contiguous() if with_col else None, row_ids, col_ids, exclude,
         diag_offset if exclude else 0, True, need_dy, backend)
     dx = dx.to(acc)
     dy = dy.to(acc) if need_dy else None
-    hits = _positives_in(targets, lo, y.shape[0])
-    if hits is not None and hits[0].numel():
-        rows, cols = hits
+    for rows, cols in _positives_in(targets, lo, y.shape[0]):
         coef = (g_pos[rows].to(acc) * scale.to(acc)).unsqueeze(1)
         dx.index_add_(0, rows, y[cols].to(acc) * coef)
         if need_dy:

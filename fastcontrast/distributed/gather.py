@@ -16,20 +16,29 @@ from .collectives import all_gather_rows, all_reduce_logsumexp, reduce_scatter_r
 __all__ = ["lse_forward", "lse_backward", "siglip_forward", "siglip_backward"]
 
 
-def lse_forward(comm, layout, spec, x, scale, y, targets):
+def _all_ids(comm, layout, ids):
+    """(row_ids, the column ids of every rank's keys) of the id mask, or (None, None)."""
+    if ids is None:
+        return None, None
+    return ids[0], all_gather_rows(comm, ids[1].contiguous(), layout.keys)
+
+
+def lse_forward(comm, layout, spec, x, scale, y, targets, ids):
     """(row_lse (N,), col_lse of this rank's keys (M_r,) or None, positive (N,) or None,
-    saved tensors for lse_backward)."""
+    saved tensors for lse_backward). ``ids``: (row_ids (N,), col_ids of this rank's keys) of
+    the id mask, or None."""
     keys = all_gather_rows(comm, y.contiguous(), layout.keys)
     off = layout.key_offset(comm.rank)
     positive = None if targets is None else x.new_zeros(x.shape[0], dtype=accumulate_dtype(x.dtype))
     row_lse, col_part = lse_block_forward(x, scale, keys, 0, off if spec.exclude_self else None,
-                                          spec.with_col, targets, positive, spec.backend)
+                                          spec.with_col, targets, positive, spec.backend,
+                                          *_all_ids(comm, layout, ids))
     col_all = all_reduce_logsumexp(comm, col_part) if spec.with_col else None
     col_lse = col_all[off:off + layout.keys[comm.rank]] if spec.with_col else None
     return row_lse, col_lse, positive, (keys, col_all)
 
 
-def lse_backward(comm, layout, spec, x, scale, y, targets, row_lse, saved, g, c, g_pos):
+def lse_backward(comm, layout, spec, x, scale, y, targets, ids, row_lse, saved, g, c, g_pos):
     """(dx (N, D), dy (M_r, D)) in the accumulation dtype: the gradient of the sum of all ranks'
     losses."""
     keys, col_all = saved
@@ -37,7 +46,8 @@ def lse_backward(comm, layout, spec, x, scale, y, targets, row_lse, saved, g, c,
     c_all = all_gather_rows(comm, c.to(row_lse.dtype).contiguous(), layout.keys) \
         if spec.with_col else None
     dx, dkeys = lse_block_backward(x, scale, keys, 0, off if spec.exclude_self else None,
-                                   row_lse, g, col_all, c_all, targets, g_pos, True, spec.backend)
+                                   row_lse, g, col_all, c_all, targets, g_pos, True, spec.backend,
+                                   *_all_ids(comm, layout, ids))
     return dx, reduce_scatter_rows(comm, dkeys, layout.keys)
 
 

@@ -1,10 +1,12 @@
 """The two autograd.Functions of fastcontrast.distributed, each dispatching to gather.py or
 ring.py by ``mode``:
 
-    DistributedLSE(x, scale, y, targets)    this rank's rows x (N_r, D) (normalised when the loss
-        -> row_lse (N_r,), col_lse (M_r,),  normalises) against the keys of every rank (y: this
-           positive (N_r,)                  rank's M_r keys); s_ij = scale <x_i, y_j>, entry
-                                            (i, i) of the global index masked with exclude_self;
+    DistributedLSE(x, scale, y, targets,    this rank's rows x (N_r, D) (normalised when the loss
+                   row_ids, col_ids)        normalises) against the keys of every rank (y: this
+        -> row_lse (N_r,), col_lse (M_r,),  rank's M_r keys); s_ij = scale <x_i, y_j>, entry
+           positive (N_r,)                  (i, i) of the global index masked with exclude_self,
+                                            entries with row_ids_i == col_ids_j >= 0 masked
+                                            (col_ids: this rank's keys' ids; both or None);
                                             positive_i = s_{i, targets_i} (global key index)
     DistributedSigLIP(x, y, scale, bias)    per-row SigLIP loss (N_r,) over every rank's texts
         -> loss (N_r,)
@@ -55,26 +57,27 @@ def _empty(like):
 
 class DistributedLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, y, targets, comm, layout, spec):
+    def forward(ctx, x, scale, y, targets, row_ids, col_ids, comm, layout, spec):
+        ids = None if row_ids is None else (row_ids, col_ids)
         row_lse, col_lse, positive, saved = _impl(spec.mode).lse_forward(
-            comm, layout, spec, x, scale, y, targets)
+            comm, layout, spec, x, scale, y, targets, ids)
         ctx.comm, ctx.layout, ctx.spec = comm, layout, spec
-        ctx.n_saved = len(saved)
-        ctx.save_for_backward(x, scale, y, targets, row_lse, *saved)
+        ctx.save_for_backward(x, scale, y, targets, row_ids, col_ids, row_lse, *saved)
         return (row_lse, _empty(row_lse) if col_lse is None else col_lse,
                 _empty(row_lse) if positive is None else positive)
 
     @staticmethod
     def backward(ctx, g, c, g_pos):
-        x, scale, y, targets, row_lse, *saved = ctx.saved_tensors
+        x, scale, y, targets, row_ids, col_ids, row_lse, *saved = ctx.saved_tensors
         spec = ctx.spec
+        ids = None if row_ids is None else (row_ids, col_ids)
         dx, dy = _impl(spec.mode).lse_backward(
-            ctx.comm, ctx.layout, spec, x, scale, y, targets, row_lse, saved, g,
+            ctx.comm, ctx.layout, spec, x, scale, y, targets, ids, row_lse, saved, g,
             c if spec.with_col else None, g_pos if targets is not None else None)
         dscale = None
         if ctx.needs_input_grad[1]:
             dscale = (rowwise_dot(x, dx).sum() / scale.to(dx.dtype)).to(scale.dtype)
-        return dx.to(x.dtype), dscale, dy.to(y.dtype), None, None, None, None
+        return dx.to(x.dtype), dscale, dy.to(y.dtype), None, None, None, None, None, None
 
 
 class DistributedSigLIP(torch.autograd.Function):

@@ -42,8 +42,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_world(world, out_dir, deadline_s=90):
-    """Spawn ``world`` workers, wait at most ``deadline_s``, return the ranks' result dicts."""
+def run_world(world, out_dir, deadline_s=240):
+    """Spawn ``world`` workers, wait at most ``deadline_s`` (a safety net for a loaded machine:
+    every collective already fails after TIMEOUT_S), return the ranks' result dicts."""
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
@@ -458,7 +459,9 @@ def _run_all(group, out, tag, seed, cases, extras=True):
         run_case(case, group, seed=seed + i, out=out, tag=tag)
     if not extras:
         return
-    for fn in (run_all_gather_with_grad, run_enqueue_all, run_bad_inputs):
+    from ._ring_probe import run_ring_probe
+
+    for fn in (run_all_gather_with_grad, run_enqueue_all, run_bad_inputs, run_ring_probe):
         try:
             fn(group, out, tag)
         except Exception:  # noqa: BLE001

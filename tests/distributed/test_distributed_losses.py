@@ -96,3 +96,27 @@ def test_bad_mode_and_backend_are_refused_before_communicating():
         fcd.info_nce(q, q.clone(), mode="tree")
     with pytest.raises(TypeError, match="decoupled"):
         fcd.info_nce(q, q.clone(), decoupled=True)
+
+
+@pytest.mark.parametrize("world", (2, 4))
+def test_ring_holds_its_own_and_two_travelling_blocks(results, world):
+    """Ring mode's memory in units of one key block M_r x D (N_r = M_r, so the query-side
+    gradient buffers dx and a kernel call's partial dx are block-sized too): forward, the block
+    computed on and the arriving one (2); backward, those two and one fp32 key-gradient
+    accumulator (a second one only during the hand-over, after the computed block is released),
+    a quarter-block partial d(keys), dx and a partial dx: at most 5.5, the same at every W
+    (gather holds W blocks of keys, and its backward W blocks of key gradients). The graph saves
+    only O(N_r) statistics beyond the inputs. The next block's transfer is posted before each
+    block's compute, in both directions, and the symmetric loss is one ring each way."""
+    for rank, res in enumerate(results):
+        key = f"ring_probe/w{world}/ring"
+        if f"w{world}/run_ring_probe/error" in res:
+            pytest.fail(res[f"w{world}/run_ring_probe/error"])
+        assert res[f"{key}/forward_blocks"] <= 2.1, (rank, res[f"{key}/forward_blocks"])
+        assert 1 <= res[f"{key}/backward_blocks"] <= 5.5, (rank, res[f"{key}/backward_blocks"])
+        assert res[f"{key}/saved_blocks"] < 0.1, (rank, res[f"{key}/saved_blocks"])
+        assert res[f"{key}/forward_overlap"] and res[f"{key}/backward_overlap"], rank
+        assert res[f"{key}/forward_block_sends"] == world - 1, rank
+        assert res[f"{key}/backward_block_sends"] == 2 * world - 1, rank  # blocks + accumulators
+        gather = f"ring_probe/w{world}/gather"
+        assert res[f"{gather}/saved_blocks"] >= world - 0.1, rank  # it keeps the gathered keys
