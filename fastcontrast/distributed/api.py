@@ -9,6 +9,9 @@ Reduction convention (N_total = the rows of all ranks; W = the group size):
     "none"  rank r returns its rows' losses (concatenated in rank order they are the
             single-process rows, except nt_xent: each rank's [z1_r; z2_r])
 """
+import struct
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +20,8 @@ from .. import functional
 from ..backends import PROPERTIES, resolve
 from .collectives import (AllGatherWithGrad, AllReduceWithGrad, Comm, all_gather_rows,
                           dtype_code)
+from ..infonce import InfoNCEOptions
+from .objectives import Candidates, negative_counts, row_losses
 from .ops import DistributedLSE, DistributedSigLIP, Layout, LSESpec
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss",
@@ -98,9 +103,33 @@ def _product(k, b, n_keys, bank_sizes, global_targets, in_batch_negatives):
     return y, sizes, global_targets + shift[owner]
 
 
+def _float_code(value):
+    """A float option as the int64 of its bits (the metadata exchange carries ints)."""
+    return 0 if value is None else struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _mask_ids(options, global_rows_of_keys, global_targets, n_bank, query_ids, bank_ids):
+    """(row_ids (N_r,), col_ids of this rank's product keys) of the id mask, or None: as
+    fastcontrast.infonce (DCL / DCLW / HCL with in-batch keys mask each row's positive key,
+    whose id is its global key index; else query_ids mask the bank entries of their id)."""
+    over_negatives = options.decoupled or options.needs_host_terms
+    if over_negatives and options.in_batch_negatives:
+        device = global_targets.device
+        cols = [global_rows_of_keys, torch.full((n_bank,), -1, dtype=torch.int64, device=device)]
+        return global_targets.contiguous(), torch.cat(cols).contiguous()
+    if query_ids is None:
+        return None
+    cols = [bank_ids]
+    if options.in_batch_negatives:
+        cols.insert(0, torch.full(global_rows_of_keys.shape, -1, dtype=torch.int64,
+                                  device=query_ids.device))
+    return query_ids.contiguous(), torch.cat(cols).contiguous()
+
+
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
-             backend="auto", mode="gather", group=None, **objective):
+             decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
+             negative_ids=None, backend="auto", mode="gather", group=None):
     """InfoNCE over the keys of every rank of ``group`` (fastcontrast.info_nce on the
     concatenated batch; see fastcontrast.distributed for the convention).
 
@@ -110,12 +139,11 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     on every rank). ``negatives``: per-query (N_r, K, D) negatives stay with their rows; a 2-D
     bank (K_r, D) is this rank's share of a global bank (every rank's banks are candidates of
     every query). ``exclude_self``: query and key are the same set, global key i is removed from
-    global row i. The DCL / DCLW / HCL objectives and query_ids / negative_ids are not supported
-    here (TypeError)."""
-    if objective:
-        raise TypeError(f"fastcontrast.distributed.info_nce does not support "
-                        f"{', '.join(sorted(objective))} (the DCL / DCLW / HCL objectives and "
-                        "id masks run single-process only)")
+    global row i. The objectives as single-process (formulas in .objectives): ``decoupled``
+    (DCL), ``dclw_sigma`` (DCLW; the softmax of its weights runs over the rows of all ranks),
+    ``hcl_beta`` / ``hcl_tau_plus`` (HCL; the negatives counted over all ranks, two ring /
+    gather passes when hcl_beta > 0). ``query_ids`` (N_r,) / ``negative_ids`` (K_r,) with a 2-D
+    bank: an entry of any rank's bank whose id equals the query's is not a candidate."""
     check.check_tensor("query", query, (2,))
     check.check_tensor("key", key, (2,))
     check.check_same("key", key, "query", query)
@@ -133,19 +161,32 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     if targets is not None:
         check.check_ids("targets", targets, query.shape[0], query.device)
+    functional._validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
     tau = check.positive_scalar("temperature", temperature, query.device, dtype=query.dtype)
+    options = InfoNCEOptions(backend, in_batch_negatives=in_batch_negatives,
+                             exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
+                             reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+    functional._validate_objective(options, query_ids is not None)
     comm, name = _start("info_nce", mode, group, backend, query.device, query.dtype)
+    options = replace(options, backend=name)
     neg_kind = 0 if negatives is None else negatives.dim()
     flags = (int(normalize) | int(in_batch_negatives) << 1 | int(exclude_self) << 2
-             | int(symmetric) << 3 | int(targets is not None) << 4)
+             | int(symmetric) << 3 | int(targets is not None) << 4
+             | int(query_ids is not None) << 5 | int(decoupled) << 6)
     table = _exchange(comm, query.device, [
         (None, query.shape[0]), (None, key.shape[0]),
         ("the feature dimension D of query", query.shape[1]),
         ("dtype of query", dtype_code(query.dtype)),
         ("the kind of negatives (None, 2-D bank or 3-D per-query)", neg_kind),
         (None, 0 if negatives is None else negatives.shape[-2]),
-        ("the options normalize / in_batch_negatives / exclude_self / symmetric / targets given",
-         flags), ("mode", _mode_code(mode)), ("reduction", check.REDUCTIONS.index(reduction))])
+        ("the options normalize / in_batch_negatives / exclude_self / symmetric / targets / "
+         "query_ids given / decoupled", flags), ("mode", _mode_code(mode)),
+        ("reduction", check.REDUCTIONS.index(reduction)),
+        ("dclw_sigma", _float_code(dclw_sigma)), ("hcl_beta", _float_code(hcl_beta)),
+        ("hcl_tau_plus", _float_code(hcl_tau_plus))])
+    if neg_kind == 3:
+        comm.check_same(table, 5, "the number K of per-query negatives")
     n_rows, n_keys = [r[0] for r in table], [r[1] for r in table]
     n_total, m_total = sum(n_rows), sum(n_keys)
     rank = comm.rank
@@ -174,44 +215,45 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
         global_targets = targets
     cdt = _compute_dtype(name, query.dtype)
     q = _prepare(query, cdt, normalize)
-    k = _prepare(key, cdt, normalize)
+    k = q if key is query else _prepare(key, cdt, normalize)
     scale = tau.reciprocal()
     bank = negatives if neg_kind == 2 else None
     bank_sizes = [r[5] for r in table] if bank is not None else [0] * comm.world
     b = None if bank is None else _prepare(bank, cdt, normalize)
     y, sizes, product_targets = _product(k, b, n_keys, bank_sizes, global_targets,
                                          in_batch_negatives)
-    layout = Layout(tuple(n_rows), tuple(sizes))
-    positive = None
-    if y is not None and sum(sizes) > 0:
-        spec = LSESpec(mode, name, exclude_self and in_batch_negatives, symmetric)
-        row_lse, col_lse, positive = DistributedLSE.apply(q, scale, y, product_targets, None,
-                                                          None, comm, layout, spec)
-        if product_targets is None:
-            positive = None
-    else:
-        row_lse = col_lse = None
-    if positive is None:  # the positive is not a key of the product: in_batch_negatives=False
+    key_rows = torch.arange(key_offset, key_offset + key.shape[0], device=query.device)
+    ids = _mask_ids(options, key_rows, global_targets, bank_sizes[rank], query_ids,
+                    negative_ids)
+    positive_outside = None
+    if not in_batch_negatives:  # the positive is not a key of the product
         if targets is None:
-            positive = (q * k).sum(dim=1).to(scale.dtype) * scale
+            positive_outside = (q * k).sum(dim=1).to(scale.dtype) * scale
         else:
             keys = AllGatherWithGrad.apply(k, comm, tuple(n_keys))
-            positive = (q * keys[global_targets]).sum(dim=1).to(scale.dtype) * scale
-    positive = positive.to(torch.promote_types(positive.dtype, scale.dtype))
-    extra = []
-    if not in_batch_negatives:
-        extra.append(positive.unsqueeze(1))
-    if neg_kind == 3:
-        nq = _prepare(negatives, cdt, normalize)
-        extra.append(torch.einsum("nd,nkd->nk", q, nq).to(positive.dtype) * scale)
-    if row_lse is not None:
-        extra.append(row_lse.to(positive.dtype).unsqueeze(1))
-    lse = torch.logsumexp(torch.cat(extra, dim=1), dim=1) if len(extra) > 1 else extra[0][:, 0]
-    if symmetric:
-        loss = 0.5 * (lse + col_lse.to(lse.dtype)) - positive
-    else:
-        loss = lse - positive
-    return _reduce(comm, loss, reduction, n_total).to(query.dtype)
+            positive_outside = (q * keys[global_targets]).sum(dim=1).to(scale.dtype) * scale
+    per_query = _prepare(negatives, cdt, normalize) if neg_kind == 3 else None
+    spec = LSESpec(mode, name, exclude_self and in_batch_negatives, symmetric)
+    cand = Candidates(comm, spec, q, y, Layout(tuple(n_rows), tuple(sizes)), product_targets,
+                      ids, per_query, positive_outside, scale)
+    static = ((m_total - 1 - int(exclude_self)) if in_batch_negatives else 0) + sum(bank_sizes) \
+        + (0 if per_query is None else per_query.shape[1])
+    acc = torch.promote_types(scale.dtype, torch.float32)
+    valid, counted, log_n = None, n_total, None
+    if options.decoupled or options.needs_host_terms:
+        if static == 0:  # no row has a negative: 0, with a zero gradient, as single-process
+            zero = torch.where(torch.zeros_like(q[:, 0], dtype=torch.bool), q[:, 0], 0.0)
+            return _reduce(comm, zero, reduction, n_total).to(query.dtype)
+        all_bank_ids = None if query_ids is None else all_gather_rows(
+            comm, negative_ids.contiguous(), bank_sizes)
+        counts = negative_counts(static, query.shape[0], query_ids, all_bank_ids, query.device,
+                                 acc)
+        log_n = counts.log()
+        if query_ids is not None:
+            valid = counts > 0
+            counted = sum(r[0] for r in comm.exchange([int(valid.sum())], query.device))
+    loss = row_losses(options, cand, scale, n_total, log_n, valid)
+    return _reduce(comm, loss, reduction, counted).to(query.dtype)
 
 
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", backend="auto",
@@ -231,31 +273,30 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
     return loss
 
 
-def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", backend="auto",
-            mode="gather", group=None):
+def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
+            dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto", mode="gather",
+            group=None):
     """SimCLR's NT-Xent over the 2 N_total views of every rank: the positive of view z1_i is
-    z2_i (same rank), the negatives every other view of every rank, self excluded. Per-rank
-    batch sizes may differ. "none": (2 N_r,), this rank's [z1; z2] rows."""
+    z2_i (same rank), the negatives every other view of every rank, self excluded (info_nce on
+    each rank's views [z1_r; z2_r], targets into the global views). Per-rank batch sizes may
+    differ. "none": (2 N_r,), this rank's [z1; z2] rows. DCL / DCLW / HCL options as in
+    info_nce."""
     check.check_view_pair(z1, z2)
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     check.check_flag("normalize", normalize)
-    tau = check.positive_scalar("temperature", temperature, z1.device, dtype=z1.dtype)
-    comm, name = _start("nt_xent", mode, group, backend, z1.device, z1.dtype)
+    comm, _ = _start("nt_xent", mode, group, backend, z1.device, z1.dtype)
     table = _exchange(comm, z1.device, [
         (None, z1.shape[0]), ("the feature dimension D of z1", z1.shape[1]),
-        ("dtype of z1", dtype_code(z1.dtype)), ("mode", _mode_code(mode)),
-        ("normalize", int(normalize)), ("reduction", check.REDUCTIONS.index(reduction))])
-    sizes = [2 * r[0] for r in table]
+        ("dtype of z1", dtype_code(z1.dtype))])
     n = z1.shape[0]
-    offset = sum(sizes[:comm.rank])
+    offset = sum(2 * r[0] for r in table[:comm.rank])
     local = torch.arange(2 * n, device=z1.device)
-    targets = offset + (local + n) % (2 * n)
-    views = _prepare(torch.cat([z1, z2]), _compute_dtype(name, z1.dtype), normalize)
-    scale = tau.reciprocal()
-    spec = LSESpec(mode, name, exclude_self=True, with_col=False)
-    row_lse, _, positive = DistributedLSE.apply(views, scale, views, targets, None, None, comm,
-                                                Layout(tuple(sizes), tuple(sizes)), spec)
-    return _reduce(comm, row_lse - positive, reduction, sum(sizes)).to(z1.dtype)
+    views = torch.cat([z1, z2])
+    return info_nce(views, views, temperature=temperature, normalize=normalize,
+                    targets=offset + (local + n) % (2 * n), exclude_self=True,
+                    reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                    hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus, backend=backend, mode=mode,
+                    group=group)
 
 
 def _dense_classes(labels):
@@ -340,23 +381,37 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
 
 
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
-              query_index=None, backend="auto", mode="gather", group=None, **objective):
+              query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
+              backend="auto", mode="gather", group=None):
     """MoCo's loss: the positive is the rank's own key, the negatives the queue, which every
     rank holds identically (keep it so with enqueue_all), so nothing but the batch sizes is
     communicated (``mode`` is accepted for symmetry). The returned loss follows the group
-    convention; DCL / HCL options as single-process."""
+    convention; DCL / HCL options and ``query_index`` as single-process (with query_index and
+    DCL / HCL, "mean" is over the rows of all ranks that kept a negative)."""
     check.check_choice("mode", mode, MODES)
     check.check_tensor("query", query, (2,))
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     comm = Comm(group, caller="fastcontrast.distributed.moco_loss")
-    table = _exchange(comm, query.device, [
+    _exchange(comm, query.device, [
         (None, query.shape[0]), ("the feature dimension D of query", query.shape[1]),
         ("dtype of query", dtype_code(query.dtype)),
-        ("reduction", check.REDUCTIONS.index(reduction))])
+        ("reduction", check.REDUCTIONS.index(reduction)), ("decoupled", int(decoupled)),
+        ("hcl_beta", _float_code(hcl_beta)), ("hcl_tau_plus", _float_code(hcl_tau_plus))])
     loss = functional.moco_loss(query, key, queue, temperature=temperature, normalize=normalize,
-                                reduction="none", query_index=query_index, backend=backend,
-                                **objective)
-    return _reduce(comm, loss, reduction, sum(r[0] for r in table)).to(query.dtype)
+                                reduction="sum" if reduction == "mean" else reduction,
+                                query_index=query_index, decoupled=decoupled, hcl_beta=hcl_beta,
+                                hcl_tau_plus=hcl_tau_plus, backend=backend)
+    if reduction == "none":
+        return loss
+    counted = query.shape[0]
+    if query_index is not None and (decoupled or hcl_beta or hcl_tau_plus):
+        ids = queue.stored_indices()  # a NegativeQueue: functional.moco_loss checked it
+        counts = negative_counts(ids.shape[0], query.shape[0], query_index, ids, query.device,
+                                 torch.float64)
+        counted = int((counts > 0).sum())
+    total = sum(r[0] for r in comm.exchange([counted], query.device))
+    scaled = loss * comm.world
+    return (scaled / max(total, 1) if reduction == "mean" else scaled).to(query.dtype)
 
 
 @torch.no_grad()

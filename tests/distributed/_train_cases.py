@@ -4,8 +4,10 @@ queue."""
 import math
 
 import torch
+from torch import nn
 
 from fastcontrast.methods.base import ContrastiveMethod
+from fastcontrast.methods.cmc import CMC
 
 FIT = {"steps": 5, "batch_size": 16, "lr": 0.2, "optimizer": "sgd", "seed": 3,
        "progress": False}
@@ -56,6 +58,38 @@ class TinyMethod(ContrastiveMethod):
         return self.encoder(inputs)
 
 
+class TinyCMC(CMC):
+    """CMC itself (its loss, pairs and fastcontrast.distributed path) on three views of
+    PairData through per-sample towers instead of BatchNorm encoders (batch statistics would
+    differ per rank): views depend on the indices only. Full graph: three symmetric pair terms."""
+
+    def __init__(self):
+        super().__init__(views=("low", "high", "full"), graph="full", temperature=0.5,
+                         projection_dim=4, width=2, out_dim=4, backend="torch")
+        from ._train_workers import TinyTower
+
+        torch.manual_seed(1)
+        self.encoders = nn.ModuleList(nn.Sequential(nn.Flatten(), TinyTower(6, 4, dropout=0.0))
+                                      for _ in range(3))
+        self.heads = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.double()
+
+    def views(self, dataset, indices, generator):
+        x, noise = dataset.x[indices], dataset.noise[indices]
+        return {"views": [v.reshape(-1, 1, 2, 3) for v in (x, x + noise, x - 0.5 * noise)],
+                "index": torch.as_tensor(indices)}
+
+
+def _fit_cmc(mode=None):
+    from fastcontrast.methods import trainer
+
+    method = TinyCMC()
+    history = trainer.fit(method, PairData(), distributed_mode=mode or "gather", **FIT)
+    return {"params": [p.detach().clone() for p in method.parameters()],
+            "losses": history.step_loss, "bounds": history.step_mi_bound,
+            "world_size": history.settings["world_size"]}
+
+
 def distributed_nt_xent(z1, z2, mode):
     import fastcontrast as fc
 
@@ -96,8 +130,9 @@ def distributed_cases(rank, world_size):
     from ._train_workers import has_fcd
 
     modes = ["fallback"] + (["gather", "ring"] if has_fcd() else [])
-    return {"fit": {mode: _fit_tiny(mode) for mode in modes}, "moco": _moco_queue()}
+    return {"fit": {mode: _fit_tiny(mode) for mode in modes}, "moco": _moco_queue(),
+            "cmc_fit": {mode: _fit_cmc(mode) for mode in ("gather", "ring")}}
 
 
 def references():
-    return {"fit_reference": _fit_tiny()}
+    return {"fit_reference": _fit_tiny(), "cmc_reference": _fit_cmc()}

@@ -251,17 +251,12 @@ def _case_list():
         lambda x, red: fc.siglip_loss(x["query"], x["key"], x["scale"], x["bias"],
                                       reduction=red, **ref)))
 
-    def nt_xent_rows(sizes, r):
-        n, off = sum(sizes), sum(sizes[:r])
-        local = torch.arange(off, off + sizes[r])
-        return torch.cat([local, local + n])
-
     cases.append(Case(
         "nt_xent", plain,
         lambda x, red, mode, grp: fcd.nt_xent(x["query"], x["key"], temperature=x["tau"],
                                               reduction=red, mode=mode, group=grp, **dst),
         lambda x, red: fc.nt_xent(x["query"], x["key"], temperature=x["tau"], reduction=red,
-                                  **ref), none_rows=nt_xent_rows))
+                                  **ref), none_rows=_nt_xent_rows))
 
     def labelled(gen, sizes):
         g, s = pair(gen, sizes)
@@ -303,7 +298,92 @@ def _case_list():
                                                 group=grp, **dst),
         lambda x, red: fc.moco_loss(x["query"], x["key"], x["queue"], temperature=x["tau"],
                                     reduction=red, **ref)))
+    cases += _objective_cases(fc, fcd, ref, dst, plain, targets, bank, pair)
     return cases
+
+
+def _objective_cases(fc, fcd, ref, dst, plain, targets, bank, pair):
+    """DCL / DCLW / HCL and the id masks: the same options on both sides."""
+    cases = []
+
+    def both(name, build, **options):
+        cases.append(Case(
+            name, build,
+            lambda x, red, mode, grp: fcd.info_nce(
+                x["query"], x["key"], x.get("bank"), temperature=x["tau"],
+                targets=x.get("targets"), reduction=red, mode=mode, group=grp,
+                **_ids(x, options), **dst),
+            lambda x, red: fc.info_nce(x["query"], x["key"], x.get("bank"), temperature=x["tau"],
+                                       targets=x.get("targets"), reduction=red,
+                                       **_ids(x, options), **ref)))
+
+    def ids(gen, sizes):  # ids in [0, 3): some bank entries share the query's id
+        g, s, diff = bank(gen, sizes)
+        n = sum(sizes)
+        g["query_ids"] = torch.randint(0, 3, (n,), generator=gen)
+        s["query_ids"] = _rows(sizes)
+        g["negative_ids"] = torch.randint(0, 3, (g["bank"].shape[0],), generator=gen)
+        s["negative_ids"] = _rows([2, 1, 3, 2][:len(sizes)])
+        return g, s, diff
+
+    both("info_nce_dcl", plain, decoupled=True)
+    both("info_nce_dclw", plain, decoupled=True, dclw_sigma=0.5)
+    both("info_nce_hcl_bank", bank, hcl_beta=0.5, hcl_tau_plus=0.1)
+    both("info_nce_hcl_dcl_global_targets", targets, decoupled=True, hcl_tau_plus=0.05)
+    both("info_nce_ids_dcl_bank_only", ids, decoupled=True, in_batch_negatives=False)
+    both("info_nce_ids_hcl", ids, hcl_beta=0.3, in_batch_negatives=False)
+    both("info_nce_ids_in_batch", ids)
+
+    cases.append(Case(
+        "nt_xent_hcl_dcl", plain,
+        lambda x, red, mode, grp: fcd.nt_xent(x["query"], x["key"], temperature=x["tau"],
+                                              decoupled=True, hcl_beta=0.4, reduction=red,
+                                              mode=mode, group=grp, **dst),
+        lambda x, red: fc.nt_xent(x["query"], x["key"], temperature=x["tau"], decoupled=True,
+                                  hcl_beta=0.4, reduction=red, **ref),
+        none_rows=_nt_xent_rows))
+
+    def moco_ids(gen, sizes):
+        g, s = pair(gen, sizes)
+        n = sum(sizes)
+        g["queue"], s["queue"] = _randn(gen, 9, DIM), None
+        g["queue_ids"], s["queue_ids"] = torch.randint(0, 3, (9,), generator=gen), None
+        g["query_index"] = torch.randint(0, 3, (n,), generator=gen)
+        s["query_index"] = _rows(sizes)
+        return g, s, ("query", "key", "tau")
+
+    cases.append(Case(
+        "moco_loss_hcl_query_index", moco_ids,
+        lambda x, red, mode, grp: fcd.moco_loss(
+            x["query"], x["key"], _queue(x), temperature=x["tau"], reduction=red,
+            query_index=x["query_index"], hcl_beta=0.5, decoupled=True, mode=mode, group=grp,
+            **dst),
+        lambda x, red: fc.moco_loss(x["query"], x["key"], _queue(x), temperature=x["tau"],
+                                    reduction=red, query_index=x["query_index"], hcl_beta=0.5,
+                                    decoupled=True, **ref)))
+    return cases
+
+
+def _nt_xent_rows(sizes, r):
+    """The global rows of rank r's [z1_r; z2_r] in the single-process [z1; z2]."""
+    n, off = sum(sizes), sum(sizes[:r])
+    local = torch.arange(off, off + sizes[r])
+    return torch.cat([local, local + n])
+
+
+def _ids(x, options):
+    out = dict(options)
+    if "query_ids" in x:
+        out.update(query_ids=x["query_ids"], negative_ids=x["negative_ids"])
+    return out
+
+
+def _queue(x):
+    from fastcontrast import NegativeQueue
+
+    queue = NegativeQueue(x["queue"].shape[0], DIM, dtype=torch.float64, store_indices=True)
+    queue.enqueue(x["queue"], indices=x["queue_ids"])
+    return queue
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,12 @@ CASE_NAMES = ["info_nce", "info_nce_global_targets", "info_nce_exclude_self",
               "info_nce_per_query_negatives", "info_nce_no_in_batch_global_targets",
               "info_nce_symmetric",
               "info_nce_symmetric_noncontiguous", "clip_loss", "siglip_loss", "nt_xent",
-              "supcon", "supcon_multiview", "moco_loss"]
+              "supcon", "supcon_multiview", "moco_loss",
+              # the objectives and id masks of the single-process API
+              "info_nce_dcl", "info_nce_dclw", "info_nce_hcl_bank",
+              "info_nce_hcl_dcl_global_targets", "info_nce_ids_dcl_bank_only",
+              "info_nce_ids_hcl", "info_nce_ids_in_batch", "nt_xent_hcl_dcl",
+              "moco_loss_hcl_query_index"]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +99,26 @@ def test_bad_mode_and_backend_are_refused_before_communicating():
     q = torch.randn(4, 3)
     with pytest.raises(ValueError, match="mode"):
         fcd.info_nce(q, q.clone(), mode="tree")
-    with pytest.raises(TypeError, match="decoupled"):
-        fcd.info_nce(q, q.clone(), decoupled=True)
+    with pytest.raises(ValueError, match="dclw_sigma"):  # the single-process checks
+        fcd.info_nce(q, q.clone(), dclw_sigma=0.5)
+    with pytest.raises(ValueError, match="symmetric"):
+        fcd.info_nce(q, q.clone(), symmetric=True, decoupled=True)
+
+
+def test_same_arguments_as_the_single_process_functions():
+    """Every argument of the single-process function (same name, same default), plus mode and
+    group."""
+    import inspect
+
+    import fastcontrast as fc
+    from fastcontrast import distributed as fcd
+
+    for name in ("info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss"):
+        single = inspect.signature(getattr(fc, name)).parameters
+        multi = inspect.signature(getattr(fcd, name)).parameters
+        assert list(multi) == list(single) + ["mode", "group"], name
+        for arg, p in single.items():
+            assert multi[arg].default == p.default and multi[arg].kind == p.kind, (name, arg)
 
 
 @pytest.mark.parametrize("world", (2, 4))

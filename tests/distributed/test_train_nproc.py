@@ -9,12 +9,12 @@ import torch
 from ._train_workers import world2_results
 
 
-def test_fit_world2_equals_single_process_full_batch():
-    results = world2_results()
-    reference = results["fit_reference"]
+def _assert_same_fit(results, reference_key, key, modes):
+    reference = results[reference_key]
     assert reference["world_size"] == 1
     for rank in (0, 1):
-        for mode, got in results["ranks"][rank]["fit"].items():
+        assert set(results["ranks"][rank][key]) >= set(modes)
+        for mode, got in results["ranks"][rank][key].items():
             assert got["world_size"] == 2
             assert len(got["losses"]) == 5
             for a, b in zip(got["losses"] + got["bounds"],
@@ -23,6 +23,16 @@ def test_fit_world2_equals_single_process_full_batch():
             for p, q in zip(got["params"], reference["params"]):
                 assert torch.allclose(p, q, atol=1e-10, rtol=0), (mode, (p - q).abs().max())
     assert reference["losses"][0] != reference["losses"][-1]  # it did train
+
+
+def test_fit_world2_equals_single_process_full_batch():
+    _assert_same_fit(world2_results(), "fit_reference", "fit", ("fallback",))
+
+
+def test_cmc_fit_world2_equals_single_process_full_batch():
+    """CMC's data-parallel path (fastcontrast.distributed.info_nce, symmetric, per view pair)
+    in both modes: 5 SGD steps on 2 ranks equal one process on the full batch (float64)."""
+    _assert_same_fit(world2_results(), "cmc_reference", "cmc_fit", ("gather", "ring"))
 
 
 def test_moco_queue_replicated_in_rank_order():
@@ -34,13 +44,14 @@ def test_moco_queue_replicated_in_rank_order():
     assert int((a["indices"] >= 0).sum()) == 2 * 16
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
-def test_cli_train_nproc2(method, tmp_path, capfd):
+@pytest.mark.parametrize("method, sizes", [("simclr", "feature_dim=16"),
+                                           ("moco", "feature_dim=16"), ("cmc", "out_dim=16")])
+def test_cli_train_nproc2(method, sizes, tmp_path, capfd):
     from fastcontrast.cli import main
 
     start = time.perf_counter()
     code = main(["train", method, "--nproc", "2", "--steps", "3", "--batch-size", "32",
-                 "--set", "width=4", "--set", "feature_dim=16", "--no-baselines", "--quiet",
+                 "--set", "width=4", "--set", sizes, "--no-baselines", "--quiet",
                  "--out", str(tmp_path)])
     elapsed = time.perf_counter() - start
     assert code == 0
