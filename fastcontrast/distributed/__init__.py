@@ -5,7 +5,7 @@ without ever forming the logits.
     from fastcontrast import distributed as fcd
     loss = fcd.info_nce(query, key, negatives=None, *, mode="gather", group=None, **kwargs)
     loss = fcd.clip_loss(image, text, logit_scale, *, logit_bias=None, mode=..., group=...)
-    loss = fcd.nt_xent(z1, z2, *, temperature=0.5, mode=..., group=...)
+    loss = fcd.nt_xent(z1, z2, *, temperature=0.5, decoupled=True, mode=..., group=...)
     loss = fcd.supcon(features, labels, *, temperature=0.1, mode=..., group=...)
     loss = fcd.siglip_loss(image, text, logit_scale, logit_bias, *, mode=..., group=...)
     loss = fcd.moco_loss(query, key, queue, *, mode=..., group=...)
@@ -41,8 +41,15 @@ Modes:
             complete; a symmetric loss is one ring forward and one ring backward. Uneven
             batches work (see ring.py).
 Every call starts with one small all_gather of shapes, dtypes and options, so mismatched
-inputs raise the same ValueError on every rank instead of hanging; every collective inherits
-the process group's timeout.
+inputs raise the same ValueError on every rank instead of hanging; a rank whose own inputs fail
+a check (an empty batch, targets out of range, ...) joins that exchange with a failure status
+and raises its error, the other ranks a ValueError naming it. Every collective inherits the
+process group's timeout.
+
+Objectives: the DCL / DCLW / HCL options and the id masks (query_ids / negative_ids,
+moco_loss's query_index) work in both modes over the candidates of every rank (DCLW's softmax
+over the rows of all ranks, HCL's negative counts over all ranks; see objectives.py); "mean"
+then counts the rows of all ranks that kept a negative, as single-process.
 """
 from .api import MODES, clip_loss, enqueue_all, info_nce, moco_loss, nt_xent, siglip_loss, supcon
 from .collectives import all_gather_with_grad, all_reduce_with_grad

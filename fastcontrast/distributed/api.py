@@ -4,15 +4,18 @@ heavy part is ops.DistributedLSE / DistributedSigLIP.
 
 Reduction convention (N_total = the rows of all ranks; W = the group size):
     "mean"  rank r returns (W / N_total) sum_{i in r} loss_i  (SupCon: W / A_total over the
-            anchors that have a positive), so that mean_r(returned) = the single-process mean
+            anchors that have a positive; DCL / HCL with id masks: over the rows of all ranks
+            that kept a negative), so that mean_r(returned) = the single-process mean
     "sum"   rank r returns W sum_{i in r} loss_i, so that mean_r(returned) = the total
     "none"  rank r returns its rows' losses (concatenated in rank order they are the
             single-process rows, except nt_xent: each rank's [z1_r; z2_r])
 """
 import struct
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import _validation as check
@@ -39,6 +42,28 @@ def _start(name, mode, group, backend, device, dtype):
         raise ValueError(f"fastcontrast.distributed.{name} runs the fused kernels: backend must "
                          "be 'auto', 'torch', 'cpu' or 'triton', got 'reference'")
     return comm, resolve(backend, device, dtype=dtype)
+
+
+@contextmanager
+def _refusal(group, name, tensor):
+    """Local argument checks of fastcontrast.distributed.``name``: when one raises a TypeError
+    or ValueError while a process group is initialised, this rank first joins the call's
+    metadata exchange with a failure status (Comm.exchange), so the other ranks raise too
+    instead of waiting in it; then the error propagates."""
+    try:
+        yield
+    except (TypeError, ValueError):
+        if dist.is_available() and dist.is_initialized():
+            comm = Comm(group, caller=f"fastcontrast.distributed.{name}")
+            comm.exchange([], _exchange_device(comm, tensor), failed=True)
+        raise
+
+
+def _exchange_device(comm, tensor):
+    if isinstance(tensor, torch.Tensor) and (comm.backend != "nccl" or tensor.is_cuda):
+        return tensor.device
+    return torch.device("cuda", torch.cuda.current_device()) if comm.backend == "nccl" \
+        else torch.device("cpu")
 
 
 def _exchange(comm, device, rows):
@@ -126,6 +151,18 @@ def _mask_ids(options, global_rows_of_keys, global_targets, n_bank, query_ids, b
     return query_ids.contiguous(), torch.cat(cols).contiguous()
 
 
+def _check_global_targets(targets, m_total, exclude_self, global_rows):
+    if not targets.numel():
+        return
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= m_total:
+        raise ValueError(f"targets index the keys of all ranks, [0, {m_total - 1}] "
+                         f"(M_total = {m_total}), got values in [{low}, {high}]")
+    if exclude_self and bool((targets == global_rows).any()):
+        raise ValueError("exclude_self=True: targets[i] must differ from the global index of "
+                         "row i (the positive would be excluded)")
+
+
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
@@ -144,32 +181,35 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     ``hcl_beta`` / ``hcl_tau_plus`` (HCL; the negatives counted over all ranks, two ring /
     gather passes when hcl_beta > 0). ``query_ids`` (N_r,) / ``negative_ids`` (K_r,) with a 2-D
     bank: an entry of any rank's bank whose id equals the query's is not a candidate."""
-    check.check_tensor("query", query, (2,))
-    check.check_tensor("key", key, (2,))
-    check.check_same("key", key, "query", query)
-    check.check_feature_dim("key", key, query.shape[1])
-    check.check_tensor("negatives", negatives, (2, 3), optional=True)
-    if negatives is not None:
-        check.check_same("negatives", negatives, "query", query)
-        check.check_feature_dim("negatives", negatives, query.shape[1])
-        if negatives.dim() == 3 and negatives.shape[0] != query.shape[0]:
-            raise ValueError(f"per-query negatives must have shape (N={query.shape[0]}, K, D), "
-                             f"got {tuple(negatives.shape)}")
-    for flag_name, value in (("normalize", normalize), ("in_batch_negatives", in_batch_negatives),
-                             ("exclude_self", exclude_self), ("symmetric", symmetric)):
-        check.check_flag(flag_name, value)
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    if targets is not None:
-        check.check_ids("targets", targets, query.shape[0], query.device)
-    functional._validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
-    tau = check.positive_scalar("temperature", temperature, query.device, dtype=query.dtype)
-    options = InfoNCEOptions(backend, in_batch_negatives=in_batch_negatives,
-                             exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
-                             reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
-    functional._validate_objective(options, query_ids is not None)
-    comm, name = _start("info_nce", mode, group, backend, query.device, query.dtype)
-    options = replace(options, backend=name)
+    with _refusal(group, "info_nce", query):
+        check.check_tensor("query", query, (2,))
+        check.check_tensor("key", key, (2,))
+        check.check_same("key", key, "query", query)
+        check.check_feature_dim("key", key, query.shape[1])
+        check.check_tensor("negatives", negatives, (2, 3), optional=True)
+        if negatives is not None:
+            check.check_same("negatives", negatives, "query", query)
+            check.check_feature_dim("negatives", negatives, query.shape[1])
+            if negatives.dim() == 3 and negatives.shape[0] != query.shape[0]:
+                raise ValueError(f"per-query negatives must have shape (N={query.shape[0]}, K, "
+                                 f"D), got {tuple(negatives.shape)}")
+        for flag_name, value in (("normalize", normalize), ("exclude_self", exclude_self),
+                                 ("in_batch_negatives", in_batch_negatives),
+                                 ("symmetric", symmetric)):
+            check.check_flag(flag_name, value)
+        check.check_choice("reduction", reduction, check.REDUCTIONS)
+        if targets is not None:
+            check.check_ids("targets", targets, query.shape[0], query.device)
+        functional._validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
+        tau = check.positive_scalar("temperature", temperature, query.device, dtype=query.dtype)
+        options = InfoNCEOptions(backend, in_batch_negatives=in_batch_negatives,
+                                 exclude_self=exclude_self, symmetric=symmetric,
+                                 normalize=normalize, reduction=reduction, decoupled=decoupled,
+                                 dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
+                                 hcl_tau_plus=hcl_tau_plus)
+        functional._validate_objective(options, query_ids is not None)
+        comm, name = _start("info_nce", mode, group, backend, query.device, query.dtype)
+        options = replace(options, backend=name)
     neg_kind = 0 if negatives is None else negatives.dim()
     flags = (int(normalize) | int(in_batch_negatives) << 1 | int(exclude_self) << 2
              | int(symmetric) << 3 | int(targets is not None) << 4
@@ -204,14 +244,9 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     if targets is None:
         global_targets = global_rows
     else:
-        if check.reads_values(targets) and targets.numel():
-            low, high = int(targets.min()), int(targets.max())
-            if low < 0 or high >= m_total:
-                raise ValueError(f"targets index the keys of all ranks, [0, {m_total - 1}] "
-                                 f"(M_total = {m_total}), got values in [{low}, {high}]")
-            if exclude_self and bool((targets == global_rows).any()):
-                raise ValueError("exclude_self=True: targets[i] must differ from the global "
-                                 "index of row i (the positive would be excluded)")
+        if check.reads_values(targets):  # values differ per rank: every rank learns of a refusal
+            comm.agree(lambda: _check_global_targets(targets, m_total, exclude_self,
+                                                     global_rows), query.device)
         global_targets = targets
     cdt = _compute_dtype(name, query.dtype)
     q = _prepare(query, cdt, normalize)
@@ -261,10 +296,12 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
     """OpenCLIP's ClipLoss over the texts and images of every rank (symmetric: one pass gives
     the row and the column log-sum-exps). ``logit_scale`` is never all-reduced (DDP averages
     its gradient); ``logit_bias`` cancels and gets a zero gradient, as single-process."""
-    check.check_image_text(image, text)
-    if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
-        raise TypeError(f"logit_bias must be a float or a tensor, got {type(logit_bias).__name__}")
-    scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
+    with _refusal(group, "clip_loss", image):
+        check.check_image_text(image, text)
+        if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
+            raise TypeError("logit_bias must be a float or a tensor, got "
+                            f"{type(logit_bias).__name__}")
+        scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
     loss = info_nce(image, text, temperature=scale.reciprocal(), normalize=False,
                     symmetric=True, reduction=reduction, backend=backend, mode=mode,
                     group=group)
@@ -281,10 +318,11 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     each rank's views [z1_r; z2_r], targets into the global views). Per-rank batch sizes may
     differ. "none": (2 N_r,), this rank's [z1; z2] rows. DCL / DCLW / HCL options as in
     info_nce."""
-    check.check_view_pair(z1, z2)
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_flag("normalize", normalize)
-    comm, _ = _start("nt_xent", mode, group, backend, z1.device, z1.dtype)
+    with _refusal(group, "nt_xent", z1):
+        check.check_view_pair(z1, z2)
+        check.check_choice("reduction", reduction, check.REDUCTIONS)
+        check.check_flag("normalize", normalize)
+        comm, _ = _start("nt_xent", mode, group, backend, z1.device, z1.dtype)
     table = _exchange(comm, z1.device, [
         (None, z1.shape[0]), ("the feature dimension D of z1", z1.shape[1]),
         ("dtype of z1", dtype_code(z1.dtype))])
@@ -314,9 +352,10 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
     all-reduced with autograd ((C, D) floats, C the number of distinct labels). Anchors without
     a positive give 0 and are left out of the mean, counted over all ranks. (N, V, D) features:
     labels default to the global sample index."""
-    tau = check.check_supcon_args(features, labels, temperature, reduction, normalize)
-    n = features.shape[0]
-    comm, name = _start("supcon", mode, group, backend, features.device, features.dtype)
+    with _refusal(group, "supcon", features):
+        tau = check.check_supcon_args(features, labels, temperature, reduction, normalize)
+        n = features.shape[0]
+        comm, name = _start("supcon", mode, group, backend, features.device, features.dtype)
     table = _exchange(comm, features.device, [
         (None, n), ("the number of dimensions of features", features.dim()),
         ("the shape[1:] of features", features.shape[1]),
@@ -364,11 +403,12 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
     """SigLIP's sigmoid loss of this rank's images against the texts of every rank (the
     positive of image i is its own text i). ``logit_scale`` / ``logit_bias`` are never
     all-reduced (DDP averages their gradients). "mean" divides by N_total (OpenCLIP)."""
-    check.check_image_text(image, text)
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    scale = check.finite_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
-    bias = check.finite_scalar("logit_bias", logit_bias, image.device, dtype=image.dtype)
-    comm, name = _start("siglip_loss", mode, group, backend, image.device, image.dtype)
+    with _refusal(group, "siglip_loss", image):
+        check.check_image_text(image, text)
+        check.check_choice("reduction", reduction, check.REDUCTIONS)
+        scale = check.finite_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
+        bias = check.finite_scalar("logit_bias", logit_bias, image.device, dtype=image.dtype)
+        comm, name = _start("siglip_loss", mode, group, backend, image.device, image.dtype)
     table = _exchange(comm, image.device, [
         (None, image.shape[0]), ("the feature dimension D of image", image.shape[1]),
         ("dtype of image", dtype_code(image.dtype)), ("mode", _mode_code(mode)),
@@ -388,19 +428,27 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
     communicated (``mode`` is accepted for symmetry). The returned loss follows the group
     convention; DCL / HCL options and ``query_index`` as single-process (with query_index and
     DCL / HCL, "mean" is over the rows of all ranks that kept a negative)."""
-    check.check_choice("mode", mode, MODES)
-    check.check_tensor("query", query, (2,))
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    comm = Comm(group, caller="fastcontrast.distributed.moco_loss")
+    with _refusal(group, "moco_loss", query):
+        check.check_choice("mode", mode, MODES)
+        check.check_tensor("query", query, (2,))
+        check.check_choice("reduction", reduction, check.REDUCTIONS)
+        comm = Comm(group, caller="fastcontrast.distributed.moco_loss")
     _exchange(comm, query.device, [
         (None, query.shape[0]), ("the feature dimension D of query", query.shape[1]),
         ("dtype of query", dtype_code(query.dtype)),
         ("reduction", check.REDUCTIONS.index(reduction)), ("decoupled", int(decoupled)),
         ("hcl_beta", _float_code(hcl_beta)), ("hcl_tau_plus", _float_code(hcl_tau_plus))])
-    loss = functional.moco_loss(query, key, queue, temperature=temperature, normalize=normalize,
-                                reduction="sum" if reduction == "mean" else reduction,
-                                query_index=query_index, decoupled=decoupled, hcl_beta=hcl_beta,
-                                hcl_tau_plus=hcl_tau_plus, backend=backend)
+    try:
+        loss = functional.moco_loss(query, key, queue, temperature=temperature,
+                                    normalize=normalize,
+                                    reduction="sum" if reduction == "mean" else reduction,
+                                    query_index=query_index, decoupled=decoupled,
+                                    hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                                    backend=backend)
+    except (TypeError, ValueError):
+        if reduction != "none":  # the others wait in the exchange of the counts below
+            comm.exchange([0], query.device, failed=True)
+        raise
     if reduction == "none":
         return loss
     counted = query.shape[0]
@@ -419,8 +467,9 @@ def enqueue_all(queue, keys, labels=None, indices=None, *, group=None):
     """Enqueue the keys (and labels / indices) of every rank of ``group`` into ``queue`` (a
     NegativeQueue), in rank order, on every rank: the queues of all ranks stay identical.
     Batch sizes may differ per rank. One all_gather per tensor."""
-    comm = Comm(group, caller="fastcontrast.distributed.enqueue_all")
-    check.check_tensor("keys", keys, (2,))
+    with _refusal(group, "enqueue_all", keys):
+        comm = Comm(group, caller="fastcontrast.distributed.enqueue_all")
+        check.check_tensor("keys", keys, (2,))
     table = _exchange(comm, keys.device, [
         (None, keys.shape[0]), ("the feature dimension D of keys", keys.shape[1]),
         ("dtype of keys", dtype_code(keys.dtype)), ("labels given", labels is not None),

@@ -22,6 +22,8 @@ import torch.distributed as dist
 __all__ = ["Comm", "all_gather_rows", "reduce_scatter_rows", "all_reduce_logsumexp",
            "all_gather_with_grad", "all_reduce_with_grad", "DTYPE_CODES"]
 
+EXCHANGE_WIDTH = 16  # int64 values per rank in the metadata exchange (plus a status)
+
 # dtypes as small ints for the metadata exchange.
 DTYPE_CODES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
                torch.int32)
@@ -59,15 +61,38 @@ class Comm:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
-    def exchange(self, values, device):
-        """values (a list of ints, same length on every rank) of every rank: a list of W lists.
-        One all_gather of len(values) int64 on ``device`` (NCCL needs a CUDA tensor)."""
-        local = torch.tensor(values, dtype=torch.int64, device=device)
+    def exchange(self, values, device, *, failed=False):
+        """values (a list of at most EXCHANGE_WIDTH ints) of every rank: a list of W lists.
+        One all_gather of EXCHANGE_WIDTH + 1 int64 on ``device`` (NCCL needs a CUDA tensor):
+        a status, then the values padded. ``failed``: this rank refused its inputs (it sends
+        no values and raises its own error after the call); the other ranks then raise a
+        ValueError naming it, so that no rank is left waiting in a later collective."""
+        if len(values) > EXCHANGE_WIDTH:
+            raise AssertionError(f"at most {EXCHANGE_WIDTH} values per exchange")
+        padded = [int(failed)] + list(values) + [0] * (EXCHANGE_WIDTH - len(values))
         if self.world == 1:
             return [list(values)]
+        local = torch.tensor(padded, dtype=torch.int64, device=device)
         out = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(out, local, group=self.group)
-        return [t.tolist() for t in out]
+        rows = [t.tolist() for t in out]
+        refused = [r for r, row in enumerate(rows) if row[0]]
+        if refused and not failed:
+            raise ValueError(f"{self.caller}: the inputs of rank(s) {refused} of the group were "
+                             "refused (the error is raised there); every rank stops here")
+        return [row[1:1 + len(values)] for row in rows]
+
+    def agree(self, check, device):
+        """Runs ``check()`` (local argument checks) so that every rank of the group raises when
+        any rank's check raises a TypeError or ValueError: that rank re-raises its own error
+        after one status exchange, the others a ValueError naming it (Comm.exchange)."""
+        try:
+            result = check()
+        except (TypeError, ValueError):
+            self.exchange([], device, failed=True)
+            raise
+        self.exchange([], device)
+        return result
 
     def check_same(self, table, column, what):
         """ValueError naming ``what`` and every rank's value unless table[r][column] agree."""
