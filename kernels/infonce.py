@@ -17,10 +17,18 @@ Read top to bottom:
        so the symmetric (CLIP) loss gets both directions from one pass over the tiles.
      - ``_masked_lse_bwd_kernel``: gradient with respect to one operand ("outer", X), looping over
        the other ("inner", Y). Launched twice: X = q (dq, grid over row blocks) and X = keys
-       (dkeys, grid over key blocks, the tile seen transposed). Each program owns its output rows,
-       so no atomics and the result is deterministic.
+       (dkeys, grid over key blocks, the tile seen transposed). Each program owns a block of its
+       output (rows x a split of the D columns) and accumulates it on chip, so no atomics, no
+       read-modify-write of dX in global memory, and the result is deterministic.
+     Each kernel's docstring gives its FLOP and memory-traffic model.
   2. host functions ``masked_lse_forward`` / ``masked_lse_backward`` (validation, block choice,
      launch).
+
+Launch configurations: one per case by default (and always in the interpreter). On a GPU,
+FASTCONTRAST_TRITON_AUTOTUNE=1 (read at each call) makes the backward with D above the one-chunk
+limit (128 on tensor cores, 32 for fp32 'ieee') autotune over the small set _SPLIT_TENSOR_CORE
+(triton.autotune, keyed on N, M, D, dtype and the mask flags; the first call per key then times
+every config), and FASTCONTRAST_TRITON_CONFIG=i pins config i of that set (for benchmarking).
 The tile loads and dot products, the block-config rule, the device check and the output
 allocation are shared with the SigLIP kernels (kernels/_common.py).
 
@@ -33,6 +41,7 @@ Non-finite scores give what torch.logsumexp gives: NaN with a NaN candidate, +in
 the lse (NaN) and the upstream gradients.
 """
 import math
+import os
 
 import torch
 import triton
@@ -40,8 +49,8 @@ import triton.language as tl
 
 from .._validation import check_ids
 from ._common import SUPPORTED_DTYPES  # noqa: F401 (read by the host, fastcontrast/_fused.py)
-from ._common import (_block_config, _check_device, _check_matrix, _device_context, _grad_scale,
-                      _input_precision, _load_rows, _tile_dots, _upcast, new_output)
+from ._common import (_INTERPRET, _block_config, _check_device, _check_matrix, _device_context,
+                      _grad_scale, _input_precision, _load_rows, _tile_dots, _upcast, new_output)
 
 # The host should pass L2-normalised q/keys with alpha = 1/temperature and beta = 1: tile values
 # are then O(1) and fp16/bf16 tiles lose nothing. General alpha/beta are still honoured.
@@ -110,6 +119,17 @@ def _masked_lse_fwd_kernel(
     EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_COL: tl.constexpr,
     ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """Row lse (and with HAS_COL the column (max, sum)) of the masked scores; grid
+    (cdiv(N, BLOCK_N),), each program one row block against all key blocks.
+
+    Model, e = input bytes per element, P = cdiv(N, BLOCK_N) programs:
+      FLOPs = 2 N M D (one score tile per (row block, key block)) + N M exp2 (2 N M with HAS_COL)
+      bytes = ONE_D_CHUNK:  e N D (q once, resident) + e M D P (keys, once per program)
+              else:         e N M D (1 / BLOCK_M + 1 / BLOCK_N) (q and key chunks streamed)
+              + 4 N (row lse) + 8 M (alpha, beta) (+ 8 (N + M) with ids)
+              + HAS_COL: 16 M P (each tile's column max and sum read and written under its lock).
+    The M D P and N M D terms are re-reads that mostly hit L2 (concurrent programs sweep the same
+    key blocks); the HBM floor is e (N + M) D."""
     # int64 program offsets: row * stride reaches N * D, which exceeds 2^31 at the sizes we target
     # (e.g. 4M rows x 1024 dims); int32 arithmetic would wrap silently.
     pid = tl.program_id(0).to(tl.int64)
@@ -188,7 +208,7 @@ def _masked_lse_bwd_kernel(
     LseY, GradY,                # HAS_LSE_Y: (NY,) fp32 lse and upstream grad of the inner side
     GradScale,                  # (1,) fp32 G > 0: dS * scale_y is divided by G before the cast
     NX, NY, D, stride_x, stride_y, stride_dx, diag_offset,
-    BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_LSE_X: tl.constexpr,
     HAS_LSE_Y: tl.constexpr, ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -198,12 +218,29 @@ def _masked_lse_bwd_kernel(
 
     dq: X = q, Y = keys (lse_x = row lse, lse_y = column lse). dkeys: X = keys, Y = q, roles of the
     row/column terms swapped and the diagonal offset negated (key j masked for row i iff
-    j == i + offset, i.e. i == j - offset). The program owns rows offs_x of dX: no atomics."""
+    j == i + offset, i.e. i == j - offset).
+
+    Grid (cdiv(NX, BLOCK_X), cdiv(D, SPLIT_D)): program (p, c) owns the block dX[rows p, columns
+    c*SPLIT_D ...] and keeps it in an fp32 register accumulator over all inner blocks, stored once
+    at the end: no atomics, no read-modify-write of dX, deterministic. Per inner block it forms
+    the full-D scores (ONE_D_CHUNK: from its resident x tile and one y tile of BLOCK_D = D
+    columns, reused for the product; else over D in BLOCK_D chunks, x and y streamed), dS, and
+    acc += dS @ y[:, split] (ONE_D_CHUNK: the single split is the y tile already on chip).
+
+    Model, S = cdiv(D, SPLIT_D) splits (S = 1 with ONE_D_CHUNK), e = input bytes per element:
+      FLOPs = 2 NX NY D * S (scores, recomputed per split) + 2 NX NY D (dX)  (+ O(NX NY) exp2)
+      bytes = ONE_D_CHUNK:  e NX D + e NX NY D / BLOCK_X                     (x once, y per program)
+              else:         e NX NY D * (S * (1/BLOCK_X + 1/BLOCK_Y) + 1/BLOCK_X)
+              + 4 NX D (dX written once) + 12 (NX + NY) (scales, lse, grads; ids 8 more each).
+    The NX NY-proportional terms are re-reads that mostly hit L2 (concurrent programs sweep the
+    same inner blocks); the HBM floor is the first and last terms. The former path (one D chunk
+    accumulated in place per inner block) moved an extra 8 NX NY D / BLOCK_Y bytes of dX."""
     # int64 program offsets: row * stride reaches NX * D, which exceeds 2^31 at the sizes we target.
     pid = tl.program_id(0).to(tl.int64)
+    d_lo = tl.program_id(1) * SPLIT_D
     offs_x = pid * BLOCK_X + tl.arange(0, BLOCK_X)
     mask_x = offs_x < NX
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = d_lo + tl.arange(0, SPLIT_D)
     sx = tl.load(ScaleX + offs_x, mask=mask_x, other=0.0)
     sx2 = sx * _LOG2E  # scores in log2 units
     ids_x = _load_ids(IdsX, offs_x, mask_x, HAS_IDS)
@@ -214,15 +251,13 @@ def _masked_lse_bwd_kernel(
         lse_x = tl.load(LseX + offs_x, mask=mask_x, other=float("inf")) * _LOG2E
         lse_x = tl.where(lse_x == float("-inf"), float("inf"), lse_x)
         gx = tl.load(GradX + offs_x, mask=mask_x, other=0.0)
-    # With ONE_D_CHUNK (D fits one chunk) the x tile and the dX accumulator stay on chip (else
-    # the x tile is unused: the compiler drops the load).
+    # With ONE_D_CHUNK (D fits one chunk) the x tile stays on chip (else it is unused: the
+    # compiler drops the load).
     x_tile = _load_rows(X, offs_x, mask_x, stride_x, 0, D, BLOCK_D, UPCAST)
-    if ONE_D_CHUNK:
-        acc = tl.zeros((BLOCK_X, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_X, SPLIT_D), dtype=tl.float32)
 
     arange_y = tl.arange(0, BLOCK_Y).to(tl.int64)  # int64 for the same reason as offs_x
-    n_yb = tl.cdiv(NY, BLOCK_Y)
-    for yb in range(0, n_yb):
+    for yb in range(0, tl.cdiv(NY, BLOCK_Y)):
         offs_y = yb * BLOCK_Y + arange_y
         mask_y = offs_y < NY
         sy = tl.load(ScaleY + offs_y, mask=mask_y, other=0.0)
@@ -252,27 +287,12 @@ def _masked_lse_bwd_kernel(
             ds_in = ds
         else:
             ds_in = ds.to(Y.dtype.element_ty)  # fp16/bf16 tensor-core operand (no-op for fp32)
+        if not ONE_D_CHUNK:  # this program's columns of the y rows
+            y_tile = _load_rows(Y, offs_y, mask_y, stride_y, d_lo, D, SPLIT_D, UPCAST)
+        acc = tl.dot(ds_in, y_tile, acc, input_precision=INPUT_PRECISION)
 
-        if ONE_D_CHUNK:
-            acc = tl.dot(ds_in, y_tile, acc, input_precision=INPUT_PRECISION)
-        else:
-            # D spans several chunks: accumulate into this program's own rows of DX (fp32, no
-            # other program touches them). The barrier orders the previous iteration's stores
-            # before this iteration's loads across the program's threads.
-            tl.debug_barrier()
-            out_scale = tl.where(yb == n_yb - 1, sx * g, 1.0)  # finish on the last inner block
-            for d0 in range(0, D, BLOCK_D):
-                y_chunk = _load_rows(Y, offs_y, mask_y, stride_y, d0, D, BLOCK_D, UPCAST)
-                part = tl.dot(ds_in, y_chunk, input_precision=INPUT_PRECISION)
-                cols = d0 + offs_d
-                dx_ptrs = DX + offs_x[:, None] * stride_dx + cols[None, :]
-                dx_mask = mask_x[:, None] & (cols[None, :] < D)
-                prev = tl.load(dx_ptrs, mask=dx_mask & (yb > 0), other=0.0)
-                tl.store(dx_ptrs, (prev + part) * out_scale[:, None], mask=dx_mask)
-
-    if ONE_D_CHUNK:
-        dx_ptrs = DX + offs_x[:, None] * stride_dx + offs_d[None, :]
-        tl.store(dx_ptrs, acc * (sx * g)[:, None], mask=mask_x[:, None] & (offs_d[None, :] < D))
+    dx_ptrs = DX + offs_x[:, None] * stride_dx + offs_d[None, :]
+    tl.store(dx_ptrs, acc * (sx * g)[:, None], mask=mask_x[:, None] & (offs_d[None, :] < D))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,26 +301,112 @@ def _masked_lse_bwd_kernel(
 
 # Launch configurations: rows of the outer operand per program (block_x), rows of the inner
 # operand per tile (block_y), the largest D run as one chunk (the outer tile, and in backward the
-# gradient accumulator, then stay on chip), the chunk size for larger D, num_warps, num_stages.
-# One config per case, no autotuning (a multi-config autotune breaks the interpreter); the GPU
-# values were checked to compile for sm_90 without register spills but are not yet tuned on a GPU.
+# gradient accumulator, then stay on chip), the chunk size for larger D, num_warps, num_stages;
+# for the backward with D in chunks, the width of each program's dX columns (split_d, below).
+# The GPU values compile for sm_90 without register spills (tests/kernels/test_triton_compile.py)
+# but are not yet tuned on a GPU.
 # Tensor-core tiles (fp16/bf16, fp32 as tf32): FlashAttention-like 128 x 64 tiles, 8 warps.
 _GPU_TENSOR_CORE = {
     "fwd": dict(block_x=128, block_y=64, max_block_d=128, chunk_d=64, num_warps=8, num_stages=3),
-    "bwd": dict(block_x=128, block_y=64, max_block_d=128, chunk_d=64, num_warps=8, num_stages=2),
+    # block_y 32: with 64 the id-masked variants need more than 255 registers and spill.
+    "bwd": dict(block_x=128, block_y=32, max_block_d=128, chunk_d=64, num_warps=8, num_stages=2),
 }
 # Full-precision fp32 ("ieee"): tl.dot runs on the FMA units with operands in registers, so
 # smaller tiles and chunks (larger ones spill).
-_GPU_IEEE = dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2)
+# block_y 32: with 64 the forward and the id-masked backward variants spill.
+_GPU_IEEE = {
+    "fwd": dict(block_x=64, block_y=32, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2),
+    "bwd": dict(block_x=64, block_y=32, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2),
+}
 # The interpreter runs each tile op once in numpy: few, large tiles are fastest.
 _INTERPRETER = dict(block_x=64, block_y=64, max_block_d=128, chunk_d=128, num_warps=4, num_stages=1)
+
+# Backward with D above max_block_d (D in chunks): (block_x, block_y, chunk_d, split_d, num_warps,
+# num_stages). Each program keeps a block_x x split_d fp32 dX accumulator in registers; the
+# scores are recomputed once per split (see the model in _masked_lse_bwd_kernel). Why this
+# layout: the accumulator is what must stay on chip, and 8 warps hold at most ~32K fp32 of it
+# (block_x * split_d, 128 registers a thread) beside the score tile. Keeping all of D resident
+# (the one-chunk path with block_x 64 at D = 512) spills in every variant (ptxas, sm_90); a
+# FlashAttention-2 dq/dk layout needs atomics on dq, a read-modify-write per key block again.
+# Model at N = M = 65536, D = 512, bf16 (per kernel; 4 N M D = 8.8 TFLOP is the minimum):
+#   former path, dX in place:        4 N M D,  ~380 GB (275 GB of them fp32 dX read + written)
+#   split_d 512 (S = 1), 64 x 32:    4 N M D,  ~275 GB of bf16 re-reads (L2), nothing written
+#   split_d 256 (S = 2), 64 x 64:    6 N M D,  ~344 GB
+#   split_d 128 (S = 4), 128 x 64:  10 N M D,  ~447 GB
+# so the default is split_d 512 (no recomputation up to D = 512; S = 2 at D = 768, 1024); the
+# other two are there for the autotuner, since which of L2 bandwidth and the tensor cores binds
+# is for a GPU run to show (not measured yet). The first entry is the default; with
+# FASTCONTRAST_TRITON_AUTOTUNE=1 on a GPU, triton.autotune picks among all of them per
+# (NX, NY, D, dtype, flags); FASTCONTRAST_TRITON_CONFIG=i pins entry i.
+_SPLIT_TENSOR_CORE = (
+    dict(block_x=64, block_y=32, chunk_d=64, split_d=512, num_warps=8, num_stages=2),
+    dict(block_x=64, block_y=64, chunk_d=64, split_d=256, num_warps=8, num_stages=2),
+    dict(block_x=128, block_y=64, chunk_d=64, split_d=128, num_warps=8, num_stages=2),
+)
+_SPLIT_IEEE = (dict(block_x=64, block_y=32, chunk_d=32, split_d=256, num_warps=8, num_stages=2),)
+AUTOTUNE_ENV = "FASTCONTRAST_TRITON_AUTOTUNE"
+CONFIG_ENV = "FASTCONTRAST_TRITON_CONFIG"
 
 
 def _config(which, D, precision, blocks):
     """(block_x, block_y, block_d, one_d_chunk, num_warps, num_stages) of the `which` ("fwd" or
     "bwd") launch: _common._block_config over the configs above."""
-    return _block_config(D, precision, blocks, tensor_core=_GPU_TENSOR_CORE[which], ieee=_GPU_IEEE,
-                         interpreter=_INTERPRETER)
+    return _block_config(D, precision, blocks, tensor_core=_GPU_TENSOR_CORE[which],
+                         ieee=_GPU_IEEE[which], interpreter=_INTERPRETER)
+
+
+def _split_candidates(precision):
+    """The backward configs for D in chunks (the interpreter: its single config, split_d =
+    chunk_d)."""
+    if _INTERPRET:
+        c = _INTERPRETER
+        return (dict(block_x=c["block_x"], block_y=c["block_y"], chunk_d=c["chunk_d"],
+                     split_d=c["chunk_d"], num_warps=c["num_warps"], num_stages=c["num_stages"]),)
+    return _SPLIT_IEEE if precision == "ieee" else _SPLIT_TENSOR_CORE
+
+
+def _bwd_launches(D, precision, blocks):
+    """The candidate launches of the backward: [(constexpr dict, num_warps, num_stages)], one
+    unless autotuning; the first is the one run without autotuning."""
+    bx, by, bd, one, warps, stages = _config("bwd", D, precision, blocks)
+    if one or blocks is not None:  # one chunk, or sizes given: one split per chunk
+        return [(dict(BLOCK_X=bx, BLOCK_Y=by, BLOCK_D=bd, SPLIT_D=bd, ONE_D_CHUNK=one), warps,
+                 stages)]
+    configs = [(dict(BLOCK_X=c["block_x"], BLOCK_Y=c["block_y"], BLOCK_D=c["chunk_d"],
+                     SPLIT_D=min(c["split_d"], max(16, triton.next_power_of_2(D))),
+                     ONE_D_CHUNK=False), c["num_warps"], c["num_stages"])
+               for c in _split_candidates(precision)]
+    pinned = os.environ.get(CONFIG_ENV)
+    if pinned is not None:
+        if not pinned.isdigit() or int(pinned) >= len(configs):
+            raise ValueError(f"{CONFIG_ENV} must be an index below {len(configs)}, got {pinned!r}")
+        return [configs[int(pinned)]]
+    if os.environ.get(AUTOTUNE_ENV) == "1" and not _INTERPRET:
+        return configs
+    return configs[:1]
+
+
+_AUTOTUNED = {}
+
+
+def _launch_bwd(grid_rows, D, launches, args, flags):
+    """Launch _masked_lse_bwd_kernel over grid (cdiv(grid_rows, BLOCK_X), cdiv(D, SPLIT_D)): with
+    the single launch given, or autotuned over several (kernel outputs are written, never
+    accumulated, so the autotuner's repeated runs are harmless)."""
+    if len(launches) == 1:
+        meta, warps, stages = launches[0]
+        grid = (triton.cdiv(grid_rows, meta["BLOCK_X"]), triton.cdiv(D, meta["SPLIT_D"]))
+        _masked_lse_bwd_kernel[grid](*args, **meta, **flags, num_warps=warps, num_stages=stages)
+        return
+    key = tuple((tuple(sorted(m.items())), w, st) for m, w, st in launches)
+    if key not in _AUTOTUNED:
+        configs = [triton.Config(m, num_warps=w, num_stages=st) for m, w, st in launches]
+        _AUTOTUNED[key] = triton.autotune(
+            configs=configs, key=["NX", "NY", "D", "EXCLUDE_DIAG", "HAS_IDS", "HAS_LSE_X",
+                                  "HAS_LSE_Y"])(_masked_lse_bwd_kernel)
+    grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_X"]),  # noqa: E731
+                         triton.cdiv(D, meta["SPLIT_D"]))
+    _AUTOTUNED[key][grid](*args, **flags)
 
 
 def _check_vector(name, t, length, device):
@@ -434,29 +540,24 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     if has_col:
         gmax = torch.maximum(gmax, col_grad.abs().amax())
     precision = _input_precision(q.dtype)
-    bx, by, bd, one, warps, stages = _config("bwd", D, precision, blocks)
-    common = dict(BLOCK_X=bx, BLOCK_Y=by, BLOCK_D=bd, ONE_D_CHUNK=one,
-                  EXCLUDE_DIAG=bool(exclude_diag), HAS_IDS=has_ids, UPCAST=_upcast(q.dtype),
-                  INPUT_PRECISION=precision, num_warps=warps, num_stages=stages)
+    launches = _bwd_launches(D, precision, blocks)
+    flags = dict(EXCLUDE_DIAG=bool(exclude_diag), HAS_IDS=has_ids, UPCAST=_upcast(q.dtype),
+                 INPUT_PRECISION=precision)
     # Unused pointer arguments (HAS_LSE_* False) point at a tensor that exists; never read.
     col_lse_arg = col_lse if has_col else row_lse
     col_grad_arg = col_grad if has_col else row_grad
     row_ids_arg, col_ids_arg = (row_ids, col_ids) if has_ids else (alpha, beta)
     with _device_context(q):
         if need_dq:  # outer = q (row terms), inner = keys (column terms)
-            _masked_lse_bwd_kernel[(triton.cdiv(N, bx),)](
+            _launch_bwd(N, D, launches, (
                 q, keys, dq, alpha, beta, row_ids_arg, col_ids_arg, row_lse, row_grad, col_lse_arg,
-                col_grad_arg,
-                _grad_scale(gmax * beta.abs().amax()),
+                col_grad_arg, _grad_scale(gmax * beta.abs().amax()),
                 N, M, D, q.stride(0), keys.stride(0), dq.stride(0), int(diag_offset),
-                HAS_LSE_X=True, HAS_LSE_Y=has_col, **common,
-            )
+            ), dict(HAS_LSE_X=True, HAS_LSE_Y=has_col, **flags))
         if need_dkeys:  # outer = keys (column terms), inner = q (row terms); mask i == j - offset
-            _masked_lse_bwd_kernel[(triton.cdiv(M, bx),)](
+            _launch_bwd(M, D, launches, (
                 keys, q, dkeys, beta, alpha, col_ids_arg, row_ids_arg, col_lse_arg, col_grad_arg,
-                row_lse, row_grad,
-                _grad_scale(gmax * alpha.abs().amax()),
+                row_lse, row_grad, _grad_scale(gmax * alpha.abs().amax()),
                 M, N, D, keys.stride(0), q.stride(0), dkeys.stride(0), -int(diag_offset),
-                HAS_LSE_X=has_col, HAS_LSE_Y=True, **common,
-            )
+            ), dict(HAS_LSE_X=has_col, HAS_LSE_Y=True, **flags))
     return dq, dkeys

@@ -61,7 +61,8 @@ ROWS = 256  # N = M: a multiple of 16, like most batches (the same specialisatio
 
 
 def _infonce_host_calls(infonce, q, keys):
-    """Every flag combination masked_lse_forward / masked_lse_backward can launch."""
+    """Every flag combination masked_lse_forward / masked_lse_backward can launch, the backward
+    with each of its configs for D in chunks."""
     import torch
 
     n, m = q.shape[0], keys.shape[0]
@@ -74,7 +75,13 @@ def _infonce_host_calls(infonce, q, keys):
             for with_col in (False, True):
                 infonce.masked_lse_forward(q, keys, alpha, beta, with_col_lse=with_col, **masks)
                 col = (torch.zeros(m), torch.ones(m)) if with_col else (None, None)
-                infonce.masked_lse_backward(q, keys, alpha, beta, lse, grad, *col, **masks)
+                # Every backward config autotuning may pick (D in chunks), each pinned in turn.
+                for pin in range(len(infonce._split_candidates(infonce._input_precision(q.dtype)))):
+                    os.environ[infonce.CONFIG_ENV] = str(pin)
+                    try:
+                        infonce.masked_lse_backward(q, keys, alpha, beta, lse, grad, *col, **masks)
+                    finally:
+                        del os.environ[infonce.CONFIG_ENV]
 
 
 def _siglip_host_calls(siglip, x, y):
@@ -203,7 +210,8 @@ def _compile(index):
     return {"kernel": fn.__name__, "dtype": next(v for v in signature.values() if v != "constexpr"),
             "flags": {fn.arg_names[k[0]]: v for k, v in constexprs.items()},
             "num_warps": options["num_warps"], "num_stages": options["num_stages"],
-            "registers": int(registers.group(1)), "stack_bytes": int(spills.group(1)),
+            "registers": int(registers.group(1)), "shared_bytes": int(compiled.metadata.shared),
+            "stack_bytes": int(spills.group(1)),
             "spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3)),
             "ptx_sha256": hashlib.sha256(ptx.encode()).hexdigest()}
 
