@@ -182,7 +182,13 @@ _GPU_TENSOR_CORE = {
     "fwd": dict(block_x=64, block_y=64, max_block_d=128, chunk_d=64, num_warps=4, num_stages=3),
     "bwd": dict(block_x=64, block_y=64, max_block_d=128, chunk_d=64, num_warps=4, num_stages=2),
 }
-_GPU_IEEE = dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2)
+# fp32 'ieee' (FMA units, operands in registers). ptxas (sm_90): the one-chunk backward with ids
+# spills 4-12 bytes at num_stages=2 and none at 1, the chunked backward spills ~300 bytes at 1 and
+# none at 2; so the one-chunk backward runs with one stage (_config).
+_GPU_IEEE = {
+    "fwd": dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2),
+    "bwd": dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2),
+}
 _INTERPRETER = dict(block_x=64, block_y=64, max_block_d=128, chunk_d=128, num_warps=4,
                     num_stages=1)
 
@@ -192,11 +198,13 @@ def _config(which, D, precision, block_rows):
     >= 16) forces the tile size (tests)."""
     blocks = None
     if block_rows:
-        base = _INTERPRETER if precision != "ieee" else _GPU_IEEE
+        base = _INTERPRETER if precision != "ieee" else _GPU_IEEE[which]
         blocks = (block_rows, block_rows, base["max_block_d"])
     bx, _, bd, one, warps, stages = _block_config(
-        D, precision, blocks, tensor_core=_GPU_TENSOR_CORE[which], ieee=_GPU_IEEE,
+        D, precision, blocks, tensor_core=_GPU_TENSOR_CORE[which], ieee=_GPU_IEEE[which],
         interpreter=_INTERPRETER)
+    if which == "bwd" and precision == "ieee" and one:
+        stages = 1
     return bx, bd, one, warps, stages
 
 
