@@ -1,9 +1,11 @@
 // Python bindings of the fastcontrast C++ CPU kernels: argument checks, then the kernels of
-// cpu/infonce.cpp. Every check names the argument, the expected and the actual value.
+// cpu/infonce.cpp and cpu/gram.cpp. Every check names the argument, the expected and the actual
+// value.
 #include <torch/extension.h>
 
 #include <optional>
 
+#include "cpu/gram.h"
 #include "cpu/infonce.h"
 #include "register_ops.h"
 
@@ -121,6 +123,30 @@ std::tuple<at::Tensor, OptTensor, OptTensor> forward_with_grad(
                                                     block_rows);
 }
 
+// The symmetric-Gram kernels: z (N, D) in both roles, alpha / beta / ids of length N.
+at::Tensor gram_forward(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+                        bool exclude_diag, const OptTensor& row_ids, const OptTensor& col_ids,
+                        int64_t block_rows) {
+  check_problem(z, z, alpha, beta);
+  const auto mask = make_mask(exclude_diag, 0, row_ids, col_ids, z.size(0), z.size(0));
+  const at::NoGradGuard no_grad;
+  return fastcontrast::gram_lse_forward(z, alpha, beta, mask, block_rows);
+}
+
+at::Tensor gram_backward(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+                         const at::Tensor& row_lse, const at::Tensor& row_grad, bool exclude_diag,
+                         const OptTensor& row_ids, const OptTensor& col_ids,
+                         int64_t block_rows) {
+  check_problem(z, z, alpha, beta);
+  const auto dtype = z.scalar_type();
+  const int64_t n = z.size(0);
+  CHECK_INPUT(row_lse, dtype, n);
+  CHECK_INPUT(row_grad, dtype, n);
+  const auto mask = make_mask(exclude_diag, 0, row_ids, col_ids, n, n);
+  const at::NoGradGuard no_grad;
+  return fastcontrast::gram_lse_backward(z, alpha, beta, row_lse, row_grad, mask, block_rows);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -147,6 +173,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(),
         py::arg("extra_lse") = py::none(), py::arg("need_dq") = true,
         py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
+  m.def("gram_lse_forward", &gram_forward, release_gil(),
+        "row_lse of s_ij = alpha_i beta_j <z_i, z_j> (symmetric), tiles on and above the diagonal",
+        py::arg("z"), py::arg("alpha"), py::arg("beta"), py::kw_only(),
+        py::arg("exclude_diag") = false, py::arg("row_ids") = py::none(),
+        py::arg("col_ids") = py::none(), py::arg("block_rows") = 0);
+  m.def("gram_lse_backward", &gram_backward, release_gil(),
+        "dz of the symmetric-Gram log-sum-exp, each tile used for both its rows and columns",
+        py::arg("z"), py::arg("alpha"), py::arg("beta"), py::arg("row_lse"), py::arg("row_grad"),
+        py::kw_only(), py::arg("exclude_diag") = false, py::arg("row_ids") = py::none(),
+        py::arg("col_ids") = py::none(), py::arg("block_rows") = 0);
   fastcontrast::register_siglip_ops(m);
   fastcontrast::register_momentum_ops(m);
 }

@@ -100,3 +100,24 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
         if need_dkeys:
             dkeys.addmm_(h.T, q[r0:r1])
     return dq, dkeys
+
+
+# Symmetric-Gram ops (x = y = z, alpha = c beta): a documented fall-through to the full-product
+# chunks above. They cost the 2 + 4 N^2 D of the full product; the saving of the symmetric tiles is
+# in the C++ (csrc/cpu/gram.cpp) and Triton (kernels/gram.py) kernels.
+
+def gram_lse_forward(z, alpha, beta, *, exclude_diag=False, row_ids=None, col_ids=None,
+                     block_rows=0):
+    """row_lse (N,) of s_ij = alpha_i beta_j <z_i, z_j>; ``block_rows`` is unused here."""
+    del block_rows
+    return masked_lse_forward(z, z, alpha, beta, exclude_diag=exclude_diag, row_ids=row_ids,
+                              col_ids=col_ids)[0]
+
+
+def gram_lse_backward(z, alpha, beta, row_lse, row_grad, *, exclude_diag=False, row_ids=None,
+                      col_ids=None, block_rows=0):
+    """dz (N, D) = dx + dy of masked_lse_backward on (z, z): z's gradient in both roles."""
+    del block_rows
+    dx, dy = masked_lse_backward(z, z, alpha, beta, row_lse, row_grad, exclude_diag=exclude_diag,
+                                 row_ids=row_ids, col_ids=col_ids)
+    return dx.add_(dy)

@@ -171,12 +171,13 @@ def available_backends(device="cpu", family="loss"):
 
 
 def kernels(family, name):
-    """The implementation of op family ``family`` ("infonce", "siglip", "queue", "momentum") in
-    backend ``name``: a module (or the compiled extension) with that family's kernel functions."""
+    """The implementation of op family ``family`` ("infonce", "gram" (the symmetric-Gram ops of
+    the InfoNCE family), "siglip", "queue", "momentum") in backend ``name``: a module (or the
+    compiled extension) with that family's kernel functions."""
     if name == "torch":
         from . import _siglip_torch, _torch_chunked
 
-        return {"infonce": _torch_chunked, "siglip": _siglip_torch}[family]
+        return {"infonce": _torch_chunked, "gram": _torch_chunked, "siglip": _siglip_torch}[family]
     if name == "cpu":
         from . import _ext
 
@@ -189,6 +190,10 @@ def kernels(family, name):
 
         return _cuda_ext.require()
     if name == "triton":
+        if family == "gram":
+            from .kernels import gram
+
+            return gram
         from .kernels import infonce, momentum, queue, siglip
 
         return {"infonce": infonce, "siglip": siglip, "queue": queue, "momentum": momentum}[family]

@@ -149,6 +149,20 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     tau_plus. ``query_ids`` (N,) / ``negative_ids`` (K,) int64: a shared negative whose id equals
     the query's (>= 0) is not a candidate (e.g. the same instance still in a MoCo queue).
     """
+    return _checked_info_nce(
+        query, key, negatives, temperature=temperature, normalize=normalize, targets=targets,
+        in_batch_negatives=in_batch_negatives, exclude_self=exclude_self, symmetric=symmetric,
+        reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
+        hcl_tau_plus=hcl_tau_plus, query_ids=query_ids, negative_ids=negative_ids,
+        backend=backend)
+
+
+def _checked_info_nce(query, key, negatives, *, temperature, normalize, targets,
+                      in_batch_negatives, exclude_self, symmetric, reduction, decoupled,
+                      dclw_sigma, hcl_beta, hcl_tau_plus, query_ids, negative_ids, backend,
+                      involutive_targets=False):
+    """info_nce after validation; ``involutive_targets``: the caller guarantees
+    targets[targets[i]] == i (NT-Xent), so a positive mask is symmetric (InfoNCEOptions)."""
     _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclude_self,
                        symmetric, normalize, reduction)
     _validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
@@ -157,7 +171,8 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     options = InfoNCEOptions(name, in_batch_negatives=in_batch_negatives,
                              exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
                              reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                             involutive_targets=involutive_targets)
     _validate_objective(options, query_ids is not None)
     return _info_nce(options, query, key, negatives, tau, tau.reciprocal(), targets, query_ids,
                      negative_ids)
@@ -191,10 +206,12 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     n = z1.shape[0]
     views = torch.cat([z1, z2])
     targets = (torch.arange(2 * n, device=z1.device) + n) % (2 * n)
-    return info_nce(views, views, temperature=temperature, normalize=normalize, targets=targets,
-                    exclude_self=True, reduction=reduction, decoupled=decoupled,
-                    dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                    backend=backend)
+    return _checked_info_nce(views, views, None, temperature=temperature, normalize=normalize,
+                             targets=targets, in_batch_negatives=True, exclude_self=True,
+                             symmetric=False, reduction=reduction, decoupled=decoupled,
+                             dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                             query_ids=None, negative_ids=None, backend=backend,
+                             involutive_targets=True)
 
 
 @_autocast_policy

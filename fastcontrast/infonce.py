@@ -18,6 +18,17 @@ its registered kernel ops, its options, its autograd, and its objectives, read t
    (fastcontrast.backends.kernels): kernels/infonce.py (triton), csrc/cpu/infonce.cpp (cpu),
    fastcontrast/_torch_chunked.py (torch). Absent optional outputs are empty (0-element) tensors.
 
+   A set against itself (x = y = z, alpha = c beta: NT-Xent, SupCon, info_nce with exclude_self
+   where the query is the key) has a symmetric s and goes through the symmetric-Gram ops, which
+   compute only the tiles on and above the diagonal and use each for both its rows and columns
+   (csrc/cpu/gram.cpp, kernels/gram.py; torch: a fall-through to the ops above):
+       gram_lse_forward   -> row_lse_i = logsumexp_j s_ij
+       gram_lse_backward  -> dz_i = sum_j alpha_i beta_j (dS_ij + dS_ji) z_j,
+                             dS_ij = g_i exp(s_ij - row_lse_i)
+   The mask must be symmetric there (the diagonal, ids of an involution such as NT-Xent's
+   positives). FASTCONTRAST_GRAM=0 (read at every call) sends these losses through the
+   full-product ops instead: the baseline of benchmarks/gram_targets.py.
+
 2. ``FusedInfoNCE``: one autograd.Function for the whole family, O(N + M) memory beyond the
    inputs. The host part, once for every backend: L2 normalisation (folded into alpha / beta, or
    normalised copies when the backend prefers them), the positive score, the candidates that are
@@ -43,6 +54,7 @@ its registered kernel ops, its options, its autograd, and its objectives, read t
    HCL costs two fused log-sum-exp passes (scales (1+beta)/tau and beta/tau; one when beta = 0).
 """
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
@@ -56,7 +68,8 @@ from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, first_ord
                     scaled_fused_gradients)
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
-           "masked_lse_backward", "masked_lse_forward_with_grad"]
+           "masked_lse_backward", "masked_lse_forward_with_grad", "gram_lse_forward",
+           "gram_lse_backward"]
 
 # ---------------------------------------------------------------------------------------------
 # 1. Kernel ops
@@ -144,6 +157,47 @@ def _forward_with_grad_fake(q, keys, alpha, beta, row_grad, row_ids, col_ids, ex
             *_fake_gradients(q, keys, need_dq, need_dkeys, backend))
 
 
+def _gram_block_rows():
+    """FASTCONTRAST_GRAM_BLOCK_ROWS (read at every call; tests force small blocks), 0: default."""
+    return int(os.environ.get("FASTCONTRAST_GRAM_BLOCK_ROWS", "0") or 0)
+
+
+@torch.library.custom_op("fastcontrast::gram_lse_forward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def gram_lse_forward(z: Tensor, alpha: Tensor, beta: Tensor, row_ids: Optional[Tensor],
+                     col_ids: Optional[Tensor], exclude_diag: bool, backend: str) -> Tensor:
+    """row_lse (N,) of the symmetric s_ij = alpha_i beta_j <z_i, z_j>; -inf where no entry."""
+    z, alpha, beta, row_ids, col_ids = _contiguous(z, alpha, beta, row_ids, col_ids)
+    return backends.kernels("gram", backend).gram_lse_forward(
+        z, alpha, beta, exclude_diag=exclude_diag, row_ids=row_ids, col_ids=col_ids,
+        block_rows=_gram_block_rows())
+
+
+@gram_lse_forward.register_fake
+def _gram_forward_fake(z, alpha, beta, row_ids, col_ids, exclude_diag, backend):
+    return z.new_empty(z.shape[0], dtype=backends.PROPERTIES[backend].output_dtype(z.dtype))
+
+
+@torch.library.custom_op("fastcontrast::gram_lse_backward", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def gram_lse_backward(z: Tensor, alpha: Tensor, beta: Tensor, row_lse: Tensor, row_grad: Tensor,
+                      row_ids: Optional[Tensor], col_ids: Optional[Tensor], exclude_diag: bool,
+                      backend: str) -> Tensor:
+    """dz (N, D): the gradient of sum_i row_grad_i row_lse_i through z in both roles."""
+    args = _contiguous(z, alpha, beta, row_lse, row_grad, row_ids, col_ids)
+    z, alpha, beta, row_lse, row_grad, row_ids, col_ids = args
+    return backends.kernels("gram", backend).gram_lse_backward(
+        z, alpha, beta, row_lse, row_grad, exclude_diag=exclude_diag, row_ids=row_ids,
+        col_ids=col_ids, block_rows=_gram_block_rows())
+
+
+@gram_lse_backward.register_fake
+def _gram_backward_fake(z, alpha, beta, row_lse, row_grad, row_ids, col_ids, exclude_diag,
+                        backend):
+    return z.new_empty(z.shape, dtype=backends.PROPERTIES[backend].output_dtype(z.dtype))
+
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Options and the fused autograd.Function
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +219,7 @@ class InfoNCEOptions:
     hcl_beta: float = 0.0
     hcl_tau_plus: float = 0.0
     eps: float = 1e-12  # as torch.nn.functional.normalize
+    involutive_targets: bool = False  # t[t[i]] == i (NT-Xent): the positive mask is symmetric
 
     @property
     def hard_negatives(self):
@@ -194,6 +249,7 @@ class _FusedPass:
     subtract_positive: bool
     eps: float
     kernel_dtype: Optional[torch.dtype] = None
+    involutive_targets: bool = False
 
     @property
     def properties(self):
@@ -205,14 +261,15 @@ def _loss_pass(options):
     return _FusedPass(options.backend, options.in_batch_negatives, options.exclude_self,
                       options.symmetric, options.normalize, options.reduction,
                       exclude_positive=options.decoupled, subtract_positive=True,
-                      eps=options.eps)
+                      eps=options.eps, involutive_targets=options.involutive_targets)
 
 
 def _negatives_pass(options):
     """The per-row log-sum-exp over the negatives alone (positive masked): DCLW and HCL."""
     return _FusedPass(options.backend, options.in_batch_negatives, options.exclude_self,
                       options.symmetric, options.normalize, "none", exclude_positive=True,
-                      subtract_positive=False, eps=options.eps)
+                      subtract_positive=False, eps=options.eps,
+                      involutive_targets=options.involutive_targets)
 
 
 def _inverse_norms(x, normalize, eps, acc):
@@ -471,6 +528,31 @@ def _gradients(spec, op, targets, positive, y, beta, ids, row_lse, col_lse, g, k
     return dq, dkey, dbank, dper_query, dscale
 
 
+def _uses_gram(spec, shared_key, bank, per_query, targets):
+    """Whether the product is a set against itself with a symmetric mask, for the symmetric-Gram
+    ops: one tensor as query and key, key i excluded from row i, no other candidates, and the
+    positive mask (DCL) symmetric. FASTCONTRAST_GRAM=0 (read at every call) turns it off."""
+    if os.environ.get("FASTCONTRAST_GRAM", "1") == "0":
+        return False
+    symmetric_mask = not spec.exclude_positive or targets is None or spec.involutive_targets
+    return (shared_key and _excludes_diagonal(spec) and not spec.symmetric and bank is None
+            and per_query is None and symmetric_mask)
+
+
+def _gram_gradients(spec, op, targets, positive, beta, ids, row_lse, g, needs):
+    """(dz, None, None, None, dscale) of a symmetric-Gram pass: z's gradient in both roles (the
+    key slot stays None, FusedInfoNCE sums nothing). The positive's gradient goes to both rows of
+    each pair, so sum_i <dz_i, z_i> counts every score twice: d scale = that / (2 scale)."""
+    need_q, _, _, _, need_scale = needs
+    dz = gram_lse_backward(op.x, op.alpha, beta, row_lse, g, ids[0], ids[1], True, spec.backend)
+    dz = dz.to(op.alpha.dtype)
+    if _uses_positive(spec):
+        _add_positive_gradients(spec, op, targets, positive, row_lse, g, dz, dz)
+    dscale = rowwise_dot(op.x, dz).sum() / (2 * op.scale) if need_scale else None
+    dq = _normalize_backward(dz, op.x, op.inv_x, op, spec.normalize, spec.eps) if need_q else None
+    return dq, None, None, None, dscale
+
+
 def _fuses_gradient(spec, needs, has_product):
     """The backend forms the gradient in the forward pass: a reduced, one-directional loss."""
     return (spec.properties.fuses_gradient and spec.reduction != "none" and not spec.symmetric
@@ -478,8 +560,9 @@ def _fuses_gradient(spec, needs, has_product):
 
 
 def _forward_pass(spec, needs, query, key, bank, per_query, scale, targets, query_ids, bank_ids,
-                  row_weights):
-    """(loss (reduced), row_lse, col_lse or None, fused gradients or None)."""
+                  row_weights, gram=False):
+    """(loss (reduced), row_lse, col_lse or None, fused gradients or None); ``gram``: the
+    product is the symmetric Gram matrix of the queries (_uses_gram)."""
     op = _prepare(spec, query, key, bank, per_query, scale)
     y, beta = _product_keys(op, spec)
     ids = _product_ids(op, spec, targets, query_ids, bank_ids)
@@ -489,7 +572,9 @@ def _forward_pass(spec, needs, query, key, bank, per_query, scale, targets, quer
     n = query.shape[0]
     col_lse = None
     fused_grads = None
-    if _fuses_gradient(spec, needs, y is not None):
+    if gram:
+        row_lse = gram_lse_forward(op.x, op.alpha, beta, ids[0], ids[1], True, spec.backend)
+    elif _fuses_gradient(spec, needs, y is not None):
         g = reduction_weights(spec.reduction, n, op.alpha.new_tensor(1.0), op.alpha.dtype,
                               row_weights).contiguous()
         row_lse, dx, dy = masked_lse_forward_with_grad(
@@ -562,10 +647,11 @@ class FusedInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(query, key, bank, per_query, scale, targets, query_ids, bank_ids, row_weights,
                 spec, needs):
+        gram = _uses_gram(spec, key is None, bank, per_query, targets)
         key = query if key is None else key  # key None: the keys are the queries (_fused)
         loss, row_lse, col_lse, fused = _forward_pass(spec, needs, query, key, bank, per_query,
                                                       scale, targets, query_ids, bank_ids,
-                                                      row_weights)
+                                                      row_weights, gram)
         fused = [None] * 5 if fused is None else fused
         return (loss, row_lse, or_empty(col_lse, loss), *[or_empty(t, loss) for t in fused])
 
@@ -575,7 +661,9 @@ class FusedInfoNCE(torch.autograd.Function):
             needs = inputs
         _, row_lse, col_lse, *fused = output
         ctx.spec, ctx.needs = spec, needs
-        ctx.fused = _fuses_gradient(spec, needs, spec.in_batch_negatives or bank is not None)
+        ctx.gram = _uses_gram(spec, key is None, bank, per_query, targets)
+        ctx.fused = not ctx.gram and _fuses_gradient(spec, needs,
+                                                     spec.in_batch_negatives or bank is not None)
         ctx.shared_key = key is None
         ctx.dtypes = [None if t is None else t.dtype for t in (query, key, bank, per_query, scale)]
         ctx.mark_non_differentiable(row_lse, col_lse, *fused)
@@ -605,8 +693,12 @@ class FusedInfoNCE(torch.autograd.Function):
             g = reduction_weights(spec.reduction, query.shape[0], grad_output, op.alpha.dtype,
                                   row_weights).contiguous()
             positive = _positive_scores(op, targets) if _uses_positive(spec) else None
-            grads = _gradients(spec, op, targets, positive, y, beta, ids, row_lse,
-                               _present(col_lse), g, None, ctx.needs)
+            if ctx.gram:
+                grads = _gram_gradients(spec, op, targets, positive, beta, ids, row_lse, g,
+                                        ctx.needs)
+            else:
+                grads = _gradients(spec, op, targets, positive, y, beta, ids, row_lse,
+                                   _present(col_lse), g, None, ctx.needs)
         if ctx.shared_key:  # one tensor in both roles: its gradient is the sum of both
             dq, dkey = grads[:2]
             grads = [dkey if dq is None else dq if dkey is None else dq + dkey, None, *grads[2:]]

@@ -1,0 +1,208 @@
+"""Symmetric-Gram targets on CPU (issue 12, item 2): nt_xent and supcon forward+backward on the
+symmetric-Gram ops against the full-product path (FASTCONTRAST_GRAM=0), interleaved in one run.
+
+    python -m benchmarks.gram_targets --out OUT_DIR [--rows 16384] [--dim 256] [--repeats 5]
+
+``rows`` is 2N for nt_xent (two views of N) and the batch of supcon. Every implementation runs
+once per round, the order rotated from round to round (fastcontrast.cli.measure.time_interleaved);
+medians, and the median over rounds of the paired ratio gram / full. The floor is 6 rows^2 D FLOP
+(the full product's scores, dQ and dK) at the best warm torch.mm rate over the product shapes the
+kernels issue: those of csrc/cpu/infonce.cpp's fused path (benchmarks/_floor.py) and those of
+csrc/cpu/gram.cpp's strips ((rows - r0) x R x D for several r0); the fastest shape is timed again
+in every round beside the losses. Targets: gram at most
+0.75x the full path and at most 0.8x the floor. Writes gram_targets.json and summary.md.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import fastcontrast
+from fastcontrast.cli.measure import machine_info, paired_ratio, summarize, time_interleaved
+
+try:
+    from . import _floor
+except ImportError:  # run as a script: this folder is on sys.path
+    import _floor
+
+GRAM_ENV = "FASTCONTRAST_GRAM"
+TARGET_VS_FULL = 0.75
+TARGET_VS_FLOOR = 0.8
+TEMPERATURE = 0.1
+
+
+def _inputs(rows, dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, dim, generator=gen)
+    labels = torch.randint(0, max(1, rows // 8), (rows,), generator=gen)  # ~8 per class
+    return z, labels
+
+
+def _loss(name, z, labels):
+    if name == "nt_xent":
+        half = z.shape[0] // 2
+        return fastcontrast.nt_xent(z[:half], z[half:], temperature=TEMPERATURE, backend="cpu")
+    return fastcontrast.supcon(z, labels, temperature=TEMPERATURE, backend="cpu")
+
+
+def _step(name, gram, z, labels):
+    """One forward+backward of loss `name` on the Gram path (or the full product)."""
+    def run():
+        os.environ[GRAM_ENV] = "1" if gram else "0"
+        try:
+            x = z.detach().requires_grad_(True)
+            _loss(name, x, labels).backward()
+        finally:
+            os.environ.pop(GRAM_ENV, None)
+    return run
+
+
+def _check_agreement(name, z, labels):
+    """The two paths give the same loss and gradient (fp32 round-off) before any timing."""
+    out = {}
+    for gram in (False, True):
+        os.environ[GRAM_ENV] = "1" if gram else "0"
+        x = z.detach().requires_grad_(True)
+        loss = _loss(name, x, labels)
+        loss.backward()
+        out[gram] = (float(loss.detach()), x.grad)
+    os.environ.pop(GRAM_ENV, None)
+    grad_err = float((out[True][1] - out[False][1]).abs().max() / out[False][1].abs().max())
+    loss_err = abs(out[True][0] - out[False][0]) / abs(out[False][0])
+    assert loss_err < 1e-4 and grad_err < 1e-3, (name, loss_err, grad_err)
+    return {"loss_rel_diff": loss_err, "grad_rel_diff": grad_err}
+
+
+def _gram_products(rows, dim, block_rows):
+    """Product shapes of csrc/cpu/gram.cpp's strips (r0 = 0, rows / 2, rows - 2R): tile
+    ((rows - r0) x R) = keys @ q_blk^T, dz_blk += tile^T @ keys, dz_rest += tile[R:] @ q_blk."""
+    gen = torch.Generator().manual_seed(1)
+    steps = {}
+    for length in sorted({rows, rows // 2, 2 * block_rows}):
+        q = torch.randn(block_rows, dim, generator=gen)
+        k = torch.randn(length, dim, generator=gen)
+        tile = torch.randn(length, block_rows, generator=gen)
+        dq = torch.zeros(block_rows, dim)
+        dk = torch.zeros(length - block_rows, dim)
+        shape = (block_rows, length, dim)
+        steps[f"gram scores {length} x {block_rows} x {dim}"] = (
+            shape, lambda k=k, q=q, tile=tile: torch.mm(k, q.T, out=tile))
+        steps[f"gram dz_blk {block_rows} x {length} x {dim}"] = (
+            shape, lambda dq=dq, tile=tile, k=k: dq.addmm_(tile.T, k))
+        rest = (block_rows, length - block_rows, dim)
+        if length > block_rows:
+            steps[f"gram dz_rest {length - block_rows} x {block_rows} x {dim}"] = (
+                rest, lambda dk=dk, tile=tile, q=q: dk.addmm_(tile[block_rows:], q))
+    return steps
+
+
+def _product_rates(rows, dim, repeats):
+    """{product name: (shape, step, warm GFLOP/s)} over the kernels' product shapes."""
+    steps = {}
+    for product in _floor.kernel_products(rows, rows, dim, backends=("cpu",)):
+        steps[_floor.product_name(product)] = (product[2:], _floor.product_step(product))
+    block = _floor.cpu_block_rows(rows, rows, dim, large_tile=True)
+    steps.update(_gram_products(rows, dim, block))
+    out = {}
+    for name, (shape, step) in steps.items():
+        flop = _floor.matmul_flop(*shape)
+        times = max(1, int(2e9 // flop))  # ~ a tenth of a second per sample
+        step()  # warm
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _floor.repeated(step, times)()
+            samples.append((time.perf_counter() - t0) / times)
+        out[name] = (shape, step, flop / sorted(samples)[len(samples) // 2] / 1e9)
+    return out
+
+
+def run(rows, dim, repeats, losses):
+    """Rates of every product shape first; then the losses on both paths and the fastest
+    product (repeated to ~1 s, the floor step) in the same interleaved rounds, so that the floor
+    of each round sees the load that round's losses saw."""
+    z, labels = _inputs(rows, dim)
+    agreement = {name: _check_agreement(name, z, labels) for name in losses}
+    rates = _product_rates(rows, dim, 3)
+    best = max(rates, key=lambda name: rates[name][2])
+    shape, step, rate = rates[best]
+    times = max(1, int(rate * 1e9 // _floor.matmul_flop(*shape)))  # ~ 1 s
+    steps = {f"{name} {'gram' if gram else 'full'}": _step(name, gram, z, labels)
+             for name in losses for gram in (False, True)}
+    steps["floor"] = _floor.repeated(step, times)
+    samples = time_interleaved(steps, repeats)
+    work = 6 * rows * rows * dim
+    # Per round: the floor is `work` at the rate of that round's floor step.
+    floor_s = [t / times * work / _floor.matmul_flop(*shape) for t in samples["floor"]]
+    floor = {"gflops_first_pass": {name: r[2] for name, r in rates.items()}, "best": best,
+             "work_flop": work, "floor": summarize(floor_s),
+             "best_gflops": work / summarize(floor_s)["median_s"] / 1e9}
+    results = {}
+    for name in losses:
+        full, gram = samples[f"{name} full"], samples[f"{name} gram"]
+        vs_full = paired_ratio(gram, full)
+        vs_floor = paired_ratio(gram, floor_s)
+        results[name] = {
+            "full": summarize(full), "gram": summarize(gram), "gram_vs_full": vs_full,
+            "full_vs_floor": paired_ratio(full, floor_s), "gram_vs_floor": vs_floor,
+            "meets_vs_full": vs_full <= TARGET_VS_FULL,
+            "meets_vs_floor": vs_floor <= TARGET_VS_FLOOR,
+            "agreement": agreement[name],
+        }
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine_info(), "load_average": os.getloadavg(), "rows": rows,
+            "dim": dim, "repeats": repeats, "temperature": TEMPERATURE, "floor": floor,
+            "results": results,
+            "targets": {"gram_vs_full": TARGET_VS_FULL, "gram_vs_floor": TARGET_VS_FLOOR}}
+
+
+def summary_markdown(record):
+    m, f = record["machine"], record["floor"]
+    lines = [
+        f"# Symmetric-Gram targets, CPU ({record['rows']} rows, D = {record['dim']}, fp32)",
+        "",
+        f"Machine: {m.get('cpu')}, {m.get('torch_threads')} torch threads, torch {m.get('torch')}"
+        f"; {record['date']}. One run, full and gram interleaved "
+        f"({record['repeats']} rounds, order rotated), medians.",
+        "",
+        f"Floor: 6 rows^2 D = {f['work_flop'] / 1e9:.1f} GFLOP at the rate of the fastest "
+        f"product shape ({f['best']}), timed in every round: median {f['best_gflops']:.1f} "
+        f"GFLOP/s, {f['floor']['median_s']:.3f} s; ratios to it are paired per round. Load "
+        f"average at the end: {', '.join(f'{x:.1f}' for x in record['load_average'])}.",
+        "",
+        "| loss | full (s) | gram (s) | gram / full (paired) | full / floor | gram / floor | "
+        "targets (<= 0.75, <= 0.8) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in record["results"].items():
+        ok = ("met" if r["meets_vs_full"] else "MISSED") + " / " + (
+            "met" if r["meets_vs_floor"] else "MISSED")
+        lines.append(f"| {name} | {r['full']['median_s']:.3f} | {r['gram']['median_s']:.3f} | "
+                     f"{r['gram_vs_full']:.3f} | {r['full_vs_floor']:.3f} | "
+                     f"{r['gram_vs_floor']:.3f} | {ok} |")
+    lines += ["", "Warm GEMM rates of the kernels' product shapes, first pass (GFLOP/s):", ""]
+    lines += [f"- {name}: {rate:.1f}" for name, rate in sorted(f["gflops_first_pass"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--losses", default="nt_xent,supcon")
+    args = parser.parse_args(argv)
+    record = run(args.rows, args.dim, args.repeats, args.losses.split(","))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gram_targets.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary_markdown(record))
+    print(summary_markdown(record))
+
+
+if __name__ == "__main__":
+    main()

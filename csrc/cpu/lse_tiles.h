@@ -1,0 +1,372 @@
+// Shared pieces of the tiled masked log-sum-exp kernels on CPU (infonce.cpp, gram.cpp): the tile
+// budget, the non-finite rules of the log-sum-exp, the vectorised tile-row passes, per-thread
+// partial reductions, the Problem (inputs, mask, loops over blocks and tile rows) and the folding
+// of unusable scales under id masks. See infonce.h for the maths and the contract.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "cpu/fast_exp.h"
+#include "cpu/infonce.h"
+
+namespace fastcontrast {
+namespace tiles {
+
+// Tile budget of the gradient kernels: at least kMinTileBytes, or half the size of q and keys
+// together when that is larger (dq and dkeys alone take that much, so the tile stays a fraction of
+// the memory the call needs anyway, while large problems get the taller tiles that keep the GEMMs
+// efficient). The forward alone returns only O(N + M) values, and the symmetric (column-term)
+// backward is not the memory-critical fused path: their tiles may be twice as large.
+constexpr int64_t kMinTileBytes = int64_t(16) << 20;
+constexpr int64_t kMinBlockRows = 32;
+constexpr int64_t kMaxBlockRows = 512;
+constexpr int64_t kElemsPerTask = 16384;  // parallel grain of the elementwise passes
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+template <typename T>
+constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+
+// R: the tile budget over the size of one query's column, in [kMinBlockRows, kMaxBlockRows], a
+// multiple of 16 (GEMM-friendly), never more than N. Measured on N = M = 16384, D = 256 fp32
+// (2 cores): the three GEMMs run at ~100 / 120 / 130 GFLOP/s for R = 128 / 256 / 512 and the
+// elementwise passes add a few percent; R = 256 there (16 MiB tile), 512 for the forward alone.
+inline int64_t choose_block_rows(int64_t n, int64_t m, int64_t d, int64_t elem_size,
+                                 bool large_tile, int64_t requested) {
+  int64_t b = requested;
+  if (b <= 0) {
+    int64_t budget = std::max(kMinTileBytes, (n + m) * d * elem_size / 2);
+    if (large_tile) budget *= 2;
+    b = budget / std::max<int64_t>(m * elem_size, 1);
+    b = std::clamp<int64_t>(b / 16 * 16, kMinBlockRows, kMaxBlockRows);
+  }
+  return std::max<int64_t>(1, std::min(b, n));
+}
+
+// log(exp(a) + exp(b)) as torch.logaddexp: NaN if either is NaN, -inf when both are -inf, +inf
+// when either is +inf.
+template <typename T>
+T log_add_exp(T a, T b) {
+  if (std::isnan(a) || std::isnan(b)) return kNaN<T>;
+  const T hi = std::max(a, b);
+  if (std::isinf(hi)) return hi;
+  return hi + std::log1p(std::exp(-std::abs(a - b)));
+}
+
+// A max used as the exp shift: 0 when there is no entry (-inf), so exp(-inf - shift) = 0, not NaN.
+template <typename T>
+T safe_shift(T mx) { return mx == -kInf<T> ? T(0) : mx; }
+
+// Non-finite scores. The max passes skip NaN (s > mx is false) and the exp passes do not: a NaN
+// entry makes the sum NaN, and shift + log(sum) keeps it; no entry (sum 0) gives -inf. A +inf
+// entry makes the shift +inf and the sum NaN (exp(inf - inf)): the lse is then +inf, or NaN when
+// the row also has a NaN entry, which only a scan of that (rare) row can tell. So the hot loops
+// stay as they are and the finalisation sorts the cases out, as torch.logsumexp does.
+template <typename T>
+T lse_from(T shift, T sum) { return shift == kInf<T> ? kInf<T> : shift + std::log(sum); }
+
+// An lse of -inf contributes 0 to a gradient: exp(s - (+inf)) = 0 where exp(s - (-inf)) is not.
+template <typename T>
+T finite_or_inf(T lse) { return lse == -kInf<T> ? kInf<T> : lse; }
+
+template <typename T>
+bool any_nan(const T* s, int64_t r) {
+  for (int64_t i = 0; i < r; ++i)
+    if (std::isnan(s[i])) return true;
+  return false;
+}
+
+// Tile-row kernels. x is one tile row (R raw products with key j), a = alpha[r0:r0+R], b = beta_j,
+// so s_i = x_i * a_i * b. Each runs on a query range [i0, i1); callers skip the masked query.
+
+// mx_i <- max(mx_i, s_i).
+template <typename T>
+void max_into(T* mx, const T* x, const T* a, T b, int64_t i0, int64_t i1) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const T s = x[i] * a[i] * b;
+    mx[i] = s > mx[i] ? s : mx[i];
+  }
+}
+
+// sum_i <- sum_i + exp(s_i - shift_i).
+template <typename T>
+void sum_exp_into(T* sum, const T* x, const T* a, T b, const T* shift, int64_t i0, int64_t i1) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) sum[i] += fast_exp(x[i] * a[i] * b - shift[i]);
+}
+
+// As sum_exp_into, and x_i <- b * exp(s_i - shift_i): the gradient weight overwrites the tile.
+template <typename T>
+void exp_weights_into(T* sum, T* x, const T* a, T b, const T* shift, int64_t i0, int64_t i1) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const T e = fast_exp(x[i] * a[i] * b - shift[i]);
+    sum[i] += e;
+    x[i] = e * b;
+  }
+}
+
+// s_i into sbuf and mx_i <- max(mx_i, s_i). Returns max_i s_i (for the column statistics).
+template <typename T>
+T scores_max_into(T* sbuf, T* mx, const T* x, const T* a, T b, int64_t i0, int64_t i1) {
+  T row_max = -kInf<T>;
+#pragma omp simd reduction(max : row_max)
+  for (int64_t i = i0; i < i1; ++i) {
+    const T s = x[i] * a[i] * b;
+    sbuf[i] = s;
+    mx[i] = s > mx[i] ? s : mx[i];
+    row_max = s > row_max ? s : row_max;
+  }
+  return row_max;
+}
+
+// sum_i exp(s_i - shift).
+template <typename T>
+T sum_exp(const T* s, T shift, int64_t r) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < r; ++i) sum += fast_exp(s[i] - shift);
+  return sum;
+}
+
+// Per-thread partial vectors (one slot of `rows` values per thread) of a per-query reduction
+// over the keys, combined after the parallel pass. A thread only ever touches its own slot.
+template <typename T>
+struct Partials {
+  int64_t threads, rows = 0;
+  std::vector<T> data;
+  explicit Partials(int64_t max_rows)
+      : threads(at::get_num_threads()), data(static_cast<size_t>(threads * max_rows)) {}
+  void reset(int64_t rows_, T init) {
+    rows = rows_;
+    std::fill(data.begin(), data.begin() + threads * rows, init);
+  }
+  T* slot() { return data.data() + static_cast<int64_t>(at::get_thread_num()) * rows; }
+  void combine_max(T* out) const {
+    std::copy(data.begin(), data.begin() + rows, out);
+    for (int64_t t = 1; t < threads; ++t)
+      for (int64_t i = 0; i < rows; ++i) out[i] = std::max(out[i], data[t * rows + i]);
+  }
+  void combine_sum(T* out) const {
+    std::copy(data.begin(), data.begin() + rows, out);
+    for (int64_t t = 1; t < threads; ++t)
+      for (int64_t i = 0; i < rows; ++i) out[i] += data[t * rows + i];
+  }
+};
+
+// The inputs shared by every kernel, and the loops over blocks and tile rows.
+template <typename T>
+struct Problem {
+  const at::Tensor& q;
+  const at::Tensor& keys;
+  const at::Tensor& alpha_tensor;
+  const T* alpha;
+  const T* beta;
+  int64_t n, m, d;
+  bool exclude_diag;
+  int64_t diag_offset;
+  const int64_t* row_ids;  // nullptr, or (N,): entry (i, j) masked where row_ids_i == col_ids_j >= 0
+  const int64_t* col_ids;
+  int64_t block_rows;
+
+  Problem(const at::Tensor& q_, const at::Tensor& keys_, const at::Tensor& alpha_,
+          const at::Tensor& beta_, const Mask& mask, bool large_tile, int64_t requested)
+      : q(q_), keys(keys_), alpha_tensor(alpha_), alpha(alpha_.data_ptr<T>()),
+        beta(beta_.data_ptr<T>()), n(q_.size(0)), m(keys_.size(0)), d(q_.size(1)),
+        exclude_diag(mask.exclude_diag), diag_offset(mask.diag_offset),
+        row_ids(mask.row_ids ? mask.row_ids->data_ptr<int64_t>() : nullptr),
+        col_ids(mask.col_ids ? mask.col_ids->data_ptr<int64_t>() : nullptr),
+        block_rows(choose_block_rows(n, m, d, sizeof(T), large_tile, requested)) {}
+
+  // The query (index within the block r0 .. r0 + rows) masked in tile row j, or rows if none:
+  // tile row j's unmasked queries are [0, cut) and [cut + 1, rows).
+  int64_t cut(int64_t j, int64_t r0, int64_t rows) const {
+    if (!exclude_diag) return rows;
+    const int64_t i = j - diag_offset - r0;
+    return (i >= 0 && i < rows) ? i : rows;
+  }
+
+  // Calls fn(r0, rows, tile) for each block; tile (M, rows) = keys @ q[r0:r0+rows]^T.
+  template <typename Fn>
+  void for_each_block(Fn&& fn) const {
+    at::Tensor buffer = at::empty({m * block_rows}, q.options());
+    for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+      const int64_t rows = std::min(block_rows, n - r0);
+      at::Tensor tile = buffer.narrow(0, 0, m * rows).view({m, rows});
+      at::mm_out(tile, keys, q.narrow(0, r0, rows).t());
+      if (row_ids) mask_equal_ids(r0, rows, tile);
+      fn(r0, rows, tile);
+    }
+  }
+
+  // Sets tile entries (j, i) with row_ids[r0 + i] == col_ids[j] >= 0 to `value`: -inf after the
+  // GEMM, so that every pass sees s = -inf there (alpha, beta > 0, see fold_scales) and the
+  // gradient weight exp(-inf) = 0; 0 over gradient weights that a NaN lse or a non-finite
+  // upstream gradient made NaN there. The block's ids are sorted once and each key looks its id
+  // up: O((M + R) log R), no per-element mask test.
+  void mask_equal_ids(int64_t r0, int64_t rows, at::Tensor& tile, T value = -kInf<T>) const {
+    std::vector<std::pair<int64_t, int64_t>> sorted;  // (id, query within the block)
+    sorted.reserve(rows);
+    for (int64_t i = 0; i < rows; ++i)
+      if (row_ids[r0 + i] >= 0) sorted.emplace_back(row_ids[r0 + i], i);
+    if (sorted.empty()) return;
+    std::sort(sorted.begin(), sorted.end());
+    T* base = tile.data_ptr<T>();
+    at::parallel_for(0, m, kElemsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t id = col_ids[j];
+        if (id < 0) continue;
+        auto it = std::lower_bound(sorted.begin(), sorted.end(), std::make_pair(id, int64_t(0)));
+        for (; it != sorted.end() && it->first == id; ++it) base[j * rows + it->second] = value;
+      }
+    });
+  }
+
+  // Whether entry (query `row`, key j) is masked.
+  bool masked(int64_t row, int64_t j) const {
+    return (exclude_diag && j == row + diag_offset) ||
+           (row_ids && row_ids[row] >= 0 && row_ids[row] == col_ids[j]);
+  }
+
+  // Whether query i of the block has an unmasked NaN score, from the raw tile: a scan of M
+  // entries, only for the rare queries whose max is +inf (see lse_from).
+  bool query_has_nan(int64_t r0, int64_t rows, const at::Tensor& tile, int64_t i) const {
+    const T* x = tile.data_ptr<T>();
+    const T a = alpha[r0 + i];
+    for (int64_t j = 0; j < m; ++j)
+      if (cut(j, r0, rows) != i && std::isnan(x[j * rows + i] * a * beta[j])) return true;
+    return false;
+  }
+
+  // Runs fn(j, x, cut) over the tile rows in parallel: x = tile row j (key j), cut as above.
+  template <typename Fn>
+  void for_each_tile_row(int64_t r0, int64_t rows, at::Tensor& tile, Fn&& fn) const {
+    T* base = tile.data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(rows, 1));
+    at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+      // int64 offsets: M * R passes 2^31 for M above 4M keys.
+      for (int64_t j = begin; j < end; ++j) fn(j, base + j * rows, cut(j, r0, rows));
+    });
+  }
+};
+
+// dq[r0:r0+rows] = c * (W^T @ keys) and dkeys += W @ (c * q[r0:r0+rows]), c = row_scale.
+template <typename T>
+void accumulate_grads(const Problem<T>& p, int64_t r0, int64_t rows, const at::Tensor& weights,
+                      const at::Tensor& row_scale, std::optional<at::Tensor>& dq,
+                      std::optional<at::Tensor>& dkeys, at::Tensor& scaled_q) {
+  const at::Tensor c = row_scale.narrow(0, r0, rows).unsqueeze(1);
+  if (dq) {
+    at::Tensor dq_block = dq->narrow(0, r0, rows);
+    at::mm_out(dq_block, weights.t(), p.keys);
+    dq_block.mul_(c);
+  }
+  if (dkeys) {
+    at::Tensor q_block = scaled_q.narrow(0, 0, rows);
+    at::mul_out(q_block, p.q.narrow(0, r0, rows), c);
+    dkeys->addmm_(weights, q_block);
+  }
+}
+
+// Per-query max of the block into shift (as an exp shift: 0 where a query has no entry).
+template <typename T>
+void block_shift(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
+                 Partials<T>& partial, T* shift) {
+  const T* a = p.alpha + r0;
+  partial.reset(rows, -kInf<T>);
+  p.for_each_tile_row(r0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
+    T* mx = partial.slot();
+    max_into(mx, x, a, p.beta[j], 0, cut);
+    max_into(mx, x, a, p.beta[j], cut + 1, rows);
+  });
+  partial.combine_max(shift);
+  for (int64_t i = 0; i < rows; ++i) shift[i] = safe_shift(shift[i]);
+}
+
+// Sums of the block: sum[i] = sum_j exp(s_ij - shift[i]) over the unmasked entries.
+template <typename T>
+void block_sums(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
+                Partials<T>& partial, const T* shift, T* sum) {
+  const T* a = p.alpha + r0;
+  partial.reset(rows, T(0));
+  p.for_each_tile_row(r0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
+    T* acc = partial.slot();
+    sum_exp_into(acc, x, a, p.beta[j], shift, 0, cut);
+    sum_exp_into(acc, x, a, p.beta[j], shift, cut + 1, rows);
+  });
+  partial.combine_sum(sum);
+}
+
+// The lse of query i of the block from its shift and sum (the raw tile still in place).
+template <typename T>
+T query_lse(const Problem<T>& p, int64_t r0, int64_t rows, const at::Tensor& tile, T shift,
+            T sum, int64_t i) {
+  const bool nan = shift == kInf<T> && p.query_has_nan(r0, rows, tile, i);
+  return nan ? kNaN<T> : lse_from(shift, sum);
+}
+
+// Running per-key (max, sum) of a column log-sum-exp, merged tile row after tile row.
+template <typename T>
+struct ColumnStats {
+  std::vector<T> max, sum;
+  // Per key: an unmasked NaN score seen once its max is +inf (the sum cannot tell them apart
+  // from then on). char, not bool: threads write different keys concurrently.
+  std::vector<char> nan;
+  explicit ColumnStats(int64_t m) : max(m, -kInf<T>), sum(m, T(0)), nan(m, 0) {}
+
+  // Merges tile row x (scores s_i = x_i a_i b with the block's queries, the one at `cut`
+  // masked) into key k's statistics, and the per-query maxima into mx.
+  void merge(int64_t k, T* mx, const T* x, const T* a, T b, int64_t cut, int64_t rows) {
+    thread_local std::vector<T> sbuf;
+    sbuf.resize(rows);
+    const T row_max = std::max(scores_max_into(sbuf.data(), mx, x, a, b, 0, cut),
+                               scores_max_into(sbuf.data(), mx, x, a, b, cut + 1, rows));
+    if (cut < rows) sbuf[cut] = -kInf<T>;
+    if (row_max == kInf<T> || max[k] == kInf<T>) {  // rare: the lse is +inf or NaN
+      nan[k] = nan[k] || std::isnan(sum[k]) || any_nan(sbuf.data(), rows);
+      max[k] = kInf<T>;
+      return;
+    }
+    const T new_max = std::max(max[k], row_max);
+    const T s = safe_shift(new_max);
+    sum[k] = sum[k] * fast_exp(max[k] - s) + sum_exp(sbuf.data(), s, rows);
+    max[k] = new_max;
+  }
+
+  T lse(int64_t k) const { return nan[k] ? kNaN<T> : lse_from(safe_shift(max[k]), sum[k]); }
+};
+
+// Masking by ids writes -inf into the raw products, which the passes then scale by alpha_i beta_j:
+// a scale that is NaN, 0 or infinite (non-finite inputs under normalisation) would make a masked
+// entry NaN. Such calls, and only those, run on the scaled operands alpha q, beta keys with unit
+// scales, and the gradients are scaled back (dq = alpha dq', dkeys = beta dkeys': exact).
+struct Operands {
+  at::Tensor q, keys, alpha, beta;
+  bool folded;
+};
+
+inline Operands fold_scales(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+                            const at::Tensor& beta, const Mask& mask) {
+  const auto usable = [](const at::Tensor& s) {
+    return (s > 0).logical_and(s.isfinite()).all().item<bool>();
+  };
+  if (!mask.row_ids || (usable(alpha) && usable(beta))) return {q, keys, alpha, beta, false};
+  return {q * alpha.unsqueeze(1), keys * beta.unsqueeze(1), at::ones_like(alpha),
+          at::ones_like(beta), true};
+}
+
+inline void unfold(const Operands& ops, std::optional<at::Tensor>& grad,
+                   const at::Tensor& scale) {
+  if (ops.folded && grad) grad->mul_(scale.unsqueeze(1));
+}
+
+}  // namespace tiles
+}  // namespace fastcontrast

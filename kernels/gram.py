@@ -1,0 +1,277 @@
+"""Masked log-sum-exp of a set against itself (a symmetric Gram matrix) and its gradient, Triton.
+
+    s_ij = alpha_i * beta_j * <z_i, z_j>     (alpha = c beta, so s = s^T; usually alpha = 1/tau,
+                                              beta = 1 on L2-normalised z)
+    entry (i, j) masked iff exclude_diag and i == j, or row_ids_i == col_ids_j >= 0 (a symmetric
+    relation, guaranteed by the caller)
+    gram_lse_forward  -> row_lse_i = logsumexp_j s_ij
+    gram_lse_backward -> dz_i = alpha_i sum_j (dS_ij + dS_ji) beta_j z_j,
+                         dS_ij = g_i exp(s_ij - row_lse_i), 0 where masked
+
+Kernels (square tiles of B rows, N rows in all, D features, T = ceil(N / B)):
+  - ``_gram_fwd_kernel``: program I loops over the tiles J >= I only; tile (I, J) updates the
+    online (max, sum) of rows I and, for J > I, the (max, sum) of rows J (the tile reduced over its
+    rows), merged into global fp32 buffers under a per-block spin lock. The host combines both:
+    row_lse = logaddexp(own part, merged part). Work: T (T + 1) / 2 tiles, about N^2 D
+    multiply-adds instead of the 2 N^2 D of the full product. Traffic: each program reads its
+    B x D block once (one D chunk) and every later block once: about (N^2 / 2B) D input elements
+    read, plus 2 N fp32 of merged statistics per tile column (read and written under the lock).
+  - ``_gram_bwd_kernel``: program I loops over every tile J (no atomics: it owns rows I of dz) and
+    forms dS_ij + dS_ji from the lse of both rows, so one launch gives dz (the full-product
+    backward of kernels/infonce.py needs two launches, dq and dkeys, each recomputing the
+    scores). Work: 2 N^2 D (scores) + 2 N^2 D (gradient); traffic (N^2 / B) D reads, and with D
+    above one chunk a read-modify-write of the program's B x D rows of dz per tile J
+    (2 N^2 D / B fp32), as in kernels/infonce.py.
+Numerics as kernels/infonce.py: log2 units, fp32 accumulation, fp16/bf16 tile products, the
+gradient tile divided by G = max|g| max|beta| before its cast; non-finite scores as torch.logsumexp.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import check_ids
+from ._common import (_block_config, _check_device, _check_matrix, _device_context, _grad_scale,
+                      _input_precision, _load_rows, _tile_dots, _upcast, new_output)
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _candidates(offs_r, offs_c, mask_r, mask_c, ids_r, ids_c, EXCLUDE_DIAG: tl.constexpr,
+                HAS_IDS: tl.constexpr):
+    """Tile entries that are candidates: inside the matrix, off the diagonal (EXCLUDE_DIAG), and
+    not of equal ids >= 0 (HAS_IDS)."""
+    valid = mask_r[:, None] & mask_c[None, :]
+    if EXCLUDE_DIAG:
+        valid = valid & (offs_c[None, :] != offs_r[:, None])
+    if HAS_IDS:
+        valid = valid & ((ids_r[:, None] != ids_c[None, :]) | (ids_r[:, None] < 0))
+    return valid
+
+
+@triton.jit
+def _ids(Ids, offs, mask, HAS_IDS: tl.constexpr):
+    if HAS_IDS:
+        return tl.load(Ids + offs, mask=mask, other=-1)
+    return offs * 0 - 1
+
+
+@triton.jit
+def _exp_shift(m):
+    """0 where the running max is infinite (as torch.logsumexp: the sum becomes 0, inf or NaN)."""
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
+def _gram_fwd_kernel(
+    Z, Alpha, Beta, RowIds, ColIds,   # z (N, D); alpha, beta (N,) fp32; ids (N,) int64 (HAS_IDS)
+    OwnLse,                           # out (N,) fp32: lse of row i over the tiles J >= block(i)
+    ColMax, ColSum, Lock,             # (N,) fp32 (log2 units, init -inf / 0), (T,) int32 locks
+    N, D, stride_z,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+    HAS_IDS: tl.constexpr, ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at large N * D
+    offs_r = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask_r = offs_r < N
+    a2 = tl.load(Alpha + offs_r, mask=mask_r, other=0.0) * _LOG2E
+    ids_r = _ids(RowIds, offs_r, mask_r, HAS_IDS)
+    z_tile = _load_rows(Z, offs_r, mask_r, stride_z, 0, D, BLOCK_D, UPCAST)
+    m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+    n_b = tl.cdiv(N, BLOCK)
+    for cb in range(pid, n_b):
+        offs_c = cb * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask_c = offs_c < N
+        b = tl.load(Beta + offs_c, mask=mask_c, other=0.0)
+        dots, _ = _tile_dots(Z, Z, z_tile, offs_r, offs_c, mask_r, mask_c, stride_z, stride_z, D,
+                             BLOCK, BLOCK, BLOCK_D, ONE_D_CHUNK, UPCAST, INPUT_PRECISION)
+        valid = _candidates(offs_r, offs_c, mask_r, mask_c, ids_r,
+                            _ids(ColIds, offs_c, mask_c, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
+        s = tl.where(valid, dots * a2[:, None] * b[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = _exp_shift(m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m_i = m_new
+        if cb > pid:  # the same scores are entries of rows offs_c (s symmetric)
+            c_max = tl.max(s, axis=0)
+            c_safe = _exp_shift(c_max)
+            c_sum = tl.sum(tl.exp2(s - c_safe[None, :]), axis=0)
+            lock = Lock + cb
+            while tl.atomic_cas(lock, 0, 1) == 1:
+                pass
+            tl.debug_barrier()
+            g_max = tl.load(ColMax + offs_c, mask=mask_c, other=float("-inf"), cache_modifier=".cg")
+            g_sum = tl.load(ColSum + offs_c, mask=mask_c, other=0.0, cache_modifier=".cg")
+            n_max = tl.maximum(g_max, c_max)
+            n_safe = _exp_shift(n_max)
+            tl.store(ColMax + offs_c, n_max, mask=mask_c)
+            tl.store(ColSum + offs_c, g_sum * tl.exp2(g_max - n_safe) + c_sum *
+                     tl.exp2(c_max - n_safe), mask=mask_c)
+            tl.debug_barrier()
+            tl.atomic_xchg(lock, 0)
+    tl.store(OwnLse + offs_r, (m_i + tl.log2(l_i)) * _LN2, mask=mask_r)
+
+
+@triton.jit
+def _gram_bwd_kernel(
+    Z, DZ, Alpha, Beta, RowIds, ColIds,   # z (N, D); out dz (N, D) fp32; alpha, beta, ids (N,)
+    Lse, Grad, GradScale,                 # (N,) fp32 row lse and upstream gradient; (1,) G
+    N, D, stride_z, stride_dz,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+    HAS_IDS: tl.constexpr, ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_r = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask_r = offs_r < N
+    offs_d = tl.arange(0, BLOCK_D)
+    a = tl.load(Alpha + offs_r, mask=mask_r, other=0.0)
+    ids_r = _ids(RowIds, offs_r, mask_r, HAS_IDS)
+    # An lse of -inf (no candidate) becomes +inf: exp2(s - inf) = 0.
+    lse_r = tl.load(Lse + offs_r, mask=mask_r, other=float("inf")) * _LOG2E
+    lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r)
+    g_r = tl.load(Grad + offs_r, mask=mask_r, other=0.0)
+    g = tl.load(GradScale)
+    z_tile = _load_rows(Z, offs_r, mask_r, stride_z, 0, D, BLOCK_D, UPCAST)
+    if ONE_D_CHUNK:
+        acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    n_b = tl.cdiv(N, BLOCK)
+    for cb in range(0, n_b):
+        offs_c = cb * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask_c = offs_c < N
+        b = tl.load(Beta + offs_c, mask=mask_c, other=0.0)
+        dots, c_tile = _tile_dots(Z, Z, z_tile, offs_r, offs_c, mask_r, mask_c, stride_z,
+                                  stride_z, D, BLOCK, BLOCK, BLOCK_D, ONE_D_CHUNK, UPCAST,
+                                  INPUT_PRECISION)
+        s = dots * (a * _LOG2E)[:, None] * b[None, :]
+        lse_c = tl.load(Lse + offs_c, mask=mask_c, other=float("inf")) * _LOG2E
+        lse_c = tl.where(lse_c == float("-inf"), float("inf"), lse_c)
+        g_c = tl.load(Grad + offs_c, mask=mask_c, other=0.0)
+        ds = (g_r[:, None] * tl.exp2(s - lse_r[:, None]) +
+              g_c[None, :] * tl.exp2(s - lse_c[None, :]))
+        valid = _candidates(offs_r, offs_c, mask_r, mask_c, ids_r,
+                            _ids(ColIds, offs_c, mask_c, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
+        ds = tl.where(valid, ds, 0.0) * (b / g)[None, :]
+        ds_in = ds if UPCAST else ds.to(Z.dtype.element_ty)
+        if ONE_D_CHUNK:
+            acc = tl.dot(ds_in, c_tile, acc, input_precision=INPUT_PRECISION)
+        else:  # the program's own rows of dz, read-modify-write per D chunk (fp32)
+            tl.debug_barrier()
+            out_scale = tl.where(cb == n_b - 1, a * g, 1.0)
+            for d0 in range(0, D, BLOCK_D):
+                chunk = _load_rows(Z, offs_c, mask_c, stride_z, d0, D, BLOCK_D, UPCAST)
+                part = tl.dot(ds_in, chunk, input_precision=INPUT_PRECISION)
+                cols = d0 + offs_d
+                ptrs = DZ + offs_r[:, None] * stride_dz + cols[None, :]
+                mask = mask_r[:, None] & (cols[None, :] < D)
+                prev = tl.load(ptrs, mask=mask & (cb > 0), other=0.0)
+                tl.store(ptrs, (prev + part) * out_scale[:, None], mask=mask)
+    if ONE_D_CHUNK:
+        ptrs = DZ + offs_r[:, None] * stride_dz + offs_d[None, :]
+        tl.store(ptrs, acc * (a * g)[:, None], mask=mask_r[:, None] & (offs_d[None, :] < D))
+
+
+# Square tiles (one block size for rows and columns). GPU values compile for sm_90 without
+# spills (tests/kernels/test_triton_gram_compile.py); not tuned on a GPU.
+_GPU_TENSOR_CORE = {
+    "fwd": dict(block_x=64, block_y=64, max_block_d=128, chunk_d=64, num_warps=4, num_stages=3),
+    "bwd": dict(block_x=64, block_y=64, max_block_d=128, chunk_d=64, num_warps=4, num_stages=2),
+}
+# fp32 'ieee' (FMA units, operands in registers). ptxas (sm_90): the one-chunk backward with ids
+# spills 4-12 bytes at num_stages=2 and none at 1, the chunked backward spills ~300 bytes at 1 and
+# none at 2; so the one-chunk backward runs with one stage (_config).
+_GPU_IEEE = {
+    "fwd": dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2),
+    "bwd": dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2),
+}
+_INTERPRETER = dict(block_x=64, block_y=64, max_block_d=128, chunk_d=128, num_warps=4,
+                    num_stages=1)
+
+
+def _config(which, D, precision, block_rows):
+    """(block, block_d, one_d_chunk, num_warps, num_stages); block_rows > 0 (a power of two
+    >= 16) forces the tile size (tests)."""
+    blocks = None
+    if block_rows:
+        base = _INTERPRETER if precision != "ieee" else _GPU_IEEE[which]
+        blocks = (block_rows, block_rows, base["max_block_d"])
+    bx, _, bd, one, warps, stages = _block_config(
+        D, precision, blocks, tensor_core=_GPU_TENSOR_CORE[which], ieee=_GPU_IEEE[which],
+        interpreter=_INTERPRETER)
+    if which == "bwd" and precision == "ieee" and one:
+        stages = 1
+    return bx, bd, one, warps, stages
+
+
+def _check(z, alpha, beta, row_ids, col_ids, *vectors):
+    """Validate the operands; return (N, D, has_ids)."""
+    _check_matrix("z", z)
+    _check_device("z", z.device)
+    n, d = z.shape
+    for name, t in (("alpha", alpha), ("beta", beta)) + vectors:
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.shape != (n,) or \
+                t.device != z.device or (n > 1 and t.stride(0) != 1):
+            raise ValueError(f"{name} must be a contiguous float32 ({n},) tensor on {z.device}, "
+                             f"got {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    if (row_ids is None) != (col_ids is None):
+        raise ValueError("row_ids and col_ids must be given together (both or neither)")
+    if row_ids is not None:
+        check_ids("row_ids", row_ids, n, z.device)
+        check_ids("col_ids", col_ids, n, z.device)
+    return n, d, row_ids is not None
+
+
+def gram_lse_forward(z, alpha, beta, *, exclude_diag=False, row_ids=None, col_ids=None,
+                     block_rows=0):
+    """row_lse (N,) float32 of the symmetric s_ij = alpha_i beta_j <z_i, z_j> (module docstring);
+    -inf for a row without candidates. The merged half is summed in scheduling order: its last
+    bits may vary from run to run on GPU."""
+    n, d, has_ids = _check(z, alpha, beta, row_ids, col_ids)
+    dev = z.device
+    if n == 0:
+        return torch.full((0,), float("-inf"), dtype=torch.float32, device=dev)
+    precision = _input_precision(z.dtype)
+    block, block_d, one, warps, stages = _config("fwd", d, precision, block_rows)
+    own = new_output(n, torch.float32, dev)
+    col_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+    col_sum = torch.zeros(n, dtype=torch.float32, device=dev)
+    lock = torch.zeros(triton.cdiv(n, block), dtype=torch.int32, device=dev)
+    ids = (row_ids, col_ids) if has_ids else (alpha, beta)
+    with _device_context(z):
+        _gram_fwd_kernel[(triton.cdiv(n, block),)](
+            z, alpha, beta, *ids, own, col_max, col_sum, lock, n, d, z.stride(0),
+            BLOCK=block, BLOCK_D=block_d, EXCLUDE_DIAG=bool(exclude_diag), HAS_IDS=has_ids,
+            ONE_D_CHUNK=one, UPCAST=_upcast(z.dtype), INPUT_PRECISION=precision,
+            num_warps=warps, num_stages=stages)
+    merged = col_sum.log2_().add_(col_max).mul_(math.log(2.0))
+    return torch.logaddexp(own, merged)
+
+
+def gram_lse_backward(z, alpha, beta, row_lse, row_grad, *, exclude_diag=False, row_ids=None,
+                      col_ids=None, block_rows=0):
+    """dz (N, D) float32 = alpha_i sum_j (dS_ij + dS_ji) beta_j z_j (module docstring); one
+    launch, deterministic."""
+    n, d, has_ids = _check(z, alpha, beta, row_ids, col_ids, ("row_lse", row_lse),
+                           ("row_grad", row_grad))
+    dev = z.device
+    dz = new_output((n, d), torch.float32, dev)
+    if n == 0 or d == 0:
+        return dz.zero_()
+    precision = _input_precision(z.dtype)
+    block, block_d, one, warps, stages = _config("bwd", d, precision, block_rows)
+    # dS_ij + dS_ji <= 2 max|g|: G = 2 max|g| max|beta| keeps the cast tile within 1.
+    gscale = _grad_scale(2 * row_grad.abs().amax() * beta.abs().amax())
+    ids = (row_ids, col_ids) if has_ids else (alpha, beta)
+    with _device_context(z):
+        _gram_bwd_kernel[(triton.cdiv(n, block),)](
+            z, dz, alpha, beta, *ids, row_lse, row_grad, gscale, n, d, z.stride(0), dz.stride(0),
+            BLOCK=block, BLOCK_D=block_d, EXCLUDE_DIAG=bool(exclude_diag), HAS_IDS=has_ids,
+            ONE_D_CHUNK=one, UPCAST=_upcast(z.dtype), INPUT_PRECISION=precision,
+            num_warps=warps, num_stages=stages)
+    return dz
