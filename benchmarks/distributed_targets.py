@@ -43,6 +43,10 @@ from .worker import check_loss
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_distributed_worker.py")
 IMPLS = ("ring", "gather", "open_clip")
+# A fixed mmap threshold (glibc's grows up to 32 MiB after frees): every allocation of 64 KiB or
+# more is mapped on malloc and unmapped on free, so a measured peak counts its own pages, not the
+# heap left resident by an earlier measurement in the same process.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 TITLE = "fastcontrast bench --suite distributed"
 NOTES = (
     "peak extra memory: per rank, VmHWM-reset peak RSS of one forward+backward minus the RSS "
@@ -57,6 +61,8 @@ NOTES = (
     "key memory K(D) = 2 (peak(D) - peak(D/2)) - 2 (N/W) D 4 bytes: the part of a rank's peak "
     "that grows with D (key blocks held, gathered or travelling, their gradient accumulators, "
     "D-sized temporaries), less the two input gradients every implementation returns",
+    "workers run with glibc's mmap threshold fixed at 64 KiB (MALLOC_ENV), so a peak does "
+    "not depend on heap pages an earlier measurement left resident",
     "the loss is checked first: mean over ranks of the returned losses against fastcontrast's "
     "float64 reference on the concatenated batch",
 )
@@ -72,7 +78,7 @@ def launch(specs, deadline_s, threads=1):
     """Run one worker process per spec at once; wait at most ``deadline_s``; kill what is still
     running; return the result dicts (raises RuntimeError with the logs if one is missing)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "GLOO_SOCKET_IFNAME": "lo"}
+           "GLOO_SOCKET_IFNAME": "lo", **MALLOC_ENV}
     with tempfile.TemporaryDirectory(prefix="fastcontrast-dist-") as tmp:
         procs = []
         for i, spec in enumerate(specs):
