@@ -226,7 +226,10 @@ def _notes(suite, budget_gib):
         notes.append("each implementation's N run ascending in one fresh process (one warm-up; "
                      "before each N the memory cap is lifted, freed memory handed back with "
                      "malloc_trim and the peak reset); an implementation that runs out of "
-                     "memory or time at some N is not run at larger N")
+                     "memory or time at some N is not run at larger N; an N whose peak, "
+                     "extrapolated from the implementation's peaks at the two N before it "
+                     "(peak ~ N^e, e fitted, in [1, 2]), exceeds 1.25 x the budget is not run "
+                     "and shows as OOM (predicted), the prediction in its reason")
     if suite.search_budget_gib:
         notes.append(
             f"largest N in budget: doubling from the suite's N within {suite.search_budget_gib:g} "

@@ -236,7 +236,8 @@ def curve_table(result):
         for impl in dict.fromkeys(r["impl"] for r in rows):
             cells = {r["n"]: (f"{format_seconds(r['median_s'])} ({r['time_over_floor']:.2f})"
                               if r["status"] == "OK" and r.get("time_over_floor")
-                              else r["status"] + (" (not run)" if r.get("inferred") else ""))
+                              else r["status"] + (" (predicted)" if r.get("predicted") else
+                                                  " (not run)" if r.get("inferred") else ""))
                      for r in rows if r["impl"] == impl}
             lines.append(_md_row([impl] + [cells.get(n, "-") for n in ns]))
     return lines

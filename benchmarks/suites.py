@@ -2,9 +2,10 @@
 
     default         the curve: N = 1024 ... 16384 (doubling), D = 256, fp32, CPU: InfoNCE, CLIP,
                     NT-Xent, fastcontrast against every CPU peer, each case within a 2 GiB
-                    memory budget (what does not fit is an OOM point); more timed runs at small
-                    N, fewer at large; each implementation's N in one process. Sized for about
-                    3 minutes on a quiet 2-core machine.
+                    memory budget (what does not fit is an OOM point, measured, or predicted
+                    from the implementation's own peaks at N/4 and N/2: worker.run_series);
+                    more timed runs at small N, fewer at large; each implementation's N in one
+                    process. Sized for under 3 minutes on a quiet 2-core machine.
     full            N = 1024 ... 131072, D in {128, 256, 1024}, fp32 / bf16, every family.
     issue4-targets  moco N = 256, K = 65536, D = 128 vs the concat-logits MoCo loss; nt_xent and
                     supcon at N = 2B = 16384, D = 256 vs lightly / pytorch-metric-learning.
@@ -12,6 +13,11 @@
                     (bf16); sized to fit benchmarks/gpu_check.sh's few minutes. Widen it with
                     --suite full --device cuda (fp16 via --families/--sizes as needed).
     smoke           tiny sizes, for the harness's own tests.
+    distributed     symmetric CLIP on W = 2 gloo processes (1 thread each), global batch 16384,
+                    D = 256: fastcontrast.distributed ring and gather against OpenCLIP's
+                    ClipLoss(local_loss=True, gather_with_grad=True): per-rank peak memory, key
+                    memory, bytes sent, time; gradient caching of a small CNN at batch 8192,
+                    chunk 512 against the plain step (benchmarks/distributed_targets.py).
 """
 from dataclasses import dataclass, field
 
@@ -54,7 +60,7 @@ class Suite:
 
 
 CURVE_SIZES = tuple(1024 << i for i in range(5))   # 1024 ... 16384
-CURVE_REPEATS = {1024: 9, 2048: 7, 4096: 5, 8192: 3, 16384: 2}  # cheap at small N
+CURVE_REPEATS = {1024: 5, 2048: 4, 4096: 3, 8192: 2, 16384: 1}  # cheap at small N
 
 SUITES = {
     "default": Suite(
@@ -113,3 +119,19 @@ def cases(suite):
     if suite.name == "gpu":
         out.append((Case("infonce", "fastcontrast[triton]", GPU_LARGE), None))
     return out
+
+
+DISTRIBUTED = {"world": 2, "n": 16384, "d": 256, "rounds": 3, "gradcache_n": 8192, "chunk": 512}
+
+
+def run_distributed(out_dir=None, sizes=None, repeats=None, **options):
+    """``fastcontrast bench --suite distributed`` (benchmarks/distributed_targets.py) with the
+    DISTRIBUTED settings; ``sizes``: [global batch] instead of its N; ``repeats``: rounds."""
+    from .distributed_targets import run_suite
+
+    settings = {**DISTRIBUTED, **options}
+    if sizes:
+        settings["n"] = sizes[0]
+    if repeats:
+        settings["rounds"] = repeats
+    return run_suite(out_dir=out_dir, **settings)

@@ -10,7 +10,8 @@ Series spec (mode "series"): family, impl, and lists "problems", "references", "
 entry per N, ascending): the cases of one implementation in one process, one warm-up, each N
 measured as above (memory cap lifted, freed memory returned to the system with malloc_trim and
 the peak reset before each N); one JSON line per N is appended to the result file as it ends,
-and the series stops at the first N that is not OK.
+and the series stops at the first N that is not OK, or before an N whose peak, extrapolated
+from the two before it, exceeds 1.25 x the budget (recorded as a predicted OOM).
 Floor spec: {"mode": "floor", "products": [[backend, product, rows, keys, d], ...], "dtype",
 "device", "repeats"} (benchmarks/_floor.py kernel_products).
 
@@ -125,8 +126,14 @@ def uncap_memory(device):
         return
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     resource.setrlimit(resource.RLIMIT_AS, (SOFT_AS_LIMIT, hard))
+    trim_heap()
+
+
+def trim_heap():
+    """Collect garbage and hand freed heap pages back to the system (malloc_trim), so that the
+    next measured peak counts its own pages."""
     gc.collect()
-    try:  # hand freed heap pages back, so that the next N's peak counts its own pages
+    try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -305,11 +312,37 @@ def run_floor(spec):
     return {"status": "OK", "products": out}
 
 
+PREDICTION_MARGIN = 1.25  # a predicted peak above 1.25 x the budget is not run
+
+
+def predicted_peak(done, n):
+    """The peak extra memory at ``n`` extrapolated from the last two OK results of a series
+    (``done``: [(n, peak bytes)], ascending): peak ~ N^e, e fitted to those two, clamped to
+    [1, 2] (linear-memory kernels to materialised N x N logits); None with fewer than two."""
+    if len(done) < 2 or min(done[-2][1], done[-1][1]) <= 0:
+        return None
+    (n0, p0), (n1, p1) = done[-2], done[-1]
+    e = min(2.0, max(1.0, math.log(p1 / p0) / math.log(n1 / n0)))
+    return p1 * (n / n1) ** e
+
+
 def run_series(spec):
-    """The cases of one implementation at ascending N in this process (see the module doc)."""
-    device = None
+    """The cases of one implementation at ascending N in this process (see the module doc).
+    An N whose predicted peak (predicted_peak) exceeds PREDICTION_MARGIN x the budget is not
+    run: its result is OOM with ``predicted`` set and the prediction in the reason."""
+    device, done = None, []
+    budget = spec.get("budget_bytes")
     for i, problem in enumerate(spec["problems"]):
         started = time.monotonic()
+        guess = predicted_peak(done, problem["n"])
+        if budget is not None and guess is not None and guess > PREDICTION_MARGIN * budget:
+            result = {"status": "OOM", "predicted": True, "predicted_peak_bytes": guess,
+                      "reason": f"not run: its peaks at N = {done[-2][0]} and {done[-1][0]} "
+                                f"extrapolate to {guess / (1 << 30):.1f} GiB at N = "
+                                f"{problem['n']}, over the {budget / (1 << 30):.1f} GiB budget"}
+            with open(spec["result_path"], "a") as f:
+                f.write(json.dumps(result) + "\n")
+            break
         case = {**spec, "mode": "time", "problem": problem, "reference": spec["references"][i],
                 "repeats": spec["repeats"][i]}
         if device is not None:
@@ -321,6 +354,7 @@ def run_series(spec):
             f.write(json.dumps(result) + "\n")
         if result["status"] != "OK":
             break
+        done.append((problem["n"], result.get("peak_extra_bytes", 0)))
     return None
 
 

@@ -2,7 +2,7 @@
 (``fastcontrast.benchmarks``, the repository's benchmarks/ folder)."""
 from .options import csv_list, positive, positive_int
 
-SUITES = ("default", "full", "issue4-targets", "gpu", "smoke")
+SUITES = ("default", "full", "issue4-targets", "gpu", "smoke", "distributed")
 
 
 def add_bench_parser(subparsers):
@@ -14,13 +14,14 @@ def add_bench_parser(subparsers):
                     "the peer libraries, each case in a fresh process, its loss checked against "
                     "fastcontrast's reference first. Prints the tables and writes results.json, "
                     "results.csv, summary.md and PNG plots. The default suite (the curve "
-                    "N = 1024 ... 16384, D = 256, in a 2 GiB budget per case) takes about "
-                    "3 minutes on a 2-core CPU.")
+                    "N = 1024 ... 16384, D = 256, in a 2 GiB budget per case) takes under "
+                    "3 minutes on a quiet 2-core CPU.")
     p.add_argument("--suite", choices=SUITES, default="default",
                    help="default (the N = 1024 ... 16384 curve), full (N 1024..131072, "
                         "D 128/256/1024, fp32/bf16), "
                         "issue4-targets (moco, nt_xent, supcon targets), gpu (CUDA grid), "
-                        "smoke (tiny)")
+                        "smoke (tiny), distributed (ring / gather vs OpenCLIP on W gloo "
+                        "processes, and gradient caching; --sizes N sets the global batch)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="run the suite's cases on this device (default: the suite's; gpu: cuda)")
     p.add_argument("--out", default=None,
@@ -71,6 +72,11 @@ def benchmarks_package():
 def run_bench(args):
     """Handler of ``fastcontrast bench``; returns the exit status (1 if a case failed)."""
     benchmarks_package()
+    if args.suite == "distributed":
+        from ..benchmarks.suites import run_distributed
+
+        result = run_distributed(out_dir=args.out, sizes=args.sizes, repeats=args.repeats)
+        return 0 if all(r.get("status", "OK") == "OK" for r in result["records"]) else 1
     from ..benchmarks.driver import run_bench as run_suite
 
     result = run_suite(args.suite, out_dir=args.out, device=args.device,
