@@ -5,7 +5,7 @@
                     memory budget (what does not fit is an OOM point, measured, or predicted
                     from the implementation's own peaks at N/4 and N/2: worker.run_series);
                     more timed runs at small N, fewer at large; each implementation's N in one
-                    process. Sized for under 3 minutes on a quiet 2-core machine.
+                    process. Sized for about 3 minutes on a quiet 2-core machine.
     full            N = 1024 ... 131072, D in {128, 256, 1024}, fp32 / bf16, every family.
     issue4-targets  moco N = 256, K = 65536, D = 128 vs the concat-logits MoCo loss; nt_xent and
                     supcon at N = 2B = 16384, D = 256 vs lightly / pytorch-metric-learning.
@@ -60,7 +60,7 @@ class Suite:
 
 
 CURVE_SIZES = tuple(1024 << i for i in range(5))   # 1024 ... 16384
-CURVE_REPEATS = {1024: 5, 2048: 4, 4096: 3, 8192: 2, 16384: 1}  # cheap at small N
+CURVE_REPEATS = {1024: 5, 2048: 4, 4096: 3, 8192: 1, 16384: 1}  # cheap at small N
 
 SUITES = {
     "default": Suite(

@@ -14,7 +14,7 @@ def add_bench_parser(subparsers):
                     "the peer libraries, each case in a fresh process, its loss checked against "
                     "fastcontrast's reference first. Prints the tables and writes results.json, "
                     "results.csv, summary.md and PNG plots. The default suite (the curve "
-                    "N = 1024 ... 16384, D = 256, in a 2 GiB budget per case) takes under "
+                    "N = 1024 ... 16384, D = 256, in a 2 GiB budget per case) takes about "
                     "3 minutes on a quiet 2-core CPU.")
     p.add_argument("--suite", choices=SUITES, default="default",
                    help="default (the N = 1024 ... 16384 curve), full (N 1024..131072, "
