@@ -39,7 +39,7 @@ Modes:
             statistics, no key block. The partial column statistics (forward) and the
             key-gradient accumulators (backward) travel with their block and come home
             complete; a symmetric loss is one ring forward and one ring backward. Uneven
-            batches work (see ring.py).
+            (non-empty) batches work.
 Every call starts with one small all_gather of shapes, dtypes and options, so mismatched
 inputs raise the same ValueError on every rank instead of hanging; a rank whose own inputs fail
 a check (an empty batch, targets out of range, ...) joins that exchange with a failure status

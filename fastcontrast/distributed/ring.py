@@ -26,7 +26,7 @@ ring backward.
 
 Peers are the ranks r +- 1 of the group, turned into global ranks (Comm.global_rank).
 Blocks may differ in size across ranks (every rank knows every rank's sizes from the metadata
-exchange), including empty ones.
+exchange); an empty batch is refused on every rank by the public functions' checks.
 """
 import torch
 import torch.distributed as dist
