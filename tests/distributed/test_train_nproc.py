@@ -1,7 +1,6 @@
 """Data-parallel training: ``trainer.fit`` on W = 2 gloo ranks (DDP + the distributed loss)
 equals one process on the full batch (5 SGD steps, float64, within 1e-10); MoCo's queue stays
 identical on every rank; ``fastcontrast train METHOD --nproc 2`` runs end to end."""
-import time
 
 import pytest
 import torch
@@ -49,13 +48,10 @@ def test_moco_queue_replicated_in_rank_order():
 def test_cli_train_nproc2(method, sizes, tmp_path, capfd):
     from fastcontrast.cli import main
 
-    start = time.perf_counter()
     code = main(["train", method, "--nproc", "2", "--steps", "3", "--batch-size", "32",
                  "--set", "width=4", "--set", sizes, "--no-baselines", "--quiet",
                  "--out", str(tmp_path)])
-    elapsed = time.perf_counter() - start
     assert code == 0
     out = capfd.readouterr().out  # printed by rank 0, a child process
     assert "2 processes" in out and "linear probe" in out
     assert (tmp_path / f"{method}.json").exists()
-    assert elapsed < 30, elapsed
