@@ -11,7 +11,7 @@ GPU block config the host picks for the largest D it runs as one chunk and for D
 the backward then with each config its autotuning may pick, FASTCONTRAST_TRITON_CONFIG pinning
 each in turn). Each compiled kernel must also fit the H200's shared memory per program.
 
-The first run compiles all 264 variants: about three minutes on two idle cores (more on a busy
+The first run compiles all 288 variants: about three minutes on two idle cores (more on a busy
 machine). Triton's cache then holds the kernels and a copy of each ptxas report, so a rerun with
 unchanged kernels takes seconds. Skipped with a message where Triton's CUDA backend or ptxas is
 absent."""
@@ -57,8 +57,9 @@ LAUNCHED = {
 # H200 (sm_90): the most shared memory one program may use (227 KiB, opt-in beyond 48 KiB).
 MAX_SHARED_BYTES = 232448
 # The backward with D in chunks is compiled with every config autotuning may pick: per
-# (dtype, precision), the number of configs (kernels/infonce.py, _SPLIT_TENSOR_CORE / _SPLIT_IEEE).
-SPLIT_CONFIGS = {("*fp16", "tf32"): 3, ("*bf16", "tf32"): 3, ("*fp32", "ieee"): 1,
+# (dtype, precision), the number of configs (kernels/infonce.py, _SPLIT_TENSOR_CORE: 3 at D = 512;
+# _SPLIT_IEEE: 1, with SPLIT_D = 64, 128, 256 at D = 64, 128, 512, all beyond its one chunk).
+SPLIT_CONFIGS = {("*fp16", "tf32"): 3, ("*bf16", "tf32"): 3, ("*fp32", "ieee"): 3,
                  ("*fp32", "tf32"): 3}
 
 # Variants that spill today, with the bytes of spill stores / loads ptxas reports: listed, not
