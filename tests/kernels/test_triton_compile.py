@@ -11,7 +11,7 @@ GPU block config the host picks for the largest D it runs as one chunk and for D
 the backward then with each config its autotuning may pick, FASTCONTRAST_TRITON_CONFIG pinning
 each in turn). Each compiled kernel must also fit the H200's shared memory per program.
 
-The first run compiles all 288 variants: about three minutes on two idle cores (more on a busy
+The first run compiles all 408 launch configs: several minutes on two idle cores (more on a busy
 machine). Triton's cache then holds the kernels and a copy of each ptxas report, so a rerun with
 unchanged kernels takes seconds. Skipped with a message where Triton's CUDA backend or ptxas is
 absent."""
