@@ -16,12 +16,14 @@ Kernels (square tiles of B rows, N rows in all, D features, T = ceil(N / B)):
     multiply-adds instead of the 2 N^2 D of the full product. Traffic: each program reads its
     B x D block once (one D chunk) and every later block once: about (N^2 / 2B) D input elements
     read, plus 2 N fp32 of merged statistics per tile column (read and written under the lock).
-  - ``_gram_bwd_kernel``: program I loops over every tile J (no atomics: it owns rows I of dz) and
-    forms dS_ij + dS_ji from the lse of both rows, so one launch gives dz (the full-product
-    backward of kernels/infonce.py needs two launches, dq and dkeys, each recomputing the
-    scores). Work: 2 N^2 D (scores) + 2 N^2 D (gradient); traffic (N^2 / B) D reads, and with D
-    above one chunk a read-modify-write of the program's B x D rows of dz per tile J
-    (2 N^2 D / B fp32), as in kernels/infonce.py.
+  - the backward is kernels/infonce.py's ``_masked_lse_bwd_kernel`` with X = Y = z and both
+    lse terms from the same row statistics: dz_i = alpha_i sum_j (dS_ij + dS_ji) beta_j z_j with
+    dS_ij + dS_ji = g_i exp(s_ij - lse_i) + g_j exp(s_ij - lse_j) (s symmetric) is exactly its dX
+    with lse_x = lse_y = row_lse and grad_x = grad_y = row_grad. One launch gives dz (no dkeys
+    launch), with its grid (row blocks, D splits), fp32 dz accumulator in registers (no
+    read-modify-write of dz per tile for D above one chunk), autotuning switch and traffic /
+    FLOP model (see that kernel's docstring, NX = NY = N): 4 N^2 D FLOPs at one split, without
+    the triangle saving of the forward.
 Numerics as kernels/infonce.py: log2 units, fp32 accumulation, fp16/bf16 tile products, the
 gradient tile divided by G = max|g| max|beta| before its cast; non-finite scores as torch.logsumexp.
 """
@@ -32,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .._validation import check_ids
-from ._common import (_block_config, _check_device, _check_matrix, _device_context, _grad_scale,
+from . import infonce
+from ._common import (_block_config, _check_device, _check_matrix, _device_context,
                       _input_precision, _load_rows, _tile_dots, _upcast, new_output)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -117,94 +120,33 @@ def _gram_fwd_kernel(
     tl.store(OwnLse + offs_r, (m_i + tl.log2(l_i)) * _LN2, mask=mask_r)
 
 
-@triton.jit
-def _gram_bwd_kernel(
-    Z, DZ, Alpha, Beta, RowIds, ColIds,   # z (N, D); out dz (N, D) fp32; alpha, beta, ids (N,)
-    Lse, Grad, GradScale,                 # (N,) fp32 row lse and upstream gradient; (1,) G
-    N, D, stride_z, stride_dz,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
-    HAS_IDS: tl.constexpr, ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    offs_r = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask_r = offs_r < N
-    offs_d = tl.arange(0, BLOCK_D)
-    a = tl.load(Alpha + offs_r, mask=mask_r, other=0.0)
-    ids_r = _ids(RowIds, offs_r, mask_r, HAS_IDS)
-    # An lse of -inf (no candidate) becomes +inf: exp2(s - inf) = 0.
-    lse_r = tl.load(Lse + offs_r, mask=mask_r, other=float("inf")) * _LOG2E
-    lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r)
-    g_r = tl.load(Grad + offs_r, mask=mask_r, other=0.0)
-    g = tl.load(GradScale)
-    z_tile = _load_rows(Z, offs_r, mask_r, stride_z, 0, D, BLOCK_D, UPCAST)
-    if ONE_D_CHUNK:
-        acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    n_b = tl.cdiv(N, BLOCK)
-    for cb in range(0, n_b):
-        offs_c = cb * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask_c = offs_c < N
-        b = tl.load(Beta + offs_c, mask=mask_c, other=0.0)
-        dots, c_tile = _tile_dots(Z, Z, z_tile, offs_r, offs_c, mask_r, mask_c, stride_z,
-                                  stride_z, D, BLOCK, BLOCK, BLOCK_D, ONE_D_CHUNK, UPCAST,
-                                  INPUT_PRECISION)
-        s = dots * (a * _LOG2E)[:, None] * b[None, :]
-        lse_c = tl.load(Lse + offs_c, mask=mask_c, other=float("inf")) * _LOG2E
-        lse_c = tl.where(lse_c == float("-inf"), float("inf"), lse_c)
-        g_c = tl.load(Grad + offs_c, mask=mask_c, other=0.0)
-        ds = (g_r[:, None] * tl.exp2(s - lse_r[:, None]) +
-              g_c[None, :] * tl.exp2(s - lse_c[None, :]))
-        valid = _candidates(offs_r, offs_c, mask_r, mask_c, ids_r,
-                            _ids(ColIds, offs_c, mask_c, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
-        ds = tl.where(valid, ds, 0.0) * (b / g)[None, :]
-        ds_in = ds if UPCAST else ds.to(Z.dtype.element_ty)
-        if ONE_D_CHUNK:
-            acc = tl.dot(ds_in, c_tile, acc, input_precision=INPUT_PRECISION)
-        else:  # the program's own rows of dz, read-modify-write per D chunk (fp32)
-            tl.debug_barrier()
-            out_scale = tl.where(cb == n_b - 1, a * g, 1.0)
-            for d0 in range(0, D, BLOCK_D):
-                chunk = _load_rows(Z, offs_c, mask_c, stride_z, d0, D, BLOCK_D, UPCAST)
-                part = tl.dot(ds_in, chunk, input_precision=INPUT_PRECISION)
-                cols = d0 + offs_d
-                ptrs = DZ + offs_r[:, None] * stride_dz + cols[None, :]
-                mask = mask_r[:, None] & (cols[None, :] < D)
-                prev = tl.load(ptrs, mask=mask & (cb > 0), other=0.0)
-                tl.store(ptrs, (prev + part) * out_scale[:, None], mask=mask)
-    if ONE_D_CHUNK:
-        ptrs = DZ + offs_r[:, None] * stride_dz + offs_d[None, :]
-        tl.store(ptrs, acc * (a * g)[:, None], mask=mask_r[:, None] & (offs_d[None, :] < D))
-
-
 # Square tiles (one block size for rows and columns). GPU values compile for sm_90 without
 # spills (tests/kernels/test_triton_gram_compile.py); not tuned on a GPU.
 _GPU_TENSOR_CORE = {
     "fwd": dict(block_x=64, block_y=64, max_block_d=128, chunk_d=64, num_warps=4, num_stages=3),
-    "bwd": dict(block_x=64, block_y=64, max_block_d=128, chunk_d=64, num_warps=4, num_stages=2),
 }
-# fp32 'ieee' (FMA units, operands in registers). ptxas (sm_90): the one-chunk backward with ids
-# spills 4-12 bytes at num_stages=2 and none at 1, the chunked backward spills ~300 bytes at 1 and
-# none at 2; so the one-chunk backward runs with one stage (_config).
+# fp32 'ieee' (FMA units, operands in registers).
 _GPU_IEEE = {
     "fwd": dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2),
-    "bwd": dict(block_x=64, block_y=64, max_block_d=32, chunk_d=32, num_warps=8, num_stages=2),
 }
 _INTERPRETER = dict(block_x=64, block_y=64, max_block_d=128, chunk_d=128, num_warps=4,
                     num_stages=1)
 
 
-def _config(which, D, precision, block_rows):
-    """(block, block_d, one_d_chunk, num_warps, num_stages); block_rows > 0 (a power of two
-    >= 16) forces the tile size (tests)."""
-    blocks = None
-    if block_rows:
-        base = _INTERPRETER if precision != "ieee" else _GPU_IEEE[which]
-        blocks = (block_rows, block_rows, base["max_block_d"])
+def _forced_blocks(precision, block_rows):
+    """(block_x, block_y, max_block_d) of square tiles of block_rows (a power of two >= 16) that
+    tests force, or None (the configs above)."""
+    if not block_rows:
+        return None
+    base = _INTERPRETER if precision != "ieee" else _GPU_IEEE["fwd"]
+    return (block_rows, block_rows, base["max_block_d"])
+
+
+def _config(D, precision, block_rows):
+    """(block, block_d, one_d_chunk, num_warps, num_stages) of the forward."""
     bx, _, bd, one, warps, stages = _block_config(
-        D, precision, blocks, tensor_core=_GPU_TENSOR_CORE[which], ieee=_GPU_IEEE[which],
-        interpreter=_INTERPRETER)
-    if which == "bwd" and precision == "ieee" and one:
-        stages = 1
+        D, precision, _forced_blocks(precision, block_rows), tensor_core=_GPU_TENSOR_CORE["fwd"],
+        ieee=_GPU_IEEE["fwd"], interpreter=_INTERPRETER)
     return bx, bd, one, warps, stages
 
 
@@ -237,7 +179,7 @@ def gram_lse_forward(z, alpha, beta, *, exclude_diag=False, row_ids=None, col_id
     if n == 0:
         return torch.full((0,), float("-inf"), dtype=torch.float32, device=dev)
     precision = _input_precision(z.dtype)
-    block, block_d, one, warps, stages = _config("fwd", d, precision, block_rows)
+    block, block_d, one, warps, stages = _config(d, precision, block_rows)
     own = new_output(n, torch.float32, dev)
     col_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
     col_sum = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -255,23 +197,13 @@ def gram_lse_forward(z, alpha, beta, *, exclude_diag=False, row_ids=None, col_id
 
 def gram_lse_backward(z, alpha, beta, row_lse, row_grad, *, exclude_diag=False, row_ids=None,
                       col_ids=None, block_rows=0):
-    """dz (N, D) float32 = alpha_i sum_j (dS_ij + dS_ji) beta_j z_j (module docstring); one
-    launch, deterministic."""
+    """dz (N, D) float32 = alpha_i sum_j (dS_ij + dS_ji) beta_j z_j (module docstring): the dX of
+    kernels/infonce.py's backward with z as both operands and row_lse / row_grad as both the row
+    and the column terms; one launch, deterministic."""
     n, d, has_ids = _check(z, alpha, beta, row_ids, col_ids, ("row_lse", row_lse),
                            ("row_grad", row_grad))
-    dev = z.device
-    dz = new_output((n, d), torch.float32, dev)
-    if n == 0 or d == 0:
-        return dz.zero_()
-    precision = _input_precision(z.dtype)
-    block, block_d, one, warps, stages = _config("bwd", d, precision, block_rows)
-    # dS_ij + dS_ji <= 2 max|g|: G = 2 max|g| max|beta| keeps the cast tile within 1.
-    gscale = _grad_scale(2 * row_grad.abs().amax() * beta.abs().amax())
-    ids = (row_ids, col_ids) if has_ids else (alpha, beta)
-    with _device_context(z):
-        _gram_bwd_kernel[(triton.cdiv(n, block),)](
-            z, dz, alpha, beta, *ids, row_lse, row_grad, gscale, n, d, z.stride(0), dz.stride(0),
-            BLOCK=block, BLOCK_D=block_d, EXCLUDE_DIAG=bool(exclude_diag), HAS_IDS=has_ids,
-            ONE_D_CHUNK=one, UPCAST=_upcast(z.dtype), INPUT_PRECISION=precision,
-            num_warps=warps, num_stages=stages)
+    dz, _ = infonce.masked_lse_backward(
+        z, z, alpha, beta, row_lse, row_grad, row_lse, row_grad, exclude_diag=exclude_diag,
+        row_ids=row_ids, col_ids=col_ids, need_dkeys=False,
+        blocks=_forced_blocks(_input_precision(z.dtype), block_rows))
     return dz

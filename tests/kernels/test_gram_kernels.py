@@ -90,6 +90,17 @@ def test_gram_ops_match_the_full_product(backend, dtype, n, d, kind, block, monk
 
 
 @pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("kind", ["diag", "involution"])
+def test_gram_ops_with_d_above_one_chunk(backend, dtype, kind):
+    """D = 300: above one D chunk of every backend's tiles (the Triton interpreter's is 128), so
+    the backward runs with D in chunks / splits, and the forward streams D."""
+    _skip_unavailable(backend, dtype, 40)
+    torch.manual_seed(300)
+    z, alpha, beta = _problem(backend, dtype, 40, 300)
+    _check(backend, dtype, z, alpha, beta, *_mask(kind, 40, z.device))
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("regime", ["tiny_temperature", "large_norms"])
 def test_gram_ops_at_extreme_scales(backend, dtype, regime, monkeypatch):
     n = 48 if backend == "triton" else 97

@@ -4,8 +4,10 @@ one H200 block (227 KiB, the sm_90 opt-in maximum).
 
 The variants are recorded from the host's own launches, as tests/kernels/test_triton_compile.py
 does (its helpers, tests/kernels/_triton_compile_helpers.py): every combination of EXCLUDE_DIAG,
-HAS_IDS and ONE_D_CHUNK of both kernels, for fp16, bf16 and fp32 ('ieee' and 'tf32'). Skipped
-where Triton's CUDA backend or ptxas is absent."""
+HAS_IDS and ONE_D_CHUNK of the forward kernel, for fp16, bf16 and fp32 ('ieee' and 'tf32'). The
+backward is kernels/infonce.py's _masked_lse_bwd_kernel with both lse terms (HAS_LSE_X and
+HAS_LSE_Y), whose variants tests/kernels/test_triton_compile.py compiles. Skipped where Triton's
+CUDA backend or ptxas is absent."""
 import itertools
 import json
 import os
@@ -19,21 +21,19 @@ SM90_MAX_SHARED_BYTES = 227 * 1024
 BOOLS = (False, True)
 DTYPE_PRECISIONS = (("*fp16", "tf32"), ("*bf16", "tf32"), ("*fp32", "ieee"), ("*fp32", "tf32"))
 FLAGS = ("EXCLUDE_DIAG", "HAS_IDS", "ONE_D_CHUNK")
-KERNELS = ("_gram_fwd_kernel", "_gram_bwd_kernel")
+KERNELS = ("_gram_fwd_kernel",)
 
 
 def _gram_host_calls(gram, z, _):
-    """gram_lse_forward and gram_lse_backward under every mask the host can pass."""
+    """gram_lse_forward under every mask the host can pass."""
     import torch
 
     n = z.shape[0]
     alpha, beta = torch.ones(n), torch.ones(n)
-    lse, grad = torch.zeros(n), torch.ones(n)
     for exclude_diag in BOOLS:
         for ids in ((None, None), (torch.arange(n), torch.arange(n))):
             masks = dict(exclude_diag=exclude_diag, row_ids=ids[0], col_ids=ids[1])
             gram.gram_lse_forward(z, alpha, beta, **masks)
-            gram.gram_lse_backward(z, alpha, beta, lse, grad, **masks)
 
 
 def _compile_with_shared(index):
@@ -85,7 +85,7 @@ def test_every_gram_launch_variant_is_compiled(compiled):
                 for values in itertools.product(BOOLS, BOOLS, BOOLS)
                 for dtype, precision in DTYPE_PRECISIONS}
     got = [_variant(r) for r in compiled]
-    assert len(got) == len(set(got)) == len(expected) == 64
+    assert len(got) == len(set(got)) == len(expected) == 32
     assert set(got) == expected, (sorted(expected - set(got)), sorted(set(got) - expected))
 
 
