@@ -1,12 +1,14 @@
 // Symmetric-Gram masked log-sum-exp kernels on CPU (see gram.h for the maths and the contract).
 //
 // Rows are processed in strips: strip r0 .. r0 + R holds the scores of its R rows with rows
-// r0 .. N (the diagonal block and everything right of it), from one ATen GEMM in the transposed
-// layout of infonce.cpp (tile[j][i] = <z_{r0+j}, z_{r0+i}>, (N - r0) x R). A tile row j >= R is
-// an entry of both row r0 + i (as a query) and row r0 + j (as a key): the forward merges it into
-// the running statistics of both, the backward turns it into the pair weight
+// r0 .. N (the diagonal block and everything right of it), in chunks of C keys, each one ATen GEMM
+// in the transposed layout of infonce.cpp (tile[j][i] = <z_{c0+j}, z_{r0+i}>, C x R, ~2 MiB so it
+// stays in cache through its passes). A key c0 + j >= r0 + R is an entry of both row r0 + i (as a
+// query) and row c0 + j (as a key): the forward merges it into the running (online, chunk after
+// chunk) statistics of both, the backward turns it into the pair weight
 //   H_ij = alpha_i beta_j (g_i exp(s_ij - lse_i) + g_j exp(s_ij - lse_j))
-// and uses it twice: dz[r0:r0+R] += H^T @ z[r0:]   and   dz[r0+R:] += H[R:] @ z[r0:r0+R].
+// and uses it twice: dz[r0:r0+R] += H^T @ z[c0:c1]   and   dz[c0:c1] += H @ z[r0:r0+R] (keys
+// right of the diagonal block only).
 // The diagonal block (tile rows j < R) is computed in full and used once (H is symmetric there).
 // Work: the strips cover N (N + R) / 2 entries, so forward N^2 D and backward 3 N^2 D
 // multiply-adds instead of 2 and 4 N^2 D for the full product.
@@ -27,38 +29,57 @@ namespace {
 
 using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h)
 
-// One strip in local indices: queries z[r0:r0+rows], keys z[r0:N]; the diagonal mask becomes
-// diag_offset 0 and the ids are those of the strip's rows and keys.
-struct Strip {
+// Strip r0 .. r0 + rows against the key chunk c0 .. c1 (c0 >= r0) in the local indices of a
+// Problem: queries z[r0:r0+rows], keys z[c0:c1]; key j is row c0 + j, so the diagonal mask
+// becomes diag_offset r0 - c0 and the ids are those of the strip's rows and the chunk's keys.
+struct Chunk {
   at::Tensor q, keys, alpha, beta;
   Mask mask;
-  Strip(const at::Tensor& z, const at::Tensor& alpha_, const at::Tensor& beta_, const Mask& m,
-        int64_t r0, int64_t rows)
-      : q(z.narrow(0, r0, rows)), keys(z.narrow(0, r0, z.size(0) - r0)),
-        alpha(alpha_.narrow(0, r0, rows)), beta(beta_.narrow(0, r0, z.size(0) - r0)),
-        mask{m.exclude_diag, 0, std::nullopt, std::nullopt} {
+  Chunk(const at::Tensor& z, const at::Tensor& alpha_, const at::Tensor& beta_, const Mask& m,
+        int64_t r0, int64_t rows, int64_t c0, int64_t c1)
+      : q(z.narrow(0, r0, rows)), keys(z.narrow(0, c0, c1 - c0)),
+        alpha(alpha_.narrow(0, r0, rows)), beta(beta_.narrow(0, c0, c1 - c0)),
+        mask{m.exclude_diag, r0 - c0, std::nullopt, std::nullopt} {
     if (m.row_ids) {
       mask.row_ids = m.row_ids->narrow(0, r0, rows);
-      mask.col_ids = m.col_ids->narrow(0, r0, z.size(0) - r0);
+      mask.col_ids = m.col_ids->narrow(0, c0, c1 - c0);
     }
   }
 };
 
-// Calls fn(r0, rows, p, tile) for each strip, p its Problem (one block of `rows` queries) and
-// tile ((N - r0), rows) = z[r0:] @ z[r0:r0+rows]^T with the id-masked entries at -inf.
-template <typename T, typename Fn>
-void for_each_strip(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
-                    const Mask& mask, int64_t block_rows, Fn&& fn) {
+// Keys per chunk: a chunk tile of about kChunkBytes stays in cache from its GEMM through the
+// elementwise passes to the gradient GEMMs (the strip's whole (N - r0) x R tile did not: at
+// N = 16384 its GEMMs ran at ~65% of the 512 x 1024 rate on 2 threads). A forced block size
+// (tests) gets chunks of 3 blocks, so that chunk boundaries fall inside strips.
+constexpr int64_t kChunkBytes = int64_t(2) << 20;
+
+int64_t chunk_keys(int64_t rows, int64_t elem_size, int64_t requested) {
+  if (requested > 0) return 3 * rows;
+  return std::max<int64_t>(rows, kChunkBytes / (rows * elem_size) / 16 * 16);
+}
+
+// Calls fn(r0, rows, c0, p, tile) for each strip r0 and key chunk c0 of it, p the chunk's
+// Problem (one block of `rows` queries) and tile (c1 - c0, rows) = z[c0:c1] @ z[r0:r0+rows]^T
+// with the id-masked entries at -inf; after a strip's last chunk, done(r0, rows).
+template <typename T, typename Fn, typename Done>
+void for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+                    const Mask& mask, int64_t block_rows, int64_t requested, Fn&& fn,
+                    Done&& done) {
   const int64_t n = z.size(0);
-  at::Tensor buffer = at::empty({n * block_rows}, z.options());
+  const int64_t chunk = chunk_keys(block_rows, sizeof(T), requested);
+  at::Tensor buffer = at::empty({chunk * block_rows}, z.options());
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, n - r0);
-    const Strip strip(z, alpha, beta, mask, r0, rows);
-    const Problem<T> p(strip.q, strip.keys, strip.alpha, strip.beta, strip.mask, false, rows);
-    at::Tensor tile = buffer.narrow(0, 0, (n - r0) * rows).view({n - r0, rows});
-    at::mm_out(tile, strip.keys, strip.q.t());
-    if (p.row_ids) p.mask_equal_ids(0, rows, tile);
-    fn(r0, rows, p, tile);
+    for (int64_t c0 = r0; c0 < n; c0 += chunk) {
+      const int64_t c1 = std::min(n, c0 + chunk);
+      const Chunk part(z, alpha, beta, mask, r0, rows, c0, c1);
+      const Problem<T> p(part.q, part.keys, part.alpha, part.beta, part.mask, false, rows);
+      at::Tensor tile = buffer.narrow(0, 0, (c1 - c0) * rows).view({c1 - c0, rows});
+      at::mm_out(tile, part.keys, part.q.t());
+      if (p.row_ids) p.mask_equal_ids(0, rows, tile);
+      fn(r0, rows, c0, p, tile);
+    }
+    done(r0, rows);
   }
 }
 
@@ -68,6 +89,25 @@ int64_t gram_block_rows(const at::Tensor& z, int64_t requested) {
   return choose_block_rows(n, n, z.size(1), sizeof(T), /*large_tile=*/true, requested);
 }
 
+// Per-query log-sum-exp of a strip merged chunk after chunk (online, as a column's): running
+// max m (NaN skipped) and sum l = sum exp(s - m). An unmasked NaN makes l NaN while m is finite;
+// once m is +inf, l is NaN anyway (exp(inf - inf)), so nan records whether the row has a NaN.
+template <typename T>
+struct RowStats {
+  std::vector<T> max, sum, chunk_max, chunk_sum;
+  std::vector<char> nan;
+  explicit RowStats(int64_t r) : max(r), sum(r), chunk_max(r), chunk_sum(r), nan(r) {}
+  void reset(int64_t rows) {
+    std::fill(max.begin(), max.begin() + rows, -kInf<T>);
+    std::fill(sum.begin(), sum.begin() + rows, T(0));
+    std::fill(nan.begin(), nan.begin() + rows, 0);
+  }
+  T lse(int64_t i) const {
+    if (max[i] == kInf<T>) return nan[i] ? kNaN<T> : kInf<T>;
+    return lse_from(safe_shift(max[i]), sum[i]);
+  }
+};
+
 template <typename T>
 at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                         const Mask& mask, int64_t requested) {
@@ -76,28 +116,43 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
   T* out = row_lse.data_ptr<T>();
   ColumnStats<T> cols(n);  // row k's entries with the rows of earlier strips
   Partials<T> partial(block_rows);
-  std::vector<T> shift(block_rows), sum(block_rows);
+  RowStats<T> rs(block_rows);
+  std::vector<T> shift(block_rows);
 
-  for_each_strip<T>(z, alpha, beta, mask, block_rows,
-                    [&](int64_t r0, int64_t rows, const Problem<T>& p, at::Tensor& tile) {
+  for_each_chunk<T>(z, alpha, beta, mask, block_rows, requested,
+                    [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& p,
+                        at::Tensor& tile) {
+    if (c0 == r0) rs.reset(rows);
     const T* a = p.alpha;
     partial.reset(rows, -kInf<T>);
     p.for_each_tile_row(0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
       T* mx = partial.slot();
       const T b = p.beta[j];
-      if (j >= rows) {  // right of the diagonal block: row r0 + j's statistics too
-        cols.merge(r0 + j, mx, x, a, b, cut, rows);
+      if (c0 + j >= r0 + rows) {  // right of the diagonal block: row c0 + j's statistics too
+        cols.merge(c0 + j, mx, x, a, b, cut, rows);
       } else {
         max_into(mx, x, a, b, 0, cut);
         max_into(mx, x, a, b, cut + 1, rows);
       }
     });
-    partial.combine_max(shift.data());
-    for (int64_t i = 0; i < rows; ++i) shift[i] = safe_shift(shift[i]);
-    block_sums(p, 0, rows, tile, partial, shift.data(), sum.data());
-    for (int64_t i = 0; i < rows; ++i)
-      out[r0 + i] = log_add_exp(query_lse(p, 0, rows, tile, shift[i], sum[i], i),
-                                cols.lse(r0 + i));
+    partial.combine_max(rs.chunk_max.data());
+    for (int64_t i = 0; i < rows; ++i) {
+      const T old = rs.max[i];
+      const T mx = std::max(old, rs.chunk_max[i]);
+      if (mx == kInf<T> && old != kInf<T>)  // NaN seen so far (while the max was finite)
+        rs.nan[i] = std::isnan(rs.sum[i]);
+      shift[i] = safe_shift(mx);
+      // Rescale the running sum to the new shift (no-op while the max is -inf: the sum is 0).
+      if (mx != old && old != -kInf<T>) rs.sum[i] *= fast_exp(old - shift[i]);
+      rs.max[i] = mx;
+    }
+    block_sums(p, 0, rows, tile, partial, shift.data(), rs.chunk_sum.data());
+    for (int64_t i = 0; i < rows; ++i) {
+      rs.sum[i] += rs.chunk_sum[i];
+      if (rs.max[i] == kInf<T> && !rs.nan[i]) rs.nan[i] = p.query_has_nan(0, rows, tile, i);
+    }
+  }, [&](int64_t r0, int64_t rows) {
+    for (int64_t i = 0; i < rows; ++i) out[r0 + i] = log_add_exp(rs.lse(i), cols.lse(r0 + i));
   });
   return row_lse;
 }
@@ -118,13 +173,14 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
   for (int64_t k = n - 1; k >= 0; --k)
     poisoned_from[k] = poisoned_from[k + 1] || std::isnan(lse_in[k]) || !std::isfinite(g[k]);
 
-  for_each_strip<T>(z, alpha, beta, mask, block_rows,
-                    [&](int64_t r0, int64_t rows, const Problem<T>& p, at::Tensor& tile) {
+  for_each_chunk<T>(z, alpha, beta, mask, block_rows, requested,
+                    [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& p,
+                        at::Tensor& tile) {
     const T* a = p.alpha;
     const T* gi = g + r0;
     const T* li = rl.data() + r0;
     p.for_each_tile_row(0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
-      const T b = p.beta[j], gj = g[r0 + j], lj = rl[r0 + j];
+      const T b = p.beta[j], gj = g[c0 + j], lj = rl[c0 + j];
 #pragma omp simd
       for (int64_t i = 0; i < rows; ++i) {
         const T ab = a[i] * b;
@@ -134,11 +190,12 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
       if (cut < rows) x[cut] = T(0) * a[cut] * b;  // H = alpha beta dS: NaN where a scale is
     });
     if (poisoned_from[r0] && p.row_ids) p.mask_equal_ids(0, rows, tile, T(0));
-    const int64_t len = n - r0;
+    // The strip's rows get every key of the chunk; the keys right of the diagonal block get
+    // the strip's rows (the diagonal block's H is symmetric and used once).
+    const int64_t len = p.m, lo = std::max<int64_t>(0, r0 + rows - c0);
     dz.narrow(0, r0, rows).addmm_(tile.t(), p.keys);
-    if (len > rows)
-      dz.narrow(0, r0 + rows, len - rows).addmm_(tile.narrow(0, rows, len - rows), p.q);
-  });
+    if (len > lo) dz.narrow(0, c0 + lo, len - lo).addmm_(tile.narrow(0, lo, len - lo), p.q);
+  }, [](int64_t, int64_t) {});
   return dz;
 }
 
