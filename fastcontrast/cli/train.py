@@ -5,6 +5,7 @@
                               [--embedding pca|tsne] [--out DIR] [--threads T]
                               [--eval-at S] [--compare-backends] [--quiet]
                               [--set KEY=VALUE] [--nproc N] [--distributed-mode gather|ring]
+                              [--device cpu|cuda]
 
 Prints a progress bar and one line per epoch (loss, InfoNCE bound log(N) - L), then the linear
 probe and kNN accuracy on frozen features of the held-out split next to the same encoder
@@ -20,6 +21,12 @@ on 127.0.0.1, a free port, torch threads split between them unless --threads), e
 shard of every global batch (``--batch-size`` is the global batch), DistributedDataParallel and
 the distributed loss (``--distributed-mode``); rank 0 alone prints, evaluates and writes. Under
 torchrun (its environment variables set) the processes torchrun started are used instead.
+
+``--device cuda`` trains on a GPU (``trainer.fit(device=)``: the method and every batch on it;
+the encoder runs there for the probes, whose solvers take the features on the CPU); with
+``--nproc N`` each process gets NCCL and its own GPU (rank r on cuda:r, DDP device_ids=[r]).
+It needs a visible CUDA device, and N of them with --nproc N: checked before any process
+starts. The baselines (untrained encoder, raw pixels, --ceiling) stay on the CPU.
 """
 from .options import BACKENDS, positive
 
@@ -61,6 +68,9 @@ def add_train_parser(subparsers):
                         "--batch-size is then the global batch")
     p.add_argument("--distributed-mode", choices=("gather", "ring"), default="gather",
                    help="distributed loss with --nproc > 1 (default gather)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="train on the CPU (default) or a GPU; with --nproc N: NCCL, one GPU "
+                        "per process")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write METHOD-curves.png and METHOD-embedding.png into DIR")
     p.add_argument("--embedding", choices=("pca", "tsne"), default="pca",
@@ -106,19 +116,23 @@ def _settings(args, defaults):
 
 def run_train(args):
     """Handler of ``fastcontrast train``; returns the exit status."""
+    import os
+
     from ..methods import launch
 
+    device = getattr(args, "device", "cpu")
     if launch.launched_by_torchrun():
-        return launch.run_in_torchrun(_rank_main, (args,))
+        launch.check_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                            names=("--device", "torchrun's --nproc-per-node"))
+        return launch.run_in_torchrun(_rank_main, (args,), device=device)
     nproc = getattr(args, "nproc", 1)
+    launch.check_device(device, nproc, names=("--device", "--nproc"))
     if nproc == 1:
         return _train_and_report(args)
     if args.compare_backends:
         raise ValueError("--compare-backends times single-process steps; drop --nproc")
-    import os
-
     threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
-    statuses = launch.spawn(_rank_main, nproc, (args,), threads=threads)
+    statuses = launch.spawn(_rank_main, nproc, (args,), threads=threads, device=device)
     return max(statuses)
 
 
@@ -134,8 +148,9 @@ def _train_and_report(args, rank=0):
 
     import torch
 
-    from ..methods import method_module, trainer
+    from ..methods import launch, method_module, trainer
 
+    device = launch.local_device(getattr(args, "device", "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
     module = method_module(args.method)
@@ -157,13 +172,16 @@ def _train_and_report(args, rank=0):
 
     history = trainer.fit(method, train_set, progress=not args.quiet,
                           on_epoch=on_epoch if rank == 0 else None,
-                          distributed_mode=getattr(args, "distributed_mode", "gather"), **cfg)
+                          distributed_mode=getattr(args, "distributed_mode", "gather"),
+                          device=device, **cfg)
     if rank != 0:
         return 0
     world = history.settings["world_size"]
     where = (f"{history.threads} thread(s)" if world == 1 else
              f"{world} processes x {history.threads} thread(s), "
              f"{history.settings['distributed_mode']} mode")
+    if device.type == "cuda":
+        where = f"{device} ({where})" if world == 1 else f"{world} GPUs ({where})"
     print(f"{args.method}: {history.steps} steps in {history.seconds:.1f} s on {where}, "
           f"final epoch loss {history.epoch_loss[-1]:.4f}, "
           f"MI bound {history.epoch_mi_bound[-1]:.3f} nats")
@@ -178,7 +196,7 @@ def _train_and_report(args, rank=0):
                              **(budget if ceiling else {}))
     comparison = None
     if args.compare_backends:
-        comparison = _compare_backends(module, method, train_set, cfg, args.backend)
+        comparison = _compare_backends(module, method, train_set, cfg, args.backend, device)
         print(f"step time at batch {cfg['batch_size']}: {args.backend} "
               f"{comparison['step_seconds'][args.backend]:.3f} s, reference "
               f"{comparison['step_seconds']['reference']:.3f} s; same-seed curves over "
@@ -202,7 +220,8 @@ def _train_and_report(args, rank=0):
             args.plots, f"{args.method}-embedding-{args.embedding}.png"), args.embedding)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        record = {"method": args.method, "backend": args.backend, "settings": cfg,
+        record = {"method": args.method, "backend": args.backend, "device": str(device),
+                  "settings": cfg,
                   "defaults": module.DEFAULTS, "scores": scores, "baselines": base,
                   "checkpoints": checkpoints, "backend_comparison": comparison,
                   "history": history.to_dict(), "torch": torch.__version__,
@@ -212,14 +231,14 @@ def _train_and_report(args, rank=0):
     return 0
 
 
-def _compare_backends(module, method, train_set, cfg, backend, curve_steps=20):
-    """Step time with ``backend`` vs "reference" on the trained method, and the first
-    ``curve_steps`` losses of two fresh runs from the same seed."""
+def _compare_backends(module, method, train_set, cfg, backend, device, curve_steps=20):
+    """Step time with ``backend`` vs "reference" on the trained method (on its device), and the
+    first ``curve_steps`` losses of two fresh runs from the same seed on ``device``."""
     from ..methods import trainer
 
     times = {name: trainer.step_time(method, train_set, cfg["batch_size"], name)
              for name in (backend, "reference")}
     curve = trainer.same_curve(lambda b: module.build(backend=b), train_set, steps=curve_steps,
                                batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"],
-                               backends=(backend, "reference"))
+                               backends=(backend, "reference"), device=device)
     return {"step_seconds": times, "curve_steps": curve_steps, **curve}

@@ -220,7 +220,7 @@ class AMDIM(ContrastiveMethod):
         per_view = [{k: v[:b] for k, v in both.items()}, {k: v[b:] for k, v in both.items()}]
         draws = batch.get("source_position")
         if draws is None:
-            draws = torch.zeros(2, b, dtype=torch.int64)
+            draws = torch.zeros(2, b, dtype=torch.int64, device=view_a.device)
         nce, squares, bound = [], [], []
         for direction, (src, trg) in enumerate((per_view, per_view[::-1])):
             for pair in self.pairs:

@@ -172,7 +172,8 @@ class CPC(ContrastiveMethod):
             out[f"loss_k{k}"] = loss_k.detach()
             out[f"mi_bound_k{k}"] = log_n - loss_k.detach()
             out[f"accuracy_k{k}"] = torch.tensor(_chunked_accuracy(
-                queries.detach(), keys.detach(), targets, self.normalize, self.accuracy_chunk))
+                queries.detach(), keys.detach(), targets, self.normalize, self.accuracy_chunk),
+                device=z.device)
         loss = torch.stack(losses).mean()
         out["loss"] = loss
         out["mi_bound"] = log_n - loss.detach()

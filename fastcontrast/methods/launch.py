@@ -14,6 +14,11 @@ failure are killed, so a failing run never hangs.
 Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR in the environment) ``launched_by_torchrun()`` is
 true and ``run_in_torchrun(worker, args)`` initialises the group from the environment (env://)
 and runs the worker in this process instead.
+
+``check_device(device, nproc)`` fails early (a ValueError, before any process starts) when
+``device="cuda"`` has no CUDA device or fewer than ``nproc`` GPUs visible;
+``local_device(device)`` is the torch.device a process trains on: ``cuda:<LOCAL_RANK % GPUs>``
+(the GPU ``init_group`` selected), or the CPU.
 """
 import os
 import pickle
@@ -24,7 +29,9 @@ import traceback
 from datetime import timedelta
 
 __all__ = ["free_port", "spawn", "launched_by_torchrun", "run_in_torchrun", "init_group",
-           "dist_backend"]
+           "dist_backend", "check_device", "local_device", "DEVICES"]
+
+DEVICES = ("cpu", "cuda")
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 
@@ -38,9 +45,43 @@ def free_port():
 
 def dist_backend(device):
     """"nccl" for CUDA training, "gloo" on CPU."""
-    if device not in ("cpu", "cuda"):
+    if device not in DEVICES:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     return "nccl" if device == "cuda" else "gloo"
+
+
+def check_device(device, nproc=1, *, names=("device", "nproc")):
+    """Raise a ValueError unless ``nproc`` processes on this machine can train on ``device``:
+    "cpu" always; "cuda" needs torch.cuda.is_available() and at least ``nproc`` visible GPUs
+    (one per process). ``names``: how the messages call the two settings (e.g. the CLI's
+    "--device", "--nproc")."""
+    import torch
+
+    dist_backend(device)  # validates the name
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"{names[0]} {device} was asked for, but no CUDA device is visible "
+                         f"(torch.cuda.is_available() is False); use {names[0]} cpu")
+    count = torch.cuda.device_count()
+    if count < nproc:
+        raise ValueError(f"{names[1]} {nproc} with {names[0]} {device} needs {nproc} GPUs (one "
+                         f"per process), but {count} {'is' if count == 1 else 'are'} visible")
+
+
+def local_device(device):
+    """The torch.device this process trains on: the CPU, or for "cuda" GPU
+    LOCAL_RANK % device_count (the one ``init_group`` selected; the current GPU when
+    LOCAL_RANK is not set, i.e. on one process)."""
+    import torch
+
+    dist_backend(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    local = os.environ.get("LOCAL_RANK")
+    index = (torch.cuda.current_device() if local is None else
+             int(local) % torch.cuda.device_count())
+    return torch.device("cuda", index)
 
 
 def launched_by_torchrun():
@@ -62,10 +103,13 @@ def init_group(rank, world_size, *, device="cpu", init_method="env://",
 
 
 def run_in_torchrun(worker, args=(), *, device="cpu", timeout_s=DEFAULT_COLLECTIVE_TIMEOUT_S):
-    """Run ``worker(rank, world_size, *args)`` in this torchrun-started process."""
+    """Run ``worker(rank, world_size, *args)`` in this torchrun-started process (with
+    ``device="cuda"``: NCCL, and GPU LOCAL_RANK % device_count)."""
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    check_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                 names=("device", "LOCAL_WORLD_SIZE"))
     init_group(rank, world, device=device, timeout_s=timeout_s)
     try:
         return worker(rank, world, *args)
@@ -106,11 +150,14 @@ def spawn(worker, nproc, args=(), *, device="cpu", timeout=None,
 
     timeout: seconds for the whole run (None: no limit); past it every process is killed and a
     TimeoutError raised. collective_timeout_s: the process group's timeout on each collective.
-    threads: torch.set_num_threads in each process (None: torch's default)."""
+    threads: torch.set_num_threads in each process (None: torch's default). device: "cpu"
+    (gloo) or "cuda" (NCCL, rank r on GPU r; ``check_device`` runs before any process starts).
+    """
     import torch.multiprocessing as mp
 
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive int, got {nproc!r}")
+    check_device(device, nproc)
     with tempfile.TemporaryDirectory(prefix="fastcontrast-spawn-") as folder:
         port = free_port()
         context = mp.start_processes(

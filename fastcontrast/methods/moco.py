@@ -204,7 +204,7 @@ class MoCo(ContrastiveMethod):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (n,):
                 raise ValueError(f"batch[{name!r}] must be an int64 tensor of shape ({n},), "
                                  f"got {getattr(t, 'shape', type(t).__name__)}")
-        if not torch.equal(torch.sort(shuffle).values, torch.arange(n)):
+        if not torch.equal(torch.sort(shuffle).values, torch.arange(n, device=shuffle.device)):
             raise ValueError("batch['shuffle'] must be a permutation of 0..N-1")
         if _distributed(self.group):  # each rank's batch is one device's sub-batch
             q = self.head_q(self.encoder_q(query))

@@ -77,8 +77,8 @@ def intensity_jitter(images, p, generator, *, scale=(0.6, 1.4), shift=0.2):
     apply = torch.rand(b, generator=generator) < p
     a = scale[0] + (scale[1] - scale[0]) * torch.rand(b, generator=generator)
     offset = shift * (2 * torch.rand(b, generator=generator) - 1)
-    a = torch.where(apply, a, torch.ones(b)).to(images).view(shape)
-    offset = torch.where(apply, offset, torch.zeros(b)).to(images).view(shape)
+    a = torch.where(apply, a, torch.ones_like(a)).to(images).view(shape)
+    offset = torch.where(apply, offset, torch.zeros_like(offset)).to(images).view(shape)
     return (a * images + offset).clamp(0, 1)
 
 

@@ -11,7 +11,8 @@
 dropped), Adam by default, until the step count or the time budget is reached, and logs the
 per-step loss and InfoNCE bound log(N) - L (the method's "mi_bound"), plus their epoch means.
 With torch.distributed initialised (``fastcontrast train METHOD --nproc N``, or torchrun) it
-trains data-parallel: see ``fit``.
+trains data-parallel: see ``fit``. ``fit(..., device=)`` trains on that device: the method is
+moved there and each batch (drawn on the CPU) follows it.
 Evaluation is on frozen features of the fixed renderings (``dataset.evaluation_set()``, else the
 stacked items): the linear probe and kNN are fitted on the training split and scored on the
 test split.
@@ -146,7 +147,8 @@ def _batches(n, batch_size, generator):
 
 
 def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_decay=0.0, seed=0,
-        optimizer="adam", progress=True, on_epoch=None, distributed_mode="gather", group=None):
+        optimizer="adam", progress=True, on_epoch=None, distributed_mode="gather", group=None,
+        device=None):
     """Train ``method`` on ``dataset`` for ``steps`` optimizer steps and/or ``seconds`` of wall
     time (whichever comes first; at least one is required) and return its ``History``.
 
@@ -157,6 +159,10 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
     "adam" (Adam) or "sgd" (SGD with momentum 0.9), both with ``weight_decay``.
     ``on_epoch(history, elapsed)`` is called after every epoch (e.g. to evaluate at a time
     mark); the time it takes is not counted in the budget nor in ``history.seconds``.
+    ``device`` ("cpu", "cuda", "cuda:1" or a torch.device; None: where the method already is):
+    ``method.to(device)`` (parameters and buffers: momentum encoders, queues) before the
+    optimizer is built, and every batch from ``views`` (drawn on the CPU, so the same seed
+    gives the same views on any device) is moved there before ``loss``.
 
     Data-parallel training (torch.distributed initialised, world size W > 1 in ``group``):
     ``batch_size`` is the GLOBAL batch. Every rank draws the same seeded permutation and cuts
@@ -180,6 +186,8 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
         raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
     if len(dataset) < 2:
         raise ValueError(f"dataset must hold at least 2 items, got {len(dataset)}")
+    device = training_device(method, device)
+    method.to(device)
     params = [p for p in method.parameters() if p.requires_grad]
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -198,11 +206,12 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
     generator = torch.Generator().manual_seed(seed)  # the batches (and views on one process)
     views_generator = generator if world == 1 else torch.Generator().manual_seed(
         seed * 1_000_003 + rank + 1)
-    step_module = _data_parallel(method, distributed_mode, group) if world > 1 else None
+    step_module = _data_parallel(method, distributed_mode, group, device) if world > 1 else None
     history = History(threads=torch.get_num_threads(), settings={
         "method": method.name, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "seed": seed, "optimizer": optimizer, "budget_seconds": seconds, "budget_steps": steps,
-        "world_size": world, **({"distributed_mode": distributed_mode} if world > 1 else {})})
+        "world_size": world, "device": str(device),
+        **({"distributed_mode": distributed_mode} if world > 1 else {})})
     bar = _Progress(progress and rank == 0, steps if steps is not None else seconds,
                     "steps" if steps is not None else "s")
     method.train()
@@ -222,7 +231,7 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
                 if world > 1:
                     shard = batch_size // world
                     indices = indices[rank * shard:(rank + 1) * shard]
-                batch = method.views(dataset, indices, views_generator)
+                batch = to_device(method.views(dataset, indices, views_generator), device)
                 out = step_module(batch) if step_module is not None else method.loss(batch)
                 loss = out["loss"]
                 if not torch.isfinite(loss):
@@ -237,7 +246,7 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
                 if world > 1:  # means over the ranks, and rank 0's clock
                     over = rank == 0 and seconds is not None and (
                         time.perf_counter() - start - paused >= seconds)
-                    values, time_up = _reduce_step(values, over, group, world)
+                    values, time_up = _reduce_step(values, over, group, world, device)
                 history.steps += 1
                 history.step_loss.append(values["loss"])
                 history.step_mi_bound.append(values["mi_bound"])
@@ -268,6 +277,45 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
     return history
 
 
+def training_device(method, device=None):
+    """The torch.device ``fit`` trains ``method`` on: ``device`` ("cpu", "cuda", "cuda:<i>" or a
+    torch.device; "cuda" without an index is the current GPU), or when None the device of the
+    method's first parameter (or buffer; the CPU if it has neither)."""
+    if device is None:
+        tensor = next(method.parameters(), None)
+        if tensor is None:
+            tensor = next(method.buffers(), None)
+        return torch.device("cpu") if tensor is None else tensor.device
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or a torch.device, got {type(device).__name__}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r}") \
+            from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but no CUDA device is visible "
+                             f"(torch.cuda.is_available() is False)")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def to_device(batch, device):
+    """``batch`` (a tensor, or a dict / list / tuple of them, nested; other values as they are)
+    with every tensor moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
 def _world(group=None):
     """(rank, world size) in ``group``, (0, 1) without torch.distributed."""
     import torch.distributed as dist
@@ -288,8 +336,9 @@ class _LossModule(nn.Module):
         return self.method.loss(batch)
 
 
-def _data_parallel(method, mode, group):
+def _data_parallel(method, mode, group, device):
     """The method in DDP (gradients averaged over ``group``), its losses set distributed.
+    On a GPU, DDP gets ``device_ids=[device.index]`` (this rank's GPU: one device per process).
     Buffers (queues, BatchNorm running statistics) are not broadcast: each method keeps its
     replicated state consistent itself (MoCo enqueues every rank's keys on every rank)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -301,15 +350,19 @@ def _data_parallel(method, mode, group):
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                inspect.signature(DistributedDataParallel).parameters else
                {"broadcast_buffers": False})
-    return DistributedDataParallel(_LossModule(method), process_group=group, **no_sync)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(_LossModule(method), process_group=group,
+                                   device_ids=device_ids, **no_sync)
 
 
-def _reduce_step(values, over, group, world):
-    """Means over the ranks of the step's logged values, and whether any rank said stop."""
+def _reduce_step(values, over, group, world, device):
+    """Means over the ranks of the step's logged values, and whether any rank said stop (one
+    all_reduce on ``device``: NCCL reduces CUDA tensors only)."""
     import torch.distributed as dist
 
     keys = sorted(values)
-    flat = torch.tensor([values[k] for k in keys] + [float(over)], dtype=torch.float64)
+    flat = torch.tensor([values[k] for k in keys] + [float(over)], dtype=torch.float64,
+                        device=device)
     dist.all_reduce(flat, group=group)
     means = {k: float(v) / world for k, v in zip(keys, flat[:-1].tolist())}
     return means, bool(flat[-1] > 0)
@@ -430,8 +483,8 @@ def baselines(make_method, train_set, test_set, *, seconds=None, steps=None, bat
 
 def step_time(method, dataset, batch_size, backend, *, repeats=5, seed=0):
     """Median seconds of one training step (loss forward + backward; the views are drawn
-    beforehand) of a copy of ``method`` whose ``backend`` is set to ``backend``; ``method``
-    itself is left untouched."""
+    beforehand and moved to the method's device) of a copy of ``method`` whose ``backend`` is
+    set to ``backend``; ``method`` itself is left untouched."""
     _check_method(method)
     if not hasattr(method, "backend"):
         raise TypeError(f"{type(method).__name__} has no backend attribute to switch")
@@ -440,28 +493,31 @@ def step_time(method, dataset, batch_size, backend, *, repeats=5, seed=0):
     indices = _batches(len(dataset), batch_size, generator)[0]
     work = copy.deepcopy(method).train()
     work.backend = backend
-    batch = work.views(dataset, indices, generator)
+    batch_device = training_device(work)
+    batch = to_device(work.views(dataset, indices, generator), batch_device)
     times = []
     with torch.random.fork_rng(devices=[]):
         for _ in range(repeats + 1):  # the first run warms up
             work.zero_grad(set_to_none=True)
             start = time.perf_counter()
             work.loss(batch)["loss"].backward()
+            if batch_device.type == "cuda":
+                torch.cuda.synchronize(batch_device)
             times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
 
 def same_curve(make_method, dataset, *, steps=20, batch_size, lr, seed=0,
-               backends=("auto", "reference")):
+               backends=("auto", "reference"), device=None):
     """Train two fresh methods (``make_method(backend)``, built after torch.manual_seed(seed))
-    for ``steps`` steps with the same seed, one per backend; returns {"losses": {backend:
-    [..]}, "max_abs_diff": max_t |L_a(t) - L_b(t)|}."""
+    for ``steps`` steps with the same seed on ``device`` (as ``fit``), one per backend; returns
+    {"losses": {backend: [..]}, "max_abs_diff": max_t |L_a(t) - L_b(t)|}."""
     losses = {}
     for backend in backends:
         torch.manual_seed(seed)
         method = make_method(backend)
         losses[backend] = fit(method, dataset, steps=steps, batch_size=batch_size, lr=lr,
-                              seed=seed, progress=False).step_loss
+                              seed=seed, progress=False, device=device).step_loss
     a, b = (losses[name] for name in backends)
     return {"losses": losses, "max_abs_diff": max(abs(x - y) for x, y in zip(a, b))}
 

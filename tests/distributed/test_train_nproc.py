@@ -1,6 +1,6 @@
 """Data-parallel training: ``trainer.fit`` on W = 2 gloo ranks (DDP + the distributed loss)
 equals one process on the full batch (5 SGD steps, float64, within 1e-10); MoCo's queue stays
-identical on every rank; ``fastcontrast train METHOD --nproc 2`` runs end to end."""
+identical on every rank; ``fastcontrast train METHOD --nproc 2 --device cpu`` runs end to end."""
 
 import pytest
 import torch
@@ -48,10 +48,14 @@ def test_moco_queue_replicated_in_rank_order():
 def test_cli_train_nproc2(method, sizes, tmp_path, capfd):
     from fastcontrast.cli import main
 
-    code = main(["train", method, "--nproc", "2", "--steps", "3", "--batch-size", "32",
-                 "--set", "width=4", "--set", sizes, "--no-baselines", "--quiet",
-                 "--out", str(tmp_path)])
+    import json
+
+    code = main(["train", method, "--nproc", "2", "--device", "cpu", "--steps", "3",
+                 "--batch-size", "32", "--set", "width=4", "--set", sizes, "--no-baselines",
+                 "--quiet", "--out", str(tmp_path)])
     assert code == 0
     out = capfd.readouterr().out  # printed by rank 0, a child process
     assert "2 processes" in out and "linear probe" in out
-    assert (tmp_path / f"{method}.json").exists()
+    record = json.loads((tmp_path / f"{method}.json").read_text())
+    assert record["device"] == "cpu" and record["history"]["settings"]["device"] == "cpu"
+    assert record["history"]["settings"]["world_size"] == 2 and record["history"]["steps"] == 3
