@@ -333,6 +333,7 @@ def _objective_cases(fc, fcd, ref, dst, plain, targets, bank, pair):
     both("info_nce_ids_dcl_bank_only", ids, decoupled=True, in_batch_negatives=False)
     both("info_nce_ids_hcl", ids, hcl_beta=0.3, in_batch_negatives=False)
     both("info_nce_ids_in_batch", ids)
+    both("info_nce_ids_hcl_in_batch", ids, hcl_beta=0.3, hcl_tau_plus=0.1)
 
     cases.append(Case(
         "nt_xent_hcl_dcl", plain,

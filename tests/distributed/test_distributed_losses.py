@@ -18,7 +18,8 @@ CASE_NAMES = ["info_nce", "info_nce_global_targets", "info_nce_exclude_self",
               # the objectives and id masks of the single-process API
               "info_nce_dcl", "info_nce_dclw", "info_nce_hcl_bank",
               "info_nce_hcl_dcl_global_targets", "info_nce_ids_dcl_bank_only",
-              "info_nce_ids_hcl", "info_nce_ids_in_batch", "nt_xent_hcl_dcl",
+              "info_nce_ids_hcl", "info_nce_ids_in_batch", "info_nce_ids_hcl_in_batch",
+              "nt_xent_hcl_dcl",
               "moco_loss_hcl_query_index"]
 
 
