@@ -182,7 +182,23 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     ``hcl_beta`` / ``hcl_tau_plus`` (HCL; the negatives counted over all ranks, two ring /
     gather passes when hcl_beta > 0). ``query_ids`` (N_r,) / ``negative_ids`` (K_r,) with a 2-D
     bank: an entry of any rank's bank whose id equals the query's is not a candidate."""
-    with _refusal(group, "info_nce", query):
+    return _info_nce("info_nce", query, key, negatives, temperature=temperature,
+                     normalize=normalize, targets=targets,
+                     in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
+                     symmetric=symmetric, reduction=reduction, decoupled=decoupled,
+                     dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                     query_ids=query_ids, negative_ids=negative_ids, backend=backend,
+                     mode=mode, group=group)
+
+
+def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize=True,
+              targets=None, in_batch_negatives=True, exclude_self=False, symmetric=False,
+              reduction="mean", decoupled=False, dclw_sigma=None, hcl_beta=0.0,
+              hcl_tau_plus=0.0, query_ids=None, negative_ids=None, backend="auto",
+              mode="gather", group=None):
+    """info_nce as called from the public function ``caller`` (info_nce, clip_loss, nt_xent):
+    the name every rank's errors give, a refusal on another rank included."""
+    with _refusal(group, caller, query):
         check.check_tensor("query", query, (2,))
         check.check_tensor("key", key, (2,))
         check.check_same("key", key, "query", query)
@@ -209,7 +225,7 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
                                  dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
                                  hcl_tau_plus=hcl_tau_plus)
         functional._validate_objective(options, query_ids is not None)
-        comm, name = _start("info_nce", mode, group, backend, query.device, query.dtype)
+        comm, name = _start(caller, mode, group, backend, query.device, query.dtype)
         options = replace(options, backend=name)
     neg_kind = 0 if negatives is None else negatives.dim()
     flags = (int(normalize) | int(in_batch_negatives) << 1 | int(exclude_self) << 2
@@ -312,9 +328,9 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
             raise TypeError("logit_bias must be a float or a tensor, got "
                             f"{type(logit_bias).__name__}")
         scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
-    loss = info_nce(image, text, temperature=scale.reciprocal(), normalize=False,
-                    symmetric=True, reduction=reduction, backend=backend, mode=mode,
-                    group=group)
+    loss = _info_nce("clip_loss", image, text, temperature=scale.reciprocal(), normalize=False,
+                     symmetric=True, reduction=reduction, backend=backend, mode=mode,
+                     group=group)
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
     return loss
@@ -340,11 +356,11 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     offset = sum(2 * r[0] for r in table[:comm.rank])
     local = torch.arange(2 * n, device=z1.device)
     views = torch.cat([z1, z2])
-    return info_nce(views, views, temperature=temperature, normalize=normalize,
-                    targets=offset + (local + n) % (2 * n), exclude_self=True,
-                    reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                    hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus, backend=backend, mode=mode,
-                    group=group)
+    return _info_nce("nt_xent", views, views, temperature=temperature, normalize=normalize,
+                     targets=offset + (local + n) % (2 * n), exclude_self=True,
+                     reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                     hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus, backend=backend, mode=mode,
+                     group=group)
 
 
 def _dense_classes(labels):
