@@ -44,14 +44,16 @@ def _why_not():
 def _build():
     from torch.utils import cpp_extension
 
+    from fastcontrast._jit_lock import build_directory, clear_stale_lock
+
     csrc, sources = _sources()
-    build_dir = os.environ.get("FASTCONTRAST_BUILD_DIR")
-    if build_dir:
-        build_dir = os.path.join(build_dir, "cuda")
-        os.makedirs(build_dir, exist_ok=True)
+    configured = os.environ.get("FASTCONTRAST_BUILD_DIR")
+    build_dir = build_directory(JIT_MODULE_NAME,
+                                os.path.join(configured, "cuda") if configured else None)
+    clear_stale_lock(build_dir)  # a lock left by a killed build: see fastcontrast._jit_lock
     return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources,
                               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"],
-                              extra_include_paths=[csrc], build_directory=build_dir or None,
+                              extra_include_paths=[csrc], build_directory=build_dir,
                               verbose=False)
 
 

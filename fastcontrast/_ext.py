@@ -9,6 +9,8 @@ The compiled module is found in this order:
      backend. Importing this module never compiles anything and never fails.
 
 FASTCONTRAST_DISABLE_EXTENSION=1 makes ``load_extension()`` return None (to test the fallback).
+A build lock left in the build directory by a build killed midway is removed once older than
+FASTCONTRAST_BUILD_LOCK_TIMEOUT_S (fastcontrast._jit_lock), so that no load waits forever.
 
 The module's entry points are called only by the kernels of the registered ops
 (fastcontrast/infonce.py, siglip.py, momentum.py), through fastcontrast.backends.kernels.
@@ -84,6 +86,7 @@ def _build_just_in_time():
     from torch.utils import cpp_extension
 
     from fastcontrast._build_flags import cpu_extension_flags
+    from fastcontrast._jit_lock import build_directory, clear_stale_lock
 
     repo_root = _repo_root()
     sources = _sources()
@@ -91,9 +94,8 @@ def _build_just_in_time():
     if missing or len(sources) < 2:
         raise FileNotFoundError("the C++ sources (csrc/) are not shipped with this installation")
     cflags, ldflags = cpu_extension_flags()
-    build_dir = os.environ.get("FASTCONTRAST_BUILD_DIR") or None
-    if build_dir is not None:
-        os.makedirs(build_dir, exist_ok=True)
+    build_dir = build_directory(JIT_MODULE_NAME, os.environ.get("FASTCONTRAST_BUILD_DIR"))
+    clear_stale_lock(build_dir)
     return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources, extra_cflags=cflags,
                               extra_ldflags=ldflags,
                               extra_include_paths=[os.path.join(repo_root, "csrc")],

@@ -262,6 +262,7 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
     check.check_tensor("query", query, (2,))
     check.check_tensor("queue", queue, (2,))
     check.check_same("queue", queue, "query", query)
+    check.check_feature_dim("queue", queue, query.shape[1])
     if query_index is not None:
         check.check_ids("query_index", query_index, query.shape[0], query.device)
     return info_nce(query, key, queue, temperature=temperature, normalize=normalize,

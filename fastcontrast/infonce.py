@@ -357,7 +357,8 @@ def _product_keys(op, spec):
 def _product_ids(op, spec, targets, query_ids, bank_ids):
     """(row_ids, col_ids) of the id mask of the fused product [key; bank], or (None, None).
 
-    exclude_positive with in-batch keys: row i masks key t_i (row id t_i, key j has id j).
+    exclude_positive with in-batch keys: row i masks key t_i (row id t_i, key j has id j), and
+    bank_ids are not used (one id per row: _negatives_lse runs the bank apart under ids).
     (query_ids, bank_ids): a bank entry with the query's id is masked (same instance)."""
     n, device = op.x.shape[0], op.x.device
     mask_positive = spec.exclude_positive and spec.in_batch_negatives
@@ -795,8 +796,8 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
                                                               key, bank, per_query)
 
     def negatives_lse(at_scale):
-        lse = _fused(negatives, query, key, bank, per_query, at_scale, targets, query_ids,
-                     bank_ids).to(positive.dtype)
+        lse = _negatives_lse(negatives, query, key, bank, per_query, at_scale, targets,
+                             query_ids, bank_ids).to(positive.dtype)
         return _zero_outside(lse, valid)
 
     positive = positive_scores(query, key, targets, scale, options.normalize, options.eps)
@@ -810,6 +811,22 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
         loss = _hard_negative_loss(options, negatives_lse, scale, positive,
                                    _zero_outside(log_n, valid))
     return reduce_loss(_zero_outside(loss, valid), options.reduction, valid).to(out_dtype)
+
+
+def _negatives_lse(spec, query, key, bank, per_query, scale, targets, query_ids, bank_ids):
+    """Per-row log-sum-exp over the negatives (spec: _negatives_pass), (N,). The kernels' id
+    mask holds one id per row: with in-batch keys it masks each row's positive (row id t_i), so
+    the bank entries of the query's own id (query_ids) go through a second product over the
+    bank alone (row id query_ids_i), merged in log space: the same candidates as
+    info_nce_reference and as the count of negative_counts."""
+    if query_ids is None or bank is None or not spec.in_batch_negatives:
+        return _fused(spec, query, key, bank, per_query, scale, targets, query_ids, bank_ids)
+    over_bank = _fused(replace(spec, in_batch_negatives=False), query, key, bank, None, scale,
+                       targets, query_ids, bank_ids)
+    if key.shape[0] - 1 - int(spec.exclude_self) == 0:  # no in-batch negative
+        return over_bank
+    over_keys = _fused(spec, query, key, None, per_query, scale, targets)
+    return torch.logaddexp(over_keys, over_bank.to(over_keys.dtype))
 
 
 def _no_candidate_loss(options, query, key, targets, scale):

@@ -136,7 +136,8 @@ def _float_code(value):
 def _mask_ids(options, global_rows_of_keys, global_targets, n_bank, query_ids, bank_ids):
     """(row_ids (N_r,), col_ids of this rank's product keys) of the id mask, or None: as
     fastcontrast.infonce (DCL / DCLW / HCL with in-batch keys mask each row's positive key,
-    whose id is its global key index; else query_ids mask the bank entries of their id)."""
+    whose id is its global key index, and query_ids then mask a bank outside this product;
+    else query_ids mask the bank entries of their id)."""
     over_negatives = options.decoupled or options.needs_host_terms
     if over_negatives and options.in_batch_negatives:
         device = global_targets.device
@@ -181,7 +182,23 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     ``hcl_beta`` / ``hcl_tau_plus`` (HCL; the negatives counted over all ranks, two ring /
     gather passes when hcl_beta > 0). ``query_ids`` (N_r,) / ``negative_ids`` (K_r,) with a 2-D
     bank: an entry of any rank's bank whose id equals the query's is not a candidate."""
-    with _refusal(group, "info_nce", query):
+    return _info_nce("info_nce", query, key, negatives, temperature=temperature,
+                     normalize=normalize, targets=targets,
+                     in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
+                     symmetric=symmetric, reduction=reduction, decoupled=decoupled,
+                     dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                     query_ids=query_ids, negative_ids=negative_ids, backend=backend,
+                     mode=mode, group=group)
+
+
+def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize=True,
+              targets=None, in_batch_negatives=True, exclude_self=False, symmetric=False,
+              reduction="mean", decoupled=False, dclw_sigma=None, hcl_beta=0.0,
+              hcl_tau_plus=0.0, query_ids=None, negative_ids=None, backend="auto",
+              mode="gather", group=None):
+    """info_nce as called from the public function ``caller`` (info_nce, clip_loss, nt_xent):
+    the name every rank's errors give, a refusal on another rank included."""
+    with _refusal(group, caller, query):
         check.check_tensor("query", query, (2,))
         check.check_tensor("key", key, (2,))
         check.check_same("key", key, "query", query)
@@ -208,7 +225,7 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
                                  dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
                                  hcl_tau_plus=hcl_tau_plus)
         functional._validate_objective(options, query_ids is not None)
-        comm, name = _start("info_nce", mode, group, backend, query.device, query.dtype)
+        comm, name = _start(caller, mode, group, backend, query.device, query.dtype)
         options = replace(options, backend=name)
     neg_kind = 0 if negatives is None else negatives.dim()
     flags = (int(normalize) | int(in_batch_negatives) << 1 | int(exclude_self) << 2
@@ -253,13 +270,22 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     k = q if key is query else _prepare(key, cdt, normalize)
     scale = tau.reciprocal()
     bank = negatives if neg_kind == 2 else None
+    over_negatives = options.decoupled or options.needs_host_terms
     bank_sizes = [r[5] for r in table] if bank is not None else [0] * comm.world
     b = None if bank is None else _prepare(bank, cdt, normalize)
-    y, sizes, product_targets = _product(k, b, n_keys, bank_sizes, global_targets,
-                                         in_batch_negatives)
+    # The id mask holds one id per row: where the in-batch keys mask the positives (HCL) the
+    # bank entries of the query's id need a product of their own (Candidates.bank_apart).
+    split = over_negatives and in_batch_negatives and query_ids is not None
+    in_product = [0] * comm.world if split else bank_sizes
+    y, sizes, product_targets = _product(k, None if split else b, n_keys, in_product,
+                                         global_targets, in_batch_negatives)
     key_rows = torch.arange(key_offset, key_offset + key.shape[0], device=query.device)
-    ids = _mask_ids(options, key_rows, global_targets, bank_sizes[rank], query_ids,
+    ids = _mask_ids(options, key_rows, global_targets, in_product[rank], query_ids,
                     negative_ids)
+    bank_apart = None
+    if split:
+        bank_apart = (b, Layout(tuple(n_rows), tuple(bank_sizes)),
+                      (query_ids.contiguous(), negative_ids.contiguous()))
     positive_outside = None
     if not in_batch_negatives:  # the positive is not a key of the product
         if targets is None:
@@ -270,12 +296,12 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     per_query = _prepare(negatives, cdt, normalize) if neg_kind == 3 else None
     spec = LSESpec(mode, name, exclude_self and in_batch_negatives, symmetric)
     cand = Candidates(comm, spec, q, y, Layout(tuple(n_rows), tuple(sizes)), product_targets,
-                      ids, per_query, positive_outside, scale)
+                      ids, per_query, positive_outside, scale, bank_apart)
     static = ((m_total - 1 - int(exclude_self)) if in_batch_negatives else 0) + sum(bank_sizes) \
         + (0 if per_query is None else per_query.shape[1])
     acc = torch.promote_types(scale.dtype, torch.float32)
     valid, counted, log_n = None, n_total, None
-    if options.decoupled or options.needs_host_terms:
+    if over_negatives:
         if static == 0:  # no row has a negative: 0, with a zero gradient, as single-process
             zero = torch.where(torch.zeros_like(q[:, 0], dtype=torch.bool), q[:, 0], 0.0)
             return _reduce(comm, zero, reduction, n_total).to(query.dtype)
@@ -302,9 +328,9 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
             raise TypeError("logit_bias must be a float or a tensor, got "
                             f"{type(logit_bias).__name__}")
         scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
-    loss = info_nce(image, text, temperature=scale.reciprocal(), normalize=False,
-                    symmetric=True, reduction=reduction, backend=backend, mode=mode,
-                    group=group)
+    loss = _info_nce("clip_loss", image, text, temperature=scale.reciprocal(), normalize=False,
+                     symmetric=True, reduction=reduction, backend=backend, mode=mode,
+                     group=group)
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
     return loss
@@ -330,11 +356,11 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     offset = sum(2 * r[0] for r in table[:comm.rank])
     local = torch.arange(2 * n, device=z1.device)
     views = torch.cat([z1, z2])
-    return info_nce(views, views, temperature=temperature, normalize=normalize,
-                    targets=offset + (local + n) % (2 * n), exclude_self=True,
-                    reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                    hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus, backend=backend, mode=mode,
-                    group=group)
+    return _info_nce("nt_xent", views, views, temperature=temperature, normalize=normalize,
+                     targets=offset + (local + n) % (2 * n), exclude_self=True,
+                     reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                     hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus, backend=backend, mode=mode,
+                     group=group)
 
 
 def _dense_classes(labels):

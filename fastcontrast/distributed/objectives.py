@@ -12,11 +12,12 @@ every rank (the formulas are fastcontrast.infonce's, on the concatenated batch):
            one when beta = 0); s_p from the first pass (its positive output / (1 + beta))
 
 ``Candidates`` wraps one rank's part of the product (DistributedLSE over [key; bank] of every
-rank, masks included) and the candidates outside it (the positive without in-batch negatives,
-per-query negatives); ``row_losses`` returns the per-row losses (zero where ``valid`` is False:
-rows that kept no negative).
+rank, masks included), the bank as a second product where the mask needs two ids per row
+(in-batch keys masking the positives, query ids masking the bank), and the candidates outside
+them (the positive without in-batch negatives, per-query negatives); ``row_losses`` returns
+the per-row losses (zero where ``valid`` is False: rows that kept no negative).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -46,6 +47,7 @@ class Candidates:
     per_query: Optional[torch.Tensor]
     positive_outside: Optional[torch.Tensor]
     base_scale: torch.Tensor
+    bank_apart: Optional[tuple] = None  # (this rank's bank, Layout, (query_ids, bank_ids))
 
     def lse(self, scale, with_positive):
         """(row lse over the candidates at ``scale``, the column lse or None, s_p at ``scale``
@@ -70,6 +72,12 @@ class Candidates:
             parts.append(scores)
         if row_lse is not None:
             parts.append(row_lse.to(dtype).unsqueeze(1))
+        if self.bank_apart is not None and sum(self.bank_apart[1].keys) > 0:
+            bank, layout, (row_ids, col_ids) = self.bank_apart
+            spec = replace(self.spec, exclude_self=False, with_col=False)
+            bank_lse = DistributedLSE.apply(self.q, scale, bank, None, row_ids, col_ids,
+                                            self.comm, layout, spec)[0]
+            parts.append(bank_lse.to(dtype).unsqueeze(1))
         lse = torch.logsumexp(torch.cat(parts, dim=1), dim=1) if len(parts) > 1 else \
             parts[0][:, 0]
         return lse, col_lse, positive

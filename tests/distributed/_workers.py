@@ -333,6 +333,7 @@ def _objective_cases(fc, fcd, ref, dst, plain, targets, bank, pair):
     both("info_nce_ids_dcl_bank_only", ids, decoupled=True, in_batch_negatives=False)
     both("info_nce_ids_hcl", ids, hcl_beta=0.3, in_batch_negatives=False)
     both("info_nce_ids_in_batch", ids)
+    both("info_nce_ids_hcl_in_batch", ids, hcl_beta=0.3, hcl_tau_plus=0.1)
 
     cases.append(Case(
         "nt_xent_hcl_dcl", plain,
@@ -532,9 +533,9 @@ def run_bad_inputs(group, out, tag):
         out[f"{tag}bad/dtype"] = "no error"
     except ValueError as e:
         out[f"{tag}bad/dtype"] = str(e)
-    # Refused on the last rank only (an empty batch, out-of-range targets, a bad queue): every
-    # rank raises (the last its own error), none waits for it in a collective. Ring mode with
-    # uneven non-empty batches works (every case above runs SIZES).
+    # Refused on the last rank only (an empty batch, a bad temperature, out-of-range targets,
+    # a bad queue): every rank raises (the last its own error), none waits for it in a
+    # collective. Ring mode with uneven non-empty batches works (every case above runs SIZES).
     last = rank == dist.get_world_size(group) - 1
     n = 0 if last else 3
     calls = {
@@ -542,6 +543,9 @@ def run_bad_inputs(group, out, tag):
                                             group=group, mode=mode, backend=BACKEND),
         "empty_nt_xent": lambda mode: fcd.nt_xent(torch.randn(n, DIM), torch.randn(n, DIM),
                                                   group=group, mode=mode, backend=BACKEND),
+        "temperature_nt_xent": lambda mode: fcd.nt_xent(
+            torch.randn(3, DIM), torch.randn(3, DIM), temperature=-1.0 if last else 0.5,
+            group=group, mode=mode, backend=BACKEND),
         "targets": lambda mode: fcd.info_nce(
             torch.randn(3, DIM), torch.randn(3, DIM), mode=mode, group=group, backend=BACKEND,
             targets=torch.full((3,), 100 if last else 0)),

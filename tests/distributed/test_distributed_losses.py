@@ -18,7 +18,8 @@ CASE_NAMES = ["info_nce", "info_nce_global_targets", "info_nce_exclude_self",
               # the objectives and id masks of the single-process API
               "info_nce_dcl", "info_nce_dclw", "info_nce_hcl_bank",
               "info_nce_hcl_dcl_global_targets", "info_nce_ids_dcl_bank_only",
-              "info_nce_ids_hcl", "info_nce_ids_in_batch", "nt_xent_hcl_dcl",
+              "info_nce_ids_hcl", "info_nce_ids_in_batch", "info_nce_ids_hcl_in_batch",
+              "nt_xent_hcl_dcl",
               "moco_loss_hcl_query_index"]
 
 
@@ -84,20 +85,23 @@ def test_mismatched_inputs_raise_on_every_rank(results, world):
 
 
 @pytest.mark.parametrize("world", (2, 4))
-@pytest.mark.parametrize("what, own_error", [("empty", "must not be empty"),
-                                             ("empty_nt_xent", "must not be empty"),
-                                             ("targets", "targets index the keys of all ranks"),
-                                             ("queue", "feature dimension")])
-def test_one_rank_refused_raises_on_every_rank(results, world, what, own_error):
+@pytest.mark.parametrize("what, own_error, called", [
+    ("empty", "must not be empty", "clip_loss"),
+    ("empty_nt_xent", "must not be empty", "nt_xent"),
+    ("temperature_nt_xent", "temperature must be positive", "nt_xent"),
+    ("targets", "targets index the keys of all ranks", "info_nce"),
+    ("queue", "feature dimension", "moco_loss")])
+def test_one_rank_refused_raises_on_every_rank(results, world, what, own_error, called):
     """Only the last rank's input is bad (e.g. an empty last batch in ring mode): it raises its
-    own error, every other rank a ValueError naming it, none hangs in a collective."""
+    own error, every other rank a ValueError naming it and the function called (clip_loss and
+    nt_xent run info_nce inside), none hangs in a collective."""
     for res in results[:world] if world == 4 else results:  # W = 2: both subgroups
         for mode in _workers.MODES:
             message = res[f"w{world}/bad/{what}/{mode}"]
             if message.startswith("last: "):
                 assert own_error in message, message
             else:
-                assert message.startswith("other: "), message
+                assert message.startswith(f"other: fastcontrast.distributed.{called}: "), message
                 assert f"rank(s) [{world - 1}]" in message and "refused" in message, message
 
 

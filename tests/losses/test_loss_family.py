@@ -362,6 +362,45 @@ def test_moco_loss_matches_reference(backend, shape, with_ids, dtype):
     )
 
 
+HCL_WITH_IDS = {  # (decoupled, in_batch_negatives); decoupled with in-batch keys refuses ids
+    "in_batch": (False, True),
+    "bank_only": (False, False),
+    "bank_only_decoupled": (True, False),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("beta,tau_plus", [(0.5, 0.1), (0.5, 0.0), (0.0, 0.1)])
+@pytest.mark.parametrize("layout", list(HCL_WITH_IDS))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hcl_with_query_ids_matches_reference(backend, layout, beta, tau_plus, dtype, reduction):
+    """HCL over a bank with repeated query ids: the bank entries of the query's id are neither
+    in the negatives' log-sum-exps nor in the count n_i (as info_nce_reference)."""
+    decoupled, in_batch = HCL_WITH_IDS[layout]
+    n, k, d = 6, 5, 8
+    _skip(backend, dtype, max(n, 64) * d)
+    device = device_for(backend)
+    query, key, bank = (_rand(m, d, dtype=dtype, device=device) for m in (n, n, k))
+    # Rows 0 and 1 share id 0 (bank entries 0 and 2), row 2 owns entry 1, id -1 masks nothing.
+    query_ids = torch.tensor([0, 0, 1, -1, 2, 5], device=device)
+    bank_ids = torch.tensor([0, 1, 0, -1, 2], device=device)
+    tau = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
+    opts = dict(hcl_beta=beta, hcl_tau_plus=tau_plus, decoupled=decoupled,
+                in_batch_negatives=in_batch, query_ids=query_ids, negative_ids=bank_ids,
+                reduction=reduction)
+    _check(
+        backend,
+        dtype,
+        lambda q, kk, b, t, backend: fastcontrast.info_nce(
+            q, kk, b, temperature=t, backend=backend, **opts),
+        lambda q, kk, b, t: info_nce_reference(q, kk, b, temperature=t, **opts),
+        [query, key, bank, tau],
+        max_logit=1 / 0.3,
+        reduction=reduction,
+    )
+
+
 def test_moco_loss_is_classic_concat_logits():
     """MoCo's published loss: logits [l_pos, l_neg] / tau, cross-entropy with label 0."""
     q, k = (F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=1) for _ in range(2))

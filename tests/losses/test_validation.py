@@ -17,6 +17,12 @@ def partner_targets(n=N):
     return (torch.arange(n) + 1) % n
 
 
+def _filled_queue(size, dim):
+    queue = fastcontrast.NegativeQueue(size, dim)
+    queue.enqueue(torch.randn(size, dim))
+    return queue
+
+
 BAD_CALLS = {
     "query_not_tensor": (lambda: fastcontrast.info_nce([[1.0]], q_k()[1]), TypeError,
                          r"query must be a torch.Tensor, got list"),
@@ -105,6 +111,12 @@ BAD_CALLS = {
     "cpu_backend_on_meta": (lambda: fastcontrast.info_nce(
         *(t.to("meta") for t in q_k()), backend="cpu"), ValueError,
         r"backend='cpu' needs CPU tensors, got tensors on meta"),
+    "moco_queue_wrong_dim": (lambda: fastcontrast.moco_loss(*q_k(), torch.randn(7, D + 1)),
+                             ValueError, r"^queue must have feature dimension D = 4 \(from "
+                                         r"query\), got shape \(7, 5\)$"),
+    "moco_negative_queue_wrong_dim": (lambda: fastcontrast.MoCoLoss()(
+        *q_k(), _filled_queue(7, D + 1)), ValueError,
+        r"^queue must have feature dimension D = 4 \(from query\), got shape \(7, 5\)$"),
     "clip_shape_mismatch": (lambda: fastcontrast.clip_loss(
         torch.randn(N, D), torch.randn(N + 1, D), 10.0), ValueError,
         r"text must have the shape of image \(6, 4\) .*, got \(7, 4\)"),
