@@ -59,6 +59,7 @@ class Implementation:
     make: object
     unavailable: object = lambda: None
     recompute: bool = False        # runs the score product again in backward (one more product)
+    products: float = None         # N x M x D products run, where not essential (+ recompute)
     warm_full_size: bool = False   # the warm-up must be at the real size (torch.compile)
     peer: str = None               # key into peers.PEERS
 
@@ -353,6 +354,9 @@ def _families():
     fastcontrast_fns = {"infonce": _fc_infonce, "clip": _fc_clip, "ntxent": _fc_ntxent,
                         "supcon": _fc_supcon, "moco": _fc_moco, "siglip": _fc_siglip}
     symmetric = {"clip"}
+    # The symmetric-Gram ops (nt_xent, supcon): upper tiles only. CPU: forward 1/2, backward
+    # 1/2 (scores) + 1 (both gradient products); Triton: forward 1/2, backward 2 (whole rows).
+    gram = {"ntxent": {"cpu": 2.0, "triton": 2.5}, "supcon": {"cpu": 2.0, "triton": 2.5}}
     families = {}
     for family in table:
         impls = {}
@@ -361,7 +365,8 @@ def _families():
             impls[name] = Implementation(
                 name, "fastcontrast", lambda fn=fastcontrast_fns[family.name], b=backend: fn(b),
                 unavailable=family.enabled,
-                recompute=backend != "cpu" or family.name in symmetric)
+                recompute=backend != "cpu" or family.name in symmetric,
+                products=gram.get(family.name, {}).get(backend))
         for name, (what, configure) in family.implementations.items():
             if configure is None:
                 impls[name] = Implementation(name, "baseline", _baseline(what))
@@ -388,6 +393,8 @@ def backend_of(impl_name):
 
 def products_run(family, impl):
     """N x M x D products the implementation runs in one forward+backward."""
+    if impl.products is not None:
+        return impl.products
     return family.essential_products + (1 if impl.recompute else 0)
 
 

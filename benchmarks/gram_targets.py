@@ -8,8 +8,8 @@ once per round, the order rotated from round to round (fastcontrast.cli.measure.
 medians, and the median over rounds of the paired ratio gram / full. The floor is 6 rows^2 D FLOP
 (the full product's scores, dQ and dK) at the best warm torch.mm rate over the product shapes the
 kernels issue: those of csrc/cpu/infonce.cpp's fused path (benchmarks/_floor.py) and those of
-csrc/cpu/gram.cpp's strips ((rows - r0) x R x D for several r0); the fastest shape is timed again
-in every round beside the losses. Targets: gram at most
+csrc/cpu/gram.cpp's key chunks (C x R x D, C ~ 2 MiB / 4R, and the shorter ones); the
+fastest shape is timed again in every round beside the losses. Targets: gram at most
 0.75x the full path and at most 0.8x the floor. Writes gram_targets.json and summary.md.
 """
 import argparse
@@ -75,26 +75,35 @@ def _check_agreement(name, z, labels):
     return {"loss_rel_diff": loss_err, "grad_rel_diff": grad_err}
 
 
+CHUNK_BYTES = 2 << 20  # csrc/cpu/gram.cpp's kChunkBytes
+
+
 def _gram_products(rows, dim, block_rows):
-    """Product shapes of csrc/cpu/gram.cpp's strips (r0 = 0, rows / 2, rows - 2R): tile
-    ((rows - r0) x R) = keys @ q_blk^T, dz_blk += tile^T @ keys, dz_rest += tile[R:] @ q_blk."""
+    """Product shapes of csrc/cpu/gram.cpp's chunks: per strip of R rows, key chunks of
+    C = max(R, 2 MiB / (4 R)) keys (the last one of a strip shorter, the first one starting with
+    the diagonal block): tile (C x R) = keys_chunk @ q_blk^T, dz_blk += tile^T @ keys_chunk,
+    dz_rest += tile[lo:] @ q_blk (lo = R for the chunk with the diagonal block, else 0)."""
+    chunk = max(block_rows, CHUNK_BYTES // (block_rows * 4) // 16 * 16)
+    starts = (0, rows // 2, rows - 2 * block_rows)
+    lengths = {min(chunk, rows)} | {(rows - r0) % chunk for r0 in starts}
     gen = torch.Generator().manual_seed(1)
     steps = {}
-    for length in sorted({rows, rows // 2, 2 * block_rows}):
+    for length in sorted(x for x in lengths if x > 0):
         q = torch.randn(block_rows, dim, generator=gen)
         k = torch.randn(length, dim, generator=gen)
         tile = torch.randn(length, block_rows, generator=gen)
         dq = torch.zeros(block_rows, dim)
-        dk = torch.zeros(length - block_rows, dim)
         shape = (block_rows, length, dim)
         steps[f"gram scores {length} x {block_rows} x {dim}"] = (
             shape, lambda k=k, q=q, tile=tile: torch.mm(k, q.T, out=tile))
         steps[f"gram dz_blk {block_rows} x {length} x {dim}"] = (
             shape, lambda dq=dq, tile=tile, k=k: dq.addmm_(tile.T, k))
-        rest = (block_rows, length - block_rows, dim)
-        if length > block_rows:
-            steps[f"gram dz_rest {length - block_rows} x {block_rows} x {dim}"] = (
-                rest, lambda dk=dk, tile=tile, q=q: dk.addmm_(tile[block_rows:], q))
+        for lo in (0, block_rows):
+            if length > lo:
+                dk = torch.zeros(length - lo, dim)
+                steps[f"gram dz_rest {length - lo} x {block_rows} x {dim}"] = (
+                    (block_rows, length - lo, dim),
+                    lambda dk=dk, tile=tile, q=q, lo=lo: dk.addmm_(tile[lo:], q))
     return steps
 
 

@@ -267,6 +267,26 @@ def test_time_over_floor_is_at_least_one_by_construction():
     assert records[0]["time_over_floor"] == pytest.approx(0.055 / 0.05)
 
 
+def test_the_floor_rate_counts_the_products_a_run_does():
+    """A symmetric-Gram run does 2 of the 3 essential products: its rate on the essential work
+    (6e9 / 0.03 s = 200 GFLOP/s) must not set the floor; on its own work (4e9 / 0.03 s = 133)
+    it does, and its time / floor is then 3/2 of its run-rate ratio, i.e. between 2/3 and 1."""
+    gram = fam.FAMILIES["ntxent"].implementations["fastcontrast[cpu]"]
+    assert fam.products_run(fam.FAMILIES["ntxent"], gram) == 2.0
+    assert fam.products_run(fam.FAMILIES["clip"],
+                            fam.FAMILIES["clip"].implementations["fastcontrast[cpu]"]) == 4
+    floor = {"status": "OK", "best_gflops": 120.0, "best": "cpu dq 512 x 8192 x 256",
+             "matmul_best_gflops": 120.0, "set_by": "matmul"}
+    record = {"status": "OK", "mode": "time", "family": "ntxent", "impl": "fastcontrast[cpu]",
+              "n": 8192, "flop_essential": 6e9, "flop_run": 4e9, "samples_s": [0.03, 0.032],
+              "median_s": 0.032}
+    bench_runner.settle_floor(floor, [record])
+    assert floor["best_gflops"] == pytest.approx(4e9 / 0.03 / 1e9)
+    bench_runner.apply_floor(record, floor)
+    assert record["time_over_floor"] == pytest.approx(0.032 / (6e9 / (4e9 / 0.03)))
+    assert 2 / 3 <= record["time_over_floor"] < 1
+
+
 def test_the_default_suite_is_the_curve_over_every_cpu_peer():
     from fastcontrast.benchmarks.suites import SUITES, cases
 
