@@ -47,17 +47,6 @@ struct Chunk {
   }
 };
 
-// Keys per chunk: a chunk tile of about kChunkBytes stays in cache from its GEMM through the
-// elementwise passes to the gradient GEMMs (the strip's whole (N - r0) x R tile did not: at
-// N = 16384 its GEMMs ran at ~65% of the 512 x 1024 rate on 2 threads). A forced block size
-// (tests) gets chunks of 3 blocks, so that chunk boundaries fall inside strips.
-constexpr int64_t kChunkBytes = int64_t(2) << 20;
-
-int64_t chunk_keys(int64_t rows, int64_t elem_size, int64_t requested) {
-  if (requested > 0) return 3 * rows;
-  return std::max<int64_t>(rows, kChunkBytes / (rows * elem_size) / 16 * 16);
-}
-
 // Calls fn(r0, rows, c0, p, tile) for each strip r0 and key chunk c0 of it, p the chunk's
 // Problem (one block of `rows` queries) and tile (c1 - c0, rows) = z[c0:c1] @ z[r0:r0+rows]^T
 // with the id-masked entries at -inf; after a strip's last chunk, done(r0, rows).

@@ -73,15 +73,23 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(const Problem<T>&
   return {row_lse, col_lse};
 }
 
+// The backward in key chunks (chunk_keys, lse_tiles.h): per query block, per chunk of C keys, the
+// C x R tile, its weights W, dq[block] += W^T @ keys[chunk] and dkeys[chunk] += W @ (alpha q)[block];
+// dq[block] is scaled by alpha once all chunks are in.
 template <typename T>
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
-    const Problem<T>& p, const at::Tensor& row_lse, const at::Tensor& row_grad,
-    const std::optional<at::Tensor>& col_lse, const std::optional<at::Tensor>& col_grad,
-    bool need_dq, bool need_dkeys) {
+    const Problem<T>& p, const at::Tensor& beta, const Mask& mask, const at::Tensor& row_lse,
+    const at::Tensor& row_grad, const std::optional<at::Tensor>& col_lse,
+    const std::optional<at::Tensor>& col_grad, bool need_dq, bool need_dkeys, int64_t requested,
+    bool large_tile) {
   std::optional<at::Tensor> dq, dkeys;
   if (need_dq) dq = new_output({p.n, p.d}, p.q.options());
   if (need_dkeys) dkeys = at::zeros({p.m, p.d}, p.q.options());  // accumulated
   if (!need_dq && !need_dkeys) return {dq, dkeys};
+  if (p.m == 0) {
+    if (dq) dq->zero_();
+    return {dq, dkeys};
+  }
 
   std::vector<T> rl(p.n);
   const T* rl_in = row_lse.data_ptr<T>();
@@ -96,31 +104,59 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
   bool cols_poisoned = false;
   for (int64_t j = 0; cl && j < p.m; ++j) cols_poisoned = cols_poisoned || poisons(cl[j], cg[j]);
 
-  p.for_each_block([&](int64_t r0, int64_t rows, at::Tensor& tile) {
+  const int64_t chunk = chunk_keys(p.block_rows, sizeof(T), requested);
+  at::Tensor buffer = at::empty({chunk * p.block_rows}, p.q.options());
+  for (int64_t r0 = 0; r0 < p.n; r0 += p.block_rows) {
+    const int64_t rows = std::min(p.block_rows, p.n - r0);
     const T* a = p.alpha + r0;
     const T* g = rg + r0;
     bool poisoned = cols_poisoned;
     for (int64_t i = 0; i < rows; ++i) poisoned = poisoned || poisons(rl_in[r0 + i], g[i]);
     const T* lse = rl.data() + r0;
-    // W_ji = beta_j dS_ij, s recomputed from the raw tile; 0 for the masked query.
-    p.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
-      const T b = p.beta[j];
-      if (cl) {
-        const T cg_j = cg[j], cl_j = finite_or_inf(cl[j]);
+    const at::Tensor q_block = p.q.narrow(0, r0, rows);
+    const at::Tensor c = p.alpha_tensor.narrow(0, r0, rows).unsqueeze(1);
+    at::Tensor q_scaled;
+    if (dkeys) {
+      q_scaled = scaled_q.narrow(0, 0, rows);
+      at::mul_out(q_scaled, q_block, c);
+    }
+    for (int64_t c0 = 0; c0 < p.m; c0 += chunk) {
+      const int64_t c1 = std::min(p.m, c0 + chunk);
+      const KeyChunk part(p.keys, beta, mask, c0, c1);
+      const Problem<T> pc(p.q, part.keys, p.alpha_tensor, part.beta, part.mask, large_tile,
+                          p.block_rows);
+      at::Tensor tile = buffer.narrow(0, 0, (c1 - c0) * rows).view({c1 - c0, rows});
+      at::mm_out(tile, part.keys, q_block.t());
+      if (pc.row_ids) pc.mask_equal_ids(r0, rows, tile);
+      // W_ji = beta_j dS_ij, s recomputed from the raw tile; 0 for the masked query.
+      pc.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
+        const T b = pc.beta[j];
+        if (cl) {
+          const T cg_j = cg[c0 + j], cl_j = finite_or_inf(cl[c0 + j]);
 #pragma omp simd
-        for (int64_t i = 0; i < rows; ++i) {
-          const T s = x[i] * a[i] * b;
-          x[i] = b * (g[i] * fast_exp(s - lse[i]) + cg_j * fast_exp(s - cl_j));
+          for (int64_t i = 0; i < rows; ++i) {
+            const T s = x[i] * a[i] * b;
+            x[i] = b * (g[i] * fast_exp(s - lse[i]) + cg_j * fast_exp(s - cl_j));
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < rows; ++i) x[i] = b * g[i] * fast_exp(x[i] * a[i] * b - lse[i]);
         }
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < rows; ++i) x[i] = b * g[i] * fast_exp(x[i] * a[i] * b - lse[i]);
+        if (cut < rows) x[cut] = T(0) * b;  // W = beta_j dS: NaN where beta_j is
+      });
+      if (poisoned && pc.row_ids) pc.mask_equal_ids(r0, rows, tile, T(0));
+      if (dq) {
+        at::Tensor dq_block = dq->narrow(0, r0, rows);
+        if (c0 == 0) {
+          at::mm_out(dq_block, tile.t(), part.keys);
+        } else {
+          dq_block.addmm_(tile.t(), part.keys);
+        }
       }
-      if (cut < rows) x[cut] = T(0) * b;  // W = beta_j dS: NaN where beta_j is
-    });
-    if (poisoned && p.row_ids) p.mask_equal_ids(r0, rows, tile, T(0));
-    accumulate_grads(p, r0, rows, tile, p.alpha_tensor, dq, dkeys, scaled_q);
-  });
+      if (dkeys) dkeys->narrow(0, c0, c1 - c0).addmm_(tile, q_scaled);
+    }
+    if (dq) dq->narrow(0, r0, rows).mul_(c);
+  }
   return {dq, dkeys};
 }
 
@@ -214,8 +250,10 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> masked_lse_back
     int64_t block_rows) {
   const Operands ops = fold_scales(q, keys, alpha, beta, mask);
   auto grads = AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_backward", [&] {
-    const Problem<scalar_t> p(ops.q, ops.keys, ops.alpha, ops.beta, mask, /*large_tile=*/col_lse.has_value() || (!need_dq && !need_dkeys), block_rows);
-    return backward_impl(p, row_lse, row_grad, col_lse, col_grad, need_dq, need_dkeys);
+    const bool large_tile = col_lse.has_value() || (!need_dq && !need_dkeys);
+    const Problem<scalar_t> p(ops.q, ops.keys, ops.alpha, ops.beta, mask, large_tile, block_rows);
+    return backward_impl(p, ops.beta, mask, row_lse, row_grad, col_lse, col_grad, need_dq,
+                         need_dkeys, block_rows, large_tile);
   });
   unfold(ops, std::get<0>(grads), alpha);
   unfold(ops, std::get<1>(grads), beta);

@@ -344,6 +344,30 @@ struct ColumnStats {
   T lse(int64_t k) const { return nan[k] ? kNaN<T> : lse_from(safe_shift(max[k]), sum[k]); }
 };
 
+// Keys per chunk of the chunked kernels (gram.cpp, the backward of infonce.cpp): a tile of
+// R x C of about kChunkBytes stays in cache from its GEMM through the elementwise passes to the
+// gradient GEMMs (a whole M x R tile did not: at M = 16384 its GEMMs ran at ~65% of the
+// 512 x 1024 rate on 2 threads). A forced block size (tests) gets chunks of 3 blocks, so that
+// chunk boundaries fall inside the key range.
+constexpr int64_t kChunkBytes = int64_t(2) << 20;
+
+inline int64_t chunk_keys(int64_t rows, int64_t elem_size, int64_t requested) {
+  if (requested > 0) return 3 * rows;
+  return std::max<int64_t>(rows, kChunkBytes / (rows * elem_size) / 16 * 16);
+}
+
+// Keys c0 .. c1 of a problem as the operands of their own Problem (chunk-local key index j is
+// key c0 + j): keys, beta and the column ids narrowed, the diagonal offset shifted by c0.
+struct KeyChunk {
+  at::Tensor keys, beta;
+  Mask mask;
+  KeyChunk(const at::Tensor& keys_, const at::Tensor& beta_, const Mask& m, int64_t c0, int64_t c1)
+      : keys(keys_.narrow(0, c0, c1 - c0)), beta(beta_.narrow(0, c0, c1 - c0)),
+        mask{m.exclude_diag, m.diag_offset - c0, m.row_ids, std::nullopt} {
+    if (m.col_ids) mask.col_ids = m.col_ids->narrow(0, c0, c1 - c0);
+  }
+};
+
 // Masking by ids writes -inf into the raw products, which the passes then scale by alpha_i beta_j:
 // a scale that is NaN, 0 or infinite (non-finite inputs under normalisation) would make a masked
 // entry NaN. Such calls, and only those, run on the scaled operands alpha q, beta keys with unit
