@@ -113,13 +113,28 @@ def _blocks(n, rows):
     return sorted({rows} | ({n % rows} if n % rows else set()))
 
 
+CPU_CHUNK_BYTES = 2 << 20  # csrc/cpu/lse_tiles.h's kChunkBytes
+
+
+def cpu_chunk_keys(rows, elem_size=4):
+    """Keys per chunk of the C++ kernels' chunked backward (lse_tiles.h chunk_keys)."""
+    return max(rows, CPU_CHUNK_BYTES // (rows * elem_size) // 16 * 16)
+
+
 def kernel_products(n, m, d, elem_size=4, symmetric=False, backends=("cpu", "torch")):
     """{(backend, product, rows, keys, dim)}: every product shape the backends' kernels run in
-    one forward+backward of an N x M x D problem (``symmetric``: the column-term path)."""
+    one forward+backward of an N x M x D problem (``symmetric``: the column-term path: on the
+    cpu backend its forward runs R x M score tiles and its backward R x C chunks of the keys)."""
     out = set()
     if "cpu" in backends:
-        for rows in _blocks(n, cpu_block_rows(n, m, d, elem_size, large_tile=symmetric)):
-            out |= {("cpu", product, rows, m, d) for product in PRODUCTS}
+        block = cpu_block_rows(n, m, d, elem_size, large_tile=symmetric)
+        for rows in _blocks(n, block):
+            if not symmetric:
+                out |= {("cpu", product, rows, m, d) for product in PRODUCTS}
+                continue
+            out.add(("cpu", "scores", rows, m, d))
+            for keys in _blocks(m, cpu_chunk_keys(block, elem_size)):
+                out |= {("cpu", product, rows, keys, d) for product in PRODUCTS}
     if "torch" in backends:
         for rows in _blocks(n, torch_chunk_rows(n, m)):
             out |= {("torch", product, rows, m, d) for product in PRODUCTS}
