@@ -29,27 +29,11 @@ namespace {
 
 using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h)
 
-// Strip r0 .. r0 + rows against the key chunk c0 .. c1 (c0 >= r0) in the local indices of a
-// Problem: queries z[r0:r0+rows], keys z[c0:c1]; key j is row c0 + j, so the diagonal mask
-// becomes diag_offset r0 - c0 and the ids are those of the strip's rows and the chunk's keys.
-struct Chunk {
-  at::Tensor q, keys, alpha, beta;
-  Mask mask;
-  Chunk(const at::Tensor& z, const at::Tensor& alpha_, const at::Tensor& beta_, const Mask& m,
-        int64_t r0, int64_t rows, int64_t c0, int64_t c1)
-      : q(z.narrow(0, r0, rows)), keys(z.narrow(0, c0, c1 - c0)),
-        alpha(alpha_.narrow(0, r0, rows)), beta(beta_.narrow(0, c0, c1 - c0)),
-        mask{m.exclude_diag, r0 - c0, std::nullopt, std::nullopt} {
-    if (m.row_ids) {
-      mask.row_ids = m.row_ids->narrow(0, r0, rows);
-      mask.col_ids = m.col_ids->narrow(0, c0, c1 - c0);
-    }
-  }
-};
-
-// Calls fn(r0, rows, c0, p, tile) for each strip r0 and key chunk c0 of it, p the chunk's
-// Problem (one block of `rows` queries) and tile (c1 - c0, rows) = z[c0:c1] @ z[r0:r0+rows]^T
-// with the id-masked entries at -inf; after a strip's last chunk, done(r0, rows).
+// Calls fn(r0, rows, c0, p, tile) for each strip r0 and key chunk c0 .. c1 of it (c0 >= r0), p
+// the Problem of all rows against the chunk's keys (KeyChunk, lse_tiles.h: key j is row c0 + j;
+// its query indices are global, block r0 .. r0 + rows) and tile (c1 - c0, rows) =
+// z[c0:c1] @ z[r0:r0+rows]^T with the id-masked entries at -inf; after a strip's last chunk,
+// done(r0, rows).
 template <typename T, typename Fn, typename Done>
 void for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                     const Mask& mask, int64_t block_rows, int64_t requested, Fn&& fn,
@@ -61,11 +45,11 @@ void for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tens
     const int64_t rows = std::min(block_rows, n - r0);
     for (int64_t c0 = r0; c0 < n; c0 += chunk) {
       const int64_t c1 = std::min(n, c0 + chunk);
-      const Chunk part(z, alpha, beta, mask, r0, rows, c0, c1);
-      const Problem<T> p(part.q, part.keys, part.alpha, part.beta, part.mask, false, rows);
+      const KeyChunk part(z, beta, mask, c0, c1);
+      const Problem<T> p(z, part.keys, alpha, part.beta, part.mask, false, block_rows);
       at::Tensor tile = buffer.narrow(0, 0, (c1 - c0) * rows).view({c1 - c0, rows});
-      at::mm_out(tile, part.keys, part.q.t());
-      if (p.row_ids) p.mask_equal_ids(0, rows, tile);
+      at::mm_out(tile, part.keys, z.narrow(0, r0, rows).t());
+      if (p.row_ids) p.mask_equal_ids(r0, rows, tile);
       fn(r0, rows, c0, p, tile);
     }
     done(r0, rows);
@@ -112,9 +96,9 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
                     [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& p,
                         at::Tensor& tile) {
     if (c0 == r0) rs.reset(rows);
-    const T* a = p.alpha;
+    const T* a = p.alpha + r0;
     partial.reset(rows, -kInf<T>);
-    p.for_each_tile_row(0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
+    p.for_each_tile_row(r0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
       T* mx = partial.slot();
       const T b = p.beta[j];
       if (c0 + j >= r0 + rows) {  // right of the diagonal block: row c0 + j's statistics too
@@ -135,10 +119,10 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
       if (mx != old && old != -kInf<T>) rs.sum[i] *= fast_exp(old - shift[i]);
       rs.max[i] = mx;
     }
-    block_sums(p, 0, rows, tile, partial, shift.data(), rs.chunk_sum.data());
+    block_sums(p, r0, rows, tile, partial, shift.data(), rs.chunk_sum.data());
     for (int64_t i = 0; i < rows; ++i) {
       rs.sum[i] += rs.chunk_sum[i];
-      if (rs.max[i] == kInf<T> && !rs.nan[i]) rs.nan[i] = p.query_has_nan(0, rows, tile, i);
+      if (rs.max[i] == kInf<T> && !rs.nan[i]) rs.nan[i] = p.query_has_nan(r0, rows, tile, i);
     }
   }, [&](int64_t r0, int64_t rows) {
     for (int64_t i = 0; i < rows; ++i) out[r0 + i] = log_add_exp(rs.lse(i), cols.lse(r0 + i));
@@ -165,10 +149,10 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
   for_each_chunk<T>(z, alpha, beta, mask, block_rows, requested,
                     [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& p,
                         at::Tensor& tile) {
-    const T* a = p.alpha;
+    const T* a = p.alpha + r0;
     const T* gi = g + r0;
     const T* li = rl.data() + r0;
-    p.for_each_tile_row(0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
+    p.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
       const T b = p.beta[j], gj = g[c0 + j], lj = rl[c0 + j];
 #pragma omp simd
       for (int64_t i = 0; i < rows; ++i) {
@@ -178,12 +162,13 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
       }
       if (cut < rows) x[cut] = T(0) * a[cut] * b;  // H = alpha beta dS: NaN where a scale is
     });
-    if (poisoned_from[r0] && p.row_ids) p.mask_equal_ids(0, rows, tile, T(0));
+    if (poisoned_from[r0] && p.row_ids) p.mask_equal_ids(r0, rows, tile, T(0));
     // The strip's rows get every key of the chunk; the keys right of the diagonal block get
     // the strip's rows (the diagonal block's H is symmetric and used once).
     const int64_t len = p.m, lo = std::max<int64_t>(0, r0 + rows - c0);
     dz.narrow(0, r0, rows).addmm_(tile.t(), p.keys);
-    if (len > lo) dz.narrow(0, c0 + lo, len - lo).addmm_(tile.narrow(0, lo, len - lo), p.q);
+    if (len > lo) dz.narrow(0, c0 + lo, len - lo).addmm_(tile.narrow(0, lo, len - lo),
+                                                          z.narrow(0, r0, rows));
   }, [](int64_t, int64_t) {});
   return dz;
 }
