@@ -18,6 +18,8 @@
 #include "cpu/gram.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cpu/fast_exp.h"
@@ -33,9 +35,9 @@ using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h)
 // the Problem of all rows against the chunk's keys (KeyChunk, lse_tiles.h: key j is row c0 + j;
 // its query indices are global, block r0 .. r0 + rows) and tile (c1 - c0, rows) =
 // z[c0:c1] @ z[r0:r0+rows]^T with the id-masked entries at -inf; after a strip's last chunk,
-// done(r0, rows).
+// done(r0, rows), which returns whether to go on. Returns false when done stopped the loop.
 template <typename T, typename Fn, typename Done>
-void for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+bool for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                     const Mask& mask, int64_t block_rows, int64_t requested, Fn&& fn,
                     Done&& done) {
   const int64_t n = z.size(0);
@@ -52,8 +54,16 @@ void for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tens
       if (p.row_ids) p.mask_equal_ids(r0, rows, tile);
       fn(r0, rows, c0, p, tile);
     }
-    done(r0, rows);
+    if (!done(r0, rows)) return false;
   }
+  return true;
+}
+
+// FASTCONTRAST_GRAM_SHARED_SHIFT=0 (read at every call) turns the shared-shift passes off: the
+// baseline of benchmarks/gram_targets.py, and the exact path for the tests.
+bool shared_shift_enabled() {
+  const char* value = std::getenv("FASTCONTRAST_GRAM_SHARED_SHIFT");
+  return value == nullptr || std::string(value) != "0";
 }
 
 template <typename T>
@@ -126,8 +136,90 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
     }
   }, [&](int64_t r0, int64_t rows) {
     for (int64_t i = 0; i < rows; ++i) out[r0 + i] = log_add_exp(rs.lse(i), cols.lse(r0 + i));
+    return true;
   });
   return row_lse;
+}
+
+// The shared-shift forward. By Cauchy-Schwarz no score exceeds
+//   C = max_i |alpha_i| |z_i| * max_j |beta_j| |z_j|,
+// so one exp per entry, e_ij = exp(s_ij - C) <= 1 (up to the rounding of s), feeds both its row's
+// and its column's sum S_k = sum_j exp(s_kj - C), and lse_k = C + log S_k: no max pass, no
+// rescaling, half the exps of forward_impl. fast_exp flushes arguments below -86 (float; -707
+// double) to 0, so a sum S_k >= kMinSharedShiftSum loses less than N e^-46 (float) of itself.
+// Returns false, and the caller runs forward_impl, when C is not finite (non-finite inputs) or
+// some row's sum is smaller (all its scores far below C: tiny temperatures with spread-out
+// embeddings, unequal norms, a row without entries). The first strip's rows are complete after
+// that strip, so most such calls stop after 1/16 of the work.
+template <typename T>
+constexpr T kMinSharedShiftSum = sizeof(T) == 4 ? T(1e-17) : T(1e-250);
+
+// The shared shift C of a call (shared_shift_forward): a bound on every score, or a non-finite
+// value when the inputs are not finite.
+template <typename T>
+T score_bound(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta) {
+  const at::Tensor norms = z.norm(2, {1});
+  return (norms * alpha.abs()).max().item<T>() * (norms * beta.abs()).max().item<T>();
+}
+
+template <typename T>
+bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+                          const Mask& mask, int64_t requested, T* out) {
+  const T bound = score_bound<T>(z, alpha, beta);
+  if (!std::isfinite(bound)) return false;
+  const int64_t n = z.size(0), block_rows = gram_block_rows<T>(z, requested);
+  std::vector<T> sum(n, T(0)), strip_sum(block_rows);
+  Partials<T> partial(block_rows);
+  const auto small = [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      if (!(sum[k] >= kMinSharedShiftSum<T>)) return true;
+    return false;
+  };
+  const bool complete = for_each_chunk<T>(
+      z, alpha, beta, mask, block_rows, requested,
+      [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& p, at::Tensor& tile) {
+        const T* a = p.alpha + r0;
+        partial.reset(rows, T(0));
+        p.for_each_tile_row(r0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
+          T* acc = partial.slot();
+          const T b = p.beta[j];
+          const T col = shared_shift_sums_into(acc, x, a, b, bound, 0, cut) +
+                        shared_shift_sums_into(acc, x, a, b, bound, cut + 1, rows);
+          // Right of the diagonal block the entry is also row c0 + j's (one thread per j).
+          if (c0 + j >= r0 + rows) sum[c0 + j] += col;
+        });
+        partial.combine_sum(strip_sum.data());
+        for (int64_t i = 0; i < rows; ++i) sum[r0 + i] += strip_sum[i];
+      },
+      [&](int64_t r0, int64_t rows) { return r0 > 0 || !small(0, rows); });
+  if (!complete || small(0, n)) return false;
+  for (int64_t k = 0; k < n; ++k) out[k] = bound + std::log(sum[k]);
+  return true;
+}
+
+// The shared-shift pair weight: with C the score bound (score_bound) and
+//   w_k = g_k exp(C - lse_k),
+// H_ij = alpha_i beta_j exp(s_ij - C) (w_i + w_j), one exp per entry instead of two. Fills w and
+// returns true when every g_k is finite, every lse_k finite or -inf (w_k = 0) and C - lse_k <= 40
+// (as the forward's sums, S_k = exp(lse_k - C) >= e^-40: exp(s - C) then flushes only weights
+// below e^-46 of the row's); otherwise the exact two-exp weights are used.
+template <typename T>
+bool shared_shift_weights(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+                          const T* lse, const T* g, std::vector<T>& w, T& bound) {
+  bound = score_bound<T>(z, alpha, beta);
+  if (!std::isfinite(bound)) return false;
+  const int64_t n = z.size(0);
+  w.resize(n);
+  for (int64_t k = 0; k < n; ++k) {
+    if (!std::isfinite(g[k]) || std::isnan(lse[k])) return false;
+    if (lse[k] == -kInf<T>) {
+      w[k] = T(0);
+      continue;
+    }
+    if (!(bound - lse[k] <= T(40))) return false;
+    w[k] = g[k] * std::exp(bound - lse[k]);
+  }
+  return true;
 }
 
 template <typename T>
@@ -145,6 +237,10 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
   std::vector<char> poisoned_from(n + 1, 0);
   for (int64_t k = n - 1; k >= 0; --k)
     poisoned_from[k] = poisoned_from[k + 1] || std::isnan(lse_in[k]) || !std::isfinite(g[k]);
+  std::vector<T> w;
+  T bound = 0;
+  const bool shared = shared_shift_enabled() &&
+                      shared_shift_weights<T>(z, alpha, beta, lse_in, g, w, bound);
 
   for_each_chunk<T>(z, alpha, beta, mask, block_rows, requested,
                     [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& p,
@@ -152,13 +248,24 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
     const T* a = p.alpha + r0;
     const T* gi = g + r0;
     const T* li = rl.data() + r0;
+    const T* wi = shared ? w.data() + r0 : nullptr;
     p.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
-      const T b = p.beta[j], gj = g[c0 + j], lj = rl[c0 + j];
+      const T b = p.beta[j];
+      if (shared) {
+        const T wj = w[c0 + j];
 #pragma omp simd
-      for (int64_t i = 0; i < rows; ++i) {
-        const T ab = a[i] * b;
-        const T s = x[i] * ab;
-        x[i] = ab * (gi[i] * fast_exp(s - li[i]) + gj * fast_exp(s - lj));
+        for (int64_t i = 0; i < rows; ++i) {
+          const T ab = a[i] * b;
+          x[i] = ab * fast_exp(x[i] * ab - bound) * (wi[i] + wj);
+        }
+      } else {
+        const T gj = g[c0 + j], lj = rl[c0 + j];
+#pragma omp simd
+        for (int64_t i = 0; i < rows; ++i) {
+          const T ab = a[i] * b;
+          const T s = x[i] * ab;
+          x[i] = ab * (gi[i] * fast_exp(s - li[i]) + gj * fast_exp(s - lj));
+        }
       }
       if (cut < rows) x[cut] = T(0) * a[cut] * b;  // H = alpha beta dS: NaN where a scale is
     });
@@ -169,7 +276,7 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
     dz.narrow(0, r0, rows).addmm_(tile.t(), p.keys);
     if (len > lo) dz.narrow(0, c0 + lo, len - lo).addmm_(tile.narrow(0, lo, len - lo),
                                                           z.narrow(0, r0, rows));
-  }, [](int64_t, int64_t) {});
+  }, [](int64_t, int64_t) { return true; });
   return dz;
 }
 
@@ -180,6 +287,12 @@ at::Tensor gram_lse_forward(const at::Tensor& z, const at::Tensor& alpha, const 
   if (fold_scales(z, z, alpha, beta, mask).folded)
     return std::get<0>(masked_lse_forward(z, z, alpha, beta, mask, false, block_rows));
   return AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "gram_lse_forward", [&] {
+    if (shared_shift_enabled()) {
+      at::Tensor row_lse = new_output({z.size(0)}, z.options());
+      if (shared_shift_forward<scalar_t>(z, alpha, beta, mask, block_rows,
+                                         row_lse.data_ptr<scalar_t>()))
+        return row_lse;
+    }
     return forward_impl<scalar_t>(z, alpha, beta, mask, block_rows);
   });
 }

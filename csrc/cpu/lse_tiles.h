@@ -114,6 +114,20 @@ void exp_weights_into(T* sum, T* x, const T* a, T b, const T* shift, int64_t i0,
   }
 }
 
+// sum_i <- sum_i + e_i, e_i = exp(s_i - shift) with one shift for every query; returns sum_i e_i
+// (the key's own sum of the same exps).
+template <typename T>
+T shared_shift_sums_into(T* sum, const T* x, const T* a, T b, T shift, int64_t i0, int64_t i1) {
+  T total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = i0; i < i1; ++i) {
+    const T e = fast_exp(x[i] * a[i] * b - shift);
+    sum[i] += e;
+    total += e;
+  }
+  return total;
+}
+
 // s_i into sbuf and mx_i <- max(mx_i, s_i). Returns max_i s_i (for the column statistics).
 template <typename T>
 T scores_max_into(T* sbuf, T* mx, const T* x, const T* a, T b, int64_t i0, int64_t i1) {
