@@ -8,7 +8,8 @@ once per round, the order rotated from round to round (fastcontrast.cli.measure.
 medians, and the median over rounds of the paired ratio gram / full. The floor is 6 rows^2 D FLOP
 (the full product's scores, dQ and dK) at the best warm torch.mm rate over the product shapes the
 kernels issue: those of csrc/cpu/infonce.cpp's fused path (benchmarks/_floor.py) and those of
-csrc/cpu/gram.cpp's key chunks (C x R x D, C ~ 2 MiB / 4R, and the shorter ones); the
+csrc/cpu/gram.cpp's pair tiles (B x B x D, B ~ sqrt(4 MiB / 4), the halves and the shorter
+last block; measured at the call's thread count, though the kernel runs them one thread a tile); the
 fastest shape is timed again in every round beside the losses. Targets: gram at most
 0.75x the full path and at most 0.8x the floor. Writes gram_targets.json and summary.md.
 """
@@ -75,35 +76,40 @@ def _check_agreement(name, z, labels):
     return {"loss_rel_diff": loss_err, "grad_rel_diff": grad_err}
 
 
-CHUNK_BYTES = 2 << 20  # csrc/cpu/gram.cpp's kChunkBytes
+PAIR_TILE_BYTES = 4 << 20  # csrc/cpu/gram.cpp's kPairTileBytes
 
 
-def _gram_products(rows, dim, block_rows):
-    """Product shapes of csrc/cpu/gram.cpp's chunks: per strip of R rows, key chunks of
-    C = max(R, 2 MiB / (4 R)) keys (the last one of a strip shorter, the first one starting with
-    the diagonal block): tile (C x R) = keys_chunk @ q_blk^T, dz_blk += tile^T @ keys_chunk,
-    dz_rest += tile[lo:] @ q_blk (lo = R for the chunk with the diagonal block, else 0)."""
-    chunk = max(block_rows, CHUNK_BYTES // (block_rows * 4) // 16 * 16)
-    starts = (0, rows // 2, rows - 2 * block_rows)
-    lengths = {min(chunk, rows)} | {(rows - r0) % chunk for r0 in starts}
+def _pair_block(rows, threads, elem_size=4):
+    """csrc/cpu/gram.cpp's pair_block: a square tile of ~4 MiB, halved (down to 128) until a
+    round of block pairs has a pair for every thread."""
+    block = int((PAIR_TILE_BYTES // elem_size) ** 0.5) // 16 * 16
+    while block > 128 and -(-rows // block) < 2 * threads:
+        block = max(128, block // 2 // 16 * 16)
+    return min(block, rows)
+
+
+def _gram_products(rows, dim, threads):
+    """Product shapes of csrc/cpu/gram.cpp's pair tiles: blocks of B rows (the last one
+    shorter), each tile (K x Q) = z_keys @ z_queries^T, dz_queries += tile^T @ z_keys and, off
+    the diagonal, dz_keys += tile @ z_queries; a diagonal block runs as tiles of its halves."""
+    block = _pair_block(rows, threads)
+    sizes = {block, rows % block} - {0}
+    sizes |= {size // 2 for size in sizes} | {size - size // 2 for size in sizes}
     gen = torch.Generator().manual_seed(1)
     steps = {}
-    for length in sorted(x for x in lengths if x > 0):
-        q = torch.randn(block_rows, dim, generator=gen)
-        k = torch.randn(length, dim, generator=gen)
-        tile = torch.randn(length, block_rows, generator=gen)
-        dq = torch.zeros(block_rows, dim)
-        shape = (block_rows, length, dim)
-        steps[f"gram scores {length} x {block_rows} x {dim}"] = (
-            shape, lambda k=k, q=q, tile=tile: torch.mm(k, q.T, out=tile))
-        steps[f"gram dz_blk {block_rows} x {length} x {dim}"] = (
-            shape, lambda dq=dq, tile=tile, k=k: dq.addmm_(tile.T, k))
-        for lo in (0, block_rows):
-            if length > lo:
-                dk = torch.zeros(length - lo, dim)
-                steps[f"gram dz_rest {length - lo} x {block_rows} x {dim}"] = (
-                    (block_rows, length - lo, dim),
-                    lambda dk=dk, tile=tile, q=q, lo=lo: dk.addmm_(tile[lo:], q))
+    for k_rows in sorted(s for s in sizes if s > 0):
+        for q_rows in sorted({k_rows, block} & sizes):
+            q = torch.randn(q_rows, dim, generator=gen)
+            k = torch.randn(k_rows, dim, generator=gen)
+            tile = torch.randn(k_rows, q_rows, generator=gen)
+            dq, dk = torch.zeros(q_rows, dim), torch.zeros(k_rows, dim)
+            shape = (q_rows, k_rows, dim)
+            steps[f"gram scores {k_rows} x {q_rows} x {dim}"] = (
+                shape, lambda k=k, q=q, tile=tile: torch.mm(k, q.T, out=tile))
+            steps[f"gram dz_queries {q_rows} x {k_rows} x {dim}"] = (
+                shape, lambda dq=dq, tile=tile, k=k: dq.addmm_(tile.T, k))
+            steps[f"gram dz_keys {k_rows} x {q_rows} x {dim}"] = (
+                shape, lambda dk=dk, tile=tile, q=q: dk.addmm_(tile, q))
     return steps
 
 
@@ -112,8 +118,7 @@ def _product_rates(rows, dim, repeats):
     steps = {}
     for product in _floor.kernel_products(rows, rows, dim, backends=("cpu",)):
         steps[_floor.product_name(product)] = (product[2:], _floor.product_step(product))
-    block = _floor.cpu_block_rows(rows, rows, dim, large_tile=True)
-    steps.update(_gram_products(rows, dim, block))
+    steps.update(_gram_products(rows, dim, torch.get_num_threads()))
     out = {}
     for name, (shape, step) in steps.items():
         flop = _floor.matmul_flop(*shape)

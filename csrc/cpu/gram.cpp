@@ -1,25 +1,38 @@
 // Symmetric-Gram masked log-sum-exp kernels on CPU (see gram.h for the maths and the contract).
 //
-// Rows are processed in strips: strip r0 .. r0 + R holds the scores of its R rows with rows
-// r0 .. N (the diagonal block and everything right of it), in chunks of C keys, each one ATen GEMM
-// in the transposed layout of infonce.cpp (tile[j][i] = <z_{c0+j}, z_{r0+i}>, C x R, ~2 MiB so it
-// stays in cache through its passes). A key c0 + j >= r0 + R is an entry of both row r0 + i (as a
-// query) and row c0 + j (as a key): the forward merges it into the running (online, chunk after
-// chunk) statistics of both, the backward turns it into the pair weight
+// Only the tiles on and above the diagonal are computed. Each tile (keys k0 .. k0 + K, queries
+// q0 .. q0 + Q) is one ATen GEMM in the transposed layout of infonce.cpp,
+// tile[j][i] = <z_{k0+j}, z_{q0+i}>, and an entry of a tile right of the diagonal is an entry of
+// both row q0 + i (as a query) and row k0 + j (as a key). The backward turns it into the pair
+// weight
 //   H_ij = alpha_i beta_j (g_i exp(s_ij - lse_i) + g_j exp(s_ij - lse_j))
-// and uses it twice: dz[r0:r0+R] += H^T @ z[c0:c1]   and   dz[c0:c1] += H @ z[r0:r0+R] (keys
-// right of the diagonal block only).
-// The diagonal block (tile rows j < R) is computed in full and used once (H is symmetric there).
-// Work: the strips cover N (N + R) / 2 entries, so forward N^2 D and backward 3 N^2 D
-// multiply-adds instead of 2 and 4 N^2 D for the full product.
+// and uses it twice: dz[q0:q0+Q] += H^T @ z[k0:k0+K]   and   dz[k0:k0+K] += H @ z[q0:q0+Q].
+// Work: forward N^2 D and backward 3 N^2 D multiply-adds (plus the diagonal blocks' share)
+// instead of 2 and 4 N^2 D for the full product.
+//
+// Two schedules:
+// - Pair rounds (the shared-shift forward, every backward): square blocks of B rows
+//   (pair_block: ~4 MiB tiles), the block pairs (a < b) in rounds where no block appears twice
+//   (round-robin, circle method), so that the tiles of a round update disjoint rows: they run in
+//   parallel, one thread and one single-threaded GEMM each, with no reduction between threads and
+//   no fork / join inside a tile. Each diagonal block is three tiles of its halves (3/4 of the
+//   block). Measured at 2N = 16384, D = 256 on 2 threads: see benchmarks/gram_targets.py.
+// - Strips (the exact forward, forward_impl): strip r0 .. r0 + R against rows r0 .. N in chunks of
+//   C keys (~2 MiB), parallel inside each chunk, the online max / sum statistics of every row
+//   merged chunk after chunk.
 //
 // Calls whose id mask meets unusable scales (fold_scales) run on the full-product kernels of
 // infonce.cpp, which fold the scales into the operands: a rare, non-finite-input path.
 #include "cpu/gram.h"
 
+#include <c10/core/GradMode.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/fast_exp.h"
@@ -35,9 +48,9 @@ using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h)
 // the Problem of all rows against the chunk's keys (KeyChunk, lse_tiles.h: key j is row c0 + j;
 // its query indices are global, block r0 .. r0 + rows) and tile (c1 - c0, rows) =
 // z[c0:c1] @ z[r0:r0+rows]^T with the id-masked entries at -inf; after a strip's last chunk,
-// done(r0, rows), which returns whether to go on. Returns false when done stopped the loop.
+// done(r0, rows).
 template <typename T, typename Fn, typename Done>
-bool for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+void for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                     const Mask& mask, int64_t block_rows, int64_t requested, Fn&& fn,
                     Done&& done) {
   const int64_t n = z.size(0);
@@ -54,9 +67,8 @@ bool for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tens
       if (p.row_ids) p.mask_equal_ids(r0, rows, tile);
       fn(r0, rows, c0, p, tile);
     }
-    if (!done(r0, rows)) return false;
+    done(r0, rows);
   }
-  return true;
 }
 
 // FASTCONTRAST_GRAM_SHARED_SHIFT=0 (read at every call) turns the shared-shift passes off: the
@@ -70,6 +82,89 @@ template <typename T>
 int64_t gram_block_rows(const at::Tensor& z, int64_t requested) {
   const int64_t n = z.size(0);
   return choose_block_rows(n, n, z.size(1), sizeof(T), /*large_tile=*/true, requested);
+}
+
+// Rounds of block pairs: every pair (a, b), a < b, of `blocks` blocks once, no block twice in a
+// round (the circle method of round-robin tournaments; an odd count gets a bye), then the round of
+// the diagonal pairs (a, a).
+std::vector<std::vector<std::pair<int64_t, int64_t>>> pair_rounds(int64_t blocks) {
+  const int64_t m = blocks + (blocks & 1);
+  std::vector<int64_t> ring(m);
+  std::iota(ring.begin(), ring.end(), int64_t(0));
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
+  for (int64_t r = 0; r + 1 < m; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> round;
+    for (int64_t i = 0; i < m / 2; ++i) {
+      const int64_t a = ring[i], b = ring[m - 1 - i];
+      if (a < blocks && b < blocks) round.emplace_back(std::min(a, b), std::max(a, b));
+    }
+    if (!round.empty()) rounds.push_back(std::move(round));
+    std::rotate(ring.begin() + 1, ring.end() - 1, ring.end());  // ring[0] stays
+  }
+  std::vector<std::pair<int64_t, int64_t>> diagonal;
+  for (int64_t a = 0; a < blocks; ++a) diagonal.emplace_back(a, a);
+  rounds.push_back(std::move(diagonal));
+  return rounds;
+}
+
+// Rows of a pair block: a square tile of ~kPairTileBytes (1024 rows in float32, 720 in float64),
+// halved (down to 128) until a round has a pair for every thread; a forced size (tests) as given.
+constexpr int64_t kPairTileBytes = int64_t(4) << 20;
+
+inline int64_t pair_block(int64_t n, int64_t elem_size, int64_t requested) {
+  if (requested > 0) return std::max<int64_t>(1, std::min(requested, n));
+  int64_t b = static_cast<int64_t>(std::sqrt(static_cast<double>(kPairTileBytes / elem_size)));
+  b = b / 16 * 16;
+  const int64_t threads = at::get_num_threads();
+  while (b > 128 && (n + b - 1) / b < 2 * threads) b = std::max<int64_t>(128, b / 2 / 16 * 16);
+  return std::max<int64_t>(1, std::min(b, n));
+}
+
+// Calls fn(q0, q_rows, k0, k_rows, p, tile) for every tile on and above the diagonal: the block
+// pairs (a < b) whole (queries a, keys b), and each diagonal block as three tiles of its halves
+// (lo lo, hi hi, lo hi). p is the Problem of all rows against the tile's keys (KeyChunk: key j is
+// row k0 + j, query indices global) and tile (k_rows, q_rows) = z[k0:..] @ z[q0:..]^T with the
+// id-masked entries at -inf, in the calling thread's buffer. The tiles of a round touch disjoint
+// rows (q and k ranges of different blocks) and run in parallel; a tile on the diagonal has
+// q0 == k0.
+template <typename T, typename Fn>
+void for_each_pair_tile(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+                        const Mask& mask, int64_t block, Fn&& fn) {
+  const int64_t n = z.size(0), blocks = (n + block - 1) / block;
+  std::vector<at::Tensor> buffers(static_cast<size_t>(at::get_num_threads()));
+  const auto tile_of = [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows) {
+    at::Tensor& buffer = buffers[static_cast<size_t>(at::get_thread_num())];
+    if (!buffer.defined()) buffer = at::empty({block * block}, z.options());
+    const KeyChunk part(z, beta, mask, k0, k0 + k_rows);
+    const Problem<T> p(z, part.keys, alpha, part.beta, part.mask, false, block);
+    at::Tensor tile = buffer.narrow(0, 0, k_rows * q_rows).view({k_rows, q_rows});
+    at::mm_out(tile, part.keys, z.narrow(0, q0, q_rows).t());
+    if (p.row_ids) p.mask_equal_ids(q0, q_rows, tile);
+    fn(q0, q_rows, k0, k_rows, p, tile);
+  };
+  for (const auto& round : pair_rounds(blocks)) {
+    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t lo, int64_t hi) {
+      // A worker thread starts in grad mode, and the ATen calls below see operands that
+      // require grad (the op runs inside an autograd.Function): no graph in here.
+      const c10::AutoGradMode no_grad(false);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t a = round[t].first, b = round[t].second;
+        const int64_t a0 = a * block, a_rows = std::min(block, n - a0);
+        if (a != b) {
+          tile_of(a0, a_rows, b * block, std::min(block, n - b * block));
+          continue;
+        }
+        const int64_t h = a_rows / 2;
+        if (h == 0) {
+          tile_of(a0, a_rows, a0, a_rows);
+          continue;
+        }
+        tile_of(a0, h, a0, h);
+        tile_of(a0 + h, a_rows - h, a0 + h, a_rows - h);
+        tile_of(a0, h, a0 + h, a_rows - h);
+      }
+    });
+  }
 }
 
 // Per-query log-sum-exp of a strip merged chunk after chunk (online, as a column's): running
@@ -136,7 +231,6 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
     }
   }, [&](int64_t r0, int64_t rows) {
     for (int64_t i = 0; i < rows; ++i) out[r0 + i] = log_add_exp(rs.lse(i), cols.lse(r0 + i));
-    return true;
   });
   return row_lse;
 }
@@ -149,8 +243,7 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
 // double) to 0, so a sum S_k >= kMinSharedShiftSum loses less than N e^-46 (float) of itself.
 // Returns false, and the caller runs forward_impl, when C is not finite (non-finite inputs) or
 // some row's sum is smaller (all its scores far below C: tiny temperatures with spread-out
-// embeddings, unequal norms, a row without entries). The first strip's rows are complete after
-// that strip, so most such calls stop after 1/16 of the work.
+// embeddings, unequal norms, a row without entries); such calls pay for both passes.
 template <typename T>
 constexpr T kMinSharedShiftSum = sizeof(T) == 4 ? T(1e-17) : T(1e-250);
 
@@ -167,32 +260,25 @@ bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at
                           const Mask& mask, int64_t requested, T* out) {
   const T bound = score_bound<T>(z, alpha, beta);
   if (!std::isfinite(bound)) return false;
-  const int64_t n = z.size(0), block_rows = gram_block_rows<T>(z, requested);
-  std::vector<T> sum(n, T(0)), strip_sum(block_rows);
-  Partials<T> partial(block_rows);
-  const auto small = [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k)
-      if (!(sum[k] >= kMinSharedShiftSum<T>)) return true;
-    return false;
-  };
-  const bool complete = for_each_chunk<T>(
-      z, alpha, beta, mask, block_rows, requested,
-      [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& p, at::Tensor& tile) {
-        const T* a = p.alpha + r0;
-        partial.reset(rows, T(0));
-        p.for_each_tile_row(r0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
-          T* acc = partial.slot();
-          const T b = p.beta[j];
-          const T col = shared_shift_sums_into(acc, x, a, b, bound, 0, cut) +
-                        shared_shift_sums_into(acc, x, a, b, bound, cut + 1, rows);
-          // Right of the diagonal block the entry is also row c0 + j's (one thread per j).
-          if (c0 + j >= r0 + rows) sum[c0 + j] += col;
-        });
-        partial.combine_sum(strip_sum.data());
-        for (int64_t i = 0; i < rows; ++i) sum[r0 + i] += strip_sum[i];
-      },
-      [&](int64_t r0, int64_t rows) { return r0 > 0 || !small(0, rows); });
-  if (!complete || small(0, n)) return false;
+  const int64_t n = z.size(0);
+  std::vector<T> sum(n, T(0));
+  for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested),
+                        [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows,
+                            const Problem<T>& p, at::Tensor& tile) {
+    const T* a = p.alpha + q0;
+    const T* base = tile.data_ptr<T>();
+    T* row_sum = sum.data() + q0;
+    for (int64_t j = 0; j < k_rows; ++j) {
+      const T* x = base + j * q_rows;
+      const int64_t cut = p.cut(j, q0, q_rows);
+      const T b = p.beta[j];
+      const T col = shared_shift_sums_into(row_sum, x, a, b, bound, 0, cut) +
+                    shared_shift_sums_into(row_sum, x, a, b, bound, cut + 1, q_rows);
+      if (k0 != q0) sum[k0 + j] += col;  // off the diagonal: row k0 + j's entry too
+    }
+  });
+  for (int64_t k = 0; k < n; ++k)
+    if (!(sum[k] >= kMinSharedShiftSum<T>)) return false;
   for (int64_t k = 0; k < n; ++k) out[k] = bound + std::log(sum[k]);
   return true;
 }
@@ -226,57 +312,62 @@ template <typename T>
 at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                          const at::Tensor& row_lse, const at::Tensor& row_grad, const Mask& mask,
                          int64_t requested) {
-  const int64_t n = z.size(0), block_rows = gram_block_rows<T>(z, requested);
+  const int64_t n = z.size(0);
   at::Tensor dz = at::zeros({n, z.size(1)}, z.options());  // accumulated
   const T* lse_in = row_lse.data_ptr<T>();
   const T* g = row_grad.data_ptr<T>();
   std::vector<T> rl(n);
   for (int64_t k = 0; k < n; ++k) rl[k] = finite_or_inf(lse_in[k]);
   // exp(-inf - NaN) and non-finite g * exp(-inf) are NaN: a NaN lse or a non-finite upstream
-  // gradient of a row from r0 on leaks into strip r0's id-masked entries, zeroed again then.
-  std::vector<char> poisoned_from(n + 1, 0);
-  for (int64_t k = n - 1; k >= 0; --k)
-    poisoned_from[k] = poisoned_from[k + 1] || std::isnan(lse_in[k]) || !std::isfinite(g[k]);
+  // gradient of a tile's row leaks into the tile's id-masked entries, zeroed again then.
+  std::vector<int64_t> poisoned(n + 1, 0);  // prefix counts
+  for (int64_t k = 0; k < n; ++k)
+    poisoned[k + 1] = poisoned[k] + (std::isnan(lse_in[k]) || !std::isfinite(g[k]));
+  const auto any_poisoned = [&](int64_t k0, int64_t rows) {
+    return poisoned[k0 + rows] > poisoned[k0];
+  };
   std::vector<T> w;
   T bound = 0;
   const bool shared = shared_shift_enabled() &&
                       shared_shift_weights<T>(z, alpha, beta, lse_in, g, w, bound);
 
-  for_each_chunk<T>(z, alpha, beta, mask, block_rows, requested,
-                    [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& p,
-                        at::Tensor& tile) {
-    const T* a = p.alpha + r0;
-    const T* gi = g + r0;
-    const T* li = rl.data() + r0;
-    const T* wi = shared ? w.data() + r0 : nullptr;
-    p.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
+  for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested),
+                        [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows,
+                            const Problem<T>& p, at::Tensor& tile) {
+    const T* a = p.alpha + q0;
+    const T* gi = g + q0;
+    const T* li = rl.data() + q0;
+    const T* wi = shared ? w.data() + q0 : nullptr;
+    T* base = tile.data_ptr<T>();
+    for (int64_t j = 0; j < k_rows; ++j) {
+      T* x = base + j * q_rows;
       const T b = p.beta[j];
       if (shared) {
-        const T wj = w[c0 + j];
+        const T wj = w[k0 + j];
 #pragma omp simd
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < q_rows; ++i) {
           const T ab = a[i] * b;
           x[i] = ab * fast_exp(x[i] * ab - bound) * (wi[i] + wj);
         }
       } else {
-        const T gj = g[c0 + j], lj = rl[c0 + j];
+        const T gj = g[k0 + j], lj = rl[k0 + j];
 #pragma omp simd
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < q_rows; ++i) {
           const T ab = a[i] * b;
           const T s = x[i] * ab;
           x[i] = ab * (gi[i] * fast_exp(s - li[i]) + gj * fast_exp(s - lj));
         }
       }
-      if (cut < rows) x[cut] = T(0) * a[cut] * b;  // H = alpha beta dS: NaN where a scale is
-    });
-    if (poisoned_from[r0] && p.row_ids) p.mask_equal_ids(r0, rows, tile, T(0));
-    // The strip's rows get every key of the chunk; the keys right of the diagonal block get
-    // the strip's rows (the diagonal block's H is symmetric and used once).
-    const int64_t len = p.m, lo = std::max<int64_t>(0, r0 + rows - c0);
-    dz.narrow(0, r0, rows).addmm_(tile.t(), p.keys);
-    if (len > lo) dz.narrow(0, c0 + lo, len - lo).addmm_(tile.narrow(0, lo, len - lo),
-                                                          z.narrow(0, r0, rows));
-  }, [](int64_t, int64_t) { return true; });
+      const int64_t cut = p.cut(j, q0, q_rows);
+      if (cut < q_rows) x[cut] = T(0) * a[cut] * b;  // H = alpha beta dS: NaN where a scale is
+    }
+    if (p.row_ids && (any_poisoned(q0, q_rows) || any_poisoned(k0, k_rows)))
+      p.mask_equal_ids(q0, q_rows, tile, T(0));
+    // The tile's queries get its keys; off the diagonal its keys get its queries (a tile on the
+    // diagonal is symmetric: used once).
+    dz.narrow(0, q0, q_rows).addmm_(tile.t(), p.keys);
+    if (k0 != q0) dz.narrow(0, k0, k_rows).addmm_(tile, z.narrow(0, q0, q_rows));
+  });
   return dz;
 }
 
