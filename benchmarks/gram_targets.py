@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -133,6 +134,46 @@ def _product_rates(rows, dim, repeats):
     return out
 
 
+def _concurrent_rates(rows, dim, threads, repeats):
+    """{name: GFLOP/s} of the pair-tile products run as csrc/cpu/gram.cpp runs them: `threads`
+    products at once, one torch thread each (each on its own operands), counted together. A floor
+    at the 2-thread torch.mm rate alone would be too low where this is faster."""
+    block = _pair_block(rows, threads)
+    gen = torch.Generator().manual_seed(2)
+
+    def operands():
+        return (torch.randn(block, dim, generator=gen), torch.randn(block, dim, generator=gen),
+                torch.randn(block, block, generator=gen), torch.zeros(block, dim))
+
+    kinds = {"scores": lambda k, q, t, o: torch.mm(k, q.T, out=t),
+             "dz_queries": lambda k, q, t, o: o.addmm_(t.T, k),
+             "dz_keys": lambda k, q, t, o: o.addmm_(t, q)}
+    flop = _floor.matmul_flop(block, block, dim)
+    times = max(1, int(1e9 * threads // flop))
+    out = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for kind, product in kinds.items():
+            ops = [operands() for _ in range(threads)]
+
+            def work(i, product=product, ops=ops):
+                torch.set_num_threads(1)
+                for _ in range(times):
+                    product(*ops[i])
+
+            try:
+                list(pool.map(work, range(threads)))  # warm
+                samples = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    list(pool.map(work, range(threads)))
+                    samples.append(time.perf_counter() - t0)
+            finally:
+                torch.set_num_threads(threads)
+            name = f"gram {kind} {block} x {block} x {dim}, {threads} at once, 1 thread each"
+            out[name] = threads * times * flop / sorted(samples)[len(samples) // 2] / 1e9
+    return out
+
+
 def run(rows, dim, repeats, losses):
     """Rates of every product shape first; then the losses on both paths and the fastest
     product (repeated to ~1 s, the floor step) in the same interleaved rounds, so that the floor
@@ -140,6 +181,8 @@ def run(rows, dim, repeats, losses):
     z, labels = _inputs(rows, dim)
     agreement = {name: _check_agreement(name, z, labels) for name in losses}
     rates = _product_rates(rows, dim, 3)
+    threads = torch.get_num_threads()
+    concurrent = _concurrent_rates(rows, dim, threads, 3) if threads > 1 else {}
     best = max(rates, key=lambda name: rates[name][2])
     shape, step, rate = rates[best]
     times = max(1, int(rate * 1e9 // _floor.matmul_flop(*shape)))  # ~ 1 s
@@ -150,19 +193,25 @@ def run(rows, dim, repeats, losses):
     work = 6 * rows * rows * dim
     # Per round: the floor is `work` at the rate of that round's floor step.
     floor_s = [t / times * work / _floor.matmul_flop(*shape) for t in samples["floor"]]
+    best_gflops = work / summarize(floor_s)["median_s"] / 1e9
+    concurrent_best = max(concurrent.values(), default=0.0)
     floor = {"gflops_first_pass": {name: r[2] for name, r in rates.items()}, "best": best,
-             "work_flop": work, "floor": summarize(floor_s),
-             "best_gflops": work / summarize(floor_s)["median_s"] / 1e9}
+             "work_flop": work, "floor": summarize(floor_s), "best_gflops": best_gflops,
+             "concurrent_gflops": concurrent,
+             # The stricter floor: the per-round floor, or the concurrent rate where faster.
+             "strict_gflops": max(best_gflops, concurrent_best)}
     results = {}
     for name in losses:
         full, gram = samples[f"{name} full"], samples[f"{name} gram"]
         vs_full = paired_ratio(gram, full)
         vs_floor = paired_ratio(gram, floor_s)
+        vs_strict = summarize(gram)["median_s"] / (work / floor["strict_gflops"] / 1e9)
         results[name] = {
             "full": summarize(full), "gram": summarize(gram), "gram_vs_full": vs_full,
             "full_vs_floor": paired_ratio(full, floor_s), "gram_vs_floor": vs_floor,
+            "gram_vs_strict_floor": vs_strict,
             "meets_vs_full": vs_full <= TARGET_VS_FULL,
-            "meets_vs_floor": vs_floor <= TARGET_VS_FLOOR,
+            "meets_vs_floor": max(vs_floor, vs_strict) <= TARGET_VS_FLOOR,
             "agreement": agreement[name],
         }
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -186,18 +235,23 @@ def summary_markdown(record):
         f"GFLOP/s, {f['floor']['median_s']:.3f} s; ratios to it are paired per round. Load "
         f"average at the end: {', '.join(f'{x:.1f}' for x in record['load_average'])}.",
         "",
+        f"Strict floor: the same work at {f['strict_gflops']:.1f} GFLOP/s, the per-round rate "
+        "or the pair-tile products run as the kernel runs them (one thread a tile, all threads "
+        "at once), whichever is faster; the target is checked against both floors.",
+        "",
         "| loss | full (s) | gram (s) | gram / full (paired) | full / floor | gram / floor | "
-        "targets (<= 0.75, <= 0.8) |",
-        "|---|---|---|---|---|---|---|",
+        "gram / strict floor | targets (<= 0.75, <= 0.8) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in record["results"].items():
         ok = ("met" if r["meets_vs_full"] else "MISSED") + " / " + (
             "met" if r["meets_vs_floor"] else "MISSED")
         lines.append(f"| {name} | {r['full']['median_s']:.3f} | {r['gram']['median_s']:.3f} | "
                      f"{r['gram_vs_full']:.3f} | {r['full_vs_floor']:.3f} | "
-                     f"{r['gram_vs_floor']:.3f} | {ok} |")
+                     f"{r['gram_vs_floor']:.3f} | {r['gram_vs_strict_floor']:.3f} | {ok} |")
     lines += ["", "Warm GEMM rates of the kernels' product shapes, first pass (GFLOP/s):", ""]
     lines += [f"- {name}: {rate:.1f}" for name, rate in sorted(f["gflops_first_pass"].items())]
+    lines += [f"- {name}: {rate:.1f}" for name, rate in sorted(f["concurrent_gflops"].items())]
     return "\n".join(lines) + "\n"
 
 

@@ -66,6 +66,7 @@ from . import backends
 from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, first_order_only, or_empty,
                     reduce_loss, reduction_weights, requires_grad, rowwise_dot,
                     scaled_fused_gradients)
+from ._supcon_positives import supcon_positive_means
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
            "masked_lse_backward", "masked_lse_forward_with_grad", "gram_lse_forward",
@@ -897,28 +898,26 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
                              "sum", exclude_positive=False, subtract_positive=False, eps=eps)
     # One float32 copy of low-precision features feeds the host terms and the fused pass.
     denominator, (features,) = _upcast_inputs(denominator, features)
-    z = F.normalize(features, dim=-1, eps=eps) if normalize else features
     cls = _class_index(labels)
-    n = z.shape[0]
-    class_sums = torch.zeros(n, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, cls, z)
-    counts = torch.zeros(n, dtype=torch.int64, device=z.device).index_add(
+    n = features.shape[0]
+    counts = torch.zeros(n, dtype=torch.int64, device=features.device).index_add(
         0, cls, torch.ones_like(cls))
-    pos_count = counts[cls] - 1
-    pos_mean = ((z * class_sums[cls]).sum(dim=1) - (z * z).sum(dim=1)) * scale.to(z.dtype) \
-        / pos_count.clamp_min(1)
-    has_positive = pos_count > 0
+    pos_mean = supcon_positive_means(features, scale.to(features.dtype), cls,
+                                     normalize=normalize, eps=eps, backend=backend)
+    has_positive = counts[cls] > 1
     if reduction == "none":
         lse = _fused(denominator, features, features, None, None, scale, None)
-        loss = torch.where(has_positive, lse.to(z.dtype) - pos_mean, torch.zeros_like(pos_mean))
+        loss = torch.where(has_positive, lse.to(features.dtype) - pos_mean,
+                           torch.zeros_like(pos_mean))
         return _supcon_non_negative(loss, n).to(out_dtype)
     # A weighted sum keeps the fused kernels on their no-recompute path: w_a = 1 / #anchors with
     # a positive ("mean") or 1 ("sum") for those anchors, 0 for the others.
-    weights = has_positive.to(z.dtype)
+    weights = has_positive.to(features.dtype)
     if reduction == "mean":
         weights = weights / has_positive.sum().clamp_min(1)
     lse_sum = _fused(denominator, features, features, None, None, scale, None,
                      row_weights=weights)
-    loss = lse_sum.to(z.dtype) - (weights * pos_mean).sum()
+    loss = lse_sum.to(features.dtype) - (weights * pos_mean).sum()
     return _supcon_non_negative(loss, n).to(out_dtype)
 
 
