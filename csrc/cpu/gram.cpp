@@ -29,9 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <numeric>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -69,13 +67,6 @@ void for_each_chunk(const at::Tensor& z, const at::Tensor& alpha, const at::Tens
     }
     done(r0, rows);
   }
-}
-
-// FASTCONTRAST_GRAM_SHARED_SHIFT=0 (read at every call) turns the shared-shift passes off: the
-// baseline of benchmarks/gram_targets.py, and the exact path for the tests.
-bool shared_shift_enabled() {
-  const char* value = std::getenv("FASTCONTRAST_GRAM_SHARED_SHIFT");
-  return value == nullptr || std::string(value) != "0";
 }
 
 template <typename T>
@@ -235,30 +226,14 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
   return row_lse;
 }
 
-// The shared-shift forward. By Cauchy-Schwarz no score exceeds
-//   C = max_i |alpha_i| |z_i| * max_j |beta_j| |z_j|,
-// so one exp per entry, e_ij = exp(s_ij - C) <= 1 (up to the rounding of s), feeds both its row's
-// and its column's sum S_k = sum_j exp(s_kj - C), and lse_k = C + log S_k: no max pass, no
-// rescaling, half the exps of forward_impl. fast_exp flushes arguments below -86 (float; -707
-// double) to 0, so a sum S_k >= kMinSharedShiftSum loses less than N e^-46 (float) of itself.
-// Returns false, and the caller runs forward_impl, when C is not finite (non-finite inputs) or
-// some row's sum is smaller (all its scores far below C: tiny temperatures with spread-out
-// embeddings, unequal norms, a row without entries); such calls pay for both passes.
-template <typename T>
-constexpr T kMinSharedShiftSum = sizeof(T) == 4 ? T(1e-17) : T(1e-250);
-
-// The shared shift C of a call (shared_shift_forward): a bound on every score, or a non-finite
-// value when the inputs are not finite.
-template <typename T>
-T score_bound(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta) {
-  const at::Tensor norms = z.norm(2, {1});
-  return (norms * alpha.abs()).max().item<T>() * (norms * beta.abs()).max().item<T>();
-}
-
+// The shared-shift forward (lse_tiles.h): one exp per entry, e_ij = exp(s_ij - C), feeds both
+// its row's and its column's sum S_k = sum_j exp(s_kj - C), and lse_k = C + log S_k: no max pass,
+// no rescaling, half the exps of forward_impl. Returns false, and the caller runs forward_impl,
+// when C is not finite or some row's sum is below kMinSharedShiftSum; such calls pay for both.
 template <typename T>
 bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                           const Mask& mask, int64_t requested, T* out) {
-  const T bound = score_bound<T>(z, alpha, beta);
+  const T bound = score_bound<T>(z, z, alpha, beta);
   if (!std::isfinite(bound)) return false;
   const int64_t n = z.size(0);
   std::vector<T> sum(n, T(0));
@@ -277,8 +252,7 @@ bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at
       if (k0 != q0) sum[k0 + j] += col;  // off the diagonal: row k0 + j's entry too
     }
   });
-  for (int64_t k = 0; k < n; ++k)
-    if (!(sum[k] >= kMinSharedShiftSum<T>)) return false;
+  if (!shared_sums_usable(sum.data(), n)) return false;
   for (int64_t k = 0; k < n; ++k) out[k] = bound + std::log(sum[k]);
   return true;
 }
@@ -292,7 +266,7 @@ bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at
 template <typename T>
 bool shared_shift_weights(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                           const T* lse, const T* g, std::vector<T>& w, T& bound) {
-  bound = score_bound<T>(z, alpha, beta);
+  bound = score_bound<T>(z, z, alpha, beta);
   if (!std::isfinite(bound)) return false;
   const int64_t n = z.size(0);
   w.resize(n);

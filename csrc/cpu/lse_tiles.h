@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -81,6 +83,40 @@ bool any_nan(const T* s, int64_t r) {
   for (int64_t i = 0; i < r; ++i)
     if (std::isnan(s[i])) return true;
   return false;
+}
+
+// Shared-shift passes (gram.cpp, and infonce.cpp's forward). By Cauchy-Schwarz no score exceeds
+//   C = max_i |alpha_i| |q_i| * max_j |beta_j| |keys_j|,
+// so e_ij = exp(s_ij - C) <= 1 (up to the rounding of s) serves every row's and every column's
+// sum with one exp, S = sum exp(s - C), lse = C + log S. fast_exp flushes arguments below -86
+// (float; -707 double) to 0, so a sum S >= kMinSharedShiftSum loses less than M e^-46 (float) of
+// itself; a smaller sum (all of a row's scores far below C: tiny temperatures with spread-out
+// embeddings, unequal norms, no entry at all) sends the call to the exact two-pass kernels.
+// FASTCONTRAST_SHARED_SHIFT=0 (read at every call) turns the shared-shift passes off: the
+// exact passes only, for the tests and as a baseline.
+inline bool shared_shift_enabled() {
+  const char* value = std::getenv("FASTCONTRAST_SHARED_SHIFT");
+  return value == nullptr || std::string(value) != "0";
+}
+
+template <typename T>
+constexpr T kMinSharedShiftSum = sizeof(T) == 4 ? T(1e-17) : T(1e-250);
+
+// C above, or a non-finite value when the inputs are not finite.
+template <typename T>
+T score_bound(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+              const at::Tensor& beta) {
+  if (q.size(0) == 0 || keys.size(0) == 0) return T(0);
+  const T a = (q.norm(2, {1}) * alpha.abs()).max().item<T>();
+  return a * (keys.norm(2, {1}) * beta.abs()).max().item<T>();
+}
+
+// Whether every sum[k], k < n, is at least kMinSharedShiftSum (false for NaN).
+template <typename T>
+bool shared_sums_usable(const T* sum, int64_t n) {
+  for (int64_t k = 0; k < n; ++k)
+    if (!(sum[k] >= kMinSharedShiftSum<T>)) return false;
+  return true;
 }
 
 // Tile-row kernels. x is one tile row (R raw products with key j), a = alpha[r0:r0+R], b = beta_j,

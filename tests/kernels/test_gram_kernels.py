@@ -16,7 +16,6 @@ from .._helpers import KERNEL_TOLERANCES, POISON_ENV, assert_close, device_for, 
 
 OPS = torch.ops.fastcontrast
 GRAM_ENV = "FASTCONTRAST_GRAM_BLOCK_ROWS"
-SHARED_SHIFT_ENV = "FASTCONTRAST_GRAM_SHARED_SHIFT"
 CASES = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
          for name, props in backends.PROPERTIES.items() for dtype in props.compute_dtypes]
 
@@ -26,21 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch):
     monkeypatch.setenv(POISON_ENV, "1")
-
-
-@pytest.fixture(autouse=True, params=["shared-shift", "exact"])
-def _cpu_passes(request, monkeypatch):
-    """The C++ kernels run each case twice: with the shared-shift passes (one exp per entry,
-    falling back to the exact passes where the bound is too loose) and with the exact passes
-    only (FASTCONTRAST_GRAM_SHARED_SHIFT=0). Other backends run once."""
-    backend = getattr(request.node, "callspec", None)
-    backend = backend.params.get("backend", "cpu") if backend else "cpu"
-    if request.param == "exact":
-        if backend != "cpu":
-            pytest.skip("FASTCONTRAST_GRAM_SHARED_SHIFT is a switch of the C++ kernels")
-        monkeypatch.setenv(SHARED_SHIFT_ENV, "0")
-    else:
-        monkeypatch.delenv(SHARED_SHIFT_ENV, raising=False)
 
 
 def _skip_unavailable(backend, dtype=None, n=0):
