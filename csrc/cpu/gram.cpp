@@ -15,8 +15,8 @@
 //   (pair_block: ~4 MiB tiles), the block pairs (a < b) in rounds where no block appears twice
 //   (round-robin, circle method), so that the tiles of a round update disjoint rows: they run in
 //   parallel, one thread and one single-threaded GEMM each, with no reduction between threads and
-//   no fork / join inside a tile. Each diagonal block is three tiles of its halves (3/4 of the
-//   block). Measured at 2N = 16384, D = 256 on 2 threads: see benchmarks/gram_targets.py.
+//   no fork / join inside a tile. Each diagonal block of 256 rows or more is three tiles of its
+//   halves (3/4 of the block). Measured at 2N = 16384, D = 256 on 2 threads: see benchmarks/gram_targets.py.
 // - Strips (the exact forward, forward_impl): strip r0 .. r0 + R against rows r0 .. N in chunks of
 //   C keys (~2 MiB), parallel inside each chunk, the online max / sum statistics of every row
 //   merged chunk after chunk.
@@ -101,6 +101,7 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> pair_rounds(int64_t blocks
 // Rows of a pair block: a square tile of ~kPairTileBytes (1024 rows in float32, 720 in float64),
 // halved (down to 128) until a round has a pair for every thread; a forced size (tests) as given.
 constexpr int64_t kPairTileBytes = int64_t(4) << 20;
+constexpr int64_t kMinHalfRows = 128;
 
 inline int64_t pair_block(int64_t n, int64_t elem_size, int64_t requested) {
   if (requested > 0) return std::max<int64_t>(1, std::min(requested, n));
@@ -113,14 +114,14 @@ inline int64_t pair_block(int64_t n, int64_t elem_size, int64_t requested) {
 
 // Calls fn(q0, q_rows, k0, k_rows, p, tile) for every tile on and above the diagonal: the block
 // pairs (a < b) whole (queries a, keys b), and each diagonal block as three tiles of its halves
-// (lo lo, hi hi, lo hi). p is the Problem of all rows against the tile's keys (KeyChunk: key j is
+// (lo lo, hi hi, lo hi), or as one tile below 2 kMinHalfRows rows. p is the Problem of all rows against the tile's keys (KeyChunk: key j is
 // row k0 + j, query indices global) and tile (k_rows, q_rows) = z[k0:..] @ z[q0:..]^T with the
 // id-masked entries at -inf, in the calling thread's buffer. The tiles of a round touch disjoint
 // rows (q and k ranges of different blocks) and run in parallel; a tile on the diagonal has
 // q0 == k0.
 template <typename T, typename Fn>
 void for_each_pair_tile(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
-                        const Mask& mask, int64_t block, Fn&& fn) {
+                        const Mask& mask, int64_t block, int64_t requested, Fn&& fn) {
   const int64_t n = z.size(0), blocks = (n + block - 1) / block;
   std::vector<at::Tensor> buffers(static_cast<size_t>(at::get_num_threads()));
   const auto tile_of = [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows) {
@@ -145,8 +146,10 @@ void for_each_pair_tile(const at::Tensor& z, const at::Tensor& alpha, const at::
           tile_of(a0, a_rows, b * block, std::min(block, n - b * block));
           continue;
         }
+        // Halves of fewer than kMinHalfRows rows gain little and round differently from one
+        // tile (a forced block size, in the tests, splits down to single rows).
         const int64_t h = a_rows / 2;
-        if (h == 0) {
+        if (h == 0 || (requested <= 0 && h < kMinHalfRows)) {
           tile_of(a0, a_rows, a0, a_rows);
           continue;
         }
@@ -237,7 +240,7 @@ bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at
   if (!std::isfinite(bound)) return false;
   const int64_t n = z.size(0);
   std::vector<T> sum(n, T(0));
-  for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested),
+  for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested), requested,
                         [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows,
                             const Problem<T>& p, at::Tensor& tile) {
     const T* a = p.alpha + q0;
@@ -305,7 +308,7 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
   const bool shared = shared_shift_enabled() &&
                       shared_shift_weights<T>(z, alpha, beta, lse_in, g, w, bound);
 
-  for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested),
+  for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested), requested,
                         [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows,
                             const Problem<T>& p, at::Tensor& tile) {
     const T* a = p.alpha + q0;
