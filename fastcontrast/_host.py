@@ -1,11 +1,11 @@
 """Host code shared by the fused op families (fastcontrast/infonce.py, siglip.py): reductions and
-the per-row gradient weights they imply, the accumulation dtype, the chunked row-wise dot, and
-the hand-out of gradients in backward. (The reference implementations use reduce_loss too.)"""
+the per-row gradient weights they imply, the accumulation dtype, the chunked row-wise dot, the
+backward of a row normalisation, and the hand-out of gradients in backward. (The reference implementations use reduce_loss too.)"""
 import torch
 
 __all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype",
-           "rowwise_dot", "scaled_fused_gradients", "cast_gradients", "or_empty",
-           "requires_grad", "first_order_only"]
+           "rowwise_dot", "normalized_copy_backward_", "scaled_fused_gradients",
+           "cast_gradients", "or_empty", "requires_grad", "first_order_only"]
 
 # Rows per chunk of the O(N * D) host helpers: bounds their temporaries.
 HOST_CHUNK_ROWS = 4096
@@ -46,6 +46,17 @@ def rowwise_dot(a, b):
         r1 = r0 + HOST_CHUNK_ROWS
         out[r0:r1] = torch.einsum("nd,nd->n", a[r0:r1].to(out.dtype), b[r0:r1].to(out.dtype))
     return out
+
+
+def normalized_copy_backward_(grad, z_hat, inv, eps):
+    """Chain rule through z_hat = z * inv, inv = 1 / max(|z|, eps), in place on ``grad`` (R, D),
+    given the normalised rows ``z_hat`` (R, D) and ``inv`` (R,):
+
+        dz = inv (grad - z_hat <z_hat, grad>)      (dz = inv grad where the eps clamp is active)"""
+    unclamped = (inv < 1.0 / eps).to(inv.dtype)
+    coef = rowwise_dot(z_hat, grad) * unclamped
+    grad.addcmul_(z_hat.to(grad.dtype), coef.unsqueeze(1).to(grad.dtype), value=-1)
+    return grad.mul_(inv.unsqueeze(1).to(grad.dtype))
 
 
 def scaled_fused_gradients(fused, needs, grad_output):

@@ -7,7 +7,8 @@ z = x / max(|x|, eps) when normalising. Backward, for the upstream gradient u:
 
     dL/dz_b   = u_b k_b (S_c(b) - 2 z_b) + sum_{a: c(a) = c(b)} u_a k_a z_a
     dL/dscale = sum_a u_a pos_a / scale
-    dL/dx     = inv (dz - z <z, dz>)      (inv dz where the eps clamp is active)
+    dL/dx     = inv (dz - z <z, dz>)      (inv dz where the eps clamp is active; _host's
+                                          normalized_copy_backward_)
 
 Hand-written because autograd over the same ops takes about twice as long at N = 16384, D = 256
 (the normalisation's graph and an extra (N, D) gather): ~30 ms against ~65 ms on 2 threads, a
@@ -15,43 +16,39 @@ twentieth of the fused SupCon step. First-order only: a second backward raises, 
 pass's does (_host.first_order_only)."""
 import torch
 
-from ._host import first_order_only
+from ._host import first_order_only, normalized_copy_backward_, rowwise_dot
 
 
 class _PositiveMeans(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, cls, normalize, eps, backend):
-        n = x.shape[0]
-        norms = x.norm(dim=1)
-        inv = 1.0 / norms.clamp_min(eps)
+    def forward(ctx, x, scale, cls, class_sizes, normalize, eps, backend):
+        inv = 1.0 / x.norm(dim=1).clamp_min(eps)
         z = x * inv.unsqueeze(1) if normalize else x
         sums = torch.zeros_like(z).index_add_(0, cls, z)
-        counts = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(
-            0, cls, torch.ones(n, dtype=x.dtype, device=x.device))
-        k = scale / (counts[cls] - 1).clamp_min(1)
-        pos = k * (torch.linalg.vecdot(z, sums[cls]) - torch.linalg.vecdot(z, z))
-        ctx.save_for_backward(z, inv, norms, sums, k, cls, scale, pos)
+        k = scale / (class_sizes - 1).clamp_min(1).to(x.dtype)
+        pos = k * (rowwise_dot(z, sums[cls]) - rowwise_dot(z, z)).to(x.dtype)
+        ctx.save_for_backward(z, inv, sums, k, cls, scale, pos)
         ctx.normalize, ctx.eps, ctx.backend = normalize, eps, backend
         return pos
 
     @staticmethod
     def backward(ctx, u):
-        z, inv, norms, sums, k, cls, scale, pos = ctx.saved_tensors
+        z, inv, sums, k, cls, scale, pos = ctx.saved_tensors
         dx = dscale = None
         if ctx.needs_input_grad[0]:
             uk = (u * k).unsqueeze(1)
             dz = torch.zeros_like(z).index_add_(0, cls, z * uk)[cls]
             dz += (sums[cls] - 2 * z) * uk
             if ctx.normalize:
-                coef = torch.linalg.vecdot(z, dz) * (norms > ctx.eps).to(z.dtype)
-                dz = (dz - z * coef.unsqueeze(1)) * inv.unsqueeze(1)
+                normalized_copy_backward_(dz, z, inv, ctx.eps)
             dx, = first_order_only((dz,), ctx.backend)
         if ctx.needs_input_grad[1]:
             dscale = (u * pos).sum() / scale
-        return dx, dscale, None, None, None, None
+        return dx, dscale, None, None, None, None, None
 
 
-def supcon_positive_means(x, scale, cls, *, normalize, eps, backend):
+def supcon_positive_means(x, scale, cls, class_sizes, *, normalize, eps, backend):
     """pos (N,): each anchor's mean positive score (0 where it has no positive); x (N, D), scale
-    a 0-dim tensor of x's dtype, cls (N,) dense class ids in [0, N) (infonce._class_index)."""
-    return _PositiveMeans.apply(x, scale, cls, normalize, eps, backend)
+    a 0-dim tensor of x's dtype, cls (N,) dense class ids in [0, N) (infonce._class_index),
+    class_sizes (N,) the size of each anchor's class (int)."""
+    return _PositiveMeans.apply(x, scale, cls, class_sizes, normalize, eps, backend)

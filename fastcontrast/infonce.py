@@ -64,8 +64,8 @@ from torch import Tensor
 
 from . import backends
 from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, first_order_only, or_empty,
-                    reduce_loss, reduction_weights, requires_grad, rowwise_dot,
-                    scaled_fused_gradients)
+                    normalized_copy_backward_, reduce_loss, reduction_weights, requires_grad,
+                    rowwise_dot, scaled_fused_gradients)
 from ._supcon_positives import supcon_positive_means
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
@@ -441,14 +441,12 @@ def _normalize_backward(grad, t, inv, op, normalize, eps):
     flat_g = grad.reshape(-1, grad.shape[-1])
     flat_t = t.reshape(-1, t.shape[-1])
     flat_inv = inv.reshape(-1)
-    unclamped = (flat_inv < 1.0 / eps).to(flat_inv.dtype)
-    coef = rowwise_dot(flat_t, flat_g) * unclamped
     if op.prenormalized:
-        flat_g.addcmul_(flat_t.to(flat_g.dtype), coef.unsqueeze(1).to(flat_g.dtype), value=-1)
-        flat_g.mul_(flat_inv.unsqueeze(1).to(flat_g.dtype))
-    else:
-        coef = coef * flat_inv * flat_inv
-        flat_g.addcmul_(flat_t.to(flat_g.dtype), coef.unsqueeze(1).to(flat_g.dtype), value=-1)
+        normalized_copy_backward_(flat_g, flat_t, flat_inv, eps)
+        return grad
+    unclamped = (flat_inv < 1.0 / eps).to(flat_inv.dtype)
+    coef = rowwise_dot(flat_t, flat_g) * unclamped * flat_inv * flat_inv
+    flat_g.addcmul_(flat_t.to(flat_g.dtype), coef.unsqueeze(1).to(flat_g.dtype), value=-1)
     return grad
 
 
@@ -902,9 +900,10 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
     n = features.shape[0]
     counts = torch.zeros(n, dtype=torch.int64, device=features.device).index_add(
         0, cls, torch.ones_like(cls))
-    pos_mean = supcon_positive_means(features, scale.to(features.dtype), cls,
+    class_sizes = counts[cls]
+    pos_mean = supcon_positive_means(features, scale.to(features.dtype), cls, class_sizes,
                                      normalize=normalize, eps=eps, backend=backend)
-    has_positive = counts[cls] > 1
+    has_positive = class_sizes > 1
     if reduction == "none":
         lse = _fused(denominator, features, features, None, None, scale, None)
         loss = torch.where(has_positive, lse.to(features.dtype) - pos_mean,
