@@ -1,6 +1,7 @@
 """Host code shared by the fused op families (fastcontrast/infonce.py, siglip.py): reductions and
 the per-row gradient weights they imply, the accumulation dtype, the chunked row-wise dot, the
-backward of a row normalisation, and the hand-out of gradients in backward. (The reference implementations use reduce_loss too.)"""
+backward of a row normalisation, and the hand-out of gradients in backward. (The reference
+implementations use reduce_loss too.)"""
 import torch
 
 __all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype",
