@@ -15,8 +15,10 @@
 //   (pair_block: ~4 MiB tiles), the block pairs (a < b) in rounds where no block appears twice
 //   (round-robin, circle method), so that the tiles of a round update disjoint rows: they run in
 //   parallel, one thread and one single-threaded GEMM each, with no reduction between threads and
-//   no fork / join inside a tile. Each diagonal block of 256 rows or more is three tiles of its
-//   halves (3/4 of the block). Measured at 2N = 16384, D = 256 on 2 threads: see benchmarks/gram_targets.py.
+//   no fork / join inside a tile. The rounds are an order, not barriers (PairTasks): a thread
+//   takes the next tile whose blocks' earlier tiles are done. Each diagonal block of 256 rows or
+//   more is three tiles of its halves (3/4 of the block). Measured at 2N = 16384, D = 256 on 2
+//   threads: see benchmarks/gram_targets.py.
 // - Strips (the exact forward, forward_impl): strip r0 .. r0 + R against rows r0 .. N in chunks of
 //   C keys (~2 MiB), parallel inside each chunk, the online max / sum statistics of every row
 //   merged chunk after chunk.
@@ -29,6 +31,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -112,18 +116,94 @@ inline int64_t pair_block(int64_t n, int64_t elem_size, int64_t requested) {
   return std::max<int64_t>(1, std::min(b, n));
 }
 
+// The tasks of pair_rounds (block pairs; (a, a) a diagonal block) in round order, handed out to
+// every thread at once without a barrier between rounds: a thread takes the first task not yet
+// started whose blocks have no earlier task unfinished, or waits for one. So the updates of each
+// block's rows happen in list order whatever thread runs them (deterministic sums), tasks of
+// different blocks overlap across rounds, and a thread that finishes early takes the next ready
+// task instead of waiting for the round's slowest. A failed task wakes and stops everyone.
+class PairTasks {
+ public:
+  PairTasks(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rounds, int64_t blocks)
+      : done_(blocks, 0) {
+    std::vector<int64_t> seen(blocks, 0);
+    for (const auto& round : rounds)
+      for (const auto& task : round) {
+        tasks_.push_back(task);
+        needed_.emplace_back(seen[task.first], seen[task.second]);
+        ++seen[task.first];
+        if (task.second != task.first) ++seen[task.second];
+      }
+    started_.assign(tasks_.size(), 0);
+  }
+
+  const std::pair<int64_t, int64_t>& operator[](int64_t t) const { return tasks_[t]; }
+
+  // The index of a ready task, now marked started; -1 once every task is taken (or one failed).
+  int64_t acquire() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      if (failed_) return -1;
+      while (first_open_ < size() && started_[first_open_]) ++first_open_;
+      if (first_open_ == size()) return -1;
+      for (int64_t t = first_open_; t < size(); ++t) {
+        if (started_[t] || !ready(t)) continue;
+        started_[t] = 1;
+        return t;
+      }
+      wake_.wait(lock);
+    }
+  }
+
+  void release(int64_t t) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      ++done_[tasks_[t].first];
+      if (tasks_[t].second != tasks_[t].first) ++done_[tasks_[t].second];
+    }
+    wake_.notify_all();
+  }
+
+  void fail() {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      failed_ = true;
+    }
+    wake_.notify_all();
+  }
+
+ private:
+  int64_t size() const { return static_cast<int64_t>(tasks_.size()); }
+  // Every earlier task of both blocks has finished.
+  bool ready(int64_t t) const {
+    return done_[tasks_[t].first] == needed_[t].first &&
+           done_[tasks_[t].second] == needed_[t].second;
+  }
+
+  std::vector<std::pair<int64_t, int64_t>> tasks_;
+  std::vector<std::pair<int64_t, int64_t>> needed_;  // earlier tasks of (first, second)
+  std::vector<int64_t> done_;                        // finished tasks of each block
+  std::vector<char> started_;
+  int64_t first_open_ = 0;
+  bool failed_ = false;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+};
+
 // Calls fn(q0, q_rows, k0, k_rows, p, tile) for every tile on and above the diagonal: the block
 // pairs (a < b) whole (queries a, keys b), and each diagonal block as three tiles of its halves
-// (lo lo, hi hi, lo hi), or as one tile below 2 kMinHalfRows rows. p is the Problem of all rows against the tile's keys (KeyChunk: key j is
-// row k0 + j, query indices global) and tile (k_rows, q_rows) = z[k0:..] @ z[q0:..]^T with the
-// id-masked entries at -inf, in the calling thread's buffer. The tiles of a round touch disjoint
-// rows (q and k ranges of different blocks) and run in parallel; a tile on the diagonal has
+// (lo lo, hi hi, lo hi), or as one tile below 2 kMinHalfRows rows. p is the Problem of all rows
+// against the tile's keys (KeyChunk: key j is row k0 + j, query indices global) and tile
+// (k_rows, q_rows) = z[k0:..] @ z[q0:..]^T with the id-masked entries at -inf, in the calling
+// thread's buffer. The tasks run on every thread at once (PairTasks): no two running tasks share
+// a block, and each block's tasks run in the order of pair_rounds; a tile on the diagonal has
 // q0 == k0.
 template <typename T, typename Fn>
 void for_each_pair_tile(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                         const Mask& mask, int64_t block, int64_t requested, Fn&& fn) {
   const int64_t n = z.size(0), blocks = (n + block - 1) / block;
-  std::vector<at::Tensor> buffers(static_cast<size_t>(at::get_num_threads()));
+  const int64_t threads = at::get_num_threads();
+  std::vector<at::Tensor> buffers(static_cast<size_t>(threads));
   const auto tile_of = [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows) {
     at::Tensor& buffer = buffers[static_cast<size_t>(at::get_thread_num())];
     if (!buffer.defined()) buffer = at::empty({block * block}, z.options());
@@ -134,31 +214,38 @@ void for_each_pair_tile(const at::Tensor& z, const at::Tensor& alpha, const at::
     if (p.row_ids) p.mask_equal_ids(q0, q_rows, tile);
     fn(q0, q_rows, k0, k_rows, p, tile);
   };
-  for (const auto& round : pair_rounds(blocks)) {
-    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t lo, int64_t hi) {
-      // A worker thread starts in grad mode, and the ATen calls below see operands that
-      // require grad (the op runs inside an autograd.Function): no graph in here.
-      const c10::AutoGradMode no_grad(false);
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t a = round[t].first, b = round[t].second;
-        const int64_t a0 = a * block, a_rows = std::min(block, n - a0);
-        if (a != b) {
-          tile_of(a0, a_rows, b * block, std::min(block, n - b * block));
-          continue;
-        }
-        // Halves of fewer than kMinHalfRows rows gain little and round differently from one
-        // tile (a forced block size, in the tests, splits down to single rows).
-        const int64_t h = a_rows / 2;
-        if (h == 0 || (requested <= 0 && h < kMinHalfRows)) {
-          tile_of(a0, a_rows, a0, a_rows);
-          continue;
-        }
-        tile_of(a0, h, a0, h);
-        tile_of(a0 + h, a_rows - h, a0 + h, a_rows - h);
-        tile_of(a0, h, a0 + h, a_rows - h);
+  const auto run = [&](int64_t a, int64_t b) {
+    const int64_t a0 = a * block, a_rows = std::min(block, n - a0);
+    if (a != b) {
+      tile_of(a0, a_rows, b * block, std::min(block, n - b * block));
+      return;
+    }
+    // Halves of fewer than kMinHalfRows rows gain little and round differently from one
+    // tile (a forced block size, in the tests, splits down to single rows).
+    const int64_t h = a_rows / 2;
+    if (h == 0 || (requested <= 0 && h < kMinHalfRows)) {
+      tile_of(a0, a_rows, a0, a_rows);
+      return;
+    }
+    tile_of(a0, h, a0, h);
+    tile_of(a0 + h, a_rows - h, a0 + h, a_rows - h);
+    tile_of(a0, h, a0 + h, a_rows - h);
+  };
+  PairTasks tasks(pair_rounds(blocks), blocks);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    // A worker thread starts in grad mode, and the ATen calls below see operands that
+    // require grad (the op runs inside an autograd.Function): no graph in here.
+    const c10::AutoGradMode no_grad(false);
+    for (int64_t t; (t = tasks.acquire()) >= 0;) {
+      try {
+        run(tasks[t].first, tasks[t].second);
+      } catch (...) {
+        tasks.fail();
+        throw;
       }
-    });
-  }
+      tasks.release(t);
+    }
+  });
 }
 
 // Per-query log-sum-exp of a strip merged chunk after chunk (online, as a column's): running

@@ -193,3 +193,29 @@ def test_cpu_gram_rejects_bad_arguments():
         ext.gram_lse_forward(z, alpha, alpha, row_ids=torch.arange(5))
     with pytest.raises(RuntimeError, match="row_grad must have shape"):
         ext.gram_lse_backward(z, alpha, alpha, alpha, alpha[:3])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_gram_tiles_without_round_barriers_are_exact_and_deterministic(threads, monkeypatch):
+    """The C++ pair tiles run on every thread at once with no barrier between rounds (PairTasks,
+    csrc/cpu/gram.cpp): 16-row blocks of 997 rows give 63 blocks (an odd count: rounds with a
+    bye) and ~2000 tasks whose order of dependencies must hold. Against the float64 truth, and
+    bitwise equal from call to call (each block's updates keep their order)."""
+    _skip_unavailable("cpu")
+    monkeypatch.setenv(GRAM_ENV, "16")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(997)
+        z, alpha, beta = _problem("cpu", torch.float64, 997, 5)
+        _check("cpu", torch.float64, z, alpha, beta, *_mask("involution", 997, z.device))
+        grad = torch.rand(997, dtype=torch.float64) - 0.3
+        runs = []
+        for _ in range(3):
+            lse = OPS.gram_lse_forward(z, alpha, beta, None, None, True, "cpu")
+            runs.append((lse, OPS.gram_lse_backward(z, alpha, beta, lse, grad, None, None,
+                                                    True, "cpu")))
+    finally:
+        torch.set_num_threads(previous)
+    for lse, dz in runs[1:]:
+        assert torch.equal(lse, runs[0][0]) and torch.equal(dz, runs[0][1])
