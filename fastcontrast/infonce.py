@@ -331,7 +331,7 @@ def _prepare(spec, query, key, bank, per_query, scale):
         return t, inv
 
     x, inv_x = prep(query)
-    key_c, inv_key = prep(key)
+    key_c, inv_key = (x, inv_x) if key is query else prep(key)  # NT-Xent, SupCon: one set
     bank_c, inv_bank = prep(bank)
     per_query_c, inv_per_query = prep(per_query)
     scale = scale.to(acc)
@@ -692,7 +692,8 @@ class FusedInfoNCE(torch.autograd.Function):
             ids = _product_ids(op, spec, targets, query_ids, bank_ids)
             g = reduction_weights(spec.reduction, query.shape[0], grad_output, op.alpha.dtype,
                                   row_weights).contiguous()
-            positive = _positive_scores(op, targets) if _uses_positive(spec) else None
+            # The backward needs s_{i,t_i} only where it is a candidate outside the product.
+            positive = _positive_scores(op, targets) if _positive_in_extra(spec) else None
             if ctx.gram:
                 grads = _gram_gradients(spec, op, targets, positive, beta, ids, row_lse, g,
                                         ctx.needs)

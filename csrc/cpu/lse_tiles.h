@@ -107,8 +107,10 @@ template <typename T>
 T score_bound(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
               const at::Tensor& beta) {
   if (q.size(0) == 0 || keys.size(0) == 0) return T(0);
-  const T a = (q.norm(2, {1}) * alpha.abs()).max().item<T>();
-  return a * (keys.norm(2, {1}) * beta.abs()).max().item<T>();
+  const at::Tensor q_norms = q.norm(2, {1});
+  const at::Tensor key_norms = keys.is_same(q) ? q_norms : keys.norm(2, {1});  // a Gram call
+  const T a = (q_norms * alpha.abs()).max().item<T>();
+  return a * (key_norms * beta.abs()).max().item<T>();
 }
 
 // Whether every sum[k], k < n, is at least kMinSharedShiftSum (false for NaN).
