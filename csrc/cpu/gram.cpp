@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <condition_variable>
+#include <limits>
 #include <mutex>
 #include <numeric>
 #include <utility>
@@ -316,15 +317,15 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
   return row_lse;
 }
 
-// The shared-shift forward (lse_tiles.h): one exp per entry, e_ij = exp(s_ij - C), feeds both
-// its row's and its column's sum S_k = sum_j exp(s_kj - C), and lse_k = C + log S_k: no max pass,
+// The shared-shift forward (lse_tiles.h): one exp per entry, e_ij = exp(s_ij - c), feeds both
+// its row's and its column's sum S_k = sum_j exp(s_kj - c), and lse_k = c + log S_k: no max pass,
 // no rescaling, half the exps of forward_impl. Returns false, and the caller runs forward_impl,
-// when C is not finite or some row's sum is below kMinSharedShiftSum; such calls pay for both.
+// when c is not finite or some row's sum is below kMinSharedShiftSum; such calls pay for both.
 template <typename T>
 bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                           const Mask& mask, int64_t requested, T* out) {
-  const T bound = score_bound<T>(z, z, alpha, beta);
-  if (!std::isfinite(bound)) return false;
+  const T shift = shared_shift<T>(z, z, alpha, beta);
+  if (!std::isfinite(shift)) return false;
   const int64_t n = z.size(0);
   std::vector<T> sum(n, T(0));
   for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested), requested,
@@ -337,27 +338,32 @@ bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at
       const T* x = base + j * q_rows;
       const int64_t cut = p.cut(j, q0, q_rows);
       const T b = p.beta[j];
-      const T col = shared_shift_sums_into(row_sum, x, a, b, bound, 0, cut) +
-                    shared_shift_sums_into(row_sum, x, a, b, bound, cut + 1, q_rows);
+      const T col = shared_shift_sums_into(row_sum, x, a, b, shift, 0, cut) +
+                    shared_shift_sums_into(row_sum, x, a, b, shift, cut + 1, q_rows);
       if (k0 != q0) sum[k0 + j] += col;  // off the diagonal: row k0 + j's entry too
     }
   });
   if (!shared_sums_usable(sum.data(), n)) return false;
-  for (int64_t k = 0; k < n; ++k) out[k] = bound + std::log(sum[k]);
+  for (int64_t k = 0; k < n; ++k) out[k] = shift + std::log(sum[k]);
   return true;
 }
 
-// The shared-shift pair weight: with C the score bound (score_bound) and
-//   w_k = g_k exp(C - lse_k),
-// H_ij = alpha_i beta_j exp(s_ij - C) (w_i + w_j), one exp per entry instead of two. Fills w and
-// returns true when every g_k is finite, every lse_k finite or -inf (w_k = 0) and C - lse_k <= 40
-// (as the forward's sums, S_k = exp(lse_k - C) >= e^-40: exp(s - C) then flushes only weights
-// below e^-46 of the row's); otherwise the exact two-exp weights are used.
+// The shared-shift pair weight: with c the shift of the forward (shared_shift) and
+//   w_k = g_k exp(c - lse_k),
+// H_ij = alpha_i beta_j exp(s_ij - c) (w_i + w_j), one exp per entry instead of two. Fills w and
+// returns true when every g_k is finite, every lse_k finite or -inf (w_k = 0) and c - lse_k <= 40
+// (as the forward's sums, S_k = exp(lse_k - c) >= e^-40: exp(s - c) then flushes only weights
+// below e^-46 of the row's), and every w_k is finite and normal (kMinSharedWeight, or 0 where
+// g_k is); otherwise the exact two-exp weights are used.
+template <typename T>
+constexpr T kMinSharedWeight =
+    std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+
 template <typename T>
 bool shared_shift_weights(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
-                          const T* lse, const T* g, std::vector<T>& w, T& bound) {
-  bound = score_bound<T>(z, z, alpha, beta);
-  if (!std::isfinite(bound)) return false;
+                          const T* lse, const T* g, std::vector<T>& w, T& shift) {
+  shift = shared_shift<T>(z, z, alpha, beta);
+  if (!std::isfinite(shift)) return false;
   const int64_t n = z.size(0);
   w.resize(n);
   for (int64_t k = 0; k < n; ++k) {
@@ -366,8 +372,12 @@ bool shared_shift_weights(const at::Tensor& z, const at::Tensor& alpha, const at
       w[k] = T(0);
       continue;
     }
-    if (!(bound - lse[k] <= T(40))) return false;
-    w[k] = g[k] * std::exp(bound - lse[k]);
+    if (!(shift - lse[k] <= T(40))) return false;
+    w[k] = g[k] * std::exp(shift - lse[k]);
+    // The products exp(s - c) w_k carry row k's weights: w_k finite, and a normal number with
+    // its full precision unless g_k is 0.
+    if (!std::isfinite(w[k]) || (g[k] != T(0) && !(std::abs(w[k]) >= kMinSharedWeight<T>)))
+      return false;
   }
   return true;
 }
@@ -391,9 +401,9 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
     return poisoned[k0 + rows] > poisoned[k0];
   };
   std::vector<T> w;
-  T bound = 0;
+  T shift = 0;
   const bool shared = shared_shift_enabled() &&
-                      shared_shift_weights<T>(z, alpha, beta, lse_in, g, w, bound);
+                      shared_shift_weights<T>(z, alpha, beta, lse_in, g, w, shift);
 
   for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested), requested,
                         [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows,
@@ -411,7 +421,7 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
 #pragma omp simd
         for (int64_t i = 0; i < q_rows; ++i) {
           const T ab = a[i] * b;
-          x[i] = ab * fast_exp(x[i] * ab - bound) * (wi[i] + wj);
+          x[i] = ab * fast_exp(x[i] * ab - shift) * (wi[i] + wj);
         }
       } else {
         const T gj = g[k0 + j], lj = rl[k0 + j];

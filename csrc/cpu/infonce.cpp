@@ -39,14 +39,14 @@ namespace {
 
 using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h)
 
-// The shared-shift forward (lse_tiles.h): one pass and one exp per entry, e = exp(s - C), summed
-// into the query's and (with_col) the key's sum; lse = C + log(sum). Returns false, and the
-// caller runs forward_impl, where C is not finite or some sum is too small for it.
+// The shared-shift forward (lse_tiles.h): one pass and one exp per entry, e = exp(s - c), summed
+// into the query's and (with_col) the key's sum; lse = c + log(sum). Returns false, and the
+// caller runs forward_impl, where c is not finite or some sum is too small for it.
 template <typename T>
 bool shared_shift_forward(const Problem<T>& p, const at::Tensor& beta, bool with_col, T* row_out,
                           T* col_out) {
-  const T bound = score_bound<T>(p.q, p.keys, p.alpha_tensor, beta);
-  if (!std::isfinite(bound)) return false;
+  const T shift = shared_shift<T>(p.q, p.keys, p.alpha_tensor, beta);
+  if (!std::isfinite(shift)) return false;
   Partials<T> partial(p.block_rows);
   std::vector<T> col_sum(with_col ? p.m : 0, T(0));
   p.for_each_block([&](int64_t r0, int64_t rows, at::Tensor& tile) {
@@ -54,16 +54,16 @@ bool shared_shift_forward(const Problem<T>& p, const at::Tensor& beta, bool with
     partial.reset(rows, T(0));
     p.for_each_tile_row(r0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
       T* acc = partial.slot();
-      const T col = shared_shift_sums_into(acc, x, a, p.beta[j], bound, 0, cut) +
-                    shared_shift_sums_into(acc, x, a, p.beta[j], bound, cut + 1, rows);
+      const T col = shared_shift_sums_into(acc, x, a, p.beta[j], shift, 0, cut) +
+                    shared_shift_sums_into(acc, x, a, p.beta[j], shift, cut + 1, rows);
       if (with_col) col_sum[j] += col;  // one thread per key
     });
     partial.combine_sum(row_out + r0);
   });
   if (!shared_sums_usable(row_out, p.n) || !shared_sums_usable(col_sum.data(), col_sum.size()))
     return false;
-  for (int64_t i = 0; i < p.n; ++i) row_out[i] = bound + std::log(row_out[i]);
-  for (int64_t j = 0; with_col && j < p.m; ++j) col_out[j] = bound + std::log(col_sum[j]);
+  for (int64_t i = 0; i < p.n; ++i) row_out[i] = shift + std::log(row_out[i]);
+  for (int64_t j = 0; with_col && j < p.m; ++j) col_out[j] = shift + std::log(col_sum[j]);
   return true;
 }
 

@@ -87,11 +87,15 @@ bool any_nan(const T* s, int64_t r) {
 
 // Shared-shift passes (gram.cpp, and infonce.cpp's forward). By Cauchy-Schwarz no score exceeds
 //   C = max_i |alpha_i| |q_i| * max_j |beta_j| |keys_j|,
-// so e_ij = exp(s_ij - C) <= 1 (up to the rounding of s) serves every row's and every column's
-// sum with one exp, S = sum exp(s - C), lse = C + log S. fast_exp flushes arguments below -86
+// so one shift serves every row's and every column's sum with one exp per entry: with
+// c = C - kSharedShiftHeadroom, e_ij = exp(s_ij - c) <= e^40 (up to the rounding of s),
+// S = sum exp(s - c), lse = c + log S. The headroom keeps the sums in range (S <= M e^40, far
+// below the float maximum e^88) while it lets every lse down to c - 39 = C - 79 through: at
+// CLIP's logit scale of 100 on unit rows C = 100 and the lse sit near 10 .. 40, which a shift of
+// C itself (S < e^-40) would send to the exact passes. fast_exp flushes arguments below -86
 // (float; -707 double) to 0, so a sum S >= kMinSharedShiftSum loses less than M e^-46 (float) of
-// itself; a smaller sum (all of a row's scores far below C: tiny temperatures with spread-out
-// embeddings, unequal norms, no entry at all) sends the call to the exact two-pass kernels.
+// itself; a smaller sum (all of a row's scores far below c: scores spread over more than ~80
+// nats, no entry at all) sends the call to the exact two-pass kernels.
 // FASTCONTRAST_SHARED_SHIFT=0 (read at every call) turns the shared-shift passes off: the
 // exact passes only, for the tests and as a baseline.
 inline bool shared_shift_enabled() {
@@ -101,16 +105,18 @@ inline bool shared_shift_enabled() {
 
 template <typename T>
 constexpr T kMinSharedShiftSum = sizeof(T) == 4 ? T(1e-17) : T(1e-250);
-
-// C above, or a non-finite value when the inputs are not finite.
 template <typename T>
-T score_bound(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
-              const at::Tensor& beta) {
-  if (q.size(0) == 0 || keys.size(0) == 0) return T(0);
+constexpr T kSharedShiftHeadroom = T(40);
+
+// c = C - kSharedShiftHeadroom above, or a non-finite value when the inputs are not finite.
+template <typename T>
+T shared_shift(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+               const at::Tensor& beta) {
+  if (q.size(0) == 0 || keys.size(0) == 0) return -kSharedShiftHeadroom<T>;
   const at::Tensor q_norms = q.norm(2, {1});
   const at::Tensor key_norms = keys.is_same(q) ? q_norms : keys.norm(2, {1});  // a Gram call
   const T a = (q_norms * alpha.abs()).max().item<T>();
-  return a * (key_norms * beta.abs()).max().item<T>();
+  return a * (key_norms * beta.abs()).max().item<T>() - kSharedShiftHeadroom<T>;
 }
 
 // Whether every sum[k], k < n, is at least kMinSharedShiftSum (false for NaN).
