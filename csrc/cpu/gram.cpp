@@ -32,7 +32,6 @@
 #include <algorithm>
 #include <cmath>
 #include <condition_variable>
-#include <limits>
 #include <mutex>
 #include <numeric>
 #include <utility>
@@ -348,38 +347,15 @@ bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at
   return true;
 }
 
-// The shared-shift pair weight: with c the shift of the forward (shared_shift) and
-//   w_k = g_k exp(c - lse_k),
-// H_ij = alpha_i beta_j exp(s_ij - c) (w_i + w_j), one exp per entry instead of two. Fills w and
-// returns true when every g_k is finite, every lse_k finite or -inf (w_k = 0) and c - lse_k <= 40
-// (as the forward's sums, S_k = exp(lse_k - c) >= e^-40: exp(s - c) then flushes only weights
-// below e^-46 of the row's), and every w_k is finite and normal (kMinSharedWeight, or 0 where
-// g_k is); otherwise the exact two-exp weights are used.
+// The shared-shift pair weight: with c the shift of the forward (shared_shift),
+// H_ij = alpha_i beta_j exp(s_ij - c) (w_i + w_j) with w_k = g_k exp(c - lse_k)
+// (shared_shift_weights), one exp per entry instead of two. Fills w and the shift; false (the
+// exact two-exp weights then) where c is not finite or the weights cannot be shared.
 template <typename T>
-constexpr T kMinSharedWeight =
-    std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
-
-template <typename T>
-bool shared_shift_weights(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
-                          const T* lse, const T* g, std::vector<T>& w, T& shift) {
+bool gram_shared_weights(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
+                         const T* lse, const T* g, std::vector<T>& w, T& shift) {
   shift = shared_shift<T>(z, z, alpha, beta);
-  if (!std::isfinite(shift)) return false;
-  const int64_t n = z.size(0);
-  w.resize(n);
-  for (int64_t k = 0; k < n; ++k) {
-    if (!std::isfinite(g[k]) || std::isnan(lse[k])) return false;
-    if (lse[k] == -kInf<T>) {
-      w[k] = T(0);
-      continue;
-    }
-    if (!(shift - lse[k] <= T(40))) return false;
-    w[k] = g[k] * std::exp(shift - lse[k]);
-    // The products exp(s - c) w_k carry row k's weights: w_k finite, and a normal number with
-    // its full precision unless g_k is 0.
-    if (!std::isfinite(w[k]) || (g[k] != T(0) && !(std::abs(w[k]) >= kMinSharedWeight<T>)))
-      return false;
-  }
-  return true;
+  return std::isfinite(shift) && shared_shift_weights(shift, lse, g, z.size(0), w);
 }
 
 template <typename T>
@@ -403,7 +379,7 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
   std::vector<T> w;
   T shift = 0;
   const bool shared = shared_shift_enabled() &&
-                      shared_shift_weights<T>(z, alpha, beta, lse_in, g, w, shift);
+                      gram_shared_weights<T>(z, alpha, beta, lse_in, g, w, shift);
 
   for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested), requested,
                         [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows,

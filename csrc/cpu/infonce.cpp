@@ -131,6 +131,15 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
   const auto poisons = [](T lse, T grad) { return std::isnan(lse) || !std::isfinite(grad); };
   bool cols_poisoned = false;
   for (int64_t j = 0; cl && j < p.m; ++j) cols_poisoned = cols_poisoned || poisons(cl[j], cg[j]);
+  // With the column term, one exp per entry where the weights can share the forward's shift:
+  // W_ji = beta_j exp(s - c) (w_i + v_j), w and v the row and column weights (lse_tiles.h).
+  std::vector<T> row_w, col_w;
+  T shift = 0;
+  const bool shared = cl && shared_shift_enabled() && [&] {
+    shift = shared_shift<T>(p.q, p.keys, p.alpha_tensor, beta);
+    return std::isfinite(shift) && shared_shift_weights(shift, rl_in, rg, p.n, row_w) &&
+           shared_shift_weights(shift, cl, cg, p.m, col_w);
+  }();
 
   const int64_t chunk = chunk_keys(p.block_rows, sizeof(T), requested);
   at::Tensor buffer = at::empty({chunk * p.block_rows}, p.q.options());
@@ -159,7 +168,13 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
       // W_ji = beta_j dS_ij, s recomputed from the raw tile; 0 for the masked query.
       pc.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
         const T b = pc.beta[j];
-        if (cl) {
+        if (shared) {
+          const T* w = row_w.data() + r0;
+          const T v = col_w[c0 + j];
+#pragma omp simd
+          for (int64_t i = 0; i < rows; ++i)
+            x[i] = b * fast_exp(x[i] * a[i] * b - shift) * (w[i] + v);
+        } else if (cl) {
           const T cg_j = cg[c0 + j], cl_j = finite_or_inf(cl[c0 + j]);
 #pragma omp simd
           for (int64_t i = 0; i < rows; ++i) {

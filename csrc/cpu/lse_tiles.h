@@ -119,6 +119,38 @@ T shared_shift(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& al
   return a * (key_norms * beta.abs()).max().item<T>() - kSharedShiftHeadroom<T>;
 }
 
+// The smallest shared-shift weight kept (shared_shift_weights): a normal number with its full
+// precision.
+template <typename T>
+constexpr T kMinSharedWeight =
+    std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+
+// Backward weights of the shared shift c: the gradient weight g_k exp(s - lse_k) of an entry of
+// row (or column) k is exp(s - c) w_k with
+//   w_k = g_k exp(c - lse_k),
+// so a tile whose entries feed two log-sum-exps (a row's and a column's) takes one exp per entry,
+// exp(s - c) (w_i + w_j). Fills w (n values) and returns true when every g_k is finite, every
+// lse_k finite or -inf (w_k = 0) and c - lse_k <= 40 (as the forward's sums,
+// S_k = exp(lse_k - c) >= e^-40: exp(s - c) then flushes only weights below e^-46 of the row's),
+// and every w_k is finite and normal (kMinSharedWeight, or 0 where g_k is); false otherwise, and
+// the caller uses the exact two-exp weights.
+template <typename T>
+bool shared_shift_weights(T shift, const T* lse, const T* g, int64_t n, std::vector<T>& w) {
+  w.resize(n);
+  for (int64_t k = 0; k < n; ++k) {
+    if (!std::isfinite(g[k]) || std::isnan(lse[k])) return false;
+    if (lse[k] == -kInf<T>) {
+      w[k] = T(0);
+      continue;
+    }
+    if (!(shift - lse[k] <= T(40))) return false;
+    w[k] = g[k] * std::exp(shift - lse[k]);
+    if (!std::isfinite(w[k]) || (g[k] != T(0) && !(std::abs(w[k]) >= kMinSharedWeight<T>)))
+      return false;
+  }
+  return true;
+}
+
 // Whether every sum[k], k < n, is at least kMinSharedShiftSum (false for NaN).
 template <typename T>
 bool shared_sums_usable(const T* sum, int64_t n) {
