@@ -85,7 +85,8 @@ bool any_nan(const T* s, int64_t r) {
   return false;
 }
 
-// Shared-shift passes (gram.cpp, and infonce.cpp's forward). By Cauchy-Schwarz no score exceeds
+// Shared-shift passes (gram.cpp; infonce.cpp's forward and column-term backward). By
+// Cauchy-Schwarz no score exceeds
 //   C = max_i |alpha_i| |q_i| * max_j |beta_j| |keys_j|,
 // so one shift serves every row's and every column's sum with one exp per entry: with
 // c = C - kSharedShiftHeadroom, e_ij = exp(s_ij - c) <= e^40 (up to the rounding of s),
