@@ -116,6 +116,17 @@ def _gram_products(rows, dim, threads):
     return steps
 
 
+def _rate(flop, step, repeats):
+    """Warm GFLOP/s of step (median of `repeats` timings)."""
+    step()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - t0)
+    return flop / sorted(samples)[len(samples) // 2] / 1e9
+
+
 def _product_rates(rows, dim, repeats):
     """{product name: (shape, step, warm GFLOP/s)} over the kernels' product shapes."""
     steps = {}
@@ -126,21 +137,15 @@ def _product_rates(rows, dim, repeats):
     for name, (shape, step) in steps.items():
         flop = _floor.matmul_flop(*shape)
         times = max(1, int(2e9 // flop))  # ~ a tenth of a second per sample
-        step()  # warm
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            _floor.repeated(step, times)()
-            samples.append((time.perf_counter() - t0) / times)
-        out[name] = (shape, step, flop / sorted(samples)[len(samples) // 2] / 1e9)
+        out[name] = (shape, step, _rate(flop * times, _floor.repeated(step, times), repeats))
     return out
 
 
 def _concurrent_steps(rows, dim, threads):
-    """{name: (flop, step)}: the pair-tile products run as csrc/cpu/gram.cpp runs them, `threads`
-    products at once, one torch thread each (each on its own operands), repeated to ~1 s of work
-    counted together. A floor at the 2-thread torch.mm rate alone would be too low where this is
-    faster. The caller shuts `pool` down."""
+    """({name: (flop, step)}, pool): the pair-tile products run as csrc/cpu/gram.cpp runs them,
+    `threads` products at once on `pool`, one torch thread each (each on its own operands),
+    repeated to ~1 s of work counted together. A floor at the 2-thread torch.mm rate alone would
+    be too low where this is faster. The caller shuts `pool` down."""
     block = _pair_block(rows, threads)
     gen = torch.Generator().manual_seed(2)
 
@@ -159,13 +164,9 @@ def _concurrent_steps(rows, dim, threads):
         ops = [operands() for _ in range(threads)]
 
         def work(i, product=product, ops=ops):
-            previous = torch.get_num_threads()
             torch.set_num_threads(1)
-            try:
-                for _ in range(times):
-                    product(*ops[i])
-            finally:
-                torch.set_num_threads(previous)
+            for _ in range(times):
+                product(*ops[i])
 
         def step(work=work):
             list(pool.map(work, range(threads)))
@@ -174,17 +175,6 @@ def _concurrent_steps(rows, dim, threads):
         name = f"gram {kind} {block} x {block} x {dim}, {threads} at once, 1 thread each"
         steps[name] = (threads * times * flop, step)
     return steps, pool
-
-
-def _rate(flop, step, repeats):
-    """Warm GFLOP/s of step (median of `repeats` timings)."""
-    step()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - t0)
-    return flop / sorted(samples)[len(samples) // 2] / 1e9
 
 
 def run(rows, dim, repeats, losses):
