@@ -1,14 +1,45 @@
-"""Sources and compiler flags of the C++ CPU extension, shared by setup.py (ahead of time) and
-fastcontrast._ext (just in time), so both builds are identical."""
+"""Sources and compiler flags of the C++ extensions, shared by setup.py (ahead of time) and the
+just-in-time loaders (fastcontrast._ext, fastcontrast._cuda_ext), so that every build compiles
+the same files with the same flags.
+
+Where the sources are (``csrc_directory``):
+    installed from a wheel or sdist   <site-packages>/fastcontrast/csrc   (setup.py ships csrc/
+                                      there as package data)
+    a source checkout / editable      <repository>/csrc
+"""
 import glob
 import os
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_MARKER = "bindings.cpp"  # every complete csrc/ tree has it
 
-def cpu_extension_sources(repo_root):
+
+def csrc_directory():
+    """The directory holding bindings.cpp, cpu/ and cuda/, or None when this installation ships
+    no C++ sources."""
+    for candidate in (os.path.join(_PACKAGE_DIR, "csrc"),
+                      os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")):
+        if os.path.isfile(os.path.join(candidate, _MARKER)):
+            return candidate
+    return None
+
+
+def cpu_extension_sources(csrc):
     """The .cpp files of the CPU extension: csrc/bindings.cpp and csrc/cpu/*.cpp."""
-    csrc = os.path.join(repo_root, "csrc")
     kernels = sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     return [os.path.join(csrc, "bindings.cpp")] + kernels
+
+
+def cpu_extension_headers(csrc):
+    """The headers the CPU sources include (a change to one of them invalidates a build)."""
+    return sorted(glob.glob(os.path.join(csrc, "*.h"))
+                  + glob.glob(os.path.join(csrc, "cpu", "*.h")))
+
+
+def cuda_extension_sources(csrc):
+    """The sources of the CUDA extension: csrc/cuda/*.cu and csrc/cuda/cuda_bindings.cpp."""
+    return sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu"))) + [
+        os.path.join(csrc, "cuda", "cuda_bindings.cpp")]
 
 
 def cpu_extension_flags():

@@ -24,9 +24,11 @@ _HOW_TO_FIX = ("The CUDA backend needs a CUDA build of torch, a visible GPU and 
                "(nvcc; set CUDA_HOME to it); use backend='triton' or 'torch' otherwise.")
 
 def _sources():
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-    return csrc, sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu"))) + [
-        os.path.join(csrc, "cuda", "cuda_bindings.cpp")]
+    """(csrc directory, CUDA sources), or (None, []) when this installation ships none."""
+    from fastcontrast._build_flags import csrc_directory, cuda_extension_sources
+
+    csrc = csrc_directory()
+    return (None, []) if csrc is None else (csrc, cuda_extension_sources(csrc))
 
 
 def _why_not():
@@ -36,7 +38,7 @@ def _why_not():
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
     csrc, sources = _sources()
-    if not all(os.path.isfile(path) for path in sources) or len(sources) < 2:
+    if csrc is None or not all(os.path.isfile(path) for path in sources) or len(sources) < 2:
         return "the CUDA sources (csrc/cuda/) are not shipped with this installation"
     return None
 
@@ -44,17 +46,20 @@ def _why_not():
 def _build():
     from torch.utils import cpp_extension
 
-    from fastcontrast._jit_lock import build_directory, clear_stale_lock
+    from fastcontrast._jit_build import build_directory, clear_stale_lock, compile_notice
 
     csrc, sources = _sources()
     configured = os.environ.get("FASTCONTRAST_BUILD_DIR")
     build_dir = build_directory(JIT_MODULE_NAME,
                                 os.path.join(configured, "cuda") if configured else None)
-    clear_stale_lock(build_dir)  # a lock left by a killed build: see fastcontrast._jit_lock
-    return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources,
-                              extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"],
-                              extra_include_paths=[csrc], build_directory=build_dir,
-                              verbose=False)
+    clear_stale_lock(build_dir)  # a build running elsewhere or killed midway: _jit_build
+    headers = glob.glob(os.path.join(csrc, "cuda", "*.h")) + glob.glob(
+        os.path.join(csrc, "cuda", "*.cuh"))
+    with compile_notice("CUDA kernels", JIT_MODULE_NAME, build_dir, sources + headers):
+        return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources,
+                                  extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"],
+                                  extra_include_paths=[csrc], build_directory=build_dir,
+                                  verbose=False)
 
 
 @functools.lru_cache(maxsize=None)

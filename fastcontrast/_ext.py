@@ -10,12 +10,11 @@ The compiled module is found in this order:
 
 FASTCONTRAST_DISABLE_EXTENSION=1 makes ``load_extension()`` return None (to test the fallback).
 A build lock left in the build directory by a build killed midway is removed once older than
-FASTCONTRAST_BUILD_LOCK_TIMEOUT_S (fastcontrast._jit_lock), so that no load waits forever.
+FASTCONTRAST_BUILD_LOCK_TIMEOUT_S (fastcontrast._jit_build), so that no load waits forever.
 
 The module's entry points are called only by the kernels of the registered ops
 (fastcontrast/infonce.py, siglip.py, momentum.py), through fastcontrast.backends.kernels.
 """
-import glob
 import importlib
 import os
 import threading
@@ -23,9 +22,9 @@ import warnings
 
 JIT_MODULE_NAME = "fastcontrast_cpu"
 _EXPECTED = ("masked_lse_forward", "masked_lse_backward", "masked_lse_forward_with_grad")
-_HOW_TO_FIX = ("To get the fast path, install a C++ compiler and ninja, then reinstall with "
-               "`pip install --no-build-isolation -e .` (or let it compile just in time on "
-               "first use).")
+_HOW_TO_FIX = ("The fast path needs a C++ compiler (g++ or clang++) and ninja: with them "
+               "installed it compiles just in time on the next first use (about 2 minutes, "
+               "once), or ahead of time with `pip install --no-build-isolation .` beside torch.")
 
 _lock = threading.Lock()
 _module = None
@@ -50,15 +49,25 @@ def _has_entry_points(module):
     return all(hasattr(module, name) for name in _EXPECTED)
 
 
-def _repo_root():
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _csrc():
+    from fastcontrast._build_flags import csrc_directory
+
+    return csrc_directory()
 
 
-def _sources():
-    """The C++ sources next to this package (a source checkout or an editable install)."""
-    from fastcontrast._build_flags import cpu_extension_sources
+def _sources_and_headers(csrc):
+    from fastcontrast._build_flags import cpu_extension_headers, cpu_extension_sources
 
-    return cpu_extension_sources(_repo_root())
+    return cpu_extension_sources(csrc), cpu_extension_headers(csrc)
+
+
+def _newer_than(path, files):
+    """True when any of ``files`` was modified after ``path`` (or ``path`` is missing)."""
+    try:
+        built = os.path.getmtime(path)
+    except OSError:
+        return True
+    return any(os.path.getmtime(f) > built for f in files if os.path.isfile(f))
 
 
 def _import_prebuilt():
@@ -70,14 +79,14 @@ def _import_prebuilt():
         return None
     if not _has_entry_points(module):
         return None
-    try:
-        built = os.path.getmtime(module.__file__)
-        headers = glob.glob(os.path.join(_repo_root(), "csrc", "cpu", "*.h"))
-        if any(os.path.getmtime(path) > built for path in _sources() + headers
-               if os.path.isfile(path)):
-            return None
-    except (OSError, TypeError):
-        pass
+    csrc = _csrc()
+    if csrc is not None:
+        sources, headers = _sources_and_headers(csrc)
+        try:
+            if _newer_than(module.__file__, sources + headers):
+                return None
+        except (OSError, TypeError):
+            pass
     return module
 
 
@@ -86,20 +95,21 @@ def _build_just_in_time():
     from torch.utils import cpp_extension
 
     from fastcontrast._build_flags import cpu_extension_flags
-    from fastcontrast._jit_lock import build_directory, clear_stale_lock
+    from fastcontrast._jit_build import build_directory, clear_stale_lock, compile_notice
 
-    repo_root = _repo_root()
-    sources = _sources()
-    missing = [path for path in sources if not os.path.isfile(path)]
-    if missing or len(sources) < 2:
-        raise FileNotFoundError("the C++ sources (csrc/) are not shipped with this installation")
+    csrc = _csrc()
+    if csrc is None:
+        raise FileNotFoundError(
+            "this installation ships neither the compiled module fastcontrast._C nor the C++ "
+            "sources (fastcontrast/csrc) to build it from")
+    sources, headers = _sources_and_headers(csrc)
     cflags, ldflags = cpu_extension_flags()
     build_dir = build_directory(JIT_MODULE_NAME, os.environ.get("FASTCONTRAST_BUILD_DIR"))
     clear_stale_lock(build_dir)
-    return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources, extra_cflags=cflags,
-                              extra_ldflags=ldflags,
-                              extra_include_paths=[os.path.join(repo_root, "csrc")],
-                              build_directory=build_dir, verbose=False)
+    with compile_notice("C++ CPU kernels", JIT_MODULE_NAME, build_dir, sources + headers):
+        return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources, extra_cflags=cflags,
+                                  extra_ldflags=ldflags, extra_include_paths=[csrc],
+                                  build_directory=build_dir, verbose=False)
 
 
 def load_extension():
