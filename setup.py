@@ -1,19 +1,26 @@
-"""Build script: packages fastcontrast (with kernels/ installed as fastcontrast.kernels and
-benchmarks/ as fastcontrast.benchmarks, the `fastcontrast bench` suite) and, when
-torch is importable at build time, compiles the C++ CPU extension fastcontrast._C ahead of time.
+"""Build script: packages fastcontrast (with kernels/ installed as fastcontrast.kernels,
+benchmarks/ as fastcontrast.benchmarks, the `fastcontrast bench` suite, and the C++/CUDA sources
+of csrc/ as package data in fastcontrast/csrc) and, when torch is importable at build time
+(`pip install --no-build-isolation`), compiles the C++ CPU extension fastcontrast._C ahead of time.
 
-A failed or impossible extension build never fails the install: fastcontrast._ext then compiles
-the same sources just in time on first use, or falls back to the pure-PyTorch backend."""
+A plain `pip install .` builds in an isolated environment without torch: the wheel then carries
+the sources and fastcontrast._ext compiles them just in time on first use (once, cached). A failed
+extension build never fails the install either; the loaders then fall back to pure PyTorch."""
 import os
 import sys
 
 from setuptools import setup
 
 PACKAGES = ["fastcontrast", "fastcontrast.kernels", "fastcontrast.methods", "fastcontrast.cli",
-            "fastcontrast.benchmarks"]
+            "fastcontrast.distributed", "fastcontrast.benchmarks", "fastcontrast.csrc"]
 PACKAGE_DIR = {"fastcontrast": "fastcontrast", "fastcontrast.kernels": "kernels",
                "fastcontrast.methods": "fastcontrast/methods",
-               "fastcontrast.cli": "fastcontrast/cli", "fastcontrast.benchmarks": "benchmarks"}
+               "fastcontrast.cli": "fastcontrast/cli",
+               "fastcontrast.distributed": "fastcontrast/distributed",
+               "fastcontrast.benchmarks": "benchmarks", "fastcontrast.csrc": "csrc"}
+# The just-in-time build needs every source and header (fastcontrast/_build_flags.py finds them).
+PACKAGE_DATA = {"fastcontrast.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu",
+                                      "cuda/*.cuh", "cuda/*.cpp", "cuda/*.h"]}
 
 
 def _extension_build():
@@ -24,11 +31,11 @@ def _extension_build():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception:  # torch not importable in an isolated build: JIT on first use instead
         return [], {}
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastcontrast"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(here, "fastcontrast"))
     from _build_flags import cpu_extension_flags, cpu_extension_sources  # noqa: E402
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    sources = [os.path.relpath(p, here) for p in cpu_extension_sources(here)]
+    sources = [os.path.relpath(p, here) for p in cpu_extension_sources(os.path.join(here, "csrc"))]
     cflags, ldflags = cpu_extension_flags()
 
     class OptionalBuildExtension(BuildExtension):
@@ -47,4 +54,5 @@ def _extension_build():
 
 
 ext_modules, cmdclass = _extension_build()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA,
+      ext_modules=ext_modules, cmdclass=cmdclass)
