@@ -195,14 +195,16 @@ def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize
               targets=None, in_batch_negatives=True, exclude_self=False, symmetric=False,
               reduction="mean", decoupled=False, dclw_sigma=None, hcl_beta=0.0,
               hcl_tau_plus=0.0, query_ids=None, negative_ids=None, backend="auto",
-              mode="gather", group=None):
+              mode="gather", group=None, roles=("query", "key")):
     """info_nce as called from the public function ``caller`` (info_nce, clip_loss, nt_xent):
-    the name every rank's errors give, a refusal on another rank included."""
+    the name every rank's errors give, a refusal on another rank included; ``roles``: the
+    caller's names of ``query`` and ``key`` (clip_loss: image and text) in those errors."""
+    q_name, k_name = roles
     with _refusal(group, caller, query):
-        check.check_tensor("query", query, (2,))
-        check.check_tensor("key", key, (2,))
-        check.check_same("key", key, "query", query)
-        check.check_feature_dim("key", key, query.shape[1])
+        check.check_tensor(q_name, query, (2,))
+        check.check_tensor(k_name, key, (2,))
+        check.check_same(k_name, key, q_name, query)
+        check.check_feature_dim(k_name, key, query.shape[1])
         check.check_tensor("negatives", negatives, (2, 3), optional=True)
         if negatives is not None:
             check.check_same("negatives", negatives, "query", query)
@@ -233,8 +235,8 @@ def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize
              | int(query_ids is not None) << 5 | int(decoupled) << 6)
     table = _exchange(comm, query.device, [
         (None, query.shape[0]), (None, key.shape[0]),
-        ("the feature dimension D of query", query.shape[1]),
-        ("dtype of query", dtype_code(query.dtype)),
+        (f"the feature dimension D of {q_name}", query.shape[1]),
+        (f"dtype of {q_name}", dtype_code(query.dtype)),
         ("the kind of negatives (None, 2-D bank or 3-D per-query)", neg_kind),
         (None, 0 if negatives is None else negatives.shape[-2]),
         ("the options normalize / in_batch_negatives / exclude_self / symmetric / targets / "
@@ -249,7 +251,7 @@ def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize
     rank = comm.rank
     key_offset = sum(n_keys[:rank])
     if targets is None or exclude_self or symmetric:
-        _same_layout(comm, table, 0, 1, "query", "key")
+        _same_layout(comm, table, 0, 1, q_name, k_name)
     if symmetric and (targets is not None or negatives is not None or not in_batch_negatives
                       or exclude_self):
         raise ValueError("symmetric=True needs targets=None, no negatives, in_batch_negatives="
@@ -330,7 +332,7 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
         scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
     loss = _info_nce("clip_loss", image, text, temperature=scale.reciprocal(), normalize=False,
                      symmetric=True, reduction=reduction, backend=backend, mode=mode,
-                     group=group)
+                     group=group, roles=("image", "text"))
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
     return loss

@@ -526,6 +526,11 @@ def run_bad_inputs(group, out, tag):
             out[f"{tag}bad/dim/{mode}"] = "no error"
         except ValueError as e:
             out[f"{tag}bad/dim/{mode}"] = str(e)
+    try:  # clip_loss's errors name its own arguments
+        fcd.clip_loss(q, k, 2.0, group=group, backend=BACKEND)
+        out[f"{tag}bad/dim/clip"] = "no error"
+    except ValueError as e:
+        out[f"{tag}bad/dim/clip"] = str(e)
     dtype = torch.float64 if rank == 0 else torch.float32
     q, k = torch.randn(3, DIM, dtype=dtype), torch.randn(3, DIM, dtype=dtype)
     try:

@@ -80,8 +80,11 @@ def test_mismatched_inputs_raise_on_every_rank(results, world):
             message = res[f"w{world}/bad/dim/{mode}"]
             assert "feature dimension D of query" in message, message
             assert str([_workers.DIM + r for r in range(world)]) in message, message
+        message = res[f"w{world}/bad/dim/clip"]
+        assert "clip_loss" in message and "feature dimension D of image" in message, message
+        assert "query" not in message, message
         message = res[f"w{world}/bad/dtype"]
-        assert "dtype" in message and "torch.float32" in message, message
+        assert "image must have the same dtype" in message and "torch.float32" in message, message
 
 
 @pytest.mark.parametrize("world", (2, 4))
