@@ -105,6 +105,19 @@ def _override(text):
     return key.strip(), value
 
 
+def _budget_shortfall(method, cfg, defaults, trained_s):
+    """A note when the run trained for less than the method's default budget, whose accuracies
+    the README quotes (a shorter run is expected to score lower); None otherwise."""
+    default_s = defaults["seconds"]
+    if cfg["seconds"] is not None and cfg["seconds"] >= default_s:
+        return None
+    if cfg["seconds"] is None and trained_s >= default_s:
+        return None
+    return (f"(trained for {trained_s:.0f} s, less than {method}'s default budget of "
+            f"{default_s:g} s: the accuracies quoted in the README are for the default budget, "
+            "and a shorter run scores lower)")
+
+
 def _settings(args, defaults):
     seconds = args.seconds if args.seconds is not None else (
         None if args.steps is not None else defaults["seconds"])
@@ -208,6 +221,9 @@ def _train_and_report(args, rank=0):
     for name, row in rows:
         knn = f"{100 * row['knn']:7.1f}%" if "knn" in row else f"{'-':>8}"
         print(f"{name:<12} {100 * row['probe']:11.1f}% {knn}")
+    shortfall = _budget_shortfall(args.method, cfg, module.DEFAULTS, history.seconds)
+    if shortfall:
+        print(shortfall)
     if not ceiling:
         print("(supervised ceiling not trained: add --ceiling; it doubles the wall time)")
     if args.plots:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastcontrast import info_nce
-from fastcontrast.cli.train import add_train_parser
+from fastcontrast.cli.train import _budget_shortfall, add_train_parser
 from fastcontrast.methods import ContrastiveMethod, moco, simclr, trainer
 from fastcontrast.methods import evaluate as ev
 from fastcontrast.methods.data import ClutteredDigits
@@ -242,7 +242,17 @@ def test_cli_train_runs_and_writes_json(tmp_path, capsys, monkeypatch):
     assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "linear probe" in out and "untrained" in out
+    assert "less than simclr's default budget" in out  # 2 steps: the README's figures need more
     record = json.loads((tmp_path / "simclr.json").read_text())
     assert record["history"]["steps"] == 2
     assert set(record["scores"]) == {"probe", "knn"}
     assert "untrained" in record["baselines"]
+
+
+def test_budget_shortfall_note_only_below_the_default_budget():
+    defaults = {"seconds": 300}
+    note = _budget_shortfall("simclr", {"seconds": 60.0, "steps": None}, defaults, 60.2)
+    assert "60 s" in note and "default budget of 300 s" in note
+    assert _budget_shortfall("simclr", {"seconds": None, "steps": None}, defaults, 300.4) is None
+    assert _budget_shortfall("simclr", {"seconds": 600.0, "steps": None}, defaults, 600) is None
+    assert _budget_shortfall("simclr", {"seconds": None, "steps": 5}, defaults, 3.0) is not None
