@@ -140,7 +140,6 @@ def _auto(family, device_type):
     return "torch"  # meta tensors (the ops' fake kernels) and other devices
 
 
-@torch.compiler.assume_constant_result
 def _resolve_name(backend, device_type, family):
     """The concrete backend (a constant under torch.compile); raises where it cannot run."""
     if backend == "auto":
@@ -148,6 +147,13 @@ def _resolve_name(backend, device_type, family):
     if _runnable(backend, device_type):
         return backend
     raise _why_not(backend, device_type, family)
+
+
+# What torch.compiler.assume_constant_result(_resolve_name) does (it only sets this attribute,
+# torch/_dynamo/decorators.py), without importing torch._dynamo when fastcontrast is imported:
+# that import alone took ~1.2 s of every process. tests/losses/test_import_cost.py checks that
+# the decorator still sets exactly this.
+_resolve_name._dynamo_marked_constant = True
 
 
 def resolve(backend, device, *, family="loss", dtype=None):
