@@ -31,7 +31,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 PIN=$(mktemp)
 trap 'rm -f "$PIN"' EXIT
-"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$PIN"
+# the installed distribution's version (torch.__version__ may carry a local label, +cu130,
+# that its metadata lacks: a pin on it would match nothing)
+"$VENV/bin/python" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$PIN"
 "${PIP[@]}" install -c "$PIN" "setuptools>=64" wheel ninja pybind11
 # --no-build-isolation: build against the torch above (an isolated build cannot see it).
 EXTRAS=test

@@ -253,7 +253,7 @@ except Exception as error:
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     first, second, avail = _ext.load_extension(), _ext.load_extension(), _ext.available()
-hints = [w for w in caught if "pip install --no-build-isolation -e ." in str(w.message)]
+hints = [w for w in caught if "pip install --no-build-isolation ." in str(w.message)]
 print("RESULT", first is None, second is None, avail, len(hints))
 from fastcontrast import backends
 print("AUTO", backends.resolve("auto", "cpu"), backends.resolve("auto", "cpu", family="momentum"),
