@@ -22,6 +22,43 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read once, like @triton.jit does: the kernels of this package run in the interpreter iff set.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def _interpreter_loop_bounds():
+    """Let the interpreter use a runtime scalar as a loop bound (`range(0, tl.cdiv(M, BLOCK))`,
+    `range(0, D, BLOCK_D)`) with NumPy 2.4 or later.
+
+    The interpreter holds a kernel's scalars as one-element NumPy arrays and turns one into a
+    Python int with int(array), which NumPy 2.4 rejects for arrays of ndim > 0 ("only
+    0-dimensional arrays can be converted to Python scalars"): every loop with a runtime bound
+    fails. Triton fixed this after 3.6 (the GPU image's release) by squeezing the array first;
+    this applies the same fix to the interpreters that lack it, by wrapping the function that
+    installs tensor.__index__ for each launch (its scope undoes both on exit). Compiled kernels
+    are untouched, and the kernels keep their plain `range` loops, which the GPU compiler
+    pipelines (num_stages); a while loop or a constexpr bound would change the compiled code."""
+    import numpy as np
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return  # this NumPy still converts one-element arrays: nothing to fix
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    install = getattr(interpreter, "_patch_lang_tensor", None)
+    if install is None or getattr(install, "wraps_index", False):
+        return
+
+    def install_with_item_index(tensor, scope):
+        install(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    install_with_item_index.wraps_index = True
+    interpreter._patch_lang_tensor = install_with_item_index
+
+
+if _INTERPRET:
+    _interpreter_loop_bounds()
+
 # Set to "1" (read at every allocation) to fill kernel outputs with POISON_FLOAT / POISON_INT
 # before the launch, so that an element a kernel fails to write shows up in the tests.
 POISON_ENV = "FASTCONTRAST_POISON_OUTPUTS"

@@ -62,15 +62,18 @@ MAX_SHARED_BYTES = 232448
 SPLIT_CONFIGS = {("*fp16", "tf32"): 3, ("*bf16", "tf32"): 3, ("*fp32", "ieee"): 3,
                  ("*fp32", "tf32"): 3}
 
-# Variants that spill today, with the bytes of spill stores / loads ptxas reports (the largest
-# over a variant's configs): listed, not dropped, so that any other spill, a larger one, or one
-# that went away fails the test (Triton 3.9, whose ptxas 13.4 runs with --regAllocOptLevel=2).
-# The six id-masked one-chunk backward variants and the 'ieee' forward that spilled with 64-key
-# tiles no longer do (32-key tiles, issue 12). New, with the D-split backward (issue 12), not
-# yet fixed: the 'ieee' split configs at SPLIT_D 64 / 128 (D = 64, 128; ptxas stops at 128
-# registers there), and the third tensor-core candidate (128 x 64 tiles, SPLIT_D 128) for fp32
-# 'tf32' inputs with the diagonal mask; the default bf16/fp16 configs do not spill.
-KNOWN_SPILLS = {
+# Variants that spill today, per Triton release (major, minor), with the bytes of spill stores /
+# loads ptxas reports (the largest over a variant's configs): listed, not dropped, so that any
+# other spill, a larger one, or one that went away fails the test. The lists differ because each
+# release runs its own ptxas: 3.6 (the GPU machines' release) ptxas 12.8, 3.9 ptxas 13.4 with
+# --regAllocOptLevel=2. No list for a release: the spill test skips and says so.
+#
+# Triton 3.9. The six id-masked one-chunk backward variants and the 'ieee' forward that spilled
+# with 64-key tiles no longer do (32-key tiles, issue 12). New, with the D-split backward (issue
+# 12), not yet fixed: the 'ieee' split configs at SPLIT_D 64 / 128 (D = 64, 128; ptxas stops at
+# 128 registers there), and the third tensor-core candidate (128 x 64 tiles, SPLIT_D 128) for
+# fp32 'tf32' inputs with the diagonal mask; the default bf16/fp16 configs do not spill.
+KNOWN_SPILLS_3_9 = {
     ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (False, False, False, True, False)): (4, 4),
     ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (False, False, True, False, False)): (44, 36),
     ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (False, True, False, True, False)): (28, 16),
@@ -84,6 +87,35 @@ KNOWN_SPILLS = {
     ('_masked_lse_bwd_kernel', '*fp32', 'tf32', (True, True, False, True, False)): (72, 56),
     ('_masked_lse_bwd_kernel', '*fp32', 'tf32', (True, True, True, True, False)): (132, 124),
 }
+# Triton 3.6 (issue 21), the same kernels and configs: only fp32 variants spill, 4-24 bytes, none
+# of the fp16/bf16 ones that the GPU runs by default. The 'ieee' split backward at SPLIT_D 64 /
+# 128 as on 3.9 (other flag sets, fewer bytes), and SigLIP's gy backward for fp32 'tf32' inputs
+# with D = 128 in one chunk (255 registers); the 'tf32' split candidate that spills on 3.9 does
+# not here. Not fixed: the split backward still spills with num_stages 1 or with maxnreg 255 (it
+# then takes 255 registers), and SigLIP's tensor-core config is shared with fp16/bf16. (The
+# 'ieee' forwards spilled 4-8 bytes here with num_stages 2; they now run with 1.)
+KNOWN_SPILLS_3_6 = {
+    ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (False, False, True, False, False)): (8, 8),
+    ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (False, False, True, True, False)): (8, 8),
+    ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (False, True, True, False, False)): (24, 16),
+    ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (False, True, True, True, False)): (8, 4),
+    ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (True, False, True, False, False)): (24, 12),
+    ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (True, False, True, True, False)): (8, 4),
+    ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (True, True, True, False, False)): (24, 12),
+    ('_siglip_bwd_kernel', '*fp32', 'tf32', (False, True, True)): (16, 16),
+}
+KNOWN_SPILLS = {(3, 6): KNOWN_SPILLS_3_6, (3, 9): KNOWN_SPILLS_3_9}
+
+
+def known_spills():
+    """The KNOWN_SPILLS list of the installed Triton release (skips the test without one)."""
+    import triton
+
+    release = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if release not in KNOWN_SPILLS:
+        pytest.skip(f"no spill list for Triton {triton.__version__} (only for "
+                    f"{sorted(KNOWN_SPILLS)}): compile it, review its spills, add its list")
+    return KNOWN_SPILLS[release]
 
 
 def variant(result):
@@ -155,13 +187,14 @@ def test_shared_memory_within_the_h200_limit(compiled):
 
 def test_no_variant_spills_registers_but_the_known_ones(compiled):
     print("\n" + table(compiled))  # shown with pytest -s / -rP
+    known = known_spills()
     spilling = [r for r in compiled if r["spill_stores"] or r["spill_loads"]]
     unexpected = [
         r
         for r in spilling
-        if r["spill_stores"] > KNOWN_SPILLS.get(variant(r), (0, 0))[0]
-        or r["spill_loads"] > KNOWN_SPILLS.get(variant(r), (0, 0))[1]
+        if r["spill_stores"] > known.get(variant(r), (0, 0))[0]
+        or r["spill_loads"] > known.get(variant(r), (0, 0))[1]
     ]
     assert not unexpected, "register spills (bytes of spill stores / loads):\n" + table(unexpected)
-    gone = set(KNOWN_SPILLS) - {variant(r) for r in spilling}
+    gone = set(known) - {variant(r) for r in spilling}
     assert not gone, f"no longer spilling, remove from KNOWN_SPILLS: {sorted(gone)}"
