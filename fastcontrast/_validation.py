@@ -167,6 +167,12 @@ def check_int(name, value, minimum=1):
 
 def check_view_pair(z1, z2):
     """NT-Xent's two views: (N, D) floating tensors of one shape, dtype and device."""
+    if isinstance(z2, torch.Tensor) and not z2.is_floating_point() and not z2.is_complex():
+        # pytorch-metric-learning's NTXentLoss is called as (embeddings, labels).
+        raise TypeError(f"z2 must have a floating-point dtype, got {z2.dtype}: the second "
+                        f"argument of nt_xent / NTXentLoss is the second view (N, D) of the "
+                        f"batch, not labels; for (embeddings, labels) use fastcontrast.supcon "
+                        f"/ SupConLoss")
     check_tensor("z1", z1, (2,))
     check_tensor("z2", z2, (2,))
     check_same("z2", z2, "z1", z1)
