@@ -5,7 +5,7 @@ implementations use reduce_loss too.)"""
 import torch
 
 __all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype",
-           "rowwise_dot", "normalized_copy_backward_", "scaled_fused_gradients",
+           "row_chunks", "rowwise_dot", "normalized_copy_backward_", "scaled_fused_gradients",
            "cast_gradients", "or_empty", "requires_grad", "first_order_only"]
 
 # Rows per chunk of the O(N * D) host helpers: bounds their temporaries.
@@ -39,13 +39,26 @@ def accumulate_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def row_chunks(n, rows=HOST_CHUNK_ROWS):
+    """(r0, r1) ranges of at most ``rows`` rows covering [0, n): eager host code runs its O(N D)
+    passes chunk by chunk so that their temporaries stay small. Under torch.compile one range
+    [0, n): a loop over a size would specialise the graph on that size (a recompile per batch
+    size), and the compiler fuses the casts and products of one pass without the temporaries."""
+    if torch.compiler.is_compiling():
+        return [(0, n)]
+    return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+
+
 def rowwise_dot(a, b):
     """<a_i, b_i> for (R, D) tensors in the accumulation dtype of ``a``, in chunks of rows so
     that no (R, D) temporary is made."""
-    out = torch.empty(a.shape[0], dtype=accumulate_dtype(a.dtype), device=a.device)
-    for r0 in range(0, a.shape[0], HOST_CHUNK_ROWS):
-        r1 = r0 + HOST_CHUNK_ROWS
-        out[r0:r1] = torch.einsum("nd,nd->n", a[r0:r1].to(out.dtype), b[r0:r1].to(out.dtype))
+    acc = accumulate_dtype(a.dtype)
+    chunks = row_chunks(a.shape[0])
+    if len(chunks) == 1:
+        return torch.einsum("nd,nd->n", a.to(acc), b.to(acc))
+    out = torch.empty(a.shape[0], dtype=acc, device=a.device)
+    for r0, r1 in chunks:
+        out[r0:r1] = torch.einsum("nd,nd->n", a[r0:r1].to(acc), b[r0:r1].to(acc))
     return out
 
 

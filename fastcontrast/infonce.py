@@ -63,9 +63,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, first_order_only, or_empty,
+from ._host import (accumulate_dtype, cast_gradients, first_order_only, or_empty,
                     normalized_copy_backward_, reduce_loss, reduction_weights, requires_grad,
-                    rowwise_dot, scaled_fused_gradients)
+                    row_chunks, rowwise_dot, scaled_fused_gradients)
 from ._supcon_positives import supcon_positive_means
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
@@ -398,8 +398,7 @@ def _uses_positive(spec):
 def _positive_scores(op, targets):
     """s_{i, t_i} = alpha_i beta_{t_i} <x_i, key_{t_i}>."""
     dots = torch.empty_like(op.alpha)
-    for r0 in range(0, op.x.shape[0], HOST_CHUNK_ROWS):
-        r1 = r0 + HOST_CHUNK_ROWS
+    for r0, r1 in row_chunks(op.x.shape[0]):
         dots[r0:r1] = rowwise_dot(op.x[r0:r1], op.positive_keys(targets, r0, r1))
     return op.alpha * op.positive_key_scales(targets) * dots
 
@@ -458,9 +457,7 @@ def _add_positive_gradients(spec, op, targets, positive, row_lse, g, dx, dkey):
     if _positive_in_extra(spec):
         coef = coef + g * torch.exp(positive - row_lse)
     coef = coef * op.alpha * op.positive_key_scales(targets)
-    n = op.x.shape[0]
-    for r0 in range(0, n, HOST_CHUNK_ROWS):
-        r1 = min(r0 + HOST_CHUNK_ROWS, n)
+    for r0, r1 in row_chunks(op.x.shape[0]):
         c = coef[r0:r1].unsqueeze(1)
         if dx is not None:
             dx[r0:r1].addcmul_(op.positive_keys(targets, r0, r1).to(acc), c)
