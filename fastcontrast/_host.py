@@ -73,9 +73,29 @@ def normalized_copy_backward_(grad, z_hat, inv, eps):
     return grad.mul_(inv.unsqueeze(1).to(grad.dtype))
 
 
+def _last_use_of_saved():
+    """Whether the running backward is the last to read its graph's saved tensors: eager, first
+    order, retain_graph=False (the engine then frees a node's saved tensors as soon as the node
+    returns). Unknown (outside a backward, under torch.compile or torch.func, an older torch that
+    does not tell): False."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if (keep_graph is None or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return not keep_graph()
+
+
 def scaled_fused_gradients(fused, needs, grad_output):
     """The gradients a fusing backend formed in the forward pass (for grad_output = 1), scaled by
-    the actual grad_output; None where not needed."""
+    the actual grad_output; None where not needed.
+
+    In place on the saved tensors when this backward is their last use: the engine frees its
+    saved reference when the node returns, so .grad takes each gradient without a copy (an
+    out-of-place product plus that copy are two more (N, D) tensors at the peak). With
+    retain_graph=True a later backward reads them again: then out of place, so that it reads
+    the gradients for grad_output = 1 (two backwards give exactly twice the gradient)."""
+    if _last_use_of_saved():
+        return [t.mul_(grad_output.to(t.dtype)) if need else None for t, need in zip(fused, needs)]
     return [t * grad_output.to(t.dtype) if need else None for t, need in zip(fused, needs)]
 
 
