@@ -5,7 +5,7 @@ implementations use reduce_loss too.)"""
 import torch
 
 __all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype",
-           "rowwise_dot", "normalized_copy_backward_", "scaled_fused_gradients",
+           "row_chunks", "rowwise_dot", "normalized_copy_backward_", "scaled_fused_gradients",
            "cast_gradients", "or_empty", "requires_grad", "first_order_only"]
 
 # Rows per chunk of the O(N * D) host helpers: bounds their temporaries.
@@ -39,13 +39,26 @@ def accumulate_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def row_chunks(n, rows=HOST_CHUNK_ROWS):
+    """(r0, r1) ranges of at most ``rows`` rows covering [0, n): eager host code runs its O(N D)
+    passes chunk by chunk so that their temporaries stay small. Under torch.compile one range
+    [0, n): a loop over a size would specialise the graph on that size (a recompile per batch
+    size), and the compiler fuses the casts and products of one pass without the temporaries."""
+    if torch.compiler.is_compiling():
+        return [(0, n)]
+    return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+
+
 def rowwise_dot(a, b):
     """<a_i, b_i> for (R, D) tensors in the accumulation dtype of ``a``, in chunks of rows so
     that no (R, D) temporary is made."""
-    out = torch.empty(a.shape[0], dtype=accumulate_dtype(a.dtype), device=a.device)
-    for r0 in range(0, a.shape[0], HOST_CHUNK_ROWS):
-        r1 = r0 + HOST_CHUNK_ROWS
-        out[r0:r1] = torch.einsum("nd,nd->n", a[r0:r1].to(out.dtype), b[r0:r1].to(out.dtype))
+    acc = accumulate_dtype(a.dtype)
+    chunks = row_chunks(a.shape[0])
+    if len(chunks) == 1:
+        return torch.einsum("nd,nd->n", a.to(acc), b.to(acc))
+    out = torch.empty(a.shape[0], dtype=acc, device=a.device)
+    for r0, r1 in chunks:
+        out[r0:r1] = torch.einsum("nd,nd->n", a[r0:r1].to(acc), b[r0:r1].to(acc))
     return out
 
 
@@ -60,9 +73,29 @@ def normalized_copy_backward_(grad, z_hat, inv, eps):
     return grad.mul_(inv.unsqueeze(1).to(grad.dtype))
 
 
+def _last_use_of_saved():
+    """Whether the running backward is the last to read its graph's saved tensors: eager, first
+    order, retain_graph=False (the engine then frees a node's saved tensors as soon as the node
+    returns). Unknown (outside a backward, under torch.compile or torch.func, an older torch that
+    does not tell): False."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if (keep_graph is None or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return not keep_graph()
+
+
 def scaled_fused_gradients(fused, needs, grad_output):
     """The gradients a fusing backend formed in the forward pass (for grad_output = 1), scaled by
-    the actual grad_output; None where not needed."""
+    the actual grad_output; None where not needed.
+
+    In place on the saved tensors when this backward is their last use: the engine frees its
+    saved reference when the node returns, so .grad takes each gradient without a copy (an
+    out-of-place product plus that copy are two more (N, D) tensors at the peak). With
+    retain_graph=True a later backward reads them again: then out of place, so that it reads
+    the gradients for grad_output = 1 (two backwards give exactly twice the gradient)."""
+    if _last_use_of_saved():
+        return [t.mul_(grad_output.to(t.dtype)) if need else None for t, need in zip(fused, needs)]
     return [t * grad_output.to(t.dtype) if need else None for t, need in zip(fused, needs)]
 
 

@@ -17,7 +17,8 @@ Hand-written because autograd over the same ops takes about twice as long at N =
 backward raises, as the fused pass's does (_host.first_order_only)."""
 import torch
 
-from ._host import HOST_CHUNK_ROWS, first_order_only, normalized_copy_backward_, rowwise_dot
+from ._host import (HOST_CHUNK_ROWS, first_order_only, normalized_copy_backward_, row_chunks,
+                    rowwise_dot)
 
 # Rows per chunk of the (R, D) passes below: their temporaries stay in cache between the gather,
 # the arithmetic and the normalisation's backward (2 MiB at D = 256 in float32).
@@ -25,7 +26,7 @@ _CHUNK_ROWS = HOST_CHUNK_ROWS // 2
 
 
 def _chunks(n):
-    return ((r0, min(r0 + _CHUNK_ROWS, n)) for r0 in range(0, n, _CHUNK_ROWS))
+    return row_chunks(n, _CHUNK_ROWS)
 
 
 class _PositiveMeans(torch.autograd.Function):

@@ -59,6 +59,11 @@ def check_flag(name, value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def _finite(number):
+    """math.isfinite by comparisons (False for NaN and +-inf), traceable on symbolic floats."""
+    return -math.inf < number < math.inf
+
+
 def finite_scalar(name, value, device, *, positive=False, dtype=None):
     """A finite (``positive``: and > 0) float or 0-dim floating tensor, returned as a 0-dim tensor
     on device (a tensor keeps its autograd history; a float becomes float64).
@@ -80,7 +85,9 @@ def finite_scalar(name, value, device, *, positive=False, dtype=None):
         tensor = None
     else:
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    if not math.isfinite(number) or (positive and number <= 0):
+    # Comparisons rather than math.isfinite: under torch.compile with dynamic=True a float
+    # argument is symbolic, and a comparison becomes a guard where math.isfinite fails to trace.
+    if not _finite(number) or (positive and number <= 0):
         raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, "
                          f"got {number}")
     if tensor is None:
@@ -139,7 +146,7 @@ def check_targets(targets, n, m, device):
 def non_negative_float(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
+    if not _finite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 
@@ -167,6 +174,12 @@ def check_int(name, value, minimum=1):
 
 def check_view_pair(z1, z2):
     """NT-Xent's two views: (N, D) floating tensors of one shape, dtype and device."""
+    if isinstance(z2, torch.Tensor) and not z2.is_floating_point() and not z2.is_complex():
+        # pytorch-metric-learning's NTXentLoss is called as (embeddings, labels).
+        raise TypeError(f"z2 must have a floating-point dtype, got {z2.dtype}: the second "
+                        f"argument of nt_xent / NTXentLoss is the second view (N, D) of the "
+                        f"batch, not labels; for (embeddings, labels) use fastcontrast.supcon "
+                        f"/ SupConLoss")
     check_tensor("z1", z1, (2,))
     check_tensor("z2", z2, (2,))
     check_same("z2", z2, "z1", z1)

@@ -31,17 +31,21 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_lo
 
 
 def _autocast_policy(loss_fn):
-    """Autocast policy of every public loss (as autocast's float32 ops, e.g. F.cross_entropy):
-    under torch.autocast the loss runs with autocast disabled, so the inputs keep their dtype
-    (float32 is not downcast; low-precision kernels still accumulate in float32), and the loss
-    is returned in float32 (float64 inputs: float64)."""
+    """Output dtype and autocast policy of every public loss. The op modules return the loss in
+    the precision they accumulate in (float32 for float16 / bfloat16 inputs); it is cast to the
+    dtype of the first tensor argument, except under torch.autocast: there the loss runs with
+    autocast disabled, so the inputs keep their dtype (float32 is not downcast; low-precision
+    kernels still accumulate in float32), and it is returned in float32 (float64 inputs:
+    float64) without the low-precision rounding, as autocast's float32 ops (F.cross_entropy)."""
 
     @functools.wraps(loss_fn)
     def wrapper(*args, **kwargs):
-        first = args[0] if args else None
-        device = first.device.type if isinstance(first, torch.Tensor) else "cpu"
-        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or not first.is_floating_point():  # validation raises
             return loss_fn(*args, **kwargs)
+        device = first.device.type
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+            return loss_fn(*args, **kwargs).to(first.dtype)
         with torch.autocast(device, enabled=False):
             loss = loss_fn(*args, **kwargs)
         return loss if loss.dtype == torch.float64 else loss.float()
@@ -265,10 +269,12 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
     check.check_feature_dim("queue", queue, query.shape[1])
     if query_index is not None:
         check.check_ids("query_index", query_index, query.shape[0], query.device)
-    return info_nce(query, key, queue, temperature=temperature, normalize=normalize,
-                    in_batch_negatives=False, reduction=reduction, decoupled=decoupled,
-                    hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus, query_ids=query_index,
-                    negative_ids=negative_ids, backend=backend)
+    # Not info_nce itself: its output cast would round the loss under this call's autocast.
+    return _checked_info_nce(query, key, queue, temperature=temperature, normalize=normalize,
+                             targets=None, in_batch_negatives=False, exclude_self=False,
+                             symmetric=False, reduction=reduction, decoupled=decoupled,
+                             dclw_sigma=None, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                             query_ids=query_index, negative_ids=negative_ids, backend=backend)
 
 
 @_autocast_policy

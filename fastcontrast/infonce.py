@@ -63,9 +63,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from ._host import (HOST_CHUNK_ROWS, accumulate_dtype, cast_gradients, first_order_only, or_empty,
+from ._host import (accumulate_dtype, cast_gradients, first_order_only, or_empty,
                     normalized_copy_backward_, reduce_loss, reduction_weights, requires_grad,
-                    rowwise_dot, scaled_fused_gradients)
+                    row_chunks, rowwise_dot, scaled_fused_gradients)
 from ._supcon_positives import supcon_positive_means
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
@@ -398,8 +398,7 @@ def _uses_positive(spec):
 def _positive_scores(op, targets):
     """s_{i, t_i} = alpha_i beta_{t_i} <x_i, key_{t_i}>."""
     dots = torch.empty_like(op.alpha)
-    for r0 in range(0, op.x.shape[0], HOST_CHUNK_ROWS):
-        r1 = r0 + HOST_CHUNK_ROWS
+    for r0, r1 in row_chunks(op.x.shape[0]):
         dots[r0:r1] = rowwise_dot(op.x[r0:r1], op.positive_keys(targets, r0, r1))
     return op.alpha * op.positive_key_scales(targets) * dots
 
@@ -458,9 +457,7 @@ def _add_positive_gradients(spec, op, targets, positive, row_lse, g, dx, dkey):
     if _positive_in_extra(spec):
         coef = coef + g * torch.exp(positive - row_lse)
     coef = coef * op.alpha * op.positive_key_scales(targets)
-    n = op.x.shape[0]
-    for r0 in range(0, n, HOST_CHUNK_ROWS):
-        r1 = min(r0 + HOST_CHUNK_ROWS, n)
+    for r0, r1 in row_chunks(op.x.shape[0]):
         c = coef[r0:r1].unsqueeze(1)
         if dx is not None:
             dx[r0:r1].addcmul_(op.positive_keys(targets, r0, r1).to(acc), c)
@@ -561,8 +558,8 @@ def _fuses_gradient(spec, needs, has_product):
 
 def _forward_pass(spec, needs, query, key, bank, per_query, scale, targets, query_ids, bank_ids,
                   row_weights, gram=False):
-    """(loss (reduced), row_lse, col_lse or None, fused gradients or None); ``gram``: the
-    product is the symmetric Gram matrix of the queries (_uses_gram)."""
+    """(loss (reduced, in the accumulation dtype), row_lse, col_lse or None, fused gradients or
+    None); ``gram``: the product is the symmetric Gram matrix of the queries (_uses_gram)."""
     op = _prepare(spec, query, key, bank, per_query, scale)
     y, beta = _product_keys(op, spec)
     ids = _product_ids(op, spec, targets, query_ids, bank_ids)
@@ -601,7 +598,7 @@ def _forward_pass(spec, needs, query, key, bank, per_query, scale, targets, quer
     if row_weights is not None:  # a row of weight 0 may have no candidate (lse = -inf)
         w = row_weights.to(loss.dtype)
         loss = torch.where(w != 0, loss * w, torch.zeros_like(loss))
-    return reduce_loss(loss, spec.reduction).to(query.dtype), row_lse, col_lse, fused_grads
+    return reduce_loss(loss, spec.reduction), row_lse, col_lse, fused_grads
 
 
 def _positive_is_candidate(spec):
@@ -779,7 +776,8 @@ def negative_counts(options, n, m, bank, per_query, query_ids, bank_ids, device)
 def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_ids=None,
                   bank_ids=None):
     """InfoNCE with the objective of ``options`` (plain, DCL, DCLW, HCL), reduced as
-    options.reduction. bank (K, D) / per_query (N, K, D) negatives; scale = 1/temperature."""
+    options.reduction, in the accumulation dtype (float32 for half inputs: the public function
+    casts it). bank (K, D) / per_query (N, K, D) negatives; scale = 1/temperature."""
     valid = None  # rows that keep a negative (None: every row does)
     over_negatives = options.decoupled or options.needs_host_terms
     if over_negatives and static_negative_count(options, key.shape[0], bank, per_query) == 0:
@@ -791,7 +789,6 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
         spec, weights = _over_rows(_loss_pass(options), valid, accumulate_dtype(query.dtype))
         return _fused(spec, query, key, bank, per_query, scale, targets, query_ids, bank_ids,
                       row_weights=weights)
-    out_dtype = query.dtype
     negatives, (query, key, bank, per_query) = _upcast_inputs(_negatives_pass(options), query,
                                                               key, bank, per_query)
 
@@ -810,7 +807,7 @@ def info_nce_loss(options, query, key, bank, per_query, scale, targets, query_id
                                 query_ids, bank_ids, query.device).to(positive.dtype).log()
         loss = _hard_negative_loss(options, negatives_lse, scale, positive,
                                    _zero_outside(log_n, valid))
-    return reduce_loss(_zero_outside(loss, valid), options.reduction, valid).to(out_dtype)
+    return reduce_loss(_zero_outside(loss, valid), options.reduction, valid)
 
 
 def _negatives_lse(spec, query, key, bank, per_query, scale, targets, query_ids, bank_ids):
@@ -835,7 +832,7 @@ def _no_candidate_loss(options, query, key, targets, scale):
     positive = positive_scores(query, key, targets, scale, options.normalize, options.eps)
     loss = torch.where(torch.zeros_like(positive, dtype=torch.bool), positive,
                        torch.zeros_like(positive))
-    return reduce_loss(loss, options.reduction).to(query.dtype)
+    return reduce_loss(loss, options.reduction)
 
 
 def _zero_outside(t, valid):
@@ -889,8 +886,8 @@ def _class_index(labels):
 
 def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1e-12):
     """SupCon L_out over features (R, D) with labels (R,); per-anchor losses reduced as
-    ``reduction`` (mean over anchors that have a positive); see the module docstring."""
-    out_dtype = features.dtype
+    ``reduction`` (mean over anchors that have a positive), in the accumulation dtype; see the
+    module docstring."""
     # The denominator: lse over b != a (self excluded), without subtracting a positive.
     denominator = _FusedPass(backend, in_batch_negatives=True, exclude_self=True, symmetric=False,
                              normalize=normalize, reduction="none" if reduction == "none" else
@@ -909,7 +906,7 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
         lse = _fused(denominator, features, features, None, None, scale, None)
         loss = torch.where(has_positive, lse.to(features.dtype) - pos_mean,
                            torch.zeros_like(pos_mean))
-        return _supcon_non_negative(loss, n).to(out_dtype)
+        return _supcon_non_negative(loss, n)
     # A weighted sum keeps the fused kernels on their no-recompute path: w_a = 1 / #anchors with
     # a positive ("mean") or 1 ("sum") for those anchors, 0 for the others.
     weights = has_positive.to(features.dtype)
@@ -918,7 +915,7 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
     lse_sum = _fused(denominator, features, features, None, None, scale, None,
                      row_weights=weights)
     loss = lse_sum.to(features.dtype) - (weights * pos_mean).sum()
-    return _supcon_non_negative(loss, n).to(out_dtype)
+    return _supcon_non_negative(loss, n)
 
 
 def _supcon_non_negative(loss, n):

@@ -167,7 +167,7 @@ class FusedSigLIP(torch.autograd.Function):
             loss, fused = _backend_grads(spec, x, y, s, b, g.contiguous(), fused=True)
         else:
             loss = siglip_forward(x, y, s, b, spec.backend)
-        out = reduce_loss(loss, spec.reduction).to(image.dtype)
+        out = reduce_loss(loss, spec.reduction)
         return (out, *[or_empty(t, out) for t in fused])
 
     @staticmethod
@@ -194,6 +194,7 @@ class FusedSigLIP(torch.autograd.Function):
 
 
 def siglip_fused_loss(image, text, scale, bias, *, reduction, backend):
-    """SigLIP's loss on a fused backend (validated inputs; scale and bias 0-dim tensors)."""
+    """SigLIP's loss on a fused backend (validated inputs; scale and bias 0-dim tensors), in the
+    accumulation dtype (float32 for half inputs: the public function casts it)."""
     needs = requires_grad(image, text, scale, bias)
     return FusedSigLIP.apply(image, text, scale, bias, _Spec(backend, reduction, needs))[0]

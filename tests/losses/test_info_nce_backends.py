@@ -224,3 +224,29 @@ def test_clip_loss_matches_reference(backend, n, d, dtype):
     for name, g, r, b in zip(("image", "text", "logit_scale", "logit_bias"), grads, ref_grads,
                              base_grads):
         assert_close(g, r, dtype, f"clip d{name}", max_logit=max_logit, baseline=b)
+
+
+@pytest.mark.parametrize("loss_fn", ["info_nce", "siglip_loss"])
+def test_fused_gradients_reach_grad_without_a_copy(loss_fn):
+    """A backend that forms the gradients in the forward pass saves them for the backward; a
+    backward that is their last use scales them in place and .grad takes them as they are (no
+    (N, D) copy); with retain_graph=True they stay intact for the next backward."""
+    if not backends.PROPERTIES["cpu"].fuses_gradient or "cpu" not in FUSED_BACKENDS:
+        pytest.skip("no gradient-fusing CPU backend")
+    q, k = (torch.randn(12, 8, requires_grad=True) for _ in range(2))
+    scalars = (10.0, -10.0) if loss_fn == "siglip_loss" else ()
+    saved = set()
+
+    def pack(t):
+        saved.add(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = getattr(fastcontrast, loss_fn)(q, k, *scalars, backend="cpu")
+    (3 * loss).backward(retain_graph=True)
+    assert q.grad.data_ptr() not in saved and k.grad.data_ptr() not in saved
+    first = q.grad.clone()
+    q.grad = k.grad = None
+    (3 * loss).backward()
+    assert q.grad.data_ptr() in saved and k.grad.data_ptr() in saved
+    assert torch.equal(q.grad, first)

@@ -124,6 +124,10 @@ BAD_CALLS = {
                             r"logit_scale must be positive and finite, got -1.0"),
     "clip_image_not_tensor": (lambda: fastcontrast.clip_loss(None, q_k()[1], 10.0), TypeError,
                               r"image must be a torch.Tensor, got NoneType"),
+    "nt_xent_labels_as_second_view": (lambda: fastcontrast.NTXentLoss(0.5)(
+        torch.randn(N, D), torch.arange(N)), TypeError,
+        r"z2 must have a floating-point dtype, got torch.int64: the second argument of nt_xent "
+        r"/ NTXentLoss is the second view .* use fastcontrast.supcon / SupConLoss"),
 }
 
 
