@@ -31,6 +31,9 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_lo
            "enqueue_all", "MODES"]
 
 MODES = ("gather", "ring")
+# The losses' output dtype, as the single-process functions': the first input's dtype, float32
+# under autocast (not rounded to the autocast dtype; see functional._autocast_policy).
+_output_dtype = functional._autocast_policy
 _EPS = 1e-12  # as torch.nn.functional.normalize and the single-process losses
 
 
@@ -164,6 +167,7 @@ def _check_global_targets(targets, m_total, exclude_self, global_rows):
                          "row i (the positive would be excluded)")
 
 
+@_output_dtype
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
@@ -306,7 +310,7 @@ def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize
     if over_negatives:
         if static == 0:  # no row has a negative: 0, with a zero gradient, as single-process
             zero = torch.where(torch.zeros_like(q[:, 0], dtype=torch.bool), q[:, 0], 0.0)
-            return _reduce(comm, zero, reduction, n_total).to(query.dtype)
+            return _reduce(comm, zero, reduction, n_total)
         all_bank_ids = None if query_ids is None else all_gather_rows(
             comm, negative_ids.contiguous(), bank_sizes)
         counts = negative_counts(static, query.shape[0], query_ids, all_bank_ids, query.device,
@@ -316,9 +320,10 @@ def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize
             valid = counts > 0
             counted = sum(r[0] for r in comm.exchange([int(valid.sum())], query.device))
     loss = row_losses(options, cand, scale, n_total, log_n, valid)
-    return _reduce(comm, loss, reduction, counted).to(query.dtype)
+    return _reduce(comm, loss, reduction, counted)
 
 
+@_output_dtype
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", backend="auto",
               mode="gather", group=None):
     """OpenCLIP's ClipLoss over the texts and images of every rank (symmetric: one pass gives
@@ -338,6 +343,7 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
     return loss
 
 
+@_output_dtype
 def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
             dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto", mode="gather",
             group=None):
@@ -371,6 +377,7 @@ def _dense_classes(labels):
     return inverse, unique.shape[0]
 
 
+@_output_dtype
 def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction="mean",
            backend="auto", mode="gather", group=None):
     """SupCon L_out over the samples of every rank: the labels travel with the features (one
@@ -422,10 +429,11 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
     has_positive = pos_count > 0
     loss = torch.where(has_positive, row_lse.to(acc) - pos_mean, torch.zeros_like(pos_mean))
     if reduction == "none":
-        return loss.reshape(shape).to(features.dtype)
-    return _reduce(comm, loss, reduction, anchors).to(features.dtype)
+        return loss.reshape(shape)
+    return _reduce(comm, loss, reduction, anchors)
 
 
+@_output_dtype
 def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backend="auto",
                 mode="gather", group=None):
     """SigLIP's sigmoid loss of this rank's images against the texts of every rank (the
@@ -445,9 +453,10 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
     cdt = _compute_dtype(name, image.dtype)
     loss = DistributedSigLIP.apply(image.to(cdt).contiguous(), text.to(cdt).contiguous(), scale,
                                    bias, comm, Layout(sizes, sizes), mode, name)
-    return _reduce(comm, loss, reduction, sum(sizes)).to(image.dtype)
+    return _reduce(comm, loss, reduction, sum(sizes))
 
 
+@_output_dtype
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
               query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
               backend="auto", mode="gather", group=None):
@@ -466,13 +475,14 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
         ("dtype of query", dtype_code(query.dtype)),
         ("reduction", check.REDUCTIONS.index(reduction)), ("decoupled", int(decoupled)),
         ("hcl_beta", _float_code(hcl_beta)), ("hcl_tau_plus", _float_code(hcl_tau_plus))])
-    try:
-        loss = functional.moco_loss(query, key, queue, temperature=temperature,
-                                    normalize=normalize,
-                                    reduction="sum" if reduction == "mean" else reduction,
-                                    query_index=query_index, decoupled=decoupled,
-                                    hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                                    backend=backend)
+    try:  # unwrapped: the output dtype is decided once, by this function's own wrapper
+        loss = functional.moco_loss.__wrapped__(query, key, queue, temperature=temperature,
+                                                normalize=normalize,
+                                                reduction="sum" if reduction == "mean"
+                                                else reduction,
+                                                query_index=query_index, decoupled=decoupled,
+                                                hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                                                backend=backend)
     except (TypeError, ValueError):
         if reduction != "none":  # the others wait in the exchange of the counts below
             comm.exchange([0], query.device, failed=True)
@@ -487,7 +497,7 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
         counted = int((counts > 0).sum())
     total = sum(r[0] for r in comm.exchange([counted], query.device))
     scaled = loss * comm.world
-    return (scaled / max(total, 1) if reduction == "mean" else scaled).to(query.dtype)
+    return scaled / max(total, 1) if reduction == "mean" else scaled
 
 
 @torch.no_grad()
