@@ -264,15 +264,18 @@ bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at
                             const Problem<T>& p, at::Tensor& tile) {
     const T* a = p.alpha + q0;
     const T* base = tile.data_ptr<T>();
-    Acc* row_sum = sum.data() + q0;
+    FlushedSums<T> row_sum(sum.data() + q0, q_rows);
     for (int64_t j = 0; j < k_rows; ++j) {
       const T* x = base + j * q_rows;
       const int64_t cut = p.cut(j, q0, q_rows);
       const T b = p.beta[j];
-      const Acc col = shared_shift_sums_into(row_sum, x, a, b, shift.exp_shift, 0, cut) +
-                    shared_shift_sums_into(row_sum, x, a, b, shift.exp_shift, cut + 1, q_rows);
+      const T col = shared_shift_sums_into(row_sum.data(), x, a, b, shift.exp_shift, 0, cut) +
+                    shared_shift_sums_into(row_sum.data(), x, a, b, shift.exp_shift, cut + 1,
+                                           q_rows);
+      row_sum.row_done();
       if (k0 != q0) sum[k0 + j] += col;  // off the diagonal: row k0 + j's entry too
     }
+    row_sum.flush();
   });
   if (!shared_sums_usable<T>(sum.data(), n)) return false;
   for (int64_t k = 0; k < n; ++k) out[k] = shared_lse<T>(shift.c, sum[k]);

@@ -105,14 +105,17 @@ bool shared_shift_forward(const Problem<T>& p, const at::Tensor& beta, const Mas
                          at::Tensor& tile, int64_t) {
     const T* a = p.alpha + r0;
     const T* base = tile.data_ptr<T>();
-    Acc* acc = row_sum.data() + r0;
+    FlushedSums<T> acc(row_sum.data() + r0, rows);
     for (int64_t j = 0; j < pc.m; ++j) {
       const T* x = base + j * rows;
       const int64_t cut = pc.cut(j, r0, rows);
-      const Acc col = shared_shift_sums_into(acc, x, a, pc.beta[j], shift.exp_shift, 0, cut) +
-                      shared_shift_sums_into(acc, x, a, pc.beta[j], shift.exp_shift, cut + 1, rows);
+      const T col = shared_shift_sums_into(acc.data(), x, a, pc.beta[j], shift.exp_shift, 0, cut) +
+                    shared_shift_sums_into(acc.data(), x, a, pc.beta[j], shift.exp_shift, cut + 1,
+                                           rows);
+      acc.row_done();
       if (with_col) col_sum[c0 + j] += col;
     }
+    acc.flush();
   });
   if (!shared_sums_usable<T>(row_sum.data(), p.n) ||
       !shared_sums_usable<T>(col_sum.data(), static_cast<int64_t>(col_sum.size())))
@@ -313,18 +316,21 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
     for (int64_t i = 0; i < rows; ++i)
       inf_nan[i] = shift[i] == kInf<T> && p.query_has_nan(r0, rows, tile, i);
     // W_ji = beta_j exp(s_ij - shift_i) over the tile, and the per-query sums of the exps.
+    FlushedSums<T> acc(sum.data(), rows);
     for (int64_t j = 0; j < p.m; ++j) {
       T* x = base + j * rows;
       const int64_t cut = p.cut(j, r0, rows);
       if (need_grad) {
-        exp_weights_into(sum.data(), x, a, p.beta[j], shift.data(), 0, cut);
-        exp_weights_into(sum.data(), x, a, p.beta[j], shift.data(), cut + 1, rows);
+        exp_weights_into(acc.data(), x, a, p.beta[j], shift.data(), 0, cut);
+        exp_weights_into(acc.data(), x, a, p.beta[j], shift.data(), cut + 1, rows);
         if (cut < rows) x[cut] = T(0) * p.beta[j];  // NaN where beta_j is
       } else {
-        sum_exp_into(sum.data(), x, a, p.beta[j], shift.data(), 0, cut);
-        sum_exp_into(sum.data(), x, a, p.beta[j], shift.data(), cut + 1, rows);
+        sum_exp_into(acc.data(), x, a, p.beta[j], shift.data(), 0, cut);
+        sum_exp_into(acc.data(), x, a, p.beta[j], shift.data(), cut + 1, rows);
       }
+      acc.row_done();
     }
+    acc.flush();
     std::vector<int64_t> nan_rows;
     for (int64_t i = 0; i < rows; ++i) {
       T lse = inf_nan[i] ? kNaN<T> : lse_from(shift[i], sum[i]);
