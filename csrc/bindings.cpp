@@ -185,4 +185,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col_ids") = py::none(), py::arg("block_rows") = 0);
   fastcontrast::register_siglip_ops(m);
   fastcontrast::register_momentum_ops(m);
+  fastcontrast::register_task_ops(m);
 }

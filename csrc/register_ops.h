@@ -8,5 +8,6 @@ namespace fastcontrast {
 
 void register_siglip_ops(pybind11::module_& m);    // cpu/siglip.cpp
 void register_momentum_ops(pybind11::module_& m);  // cpu/momentum.cpp
+void register_task_ops(pybind11::module_& m);      // cpu/tasks.cpp (scheduler probes, tests)
 
 }  // namespace fastcontrast

@@ -37,15 +37,33 @@ FASTCONTRAST_ALWAYS_INLINE To bit_cast(From value) {
 
 }  // namespace detail
 
-FASTCONTRAST_ALWAYS_INLINE float fast_exp(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;       // few mantissa bits: n * kLn2Hi is exact
-  constexpr float kLn2Lo = -2.12194440e-4f;    // ln2 - kLn2Hi
-  constexpr float kRound = 12582912.0f;        // 1.5 * 2^23: adding it rounds to an integer
-  constexpr float kMin = -86.0f;               // below: 0 (keeps er * 2^(n-1) a normal number)
-  constexpr float kMax = 88.72283905206835f;   // above: +inf
+// exp(x - k ln2) = 2^-k exp(x) for an integer k, with x itself as the reduced argument: the
+// shift k ln2 only moves the exponent bits, so the result keeps the precision of exp(x) (a shift
+// subtracted in floating point first would round x - c to the ulp of |x - c|, 3.8e-6 near 40 in
+// float). lo and hi (pow2_shift) are where the result leaves the range of fast_exp: below lo it is
+// 0, above hi +inf; NaN stays NaN. Needs |k| <= kMaxPow2Shift, so that n ln2 splits exactly
+// (n kLn2Hi has at most 24 significant bits in float) and x / ln2 + 1.5 * 2^23 rounds to n.
+constexpr int32_t kMaxPow2Shift = 16384;
 
-  const float xc = x < kMin ? kMin : (x > kMax ? kMax : x);
+template <typename T>
+struct Pow2Shift {
+  int32_t k;
+  T lo, hi;
+};
+
+template <typename T>
+Pow2Shift<T> pow2_shift(int32_t k) {
+  const double c = k * 0.69314718055994530942;
+  return {k, static_cast<T>(c + (sizeof(T) == 4 ? -86.0 : -707.0)),
+          static_cast<T>(c + (sizeof(T) == 4 ? 88.72283905206835 : 709.782712893383973096))};
+}
+
+FASTCONTRAST_ALWAYS_INLINE float fast_exp_shifted(float x, const Pow2Shift<float>& c) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;     // few mantissa bits: n * kLn2Hi is exact
+  constexpr float kLn2Lo = -2.12194440e-4f;  // ln2 - kLn2Hi
+  constexpr float kRound = 12582912.0f;      // 1.5 * 2^23: adding it rounds to an integer
+  const float xc = x < c.lo ? c.lo : (x > c.hi ? c.hi : x);
   // n = round(x / ln2), read from the low mantissa bits of (x / ln2 + 1.5 * 2^23).
   const float shifted = xc * kLog2e + kRound;
   const int32_t n = detail::bit_cast<int32_t>(shifted) - detail::bit_cast<int32_t>(kRound);
@@ -59,21 +77,21 @@ FASTCONTRAST_ALWAYS_INLINE float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float er = p * (r * r) + r + 1.0f;
-  // 2^n as 2^(n-1) * 2 so that n = 128 (x close to kMax) does not overflow the exponent field.
-  const float scale = detail::bit_cast<float>((n + 126) << 23);
-  const float y = er * scale * 2.0f;
-  return x < kMin ? 0.0f : (x > kMax ? std::numeric_limits<float>::infinity() : y);
+  // The exponent n - k, kept in [-125, 128] where lo / hi rounded it out (the result is then
+  // replaced below): 2^(e-1) stays a normal number, and e = 128 (x close to hi) does not
+  // overflow the exponent field as 2^e would.
+  int32_t e = n - c.k;
+  e = e < -125 ? -125 : (e > 128 ? 128 : e);
+  const float y = er * detail::bit_cast<float>((e + 126) << 23) * 2.0f;
+  return x < c.lo ? 0.0f : (x > c.hi ? std::numeric_limits<float>::infinity() : y);
 }
 
-FASTCONTRAST_ALWAYS_INLINE double fast_exp(double x) {
+FASTCONTRAST_ALWAYS_INLINE double fast_exp_shifted(double x, const Pow2Shift<double>& c) {
   constexpr double kLog2e = 1.4426950408889634074;
   constexpr double kLn2Hi = 6.93147180369123816490e-01;  // fdlibm split of ln2
   constexpr double kLn2Lo = 1.90821492927058770002e-10;
   constexpr double kRound = 6755399441055744.0;           // 1.5 * 2^52
-  constexpr double kMin = -707.0;
-  constexpr double kMax = 709.782712893383973096;
-
-  const double xc = x < kMin ? kMin : (x > kMax ? kMax : x);
+  const double xc = x < c.lo ? c.lo : (x > c.hi ? c.hi : x);
   const double shifted = xc * kLog2e + kRound;
   const int64_t n = detail::bit_cast<int64_t>(shifted) - detail::bit_cast<int64_t>(kRound);
   const double fn = shifted - kRound;
@@ -92,9 +110,19 @@ FASTCONTRAST_ALWAYS_INLINE double fast_exp(double x) {
   p = p * r + 1.0 / 6.0;
   p = p * r + 0.5;
   const double er = p * (r * r) + r + 1.0;
-  const double scale = detail::bit_cast<double>((n + 1022) << 52);
-  const double y = er * scale * 2.0;
-  return x < kMin ? 0.0 : (x > kMax ? std::numeric_limits<double>::infinity() : y);
+  int64_t e = n - c.k;
+  e = e < -1021 ? -1021 : (e > 1024 ? 1024 : e);
+  const double y = er * detail::bit_cast<double>((e + 1022) << 52) * 2.0;
+  return x < c.lo ? 0.0 : (x > c.hi ? std::numeric_limits<double>::infinity() : y);
+}
+
+// exp(x) itself: no shift (k = 0), the range limits of the header comment.
+FASTCONTRAST_ALWAYS_INLINE float fast_exp(float x) {
+  return fast_exp_shifted(x, Pow2Shift<float>{0, -86.0f, 88.72283905206835f});
+}
+
+FASTCONTRAST_ALWAYS_INLINE double fast_exp(double x) {
+  return fast_exp_shifted(x, Pow2Shift<double>{0, -707.0, 709.782712893383973096});
 }
 
 }  // namespace fastcontrast

@@ -15,7 +15,7 @@
 //   (pair_block: ~4 MiB tiles), the block pairs (a < b) in rounds where no block appears twice
 //   (round-robin, circle method), so that the tiles of a round update disjoint rows: they run in
 //   parallel, one thread and one single-threaded GEMM each, with no reduction between threads and
-//   no fork / join inside a tile. The rounds are an order, not barriers (PairTasks): a thread
+//   no fork / join inside a tile. The rounds are an order, not barriers (pair_tasks): a thread
 //   takes the next tile whose blocks' earlier tiles are done. Each diagonal block of 256 rows or
 //   more is three tiles of its halves (3/4 of the block). Measured at 2N = 16384, D = 256 on 2
 //   threads: see benchmarks/gram_targets.py.
@@ -27,12 +27,9 @@
 // infonce.cpp, which fold the scales into the operands: a rare, non-finite-input path.
 #include "cpu/gram.h"
 
-#include <c10/core/GradMode.h>
-
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
-#include <mutex>
+#include <memory>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -40,6 +37,7 @@
 #include "cpu/fast_exp.h"
 #include "cpu/lse_tiles.h"
 #include "cpu/outputs.h"
+#include "cpu/tasks.h"
 
 namespace fastcontrast {
 namespace {
@@ -116,86 +114,30 @@ inline int64_t pair_block(int64_t n, int64_t elem_size, int64_t requested) {
   return std::max<int64_t>(1, std::min(b, n));
 }
 
-// The tasks of pair_rounds (block pairs; (a, a) a diagonal block) in round order, handed out to
-// every thread at once without a barrier between rounds: a thread takes the first task not yet
-// started whose blocks have no earlier task unfinished, or waits for one. So the updates of each
-// block's rows happen in list order whatever thread runs them (deterministic sums), tasks of
-// different blocks overlap across rounds, and a thread that finishes early takes the next ready
-// task instead of waiting for the round's slowest. A failed task wakes and stops everyone.
-class PairTasks {
- public:
-  PairTasks(const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rounds, int64_t blocks)
-      : done_(blocks, 0) {
-    std::vector<int64_t> seen(blocks, 0);
-    for (const auto& round : rounds)
-      for (const auto& task : round) {
-        tasks_.push_back(task);
-        needed_.emplace_back(seen[task.first], seen[task.second]);
-        ++seen[task.first];
-        if (task.second != task.first) ++seen[task.second];
-      }
-    started_.assign(tasks_.size(), 0);
-  }
-
-  const std::pair<int64_t, int64_t>& operator[](int64_t t) const { return tasks_[t]; }
-
-  // The index of a ready task, now marked started; -1 once every task is taken (or one failed).
-  int64_t acquire() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      if (failed_) return -1;
-      while (first_open_ < size() && started_[first_open_]) ++first_open_;
-      if (first_open_ == size()) return -1;
-      for (int64_t t = first_open_; t < size(); ++t) {
-        if (started_[t] || !ready(t)) continue;
-        started_[t] = 1;
-        return t;
-      }
-      wake_.wait(lock);
-    }
-  }
-
-  void release(int64_t t) {
-    {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      ++done_[tasks_[t].first];
-      if (tasks_[t].second != tasks_[t].first) ++done_[tasks_[t].second];
-    }
-    wake_.notify_all();
-  }
-
-  void fail() {
-    {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      failed_ = true;
-    }
-    wake_.notify_all();
-  }
-
- private:
-  int64_t size() const { return static_cast<int64_t>(tasks_.size()); }
-  // Every earlier task of both blocks has finished.
-  bool ready(int64_t t) const {
-    return done_[tasks_[t].first] == needed_[t].first &&
-           done_[tasks_[t].second] == needed_[t].second;
-  }
-
-  std::vector<std::pair<int64_t, int64_t>> tasks_;
-  std::vector<std::pair<int64_t, int64_t>> needed_;  // earlier tasks of (first, second)
-  std::vector<int64_t> done_;                        // finished tasks of each block
-  std::vector<char> started_;
-  int64_t first_open_ = 0;
-  bool failed_ = false;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-};
+// The tasks of pair_rounds (block pairs; (a, a) a diagonal block) in round order into graph
+// (tasks.h), with an edge from each block's previous task: every thread takes the first task not
+// yet started whose blocks have no earlier task unfinished, without a barrier between rounds. So
+// the updates of each block's rows happen in list order whatever thread runs them (deterministic
+// sums), tasks of different blocks overlap across rounds, and a thread that finishes early takes
+// the next ready task instead of waiting for the round's slowest.
+inline std::vector<std::pair<int64_t, int64_t>> pair_tasks(
+    const std::vector<std::vector<std::pair<int64_t, int64_t>>>& rounds, int64_t blocks,
+    std::unique_ptr<TaskGraph>& graph) {
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  for (const auto& round : rounds) tasks.insert(tasks.end(), round.begin(), round.end());
+  graph = std::make_unique<TaskGraph>(static_cast<int64_t>(tasks.size()));
+  std::vector<int64_t> last(blocks, -1);
+  for (int64_t t = 0; t < graph->size(); ++t)
+    graph->chain(t, last, {tasks[t].first, tasks[t].second});
+  return tasks;
+}
 
 // Calls fn(q0, q_rows, k0, k_rows, p, tile) for every tile on and above the diagonal: the block
 // pairs (a < b) whole (queries a, keys b), and each diagonal block as three tiles of its halves
 // (lo lo, hi hi, lo hi), or as one tile below 2 kMinHalfRows rows. p is the Problem of all rows
 // against the tile's keys (KeyChunk: key j is row k0 + j, query indices global) and tile
 // (k_rows, q_rows) = z[k0:..] @ z[q0:..]^T with the id-masked entries at -inf, in the calling
-// thread's buffer. The tasks run on every thread at once (PairTasks): no two running tasks share
+// thread's buffer. The tasks run on every thread at once (pair_tasks): no two running tasks share
 // a block, and each block's tasks run in the order of pair_rounds; a tile on the diagonal has
 // q0 == k0.
 template <typename T, typename Fn>
@@ -231,21 +173,9 @@ void for_each_pair_tile(const at::Tensor& z, const at::Tensor& alpha, const at::
     tile_of(a0 + h, a_rows - h, a0 + h, a_rows - h);
     tile_of(a0, h, a0 + h, a_rows - h);
   };
-  PairTasks tasks(pair_rounds(blocks), blocks);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    // A worker thread starts in grad mode, and the ATen calls below see operands that
-    // require grad (the op runs inside an autograd.Function): no graph in here.
-    const c10::AutoGradMode no_grad(false);
-    for (int64_t t; (t = tasks.acquire()) >= 0;) {
-      try {
-        run(tasks[t].first, tasks[t].second);
-      } catch (...) {
-        tasks.fail();
-        throw;
-      }
-      tasks.release(t);
-    }
-  });
+  std::unique_ptr<TaskGraph> graph;
+  const auto tasks = pair_tasks(pair_rounds(blocks), blocks, graph);
+  graph->run([&](int64_t t, int64_t) { run(tasks[t].first, tasks[t].second); });
 }
 
 // Per-query log-sum-exp of a strip merged chunk after chunk (online, as a column's): running
@@ -253,12 +183,13 @@ void for_each_pair_tile(const at::Tensor& z, const at::Tensor& alpha, const at::
 // once m is +inf, l is NaN anyway (exp(inf - inf)), so nan records whether the row has a NaN.
 template <typename T>
 struct RowStats {
-  std::vector<T> max, sum, chunk_max, chunk_sum;
+  std::vector<T> max, chunk_max;
+  std::vector<Acc> sum, chunk_sum;
   std::vector<char> nan;
-  explicit RowStats(int64_t r) : max(r), sum(r), chunk_max(r), chunk_sum(r), nan(r) {}
+  explicit RowStats(int64_t r) : max(r), chunk_max(r), sum(r), chunk_sum(r), nan(r) {}
   void reset(int64_t rows) {
     std::fill(max.begin(), max.begin() + rows, -kInf<T>);
-    std::fill(sum.begin(), sum.begin() + rows, T(0));
+    std::fill(sum.begin(), sum.begin() + rows, Acc(0));
     std::fill(nan.begin(), nan.begin() + rows, 0);
   }
   T lse(int64_t i) const {
@@ -275,6 +206,7 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
   T* out = row_lse.data_ptr<T>();
   ColumnStats<T> cols(n);  // row k's entries with the rows of earlier strips
   Partials<T> partial(block_rows);
+  Partials<Acc> partial_sums(block_rows);
   RowStats<T> rs(block_rows);
   std::vector<T> shift(block_rows);
 
@@ -305,7 +237,7 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
       if (mx != old && old != -kInf<T>) rs.sum[i] *= fast_exp(old - shift[i]);
       rs.max[i] = mx;
     }
-    block_sums(p, r0, rows, tile, partial, shift.data(), rs.chunk_sum.data());
+    block_sums(p, r0, rows, tile, partial_sums, shift.data(), rs.chunk_sum.data());
     for (int64_t i = 0; i < rows; ++i) {
       rs.sum[i] += rs.chunk_sum[i];
       if (rs.max[i] == kInf<T> && !rs.nan[i]) rs.nan[i] = p.query_has_nan(r0, rows, tile, i);
@@ -323,27 +255,30 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
 template <typename T>
 bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
                           const Mask& mask, int64_t requested, T* out) {
-  const T shift = shared_shift<T>(z, z, alpha, beta);
-  if (!std::isfinite(shift)) return false;
+  const SharedShift<T> shift = shared_shift<T>(z, z, alpha, beta);
+  if (!shift.usable) return false;
   const int64_t n = z.size(0);
-  std::vector<T> sum(n, T(0));
+  std::vector<Acc> sum(n, Acc(0));
   for_each_pair_tile<T>(z, alpha, beta, mask, pair_block(n, sizeof(T), requested), requested,
                         [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows,
                             const Problem<T>& p, at::Tensor& tile) {
     const T* a = p.alpha + q0;
     const T* base = tile.data_ptr<T>();
-    T* row_sum = sum.data() + q0;
+    FlushedSums<T> row_sum(sum.data() + q0, q_rows);
     for (int64_t j = 0; j < k_rows; ++j) {
       const T* x = base + j * q_rows;
       const int64_t cut = p.cut(j, q0, q_rows);
       const T b = p.beta[j];
-      const T col = shared_shift_sums_into(row_sum, x, a, b, shift, 0, cut) +
-                    shared_shift_sums_into(row_sum, x, a, b, shift, cut + 1, q_rows);
+      const T col = shared_shift_sums_into(row_sum.data(), x, a, b, shift.exp_shift, 0, cut) +
+                    shared_shift_sums_into(row_sum.data(), x, a, b, shift.exp_shift, cut + 1,
+                                           q_rows);
+      row_sum.row_done();
       if (k0 != q0) sum[k0 + j] += col;  // off the diagonal: row k0 + j's entry too
     }
+    row_sum.flush();
   });
-  if (!shared_sums_usable(sum.data(), n)) return false;
-  for (int64_t k = 0; k < n; ++k) out[k] = shift + std::log(sum[k]);
+  if (!shared_sums_usable<T>(sum.data(), n)) return false;
+  for (int64_t k = 0; k < n; ++k) out[k] = shared_lse<T>(shift.c, sum[k]);
   return true;
 }
 
@@ -353,9 +288,9 @@ bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at
 // exact two-exp weights then) where c is not finite or the weights cannot be shared.
 template <typename T>
 bool gram_shared_weights(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
-                         const T* lse, const T* g, std::vector<T>& w, T& shift) {
+                         const T* lse, const T* g, std::vector<T>& w, SharedShift<T>& shift) {
   shift = shared_shift<T>(z, z, alpha, beta);
-  return std::isfinite(shift) && shared_shift_weights(shift, lse, g, z.size(0), w);
+  return shift.usable && shared_shift_weights(shift.c, lse, g, z.size(0), w);
 }
 
 template <typename T>
@@ -377,7 +312,7 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
     return poisoned[k0 + rows] > poisoned[k0];
   };
   std::vector<T> w;
-  T shift = 0;
+  SharedShift<T> shift{};
   const bool shared = shared_shift_enabled() &&
                       gram_shared_weights<T>(z, alpha, beta, lse_in, g, w, shift);
 
@@ -395,17 +330,14 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
       if (shared) {
         const T wj = w[k0 + j];
 #pragma omp simd
-        for (int64_t i = 0; i < q_rows; ++i) {
-          const T ab = a[i] * b;
-          x[i] = ab * fast_exp(x[i] * ab - shift) * (wi[i] + wj);
-        }
+        for (int64_t i = 0; i < q_rows; ++i)
+          x[i] = a[i] * b * fast_exp_shifted(x[i] * a[i] * b, shift.exp_shift) * (wi[i] + wj);
       } else {
         const T gj = g[k0 + j], lj = rl[k0 + j];
 #pragma omp simd
         for (int64_t i = 0; i < q_rows; ++i) {
-          const T ab = a[i] * b;
-          const T s = x[i] * ab;
-          x[i] = ab * (gi[i] * fast_exp(s - li[i]) + gj * fast_exp(s - lj));
+          const T s = x[i] * a[i] * b;  // rounded as in the forward: exp(s - lse) consistent
+          x[i] = a[i] * b * (gi[i] * fast_exp(s - li[i]) + gj * fast_exp(s - lj));
         }
       }
       const int64_t cut = p.cut(j, q0, q_rows);

@@ -31,6 +31,35 @@ constexpr int64_t kMinBlockRows = 32;
 constexpr int64_t kMaxBlockRows = 512;
 constexpr int64_t kElemsPerTask = 16384;  // parallel grain of the elementwise passes
 
+// The sums of exps accumulate in double whatever T: a float running sum over M terms drifts by
+// up to ~sqrt(M) ulps (1e-6 relative at M = 300), which plain PyTorch's pairwise float reductions
+// do not. The hot passes keep float partial sums over kFlushRows tile rows (FlushedSums) and add
+// them into the double sums then: a double accumulator in the vectorised loop itself made the
+// shared-shift forward ~1.6x slower.
+using Acc = double;
+constexpr int64_t kFlushRows = 32;
+
+// Per-query partial sums in T over up to kFlushRows tile rows, added into `out` (double) every
+// kFlushRows rows and by flush(): call row_done() after each tile row, flush() at the end.
+template <typename T>
+struct FlushedSums {
+  std::vector<T> part;
+  Acc* out;
+  int64_t pending = 0;
+  FlushedSums(Acc* out_, int64_t rows) : part(static_cast<size_t>(rows), T(0)), out(out_) {}
+  T* data() { return part.data(); }
+  void row_done() {
+    if (++pending == kFlushRows) flush();
+  }
+  void flush() {
+    for (size_t i = 0; i < part.size(); ++i) {
+      out[i] += part[i];
+      part[i] = T(0);
+    }
+    pending = 0;
+  }
+};
+
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
 template <typename T>
@@ -71,8 +100,13 @@ T safe_shift(T mx) { return mx == -kInf<T> ? T(0) : mx; }
 // entry makes the shift +inf and the sum NaN (exp(inf - inf)): the lse is then +inf, or NaN when
 // the row also has a NaN entry, which only a scan of that (rare) row can tell. So the hot loops
 // stay as they are and the finalisation sorts the cases out, as torch.logsumexp does.
+// shift + log(sum) in double: the float rounding of log(sum) alone (up to log M) would add to
+// the rounding of the result.
 template <typename T>
-T lse_from(T shift, T sum) { return shift == kInf<T> ? kInf<T> : shift + std::log(sum); }
+T lse_from(T shift, Acc sum) {
+  if (shift == kInf<T>) return kInf<T>;
+  return static_cast<T>(static_cast<double>(shift) + std::log(static_cast<double>(sum)));
+}
 
 // An lse of -inf contributes 0 to a gradient: exp(s - (+inf)) = 0 where exp(s - (-inf)) is not.
 template <typename T>
@@ -89,13 +123,16 @@ bool any_nan(const T* s, int64_t r) {
 // Cauchy-Schwarz no score exceeds
 //   C = max_i |alpha_i| |q_i| * max_j |beta_j| |keys_j|,
 // so one shift serves every row's and every column's sum with one exp per entry: with
-// c = C - kSharedShiftHeadroom, e_ij = exp(s_ij - c) <= e^40 (up to the rounding of s),
-// S = sum exp(s - c), lse = c + log S. The headroom keeps the sums in range (S <= M e^40, far
-// below the float maximum e^88) while it lets every lse down to c - 39 = C - 79 through: at
-// CLIP's logit scale of 100 on unit rows C = 100 and the lse sit near 10 .. 40, which a shift of
-// C itself (S < e^-40) would send to the exact passes. fast_exp flushes arguments below -86
-// (float; -707 double) to 0, so a sum S >= kMinSharedShiftSum loses less than M e^-46 (float) of
-// itself; a smaller sum (all of a row's scores far below c: scores spread over more than ~80
+// c = k ln2 <= C - kSharedShiftHeadroom (k the largest such integer),
+// e_ij = exp(s_ij - c) <= e^40.7 (up to the rounding of s), S = sum exp(s - c), lse = c + log S.
+// Precision: e_ij is 2^-k exp(s_ij) (fast_exp_shifted), exact in the shift, and c + log S is
+// summed in double, so that an lse near 1 is not the difference of two numbers near 40 rounded to
+// float (an ulp of 3.8e-6 there): the lse keeps the relative precision of the float sum S, as a
+// per-row max shift does. The headroom keeps the sums in range (S <= M e^40.7, far below the
+// float maximum e^88) while it lets every lse down to c - 39 >= C - 80 through: at CLIP's logit
+// scale of 100 on unit rows C = 100 and the lse sit near 10 .. 40, which a shift of C itself
+// (S < e^-40) would send to the exact passes. fast_exp_shifted flushes s - c below -86 (float;
+// -707 double) to 0, so a sum S >= kMinSharedShiftSum loses less than M e^-46 (float) of itself; a smaller sum (all of a row's scores far below c: scores spread over more than ~80
 // nats, no entry at all) sends the call to the exact two-pass kernels.
 // FASTCONTRAST_SHARED_SHIFT=0 (read at every call) turns the shared-shift passes off: the
 // exact passes only, for the tests and as a baseline.
@@ -106,18 +143,32 @@ inline bool shared_shift_enabled() {
 
 template <typename T>
 constexpr T kMinSharedShiftSum = sizeof(T) == 4 ? T(1e-17) : T(1e-250);
-template <typename T>
-constexpr T kSharedShiftHeadroom = T(40);
+constexpr double kSharedShiftHeadroom = 40;
+constexpr double kLn2 = 0.69314718055994530942;
 
-// c = C - kSharedShiftHeadroom above, or a non-finite value when the inputs are not finite.
+// The shift c = k ln2 above: exp(s - c) = fast_exp_shifted(s, exp_shift), c in double.
+// usable is false when the inputs are not finite or |k| > kMaxPow2Shift (scores beyond ~11000:
+// the exact passes then).
 template <typename T>
-T shared_shift(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
-               const at::Tensor& beta) {
-  if (q.size(0) == 0 || keys.size(0) == 0) return -kSharedShiftHeadroom<T>;
-  const at::Tensor q_norms = q.norm(2, {1});
-  const at::Tensor key_norms = keys.is_same(q) ? q_norms : keys.norm(2, {1});  // a Gram call
-  const T a = (q_norms * alpha.abs()).max().item<T>();
-  return a * (key_norms * beta.abs()).max().item<T>() - kSharedShiftHeadroom<T>;
+struct SharedShift {
+  Pow2Shift<T> exp_shift;
+  double c;
+  bool usable;
+};
+
+template <typename T>
+SharedShift<T> shared_shift(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+                            const at::Tensor& beta) {
+  double bound = 0;
+  if (q.size(0) > 0 && keys.size(0) > 0) {
+    const at::Tensor q_norms = q.norm(2, {1});
+    const at::Tensor key_norms = keys.is_same(q) ? q_norms : keys.norm(2, {1});  // a Gram call
+    bound = static_cast<double>((q_norms * alpha.abs()).max().item<T>()) *
+            static_cast<double>((key_norms * beta.abs()).max().item<T>());
+  }
+  const double k = std::floor((bound - kSharedShiftHeadroom) / kLn2);
+  if (!(std::abs(k) <= kMaxPow2Shift)) return {pow2_shift<T>(0), 0.0, false};  // NaN too
+  return {pow2_shift<T>(static_cast<int32_t>(k)), k * kLn2, true};
 }
 
 // The smallest shared-shift weight kept (shared_shift_weights): a normal number with its full
@@ -135,8 +186,9 @@ constexpr T kMinSharedWeight =
 // S_k = exp(lse_k - c) >= e^-40: exp(s - c) then flushes only weights below e^-46 of the row's),
 // and every w_k is finite and normal (kMinSharedWeight, or 0 where g_k is); false otherwise, and
 // the caller uses the exact two-exp weights.
+// w_k is computed in double (c - lse_k exactly) and rounded once.
 template <typename T>
-bool shared_shift_weights(T shift, const T* lse, const T* g, int64_t n, std::vector<T>& w) {
+bool shared_shift_weights(double shift, const T* lse, const T* g, int64_t n, std::vector<T>& w) {
   w.resize(n);
   for (int64_t k = 0; k < n; ++k) {
     if (!std::isfinite(g[k]) || std::isnan(lse[k])) return false;
@@ -144,19 +196,25 @@ bool shared_shift_weights(T shift, const T* lse, const T* g, int64_t n, std::vec
       w[k] = T(0);
       continue;
     }
-    if (!(shift - lse[k] <= T(40))) return false;
-    w[k] = g[k] * std::exp(shift - lse[k]);
+    if (!(shift - lse[k] <= 40.0)) return false;
+    w[k] = static_cast<T>(g[k] * std::exp(shift - static_cast<double>(lse[k])));
     if (!std::isfinite(w[k]) || (g[k] != T(0) && !(std::abs(w[k]) >= kMinSharedWeight<T>)))
       return false;
   }
   return true;
 }
 
+// lse = c + log(sum) of the shared shift, in double (see above).
+template <typename T>
+T shared_lse(double shift, Acc sum) {
+  return static_cast<T>(shift + std::log(sum));
+}
+
 // Whether every sum[k], k < n, is at least kMinSharedShiftSum (false for NaN).
 template <typename T>
-bool shared_sums_usable(const T* sum, int64_t n) {
+bool shared_sums_usable(const Acc* sum, int64_t n) {
   for (int64_t k = 0; k < n; ++k)
-    if (!(sum[k] >= kMinSharedShiftSum<T>)) return false;
+    if (!(sum[k] >= static_cast<Acc>(kMinSharedShiftSum<T>))) return false;
   return true;
 }
 
@@ -174,15 +232,15 @@ void max_into(T* mx, const T* x, const T* a, T b, int64_t i0, int64_t i1) {
 }
 
 // sum_i <- sum_i + exp(s_i - shift_i).
-template <typename T>
-void sum_exp_into(T* sum, const T* x, const T* a, T b, const T* shift, int64_t i0, int64_t i1) {
+template <typename T, typename S>
+void sum_exp_into(S* sum, const T* x, const T* a, T b, const T* shift, int64_t i0, int64_t i1) {
 #pragma omp simd
   for (int64_t i = i0; i < i1; ++i) sum[i] += fast_exp(x[i] * a[i] * b - shift[i]);
 }
 
 // As sum_exp_into, and x_i <- b * exp(s_i - shift_i): the gradient weight overwrites the tile.
-template <typename T>
-void exp_weights_into(T* sum, T* x, const T* a, T b, const T* shift, int64_t i0, int64_t i1) {
+template <typename T, typename S>
+void exp_weights_into(S* sum, T* x, const T* a, T b, const T* shift, int64_t i0, int64_t i1) {
 #pragma omp simd
   for (int64_t i = i0; i < i1; ++i) {
     const T e = fast_exp(x[i] * a[i] * b - shift[i]);
@@ -191,14 +249,15 @@ void exp_weights_into(T* sum, T* x, const T* a, T b, const T* shift, int64_t i0,
   }
 }
 
-// sum_i <- sum_i + e_i, e_i = exp(s_i - shift) with one shift for every query; returns sum_i e_i
-// (the key's own sum of the same exps).
+// sum_i <- sum_i + e_i, e_i = exp(s_i - c) with one shift c for every query; returns sum_i e_i
+// (the key's own sum of the same exps; over at most R queries, in vector lanes).
 template <typename T>
-T shared_shift_sums_into(T* sum, const T* x, const T* a, T b, T shift, int64_t i0, int64_t i1) {
+T shared_shift_sums_into(T* sum, const T* x, const T* a, T b, const Pow2Shift<T>& shift,
+                         int64_t i0, int64_t i1) {
   T total = 0;
 #pragma omp simd reduction(+ : total)
   for (int64_t i = i0; i < i1; ++i) {
-    const T e = fast_exp(x[i] * a[i] * b - shift);
+    const T e = fast_exp_shifted(x[i] * a[i] * b, shift);
     sum[i] += e;
     total += e;
   }
@@ -221,8 +280,8 @@ T scores_max_into(T* sbuf, T* mx, const T* x, const T* a, T b, int64_t i0, int64
 
 // sum_i exp(s_i - shift).
 template <typename T>
-T sum_exp(const T* s, T shift, int64_t r) {
-  T sum = 0;
+Acc sum_exp(const T* s, T shift, int64_t r) {
+  Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < r; ++i) sum += fast_exp(s[i] - shift);
   return sum;
@@ -349,24 +408,6 @@ struct Problem {
   }
 };
 
-// dq[r0:r0+rows] = c * (W^T @ keys) and dkeys += W @ (c * q[r0:r0+rows]), c = row_scale.
-template <typename T>
-void accumulate_grads(const Problem<T>& p, int64_t r0, int64_t rows, const at::Tensor& weights,
-                      const at::Tensor& row_scale, std::optional<at::Tensor>& dq,
-                      std::optional<at::Tensor>& dkeys, at::Tensor& scaled_q) {
-  const at::Tensor c = row_scale.narrow(0, r0, rows).unsqueeze(1);
-  if (dq) {
-    at::Tensor dq_block = dq->narrow(0, r0, rows);
-    at::mm_out(dq_block, weights.t(), p.keys);
-    dq_block.mul_(c);
-  }
-  if (dkeys) {
-    at::Tensor q_block = scaled_q.narrow(0, 0, rows);
-    at::mul_out(q_block, p.q.narrow(0, r0, rows), c);
-    dkeys->addmm_(weights, q_block);
-  }
-}
-
 // Per-query max of the block into shift (as an exp shift: 0 where a query has no entry).
 template <typename T>
 void block_shift(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
@@ -385,11 +426,11 @@ void block_shift(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile
 // Sums of the block: sum[i] = sum_j exp(s_ij - shift[i]) over the unmasked entries.
 template <typename T>
 void block_sums(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
-                Partials<T>& partial, const T* shift, T* sum) {
+                Partials<Acc>& partial, const T* shift, Acc* sum) {
   const T* a = p.alpha + r0;
   partial.reset(rows, T(0));
   p.for_each_tile_row(r0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
-    T* acc = partial.slot();
+    Acc* acc = partial.slot();
     sum_exp_into(acc, x, a, p.beta[j], shift, 0, cut);
     sum_exp_into(acc, x, a, p.beta[j], shift, cut + 1, rows);
   });
@@ -399,7 +440,7 @@ void block_sums(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
 // The lse of query i of the block from its shift and sum (the raw tile still in place).
 template <typename T>
 T query_lse(const Problem<T>& p, int64_t r0, int64_t rows, const at::Tensor& tile, T shift,
-            T sum, int64_t i) {
+            Acc sum, int64_t i) {
   const bool nan = shift == kInf<T> && p.query_has_nan(r0, rows, tile, i);
   return nan ? kNaN<T> : lse_from(shift, sum);
 }
@@ -407,11 +448,12 @@ T query_lse(const Problem<T>& p, int64_t r0, int64_t rows, const at::Tensor& til
 // Running per-key (max, sum) of a column log-sum-exp, merged tile row after tile row.
 template <typename T>
 struct ColumnStats {
-  std::vector<T> max, sum;
+  std::vector<T> max;
+  std::vector<Acc> sum;
   // Per key: an unmasked NaN score seen once its max is +inf (the sum cannot tell them apart
   // from then on). char, not bool: threads write different keys concurrently.
   std::vector<char> nan;
-  explicit ColumnStats(int64_t m) : max(m, -kInf<T>), sum(m, T(0)), nan(m, 0) {}
+  explicit ColumnStats(int64_t m) : max(m, -kInf<T>), sum(m, Acc(0)), nan(m, 0) {}
 
   // Merges tile row x (scores s_i = x_i a_i b with the block's queries, the one at `cut`
   // masked) into key k's statistics, and the per-query maxima into mx.

@@ -197,7 +197,7 @@ def test_cpu_gram_rejects_bad_arguments():
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_cpu_gram_tiles_without_round_barriers_are_exact_and_deterministic(threads, monkeypatch):
-    """The C++ pair tiles run on every thread at once with no barrier between rounds (PairTasks,
+    """The C++ pair tiles run on every thread at once with no barrier between rounds (pair_tasks,
     csrc/cpu/gram.cpp): 16-row blocks of 997 rows give 63 blocks (an odd count: rounds with a
     bye) and ~2000 tasks whose order of dependencies must hold. Against the float64 truth, and
     bitwise equal from call to call (each block's updates keep their order)."""

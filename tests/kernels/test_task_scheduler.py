@@ -1,0 +1,105 @@
+"""The C++ tile scheduler (csrc/cpu/tasks.h): its logic, not its timing.
+
+One parallel region per kernel call, every thread taking the first ready task: each task runs
+once, after its dependencies, tiles that update the same rows in their list order, and no task
+is bound to a thread in advance, so that a thread the OS deschedules does not hold up the work
+that does not depend on it. The kernels built on it stay bitwise deterministic.
+"""
+import pytest
+import torch
+
+import fastcontrast._ext as ext_loader
+
+from .._helpers import backend_usable
+
+pytestmark = pytest.mark.skipif(not backend_usable("cpu"), reason="C++ extension unavailable")
+
+
+@pytest.fixture
+def ext():
+    return ext_loader.load_extension()
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_every_task_once_after_its_dependencies(ext, two_threads):
+    """A random DAG (edges from lower to higher indices): every task runs exactly once, and no
+    task starts before all of its predecessors have finished."""
+    gen = torch.Generator().manual_seed(3)
+    size = 200
+    edges = [(earlier, later) for later in range(1, size)
+             for earlier in torch.randint(0, later, (2,), generator=gen).tolist()]
+    slot, start, finish, timed_out = ext.task_graph_trace(size, edges)
+    assert not timed_out
+    assert sorted(start + finish) == list(range(2 * size))  # one start, one finish each
+    assert all(s < f for s, f in zip(start, finish))
+    assert set(slot) <= {0, 1}
+    for earlier, later in edges:
+        assert finish[earlier] < start[later], (earlier, later)
+
+
+def test_chain_runs_in_list_order(ext, two_threads):
+    """A chain 0 -> 1 -> ... -> 49 runs strictly one task after the other, in order."""
+    size = 50
+    _, start, finish, timed_out = ext.task_graph_trace(size, [(t, t + 1) for t in range(size - 1)])
+    assert not timed_out
+    assert start == list(range(0, 2 * size, 2)) and finish == list(range(1, 2 * size, 2))
+
+
+def test_a_stalled_thread_does_not_hold_up_independent_tasks(ext, two_threads):
+    """Task 0 blocks its thread until every other task has finished: the other thread must take
+    all 99 of them (a static split would leave half of them to the blocked thread and never
+    finish; the probe gives up after 20 s and reports it)."""
+    size = 100
+    slot, start, finish, timed_out = ext.task_graph_trace(size, [], stall=0)
+    assert not timed_out
+    assert finish[0] == max(finish)
+    assert all(slot[t] != slot[0] for t in range(1, size))
+
+
+@pytest.mark.parametrize("blocks,chunks", [(1, 1), (3, 3), (2, 5), (5, 2), (4, 7)])
+def test_grid_order_covers_the_grid_in_independent_rounds(ext, blocks, chunks):
+    """Every (block, chunk) once; each run of min(blocks, chunks) consecutive tiles shares no
+    block and no chunk, so a round's tiles can run on different threads at once."""
+    order = ext.grid_order(blocks, chunks)
+    assert sorted(order) == [(b, c) for b in range(blocks) for c in range(chunks)]
+    width = min(blocks, chunks)
+    for r in range(0, len(order), width):
+        round_ = order[r:r + width]
+        assert len({b for b, _ in round_}) == width and len({c for _, c in round_}) == width
+
+
+@pytest.mark.parametrize("backend", ["cpu"])  # both sets of passes (conftest)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_infonce_kernels_bitwise_deterministic(ext, threads, backend):
+    """The task-scheduled forward, backward and one-pass forward with gradient give the same
+    bits on every call and for every thread count (each block's and chunk's updates in a fixed
+    order), with small forced blocks for many tasks."""
+    previous = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(11)
+    n, m, d = 301, 283, 7
+    q, k = torch.randn(n, d, generator=gen), torch.randn(m, d, generator=gen)
+    alpha, beta = torch.full((n,), 3.0), torch.rand(m, generator=gen) + 0.5
+    g = torch.rand(n, generator=gen)
+
+    def run():
+        row, col = ext.masked_lse_forward(q, k, alpha, beta, with_col_lse=True, block_rows=32)
+        grads = ext.masked_lse_backward(q, k, alpha, beta, row, g, col, g[:m], block_rows=32)
+        fused = ext.masked_lse_forward_with_grad(q, k, alpha, beta, g, block_rows=32)
+        return [row, col, *grads, *fused]
+
+    try:
+        torch.set_num_threads(1)
+        reference = run()
+        torch.set_num_threads(threads)
+        for _ in range(3):
+            for a, b in zip(run(), reference):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(previous)
