@@ -121,20 +121,35 @@ def cpu_chunk_keys(rows, elem_size=4):
     return max(rows, CPU_CHUNK_BYTES // (rows * elem_size) // 16 * 16)
 
 
-def kernel_products(n, m, d, elem_size=4, symmetric=False, backends=("cpu", "torch")):
+def cpu_task_block_rows(block, n, threads):
+    """csrc/cpu/infonce.cpp task_block_rows: R halved (to a multiple of 16, at least
+    CPU_MIN_BLOCK_ROWS) while the N rows make fewer than two blocks per thread."""
+    while block > CPU_MIN_BLOCK_ROWS and -(-n // block) < 2 * threads:
+        block = max(CPU_MIN_BLOCK_ROWS, block // 2 // 16 * 16)
+    return block
+
+
+def kernel_products(n, m, d, elem_size=4, symmetric=False, backends=("cpu", "torch"),
+                    threads=None):
     """{(backend, product, rows, keys, dim)}: every product shape the backends' kernels run in
-    one forward+backward of an N x M x D problem (``symmetric``: the column-term path: on the
-    cpu backend its forward runs R x M score tiles and its backward R x C chunks of the keys)."""
+    one forward+backward of an N x M x D problem on ``threads`` threads (default: torch's).
+
+    The cpu backend's task kernels: the one-directional fused forward+backward runs R x M score
+    tiles and dq products, and dkeys updates by key chunks; ``symmetric`` (the column-term path)
+    runs every product on R x C tiles of (query block, key chunk)."""
     out = set()
     if "cpu" in backends:
-        block = cpu_block_rows(n, m, d, elem_size, large_tile=symmetric)
+        threads = torch.get_num_threads() if threads is None else threads
+        block = cpu_task_block_rows(cpu_block_rows(n, m, d, elem_size, large_tile=symmetric), n,
+                                    threads)
+        key_chunks = _blocks(m, cpu_chunk_keys(block, elem_size))
         for rows in _blocks(n, block):
-            if not symmetric:
-                out |= {("cpu", product, rows, m, d) for product in PRODUCTS}
+            if symmetric:
+                out |= {("cpu", product, rows, keys, d) for product in PRODUCTS
+                        for keys in key_chunks}
                 continue
-            out.add(("cpu", "scores", rows, m, d))
-            for keys in _blocks(m, cpu_chunk_keys(block, elem_size)):
-                out |= {("cpu", product, rows, keys, d) for product in PRODUCTS}
+            out |= {("cpu", "scores", rows, m, d), ("cpu", "dq", rows, m, d)}
+            out |= {("cpu", "dk", rows, keys, d) for keys in key_chunks}
     if "torch" in backends:
         for rows in _blocks(n, torch_chunk_rows(n, m)):
             out |= {("torch", product, rows, m, d) for product in PRODUCTS}

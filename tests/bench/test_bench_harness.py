@@ -213,12 +213,12 @@ def _recorded_products(run, m, d, backend, row_blocks):
     return out
 
 
-def _expected_products(n, m, d, backend, symmetric=False):
+def _expected_products(n, m, d, backend, symmetric=False, threads=None):
     from fastcontrast.benchmarks._floor import kernel_products
 
     return {("dk" if p == "dk" else "dq" if p == "dq" else f"{b} scores", rows, keys, dim)
             for b, p, rows, keys, dim in kernel_products(n, m, d, symmetric=symmetric,
-                                                         backends=(backend,))}
+                                                         backends=(backend,), threads=threads)}
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -228,10 +228,11 @@ def test_the_floor_measures_the_product_shapes_the_kernels_run(backend, symmetri
 
     if backend not in fastcontrast.available_backends("cpu"):
         pytest.skip(f"backend {backend} not available")
-    # M = 16384 keys: the cpu kernel's fused path takes R = 256 rows a block (512 with the
-    # doubled tile of the symmetric path), the torch backend 256-row chunks; N = 300 leaves a
-    # tail block. Symmetric needs N = M: 1600 x 1600 (R = 512, tail 64; backward key chunks of
-    # 1024, tail 576; torch 1600 rows).
+    # M = 16384 keys: the cpu kernel's fused path takes R = 256 rows a block (dkeys by key
+    # chunks of 2048), the torch backend 256-row chunks; N = 300 leaves a tail block. Symmetric
+    # needs N = M: 1600 x 1600 (R = 512, tail 64; key chunks of 1024, tail 576; torch 1600
+    # rows). One thread: the cpu kernels run their tiles as tasks on the threads of one parallel
+    # region, and the profiler records only the calling thread's ops.
     n, m, d = (1600, 1600, 8) if symmetric else (300, 16384, 8)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(n, d, generator=gen, requires_grad=True)
@@ -242,8 +243,13 @@ def test_the_floor_measures_the_product_shapes_the_kernels_run(backend, symmetri
         loss = fastcontrast.info_nce(q, k, symmetric=True, backend=backend) if symmetric else \
             fastcontrast.info_nce(q, k, targets=targets, backend=backend)
         loss.backward()
-    expected = _expected_products(n, m, d, backend, symmetric)
-    recorded = _recorded_products(run, m, d, backend, {rows for _, rows, _, _ in expected})
+    expected = _expected_products(n, m, d, backend, symmetric, threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recorded = _recorded_products(run, m, d, backend, {rows for _, rows, _, _ in expected})
+    finally:
+        torch.set_num_threads(threads)
     assert recorded == expected, recorded
 
 
