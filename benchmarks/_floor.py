@@ -109,7 +109,9 @@ def torch_chunk_rows(n, m, chunk_elements=None):
 
 
 def _blocks(n, rows):
-    """The distinct row counts of the blocks of n rows taken ``rows`` at a time (tail included)."""
+    """The distinct row counts of the blocks of n rows taken ``rows`` at a time (tail included;
+    one block of n when ``rows`` exceeds n)."""
+    rows = min(rows, n)
     return sorted({rows} | ({n % rows} if n % rows else set()))
 
 
