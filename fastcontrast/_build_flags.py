@@ -42,6 +42,12 @@ def cuda_extension_sources(csrc):
         os.path.join(csrc, "cuda", "cuda_bindings.cpp")]
 
 
+def cuda_extension_headers(csrc):
+    """The headers the CUDA sources include (csrc/cuda/*.h, *.cuh)."""
+    return sorted(glob.glob(os.path.join(csrc, "cuda", "*.h"))
+                  + glob.glob(os.path.join(csrc, "cuda", "*.cuh")))
+
+
 def cpu_extension_flags():
     """(compile flags, link flags): O3, OpenMP, and the host's vector ISA (built where it runs).
 

@@ -14,7 +14,6 @@ Entry points of the compiled module (argument checks in cuda_bindings.cpp):
         -> (new_pointer, new_count)
 """
 import functools
-import glob
 import os
 
 import torch
@@ -46,6 +45,7 @@ def _why_not():
 def _build():
     from torch.utils import cpp_extension
 
+    from fastcontrast._build_flags import cuda_extension_headers
     from fastcontrast._jit_build import build_directory, clear_stale_lock, compile_notice
 
     csrc, sources = _sources()
@@ -53,8 +53,7 @@ def _build():
     build_dir = build_directory(JIT_MODULE_NAME,
                                 os.path.join(configured, "cuda") if configured else None)
     clear_stale_lock(build_dir)  # a build running elsewhere or killed midway: _jit_build
-    headers = glob.glob(os.path.join(csrc, "cuda", "*.h")) + glob.glob(
-        os.path.join(csrc, "cuda", "*.cuh"))
+    headers = cuda_extension_headers(csrc)
     with compile_notice("CUDA kernels", JIT_MODULE_NAME, build_dir, sources + headers):
         return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources,
                                   extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-std=c++17"],

@@ -61,15 +61,6 @@ def _sources_and_headers(csrc):
     return cpu_extension_sources(csrc), cpu_extension_headers(csrc)
 
 
-def _newer_than(path, files):
-    """True when any of ``files`` was modified after ``path`` (or ``path`` is missing)."""
-    try:
-        built = os.path.getmtime(path)
-    except OSError:
-        return True
-    return any(os.path.getmtime(f) > built for f in files if os.path.isfile(f))
-
-
 def _import_prebuilt():
     """fastcontrast._C if it was built ahead of time and is not older than the sources beside
     it (an editable install after a C++ edit: the just-in-time build then compiles the edit)."""
@@ -79,11 +70,13 @@ def _import_prebuilt():
         return None
     if not _has_entry_points(module):
         return None
+    from fastcontrast._jit_build import is_current
+
     csrc = _csrc()
     if csrc is not None:
         sources, headers = _sources_and_headers(csrc)
         try:
-            if _newer_than(module.__file__, sources + headers):
+            if not is_current(module.__file__, sources + headers):
                 return None
         except (OSError, TypeError):
             pass

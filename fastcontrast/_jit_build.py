@@ -36,7 +36,8 @@ import time
 import warnings
 
 __all__ = ["TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "lock_timeout_s", "build_directory",
-           "clear_stale_lock", "torch_lock_is_advisory", "lock_is_held", "compile_notice"]
+           "clear_stale_lock", "torch_lock_is_advisory", "lock_is_held", "is_current",
+           "compile_notice"]
 
 TIMEOUT_ENV = "FASTCONTRAST_BUILD_LOCK_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
@@ -148,6 +149,15 @@ def clear_stale_lock(build_dir, *, poll_s=0.05):
     _wait_while(lambda: os.path.exists(path), path, limit, poll_s)
 
 
+def is_current(built, inputs):
+    """True when the file ``built`` exists and no file of ``inputs`` was modified after it."""
+    try:
+        when = os.path.getmtime(built)
+    except OSError:
+        return False
+    return all(os.path.getmtime(path) <= when for path in inputs if os.path.isfile(path))
+
+
 def _has_current_build(name, build_dir, inputs):
     """True when ``build_dir`` holds a compiled ``name`` (torch names it name.so or name_vK.so)
     newer than every file of ``inputs``."""
@@ -155,10 +165,7 @@ def _has_current_build(name, build_dir, inputs):
         return False
     built = glob.glob(os.path.join(build_dir, f"{name}.so")) + glob.glob(
         os.path.join(build_dir, f"{name}_v*.so"))
-    if not built:
-        return False
-    newest = max(os.path.getmtime(path) for path in built)
-    return all(os.path.getmtime(path) <= newest for path in inputs if os.path.isfile(path))
+    return bool(built) and is_current(max(built, key=os.path.getmtime), inputs)
 
 
 @contextlib.contextmanager
