@@ -68,8 +68,8 @@ tier_torch214() {
 }
 
 tier_install() {
-  local src=$ROOT/build/compat-src
-  [ -f "$src/setup.py" ] || clean_copy "$src"
+  local src=$ROOT/build/install-src  # its own copy: the torch214 tier's may be stale or built
+  clean_copy "$src"
   say "install: plain pip install . in a fresh venv ($TORCH_COMPAT)"
   fresh_venv .venv-compat-plain
   .venv-compat-plain/bin/python -m pip --disable-pip-version-check -q install "$src"
