@@ -14,10 +14,11 @@ similarity matrix, so that time against N means the same work in every family:
     siglip   SigLIP sigmoid loss, scale 10, bias -10        image, text (N, D), L2-normalised
 
 Implementations: ``fastcontrast[<backend>]`` (each backend available on the device),
-``naive`` (the plain-PyTorch way, materialised logits), ``torch.compile`` (of naive) and the
-peers (benchmarks/peers.py). supcon / moco / siglip are enabled when fastcontrast has the
-function. An implementation's ``products`` counts the N x M x D matrix products it runs, for the
-achieved GFLOP/s; the essential ones are the family's (3, or 2 for moco, whose keys need no grad).
+``naive`` (the plain-PyTorch way, materialised logits), ``torch.compile`` (of naive), the
+peers (benchmarks/peers.py) and, as ``compat <peer>``, each peer's drop-in twin from
+fastcontrast.compat, built and called exactly as the peer is. An implementation's
+``products`` counts the N x M x D matrix products it runs, for the achieved GFLOP/s; the
+essential ones are the family's (3, or 2 for moco, whose keys need no grad).
 """
 from dataclasses import dataclass, field
 
@@ -186,7 +187,7 @@ def naive_siglip(image, text):
 
 
 # ---------------------------------------------------------------------------------------------
-# fastcontrast's functions (NT-Xent falls back to info_nce while fastcontrast.nt_xent is absent)
+# fastcontrast's functions
 
 
 def _fc_infonce(backend):
@@ -199,15 +200,7 @@ def _fc_clip(backend):
 
 
 def _fc_ntxent(backend):
-    if hasattr(fastcontrast, "nt_xent"):
-        return lambda z1, z2: fastcontrast.nt_xent(z1, z2, temperature=NTXENT_TAU,
-                                                   backend=backend)
-
-    def via_info_nce(z1, z2):
-        z = torch.cat([z1, z2])
-        return fastcontrast.info_nce(z, z, targets=partner_targets(z.shape[0], z.device),
-                                     exclude_self=True, temperature=NTXENT_TAU, backend=backend)
-    return via_info_nce
+    return lambda z1, z2: fastcontrast.nt_xent(z1, z2, temperature=NTXENT_TAU, backend=backend)
 
 
 def _fc_supcon(backend):
@@ -229,10 +222,12 @@ def _fc_siglip(backend):
 # Peers, configured to the family's definition
 
 
-def _peer_loss(key, configure):
-    """make() for a peer: load its class (peers.load_peer) and adapt it with ``configure``."""
+def _peer_loss(load, key, configure):
+    """make() for a peer or its fastcontrast.compat twin: load the class (``load(key)``:
+    peers.load_peer or peers.load_twin) and adapt it with ``configure``; both take the same
+    constructor and forward arguments, so one ``configure`` serves both."""
     def make():
-        cls, reason = peers.load_peer(key)
+        cls, reason = load(key)
         if cls is None:
             raise ImportError(reason)
         return configure(cls)
@@ -281,8 +276,15 @@ def _pml_supcon(cls):
 
 
 def _peer(name, key, configure):
-    return Implementation(name, "peer", _peer_loss(key, configure),
+    return Implementation(name, "peer", _peer_loss(peers.load_peer, key, configure),
                           unavailable=lambda: peers.installed(key), peer=key)
+
+
+def _twin(name, key, configure):
+    """The peer's drop-in class from fastcontrast.compat, configured as the peer is."""
+    return Implementation(f"compat {name}", "compat",
+                          _peer_loss(peers.load_twin, key, configure),
+                          unavailable=lambda: peers.load_twin(key)[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,14 +298,6 @@ def _compiled(fn):
     return lambda: torch.compile(fn, dynamic=False)
 
 
-def _missing(function):
-    def unavailable():
-        if not hasattr(fastcontrast, function):
-            return f"fastcontrast {fastcontrast.__version__} has no {function}() yet"
-        return None
-    return unavailable
-
-
 def _reference_call(function, **options):
     """The family's loss through fastcontrast's reference backend (the oracle)."""
     def reference(**inputs):
@@ -312,9 +306,7 @@ def _reference_call(function, **options):
 
 
 def _ntxent_reference(z1, z2):
-    if hasattr(fastcontrast, "nt_xent"):
-        return fastcontrast.nt_xent(z1, z2, temperature=NTXENT_TAU, backend="reference")
-    return _fc_ntxent("reference")(z1, z2)
+    return fastcontrast.nt_xent(z1, z2, temperature=NTXENT_TAU, backend="reference")
 
 
 def _families():
@@ -338,18 +330,16 @@ def _families():
         Family("supcon", "SupCon (L_out), 100 classes", _supcon_inputs,
                _reference_call("supcon", temperature=SUPCON_TAU), square,
                implementations={"naive": (naive_supcon, None),
-                                "pml SupConLoss": ("pml SupConLoss", _pml_supcon)},
-               enabled=_missing("supcon")),
+                                "pml SupConLoss": ("pml SupConLoss", _pml_supcon)}),
         Family("moco", "MoCo (queue negatives)", _moco_inputs,
                _reference_call("moco_loss", temperature=MOCO_TAU),
                lambda problem: problem.k or MOCO_QUEUE, essential_products=2,
-               implementations={"naive": (naive_moco, None)}, enabled=_missing("moco_loss")),
+               implementations={"naive": (naive_moco, None)}),
         Family("siglip", "SigLIP (sigmoid)", _pair_inputs(("image", "text"), True),
                _reference_call("siglip_loss", logit_scale=SIGLIP_SCALE, logit_bias=SIGLIP_BIAS),
                square, implementations={
                    "naive": (naive_siglip, None),
-                   "open_clip SigLipLoss": ("open_clip SigLipLoss", _open_clip_siglip)},
-               enabled=_missing("siglip_loss")),
+                   "open_clip SigLipLoss": ("open_clip SigLipLoss", _open_clip_siglip)}),
     ]
     fastcontrast_fns = {"infonce": _fc_infonce, "clip": _fc_clip, "ntxent": _fc_ntxent,
                         "supcon": _fc_supcon, "moco": _fc_moco, "siglip": _fc_siglip}
@@ -372,6 +362,7 @@ def _families():
                 impls[name] = Implementation(name, "baseline", _baseline(what))
             else:
                 impls[name] = _peer(name, what, configure)
+                impls[f"compat {name}"] = _twin(name, what, configure)
             if name == "naive":
                 impls["torch.compile"] = Implementation("torch.compile", "baseline",
                                                         _compiled(what), warm_full_size=True)

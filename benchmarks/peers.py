@@ -39,17 +39,22 @@ class Peer:
     module: str
     attribute: str
     shim: bool  # may need the import shims above (its package __init__ imports torchvision)
+    twin: str = None  # its drop-in class in fastcontrast.compat: "<module>.<class>"
 
 
 PEERS = {
-    "info-nce-pytorch": Peer("info-nce-pytorch", "info_nce", "InfoNCE", False),
-    "open_clip ClipLoss": Peer("open-clip-torch", "open_clip.loss", "ClipLoss", True),
-    "open_clip SigLipLoss": Peer("open-clip-torch", "open_clip.loss", "SigLipLoss", True),
-    "lightly": Peer("lightly", "lightly.loss.ntx_ent_loss", "NTXentLoss", True),
+    "info-nce-pytorch": Peer("info-nce-pytorch", "info_nce", "InfoNCE", False,
+                             "info_nce.InfoNCE"),
+    "open_clip ClipLoss": Peer("open-clip-torch", "open_clip.loss", "ClipLoss", True,
+                               "open_clip.ClipLoss"),
+    "open_clip SigLipLoss": Peer("open-clip-torch", "open_clip.loss", "SigLipLoss", True,
+                                 "open_clip.SigLipLoss"),
+    "lightly": Peer("lightly", "lightly.loss.ntx_ent_loss", "NTXentLoss", True,
+                    "lightly.NTXentLoss"),
     "pml NTXentLoss": Peer("pytorch-metric-learning", "pytorch_metric_learning.losses",
-                           "NTXentLoss", False),
+                           "NTXentLoss", False, "pytorch_metric_learning.NTXentLoss"),
     "pml SupConLoss": Peer("pytorch-metric-learning", "pytorch_metric_learning.losses",
-                           "SupConLoss", False),
+                           "SupConLoss", False, "pytorch_metric_learning.SupConLoss"),
 }
 
 INSTALL_HINT = 'install the peers with `pip install -e ".[bench]"` or `scripts/setup.sh --bench`'
@@ -97,6 +102,20 @@ def load_peer(key):
         return getattr(module, peer.attribute), None
     except AttributeError:
         return None, f"{peer.module} {version(key)} has no {peer.attribute}"
+
+
+def load_twin(key):
+    """(fastcontrast.compat's drop-in class for the peer, None), or (None, why it is absent)."""
+    if PEERS[key].twin is None:
+        return None, f"fastcontrast.compat has no twin of {key}"
+    module_name, attribute = PEERS[key].twin.rsplit(".", 1)
+    try:
+        module = importlib.import_module(f"fastcontrast.compat.{module_name}")
+    except ImportError as error:
+        return None, f"fastcontrast.compat.{module_name} failed to import: {error}"
+    if not hasattr(module, attribute):
+        return None, f"fastcontrast.compat.{module_name} has no {attribute}"
+    return getattr(module, attribute), None
 
 
 def _import_restoring_on_failure(name):

@@ -12,6 +12,9 @@
     gpu             CUDA: bf16 / fp32, N = 16384 and 131072, and fastcontrast alone at N = 2^20
                     (bf16); sized to fit benchmarks/gpu_check.sh's few minutes. Widen it with
                     --suite full --device cuda (fp16 via --families/--sizes as needed).
+    compat          each peer beside its drop-in twin from fastcontrast.compat (the same
+                    constructor and call): N = 4096 and 8192, D = 256, fp32, every family with
+                    a peer. Twins run in this suite only.
     smoke           tiny sizes, for the harness's own tests.
     distributed     symmetric CLIP on W = 2 gloo processes (1 thread each), global batch 16384,
                     D = 256: fastcontrast.distributed ring and gather against OpenCLIP's
@@ -54,6 +57,7 @@ class Suite:
     part: str = "grid"
     repeats_by_n: dict = None    # N -> timed runs (None: ``repeats`` at every N)
     series: bool = False         # each implementation's N ascending in one worker process
+    twins: bool = False          # run the peers' fastcontrast.compat twins ("compat <peer>")
 
     def repeats_at(self, n):
         return (self.repeats_by_n or {}).get(n, self.repeats)
@@ -84,6 +88,12 @@ SUITES = {
         "cuda", ("infonce", "clip", "ntxent"), (16384, 131072), (256,), ("bf16", "fp32"),
         repeats=5, time_limit_s=90, skip={"torch.compile": GPU_COMPILE_SKIP,
                                           "fastcontrast[torch]": GPU_TORCH_SKIP}),
+    "compat": Suite(
+        "compat", "peers beside their fastcontrast.compat twins: N = 4096, 8192, D = 256, fp32",
+        "cpu", ("infonce", "clip", "ntxent", "supcon", "siglip"), (4096, 8192), (256,),
+        ("fp32",), repeats=3, time_limit_s=120, twins=True,
+        impls=tuple(name for family in FAMILIES.values() for name, impl in
+                    family.implementations.items() if impl.kind in ("peer", "compat"))),
     "smoke": Suite(
         "smoke", "tiny sizes (tests of the harness)", "cpu", ("infonce", "ntxent"), (64,), (8,),
         ("fp32",), repeats=1, time_limit_s=60, search_budget_gib=0.25, search_max_n=128,
@@ -106,6 +116,8 @@ def cases(suite):
                 for n in suite.sizes:
                     for impl in FAMILIES[family].implementations:
                         if suite.impls is not None and impl not in suite.impls:
+                            continue
+                        if impl.startswith("compat ") and not suite.twins:
                             continue
                         if suite.fastcontrast_only_above and n > suite.fastcontrast_only_above \
                                 and not impl.startswith("fastcontrast"):
