@@ -25,8 +25,10 @@ PACKAGE_DATA = {"fastcontrast.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "c
 
 
 def _extension_build():
-    """Return (ext_modules, cmdclass) for the C++ extension, or ([], {}) when torch is absent."""
-    if os.environ.get("FASTCONTRAST_NO_EXTENSION") == "1":
+    """Return (ext_modules, cmdclass) for the C++ extension, or ([], {}) when torch is absent or
+    FASTCONTRAST_DISABLE_EXTENSION=1 (the variable that also keeps the installed package from
+    loading or compiling the extension, fastcontrast/_ext.py)."""
+    if os.environ.get("FASTCONTRAST_DISABLE_EXTENSION") == "1":
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension

@@ -1,4 +1,4 @@
-"""Where symmetric CLIP's extra time goes on CPU (issue 12, item 3): clip_loss against the
+"""Where symmetric CLIP's extra time goes on CPU: clip_loss against the
 one-directional info_nce, forward+backward, and the kernel ops of each alone, interleaved in one
 run (medians of rounds, order rotated; paired ratios).
 

@@ -1,4 +1,4 @@
-"""Symmetric-Gram targets on CPU (issue 12, item 2): nt_xent and supcon forward+backward on the
+"""Symmetric-Gram targets on CPU: nt_xent and supcon forward+backward on the
 symmetric-Gram ops against the full-product path (FASTCONTRAST_GRAM=0), interleaved in one run.
 
     python -m benchmarks.gram_targets --out OUT_DIR [--rows 16384] [--dim 256] [--repeats 5]

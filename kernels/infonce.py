@@ -48,13 +48,12 @@ import triton
 import triton.language as tl
 
 from .._validation import check_ids
-from ._common import SUPPORTED_DTYPES  # noqa: F401 (read by the host, fastcontrast/_fused.py)
+from ._common import SUPPORTED_DTYPES  # noqa: F401 (the dtypes these kernels take)
 from ._common import (_INTERPRET, _block_config, _check_device, _check_matrix, _device_context,
                       _grad_scale, _input_precision, _load_rows, _tile_dots, _upcast, new_output)
 
-# The host should pass L2-normalised q/keys with alpha = 1/temperature and beta = 1: tile values
-# are then O(1) and fp16/bf16 tiles lose nothing. General alpha/beta are still honoured.
-PREFERS_PRENORMALIZED = True
+# The host passes L2-normalised q/keys with alpha = 1/temperature and beta = 1 where it can: tile
+# values are then O(1) and fp16/bf16 tiles lose nothing. General alpha/beta are honoured.
 
 # Global constexprs, usable inside the kernels.
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(s) = exp2(s * log2(e))
@@ -233,8 +232,8 @@ def _masked_lse_bwd_kernel(
               else:         e NX NY D * (S * (1/BLOCK_X + 1/BLOCK_Y) + 1/BLOCK_X)
               + 4 NX D (dX written once) + 12 (NX + NY) (scales, lse, grads; ids 8 more each).
     The NX NY-proportional terms are re-reads that mostly hit L2 (concurrent programs sweep the
-    same inner blocks); the HBM floor is the first and last terms. The former path (one D chunk
-    accumulated in place per inner block) moved an extra 8 NX NY D / BLOCK_Y bytes of dX."""
+    same inner blocks); the HBM floor is the first and last terms. The alternative layout (one D
+    chunk accumulated in place per inner block) moves an extra 8 NX NY D / BLOCK_Y bytes of dX."""
     # int64 program offsets: row * stride reaches NX * D, which exceeds 2^31 at the sizes we target.
     pid = tl.program_id(0).to(tl.int64)
     d_lo = tl.program_id(1) * SPLIT_D
@@ -331,7 +330,7 @@ _INTERPRETER = dict(block_x=64, block_y=64, max_block_d=128, chunk_d=128, num_wa
 # (the one-chunk path with block_x 64 at D = 512) spills in every variant (ptxas, sm_90); a
 # FlashAttention-2 dq/dk layout needs atomics on dq, a read-modify-write per key block again.
 # Model at N = M = 65536, D = 512, bf16 (per kernel; 4 N M D = 8.8 TFLOP is the minimum):
-#   former path, dX in place:        4 N M D,  ~380 GB (275 GB of them fp32 dX read + written)
+#   dX accumulated in place:         4 N M D,  ~380 GB (275 GB of them fp32 dX read + written)
 #   split_d 512 (S = 1), 64 x 32:    4 N M D,  ~275 GB of bf16 re-reads (L2), nothing written
 #   split_d 256 (S = 2), 64 x 64:    6 N M D,  ~344 GB
 #   split_d 128 (S = 4), 128 x 64:  10 N M D,  ~447 GB

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES  # noqa: F401 (read by the host, fastcontrast/_siglip.py)
+from ._common import SUPPORTED_DTYPES  # noqa: F401 (the dtypes these kernels take)
 from ._common import (_block_config, _check_device, _check_matrix, _device_context, _grad_scale,
                       _input_precision, _load_rows, _tile_dots, _upcast, new_output)
 

@@ -57,7 +57,7 @@ build_env() {
   "${pip[@]}" install "${PINS[@]}"
   "${pip[@]}" install -c "$pin" "${TOOLS[@]}"
   # Without the C++ extension: these checks run only Triton (and the GPU image builds its own).
-  FASTCONTRAST_NO_EXTENSION=1 "${pip[@]}" install -c "$pin" --no-build-isolation --no-deps -e .
+  FASTCONTRAST_DISABLE_EXTENSION=1 "${pip[@]}" install -c "$pin" --no-build-isolation --no-deps -e .
   rm -f "$pin"
   "$VENV/bin/python" -c "import torch, triton; assert (torch.__version__.split('+')[0],
     triton.__version__) == ('2.11.0', '3.6.0'), (torch.__version__, triton.__version__)"
