@@ -70,9 +70,11 @@ def info_nce(query, positive_key, negative_keys=None, temperature=0.1, reduction
     if negative_keys is None:
         return fcf.info_nce(query, positive_key, temperature=temperature, reduction=reduction)
     if negative_keys.numel() == 0:
-        # Only the positive is a candidate: loss_i = 0, as the peer's one-logit cross-entropy.
-        return fcf.info_nce(query, positive_key, temperature=temperature, reduction=reduction,
+        # Only the positive is a candidate: loss_i = 0, as the peer's one-logit cross-entropy;
+        # the (empty) negatives stay in the graph, so their gradient is an empty tensor too.
+        loss = fcf.info_nce(query, positive_key, temperature=temperature, reduction=reduction,
                             in_batch_negatives=False)
+        return loss + negative_keys.sum().to(loss.dtype) if negative_keys.requires_grad else loss
     return fcf.info_nce(query, positive_key, negative_keys, temperature=temperature,
                         reduction=reduction, in_batch_negatives=False)
 
