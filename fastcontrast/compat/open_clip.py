@@ -104,16 +104,20 @@ class ClipLoss(nn.Module):
       local_loss=False  returns the loss of the concatenated batch on every rank (OpenCLIP's
                         value), computed once across the ranks rather than whole on each.
     Gradients, whatever ``gather_with_grad``: each rank's features get the gradient of the sum
-    of the ranks' returned losses, ``logit_scale`` the gradient of this rank's returned loss.
-    That is OpenCLIP's gradient with ``gather_with_grad=True``, and after DDP's average the
-    single-process gradient. With ``gather_with_grad=False`` OpenCLIP differs, and this class
-    deliberately does not follow it (OpenCLIP issue #616): there the gathered features carry no
-    gradient, so with local_loss=False each rank's features get only the gradient of one copy
-    of the loss (1 / world_size of the single-process gradient after DDP, while logit_scale's
-    is not scaled), and with local_loss=True only the terms where they are the anchor row (the
-    gradient through the other ranks' rows is lost). The maintainers' advice is
-    local_loss=True with gather_with_grad=True; this class computes that gradient in every
-    case, so ``gather_with_grad`` changes nothing here.
+    of the ranks' returned losses; ``logit_scale`` gets, with local_loss=False, the gradient of
+    the whole-batch loss on every rank, with local_loss=True a share whose mean over the ranks
+    is the whole-batch gradient (OpenCLIP splits it differently, each rank the gradient of its
+    own loss; the same mean). That is OpenCLIP's gradient with ``gather_with_grad=True`` and,
+    after DDP's average, the single-process gradient.
+
+    With ``gather_with_grad=False`` OpenCLIP differs and this class deliberately does not
+    follow it (OpenCLIP issue #616): the gathered features carry no gradient there, so with
+    local_loss=False each rank's features get the gradient of one copy of the loss (after DDP
+    1 / world_size of the single-process gradient, while logit_scale's is not scaled), and with
+    local_loss=True only as the anchor of their own rows (as a candidate in the other
+    modality's rows they get none). The maintainers advise local_loss=True with
+    gather_with_grad=True; this class computes that gradient in every case, so
+    ``gather_with_grad`` changes nothing here.
     """
 
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0,
