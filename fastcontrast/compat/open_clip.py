@@ -96,13 +96,15 @@ class ClipLoss(nn.Module):
     features used as given (CLIP normalises them). Returns the 0-dim loss, or
     {"contrastive_loss": loss} with ``output_dict=True``.
 
-    world_size > 1 (fastcontrast.distributed.clip_loss, mode "gather"; equal batch sizes, as
-    OpenCLIP needs):
+    world_size > 1 (fastcontrast.distributed.clip_loss, mode "gather"):
       local_loss=True   returns this rank's loss: its images against every rank's texts and its
                         texts against every rank's images, mean over its own rows (OpenCLIP's
                         value; the mean over the ranks is the loss of the concatenated batch).
       local_loss=False  returns the loss of the concatenated batch on every rank (OpenCLIP's
                         value), computed once across the ranks rather than whole on each.
+    Uneven batch sizes, which OpenCLIP cannot gather, work too: local_loss=True then returns
+    W / N_total times the sum of this rank's row losses (W ranks, N_total rows in all), so the
+    mean over the ranks is still the loss of the concatenated batch.
     Gradients, whatever ``gather_with_grad``: each rank's features get the gradient of the sum
     of the ranks' returned losses; ``logit_scale`` gets, with local_loss=False, the gradient of
     the whole-batch loss on every rank, with local_loss=True a share whose mean over the ranks
@@ -196,11 +198,13 @@ class SigLipLoss(nn.Module):
     ``output_dict=True``.
 
     world_size > 1 (fastcontrast.distributed.siglip_loss): this rank's images against the texts
-    of every rank, summed, divided by this rank's batch size N_r (OpenCLIP's value, for the
-    equal batch sizes it needs). The texts' gradient is that of the sum of all ranks' losses,
-    the scalars' that of this rank's loss, as OpenCLIP: values and gradients are the same for
-    every ``dist_impl``, which only picks the communication: 'bidir' and 'shift' run the ring
-    mode (texts travel rank to rank), 'reduce' and 'gather' the gather mode."""
+    of every rank, summed, divided by this rank's batch size N_r (OpenCLIP's value for equal
+    batch sizes; uneven ones, which OpenCLIP cannot exchange, divide by N_total / W, so the
+    mean over the ranks is the loss of the concatenated batch). The texts' gradient is that of
+    the sum of all ranks' losses, the scalars' that of this rank's loss, as OpenCLIP. Values
+    and gradients are the same for every ``dist_impl``, which only picks the communication:
+    'bidir' and 'shift' run the ring mode (texts travel rank to rank), 'reduce' and 'gather'
+    the gather mode."""
 
     def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None):
         super().__init__()

@@ -26,6 +26,11 @@ N_LOCAL, DIM = 5, 3
 TOL = {torch.float64: (1e-12, 1e-12)}
 CLIP_OPTIONS = [(local, gather) for local in (True, False) for gather in (True, False)]
 SIGLIP_IMPLS = ("bidir", "shift", "reduce", "gather")
+UNEVEN = (3, 7)  # rows per rank, WORLD * N_LOCAL in all
+
+
+def _rows(sizes, rank):
+    return slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
 
 
 def _batch():
@@ -53,7 +58,7 @@ def _worker(rank, world_size):
     from fastcontrast.compat import open_clip as compat
 
     peer, reason = load_open_clip_loss()
-    rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    rows = _rows((N_LOCAL,) * world_size, rank)
     out = {"skip": reason}
     for local, gather in CLIP_OPTIONS:
         options = dict(local_loss=local, gather_with_grad=gather, rank=rank, world_size=world_size)
@@ -65,6 +70,11 @@ def _worker(rank, world_size):
         out[("siglip", impl)] = _run(compat.SigLipLoss(**options), rows, 10.0, -3.0)
         if peer is not None:
             out[("peer siglip", impl)] = _run(peer.SigLipLoss(**options), rows, 10.0, -3.0)
+    uneven = _rows(UNEVEN, rank)
+    out[("uneven clip", False, True)] = _run(
+        compat.ClipLoss(rank=rank, world_size=world_size), uneven, 30.0, -2.0)
+    out[("uneven siglip", "bidir")] = _run(
+        compat.SigLipLoss(rank=rank, world_size=world_size), uneven, 10.0, -3.0)
     for wrong in (dict(rank=1 - rank, world_size=2), dict(rank=0, world_size=3)):
         try:
             compat.ClipLoss(**wrong)(*_batch(), 10.0)
@@ -140,24 +150,27 @@ def _whole_batch(loss_fn, scale, bias):
     return value.detach(), torch.autograd.grad(value, [image, text])
 
 
-@pytest.mark.parametrize("kind", ["clip local", "clip global", "siglip"])
+@pytest.mark.parametrize("kind", ["clip local", "clip global", "siglip", "uneven clip global",
+                                  "uneven siglip"])
 def test_against_one_process_on_the_whole_batch(ranks, kind):
+    """Uneven batches (which OpenCLIP's gathers cannot run) follow the same convention."""
     from fastcontrast.compat import open_clip as compat
 
-    if kind == "siglip":
-        key, whole = ("siglip", "bidir"), _whole_batch(compat.SigLipLoss(), 10.0, -3.0)
+    sizes = UNEVEN if kind.startswith("uneven") else (N_LOCAL,) * WORLD
+    key = {"clip local": ("clip", True, True), "clip global": ("clip", False, True),
+           "siglip": ("siglip", "bidir"), "uneven clip global": ("uneven clip", False, True),
+           "uneven siglip": ("uneven siglip", "bidir")}[kind]
+    if kind.endswith("siglip"):
+        whole = _whole_batch(compat.SigLipLoss(), 10.0, -3.0)
     else:
-        key = ("clip", kind == "clip local", True)
         whole = _whole_batch(compat.ClipLoss(), 30.0, -2.0)
     values = torch.stack([out[key][0] for out in ranks])
-    expected = whole[0].expand(WORLD) if kind == "clip global" else None
-    if expected is not None:  # every rank returns the whole batch's loss
-        assert_close(values, expected, torch.float64, "values", tolerances=TOL)
+    if kind.endswith("clip global"):  # every rank returns the whole batch's loss
+        assert_close(values, whole[0].expand(WORLD), torch.float64, "values", tolerances=TOL)
     assert_close(values.mean(), whole[0], torch.float64, "mean of the values", tolerances=TOL)
     for rank, out in enumerate(ranks):
-        rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         for i in (0, 1):
-            assert_close(out[key][1][i], WORLD * whole[1][i][rows], torch.float64,
+            assert_close(out[key][1][i], WORLD * whole[1][i][_rows(sizes, rank)], torch.float64,
                          f"rank {rank} grad {i}", tolerances=TOL)
 
 
