@@ -137,6 +137,16 @@ def test_coca_loss_matches(peer, clip_weight):
                 assert_close(o, t, torch.float64, "CoCaLoss grad", tolerances=PARITY)
 
 
+def test_cached_labels_follow_the_batch_size(peer):
+    """One object called on changing batch sizes with cache_labels=True (the peer caches its
+    label tensor per size; there is nothing to cache here)."""
+    ours, theirs = compat.ClipLoss(cache_labels=True), peer.ClipLoss(cache_labels=True)
+    for n in (5, 3, 5, 1):
+        image, text = features(n, 4, torch.float64)
+        assert_parity(run(ours, (image, text, 50.0)), run(theirs, (image, text, 50.0)),
+                      torch.float64, f"ClipLoss cache_labels N={n}")
+
+
 def test_logit_scale_of_shape_1_gets_its_gradient_in_its_shape():
     image, text = features(6, 4, torch.float64)
     for loss in (compat.ClipLoss(), compat.SigLipLoss()):
