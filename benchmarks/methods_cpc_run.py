@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fastcontrast.methods import cpc, trainer
+from fastcontrast.methods import cpc, scoring, timing, trainer
 from fastcontrast.methods import evaluate as ev
 
 
@@ -88,7 +88,7 @@ def main():
     record["train"]["final_epoch_metrics"] = {
         key: statistics.fmean(values[last:]) for key, values in history.step_metrics.items()}
     start = time.perf_counter()
-    record["scores"] = trainer.evaluate(method, train_set, test_set)
+    record["scores"] = scoring.evaluate(method, train_set, test_set)
     record["held_out"] = held_out_diagnostics(method, test_set, d["batch_size"])
     record["eval_seconds"] = time.perf_counter() - start
     print("trained", record["train"]["steps"], "steps", record["scores"], flush=True)
@@ -97,11 +97,11 @@ def main():
     test_x, test_y = trainer.evaluation_inputs(test_set)
     record["raw_input_probe"] = ev.raw_pixel_baseline(train_x, train_y, test_x, test_y)
     record["untrained"] = ev.untrained_baseline(
-        lambda: trainer.FeatureModule(cpc.build()), train_x, train_y, test_x, test_y,
+        lambda: scoring.FeatureModule(cpc.build()), train_x, train_y, test_x, test_y,
         seeds=(0, 1, 2))
     print("baselines", record["raw_input_probe"], record["untrained"], flush=True)
 
-    times = {b: [trainer.step_time(method, train_set, d["batch_size"], b, repeats=10)
+    times = {b: [timing.step_time(method, train_set, d["batch_size"], b, repeats=10)
                  for _ in range(2)] for b in ("auto", "reference")}
     record["step_seconds"] = {b: min(t) for b, t in times.items()}
     record["step_seconds"]["reference_over_fused"] = (record["step_seconds"]["reference"]
@@ -109,9 +109,9 @@ def main():
     record["loss_only_seconds"] = loss_only_time(d, train_set.length, repeats=10)
     print("step", record["step_seconds"], record["loss_only_seconds"], flush=True)
 
-    record["same_curve"] = trainer.same_curve(lambda backend: cpc.build(backend=backend),
-                                              train_set, steps=20, batch_size=d["batch_size"],
-                                              lr=d["lr"], seed=args.seed)
+    record["same_curve"] = timing.same_curve(lambda backend: cpc.build(backend=backend),
+                                             train_set, steps=20, batch_size=d["batch_size"],
+                                             lr=d["lr"], seed=args.seed)
     print("same curve", record["same_curve"]["max_abs_diff"], flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "cpc.json"), "w") as f:

@@ -19,7 +19,7 @@ import time
 import torch
 
 from fastcontrast.methods import method_module
-from fastcontrast.methods import trainer
+from fastcontrast.methods import scoring, timing, trainer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "methods-dim-amdim-cmc-cpu-2026-11-29")
@@ -51,18 +51,18 @@ def main():
                           progress=False)
     result.update(steps=history.steps, train_seconds=history.seconds,
                   epoch_loss=history.epoch_loss, epoch_mi_bound=history.epoch_mi_bound,
-                  **trainer.evaluate(method, train, test))
-    result["baselines"] = trainer.baselines(module.build, train, test,
+                  **scoring.evaluate(method, train, test))
+    result["baselines"] = scoring.baselines(module.build, train, test,
                                             seconds=args.baseline_seconds, batch_size=batch,
                                             lr=lr)
-    result["step_seconds"] = {b: trainer.step_time(method, train, batch, b)
+    result["step_seconds"] = {b: timing.step_time(method, train, batch, b)
                               for b in ("auto", "reference")}
     if args.method == "amdim":
         unclipped = module.build(clip=None)
-        result["step_seconds_unclipped"] = {b: trainer.step_time(unclipped, train, batch, b)
+        result["step_seconds_unclipped"] = {b: timing.step_time(unclipped, train, batch, b)
                                             for b in ("auto", "reference")}
     options = {"clip": None} if args.method == "amdim" else {}
-    result["same_curve"] = trainer.same_curve(
+    result["same_curve"] = timing.same_curve(
         lambda backend: module.build(backend=backend, **options), train, steps=10,
         batch_size=batch, lr=lr)
     result["same_curve"]["options"] = options

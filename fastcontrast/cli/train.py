@@ -161,7 +161,7 @@ def _train_and_report(args, rank=0):
 
     import torch
 
-    from ..methods import launch, method_module, trainer
+    from ..methods import launch, method_module, plots, scoring, trainer
 
     device = launch.local_device(getattr(args, "device", "cpu"))
     if args.threads:
@@ -179,7 +179,7 @@ def _train_and_report(args, rank=0):
             while marks and elapsed >= marks[0]:
                 marks.pop(0)
             checkpoints.append({"seconds": elapsed, "steps": history.steps,
-                                **trainer.evaluate(method, train_set, test_set)})
+                                **scoring.evaluate(method, train_set, test_set)})
             print(f"  probe at {elapsed:.0f} s (step {history.steps}): "
                   f"{100 * checkpoints[-1]['probe']:.1f}%")
 
@@ -199,10 +199,10 @@ def _train_and_report(args, rank=0):
           f"final epoch loss {history.epoch_loss[-1]:.4f}, "
           f"MI bound {history.epoch_mi_bound[-1]:.3f} nats")
     method.distributed_mode = None  # evaluation below is local to rank 0
-    scores = trainer.evaluate(method, train_set, test_set)
+    scores = scoring.evaluate(method, train_set, test_set)
     budget = {"seconds": cfg["seconds"], "steps": cfg["steps"]}
     ceiling = getattr(args, "ceiling", False)
-    base = trainer.baselines(lambda: module.build(backend=args.backend, **overrides),
+    base = scoring.baselines(lambda: module.build(backend=args.backend, **overrides),
                              train_set, test_set,
                              batch_size=cfg["batch_size"], lr=cfg["lr"], seed=args.seed,
                              supervised=ceiling, raw=args.baselines,
@@ -228,11 +228,11 @@ def _train_and_report(args, rank=0):
         print("(supervised ceiling not trained: add --ceiling; it doubles the wall time)")
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
-        trainer.plot_history(history, os.path.join(args.plots, f"{args.method}-curves.png"))
+        plots.plot_history(history, os.path.join(args.plots, f"{args.method}-curves.png"))
         test_x, test_y = trainer.evaluation_inputs(test_set)
         from ..methods.evaluate import extract_features
-        features = extract_features(trainer.FeatureModule(method), test_x)
-        trainer.plot_embedding(features, test_y, os.path.join(
+        features = extract_features(scoring.FeatureModule(method), test_x)
+        plots.plot_embedding(features, test_y, os.path.join(
             args.plots, f"{args.method}-embedding-{args.embedding}.png"), args.embedding)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -250,11 +250,11 @@ def _train_and_report(args, rank=0):
 def _compare_backends(module, method, train_set, cfg, backend, device, curve_steps=20):
     """Step time with ``backend`` vs "reference" on the trained method (on its device), and the
     first ``curve_steps`` losses of two fresh runs from the same seed on ``device``."""
-    from ..methods import trainer
+    from ..methods import timing
 
-    times = {name: trainer.step_time(method, train_set, cfg["batch_size"], name)
+    times = {name: timing.step_time(method, train_set, cfg["batch_size"], name)
              for name in (backend, "reference")}
-    curve = trainer.same_curve(lambda b: module.build(backend=b), train_set, steps=curve_steps,
-                               batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"],
-                               backends=(backend, "reference"), device=device)
+    curve = timing.same_curve(lambda b: module.build(backend=b), train_set, steps=curve_steps,
+                              batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"],
+                              backends=(backend, "reference"), device=device)
     return {"step_seconds": times, "curve_steps": curve_steps, **curve}

@@ -1,23 +1,18 @@
-"""Training and evaluation of the reference methods through their common interface (``base.py``).
+"""The training loop of the reference methods through their common interface (``base.py``).
 
     method = fastcontrast.methods.build("simclr")
     train, test = datasets("digits")
     history = fit(method, train, seconds=180, batch_size=256, lr=1e-3, seed=0)
-    scores = evaluate(method, train, test)              # {"probe": .., "knn": ..}
-    floor_and_ceiling = baselines(lambda: build("simclr"), train, test, seconds=180, ...)
-    plot_history(history, "curves.png"); plot_embedding(features, labels, "pca.png")
 
 ``fit`` runs epochs over a seeded permutation of the training set (the last incomplete batch
 dropped), Adam by default, until the step count or the time budget is reached, and logs the
 per-step loss and InfoNCE bound log(N) - L (the method's "mi_bound"), plus their epoch means.
 With torch.distributed initialised (``fastcontrast train METHOD --nproc N``, or torchrun) it
-trains data-parallel: see ``fit``. ``fit(..., device=)`` trains on that device: the method is
-moved there and each batch (drawn on the CPU) follows it.
-Evaluation is on frozen features of the fixed renderings (``dataset.evaluation_set()``, else the
-stacked items): the linear probe and kNN are fitted on the training split and scored on the
-test split.
+trains data-parallel (``data_parallel.py``): see ``fit``. ``fit(..., device=)`` trains on that
+device: the method is moved there and each batch (drawn on the CPU) follows it.
+Scoring a trained method is in ``scoring.py``, the fused-vs-reference step timing in
+``timing.py``, the plots in ``plots.py``.
 """
-import copy
 import math
 import numbers
 import statistics
@@ -25,14 +20,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from . import evaluate as ev
 from .base import ContrastiveMethod
+from .data_parallel import rank_and_world, reduce_step, wrap_data_parallel
 
 DATASETS = ("digits", "speakers")
-EMBEDDINGS = ("pca", "tsne")
 
 
 def _check_method(method):
@@ -195,7 +187,7 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    rank, world = _world(group)
+    rank, world = rank_and_world(group)
     if world > 1 and batch_size % world:
         raise ValueError(f"batch_size (the global batch) must be divisible by the world size "
                          f"{world}, got {batch_size}")
@@ -206,7 +198,7 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
     generator = torch.Generator().manual_seed(seed)  # the batches (and views on one process)
     views_generator = generator if world == 1 else torch.Generator().manual_seed(
         seed * 1_000_003 + rank + 1)
-    step_module = _data_parallel(method, distributed_mode, group, device) if world > 1 else None
+    step_module = wrap_data_parallel(method, distributed_mode, group, device) if world > 1 else None
     history = History(threads=torch.get_num_threads(), settings={
         "method": method.name, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "seed": seed, "optimizer": optimizer, "budget_seconds": seconds, "budget_steps": steps,
@@ -246,7 +238,7 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
                 if world > 1:  # means over the ranks, and rank 0's clock
                     over = rank == 0 and seconds is not None and (
                         time.perf_counter() - start - paused >= seconds)
-                    values, time_up = _reduce_step(values, over, group, world, device)
+                    values, time_up = reduce_step(values, over, group, world, device)
                 history.steps += 1
                 history.step_loss.append(values["loss"])
                 history.step_mi_bound.append(values["mi_bound"])
@@ -314,281 +306,3 @@ def to_device(batch, device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(value, device) for value in batch)
     return batch
-
-
-def _world(group=None):
-    """(rank, world size) in ``group``, (0, 1) without torch.distributed."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-class _LossModule(nn.Module):
-    """``method.loss`` as a forward, so DistributedDataParallel can wrap the method."""
-
-    def __init__(self, method):
-        super().__init__()
-        self.method = method
-
-    def forward(self, batch):
-        return self.method.loss(batch)
-
-
-def _data_parallel(method, mode, group, device):
-    """The method in DDP (gradients averaged over ``group``), its losses set distributed.
-    On a GPU, DDP gets ``device_ids=[device.index]`` (this rank's GPU: one device per process).
-    Buffers (queues, BatchNorm running statistics) are not broadcast: each method keeps its
-    replicated state consistent itself (MoCo enqueues every rank's keys on every rank)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    import inspect
-
-    method.distributed_mode, method.group = mode, group
-    # no buffer broadcast before each forward (newer torch spells it forward_sync_buffers)
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-               inspect.signature(DistributedDataParallel).parameters else
-               {"broadcast_buffers": False})
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(_LossModule(method), process_group=group,
-                                   device_ids=device_ids, **no_sync)
-
-
-def _reduce_step(values, over, group, world, device):
-    """Means over the ranks of the step's logged values, and whether any rank said stop (one
-    all_reduce on ``device``: NCCL reduces CUDA tensors only)."""
-    import torch.distributed as dist
-
-    keys = sorted(values)
-    flat = torch.tensor([values[k] for k in keys] + [float(over)], dtype=torch.float64,
-                        device=device)
-    dist.all_reduce(flat, group=group)
-    means = {k: float(v) / world for k, v in zip(keys, flat[:-1].tolist())}
-    return means, bool(flat[-1] > 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-class FeatureModule(nn.Module):
-    """``method.features`` as a module's forward, so ``extract_features`` handles eval mode."""
-
-    def __init__(self, method):
-        super().__init__()
-        self.method = method
-
-    def forward(self, x):
-        return self.method.features(x)
-
-
-def evaluate(method, train_set, test_set, *, k=20, batch_size=256):
-    """{"probe": linear-probe accuracy, "knn": weighted kNN accuracy} of ``method.features``
-    (frozen, eval mode) fitted on the training split's evaluation inputs and scored on the test
-    split's."""
-    _check_method(method)
-    train_x, train_y = evaluation_inputs(train_set)
-    test_x, test_y = evaluation_inputs(test_set)
-    wrapped = FeatureModule(method)
-    train_f = ev.extract_features(wrapped, train_x, batch_size=batch_size)
-    test_f = ev.extract_features(wrapped, test_x, batch_size=batch_size)
-    return {"probe": ev.linear_probe(train_f, train_y, test_f, test_y),
-            "knn": ev.knn_accuracy(train_f, train_y, test_f, test_y, k=k)}
-
-
-class Supervised(nn.Module):
-    """The ceiling baseline: a method's feature network with a linear classifier on top,
-    trained with cross-entropy on single augmented views of labelled items."""
-
-    def __init__(self, method, num_classes, feature_dim):
-        super().__init__()
-        self.method = method
-        self.classifier = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.method.features(x))
-
-
-def train_supervised(method, dataset, *, seconds=None, steps=None, batch_size, lr, seed=0):
-    """Train ``method.features`` + a linear layer with cross-entropy on ``training_inputs``
-    for the budget (as ``fit``); returns (the Supervised model, steps done)."""
-    _check_method(method)
-    if seconds is None and steps is None:
-        raise ValueError("train_supervised needs a budget: seconds and/or steps, got neither")
-    x, y = evaluation_inputs(dataset)
-    with torch.no_grad():
-        dim = FeatureModule(method).eval()(x[:2]).flatten(1).shape[1]
-    model = Supervised(method, int(y.max()) + 1, dim)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    done, start, count = False, time.perf_counter(), 0
-    while not done:
-        for indices in _batches(len(dataset), batch_size, generator):
-            if (steps is not None and count >= steps) or (
-                    seconds is not None and time.perf_counter() - start >= seconds):
-                done = True
-                break
-            inputs, labels = training_inputs(dataset, indices, generator)
-            logits = model(inputs)
-            if not logits.requires_grad:
-                raise RuntimeError(f"{method.name}.features must be differentiable (no "
-                                   f"torch.no_grad inside) for the supervised baseline")
-            loss = F.cross_entropy(logits.flatten(1), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            count += 1
-    return model, count
-
-
-def baselines(make_method, train_set, test_set, *, seconds=None, steps=None, batch_size=256,
-              lr=1e-3, seed=0, supervised=True, raw=True):
-    """The floor and ceiling a trained method is compared with, as accuracies:
-
-    * "untrained": ``evaluate`` of a fresh ``make_method()`` (the same encoder, random weights);
-    * "raw": linear probe on the flattened evaluation inputs (``raw``);
-    * "supervised": a fresh ``make_method()``'s feature network + linear layer trained with
-      cross-entropy for the same budget (``supervised``), then evaluated like the method."""
-    result = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        result["untrained"] = evaluate(make_method(), train_set, test_set)
-    if raw:
-        train_x, train_y = evaluation_inputs(train_set)
-        test_x, test_y = evaluation_inputs(test_set)
-        result["raw"] = {"probe": ev.raw_pixel_baseline(train_x, train_y, test_x, test_y)}
-    if supervised:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            method = make_method()
-            start = time.perf_counter()
-            model, done = train_supervised(method, train_set, seconds=seconds, steps=steps,
-                                           batch_size=batch_size, lr=lr, seed=seed)
-            result["supervised"] = {**evaluate(method, train_set, test_set), "steps": done,
-                                    "seconds": time.perf_counter() - start}
-            test_x, test_y = evaluation_inputs(test_set)
-            model.eval()
-            with torch.no_grad():
-                predicted = model(test_x).argmax(1)
-            result["supervised"]["classifier"] = float((predicted == test_y).double().mean())
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused vs reference loss
-
-
-def step_time(method, dataset, batch_size, backend, *, repeats=5, seed=0):
-    """Median seconds of one training step (loss forward + backward; the views are drawn
-    beforehand and moved to the method's device) of a copy of ``method`` whose ``backend`` is
-    set to ``backend``; ``method`` itself is left untouched."""
-    _check_method(method)
-    if not hasattr(method, "backend"):
-        raise TypeError(f"{type(method).__name__} has no backend attribute to switch")
-    repeats = _positive("repeats", repeats, numbers.Integral)
-    generator = torch.Generator().manual_seed(seed)
-    indices = _batches(len(dataset), batch_size, generator)[0]
-    work = copy.deepcopy(method).train()
-    work.backend = backend
-    batch_device = training_device(work)
-    batch = to_device(work.views(dataset, indices, generator), batch_device)
-    times = []
-    with torch.random.fork_rng(devices=[]):
-        for _ in range(repeats + 1):  # the first run warms up
-            work.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            work.loss(batch)["loss"].backward()
-            if batch_device.type == "cuda":
-                torch.cuda.synchronize(batch_device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
-def same_curve(make_method, dataset, *, steps=20, batch_size, lr, seed=0,
-               backends=("auto", "reference"), device=None):
-    """Train two fresh methods (``make_method(backend)``, built after torch.manual_seed(seed))
-    for ``steps`` steps with the same seed on ``device`` (as ``fit``), one per backend; returns
-    {"losses": {backend: [..]}, "max_abs_diff": max_t |L_a(t) - L_b(t)|}."""
-    losses = {}
-    for backend in backends:
-        torch.manual_seed(seed)
-        method = make_method(backend)
-        losses[backend] = fit(method, dataset, steps=steps, batch_size=batch_size, lr=lr,
-                              seed=seed, progress=False, device=device).step_loss
-    a, b = (losses[name] for name in backends)
-    return {"losses": losses, "max_abs_diff": max(abs(x - y) for x, y in zip(a, b))}
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots (matplotlib optional)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("plots need matplotlib: pip install matplotlib") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_history(history, path):
-    """PNG at ``path``: the per-step loss (light) and epoch means (bold), and the InfoNCE bound
-    log(N) - L, against the step."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_mi) = plt.subplots(1, 2, figsize=(10, 3.8))
-    steps = range(1, len(history.step_loss) + 1)
-    for ax, per_step, per_epoch, title in (
-            (ax_loss, history.step_loss, history.epoch_loss, "loss"),
-            (ax_mi, history.step_mi_bound, history.epoch_mi_bound, "MI bound log(N) - L (nats)")):
-        ax.plot(steps, per_step, color="tab:blue", alpha=0.3, lw=0.8, label="step")
-        ax.plot(history.epoch_end_step, per_epoch, color="tab:blue", lw=2, label="epoch mean")
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    ax_loss.legend()
-    fig.suptitle(f"{history.settings.get('method', '')}: {history.steps} steps in "
-                 f"{history.seconds:.0f} s ({history.threads} thread(s))")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def project_2d(features, method="pca", seed=0):
-    """(N, 2) projection of (N, D) features: PCA (torch.pca_lowrank, centred) or t-SNE
-    (scikit-learn)."""
-    if method not in EMBEDDINGS:
-        raise ValueError(f"method must be one of {EMBEDDINGS}, got {method!r}")
-    x = features.detach().to(torch.float64).cpu()
-    if method == "pca":
-        _, _, v = torch.pca_lowrank(x, q=2, center=True)
-        return (x - x.mean(0)) @ v[:, :2]
-    try:
-        from sklearn.manifold import TSNE
-    except ImportError as exc:
-        raise ImportError("t-SNE needs scikit-learn: pip install scikit-learn") from exc
-    return torch.from_numpy(TSNE(2, init="pca", random_state=seed).fit_transform(x.numpy()))
-
-
-def plot_embedding(features, labels, path, method="pca"):
-    """PNG at ``path``: a 2-D projection (``project_2d``) of ``features`` coloured by class."""
-    if not isinstance(features, torch.Tensor) or features.dim() != 2:
-        raise ValueError(f"features must be an (N, D) tensor, got "
-                         f"{getattr(features, 'shape', type(features).__name__)}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != (features.shape[0],):
-        raise ValueError(f"labels must be a ({features.shape[0]},) tensor, got "
-                         f"{getattr(labels, 'shape', type(labels).__name__)}")
-    points = project_2d(features, method)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.numpy(), cmap="tab10", s=6)
-    ax.legend(*scatter.legend_elements(), title="class", fontsize=7, loc="best")
-    ax.set_title(f"{method.upper()} of the features")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

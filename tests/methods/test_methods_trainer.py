@@ -10,7 +10,7 @@ from torch import nn
 
 from fastcontrast import info_nce
 from fastcontrast.cli.train import _budget_shortfall, add_train_parser
-from fastcontrast.methods import ContrastiveMethod, moco, simclr, trainer
+from fastcontrast.methods import ContrastiveMethod, moco, plots, scoring, simclr, timing, trainer
 from fastcontrast.methods import evaluate as ev
 from fastcontrast.methods.data import ClutteredDigits
 
@@ -96,7 +96,7 @@ def test_fit_bad_arguments(digits):
 
 def test_evaluate_pixels_equals_raw_probe(digits):
     train, test = digits
-    scores = trainer.evaluate(Pixels(), train, test)
+    scores = scoring.evaluate(Pixels(), train, test)
     tx, ty = train.evaluation_set()
     sx, sy = test.evaluation_set()
     assert scores["probe"] == pytest.approx(ev.raw_pixel_baseline(tx, ty, sx, sy))
@@ -106,9 +106,9 @@ def test_evaluate_pixels_equals_raw_probe(digits):
 def test_evaluate_restores_train_mode_and_is_deterministic(digits):
     train, test = digits
     method = simclr.build(**TINY).train()
-    a = trainer.evaluate(method, train, test)
+    a = scoring.evaluate(method, train, test)
     assert method.training and all(m.training for m in method.modules())
-    assert trainer.evaluate(method, train, test) == a
+    assert scoring.evaluate(method, train, test) == a
     assert 0.0 <= a["probe"] <= 1.0 and 0.0 <= a["knn"] <= 1.0
 
 
@@ -117,27 +117,27 @@ def test_baselines_keys_and_supervised_learns(digits):
     def make():
         return simclr.build(**{**TINY, "width": 8})
 
-    result = trainer.baselines(make, train, test, steps=60, batch_size=64, lr=3e-3)
+    result = scoring.baselines(make, train, test, steps=60, batch_size=64, lr=3e-3)
     assert set(result) == {"untrained", "raw", "supervised"}
     assert result["supervised"]["steps"] == 60
     assert 0.0 <= result["supervised"]["classifier"] <= 1.0
     # 60 supervised steps already give features far better than random ones (~14%)
     assert result["supervised"]["probe"] > result["untrained"]["probe"] + 0.1
     torch.manual_seed(0)
-    assert result["untrained"] == trainer.evaluate(make(), train, test)
+    assert result["untrained"] == scoring.evaluate(make(), train, test)
 
 
 def test_step_time_leaves_the_method_untouched(digits):
     train, _ = digits
     method = simclr.build(**TINY)
     before = {k: v.clone() for k, v in method.state_dict().items()}
-    t = trainer.step_time(method, train, 32, "reference", repeats=2)
+    t = timing.step_time(method, train, 32, "reference", repeats=2)
     assert t > 0 and method.backend == "auto"
     assert all(p.grad is None for p in method.parameters())
     for k, v in method.state_dict().items():
         assert torch.equal(v, before[k]), k
     with pytest.raises(TypeError, match="backend"):
-        trainer.step_time(_NoBackend(), train, 8, "reference")
+        timing.step_time(_NoBackend(), train, 8, "reference")
 
 
 class _NoBackend(Pixels):
@@ -153,7 +153,7 @@ def test_same_curve_reports_the_largest_difference(digits):
         return simclr.build(backend=backend, temperature=0.2 if backend == "auto" else 0.3,
                             **TINY)
 
-    result = trainer.same_curve(make, train, steps=3, batch_size=16, lr=1e-3)
+    result = timing.same_curve(make, train, steps=3, batch_size=16, lr=1e-3)
     a, b = result["losses"]["auto"], result["losses"]["reference"]
     assert len(a) == len(b) == 3
     assert result["max_abs_diff"] == max(abs(x - y) for x, y in zip(a, b)) > 1e-2
@@ -186,8 +186,8 @@ def test_method_training_is_deterministic_and_decreases_the_loss(digits, name):
 @pytest.mark.parametrize("name", sorted(METHOD_CASES))
 def test_method_same_curve_as_reference_backend(digits, name):
     module, tiny, _ = METHOD_CASES[name]
-    result = trainer.same_curve(lambda b: module.build(backend=b, **tiny), digits[0], steps=5,
-                                batch_size=16, lr=1e-3)
+    result = timing.same_curve(lambda b: module.build(backend=b, **tiny), digits[0], steps=5,
+                               batch_size=16, lr=1e-3)
     assert result["max_abs_diff"] < 1e-4
 
 
@@ -196,12 +196,12 @@ def test_project_2d_pca_is_the_top_principal_plane():
     basis = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
     x = torch.randn(300, 6, dtype=torch.float64) * torch.tensor([5.0, 3, 0.1, 0.1, 0.1, 0.1])
     x = x @ basis.T + 7.0
-    p = trainer.project_2d(x, "pca")
+    p = plots.project_2d(x, "pca")
     assert p.shape == (300, 2)
     # the projection keeps almost all the variance (the two large directions)
     assert float(p.var(0).sum() / (x - x.mean(0)).var(0).sum()) > 0.99
     with pytest.raises(ValueError, match="method"):
-        trainer.project_2d(x, "umap")
+        plots.project_2d(x, "umap")
 
 
 def test_plots_write_png(digits, tmp_path):
@@ -209,12 +209,12 @@ def test_plots_write_png(digits, tmp_path):
     train, _ = digits
     history = trainer.fit(simclr.build(**TINY), train, steps=3, batch_size=629, lr=1e-3,
                           progress=False)
-    trainer.plot_history(history, tmp_path / "curves.png")
-    trainer.plot_embedding(torch.randn(50, 4), torch.arange(50) % 10, tmp_path / "pca.png")
+    plots.plot_history(history, tmp_path / "curves.png")
+    plots.plot_embedding(torch.randn(50, 4), torch.arange(50) % 10, tmp_path / "pca.png")
     for name in ("curves.png", "pca.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="labels"):
-        trainer.plot_embedding(torch.randn(5, 4), torch.arange(4), tmp_path / "x.png")
+        plots.plot_embedding(torch.randn(5, 4), torch.arange(4), tmp_path / "x.png")
 
 
 def _parser():

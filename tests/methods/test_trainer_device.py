@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.parallel
 
-from fastcontrast.methods import simclr, trainer
+from fastcontrast.methods import data_parallel, simclr, trainer
 from fastcontrast.methods.data import ClutteredDigits
 
 TINY = {"width": 4, "feature_dim": 8, "projection_dim": 4}
@@ -80,8 +80,8 @@ def test_data_parallel_gets_this_ranks_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", fake_ddp)
     method = simclr.build(**TINY)
-    trainer._data_parallel(method, "ring", None, torch.device("cuda", 1))
-    trainer._data_parallel(method, "gather", None, torch.device("cpu"))
+    data_parallel.wrap_data_parallel(method, "ring", None, torch.device("cuda", 1))
+    data_parallel.wrap_data_parallel(method, "gather", None, torch.device("cpu"))
     assert built == [{"device_ids": [1], "broadcast_buffers": False},
                      {"device_ids": None, "broadcast_buffers": False}]
     assert method.distributed_mode == "gather"
@@ -96,9 +96,9 @@ def test_step_reduction_runs_on_the_training_device(monkeypatch):
             tensor.mul_(2)  # two ranks with the same values
 
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
-    means, stop = trainer._reduce_step({"loss": 1.5, "mi_bound": 0.25}, True, None, 2,
+    means, stop = data_parallel.reduce_step({"loss": 1.5, "mi_bound": 0.25}, True, None, 2,
                                        torch.device("cpu"))
     assert means == {"loss": 1.5, "mi_bound": 0.25} and stop is True
     with pytest.raises(Exception):  # a meta tensor cannot be read back: the device was used
-        trainer._reduce_step({"loss": 1.0}, False, None, 2, torch.device("meta"))
+        data_parallel.reduce_step({"loss": 1.0}, False, None, 2, torch.device("meta"))
     assert seen == [torch.device("cpu"), torch.device("meta")]
