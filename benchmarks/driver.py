@@ -323,7 +323,7 @@ def run_bench(suite_name="default", out_dir=None, device=None, budget_gib=None,
         settle_floor(floor, [r for r in result["records"] if _floor_key(r) == key])
     for record in result["records"]:
         apply_floor(record, floors.get(_floor_key(record)))
-    if suite.name == "issue4-targets":
+    if suite.name == "large-batch":
         result["targets"] = targets(result["records"])
     result["config"]["wall_s"] = time.monotonic() - started
     result["config"]["load_average"] = {"start": load_at_start, "end": _load_average()}

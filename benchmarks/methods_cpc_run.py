@@ -62,12 +62,12 @@ def loss_only_time(d, sequence_length, repeats):
     return result
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     d = cpc.DEFAULTS
     train_set, test_set = trainer.datasets(d["data"])

@@ -25,14 +25,14 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "methods-dim-amdim-cmc-cpu-2026-11-29")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("method", choices=("dim", "amdim", "cmc"))
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--baseline-seconds", type=float, default=60.0)
     parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     module = method_module(args.method)
     settings = module.DEFAULTS

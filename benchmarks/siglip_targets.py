@@ -130,7 +130,7 @@ def summary(record):
     return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out", required=True, help="folder for siglip_targets.json and summary.md"
@@ -138,7 +138,7 @@ def main():
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     record = run(args.n, args.dim, args.repeats)
     with open(os.path.join(args.out, "siglip_targets.json"), "w") as f:

@@ -7,7 +7,7 @@
                     more timed runs at small N, fewer at large; each implementation's N in one
                     process. Sized for about 3 minutes on a quiet 2-core machine.
     full            N = 1024 ... 131072, D in {128, 256, 1024}, fp32 / bf16, every family.
-    issue4-targets  moco N = 256, K = 65536, D = 128 vs the concat-logits MoCo loss; nt_xent and
+    large-batch     moco N = 256, K = 65536, D = 128 vs the concat-logits MoCo loss; nt_xent and
                     supcon at N = 2B = 16384, D = 256 vs lightly / pytorch-metric-learning.
     gpu             CUDA: bf16 / fp32, N = 16384 and 131072, and fastcontrast alone at N = 2^20
                     (bf16); sized to fit benchmarks/gpu_check.sh's few minutes. Widen it with
@@ -16,6 +16,11 @@
                     constructor and call): N = 4096 and 8192, D = 256, fp32, every family with
                     a peer. Twins run in this suite only.
     smoke           tiny sizes, for the harness's own tests.
+
+Measurement suites with a method of their own (SCRIPT_SUITES: each a module of benchmarks/ whose
+``main(argv)`` takes ``--out DIR`` and its own options, given after ``--``):
+
+    fastcontrast bench --suite gram --out DIR -- --rows 16384 --repeats 5
     distributed     symmetric CLIP on W = 2 gloo processes (1 thread each), global batch 16384,
                     D = 256: fastcontrast.distributed ring and gather against OpenCLIP's
                     ClipLoss(local_loss=True, gather_with_grad=True): per-rank peak memory, key
@@ -78,8 +83,8 @@ SUITES = {
         ("infonce", "clip", "ntxent", "supcon", "siglip"),
         tuple(1024 << i for i in range(8)), (128, 256, 1024), ("fp32", "bf16"), repeats=3,
         time_limit_s=600),
-    "issue4-targets": Suite(
-        "issue4-targets", "moco N=256 K=65536 D=128; nt_xent / supcon at 2N = 16384, D = 256",
+    "large-batch": Suite(
+        "large-batch", "moco N=256 K=65536 D=128; nt_xent / supcon at 2N = 16384, D = 256",
         "cpu", ("ntxent", "supcon"), (16384,), (256,), ("fp32",), repeats=3, time_limit_s=300,
         skip={"torch.compile": COMPILE_SKIP, "fastcontrast[torch]": "the targets compare the "
               "default (cpu) backend"}, part="targets"),
@@ -99,6 +104,41 @@ SUITES = {
         ("fp32",), repeats=1, time_limit_s=60, search_budget_gib=0.25, search_max_n=128,
         impls=("fastcontrast[torch]", "naive"), part="headline"),
 }
+
+#: suite -> (module of benchmarks/, what it measures). Each module's ``main(argv)`` parses
+#: ``--out DIR`` (the methods scripts: a positional) and options of its own.
+SCRIPT_SUITES = {
+    "core": ("core_targets", "the fused InfoNCE core: N = M = 16384 against plain PyTorch, "
+                             "time over the matmul floor, N = 131072 within memory"),
+    "gram": ("gram_targets", "nt_xent / supcon on the symmetric-Gram ops against the full "
+                             "product path, interleaved"),
+    "clip-breakdown": ("clip_breakdown", "where symmetric CLIP's time goes: clip_loss against "
+                                         "info_nce and each kernel op alone"),
+    "siglip": ("siglip_targets", "SigLIP against OpenCLIP's materialised formula: time, memory"),
+    "momentum": ("momentum_targets", "momentum_update over ResNet-50's parameters against "
+                                     "torch._foreach_lerp_"),
+    "contended": ("contended", "the fused losses against plain PyTorch, quiet and beside one "
+                               "busy process per core"),
+    "methods-cpc": ("methods_cpc_run", "CPC on the synthetic speakers: probe, baselines, "
+                                       "fused vs reference step"),
+    "methods-dim-amdim-cmc": ("methods_dim_amdim_cmc", "Deep InfoMax / AMDIM / CMC: probe, "
+                                                       "baselines, fused vs reference step"),
+}
+
+
+def run_script_suite(name, out_dir, script_args):
+    """Run SCRIPT_SUITES[name]'s ``main`` with ``--out out_dir`` (when given) and
+    ``script_args``; returns its exit status."""
+    import importlib
+
+    module_name, _ = SCRIPT_SUITES[name]
+    module = importlib.import_module(f"{__package__}.{module_name}")
+    argv = list(script_args)
+    if out_dir is not None:
+        argv = ([out_dir] if name == "methods-cpc" else ["--out", out_dir]) + argv
+    status = module.main(argv)
+    return status if isinstance(status, int) else 0
+
 
 MOCO_TARGET = Problem(n=256, d=128, k=65536)
 GPU_LARGE = Problem(n=1 << 20, d=256, dtype="bf16", device="cuda")
@@ -125,7 +165,7 @@ def cases(suite):
                         problem = Problem(n=n, d=d, dtype=dtype, device=suite.device)
                         out.append((Case(family, impl, problem, part=suite.part),
                                     suite.skip.get(impl)))
-    if suite.name == "issue4-targets":
+    if suite.name == "large-batch":
         for impl in ("fastcontrast[cpu]", "naive"):
             out.insert(0, (Case("moco", impl, MOCO_TARGET, part="targets"), None))
     if suite.name == "gpu":

@@ -2,7 +2,12 @@
 (``fastcontrast.benchmarks``, the repository's benchmarks/ folder)."""
 from .options import csv_list, positive, positive_int
 
-SUITES = ("default", "full", "issue4-targets", "gpu", "smoke", "distributed")
+import argparse
+
+# the case grids of benchmarks/suites.py SUITES, then its SCRIPT_SUITES (kept in step by a test)
+SUITES = ("default", "full", "large-batch", "gpu", "smoke", "compat", "distributed")
+SCRIPT_SUITES = ("core", "gram", "clip-breakdown", "siglip", "momentum", "contended",
+                 "methods-cpc", "methods-dim-amdim-cmc")
 
 
 def add_bench_parser(subparsers):
@@ -16,12 +21,15 @@ def add_bench_parser(subparsers):
                     "results.csv, summary.md and PNG plots. The default suite (the curve "
                     "N = 1024 ... 16384, D = 256, in a 2 GiB budget per case) takes about "
                     "3 minutes on a quiet 2-core CPU.")
-    p.add_argument("--suite", choices=SUITES, default="default",
+    p.add_argument("--suite", choices=SUITES + SCRIPT_SUITES, default="default",
                    help="default (the N = 1024 ... 16384 curve), full (N 1024..131072, "
                         "D 128/256/1024, fp32/bf16), "
-                        "issue4-targets (moco, nt_xent, supcon targets), gpu (CUDA grid), "
-                        "smoke (tiny), distributed (ring / gather vs OpenCLIP on W gloo "
-                        "processes, and gradient caching; --sizes N sets the global batch)")
+                        "large-batch (moco, nt_xent, supcon targets), gpu (CUDA grid), "
+                        "smoke (tiny), compat (each peer beside its fastcontrast.compat twin), "
+                        "distributed (ring / gather vs OpenCLIP on W gloo "
+                        "processes, and gradient caching; --sizes N sets the global batch); "
+                        "measurement scripts, their options after '--': "
+                        + ", ".join(SCRIPT_SUITES))
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="run the suite's cases on this device (default: the suite's; gpu: cuda)")
     p.add_argument("--out", default=None,
@@ -42,6 +50,8 @@ def add_bench_parser(subparsers):
     p.add_argument("--no-search", dest="search", action="store_false",
                    help="skip the largest-N-in-budget search")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="-- OPTIONS",
+                   help="options of a measurement-script suite (e.g. -- --rows 16384)")
     p.set_defaults(handler=run_bench)
     return p
 
@@ -72,6 +82,15 @@ def benchmarks_package():
 def run_bench(args):
     """Handler of ``fastcontrast bench``; returns the exit status (1 if a case failed)."""
     benchmarks_package()
+    script_args = [a for a in args.script_args if a != "--"][:]
+    if args.suite in SCRIPT_SUITES:
+        from ..benchmarks.suites import run_script_suite
+
+        return run_script_suite(args.suite, args.out, script_args)
+    if script_args:
+        raise SystemExit(f"fastcontrast bench: options after '--' are for the measurement-script "
+                         f"suites ({', '.join(SCRIPT_SUITES)}), not --suite {args.suite}: "
+                         f"{' '.join(script_args)}")
     if args.suite == "distributed":
         from ..benchmarks.suites import run_distributed
 

@@ -411,7 +411,7 @@ def test_bench_help_from_the_console_entry_point():
     proc = subprocess.run([sys.executable, "-m", "fastcontrast", "bench", "--help"], cwd=root,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "--memory-budget" in proc.stdout and "issue4-targets" in proc.stdout
+    assert "--memory-budget" in proc.stdout and "large-batch" in proc.stdout
 
 
 def test_package_init_skipping_import_and_torchvision_placeholder(tmp_path, monkeypatch):
