@@ -46,5 +46,5 @@ def case_memory_args(name, n, dim, backend="auto", temperature=TEMPERATURE, seed
 
 def info_nce_flop(n, m, dim):
     """The essential work of InfoNCE forward+backward: 3 products of the N x M x D shape
-    (scores, dQ, dK), 2 FLOP per multiply-add (DESIGN.md section 2)."""
+    (scores, dQ, dK), 2 FLOP per multiply-add (docs/design.md section 8)."""
     return 6 * n * m * dim

@@ -390,7 +390,7 @@ def products_run(family, impl):
 
 
 def essential_flop(family, problem):
-    """The floor's work: the essential products, 2 N M D FLOP each (DESIGN.md section 2)."""
+    """The floor's work: the essential products, 2 N M D FLOP each (docs/design.md section 8)."""
     return family.essential_products * 2 * problem.n * family.columns(problem) * problem.d
 
 

@@ -3,7 +3,7 @@
 These DEFINE correctness (tests run them in float64 as the oracle) and document the formulas.
 They use O(N * M) memory; use the fused backends for real work.
 
-InfoNCE, one row per query i (DESIGN.md section 1):
+InfoNCE, one row per query i (docs/design.md section 1):
     s_ij   = <q_i, k_j> / tau            (q, k L2-normalised first when ``normalize``)
     loss_i = logsumexp_{j in C(i)} s_ij - s_{i, t_i}
 where C(i) = the M keys (or only key t_i when ``in_batch_negatives`` is False), minus key i when

@@ -10,7 +10,7 @@ from fastcontrast.reference import info_nce_reference
 from .._helpers import (FUSED_BACKENDS, as_float64, assert_close, backend_usable, device_for,
                        interpreting_triton, make_inputs)
 
-# Option sets of DESIGN.md section 1. "m" is a function of n; "targets" a recipe.
+# Option sets of docs/design.md section 2. "m" is a function of n; "targets" a recipe.
 CASES = {
     "plain": dict(),
     "grouped_keys": dict(m=lambda n: 2 * n + 3, targets="random"),
