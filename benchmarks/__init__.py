@@ -1,6 +1,6 @@
 """fastcontrast's benchmark suite (installed as ``fastcontrast.benchmarks``).
 
-    fastcontrast bench [--suite default|full|large-batch|gpu] [--device cpu|cuda] [--out DIR]
+    fastcontrast bench [--suite NAME] [--device cpu|cuda] [--out DIR] [-- SCRIPT OPTIONS]
 
 Every case is one loss implementation (fastcontrast's backends, plain PyTorch, torch.compile,
 the libraries people use) doing forward+backward on the same seeded inputs, in a fresh worker

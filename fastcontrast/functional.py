@@ -1,7 +1,8 @@
 """Public functional API: argument validation, then the op module of the loss family.
 
-    info_nce    loss_i = logsumexp_{j in C(i)} <q_i, k_j>/tau - <q_i, k_{t_i}>/tau  (DESIGN.md 1)
-                options: DCL / DCLW (decoupled, dclw_sigma), HCL (hcl_beta, hcl_tau_plus)
+    info_nce    loss_i = logsumexp_{j in C(i)} <q_i, k_j>/tau - <q_i, k_{t_i}>/tau
+                (docs/design.md section 1); options: DCL / DCLW (decoupled, dclw_sigma),
+                HCL (hcl_beta, hcl_tau_plus) (docs/design.md section 4)
     clip_loss   symmetric info_nce with tau = 1 / logit_scale, no normalisation (OpenCLIP)
     nt_xent     SimCLR: info_nce over the 2N views [z1; z2], positive of view i is view i +- N
     supcon      Khosla et al. L_out: positives = the other samples with the same label

@@ -1,7 +1,7 @@
 """The ``fastcontrast`` command line: one subcommand per task.
 
     fastcontrast demo [--n 4096] [--dim 256] [--repeats 5] [--backend auto]
-    fastcontrast bench [--suite default|full|large-batch|gpu] [--device cpu|cuda] [--out DIR]
+    fastcontrast bench [--suite NAME] [--device cpu|cuda] [--out DIR] [-- SCRIPT OPTIONS]
     fastcontrast train METHOD [--seconds S] [--steps N] [--backend auto] [--plots DIR] [--out DIR]
                               [--nproc N] [--device cpu|cuda]
     python -m fastcontrast demo ...

@@ -52,8 +52,8 @@ PROFILE = settings(
 BACKENDS = tuple(b for b in ("reference", "torch", "cpu", "triton")
                  if backend_usable(b, device_for(b)))
 LOW = (torch.float16, torch.bfloat16)
-# Largest |logit| the drawn inputs are scaled down to (DESIGN: no overflow up to 1e4); float16
-# lower so that losses, their sums and gradients stay inside its range (65504).
+# Largest |logit| the drawn inputs are scaled down to (docs/numerics.md section 2: no overflow
+# up to 1e4); float16 lower so that losses, their sums and gradients stay inside its range.
 MAX_LOGIT = {torch.float64: 1e4, torch.float32: 1e4, torch.bfloat16: 1e4, torch.float16: 300.0}
 
 # ---------------------------------------------------------------------------------------------
