@@ -144,6 +144,15 @@ def run_train(args):
         return _train_and_report(args)
     if args.compare_backends:
         raise ValueError("--compare-backends times single-process steps; drop --nproc")
+    from ..methods import method_module
+
+    # before any process starts (fit refuses it in every rank too)
+    method = method_module(args.method).build(backend=args.backend,
+                                              **dict(getattr(args, "overrides", [])))
+    if not method.data_parallel:
+        raise ValueError(f"--nproc {nproc}: {args.method} has no data-parallel loss (each "
+                         f"process would train on its own shard's loss); methods with one: "
+                         f"simclr, moco, cmc")
     threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
     statuses = launch.spawn(_rank_main, nproc, (args,), threads=threads, device=device)
     return max(statuses)

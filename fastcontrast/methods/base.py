@@ -26,6 +26,10 @@ class ContrastiveMethod(nn.Module):
     #: method then computes its loss with ``fastcontrast.distributed`` over ``group``)
     distributed_mode = None
     group = None
+    #: whether ``loss`` has a data-parallel form (fastcontrast.distributed over every rank's
+    #: batch); without one, data-parallel training would give each rank's shard its own loss,
+    #: a different objective from one process on the global batch, so ``fit`` refuses it
+    data_parallel = False
 
     def world_size(self):
         """Processes the batch is split over (1 unless training data-parallel)."""

@@ -92,6 +92,7 @@ class CMC(ContrastiveMethod):
     "mi_bound"}; ``features(x)`` concatenates every view encoder on its view of x."""
 
     name = "cmc"
+    data_parallel = True
 
     def __init__(self, *, views=("low", "high"), graph="core", negatives="batch",
                  temperature=0.1, queue_size=1024, projection_dim=64, shared_rendering=False,

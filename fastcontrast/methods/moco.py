@@ -117,6 +117,7 @@ class MoCo(ContrastiveMethod):
     ``features(x)`` = the query encoder's output (before the head)."""
 
     name = "moco"
+    data_parallel = True
 
     def __init__(self, encoder, *, version=2, projection_dim=64, temperature=0.2,
                  queue_size=512, momentum=0.9, bn_splits=2, jitter_p=0.8, blur_p=0.0,

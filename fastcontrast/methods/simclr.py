@@ -118,6 +118,7 @@ class SimCLR(ContrastiveMethod):
     whose most similar other view is their positive. ``features(x)`` = encoder(x)."""
 
     name = "simclr"
+    data_parallel = True
 
     def __init__(self, encoder, *, projection_dim=64, temperature=0.2, jitter_p=0.8,
                  backend="auto"):

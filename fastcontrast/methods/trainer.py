@@ -188,6 +188,10 @@ def fit(method, dataset, *, seconds=None, steps=None, batch_size, lr, weight_dec
     else:
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     rank, world = rank_and_world(group)
+    if world > 1 and not method.data_parallel:
+        raise ValueError(f"{method.name} has no data-parallel loss: with {world} processes each "
+                         f"would train on its own shard's loss, not the global batch's; run it "
+                         f"in one process (methods with one: simclr, moco, cmc)")
     if world > 1 and batch_size % world:
         raise ValueError(f"batch_size (the global batch) must be divisible by the world size "
                          f"{world}, got {batch_size}")

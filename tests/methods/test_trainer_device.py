@@ -102,3 +102,11 @@ def test_step_reduction_runs_on_the_training_device(monkeypatch):
     with pytest.raises(Exception):  # a meta tensor cannot be read back: the device was used
         data_parallel.reduce_step({"loss": 1.0}, False, None, 2, torch.device("meta"))
     assert seen == [torch.device("cpu"), torch.device("meta")]
+
+
+@pytest.mark.parametrize("name", ["cpc", "dim", "amdim"])
+def test_nproc_is_refused_for_a_method_without_a_data_parallel_loss(name, capsys):
+    from fastcontrast.cli import main
+
+    assert main(["train", name, "--nproc", "2", "--steps", "1"]) != 0
+    assert f"--nproc 2: {name} has no data-parallel loss" in capsys.readouterr().err
