@@ -1,5 +1,5 @@
 """Measure CPC on SyntheticSpeakers and write OUT_DIR/cpc.json (the measurement behind
-benchmarks/results/methods-cpc-cpu-2026-11-29/).
+benchmarks/results/methods-cpc-cpu-2core/).
 
     python benchmarks/methods_cpc_run.py OUT_DIR [--threads T] [--seed S]
 

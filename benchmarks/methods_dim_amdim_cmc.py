@@ -1,5 +1,5 @@
 """Measure Deep InfoMax, AMDIM and CMC on cluttered digits and write one JSON per method (by
-default into benchmarks/results/methods-dim-amdim-cmc-cpu-2026-11-29/, the recorded run).
+default into benchmarks/results/methods-dim-amdim-cmc-cpu-2core/, the recorded run).
 
     python benchmarks/methods_dim_amdim_cmc.py METHOD [--seconds S] [--threads T]
                                                [--baseline-seconds S] [--out DIR]
@@ -22,7 +22,7 @@ from fastcontrast.methods import method_module
 from fastcontrast.methods import scoring, timing, trainer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       "methods-dim-amdim-cmc-cpu-2026-11-29")
+                       "methods-dim-amdim-cmc-cpu-2core")
 
 
 def main(argv=None):
