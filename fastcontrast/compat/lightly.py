@@ -15,7 +15,10 @@ Formulas (z^ = z / ||z||, s_ab = <z^_a, z^_b> / temperature, views [out0; out1],
     DCLLoss     the positive left out of the denominator: logsumexp over j != i, i+-N
                 (nt_xent(decoupled=True)); with the default weight_fn the positive term is
                 weighted by w_i = 2 - N softmax_i(<z^0_i, z^1_i> / sigma) (detached): DCLW
-    DCLWLoss    DCLLoss with that weight (nt_xent(decoupled=True, dclw_sigma=sigma))
+    DCLWLoss    DCLLoss with that weight
+    DCL's rows are nt_xent(decoupled=True, reduction="none"); DCLW adds (1 - w_i) s_{i, i+-N} to
+    row i with w detached and its softmax over the N local pairs, as lightly (also with
+    gather_distributed: each rank weights its own pairs).
 
 ``gather_distributed=True`` with more than one process maps to fastcontrast.distributed (mode
 "gather"): each rank's rows are contrasted with the views of every rank, and the returned loss
@@ -28,9 +31,6 @@ Where the classes differ from lightly 1.6:
   * temperature must be > 0 (lightly accepts a negative one, abs(temperature) >= 1e-8).
   * DCLLoss / DCLWLoss with one pair (N = 1) have no negative: lightly returns -inf, these
     classes 0 (the fused loss of a row without a candidate).
-  * DCLWLoss with gather_distributed on several processes weights the positives with one softmax
-    over the pairs of every rank (the single-process DCLW of the concatenated batch); lightly
-    takes the softmax over each rank's own pairs.
   * DCLLoss accepts weight_fn=None and lightly's negative_mises_fisher_weights (the function or
     a functools.partial of it fixing sigma); any other weight_fn raises NotImplementedError.
 """
@@ -182,7 +182,8 @@ class DCLLoss(nn.Module):
     contrastive learning, 0.5 (loss(out0 -> out1) + loss(out1 -> out0)) with
     loss_i = logsumexp_{j != i, i+-N} s_ij - w_i s_{i, i+-N}, mean over the rows
     (fastcontrast.nt_xent(decoupled=True)); w_i = 1 without weight_fn, DCLW's weight with
-    lightly's negative_mises_fisher_weights. Other weight_fn: NotImplementedError."""
+    lightly's negative_mises_fisher_weights. Other weight_fn: NotImplementedError.
+    The ``weight_fn`` attribute is the one passed (None for DCLWLoss, which stores ``sigma``)."""
 
     def __init__(self, temperature=0.1, weight_fn=None, gather_distributed=False):
         super().__init__()
@@ -202,10 +203,22 @@ class DCLLoss(nn.Module):
 
     def forward(self, out0, out1):
         _check_pair(out0, out1)
-        options = dict(temperature=self.temperature, decoupled=True, dclw_sigma=self._sigma)
+        options = dict(temperature=self.temperature, decoupled=True, reduction="none")
         if _distributed(self.gather_distributed):
-            return fcd.nt_xent(out0, out1, mode="gather", **options)
-        return nt_xent(out0, out1, **options)
+            rows = fcd.nt_xent(out0, out1, mode="gather", **options)
+        else:
+            rows = nt_xent(out0, out1, **options)
+        if self._sigma is not None:
+            rows = rows + self._reweighting(out0, out1)
+        return rows.mean()
+
+    def _reweighting(self, out0, out1):
+        """DCLW's -w_i s_p(i) as DCL's -s_p(i) plus (1 - w_i) s_p(i), w_i detached (lightly
+        computes it from detached views; fastcontrast's dclw_sigma differentiates through it),
+        the softmax over this process's N pairs (as lightly, also with gather_distributed)."""
+        cosine = (F.normalize(out0, dim=1) * F.normalize(out1, dim=1)).sum(1)
+        weight = 2 - out0.shape[0] * torch.softmax(cosine.detach() / self._sigma, dim=0)
+        return ((1 - weight) * cosine / self.temperature).repeat(2)
 
 
 def _check_sigma(sigma):
@@ -219,7 +232,7 @@ def _check_sigma(sigma):
 class DCLWLoss(DCLLoss):
     """lightly's DCLWLoss(temperature=0.1, sigma=0.5, gather_distributed=False): DCLLoss with
     the positive weighted by w_i = 2 - N softmax_i(<z^0_i, z^1_i> / sigma), the softmax over the
-    N pairs, no gradient through w (fastcontrast.nt_xent(decoupled=True, dclw_sigma=sigma))."""
+    N pairs, no gradient through w."""
 
     def __init__(self, temperature=0.1, sigma=0.5, gather_distributed=False):
         sigma = _check_sigma(sigma)
