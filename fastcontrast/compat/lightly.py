@@ -12,25 +12,29 @@ Formulas (z^ = z / ||z||, s_ab = <z^_a, z^_b> / temperature, views [out0; out1],
                 (fastcontrast.nt_xent); with a memory bank of K keys u_k:
                 loss_i = logsumexp(s(out0_i, out1_i), s(out0_i, u_1..K)) - s(out0_i, out1_i),
                 mean over the N rows (fastcontrast.moco_loss)
-    DCLLoss     the positive left out of the denominator: logsumexp over j != i, i+-N
-                (nt_xent(decoupled=True)); with the default weight_fn the positive term is
-                weighted by w_i = 2 - N softmax_i(<z^0_i, z^1_i> / sigma) (detached): DCLW
-    DCLWLoss    DCLLoss with that weight
-    DCL's rows are nt_xent(decoupled=True, reduction="none"); DCLW adds (1 - w_i) s_{i, i+-N} to
-    row i with w detached and its softmax over the N local pairs, as lightly (also with
-    gather_distributed: each rank weights its own pairs).
+    DCLLoss     loss_i = logsumexp_{j != i, i+-N} s_ij - w_i s_{i, i+-N}, mean over the 2N rows:
+                the positive left out of the denominator (nt_xent(decoupled=True)); w_i = 1,
+                or with lightly's negative_mises_fisher_weights as weight_fn, DCLW's
+    DCLWLoss    w_i = 2 - N softmax_i(<z^0_i, z^1_i> / sigma) over the N pairs, detached as in
+                lightly (added as (1 - w_i) s_{i, i+-N} to DCL's rows; fastcontrast's own
+                dclw_sigma differentiates through w)
 
 ``gather_distributed=True`` with more than one process maps to fastcontrast.distributed (mode
 "gather"): each rank's rows are contrasted with the views of every rank, and the returned loss
 is this rank's mean over its own rows. Gradient convention, as lightly's GatherLayer: the inputs
 of every rank receive the gradient of the SUM of all ranks' losses, so DDP's average of the
 parameter gradients is the gradient of the loss on the concatenated batch. Every rank must pass
-the same batch size (lightly's requirement too).
+the same batch size (lightly's requirement too). DCLW's weights take the softmax over each
+rank's own pairs, as lightly's. With a memory bank the loss is local (the bank holds the
+negatives) and only the enqueue gathers: every rank enqueues the keys of all ranks.
 
 Where the classes differ from lightly 1.6:
   * temperature must be > 0 (lightly accepts a negative one, abs(temperature) >= 1e-8).
   * DCLLoss / DCLWLoss with one pair (N = 1) have no negative: lightly returns -inf, these
     classes 0 (the fused loss of a row without a candidate).
+  * NTXentLoss.memory_bank is a fastcontrast.NegativeQueue (lightly: a MemoryBankModule): its
+    rows are ``memory_bank.keys`` (lightly's ``bank``), its write position ``next_slot``
+    (``bank_ptr``). The initial bank is not a difference: the same random draws as lightly.
   * DCLLoss accepts weight_fn=None and lightly's negative_mises_fisher_weights (the function or
     a functools.partial of it fixing sigma); any other weight_fn raises NotImplementedError.
 """
