@@ -24,10 +24,11 @@ As pml, a batch without a positive pair or without a negative pair (a single cla
 a singleton) gives a zero loss that still depends on the embeddings (zero gradients), as does a
 batch with at most one positive and one negative pair.
 
-Computation: the positive pairs become the rows of one fused fastcontrast.info_nce call (query
-e_i, key r_p, the reference set as shared negatives, the references with the anchor's label
-masked out by their ids), or for SupConLoss on the batch itself fastcontrast.supcon. pml forms
-the N x M matrix and, for NTXentLoss, a (positive pairs) x (negative pairs) mask.
+Computation: the log-sum-exp of each anchor over its candidates is one fused
+fastcontrast.info_nce call over the reference set (the references with the anchor's label
+masked by their ids for NTXentLoss), SupConLoss on the batch itself is fastcontrast.supcon;
+neither forms the N x M similarities. pml forms the N x M matrix and, for NTXentLoss, a
+(positive pairs) x (negative pairs) mask.
 
 Supported options: ``reducer`` MeanReducer, SumReducer, ThresholdReducer / AvgNonZeroReducer
 (pml's own reducers, applied to the same per-pair / per-anchor losses); ``distance``
@@ -38,6 +39,7 @@ distance or reducer, ``embedding_regularizer``, ``collect_stats=True``, ``ref_em
 The ``temperature`` must be > 0 (pml does not check it).
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..functional import info_nce, supcon
@@ -179,61 +181,74 @@ class _PairLoss(nn.Module):
         # Dense non-negative class codes: pml compares labels with ==, the id masks want ints.
         _, codes = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
         codes, ref_codes = codes[:labels.shape[0]], codes[labels.shape[0]:]
-        matches = codes[:, None] == ref_codes[None, :]
-        if same_set:
-            matches.fill_diagonal_(False)
-        anchors, positives = torch.nonzero(matches, as_tuple=True)
-        n_pos = anchors.shape[0]
-        n_neg = int((codes[:, None] != ref_codes[None, :]).sum())
+        # references with the anchor's label (the anchor itself among them when same_set)
+        same = torch.bincount(ref_codes, minlength=int(codes.max()) + 1)[codes]
+        n_pos = int(same.sum()) - (embeddings.shape[0] if same_set else 0)
+        n_neg = embeddings.shape[0] * ref_emb.shape[0] - int(same.sum())
         # pml returns its zero loss without a positive or a negative pair, or with <= 1 of each.
         if n_pos == 0 or n_neg == 0 or (n_pos <= 1 and n_neg <= 1):
             return _zero(embeddings)
-        losses = self._losses(embeddings, codes, ref_emb, ref_codes, same_set, anchors,
-                              positives)
+        losses = self._losses(embeddings, codes, ref_emb, ref_codes, same_set, same)
         return _reduce(losses, self._reduction, embeddings)
 
-    def _pair_info_nce(self, embeddings, ref_emb, anchors, positives, query_ids, negative_ids):
-        """loss per positive pair (i, p): -log softmax of s_ip among p and the references whose
-        id differs from the pair's query id (one fused call, the references as shared
-        negatives)."""
-        return info_nce(embeddings[anchors], ref_emb[positives], ref_emb,
-                        temperature=self.temperature, in_batch_negatives=False,
-                        query_ids=query_ids, negative_ids=negative_ids, reduction="none")
+    def _logsumexp(self, embeddings, ref_emb, codes=None, ref_codes=None):
+        """(N,): logsumexp_j s_ij over the references (those whose code differs from the
+        anchor's when codes are given), one fused call: DCL's loss with the anchor itself as the
+        key is lse_i - s_ii, the key out of the denominator."""
+        loss = info_nce(embeddings, embeddings, ref_emb, temperature=self.temperature,
+                        in_batch_negatives=False, decoupled=True, query_ids=codes,
+                        negative_ids=ref_codes, reduction="none")
+        unit = F.normalize(embeddings, dim=1)
+        return loss + (unit * unit).sum(1) / self.temperature
 
 
 class NTXentLoss(_PairLoss):
     """pytorch_metric_learning.losses.NTXentLoss(temperature=0.07, **kwargs): one loss per
-    positive pair against the anchor's negatives, MeanReducer (see the module docstring)."""
+    positive pair against the anchor's negatives, MeanReducer (see the module docstring).
+
+    loss_ip = log(1 + exp(lse_i - s_ip)), lse_i = logsumexp_{n: label_n != label_i} s_in fused
+    per anchor (-inf without a negative: loss 0), s_ip for the P positive pairs (O(P D))."""
 
     def __init__(self, temperature=0.07, **kwargs):
         super().__init__(temperature, **kwargs)
 
-    def _losses(self, embeddings, codes, ref_emb, ref_codes, same_set, anchors, positives):
-        # The references sharing the anchor's label (the positive among them) are no negatives.
-        return self._pair_info_nce(embeddings, ref_emb, anchors, positives, codes[anchors],
-                                   ref_codes)
+    def _losses(self, embeddings, codes, ref_emb, ref_codes, same_set, same):
+        matches = codes[:, None] == ref_codes[None, :]
+        if same_set:
+            matches.fill_diagonal_(False)
+        anchors, positives = torch.nonzero(matches, as_tuple=True)
+        lse = self._logsumexp(embeddings, ref_emb, codes, ref_codes)
+        lse = torch.where(same < ref_emb.shape[0], lse, -torch.inf)  # rows without a negative
+        unit, ref_unit = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
+        positive = (unit[anchors] * ref_unit[positives]).sum(1) / self.temperature
+        margin = lse[anchors] - positive
+        return torch.logaddexp(torch.zeros_like(margin), margin)  # softplus, no threshold
 
 
 class SupConLoss(_PairLoss):
     """pytorch_metric_learning.losses.SupConLoss(temperature=0.1, **kwargs): one loss per anchor,
-    the mean over its positives, AvgNonZeroReducer (see the module docstring)."""
+    the mean over its positives, AvgNonZeroReducer (see the module docstring).
+
+    On the batch itself: fastcontrast.supcon. Against a reference set every reference is a
+    candidate: loss_i = lse_i - <e^_i, sum_{p in P_i} r^_p> / (|P_i| temperature), the fused
+    lse_i over all references and the class sums of the normalised references (O((N + M) D))."""
 
     default_reduction = (0, None)  # AvgNonZeroReducer: ThresholdReducer(low=0)
 
     def __init__(self, temperature=0.1, **kwargs):
         super().__init__(temperature, **kwargs)
 
-    def _losses(self, embeddings, codes, ref_emb, ref_codes, same_set, anchors, positives):
+    def _losses(self, embeddings, codes, ref_emb, ref_codes, same_set, same):
         if same_set:
             return supcon(embeddings, codes, temperature=self.temperature, reduction="none")
-        # Against a reference set every reference is a candidate: the positive is the key and
-        # its copy among the shared negatives is masked by its index.
-        index = torch.arange(ref_emb.shape[0], device=ref_emb.device)
-        pair = self._pair_info_nce(embeddings, ref_emb, anchors, positives, positives, index)
-        n = embeddings.shape[0]
-        total = pair.new_zeros(n).index_add(0, anchors, pair)
-        count = torch.bincount(anchors, minlength=n).to(pair.dtype)
-        return total / count.clamp(min=1)
+        ref_unit = F.normalize(ref_emb, dim=1)
+        classes = int(torch.maximum(codes.max(), ref_codes.max())) + 1
+        class_sums = ref_unit.new_zeros(classes, ref_unit.shape[1])
+        class_sums = class_sums.index_add(0, ref_codes, ref_unit)[codes]
+        positive = (F.normalize(embeddings, dim=1) * class_sums).sum(1)
+        count = same.clamp(min=1).to(positive.dtype)  # >= 1: no 0/0 in the masked rows' grad
+        loss = self._logsumexp(embeddings, ref_emb) - positive / (self.temperature * count)
+        return torch.where(same > 0, loss, torch.zeros_like(loss))
 
 
 #: the peer's classes replaced by fastcontrast.compat.patch("pytorch_metric_learning")
