@@ -15,7 +15,7 @@ similarity, pml's default distance).
                 loss_ip = -log(e^{s_ip} / (e^{s_ip} + sum_{n: label_n != label_i} e^{s_in}))
                 reduced by MeanReducer: the mean over the positive pairs
     SupConLoss  one loss per anchor over its positives P_i and its candidates C_i (every
-                reference but i itself):
+                reference; i itself excluded when the reference set is the batch):
                 loss_i = -(1/|P_i|) sum_{p in P_i} (s_ip - logsumexp_{j in C_i} s_ij)
                 (0 for an anchor without positive), reduced by AvgNonZeroReducer: the mean of
                 the losses > 0
@@ -36,7 +36,9 @@ CosineSimilarity with its defaults; ``ref_emb`` with ``ref_labels``. Refused wit
 NotImplementedError naming the option: ``indices_tuple`` (mined pairs / triplets), any other
 distance or reducer, ``embedding_regularizer``, ``collect_stats=True``, ``ref_emb`` without
 ``ref_labels``, and ``ref_labels`` that is ``labels`` itself with a separate ``ref_emb``.
-The ``temperature`` must be > 0 (pml does not check it).
+The ``temperature`` must be > 0 (pml does not check it). The ``distance`` and ``reducer``
+attributes hold what was passed (None for the defaults, where pml holds its default objects);
+the classes record no statistics.
 """
 import torch
 import torch.nn.functional as F
