@@ -83,6 +83,18 @@ def test_dcl_and_dclw_match_lightly(lightly, dtype, n, d):
         _assert_parity(ours, theirs, out0, out1, f"{type(theirs).__name__} {theirs.__dict__}")
 
 
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")
+def test_gather_distributed_in_one_process_is_local(lightly):
+    """Without an initialised process group (or with one process) nothing is gathered."""
+    dcl, ntx = lightly
+    out0, out1 = _views(7, 4, torch.float64)
+    for ours, theirs in ((compat.NTXentLoss(0.3, gather_distributed=True),
+                          ntx.NTXentLoss(0.3, gather_distributed=True)),
+                         (compat.DCLWLoss(0.3, gather_distributed=True),
+                          dcl.DCLWLoss(0.3, gather_distributed=True))):
+        _assert_parity(ours, theirs, out0, out1, type(theirs).__name__)
+
+
 def test_dcl_with_one_pair_is_zero_where_lightly_gives_minus_inf(lightly):
     dcl, _ = lightly
     out0, out1 = _views(1, 4, torch.float64)
