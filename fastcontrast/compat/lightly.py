@@ -32,9 +32,9 @@ Where the classes differ from lightly 1.6:
   * temperature must be > 0 (lightly accepts a negative one, abs(temperature) >= 1e-8).
   * DCLLoss / DCLWLoss with one pair (N = 1) have no negative: lightly returns -inf, these
     classes 0 (the fused loss of a row without a candidate).
-  * NTXentLoss.memory_bank is a fastcontrast.NegativeQueue (lightly: a MemoryBankModule): its
-    rows are ``memory_bank.keys`` (lightly's ``bank``), its write position ``next_slot``
-    (``bank_ptr``). The initial bank is not a difference: the same random draws as lightly.
+  * NTXentLoss.memory_bank is a fastcontrast.NegativeQueue (lightly: a MemoryBankModule), None
+    without a bank: its rows are ``memory_bank.keys`` (lightly's ``bank``), its write position
+    ``next_slot`` (``bank_ptr``). The initial bank is not a difference: lightly's random draws.
   * DCLLoss accepts weight_fn=None and lightly's negative_mises_fisher_weights (the function or
     a functools.partial of it fixing sigma); any other weight_fn raises NotImplementedError.
 """
