@@ -131,10 +131,12 @@ def _enqueue_fake(dst, keys, pointer, count, pointer_buf, count_buf, dst_labels,
 
 class NegativeQueue(nn.Module):
     """Ring buffer of ``size`` keys of dimension ``dim`` (buffers: keys (size, dim), optional
-    labels / indices (size,) int64, pointer and count (0-dim int64)); see the module docstring."""
+    labels / indices (size,) int64, pointer and count (0-dim int64)); see the module docstring.
+    ``persistent=False`` keeps the buffers out of ``state_dict()`` (a module that embeds the
+    queue as scratch state, so checkpoints keep the keys of a module without a queue)."""
 
     def __init__(self, size, dim, *, dtype=torch.float32, device=None, store_labels=False,
-                 store_indices=False, backend="auto"):
+                 store_indices=False, backend="auto", persistent=True):
         super().__init__()
         size, dim = _check_size("size", size), _check_size("dim", dim)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -142,15 +144,18 @@ class NegativeQueue(nn.Module):
         check.check_flag("store_labels", store_labels)
         check.check_flag("store_indices", store_indices)
         check.check_choice("backend", backend, BACKENDS)
+        check.check_flag("persistent", persistent)
         self.size, self.dim, self.backend = size, dim, backend
         self.store_labels, self.store_indices = store_labels, store_indices
-        self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype, device=device),
+                             persistent=persistent)
         for name, stored in (("labels", store_labels), ("indices", store_indices)):
             if stored:
                 self.register_buffer(name, torch.full((size,), -1, dtype=torch.int64,
-                                                      device=device))
-        self.register_buffer("pointer", torch.zeros((), dtype=torch.int64, device=device))
-        self.register_buffer("count", torch.zeros((), dtype=torch.int64, device=device))
+                                                      device=device), persistent=persistent)
+        for name in ("pointer", "count"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device),
+                                 persistent=persistent)
         self._host = (0, 0)  # mirror of (pointer, count); None: read the buffers first
 
     # -----------------------------------------------------------------------------------------
@@ -181,6 +186,12 @@ class NegativeQueue(nn.Module):
     @property
     def is_full(self):
         return len(self) == self.size
+
+    @property
+    def next_slot(self):
+        """The slot the next enqueued row goes to, as an int (from the host mirror: no device
+        read)."""
+        return self._state()[0]
 
     def extra_repr(self):
         return (f"size={self.size}, dim={self.dim}, dtype={self.keys.dtype}, filled={len(self)}, "
