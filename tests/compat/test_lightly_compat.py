@@ -18,7 +18,7 @@ from tests._helpers import assert_close
 benchmarks_package()
 from fastcontrast.benchmarks import peers  # noqa: E402
 
-PARITY = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-5, 2e-5)}
+from ._parity import PARITY  # noqa: E402
 
 
 @pytest.fixture(scope="module")

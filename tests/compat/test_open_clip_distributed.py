@@ -53,9 +53,8 @@ def _run(loss, rows, scale_value, bias_value):
 
 
 def _worker(rank, world_size):
-    from tests.compat.test_open_clip_compat import load_open_clip_loss
-
     from fastcontrast.compat import open_clip as compat
+    from tests.compat.test_open_clip_compat import load_open_clip_loss
 
     peer, reason = load_open_clip_loss()
     rows = _rows((N_LOCAL,) * world_size, rank)
