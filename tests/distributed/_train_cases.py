@@ -30,6 +30,7 @@ class TinyMethod(ContrastiveMethod):
     so one process and W ranks see the same global batches."""
 
     name = "tiny"
+    data_parallel = True
 
     def __init__(self, fallback=False):
         super().__init__()
