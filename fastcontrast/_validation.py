@@ -5,7 +5,6 @@ import numbers
 
 import torch
 
-from ._host import REDUCTIONS
 from ._host import accumulate_dtype
 
 
@@ -124,6 +123,9 @@ def check_image_text(image, text):
 
 
 def check_targets(targets, n, m, device):
+    """None, or an int64 tensor of shape (n,) on ``device`` whose values index the ``m`` keys
+    (check_target_range). ``m`` None: the values are checked by the caller (the distributed
+    losses, where targets index the keys of every rank, known after the metadata exchange)."""
     if targets is None:
         return
     if not isinstance(targets, torch.Tensor):
@@ -135,12 +137,33 @@ def check_targets(targets, n, m, device):
                          f"got {tuple(targets.shape)}")
     if targets.device != device:
         raise ValueError(f"targets must be on the device of query ({device}), got {targets.device}")
+    if m is not None:
+        check_target_range(targets, m)
+
+
+def check_target_range(targets, m, *, keys="keys", count="M"):
+    """Values of ``targets`` in [0, m): ``keys`` names what they index and ``count`` its size
+    in the message (the distributed losses: "the keys of all ranks", "M_total"). Skipped where
+    values may not be read (reads_values)."""
     if not reads_values(targets):
         return
     low, high = int(targets.min()), int(targets.max())
     if low < 0 or high >= m:
-        raise ValueError(f"targets must index keys in [0, {m - 1}] (M = {m}), "
+        raise ValueError(f"targets must index {keys} in [0, {m - 1}] ({count} = {m}), "
                          f"got values in [{low}, {high}]")
+
+
+def check_targets_not_self(targets, rows=None, *, row="i"):
+    """exclude_self: targets[i] != rows[i], the index of row i among the keys (default i;
+    ``row`` names it in the message), else the positive would be excluded. Skipped where values
+    may not be read (reads_values)."""
+    if not reads_values(targets):
+        return
+    if rows is None:
+        rows = torch.arange(targets.shape[0], device=targets.device)
+    if bool((targets == rows).any()):
+        raise ValueError(f"exclude_self=True: targets[i] must differ from {row} (the positive "
+                         f"would be excluded)")
 
 
 def non_negative_float(name, value):
@@ -185,17 +208,3 @@ def check_view_pair(z1, z2):
     check_same("z2", z2, "z1", z1)
     if z2.shape != z1.shape:
         raise ValueError(f"z2 must have the shape of z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
-
-
-def check_supcon_args(features, labels, temperature, reduction, normalize):
-    """SupCon's arguments: (N, D) features with (N,) int64 labels, or (N, V, D) with labels
-    optional; returns the temperature as finite_scalar does (in the accumulation dtype)."""
-    check_tensor("features", features, (2, 3))
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_flag("normalize", normalize)
-    if labels is None and features.dim() == 2:
-        raise ValueError("supcon needs labels for (N, D) features (or (N, V, D) multi-view "
-                         "features, where labels default to the sample index)")
-    if labels is not None:
-        check_ids("labels", labels, features.shape[0], features.device)
-    return positive_scalar("temperature", temperature, features.device, dtype=features.dtype)

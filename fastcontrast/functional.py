@@ -9,19 +9,20 @@
     moco_loss   info_nce(query, key, queue, in_batch_negatives=False)
     siglip_loss SigLIP's pairwise sigmoid loss
 
-Each function validates its arguments, resolves ``backend`` once (fastcontrast.backends) and calls
-the oracle (backend="reference", fastcontrast.reference) or its op family's module
-(fastcontrast.infonce, fastcontrast.siglip), whose registered ops run the kernels.
+Each function validates its arguments (fastcontrast._loss_args: one check per loss, shared with
+fastcontrast.distributed, so both layers raise the same errors), resolves ``backend`` once
+(fastcontrast.backends) and calls the oracle (backend="reference", fastcontrast.reference) or
+its op family's module (fastcontrast.infonce, fastcontrast.siglip), whose registered ops run the
+kernels.
 
 Under torch.compile (and for meta tensors) the checks that would read tensor values (a positive
 temperature tensor, targets in range, targets[i] != i with exclude_self) are skipped: reading a
 value forces a device sync and a graph break. Out-of-range targets then fail in index_select.
 """
-import functools
-
 import torch
 
-from . import _validation as check
+from . import _loss_args as args
+from ._loss_args import output_dtype_policy
 from .backends import available_backends, resolve
 from .infonce import InfoNCEOptions, info_nce_loss, supcon_loss
 from .reference import info_nce_reference, siglip_loss_reference, supcon_reference
@@ -31,109 +32,7 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_lo
            "available_backends"]
 
 
-def _autocast_policy(loss_fn):
-    """Output dtype and autocast policy of every public loss. The op modules return the loss in
-    the precision they accumulate in (float32 for float16 / bfloat16 inputs); it is cast to the
-    dtype of the first tensor argument, except under torch.autocast: there the loss runs with
-    autocast disabled, so the inputs keep their dtype (float32 is not downcast; low-precision
-    kernels still accumulate in float32), and it is returned in float32 (float64 inputs:
-    float64) without the low-precision rounding, as autocast's float32 ops (F.cross_entropy)."""
-
-    @functools.wraps(loss_fn)
-    def wrapper(*args, **kwargs):
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is None or not first.is_floating_point():  # validation raises
-            return loss_fn(*args, **kwargs)
-        device = first.device.type
-        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-            return loss_fn(*args, **kwargs).to(first.dtype)
-        with torch.autocast(device, enabled=False):
-            loss = loss_fn(*args, **kwargs)
-        return loss if loss.dtype == torch.float64 else loss.float()
-
-    return wrapper
-
-
-def _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclude_self,
-                       symmetric, normalize, reduction):
-    check.check_tensor("query", query, (2,))
-    check.check_tensor("key", key, (2,))
-    check.check_same("key", key, "query", query)
-    n, d = query.shape
-    m = key.shape[0]
-    check.check_feature_dim("key", key, d)
-    check.check_tensor("negatives", negatives, (2, 3), optional=True)
-    if negatives is not None:
-        check.check_same("negatives", negatives, "query", query)
-        check.check_feature_dim("negatives", negatives, d)
-        if negatives.dim() == 3 and negatives.shape[0] != n:
-            raise ValueError(f"per-query negatives must have shape (N={n}, K, D={d}), "
-                             f"got {tuple(negatives.shape)}")
-    for name, value in (("in_batch_negatives", in_batch_negatives), ("exclude_self", exclude_self),
-                        ("symmetric", symmetric), ("normalize", normalize)):
-        check.check_flag(name, value)
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_targets(targets, n, m, query.device)
-    if targets is None and m != n:
-        raise ValueError(f"key must have N = {n} rows (key i is the positive of query i) when "
-                         f"targets is None, got M = {m}; pass targets for M != N")
-    if exclude_self:
-        if m != n:
-            raise ValueError(f"exclude_self=True needs query and key to be the same set (M == N), "
-                             f"got N = {n}, M = {m}")
-        if targets is None:
-            raise ValueError("exclude_self=True needs targets: without them the positive of "
-                             "query i is key i, which exclude_self removes")
-        if check.reads_values(targets) and bool(
-                (targets == torch.arange(n, device=targets.device)).any()):
-            raise ValueError("exclude_self=True: targets[i] must differ from i (the positive "
-                             "would be excluded)")
-    if symmetric:
-        if targets is not None or m != n:
-            raise ValueError(f"symmetric=True needs N == M and targets=None, got N = {n}, M = {m}, "
-                             f"targets {'given' if targets is not None else 'None'}")
-        if negatives is not None or not in_batch_negatives or exclude_self:
-            raise ValueError("symmetric=True supports neither negatives, in_batch_negatives=False "
-                             "nor exclude_self=True")
-
-
-def _validate_objective(objective, has_ids):
-    symmetric = objective.symmetric
-    in_batch_negatives = objective.in_batch_negatives
-    check.check_flag("decoupled", objective.decoupled)
-    if objective.dclw_sigma is not None:
-        check.positive_scalar("dclw_sigma", objective.dclw_sigma, "cpu")
-        if not objective.decoupled:
-            raise ValueError("dclw_sigma weights the positive of the decoupled loss (DCLW): "
-                             "pass decoupled=True with it")
-        if objective.hard_negatives:
-            raise ValueError("dclw_sigma and hcl_beta / hcl_tau_plus cannot be combined")
-    check.non_negative_float("hcl_beta", objective.hcl_beta)
-    check.non_negative_float("hcl_tau_plus", objective.hcl_tau_plus)
-    if objective.hcl_tau_plus >= 1:
-        raise ValueError(f"hcl_tau_plus must be in [0, 1), got {objective.hcl_tau_plus}")
-    if symmetric and (objective.decoupled or objective.needs_host_terms):
-        raise ValueError("symmetric=True supports neither decoupled, dclw_sigma nor hcl options")
-    if has_ids and objective.decoupled and in_batch_negatives:
-        raise ValueError("query_ids / negative_ids cannot be combined with decoupled=True and "
-                         "in_batch_negatives=True")
-
-
-def _validate_ids(query_ids, negative_ids, n, negatives, device):
-    if query_ids is None and negative_ids is None:
-        return
-    if query_ids is None or negative_ids is None:
-        raise ValueError("query_ids and negative_ids must be given together, got "
-                         f"query_ids={'None' if query_ids is None else 'tensor'}, "
-                         f"negative_ids={'None' if negative_ids is None else 'tensor'}")
-    if negatives is None or negatives.dim() != 2:
-        raise ValueError("query_ids / negative_ids need shared negatives (K, D), got negatives "
-                         f"{'None' if negatives is None else tuple(negatives.shape)}")
-    check.check_ids("query_ids", query_ids, n, device)
-    check.check_ids("negative_ids", negative_ids, negatives.shape[0], device)
-
-
-@_autocast_policy
+@output_dtype_policy
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
@@ -154,31 +53,16 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     tau_plus. ``query_ids`` (N,) / ``negative_ids`` (K,) int64: a shared negative whose id equals
     the query's (>= 0) is not a candidate (e.g. the same instance still in a MoCo queue).
     """
-    return _checked_info_nce(
+    tau = args.info_nce_args(
         query, key, negatives, temperature=temperature, normalize=normalize, targets=targets,
         in_batch_negatives=in_batch_negatives, exclude_self=exclude_self, symmetric=symmetric,
         reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
-        hcl_tau_plus=hcl_tau_plus, query_ids=query_ids, negative_ids=negative_ids,
-        backend=backend)
-
-
-def _checked_info_nce(query, key, negatives, *, temperature, normalize, targets,
-                      in_batch_negatives, exclude_self, symmetric, reduction, decoupled,
-                      dclw_sigma, hcl_beta, hcl_tau_plus, query_ids, negative_ids, backend,
-                      involutive_targets=False):
-    """info_nce after validation; ``involutive_targets``: the caller guarantees
-    targets[targets[i]] == i (NT-Xent), so a positive mask is symmetric (InfoNCEOptions)."""
-    _validate_info_nce(query, key, negatives, targets, in_batch_negatives, exclude_self,
-                       symmetric, normalize, reduction)
-    _validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
-    tau = check.positive_scalar("temperature", temperature, query.device, dtype=query.dtype)
-    name = resolve(backend, query.device, dtype=query.dtype)
-    options = InfoNCEOptions(name, in_batch_negatives=in_batch_negatives,
-                             exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
-                             reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                             involutive_targets=involutive_targets)
-    _validate_objective(options, query_ids is not None)
+        hcl_tau_plus=hcl_tau_plus, query_ids=query_ids, negative_ids=negative_ids)
+    options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
+                             in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
+                             symmetric=symmetric, normalize=normalize, reduction=reduction,
+                             decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
+                             hcl_tau_plus=hcl_tau_plus)
     return _info_nce(options, query, key, negatives, tau, tau.reciprocal(), targets, query_ids,
                      negative_ids)
 
@@ -201,25 +85,27 @@ def _info_nce(options, query, key, negatives, temperature, scale, targets, query
                          negative_ids)
 
 
-@_autocast_policy
+@output_dtype_policy
 def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
             dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto"):
     """SimCLR's NT-Xent over the 2N views z = [z1; z2] (lightly's NTXentLoss):
     loss_i = logsumexp_{j != i} <z_i, z_j>/tau - <z_i, z_{i+-N}>/tau, mean over the 2N rows
     ("none": (2N,), rows of z1 first). DCL / DCLW / HCL options as in info_nce."""
-    check.check_view_pair(z1, z2)
+    tau = args.nt_xent_args(z1, z2, temperature=temperature, normalize=normalize,
+                            reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                            hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
     n = z1.shape[0]
     views = torch.cat([z1, z2])
     targets = (torch.arange(2 * n, device=z1.device) + n) % (2 * n)
-    return _checked_info_nce(views, views, None, temperature=temperature, normalize=normalize,
-                             targets=targets, in_batch_negatives=True, exclude_self=True,
-                             symmetric=False, reduction=reduction, decoupled=decoupled,
+    # targets[targets[i]] == i: the positive mask is symmetric (InfoNCEOptions).
+    options = InfoNCEOptions(resolve(backend, z1.device, dtype=z1.dtype), exclude_self=True,
+                             normalize=normalize, reduction=reduction, decoupled=decoupled,
                              dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                             query_ids=None, negative_ids=None, backend=backend,
                              involutive_targets=True)
+    return _info_nce(options, views, views, None, tau, tau.reciprocal(), targets)
 
 
-@_autocast_policy
+@output_dtype_policy
 def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction="mean",
            backend="auto"):
     """Supervised contrastive loss L_out (Khosla et al. 2020), fused.
@@ -229,7 +115,7 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
         loss_a = logsumexp_{b != a} s_ab - mean_{p != a, label_p = c} s_ap,  s = <z^_a, z^_b> / tau
     Anchors without a positive give 0 and are left out of the mean. "none": (N,) or (N, V).
     Positives are summed per class (no N x N mask); the denominator is the fused log-sum-exp."""
-    tau = check.check_supcon_args(features, labels, temperature, reduction, normalize)
+    tau = args.supcon_args(features, labels, temperature, reduction, normalize)
     n = features.shape[0]
     name = resolve(backend, features.device, dtype=features.dtype)
     if name == "reference":
@@ -245,7 +131,7 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
     return loss.reshape(shape) if reduction == "none" else loss
 
 
-@_autocast_policy
+@output_dtype_policy
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
               query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
               backend="auto"):
@@ -256,39 +142,24 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
     ``query_index`` (N,) int64: sample ids of the batch; queue entries stored with the same id
     (a NegativeQueue with store_indices=True) are not negatives. DCL / HCL options as in
     info_nce."""
-    negative_ids = None
-    if hasattr(queue, "negatives") and callable(queue.negatives):
-        negative_ids = queue.stored_indices() if query_index is not None else None
-        queue = queue.negatives()
-    elif query_index is not None:
-        raise ValueError("query_index needs a NegativeQueue that stores indices "
-                         "(store_indices=True), got a plain tensor queue")
-    # Checked here under the caller's names (info_nce calls them negatives / query_ids).
-    check.check_tensor("query", query, (2,))
-    check.check_tensor("queue", queue, (2,))
-    check.check_same("queue", queue, "query", query)
-    check.check_feature_dim("queue", queue, query.shape[1])
-    if query_index is not None:
-        check.check_ids("query_index", query_index, query.shape[0], query.device)
-    # Not info_nce itself: its output cast would round the loss under this call's autocast.
-    return _checked_info_nce(query, key, queue, temperature=temperature, normalize=normalize,
-                             targets=None, in_batch_negatives=False, exclude_self=False,
-                             symmetric=False, reduction=reduction, decoupled=decoupled,
-                             dclw_sigma=None, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                             query_ids=query_index, negative_ids=negative_ids, backend=backend)
+    queue, negative_ids = args.unwrap_queue(queue, query_index)
+    tau = args.moco_loss_args(query, key, queue, negative_ids, temperature=temperature,
+                              normalize=normalize, reduction=reduction, query_index=query_index,
+                              decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+    options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
+                             in_batch_negatives=False, normalize=normalize, reduction=reduction,
+                             decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+    return _info_nce(options, query, key, queue, tau, tau.reciprocal(), None, query_index,
+                     negative_ids)
 
 
-@_autocast_policy
+@output_dtype_policy
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", backend="auto"):
     """OpenCLIP's ClipLoss: (CE(image -> text) + CE(text -> image)) / 2 on
     logit_scale * image @ text.T, pair i the positive. Features are used as given (CLIP models
     normalise them). ``logit_bias`` shifts every logit of a softmax equally, so it cancels: it is
     accepted for API compatibility and receives a zero gradient."""
-    check.check_image_text(image, text)
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
-    if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
-        raise TypeError(f"logit_bias must be a float or a tensor, got {type(logit_bias).__name__}")
+    scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction)
     name = resolve(backend, image.device, dtype=image.dtype)
     options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction)
     loss = _info_nce(options, image, text, None, scale.reciprocal(), scale, None)
@@ -298,7 +169,7 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
     return loss
 
 
-@_autocast_policy
+@output_dtype_policy
 def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backend="auto"):
     """SigLIP's pairwise sigmoid loss, fused (never materialises the N x N logits).
 
@@ -308,10 +179,7 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
     they require grad). reduction: "mean" (total / N, as OpenCLIP), "sum", or "none" ((N,)).
     backend: "auto", "reference", "torch", "cpu", "triton" (float16 / bfloat16 / float32 only).
     """
-    check.check_image_text(image, text)
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    scale = check.finite_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
-    bias = check.finite_scalar("logit_bias", logit_bias, image.device, dtype=image.dtype)
+    scale, bias = args.siglip_loss_args(image, text, logit_scale, logit_bias, reduction)
     name = resolve(backend, image.device, dtype=image.dtype)
     if name == "reference":
         return siglip_loss_reference(image, text, scale, bias, reduction=reduction)

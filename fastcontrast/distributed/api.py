@@ -1,6 +1,8 @@
-"""The public distributed losses: argument checks, the metadata exchange, the global index of
-the positives, normalisation (with autograd) and the reduction by the group convention; the
-heavy part is ops.DistributedLSE / DistributedSigLIP.
+"""The public distributed losses: the checks that involve the group (mode, agreement across
+ranks, targets against the keys of all ranks; the local argument checks are those of
+fastcontrast._loss_args, shared with the single-process losses), the metadata exchange, the
+global index of the positives, normalisation (with autograd) and the reduction by the group
+convention; the heavy part is ops.DistributedLSE / DistributedSigLIP.
 
 Reduction convention (N_total = the rows of all ranks; W = the group size):
     "mean"  rank r returns (W / N_total) sum_{i in r} loss_i  (SupCon: W / A_total over the
@@ -12,14 +14,16 @@ Reduction convention (N_total = the rows of all ranks; W = the group size):
 """
 import struct
 from contextlib import contextmanager
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import _loss_args as args
 from .. import _validation as check
 from .. import functional
+from .._host import REDUCTIONS
+from .._loss_args import output_dtype_policy
 from ..backends import PROPERTIES, resolve
 from .collectives import (AllGatherWithGrad, AllReduceWithGrad, Comm, all_gather_rows,
                           dtype_code)
@@ -31,9 +35,6 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_lo
            "enqueue_all", "MODES"]
 
 MODES = ("gather", "ring")
-# The losses' output dtype, as the single-process functions': the first input's dtype, float32
-# under autocast (not rounded to the autocast dtype; see functional._autocast_policy).
-_output_dtype = functional._autocast_policy
 _EPS = 1e-12  # as torch.nn.functional.normalize and the single-process losses
 
 
@@ -105,16 +106,6 @@ def _compute_dtype(backend, dtype):
     return PROPERTIES[backend].compute_dtype(dtype)
 
 
-def _same_layout(comm, table, what_rows, what_keys, name_rows, name_keys):
-    rows = [r[what_rows] for r in table]
-    keys = [r[what_keys] for r in table]
-    if rows != keys:
-        raise ValueError(f"{comm.caller}: {name_keys} must have as many rows as {name_rows} on "
-                         f"every rank ({name_keys} i is the positive of {name_rows} i), got "
-                         f"{name_rows} rows {rows} and {name_keys} rows {keys} on ranks "
-                         f"{list(range(comm.world))}")
-
-
 def _product(k, b, n_keys, bank_sizes, global_targets, in_batch_negatives):
     """(y, every rank's rows of y, the product index of the positives or None): the keys of the
     fused product on this rank, [key_r; bank_r] with in-batch negatives (a global key index t of
@@ -156,18 +147,15 @@ def _mask_ids(options, global_rows_of_keys, global_targets, n_bank, query_ids, b
 
 
 def _check_global_targets(targets, m_total, exclude_self, global_rows):
-    if not targets.numel():
-        return
-    low, high = int(targets.min()), int(targets.max())
-    if low < 0 or high >= m_total:
-        raise ValueError(f"targets index the keys of all ranks, [0, {m_total - 1}] "
-                         f"(M_total = {m_total}), got values in [{low}, {high}]")
-    if exclude_self and bool((targets == global_rows).any()):
-        raise ValueError("exclude_self=True: targets[i] must differ from the global index of "
-                         "row i (the positive would be excluded)")
+    """The checks of targets' values that info_nce_args leaves to this layer (global_targets):
+    they index the keys of all ranks, and with exclude_self differ from their row's global
+    index."""
+    check.check_target_range(targets, m_total, keys="the keys of all ranks", count="M_total")
+    if exclude_self:
+        check.check_targets_not_self(targets, global_rows, row="the global index of row i")
 
 
-@_output_dtype
+@output_dtype_policy
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
@@ -186,53 +174,32 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     ``hcl_beta`` / ``hcl_tau_plus`` (HCL; the negatives counted over all ranks, two ring /
     gather passes when hcl_beta > 0). ``query_ids`` (N_r,) / ``negative_ids`` (K_r,) with a 2-D
     bank: an entry of any rank's bank whose id equals the query's is not a candidate."""
-    return _info_nce("info_nce", query, key, negatives, temperature=temperature,
-                     normalize=normalize, targets=targets,
-                     in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
-                     symmetric=symmetric, reduction=reduction, decoupled=decoupled,
-                     dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                     query_ids=query_ids, negative_ids=negative_ids, backend=backend,
-                     mode=mode, group=group)
+    with _refusal(group, "info_nce", query):
+        tau = args.info_nce_args(
+            query, key, negatives, temperature=temperature, normalize=normalize,
+            targets=targets, in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
+            symmetric=symmetric, reduction=reduction, decoupled=decoupled,
+            dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+            query_ids=query_ids, negative_ids=negative_ids, global_targets=True)
+        comm, name = _start("info_nce", mode, group, backend, query.device, query.dtype)
+    options = InfoNCEOptions(name, in_batch_negatives=in_batch_negatives,
+                             exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
+                             reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+    return _info_nce(comm, options, mode, query, key, negatives, tau.reciprocal(), targets,
+                     query_ids, negative_ids)
 
 
-def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize=True,
-              targets=None, in_batch_negatives=True, exclude_self=False, symmetric=False,
-              reduction="mean", decoupled=False, dclw_sigma=None, hcl_beta=0.0,
-              hcl_tau_plus=0.0, query_ids=None, negative_ids=None, backend="auto",
-              mode="gather", group=None, roles=("query", "key")):
-    """info_nce as called from the public function ``caller`` (info_nce, clip_loss, nt_xent):
-    the name every rank's errors give, a refusal on another rank included; ``roles``: the
-    caller's names of ``query`` and ``key`` (clip_loss: image and text) in those errors."""
-    q_name, k_name = roles
-    with _refusal(group, caller, query):
-        check.check_tensor(q_name, query, (2,))
-        check.check_tensor(k_name, key, (2,))
-        check.check_same(k_name, key, q_name, query)
-        check.check_feature_dim(k_name, key, query.shape[1])
-        check.check_tensor("negatives", negatives, (2, 3), optional=True)
-        if negatives is not None:
-            check.check_same("negatives", negatives, "query", query)
-            check.check_feature_dim("negatives", negatives, query.shape[1])
-            if negatives.dim() == 3 and negatives.shape[0] != query.shape[0]:
-                raise ValueError(f"per-query negatives must have shape (N={query.shape[0]}, K, "
-                                 f"D), got {tuple(negatives.shape)}")
-        for flag_name, value in (("normalize", normalize), ("exclude_self", exclude_self),
-                                 ("in_batch_negatives", in_batch_negatives),
-                                 ("symmetric", symmetric)):
-            check.check_flag(flag_name, value)
-        check.check_choice("reduction", reduction, check.REDUCTIONS)
-        if targets is not None:
-            check.check_ids("targets", targets, query.shape[0], query.device)
-        functional._validate_ids(query_ids, negative_ids, query.shape[0], negatives, query.device)
-        tau = check.positive_scalar("temperature", temperature, query.device, dtype=query.dtype)
-        options = InfoNCEOptions(backend, in_batch_negatives=in_batch_negatives,
-                                 exclude_self=exclude_self, symmetric=symmetric,
-                                 normalize=normalize, reduction=reduction, decoupled=decoupled,
-                                 dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
-                                 hcl_tau_plus=hcl_tau_plus)
-        functional._validate_objective(options, query_ids is not None)
-        comm, name = _start(caller, mode, group, backend, query.device, query.dtype)
-        options = replace(options, backend=name)
+def _info_nce(comm, options, mode, query, key, negatives, scale, targets, query_ids=None,
+              negative_ids=None, q_name="query", targets_valid=False):
+    """info_nce after the local checks (_loss_args.info_nce_args with global_targets, _start):
+    the metadata exchange, the global checks and the fused loss at ``scale`` = 1 / temperature.
+    ``q_name``: the caller's name of ``query`` (clip_loss: image) in the cross-rank errors;
+    ``targets_valid``: the caller built the targets (nt_xent), so their
+    values need no check."""
+    name, reduction, normalize = options.backend, options.reduction, options.normalize
+    in_batch_negatives, exclude_self = options.in_batch_negatives, options.exclude_self
+    symmetric, decoupled = options.symmetric, options.decoupled
     neg_kind = 0 if negatives is None else negatives.dim()
     flags = (int(normalize) | int(in_batch_negatives) << 1 | int(exclude_self) << 2
              | int(symmetric) << 3 | int(targets is not None) << 4
@@ -245,36 +212,28 @@ def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize
         (None, 0 if negatives is None else negatives.shape[-2]),
         ("the options normalize / in_batch_negatives / exclude_self / symmetric / targets / "
          "query_ids given / decoupled", flags), ("mode", _mode_code(mode)),
-        ("reduction", check.REDUCTIONS.index(reduction)),
-        ("dclw_sigma", _float_code(dclw_sigma)), ("hcl_beta", _float_code(hcl_beta)),
-        ("hcl_tau_plus", _float_code(hcl_tau_plus))])
+        ("reduction", REDUCTIONS.index(reduction)),
+        ("dclw_sigma", _float_code(options.dclw_sigma)),
+        ("hcl_beta", _float_code(options.hcl_beta)),
+        ("hcl_tau_plus", _float_code(options.hcl_tau_plus))])
     if neg_kind == 3:
         comm.check_same(table, 5, "the number K of per-query negatives")
     n_rows, n_keys = [r[0] for r in table], [r[1] for r in table]
     n_total, m_total = sum(n_rows), sum(n_keys)
     rank = comm.rank
     key_offset = sum(n_keys[:rank])
-    if targets is None or exclude_self or symmetric:
-        _same_layout(comm, table, 0, 1, q_name, k_name)
-    if symmetric and (targets is not None or negatives is not None or not in_batch_negatives
-                      or exclude_self):
-        raise ValueError("symmetric=True needs targets=None, no negatives, in_batch_negatives="
-                         "True and exclude_self=False")
-    if exclude_self and targets is None:
-        raise ValueError("exclude_self=True needs targets: without them the positive of query "
-                         "i is key i, which exclude_self removes")
     global_rows = torch.arange(key_offset, key_offset + query.shape[0], device=query.device)
     if targets is None:
         global_targets = global_rows
     else:
-        if check.reads_values(targets):  # values differ per rank: every rank learns of a refusal
+        if not targets_valid and check.reads_values(targets):
+            # Values differ per rank: every rank learns of a refusal.
             comm.agree(lambda: _check_global_targets(targets, m_total, exclude_self,
                                                      global_rows), query.device)
         global_targets = targets
     cdt = _compute_dtype(name, query.dtype)
     q = _prepare(query, cdt, normalize)
     k = q if key is query else _prepare(key, cdt, normalize)
-    scale = tau.reciprocal()
     bank = negatives if neg_kind == 2 else None
     over_negatives = options.decoupled or options.needs_host_terms
     bank_sizes = [r[5] for r in table] if bank is not None else [0] * comm.world
@@ -323,27 +282,23 @@ def _info_nce(caller, query, key, negatives=None, *, temperature=0.07, normalize
     return _reduce(comm, loss, reduction, counted)
 
 
-@_output_dtype
+@output_dtype_policy
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", backend="auto",
               mode="gather", group=None):
     """OpenCLIP's ClipLoss over the texts and images of every rank (symmetric: one pass gives
     the row and the column log-sum-exps). ``logit_scale`` is never all-reduced (DDP averages
     its gradient); ``logit_bias`` cancels and gets a zero gradient, as single-process."""
     with _refusal(group, "clip_loss", image):
-        check.check_image_text(image, text)
-        if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
-            raise TypeError("logit_bias must be a float or a tensor, got "
-                            f"{type(logit_bias).__name__}")
-        scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
-    loss = _info_nce("clip_loss", image, text, temperature=scale.reciprocal(), normalize=False,
-                     symmetric=True, reduction=reduction, backend=backend, mode=mode,
-                     group=group, roles=("image", "text"))
+        scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction)
+        comm, name = _start("clip_loss", mode, group, backend, image.device, image.dtype)
+    options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction)
+    loss = _info_nce(comm, options, mode, image, text, None, scale, None, q_name="image")
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
     return loss
 
 
-@_output_dtype
+@output_dtype_policy
 def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
             dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto", mode="gather",
             group=None):
@@ -353,10 +308,10 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     differ. "none": (2 N_r,), this rank's [z1; z2] rows. DCL / DCLW / HCL options as in
     info_nce."""
     with _refusal(group, "nt_xent", z1):
-        check.check_view_pair(z1, z2)
-        check.check_choice("reduction", reduction, check.REDUCTIONS)
-        check.check_flag("normalize", normalize)
-        comm, _ = _start("nt_xent", mode, group, backend, z1.device, z1.dtype)
+        tau = args.nt_xent_args(z1, z2, temperature=temperature, normalize=normalize,
+                                reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                                hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+        comm, name = _start("nt_xent", mode, group, backend, z1.device, z1.dtype)
     table = _exchange(comm, z1.device, [
         (None, z1.shape[0]), ("the feature dimension D of z1", z1.shape[1]),
         ("dtype of z1", dtype_code(z1.dtype))])
@@ -364,11 +319,11 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     offset = sum(2 * r[0] for r in table[:comm.rank])
     local = torch.arange(2 * n, device=z1.device)
     views = torch.cat([z1, z2])
-    return _info_nce("nt_xent", views, views, temperature=temperature, normalize=normalize,
-                     targets=offset + (local + n) % (2 * n), exclude_self=True,
-                     reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                     hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus, backend=backend, mode=mode,
-                     group=group)
+    options = InfoNCEOptions(name, exclude_self=True, normalize=normalize, reduction=reduction,
+                             decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
+                             hcl_tau_plus=hcl_tau_plus)
+    return _info_nce(comm, options, mode, views, views, None, tau.reciprocal(),
+                     offset + (local + n) % (2 * n), targets_valid=True)
 
 
 def _dense_classes(labels):
@@ -377,7 +332,7 @@ def _dense_classes(labels):
     return inverse, unique.shape[0]
 
 
-@_output_dtype
+@output_dtype_policy
 def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction="mean",
            backend="auto", mode="gather", group=None):
     """SupCon L_out over the samples of every rank: the labels travel with the features (one
@@ -388,7 +343,7 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
     a positive give 0 and are left out of the mean, counted over all ranks. (N, V, D) features:
     labels default to the global sample index."""
     with _refusal(group, "supcon", features):
-        tau = check.check_supcon_args(features, labels, temperature, reduction, normalize)
+        tau = args.supcon_args(features, labels, temperature, reduction, normalize)
         n = features.shape[0]
         comm, name = _start("supcon", mode, group, backend, features.device, features.dtype)
     table = _exchange(comm, features.device, [
@@ -397,7 +352,7 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
         ("the feature dimension D of features", features.shape[-1]),
         ("dtype of features", dtype_code(features.dtype)), ("labels given", labels is not None),
         ("mode", _mode_code(mode)), ("normalize", int(normalize)),
-        ("reduction", check.REDUCTIONS.index(reduction))])
+        ("reduction", REDUCTIONS.index(reduction))])
     shape = features.shape[:-1]
     if features.dim() == 3:
         views = features.shape[1]
@@ -433,22 +388,19 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
     return _reduce(comm, loss, reduction, anchors)
 
 
-@_output_dtype
+@output_dtype_policy
 def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backend="auto",
                 mode="gather", group=None):
     """SigLIP's sigmoid loss of this rank's images against the texts of every rank (the
     positive of image i is its own text i). ``logit_scale`` / ``logit_bias`` are never
     all-reduced (DDP averages their gradients). "mean" divides by N_total (OpenCLIP)."""
     with _refusal(group, "siglip_loss", image):
-        check.check_image_text(image, text)
-        check.check_choice("reduction", reduction, check.REDUCTIONS)
-        scale = check.finite_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
-        bias = check.finite_scalar("logit_bias", logit_bias, image.device, dtype=image.dtype)
+        scale, bias = args.siglip_loss_args(image, text, logit_scale, logit_bias, reduction)
         comm, name = _start("siglip_loss", mode, group, backend, image.device, image.dtype)
     table = _exchange(comm, image.device, [
         (None, image.shape[0]), ("the feature dimension D of image", image.shape[1]),
         ("dtype of image", dtype_code(image.dtype)), ("mode", _mode_code(mode)),
-        ("reduction", check.REDUCTIONS.index(reduction))])
+        ("reduction", REDUCTIONS.index(reduction))])
     sizes = tuple(r[0] for r in table)
     cdt = _compute_dtype(name, image.dtype)
     loss = DistributedSigLIP.apply(image.to(cdt).contiguous(), text.to(cdt).contiguous(), scale,
@@ -456,7 +408,7 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
     return _reduce(comm, loss, reduction, sum(sizes))
 
 
-@_output_dtype
+@output_dtype_policy
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
               query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
               backend="auto", mode="gather", group=None):
@@ -467,15 +419,21 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
     DCL / HCL, "mean" is over the rows of all ranks that kept a negative)."""
     with _refusal(group, "moco_loss", query):
         check.check_choice("mode", mode, MODES)
-        check.check_tensor("query", query, (2,))
-        check.check_choice("reduction", reduction, check.REDUCTIONS)
+        bank, bank_ids = args.unwrap_queue(queue, query_index)
+        args.moco_loss_args(query, key, bank, bank_ids, temperature=temperature,
+                            normalize=normalize, reduction=reduction, query_index=query_index,
+                            decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+        resolve(backend, query.device, dtype=query.dtype)
         comm = Comm(group, caller="fastcontrast.distributed.moco_loss")
     _exchange(comm, query.device, [
         (None, query.shape[0]), ("the feature dimension D of query", query.shape[1]),
         ("dtype of query", dtype_code(query.dtype)),
-        ("reduction", check.REDUCTIONS.index(reduction)), ("decoupled", int(decoupled)),
+        ("reduction", REDUCTIONS.index(reduction)), ("decoupled", int(decoupled)),
         ("hcl_beta", _float_code(hcl_beta)), ("hcl_tau_plus", _float_code(hcl_tau_plus))])
-    try:  # unwrapped: the output dtype is decided once, by this function's own wrapper
+    # Unwrapped: the output dtype is decided once, by this function's own wrapper. It checks
+    # the arguments again; an error it raises after the exchange above (none is expected once
+    # they passed here) must still reach the other ranks.
+    try:
         loss = functional.moco_loss.__wrapped__(query, key, queue, temperature=temperature,
                                                 normalize=normalize,
                                                 reduction="sum" if reduction == "mean"
@@ -491,9 +449,8 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
         return loss
     counted = query.shape[0]
     if query_index is not None and (decoupled or hcl_beta or hcl_tau_plus):
-        ids = queue.stored_indices()  # a NegativeQueue: functional.moco_loss checked it
-        counts = negative_counts(ids.shape[0], query.shape[0], query_index, ids, query.device,
-                                 torch.float64)
+        counts = negative_counts(bank_ids.shape[0], query.shape[0], query_index, bank_ids,
+                                 query.device, torch.float64)
         counted = int((counts > 0).sum())
     total = sum(r[0] for r in comm.exchange([counted], query.device))
     scaled = loss * comm.world

@@ -92,7 +92,7 @@ def test_mismatched_inputs_raise_on_every_rank(results, world):
     ("empty", "must not be empty", "clip_loss"),
     ("empty_nt_xent", "must not be empty", "nt_xent"),
     ("temperature_nt_xent", "temperature must be positive", "nt_xent"),
-    ("targets", "targets index the keys of all ranks", "info_nce"),
+    ("targets", "targets must index the keys of all ranks", "info_nce"),
     ("queue", "feature dimension", "moco_loss")])
 def test_one_rank_refused_raises_on_every_rank(results, world, what, own_error, called):
     """Only the last rank's input is bad (e.g. an empty last batch in ring mode): it raises its
