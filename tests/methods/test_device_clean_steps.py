@@ -69,7 +69,7 @@ def test_step_and_features_create_nothing_on_the_default_device(data, name):
     g = torch.Generator().manual_seed(1)
     batches = [method.views(dataset, torch.randperm(len(dataset), generator=g)[:BATCH], g)
                for _ in range(STEPS)]
-    # what trainer.evaluate feeds features: the stored sequences, or the fixed renderings
+    # what scoring.evaluate feeds features: the stored sequences, or the fixed renderings
     inputs = batches[0] if name == "cpc" else dataset.evaluation_set()[0][:BATCH]
     twin = copy.deepcopy(method)
     expected = _run(method, batches, inputs)
