@@ -22,3 +22,24 @@ def _seed(request):
     seed = (zlib.crc32(request.node.nodeid.encode()) + base) % (2**31)
     torch.manual_seed(seed)
     yield
+
+
+# The fast tier (``scripts/test.sh --fast``, i.e. ``pytest -m "not slow"``): every loss, kernel
+# op, queue and momentum update on every backend that runs on this CPU, against the float64
+# reference, in a few minutes. Marked slow, and left to the full run: the exhaustive kernel
+# contract and compile checks, torch.compile, the property-based search, the benchmark harness,
+# multi-process (distributed) runs and the reference methods' training.
+SLOW_PATHS = (
+    "tests/bench/", "tests/distributed/", "tests/methods/",
+    "tests/compat/test_open_clip_distributed.py", "tests/compat/test_lightly_distributed.py",
+    "tests/kernels/test_triton_compile.py", "tests/kernels/test_triton_gram_compile.py",
+    "tests/kernels/test_masked_lse_contract.py", "tests/kernels/test_gram_kernels.py",
+    "tests/kernels/test_cuda_sources.py", "tests/losses/test_compile.py",
+    "tests/losses/test_compile_shapes.py", "tests/losses/test_properties.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW_PATHS):
+            item.add_marker(pytest.mark.slow)
