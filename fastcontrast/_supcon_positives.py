@@ -14,10 +14,11 @@ upstream gradient u:
 
 Hand-written because autograd over the same ops takes about twice as long at N = 16384, D = 256
 (the normalisation's graph and an extra (N, D) gather), a thirtieth of the fused SupCon step.
-Whole-tensor passes, few of them (3 + 3 in the forward, 9 in the backward): on a busy CPU every
-parallel ATen op waits at its barrier for a thread that the OS has descheduled, so the number of
-passes counts, not only their bytes (the earlier cache-sized row chunks made ~40 such ops per
-step at N = 8192, each costing up to a time slice beside one busy process per core). The
+Whole-tensor passes, few of them (5 in the forward, 6 in the backward on features that
+supcon_loss normalised already, normalized_rows): on a busy CPU every parallel ATen op waits at its
+barrier for a thread that the OS has descheduled, so the number of passes counts, not only their
+bytes (the earlier cache-sized row chunks made ~40 such ops per step at N = 8192, each costing up
+to a time slice beside one busy process per core). The
 subtraction of a's own term happens on the (N, D) sums, before any dot product: the dot
 <z_a, S_c(a)> - |z_a|^2 rounded like the whole class sum and cost SupCon's fp32 gradients a
 factor of plain PyTorch's error at D = 3. First-order only: a second backward raises, as the
@@ -30,7 +31,7 @@ from ._host import first_order_only, normalized_copy_backward_, rowwise_dot
 class _PositiveMeans(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, cls, class_sizes, normalize, eps, backend):
-        inv = 1.0 / x.norm(dim=1).clamp_min(eps)
+        inv = 1.0 / x.norm(dim=1).clamp_min(eps) if normalize else None
         z = x * inv.unsqueeze(1) if normalize else x
         # others_a = S_c(a) - z_a, the sum of a's positives: <z_a, others_a> carries no |z_a|^2
         # to cancel against <z_a, S_c(a)> (at D = 3 and tau = 0.05 that difference rounded like
@@ -60,6 +61,38 @@ class _PositiveMeans(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dscale = (u * pos).sum() / scale
         return dx, dscale, None, None, None, None, None
+
+
+class _NormalizedRows(torch.autograd.Function):
+    """z = x / max(|x|, eps) row by row; backward dx = inv (dz - z <z, dz>) (inv dz where the
+    eps clamp is active) out of place: one row-wise dot and two passes, where autograd's graph
+    of the same ops takes about twice as long."""
+
+    @staticmethod
+    def forward(ctx, x, eps, backend):
+        inv = 1.0 / x.norm(dim=1).clamp_min(eps)
+        z = x * inv.unsqueeze(1)
+        # x only for its version counter: an in-place edit of the features after the forward
+        # raises in the backward, as with plain PyTorch's normalisation.
+        ctx.save_for_backward(z, inv, x)
+        ctx.eps, ctx.backend = eps, backend
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        z, inv, _ = ctx.saved_tensors
+        unclamped = (inv < 1.0 / ctx.eps).to(inv.dtype)
+        coef = (rowwise_dot(z, dz) * unclamped).unsqueeze(1).to(dz.dtype)
+        dx = torch.addcmul(dz, z.to(dz.dtype), coef, value=-1).mul_(inv.unsqueeze(1).to(dz.dtype))
+        dx, = first_order_only((dx,), ctx.backend)
+        return dx, None, None
+
+
+def normalized_rows(x, eps, backend):
+    """x / max(|x|, eps) row by row (x (N, D)), with a hand-written first-order backward: SupCon
+    normalises its features once, for its denominator and its positive term together, so that
+    their gradients meet before one backward of the normalisation."""
+    return _NormalizedRows.apply(x, eps, backend)
 
 
 def class_sums(z, cls):

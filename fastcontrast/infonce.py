@@ -68,7 +68,7 @@ from . import backends
 from ._host import (accumulate_dtype, cast_gradients, first_order_only, or_empty,
                     normalized_copy_backward_, reduce_loss, reduction_weights, requires_grad,
                     row_chunks, rowwise_dot, scaled_fused_gradients)
-from ._supcon_positives import supcon_positive_means
+from ._supcon_positives import normalized_rows, supcon_positive_means
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
            "masked_lse_backward", "masked_lse_forward_with_grad", "gram_lse_forward",
@@ -913,19 +913,24 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
     """SupCon L_out over features (R, D) with labels (R,); per-anchor losses reduced as
     ``reduction`` (mean over anchors that have a positive), in the accumulation dtype; see the
     module docstring."""
-    # The denominator: lse over b != a (self excluded), without subtracting a positive.
+    # The denominator: lse over b != a (self excluded), without subtracting a positive. The
+    # features are normalised once (normalized_rows) for it and for the positive term: one
+    # (N, D) copy and one backward of the normalisation for both, where each did its own (on a
+    # busy CPU every such pass is a parallel op that waits at a barrier for descheduled threads).
     denominator = _FusedPass(backend, in_batch_negatives=True, exclude_self=True, symmetric=False,
-                             normalize=normalize, reduction="none" if reduction == "none" else
+                             normalize=False, reduction="none" if reduction == "none" else
                              "sum", exclude_positive=False, subtract_positive=False, eps=eps)
     # One float32 copy of low-precision features feeds the host terms and the fused pass.
     denominator, (features,) = _upcast_inputs(denominator, features)
+    if normalize:
+        features = normalized_rows(features, eps, backend)
     cls = _class_index(labels)
     n = features.shape[0]
     counts = torch.zeros(n, dtype=torch.int64, device=features.device).index_add(
         0, cls, torch.ones_like(cls))
     class_sizes = counts[cls]
     pos_mean = supcon_positive_means(features, scale.to(features.dtype), cls, class_sizes,
-                                     normalize=normalize, eps=eps, backend=backend)
+                                     normalize=False, eps=eps, backend=backend)
     has_positive = class_sizes > 1
     if reduction == "none":
         lse = _fused(denominator, features, features, None, None, scale, None)
