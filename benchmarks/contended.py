@@ -12,7 +12,8 @@ the order rotated, first quiet and then beside the spinners (started for the rou
 stopped). Per loss: the median of each (implementation, phase), the slowdown busy / quiet of
 each implementation (its fair share is about 2x with one spinner per core), and the speed-up
 torch / fused in each phase. The target: fused slowdown <= 1.1 x torch slowdown.
-Writes contended.json and contended.csv (one row per timed step) into OUT_DIR.
+Writes contended.json and contended.csv (one row per timed step, with the 1-minute load average
+read before it: on a shared machine the "quiet" rounds are only as quiet as that) into OUT_DIR.
 """
 import argparse
 import csv
@@ -142,6 +143,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     ctx = get_context("spawn")
+    load_start = os.getloadavg()
     workers = {}
     try:
         for loss in losses:
@@ -163,9 +165,10 @@ def main(argv=None):
                     shift = rep % len(keys)
                     for key in keys[shift:] + keys[:shift]:
                         conn = workers[key][1]
+                        load1 = os.getloadavg()[0]
                         conn.send("go")
                         rows.append({"loss": key[0], "impl": key[1], "phase": phase, "rep": rep,
-                                     "seconds": conn.recv()})
+                                     "seconds": conn.recv(), "load1": load1})
                         time.sleep(0.2)  # the last process's threads gone idle
     finally:
         for proc, conn in workers.values():
@@ -183,13 +186,20 @@ def main(argv=None):
                                    "benchmarks.contended"] + sys.argv[1:]),
               "n": args.n, "dim": args.dim, "dtype": "float32", "spinners": args.spinners,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
               "summary": _summary(rows, losses), "rows": rows}
     with open(os.path.join(args.out, "contended.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "contended.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["loss", "impl", "phase", "rep", "seconds"])
+        writer = csv.DictWriter(f, fieldnames=["loss", "impl", "phase", "rep", "seconds",
+                                               "load1"])
         writer.writeheader()
         writer.writerows(rows)
+    quiet_load = [r["load1"] for r in rows if r["phase"] == "quiet"]
+    print(f"load average (1 min): {load_start[0]:.2f} at the start, "
+          f"{result['loadavg_end'][0]:.2f} at the end; quiet rounds median "
+          f"{statistics.median(quiet_load):.2f} (a quiet machine shows ~0; the busy rounds add "
+          f"{args.spinners} spinners)")
     for loss, s in result["summary"].items():
         m = s["median_s"]
         print(f"{loss}: torch {m['torch_quiet']:.3f} -> {m['torch_busy']:.3f} s "

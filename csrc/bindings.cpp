@@ -183,6 +183,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("z"), py::arg("alpha"), py::arg("beta"), py::arg("row_lse"), py::arg("row_grad"),
         py::kw_only(), py::arg("exclude_diag") = false, py::arg("row_ids") = py::none(),
         py::arg("col_ids") = py::none(), py::arg("block_rows") = 0);
+  m.def("masked_lse_fused_plan", [](int64_t n, int64_t m_keys, int64_t d, int64_t elem_size) {
+          const auto plan = fastcontrast::masked_lse_fused_plan(n, m_keys, d, elem_size);
+          return std::make_tuple(plan.block_rows, plan.slots, plan.tile_bytes, plan.tile_budget);
+        },
+        "(block_rows, slots, tile bytes in flight, one tile's budget) of "
+        "masked_lse_forward_with_grad with gradients on the current thread count",
+        py::arg("n"), py::arg("m"), py::arg("d"), py::arg("elem_size") = 4);
   fastcontrast::register_siglip_ops(m);
   fastcontrast::register_momentum_ops(m);
   fastcontrast::register_task_ops(m);

@@ -50,10 +50,12 @@ def row_chunks(n, rows=HOST_CHUNK_ROWS):
 
 
 def rowwise_dot(a, b):
-    """<a_i, b_i> for (R, D) tensors in the accumulation dtype of ``a``, in chunks of rows so
-    that no (R, D) temporary is made."""
+    """<a_i, b_i> for (R, D) tensors in the accumulation dtype of ``a``; where either needs a
+    cast, in chunks of rows so that no (R, D) temporary is made."""
     acc = accumulate_dtype(a.dtype)
-    chunks = row_chunks(a.shape[0])
+    # Without a cast there is no temporary to bound: one pass (one parallel op, not one per
+    # chunk: each waits at a barrier on a busy CPU).
+    chunks = [(0, a.shape[0])] if a.dtype == b.dtype == acc else row_chunks(a.shape[0])
     if len(chunks) == 1:
         return torch.einsum("nd,nd->n", a.to(acc), b.to(acc))
     out = torch.empty(a.shape[0], dtype=acc, device=a.device)

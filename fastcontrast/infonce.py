@@ -31,9 +31,11 @@ its registered kernel ops, its options, its autograd, and its objectives, read t
 
 2. ``FusedInfoNCE``: one autograd.Function for the whole family, O(N + M) memory beyond the
    inputs. The host part, once for every backend: L2 normalisation (folded into alpha / beta, or
-   normalised copies when the backend prefers them), the positive score, the candidates that are
-   not a tile of the product (the positive when ``in_batch_negatives`` is False, per-query
-   negatives (N, K, D)), merging their log-sum-exp with the kernel's, the loss, all gradients:
+   normalised copies when the backend prefers them and for the symmetric-Gram ops, where that
+   one (N, D) copy of a one-tensor loss buys fp32 precision: see _prepare), the positive score,
+   the candidates that are not a tile of the product (the positive when ``in_batch_negatives`` is
+   False, per-query negatives (N, K, D)), merging their log-sum-exp with the kernel's, the loss,
+   all gradients:
 
        loss_i = lse_i - s_{i,t_i}   (symmetric: (row_lse_i + col_lse_i) / 2 - s_ii)
        d loss / d s_{i,t_i} = g_i (p_{i,t_i} - 1),   d tau = -(1/tau) sum_ij dS_ij s_ij
@@ -66,7 +68,7 @@ from . import backends
 from ._host import (accumulate_dtype, cast_gradients, first_order_only, or_empty,
                     normalized_copy_backward_, reduce_loss, reduction_weights, requires_grad,
                     row_chunks, rowwise_dot, scaled_fused_gradients)
-from ._supcon_positives import supcon_positive_means
+from ._supcon_positives import normalized_rows, supcon_positive_means
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "supcon_loss", "masked_lse_forward",
            "masked_lse_backward", "masked_lse_forward_with_grad", "gram_lse_forward",
@@ -314,12 +316,18 @@ class _Operands:
         return beta if targets is None else beta[targets]
 
 
-def _prepare(spec, query, key, bank, per_query, scale):
-    """Cast to the compute dtype and fold normalisation into scales (or normalised copies)."""
+def _prepare(spec, query, key, bank, per_query, scale, gram=False):
+    """Cast to the compute dtype and fold normalisation into scales (or normalised copies).
+
+    ``gram`` (a symmetric-Gram pass, _uses_gram) always takes normalised copies: the scales
+    alpha_i = 1/(tau |z_i|), beta_j = 1/|z_j| round each score three times over raw products,
+    and where a SupCon denominator's gradient meets its positive term's (at low tau and D = 3)
+    that cost a factor of plain PyTorch fp32's error; z / |z| once, as plain PyTorch does, meets
+    it. The copy is one (N, D) tensor of a one-tensor loss (NT-Xent, SupCon)."""
     props = spec.properties
     cdt = props.compute_dtype(spec.kernel_dtype or query.dtype)
     acc = accumulate_dtype(cdt)
-    prenormalized = spec.normalize and props.prenormalized
+    prenormalized = spec.normalize and (props.prenormalized or gram)
 
     def prep(t):
         if t is None:
@@ -395,10 +403,21 @@ def _uses_positive(spec):
     return spec.subtract_positive or _positive_in_extra(spec)
 
 
+def _positive_chunks(op, targets):
+    """Row ranges of the positive's O(N D) passes: chunks (row_chunks) where a pass makes an
+    (N, D) temporary (a gather of key_{t_i}, a cast to the accumulation dtype); one range where
+    it works on views alone, so that it is one parallel op and not one per chunk (on a busy CPU
+    each waits at its barrier for a descheduled thread)."""
+    acc = op.alpha.dtype
+    if targets is None and op.x.dtype == acc and op.key.dtype == acc:
+        return [(0, op.x.shape[0])]
+    return row_chunks(op.x.shape[0])
+
+
 def _positive_scores(op, targets):
     """s_{i, t_i} = alpha_i beta_{t_i} <x_i, key_{t_i}>."""
     dots = torch.empty_like(op.alpha)
-    for r0, r1 in row_chunks(op.x.shape[0]):
+    for r0, r1 in _positive_chunks(op, targets):
         dots[r0:r1] = rowwise_dot(op.x[r0:r1], op.positive_keys(targets, r0, r1))
     return op.alpha * op.positive_key_scales(targets) * dots
 
@@ -451,13 +470,13 @@ def _normalize_backward(grad, t, inv, op, normalize, eps):
 
 def _add_positive_gradients(spec, op, targets, positive, row_lse, g, dx, dkey):
     """dx_i += c_i key_{t_i}, dkey_{t_i} += c_i x_i with c_i = d loss_i / d s_{i,t_i} * alpha_i
-    beta_{t_i}, chunk by chunk (no (N, D) temporary)."""
+    beta_{t_i}, chunk by chunk where a chunk would need an (N, D) temporary (_positive_chunks)."""
     acc = op.alpha.dtype
     coef = -g.to(acc) if spec.subtract_positive else torch.zeros_like(g, dtype=acc)
     if _positive_in_extra(spec):
         coef = coef + g * torch.exp(positive - row_lse)
     coef = coef * op.alpha * op.positive_key_scales(targets)
-    for r0, r1 in row_chunks(op.x.shape[0]):
+    for r0, r1 in _positive_chunks(op, targets):
         c = coef[r0:r1].unsqueeze(1)
         if dx is not None:
             dx[r0:r1].addcmul_(op.positive_keys(targets, r0, r1).to(acc), c)
@@ -560,7 +579,7 @@ def _forward_pass(spec, needs, query, key, bank, per_query, scale, targets, quer
                   row_weights, gram=False):
     """(loss (reduced, in the accumulation dtype), row_lse, col_lse or None, fused gradients or
     None); ``gram``: the product is the symmetric Gram matrix of the queries (_uses_gram)."""
-    op = _prepare(spec, query, key, bank, per_query, scale)
+    op = _prepare(spec, query, key, bank, per_query, scale, gram)
     y, beta = _product_keys(op, spec)
     ids = _product_ids(op, spec, targets, query_ids, bank_ids)
     positive = _positive_scores(op, targets) if _uses_positive(spec) else None
@@ -664,11 +683,17 @@ class FusedInfoNCE(torch.autograd.Function):
         ctx.shared_key = key is None
         ctx.dtypes = [None if t is None else t.dtype for t in (query, key, bank, per_query, scale)]
         ctx.mark_non_differentiable(row_lse, col_lse, *fused)
+        # The outputs besides the loss get no gradient: left undefined (None in backward), not
+        # materialised as zeros of their shapes (the fused gradients' two (N, D) zero tensors
+        # were the peak of info_nce's backward: 33.6 MB at N = M = 16384, D = 256 fp32).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(query, key, bank, per_query, scale, targets, query_ids, bank_ids,
                               row_weights, row_lse, col_lse, *fused)
 
     @staticmethod
     def backward(ctx, grad_output, *_):
+        if grad_output is None:  # no gradient reached the loss (set_materialize_grads(False))
+            return (None,) * 11
         saved = ctx.saved_tensors  # checks the version counters: in-place edits raise here
         with torch.no_grad():
             grads = FusedInfoNCE._input_gradients(ctx, grad_output, saved)
@@ -684,7 +709,7 @@ class FusedInfoNCE(torch.autograd.Function):
         if ctx.fused:
             grads = scaled_fused_gradients(fused, ctx.needs, grad_output)
         else:
-            op = _prepare(spec, query, key, bank, per_query, scale)
+            op = _prepare(spec, query, key, bank, per_query, scale, ctx.gram)
             y, beta = _product_keys(op, spec)
             ids = _product_ids(op, spec, targets, query_ids, bank_ids)
             g = reduction_weights(spec.reduction, query.shape[0], grad_output, op.alpha.dtype,
@@ -888,19 +913,24 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
     """SupCon L_out over features (R, D) with labels (R,); per-anchor losses reduced as
     ``reduction`` (mean over anchors that have a positive), in the accumulation dtype; see the
     module docstring."""
-    # The denominator: lse over b != a (self excluded), without subtracting a positive.
+    # The denominator: lse over b != a (self excluded), without subtracting a positive. The
+    # features are normalised once (normalized_rows) for it and for the positive term: one
+    # (N, D) copy and one backward of the normalisation for both, where each did its own (on a
+    # busy CPU every such pass is a parallel op that waits at a barrier for descheduled threads).
     denominator = _FusedPass(backend, in_batch_negatives=True, exclude_self=True, symmetric=False,
-                             normalize=normalize, reduction="none" if reduction == "none" else
+                             normalize=False, reduction="none" if reduction == "none" else
                              "sum", exclude_positive=False, subtract_positive=False, eps=eps)
     # One float32 copy of low-precision features feeds the host terms and the fused pass.
     denominator, (features,) = _upcast_inputs(denominator, features)
+    if normalize:
+        features = normalized_rows(features, eps, backend)
     cls = _class_index(labels)
     n = features.shape[0]
     counts = torch.zeros(n, dtype=torch.int64, device=features.device).index_add(
         0, cls, torch.ones_like(cls))
     class_sizes = counts[cls]
     pos_mean = supcon_positive_means(features, scale.to(features.dtype), cls, class_sizes,
-                                     normalize=normalize, eps=eps, backend=backend)
+                                     normalize=False, eps=eps, backend=backend)
     has_positive = class_sizes > 1
     if reduction == "none":
         lse = _fused(denominator, features, features, None, None, scale, None)

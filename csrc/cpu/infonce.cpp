@@ -51,14 +51,17 @@ using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h, tasks.h)
 // Rows per query block of the task kernels: the Problem's R (the tile budget), halved while
 // there are fewer than two blocks per thread to share out (down to kMinBlockRows); a forced size
 // (tests) as given.
-template <typename T>
-int64_t task_block_rows(const Problem<T>& p, int64_t requested) {
-  int64_t r = p.block_rows;
+int64_t task_rows(int64_t n, int64_t r, int64_t requested) {
   if (requested > 0) return r;
   const int64_t threads = at::get_num_threads();
-  while (r > kMinBlockRows && (p.n + r - 1) / r < 2 * threads)
+  while (r > kMinBlockRows && (n + r - 1) / r < 2 * threads)
     r = std::max<int64_t>(kMinBlockRows, r / 2 / 16 * 16);
   return r;
+}
+
+template <typename T>
+int64_t task_block_rows(const Problem<T>& p, int64_t requested) {
+  return task_rows(p.n, p.block_rows, requested);
 }
 
 // Calls fn(r0, rows, c0, pc, tile, slot) for every tile of R queries by C keys as a task
@@ -245,12 +248,35 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
   return {dq, dkeys};
 }
 
+// Slots (tiles in memory at once) of forward_with_grad_impl for nb blocks, and their bytes.
+int64_t tile_slots(int64_t nb) { return std::min<int64_t>(nb, at::get_num_threads() + 1); }
+
+int64_t in_flight_tile_bytes(int64_t n, int64_t m, int64_t elem_size, int64_t rows) {
+  return tile_slots((n + rows - 1) / rows) * m * rows * elem_size;
+}
+
+// Rows per block of forward_with_grad_impl, whose M x R tiles stay in memory until their block's
+// last dkeys update: up to threads + 1 of them at once (its slots). R (from task_rows) is halved,
+// down to kMinBlockRows, until those tiles together fit in 1.5 tile budgets (tile_budget,
+// lse_tiles.h): the budget of one tile alone let 3 tiles of 16 MiB (2 threads, N = M = 16384,
+// D = 256 fp32) take 2.6% of plain PyTorch's memory; R = 128 there, 3 x 8 MiB, with
+// single-threaded GEMMs about as fast per FLOP as at R = 256 (2 cores, EPYC). A forced size
+// (tests) as given.
+int64_t in_flight_rows(int64_t n, int64_t m, int64_t d, int64_t elem_size, int64_t r,
+                       int64_t requested, bool need_grad) {
+  if (requested > 0 || !need_grad) return r;
+  const int64_t budget = 3 * tile_budget(n, m, d, elem_size, /*large_tile=*/false) / 2;
+  while (r > kMinBlockRows && in_flight_tile_bytes(n, m, elem_size, r) > budget)
+    r = std::max<int64_t>(kMinBlockRows, r / 2 / 16 * 16);
+  return r;
+}
+
 // One task per query block (its whole row: the max pass needs every key before the exps): the
 // M x R tile, its weights W, lse, c and dq[block] = c * (W^T @ keys); then one task per (block,
 // key chunk): dkeys[chunk] += W[chunk] @ (c q)[block], after the same chunk's update of the
 // previous block (the sums in block order). A block's tile lives in one of threads + 1 slots
 // until its last update: a block task waits for the block that used its slot before and for that
-// block's updates. Memory: that many M x R tiles.
+// block's updates. Memory: that many M x R tiles (bounded by in_flight_block_rows).
 template <typename T>
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> forward_with_grad_impl(
     const Problem<T>& p, const at::Tensor& row_grad, const std::optional<at::Tensor>& extra_lse,
@@ -266,11 +292,12 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
   T* c = row_scale.data_ptr<T>();
   const T* rg = row_grad.data_ptr<T>();
   const T* extra = extra_lse ? extra_lse->data_ptr<T>() : nullptr;
-  const int64_t block_rows = task_block_rows(p, requested);
+  const int64_t block_rows = in_flight_rows(p.n, p.m, p.d, sizeof(T),
+                                            task_block_rows(p, requested), requested, need_grad);
   const int64_t nb = (p.n + block_rows - 1) / block_rows;
   const int64_t chunk = chunk_keys(block_rows, sizeof(T), requested);
   const int64_t nc = need_dkeys ? (p.m + chunk - 1) / chunk : 0;
-  const int64_t slots = std::min<int64_t>(nb, at::get_num_threads() + 1);
+  const int64_t slots = tile_slots(nb);
 
   // Tasks: block b at index first[b], its chunk updates right after it; edges as above.
   TaskGraph graph(nb * (1 + nc));
@@ -369,6 +396,13 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
 }
 
 }  // namespace
+
+FusedPlan masked_lse_fused_plan(int64_t n, int64_t m, int64_t d, int64_t elem_size) {
+  const int64_t base = choose_block_rows(n, m, d, elem_size, /*large_tile=*/false, 0);
+  const int64_t rows = in_flight_rows(n, m, d, elem_size, task_rows(n, base, 0), 0, true);
+  return {rows, tile_slots((n + rows - 1) / rows), in_flight_tile_bytes(n, m, elem_size, rows),
+          tile_budget(n, m, d, elem_size, /*large_tile=*/false)};
+}
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,

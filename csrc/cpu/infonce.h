@@ -56,4 +56,12 @@ masked_lse_forward_with_grad(const at::Tensor& q, const at::Tensor& keys, const 
                              const std::optional<at::Tensor>& extra_lse,
                              bool need_dq, bool need_dkeys, int64_t block_rows);
 
+// The block plan of masked_lse_forward_with_grad (with gradients, default block size) for an
+// N x M x D problem of elements of elem_size bytes on at::get_num_threads() threads: rows per
+// query block, tiles in memory at once, their bytes together, and the budget of one tile.
+struct FusedPlan {
+  int64_t block_rows, slots, tile_bytes, tile_budget;
+};
+FusedPlan masked_lse_fused_plan(int64_t n, int64_t m, int64_t d, int64_t elem_size);
+
 }  // namespace fastcontrast

@@ -69,13 +69,16 @@ constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
 // multiple of 16 (GEMM-friendly), never more than N. Measured on N = M = 16384, D = 256 fp32
 // (2 cores): the three GEMMs run at ~100 / 120 / 130 GFLOP/s for R = 128 / 256 / 512 and the
 // elementwise passes add a few percent; R = 256 there (16 MiB tile), 512 for the forward alone.
+inline int64_t tile_budget(int64_t n, int64_t m, int64_t d, int64_t elem_size, bool large_tile) {
+  const int64_t budget = std::max(kMinTileBytes, (n + m) * d * elem_size / 2);
+  return large_tile ? 2 * budget : budget;
+}
+
 inline int64_t choose_block_rows(int64_t n, int64_t m, int64_t d, int64_t elem_size,
                                  bool large_tile, int64_t requested) {
   int64_t b = requested;
   if (b <= 0) {
-    int64_t budget = std::max(kMinTileBytes, (n + m) * d * elem_size / 2);
-    if (large_tile) budget *= 2;
-    b = budget / std::max<int64_t>(m * elem_size, 1);
+    b = tile_budget(n, m, d, elem_size, large_tile) / std::max<int64_t>(m * elem_size, 1);
     b = std::clamp<int64_t>(b / 16 * 16, kMinBlockRows, kMaxBlockRows);
   }
   return std::max<int64_t>(1, std::min(b, n));

@@ -103,3 +103,27 @@ def test_infonce_kernels_bitwise_deterministic(ext, threads, backend):
                 assert torch.equal(a, b)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("n,m,d", [(16384, 16384, 256), (8192, 8192, 256), (65536, 4096, 128)])
+def test_fused_plan_bounds_the_tiles_in_flight(ext, threads, n, m, d):
+    """The one-pass forward with gradient keeps a block's M x R tile until the block's last dkeys
+    update, in up to threads + 1 slots: R is chosen so that those tiles together stay within 1.5
+    tile budgets (or R is at its floor, 32 rows), the slots never exceed the blocks, and there are
+    still at least two blocks per thread where R allows. At N = M = 16384, D = 256 fp32 on 2
+    threads: R = 128, 3 tiles of 8 MiB (R = 256 and 48 MiB of tiles before)."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        rows, slots, tile_bytes, budget = ext.masked_lse_fused_plan(n, m, d, 4)
+    finally:
+        torch.set_num_threads(previous)
+    blocks = -(-n // rows)
+    assert slots == min(blocks, threads + 1)
+    assert tile_bytes == slots * m * rows * 4
+    assert tile_bytes <= 3 * budget // 2 or rows == 32
+    assert rows % 16 == 0 and 32 <= rows <= 512
+    assert blocks >= 2 * threads or rows == 32
+    if (threads, n, m, d) == (2, 16384, 16384, 256):
+        assert (rows, slots, tile_bytes) == (128, 3, 3 * 8 * 2**20)
