@@ -1,5 +1,5 @@
 """Peak extra memory of one loss's forward+backward, fused against plain PyTorch, each in a fresh
-process (issue 21 item 8: info_nce at N = M = 16384, D = 256, fp32, under 2% of plain PyTorch).
+process (the claim: info_nce at N = M = 16384, D = 256, fp32, under 2% of plain PyTorch).
 
     python -m benchmarks.memory_probe [--n 16384] [--dim 256] [--losses info_nce] [--out DIR]
 

@@ -118,6 +118,8 @@ SCRIPT_SUITES = {
     "siglip": ("siglip_targets", "SigLIP against OpenCLIP's materialised formula: time, memory"),
     "momentum": ("momentum_targets", "momentum_update over ResNet-50's parameters against "
                                      "torch._foreach_lerp_"),
+    "memory": ("memory_probe", "peak extra memory of fwd+bwd, fused against plain PyTorch, "
+                               "each in a fresh process"),
     "contended": ("contended", "the fused losses against plain PyTorch, quiet and beside one "
                                "busy process per core"),
     "methods-cpc": ("methods_cpc_run", "CPC on the synthetic speakers: probe, baselines, "
