@@ -87,14 +87,17 @@ CPU_MAX_BLOCK_ROWS = 512
 PRODUCTS = ("scores", "dq", "dk")
 
 
+def cpu_tile_budget(n, m, d, elem_size=4, large_tile=False):
+    """csrc/cpu/lse_tiles.h tile_budget: the bytes one score tile may take."""
+    budget = max(CPU_MIN_TILE_BYTES, (n + m) * d * elem_size // 2)
+    return 2 * budget if large_tile else budget
+
+
 def cpu_block_rows(n, m, d, elem_size=4, large_tile=False):
     """The block rows R of csrc/cpu/infonce.cpp for an N x M x D problem. ``large_tile``: the
     forward alone and the symmetric (column-term) backward, whose tile budget is doubled; the
     fused one-directional forward+backward has ``large_tile=False``."""
-    budget = max(CPU_MIN_TILE_BYTES, (n + m) * d * elem_size // 2)
-    if large_tile:
-        budget *= 2
-    b = budget // max(m * elem_size, 1)
+    b = cpu_tile_budget(n, m, d, elem_size, large_tile) // max(m * elem_size, 1)
     b = min(max(b // 16 * 16, CPU_MIN_BLOCK_ROWS), CPU_MAX_BLOCK_ROWS)
     return max(1, min(b, n))
 
@@ -131,6 +134,20 @@ def cpu_task_block_rows(block, n, threads):
     return block
 
 
+def cpu_in_flight_rows(block, n, m, d, elem_size, threads):
+    """csrc/cpu/infonce.cpp in_flight_rows: the fused forward+backward keeps up to threads + 1
+    M x R tiles at once; R is halved (to a multiple of 16, at least CPU_MIN_BLOCK_ROWS) until
+    they fit in 1.5 tile budgets."""
+    budget = 3 * cpu_tile_budget(n, m, d, elem_size) // 2
+
+    def tiles_bytes(rows):
+        return min(-(-n // rows), threads + 1) * m * rows * elem_size
+
+    while block > CPU_MIN_BLOCK_ROWS and tiles_bytes(block) > budget:
+        block = max(CPU_MIN_BLOCK_ROWS, block // 2 // 16 * 16)
+    return block
+
+
 def kernel_products(n, m, d, elem_size=4, symmetric=False, backends=("cpu", "torch"),
                     threads=None):
     """{(backend, product, rows, keys, dim)}: every product shape the backends' kernels run in
@@ -144,6 +161,8 @@ def kernel_products(n, m, d, elem_size=4, symmetric=False, backends=("cpu", "tor
         threads = torch.get_num_threads() if threads is None else threads
         block = cpu_task_block_rows(cpu_block_rows(n, m, d, elem_size, large_tile=symmetric), n,
                                     threads)
+        if not symmetric:
+            block = cpu_in_flight_rows(block, n, m, d, elem_size, threads)
         key_chunks = _blocks(m, cpu_chunk_keys(block, elem_size))
         for rows in _blocks(n, block):
             if symmetric:

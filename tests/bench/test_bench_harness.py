@@ -259,9 +259,31 @@ def test_kernel_block_rows_follow_the_kernels_budget():
     assert [cpu_block_rows(n, n, 256) for n in (1024, 8192, 16384, 65536)] == [512, 512, 256, 256]
     assert cpu_block_rows(16384, 16384, 256, large_tile=True) == 512
     assert [torch_chunk_rows(n, n) for n in (1024, 4096, 16384)] == [1024, 1024, 256]
-    shapes = kernel_products(8192, 8192, 256)
-    assert ("cpu", "dq", 512, 8192, 256) in shapes and ("torch", "dk", 512, 8192, 256) in shapes
+    shapes = kernel_products(8192, 8192, 256, threads=2)
+    # two threads keep 3 tiles in flight: R = 512 would take 3 x 16 MiB, over 1.5 budgets
+    assert ("cpu", "dq", 256, 8192, 256) in shapes and ("torch", "dk", 512, 8192, 256) in shapes
     assert len(shapes) == 6
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("n", [300, 1024, 4096, 8192, 16384])
+def test_floor_block_rows_equal_the_kernels_plan(n, threads):
+    """The floor's model of the fused kernel's rows against the extension's own plan."""
+    from fastcontrast import _ext
+    from fastcontrast.benchmarks._floor import (cpu_block_rows, cpu_in_flight_rows,
+                                                cpu_task_block_rows)
+
+    ext = _ext.load_extension()
+    if ext is None:
+        pytest.skip("C++ extension unavailable")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = ext.masked_lse_fused_plan(n, n, 256, 4)[0]
+    finally:
+        torch.set_num_threads(before)
+    block = cpu_task_block_rows(cpu_block_rows(n, n, 256), n, threads)
+    assert cpu_in_flight_rows(block, n, n, 256, 4, threads) == rows
 
 
 def test_time_over_floor_is_at_least_one_by_construction():
