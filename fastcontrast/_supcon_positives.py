@@ -4,13 +4,13 @@
     k_a = scale / max(p_a, 1)
 
 (the mean of s_ab = scale <z_a, z_b> over a's positives b != a, p_a = |c(a)| - 1 of them: O_a is
-the sum of their features), with z = x / max(|x|, eps) when normalising. Backward, for the
-upstream gradient u:
+the sum of their features). When SupCon normalises, z is already normalized_rows(x), shared with
+its denominator. Backward, for the upstream gradient u:
 
     dL/dz_b   = u_b k_b O_b + (T_c(b) - u_b k_b z_b),  T_c = sum_{a: c(a) = c} u_a k_a z_a
     dL/dscale = sum_a u_a pos_a / scale
-    dL/dx     = inv (dz - z <z, dz>)      (inv dz where the eps clamp is active; _host's
-                                          normalized_copy_backward_)
+    normalized_rows: dL/dx = inv (dz - z <z, dz>)   (inv dz where the eps clamp is active; _host's
+                                                    normalized_copy_backward_)
 
 Hand-written because autograd over the same ops takes about twice as long at N = 16384, D = 256
 (the normalisation's graph and an extra (N, D) gather), a thirtieth of the fused SupCon step.
@@ -30,23 +30,21 @@ from ._host import first_order_only, normalized_copy_backward_, rowwise_dot
 
 class _PositiveMeans(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, cls, class_sizes, normalize, eps, backend):
-        inv = 1.0 / x.norm(dim=1).clamp_min(eps) if normalize else None
-        z = x * inv.unsqueeze(1) if normalize else x
+    def forward(ctx, z, scale, cls, class_sizes, backend):
         # others_a = S_c(a) - z_a, the sum of a's positives: <z_a, others_a> carries no |z_a|^2
         # to cancel against <z_a, S_c(a)> (at D = 3 and tau = 0.05 that difference rounded like
         # the whole class sum).
         others = class_sums(z, cls).index_select(0, cls).sub_(z)
-        k = scale / (class_sizes - 1).clamp_min(1).to(x.dtype)
+        k = scale / (class_sizes - 1).clamp_min(1).to(z.dtype)
         pos = k * rowwise_dot(z, others)
-        ctx.save_for_backward(z, inv, others, k, cls, scale, pos)
-        ctx.normalize, ctx.eps, ctx.backend = normalize, eps, backend
+        ctx.save_for_backward(z, others, k, cls, scale, pos)
+        ctx.backend = backend
         return pos
 
     @staticmethod
     def backward(ctx, u):
-        z, inv, others, k, cls, scale, pos = ctx.saved_tensors
-        dx = dscale = None
+        z, others, k, cls, scale, pos = ctx.saved_tensors
+        dz = dscale = None
         if ctx.needs_input_grad[0]:
             uk = (u * k).unsqueeze(1)
             # dz_b = u_b k_b (S_c(b) - 2 z_b) + T_c(b), T_c = sum_{a: c(a) = c} u_a k_a z_a:
@@ -55,18 +53,16 @@ class _PositiveMeans(torch.autograd.Function):
             dz = class_sums(weighted, cls).index_select(0, cls).sub_(weighted)
             dz.addcmul_(others, uk)
             del weighted
-            if ctx.normalize:
-                normalized_copy_backward_(dz, z, inv, ctx.eps)
-            dx, = first_order_only((dz,), ctx.backend)
+            dz, = first_order_only((dz,), ctx.backend)
         if ctx.needs_input_grad[1]:
             dscale = (u * pos).sum() / scale
-        return dx, dscale, None, None, None, None, None
+        return dz, dscale, None, None, None
 
 
 class _NormalizedRows(torch.autograd.Function):
     """z = x / max(|x|, eps) row by row; backward dx = inv (dz - z <z, dz>) (inv dz where the
-    eps clamp is active) out of place: one row-wise dot and two passes, where autograd's graph
-    of the same ops takes about twice as long."""
+    eps clamp is active; _host.normalized_copy_backward_): one row-wise dot and a few passes,
+    where autograd's graph of the same ops takes about twice as long."""
 
     @staticmethod
     def forward(ctx, x, eps, backend):
@@ -81,9 +77,8 @@ class _NormalizedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz):
         z, inv, _ = ctx.saved_tensors
-        unclamped = (inv < 1.0 / ctx.eps).to(inv.dtype)
-        coef = (rowwise_dot(z, dz) * unclamped).unsqueeze(1).to(dz.dtype)
-        dx = torch.addcmul(dz, z.to(dz.dtype), coef, value=-1).mul_(inv.unsqueeze(1).to(dz.dtype))
+        # a copy: the incoming gradient is autograd's, not ours to overwrite
+        dx = normalized_copy_backward_(dz.clone(), z, inv, ctx.eps)
         dx, = first_order_only((dx,), ctx.backend)
         return dx, None, None
 
@@ -100,8 +95,9 @@ def class_sums(z, cls):
     return torch.zeros_like(z).index_add_(0, cls, z)
 
 
-def supcon_positive_means(x, scale, cls, class_sizes, *, normalize, eps, backend):
-    """pos (N,): each anchor's mean positive score (0 where it has no positive); x (N, D), scale
-    a 0-dim tensor of x's dtype, cls (N,) dense class ids in [0, N) (infonce._class_index),
-    class_sizes (N,) the size of each anchor's class (int)."""
-    return _PositiveMeans.apply(x, scale, cls, class_sizes, normalize, eps, backend)
+def supcon_positive_means(z, scale, cls, class_sizes, *, backend):
+    """pos (N,): each anchor's mean positive score (0 where it has no positive); z (N, D) the
+    features as scored (normalized_rows(x) when SupCon normalises), scale a 0-dim tensor of z's
+    dtype, cls (N,) dense class ids in [0, N) (infonce._class_index), class_sizes (N,) the size
+    of each anchor's class (int)."""
+    return _PositiveMeans.apply(z, scale, cls, class_sizes, backend)

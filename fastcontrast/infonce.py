@@ -930,7 +930,7 @@ def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1
         0, cls, torch.ones_like(cls))
     class_sizes = counts[cls]
     pos_mean = supcon_positive_means(features, scale.to(features.dtype), cls, class_sizes,
-                                     normalize=False, eps=eps, backend=backend)
+                                     backend=backend)
     has_positive = class_sizes > 1
     if reduction == "none":
         lse = _fused(denominator, features, features, None, None, scale, None)

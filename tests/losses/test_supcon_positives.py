@@ -5,7 +5,7 @@ autograd over the dense construction for float32 inputs."""
 import pytest
 import torch
 
-from fastcontrast._supcon_positives import supcon_positive_means
+from fastcontrast._supcon_positives import normalized_rows, supcon_positive_means
 from fastcontrast.infonce import _class_index
 
 
@@ -22,8 +22,8 @@ def _dense_positive_means(x, scale, labels, normalize, eps):
 def _call(x, scale, labels, normalize, eps):
     cls = _class_index(labels)
     sizes = torch.bincount(cls, minlength=x.shape[0])[cls]
-    return supcon_positive_means(x, scale, cls, sizes, normalize=normalize, eps=eps,
-                                 backend="test")
+    z = normalized_rows(x, eps, "test") if normalize else x
+    return supcon_positive_means(z, scale, cls, sizes, backend="test")
 
 
 @pytest.mark.parametrize("normalize", [True, False])
