@@ -166,6 +166,14 @@ def check_targets_not_self(targets, rows=None, *, row="i"):
                          f"would be excluded)")
 
 
+def check_positive_number(name, value):
+    """A python int or float (not a bool) > 0: a peer's constructor argument (a temperature)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
 def non_negative_float(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as fcd
+from .._validation import check_positive_number
 from ..functional import moco_loss, nt_xent
 from ..queue import NegativeQueue
 
@@ -52,11 +53,7 @@ __all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "PATCH_TARGETS"]
 
 
 def _check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (fastcontrast computes positive temperatures "
-                         f"only), got {temperature}")
+    check_positive_number("temperature", temperature)
     return float(temperature)
 
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_positive_number
 from ..functional import info_nce, supcon
 
 __all__ = ["NTXentLoss", "SupConLoss", "PATCH_TARGETS"]
@@ -153,10 +154,7 @@ class _PairLoss(nn.Module):
         unknown = sorted(set(kwargs) - set(_OPTIONS))
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_positive_number("temperature", temperature)
         if kwargs.get("embedding_regularizer") is not None:
             raise NotImplementedError(f"embedding_regularizer="
                                       f"{kwargs['embedding_regularizer']!r}: fastcontrast adds "
