@@ -28,14 +28,17 @@ def _extension_build():
     """Return (ext_modules, cmdclass) for the C++ extension, or ([], {}) when torch is absent or
     FASTCONTRAST_DISABLE_EXTENSION=1 (the variable that also keeps the installed package from
     loading or compiling the extension, fastcontrast/_ext.py)."""
-    if os.environ.get("FASTCONTRAST_DISABLE_EXTENSION") == "1":
+    here = os.path.dirname(os.path.abspath(__file__))
+    # The package cannot be imported before it is built: its build-time modules are, on their own.
+    sys.path.insert(0, os.path.join(here, "fastcontrast"))
+    from _config import from_environ  # noqa: E402
+
+    if from_environ().disable_extension:
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception:  # torch not importable in an isolated build: JIT on first use instead
         return [], {}
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.join(here, "fastcontrast"))
     from _build_flags import cpu_extension_flags, cpu_extension_sources  # noqa: E402
 
     sources = [os.path.relpath(p, here) for p in cpu_extension_sources(os.path.join(here, "csrc"))]

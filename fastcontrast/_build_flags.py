@@ -10,6 +10,11 @@ Where the sources are (``csrc_directory``):
 import glob
 import os
 
+try:
+    from ._config import settings
+except ImportError:  # imported by setup.py as a module of its own, before the package exists
+    from _config import settings
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MARKER = "bindings.cpp"  # every complete csrc/ tree has it
 
@@ -55,7 +60,7 @@ def cpu_extension_flags():
     otherwise; the tile passes (an exp per score) then run at half the width the GEMMs beside them
     use. Without AVX-512 the flag changes nothing."""
     cflags = ["-O3", "-fopenmp", "-fno-math-errno"]
-    if os.environ.get("FASTCONTRAST_PORTABLE_BUILD") != "1":
+    if not settings().portable_build:
         cflags += ["-march=native", "-mprefer-vector-width=512"]
     ldflags = ["-fopenmp"]
     return cflags, ldflags

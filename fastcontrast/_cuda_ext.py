@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from ._config import settings
+
 JIT_MODULE_NAME = "fastcontrast_cuda"
 _HOW_TO_FIX = ("The CUDA backend needs a CUDA build of torch, a visible GPU and the CUDA toolkit "
                "(nvcc; set CUDA_HOME to it); use backend='triton' or 'torch' otherwise.")
@@ -49,7 +51,7 @@ def _build():
     from fastcontrast._jit_build import build_directory, clear_stale_lock, compile_notice
 
     csrc, sources = _sources()
-    configured = os.environ.get("FASTCONTRAST_BUILD_DIR")
+    configured = settings().build_dir
     build_dir = build_directory(JIT_MODULE_NAME,
                                 os.path.join(configured, "cuda") if configured else None)
     clear_stale_lock(build_dir)  # a build running elsewhere or killed midway: _jit_build

@@ -16,9 +16,10 @@ The module's entry points are called only by the kernels of the registered ops
 (fastcontrast/infonce.py, siglip.py, momentum.py), through fastcontrast.backends.kernels.
 """
 import importlib
-import os
 import threading
 import warnings
+
+from ._config import hand_to_extension, settings
 
 JIT_MODULE_NAME = "fastcontrast_cpu"
 _EXPECTED = ("masked_lse_forward", "masked_lse_backward", "masked_lse_forward_with_grad")
@@ -33,7 +34,7 @@ _warned = False
 
 
 def _disabled():
-    return os.environ.get("FASTCONTRAST_DISABLE_EXTENSION", "") == "1"
+    return settings().disable_extension
 
 
 def _warn_once(reason):
@@ -97,7 +98,7 @@ def _build_just_in_time():
             "sources (fastcontrast/csrc) to build it from")
     sources, headers = _sources_and_headers(csrc)
     cflags, ldflags = cpu_extension_flags()
-    build_dir = build_directory(JIT_MODULE_NAME, os.environ.get("FASTCONTRAST_BUILD_DIR"))
+    build_dir = build_directory(JIT_MODULE_NAME, settings().build_dir)
     clear_stale_lock(build_dir)
     with compile_notice("C++ CPU kernels", JIT_MODULE_NAME, build_dir, sources + headers):
         return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources, extra_cflags=cflags,
@@ -121,10 +122,16 @@ def load_extension():
                     module = _build_just_in_time()
                 except Exception as error:  # noqa: BLE001 - compiler, ninja, sources, linker...
                     module, reason = None, f"{type(error).__name__}: {str(error).strip()[:500]}"
+            hand_to_extension(module)
             _module, _tried = module, True
             if module is None:
                 _warn_once(reason)
     return _module
+
+
+def loaded_module():
+    """The extension if a load_extension call already loaded it, else None (loads nothing)."""
+    return _module if _tried else None
 
 
 def available():

@@ -29,11 +29,12 @@ whenever no build newer than the sources is in the build directory.
 """
 import contextlib
 import glob
-import math
 import os
 import sys
 import time
 import warnings
+
+from ._config import settings
 
 __all__ = ["TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "lock_timeout_s", "build_directory",
            "clear_stale_lock", "torch_lock_is_advisory", "lock_is_held", "is_current",
@@ -45,18 +46,9 @@ LOCK_NAME = "lock"  # the lock file torch.utils.cpp_extension.load uses in the b
 
 
 def lock_timeout_s():
-    """The limit in seconds from FASTCONTRAST_BUILD_LOCK_TIMEOUT_S (default 600); ValueError
-    naming the variable unless it is a finite number >= 0."""
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{TIMEOUT_ENV} must be a non-negative number of seconds, got {raw!r}")
-    return value
+    """The limit in seconds, FASTCONTRAST_BUILD_LOCK_TIMEOUT_S (default 600; fastcontrast/_config.py
+    checks it is a finite number >= 0)."""
+    return settings().build_lock_timeout_s
 
 
 def build_directory(name, configured):

@@ -7,9 +7,10 @@ chunk, with a recomputing backward. Bounded memory on any device, no compiler ne
     backward: dS_ij = g_i exp(s_ij - row_lse_i) + c_j exp(s_ij - col_lse_j)
               dx_i = alpha_i sum_j dS_ij beta_j y_j,   dy_j = beta_j sum_i dS_ij alpha_i x_i
 """
-import os
 
 import torch
+
+from ._config import settings
 
 # Score elements per chunk (rows * keys): 16 MiB of fp32 on CPU, 256 MiB on a GPU.
 _CPU_CHUNK_ELEMENTS = 1 << 22
@@ -17,15 +18,14 @@ _GPU_CHUNK_ELEMENTS = 1 << 26
 
 
 def new_output(shape, dtype, device):
-    """torch.empty for an output written completely; NaN-filled under FASTCONTRAST_POISON_OUTPUTS=1
-    (read at every call), so that an element never written shows up in the tests."""
+    """torch.empty for an output written completely; NaN-filled under the poison_outputs setting
+    (fastcontrast/_config.py), so that an element never written shows up in the tests."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    return out.fill_(float("nan")) if os.environ.get("FASTCONTRAST_POISON_OUTPUTS") == "1" else out
+    return out.fill_(float("nan")) if settings().poison_outputs else out
 
 
 def _chunk_rows(x, n_keys):
-    override = os.environ.get("FASTCONTRAST_TORCH_CHUNK_ELEMENTS")
-    budget = int(override) if override else (
+    budget = settings().torch_chunk_elements or (
         _GPU_CHUNK_ELEMENTS if x.is_cuda else _CPU_CHUNK_ELEMENTS)
     return max(1, budget // max(1, n_keys))
 

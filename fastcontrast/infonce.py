@@ -56,7 +56,6 @@ its registered kernel ops, its options, its autograd, and its objectives, read t
    HCL costs two fused log-sum-exp passes (scales (1+beta)/tau and beta/tau; one when beta = 0).
 """
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
@@ -65,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
+from ._config import settings
 from ._host import (accumulate_dtype, cast_gradients, first_order_only, or_empty,
                     normalized_copy_backward_, reduce_loss, reduction_weights, requires_grad,
                     row_chunks, rowwise_dot, scaled_fused_gradients)
@@ -162,7 +162,7 @@ def _forward_with_grad_fake(q, keys, alpha, beta, row_grad, row_ids, col_ids, ex
 
 def _gram_block_rows():
     """FASTCONTRAST_GRAM_BLOCK_ROWS (read at every call; tests force small blocks), 0: default."""
-    return int(os.environ.get("FASTCONTRAST_GRAM_BLOCK_ROWS", "0") or 0)
+    return settings().gram_block_rows
 
 
 @torch.library.custom_op("fastcontrast::gram_lse_forward", mutates_args=(),
@@ -548,7 +548,7 @@ def _uses_gram(spec, shared_key, bank, per_query, targets):
     """Whether the product is a set against itself with a symmetric mask, for the symmetric-Gram
     ops: one tensor as query and key, key i excluded from row i, no other candidates, and the
     positive mask (DCL) symmetric. FASTCONTRAST_GRAM=0 (read at every call) turns it off."""
-    if os.environ.get("FASTCONTRAST_GRAM", "1") == "0":
+    if not settings().gram:
         return False
     symmetric_mask = not spec.exclude_positive or targets is None or spec.involutive_targets
     return (shared_key and _excludes_diagonal(spec) and not spec.symmetric and bank is None

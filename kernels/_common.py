@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._config import settings
+
 # Input dtypes of the InfoNCE and SigLIP kernels; outputs and accumulation are float32.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -59,9 +61,9 @@ def _interpreter_loop_bounds():
 if _INTERPRET:
     _interpreter_loop_bounds()
 
-# Set to "1" (read at every allocation) to fill kernel outputs with POISON_FLOAT / POISON_INT
-# before the launch, so that an element a kernel fails to write shows up in the tests.
-POISON_ENV = "FASTCONTRAST_POISON_OUTPUTS"
+# Under the poison_outputs setting (fastcontrast/_config.py) kernel outputs are filled with
+# POISON_FLOAT / POISON_INT before the launch, so that an element a kernel fails to write shows
+# up in the tests.
 POISON_FLOAT = float("nan")
 POISON_INT = -7
 
@@ -149,7 +151,7 @@ def new_output(shape, dtype, device):
     """torch.empty(shape, dtype, device) for a kernel to write; NaN-filled (integers: -7) when
     FASTCONTRAST_POISON_OUTPUTS=1, so that an element no program writes cannot pass a test."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get(POISON_ENV) == "1":
+    if settings().poison_outputs:
         out.fill_(POISON_FLOAT if out.is_floating_point() else POISON_INT)
     return out
 

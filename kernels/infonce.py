@@ -41,13 +41,13 @@ Non-finite scores give what torch.logsumexp gives: NaN with a NaN candidate, +in
 the lse (NaN) and the upstream gradients.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .._validation import check_ids
+from .._config import settings
 from ._common import SUPPORTED_DTYPES  # noqa: F401 (the dtypes these kernels take)
 from ._common import (_INTERPRET, _block_config, _check_device, _check_matrix, _device_context,
                       _grad_scale, _input_precision, _load_rows, _tile_dots, _upcast, new_output)
@@ -377,12 +377,12 @@ def _bwd_launches(D, precision, blocks):
                      SPLIT_D=min(c["split_d"], max(16, triton.next_power_of_2(D))),
                      ONE_D_CHUNK=False), c["num_warps"], c["num_stages"])
                for c in _split_candidates(precision)]
-    pinned = os.environ.get(CONFIG_ENV)
+    pinned = settings().triton_config
     if pinned is not None:
-        if not pinned.isdigit() or int(pinned) >= len(configs):
-            raise ValueError(f"{CONFIG_ENV} must be an index below {len(configs)}, got {pinned!r}")
-        return [configs[int(pinned)]]
-    if os.environ.get(AUTOTUNE_ENV) == "1" and not _INTERPRET:
+        if pinned >= len(configs):
+            raise ValueError(f"{CONFIG_ENV} must be an index below {len(configs)}, got {pinned}")
+        return [configs[pinned]]
+    if settings().triton_autotune and not _INTERPRET:
         return configs
     return configs[:1]
 

@@ -8,7 +8,6 @@ import torch
 import fastcontrast
 
 FUSED_BACKENDS = ("torch", "cpu", "triton")
-POISON_ENV = "FASTCONTRAST_POISON_OUTPUTS"  # "1": kernels fill their outputs with NaN first
 
 # (rtol, atol) of a loss or input gradient against the float64 reference, relative to the
 # reference's scale: the low-precision inputs are also normalised and reduced in their dtype.

@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before any module defining @triton.jit kernels is imported, so it is
 set here, at collection time, before the tests import fastcontrast.kernels."""
+import contextlib
 import os
 import zlib
 
@@ -22,6 +23,25 @@ def _seed(request):
     seed = (zlib.crc32(request.node.nodeid.encode()) + base) % (2**31)
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture
+def configure(monkeypatch):
+    """configure(name=value, ...): fastcontrast's settings (fastcontrast/_config.py) changed for
+    the rest of the test."""
+    from fastcontrast import _config
+
+    with contextlib.ExitStack() as stack:
+        def apply(**changes):
+            # The C++ kernels of an extension without set_runtime_options read these two from
+            # the environment.
+            names = {"shared_shift": "FASTCONTRAST_SHARED_SHIFT",
+                     "poison_outputs": "FASTCONTRAST_POISON_OUTPUTS"}
+            for name, value in changes.items():
+                if name in names:
+                    monkeypatch.setenv(names[name], "1" if value else "0")
+            stack.enter_context(_config.override(**changes))
+        yield apply
 
 
 # The fast tier (``scripts/test.sh --fast``, i.e. ``pytest -m "not slow"``): every loss, kernel

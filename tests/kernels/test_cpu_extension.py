@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from fastcontrast import _ext
+from fastcontrast import _config, _ext
 
-from .._helpers import KERNEL_TOLERANCES, POISON_ENV, assert_close, masked_lse_oracle
+from .._helpers import KERNEL_TOLERANCES, assert_close, masked_lse_oracle
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (N, M, D) over several blocks of 16 rows: partial last blocks, N < M and N > M.
@@ -33,17 +33,17 @@ def _compiler_present():
 def test_extension_builds_where_a_compiler_exists():
     if not _compiler_present():
         pytest.skip("no C++ compiler or ninja on PATH: the fallback is the expected behaviour")
-    if os.environ.get("FASTCONTRAST_DISABLE_EXTENSION") == "1":
+    if _config.settings().disable_extension:
         pytest.skip("FASTCONTRAST_DISABLE_EXTENSION=1")
     assert _ext.available(), "a compiler and ninja are present but the extension did not build"
 
 
 @pytest.fixture
-def ext(monkeypatch):
+def ext(configure):
     """The compiled module, its outputs NaN-poisoned (an element never written fails)."""
     if not _ext.available():
         pytest.skip("fastcontrast C++ extension unavailable (see the warning for why)")
-    monkeypatch.setenv(POISON_ENV, "1")
+    configure(poison_outputs=True)
     return _ext.load_extension()
 
 

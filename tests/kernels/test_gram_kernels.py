@@ -12,10 +12,9 @@ import torch
 
 from fastcontrast import backends
 
-from .._helpers import KERNEL_TOLERANCES, POISON_ENV, assert_close, device_for, masked_lse_truth
+from .._helpers import KERNEL_TOLERANCES, assert_close, device_for, masked_lse_truth
 
 OPS = torch.ops.fastcontrast
-GRAM_ENV = "FASTCONTRAST_GRAM_BLOCK_ROWS"
 CASES = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
          for name, props in backends.PROPERTIES.items() for dtype in props.compute_dtypes]
 
@@ -23,8 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 @pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    monkeypatch.setenv(POISON_ENV, "1")
+def _poisoned_outputs(configure):
+    configure(poison_outputs=True)
 
 
 def _skip_unavailable(backend, dtype=None, n=0):
@@ -81,9 +80,9 @@ def _check(backend, dtype, z, alpha, beta, exclude_diag, row_ids, col_ids, *, ma
 @pytest.mark.parametrize("n,d", [(1, 3), (2, 3), (37, 3), (64, 16), (257, 3)])
 @pytest.mark.parametrize("kind", ["diag", "involution", "pairs"])
 @pytest.mark.parametrize("block", [0, 16])
-def test_gram_ops_match_the_full_product(backend, dtype, n, d, kind, block, monkeypatch):
+def test_gram_ops_match_the_full_product(backend, dtype, n, d, kind, block, configure):
     _skip_unavailable(backend, dtype, n)
-    monkeypatch.setenv(GRAM_ENV, str(block))
+    configure(gram_block_rows=block)
     torch.manual_seed(n * 7 + d + block)
     z, alpha, beta = _problem(backend, dtype, n, d)
     _check(backend, dtype, z, alpha, beta, *_mask(kind, n, z.device))
@@ -102,10 +101,10 @@ def test_gram_ops_with_d_above_one_chunk(backend, dtype, kind):
 
 @pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("regime", ["tiny_temperature", "large_norms"])
-def test_gram_ops_at_extreme_scales(backend, dtype, regime, monkeypatch):
+def test_gram_ops_at_extreme_scales(backend, dtype, regime, configure):
     n = 48 if backend == "triton" else 97
     _skip_unavailable(backend, dtype, n)
-    monkeypatch.setenv(GRAM_ENV, "16")
+    configure(gram_block_rows=16)
     torch.manual_seed(3)
     if regime == "tiny_temperature":  # 1/tau = 1e3 on unit rows: logits up to 1e3
         z, alpha, beta = _problem(backend, dtype, n, 8, inv_tau=1e3)
@@ -133,10 +132,10 @@ def _assert_same_nonfinite(actual, expected, dtype, name):
 @pytest.mark.parametrize("backend,dtype", CASES)
 @pytest.mark.parametrize("kind", ["nan_row", "inf_entry", "nan_grad"])
 @pytest.mark.parametrize("mask", ["diag", "involution"])
-def test_gram_ops_nonfinite_as_the_full_product(backend, dtype, kind, mask, monkeypatch):
+def test_gram_ops_nonfinite_as_the_full_product(backend, dtype, kind, mask, configure):
     n, d = 9, 4
     _skip_unavailable(backend, dtype, n)
-    monkeypatch.setenv(GRAM_ENV, "16" if backend == "triton" else "2")
+    configure(gram_block_rows=16 if backend == "triton" else 2)
     torch.manual_seed(5)
     normalize = kind == "nan_row"
     z, alpha, beta = _problem(backend, dtype, n, d, normalize=normalize)
@@ -196,13 +195,13 @@ def test_cpu_gram_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_cpu_gram_tiles_without_round_barriers_are_exact_and_deterministic(threads, monkeypatch):
+def test_cpu_gram_tiles_without_round_barriers_are_exact_and_deterministic(threads, configure):
     """The C++ pair tiles run on every thread at once with no barrier between rounds (pair_tasks,
     csrc/cpu/gram.cpp): 16-row blocks of 997 rows give 63 blocks (an odd count: rounds with a
     bye) and ~2000 tasks whose order of dependencies must hold. Against the float64 truth, and
     bitwise equal from call to call (each block's updates keep their order)."""
     _skip_unavailable("cpu")
-    monkeypatch.setenv(GRAM_ENV, "16")
+    configure(gram_block_rows=16)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -18,7 +18,7 @@ from torch.utils import cpp_extension
 from torch.utils._cpp_extension_versioner import ExtensionVersioner
 from torch.utils.file_baton import FileBaton
 
-from fastcontrast import _cuda_ext, _ext, _jit_build
+from fastcontrast import _config, _cuda_ext, _ext, _jit_build
 
 TIMEOUT_ENV = "FASTCONTRAST_BUILD_LOCK_TIMEOUT_S"
 ADVISORY = _jit_build.torch_lock_is_advisory()
@@ -31,7 +31,7 @@ class _NoWaitBaton(FileBaton):
 
 
 @pytest.fixture
-def jit(monkeypatch, tmp_path):
+def jit(monkeypatch, configure, tmp_path):
     """A fresh loader state (restored after the test) whose builds compile nothing, in
     FASTCONTRAST_BUILD_DIR = tmp_path; ``built``: the names torch asked to compile."""
     built = []
@@ -46,9 +46,7 @@ def jit(monkeypatch, tmp_path):
     monkeypatch.setattr(_ext, "_import_prebuilt", lambda: None)
     for name, value in (("_module", None), ("_tried", False), ("_warned", False)):
         monkeypatch.setattr(_ext, name, value)
-    monkeypatch.setenv("FASTCONTRAST_BUILD_DIR", str(tmp_path))
-    monkeypatch.delenv("FASTCONTRAST_DISABLE_EXTENSION", raising=False)
-    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    configure(build_dir=str(tmp_path), disable_extension=False, build_lock_timeout_s=600.0)
     return types.SimpleNamespace(lock=tmp_path / "lock", module=module, built=built)
 
 
@@ -66,10 +64,10 @@ def _lock(path, age_s):
 
 @pytest.mark.parametrize("timeout, age_s", [(None, 601.0), ("5", 10.0)],
                          ids=["default_600s", "env_5s"])
-def test_stale_lock_is_removed_with_a_warning(jit, monkeypatch, timeout, age_s):
+def test_stale_lock_is_removed_with_a_warning(jit, configure, timeout, age_s):
     _require_baton()
     if timeout is not None:
-        monkeypatch.setenv(TIMEOUT_ENV, timeout)
+        configure(build_lock_timeout_s=float(timeout))
     _lock(jit.lock, age_s)
     with pytest.warns(RuntimeWarning, match=re.escape(str(jit.lock))):
         module = _ext.load_extension()
@@ -78,11 +76,11 @@ def test_stale_lock_is_removed_with_a_warning(jit, monkeypatch, timeout, age_s):
     assert not jit.lock.exists()  # torch's baton was taken and released
 
 
-def test_live_lock_is_waited_for_then_falls_back_as_a_failed_build(jit, monkeypatch):
+def test_live_lock_is_waited_for_then_falls_back_as_a_failed_build(jit, configure):
     """A young lock (a build running now) is left alone: wait at most the limit, then the
     fallback of a failed build (None, one warning saying why)."""
     _require_baton()
-    monkeypatch.setenv(TIMEOUT_ENV, "0.3")
+    configure(build_lock_timeout_s=0.3)
     _lock(jit.lock, 0.0)
     start = time.monotonic()
     with pytest.warns(RuntimeWarning, match=r"unavailable \(TimeoutError: .*"
@@ -92,9 +90,9 @@ def test_live_lock_is_waited_for_then_falls_back_as_a_failed_build(jit, monkeypa
     assert jit.lock.exists() and jit.built == []
 
 
-def test_lock_released_while_waiting_then_loads(jit, monkeypatch):
+def test_lock_released_while_waiting_then_loads(jit, configure):
     _require_baton()
-    monkeypatch.setenv(TIMEOUT_ENV, "5")
+    configure(build_lock_timeout_s=5)
     _lock(jit.lock, 0.0)
     timer = threading.Timer(0.2, os.remove, [str(jit.lock)])  # the other build finishes
     timer.start()
@@ -107,13 +105,11 @@ def test_lock_released_while_waiting_then_loads(jit, monkeypatch):
     assert jit.built == [_ext.JIT_MODULE_NAME]
 
 
-def test_bad_timeout_falls_back_naming_the_variable(jit, monkeypatch):
-    monkeypatch.setenv(TIMEOUT_ENV, "soon")
-    _lock(jit.lock, 601.0)
-    with pytest.warns(RuntimeWarning, match=rf"{TIMEOUT_ENV} must be a non-negative number of "
-                                            r"seconds, got 'soon'"):
-        assert _ext.load_extension() is None
-    assert jit.lock.exists()
+@pytest.mark.parametrize("raw", ["soon", "-1", "nan"])
+def test_bad_timeout_is_refused_naming_the_variable(raw):
+    with pytest.raises(ValueError, match=rf"{TIMEOUT_ENV} must be a non-negative number, "
+                                         rf"got '{raw}'"):
+        _config.from_environ({TIMEOUT_ENV: raw})
 
 
 def test_cuda_loader_removes_a_stale_lock(jit):
@@ -131,10 +127,10 @@ def _reset_loader(monkeypatch):
         monkeypatch.setattr(_ext, name, value)
 
 
-def test_second_load_after_a_build_does_not_wait(jit, monkeypatch):
+def test_second_load_after_a_build_does_not_wait(jit, monkeypatch, configure):
     """The lock file torch leaves after a finished build (torch >= 2.14 keeps it, unlocked) is
     no build in progress: the next process's load neither waits nor warns."""
-    monkeypatch.setenv(TIMEOUT_ENV, "30")
+    configure(build_lock_timeout_s=30)
     assert _ext.load_extension() is jit.module
     _reset_loader(monkeypatch)  # as a new process would start
     start = time.monotonic()
@@ -163,8 +159,8 @@ def advisory(monkeypatch, tmp_path):
         os.close(fd)
 
 
-def test_advisory_lock_file_left_unlocked_is_ignored(advisory, monkeypatch):
-    monkeypatch.setenv(TIMEOUT_ENV, "600")
+def test_advisory_lock_file_left_unlocked_is_ignored(advisory, configure):
+    configure(build_lock_timeout_s=600)
     _lock(advisory.path, 10_000.0)  # old and present: still no build in progress
     start = time.monotonic()
     with warnings.catch_warnings():
@@ -175,8 +171,8 @@ def test_advisory_lock_file_left_unlocked_is_ignored(advisory, monkeypatch):
     assert not _jit_build.lock_is_held(str(advisory.path))
 
 
-def test_advisory_lock_held_is_waited_for_then_times_out(advisory, monkeypatch):
-    monkeypatch.setenv(TIMEOUT_ENV, "0.3")
+def test_advisory_lock_held_is_waited_for_then_times_out(advisory, configure):
+    configure(build_lock_timeout_s=0.3)
     advisory.hold()
     assert _jit_build.lock_is_held(str(advisory.path))
     start = time.monotonic()
@@ -185,8 +181,8 @@ def test_advisory_lock_held_is_waited_for_then_times_out(advisory, monkeypatch):
     assert 0.3 <= time.monotonic() - start < 1.5
 
 
-def test_advisory_lock_released_while_waiting(advisory, monkeypatch):
-    monkeypatch.setenv(TIMEOUT_ENV, "5")
+def test_advisory_lock_released_while_waiting(advisory, configure):
+    configure(build_lock_timeout_s=5)
     fd = advisory.hold()
     timer = threading.Timer(0.2, fcntl.flock, [fd, fcntl.LOCK_UN])  # the other build ends
     timer.start()
@@ -203,10 +199,10 @@ def test_lock_is_held_on_a_missing_file_is_false(tmp_path):
     assert not (tmp_path / "absent").exists()
 
 
-def test_baton_rules_on_any_torch(monkeypatch, tmp_path):
+def test_baton_rules_on_any_torch(monkeypatch, tmp_path, configure):
     """The file-existence rules (torch < 2.14), forced on whatever torch is installed."""
     monkeypatch.setattr(_jit_build, "torch_lock_is_advisory", lambda: False)
-    monkeypatch.setenv(TIMEOUT_ENV, "0.3")
+    configure(build_lock_timeout_s=0.3)
     path = tmp_path / "lock"
     _lock(path, 10.0)
     with pytest.warns(RuntimeWarning, match="stale build lock"):

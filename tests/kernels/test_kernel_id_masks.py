@@ -10,7 +10,7 @@ import torch
 
 from fastcontrast import _ext, _torch_chunked, backends
 
-from .._helpers import (KERNEL_TOLERANCES, POISON_ENV, assert_close, device_for,
+from .._helpers import (KERNEL_TOLERANCES, assert_close, device_for,
                        masked_lse_oracle)
 
 # (N, M, D): more keys than queries; more queries, over 3 x 3 tiles of 16 and 2 chunks of D.
@@ -19,16 +19,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
 
 
 @pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    monkeypatch.setenv(POISON_ENV, "1")
+def _poisoned_outputs(configure):
+    configure(poison_outputs=True)
 
 
-def _tiled(name, monkeypatch):
+def _tiled(name, configure):
     """(the backend's kernels, keyword arguments for tiles of 16 rows, dtype)."""
     if name not in backends.available_backends(device_for(name)):
         pytest.skip(f"backend {name!r} cannot run here")
     if name == "torch":
-        monkeypatch.setenv("FASTCONTRAST_TORCH_CHUNK_ELEMENTS", "256")  # 256 // M rows
+        configure(torch_chunk_elements=256)  # 256 // M rows
         return _torch_chunked, {}, torch.float64
     if name == "cpu":
         return _ext.load_extension(), dict(block_rows=16), torch.float64
@@ -56,8 +56,8 @@ def _close(actual, expected, dtype, name, gradient=False):
 @pytest.mark.parametrize("id_range", [2, 50], ids=["dense", "sparse"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", list(backends.PROPERTIES))
-def test_id_mask_across_tiles(backend, shape, id_range, exclude_diag, monkeypatch):
-    ops, tiles, dtype = _tiled(backend, monkeypatch)
+def test_id_mask_across_tiles(backend, shape, id_range, exclude_diag, configure):
+    ops, tiles, dtype = _tiled(backend, configure)
     n, m, _ = shape
     (q, keys, alpha, beta), (row_ids, col_ids) = _problem(*shape, id_range, dtype,
                                                            device_for(backend))

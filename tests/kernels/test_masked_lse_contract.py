@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastcontrast import backends
 
-from .._helpers import (KERNEL_TOLERANCES, POISON_ENV, assert_close, device_for,
+from .._helpers import (KERNEL_TOLERANCES, assert_close, device_for,
                        interpreting_triton, masked_lse_oracle, masked_scores)
 
 OPS = torch.ops.fastcontrast
@@ -60,10 +60,10 @@ def _case_id(case):
 
 
 @pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    monkeypatch.setenv(POISON_ENV, "1")
+def _poisoned_outputs(configure):
+    configure(poison_outputs=True)
     # Chunks of a few rows: the torch backend's merge over chunks runs on these small inputs.
-    monkeypatch.setenv("FASTCONTRAST_TORCH_CHUNK_ELEMENTS", "4096")
+    configure(torch_chunk_elements=4096)
 
 
 def _skip_unavailable(backend):

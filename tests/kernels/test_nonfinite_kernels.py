@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import fastcontrast as fc
 from fastcontrast import backends
 
-from .._helpers import (KERNEL_TOLERANCES, POISON_ENV, device_for, masked_lse_truth,
+from .._helpers import (KERNEL_TOLERANCES, device_for, masked_lse_truth,
                        masked_scores)
 
 OPS = torch.ops.fastcontrast
@@ -38,9 +38,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 @pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    monkeypatch.setenv(POISON_ENV, "1")
-    monkeypatch.setenv("FASTCONTRAST_TORCH_CHUNK_ELEMENTS", "16")  # chunks of 2 rows
+def _poisoned_outputs(configure):
+    configure(poison_outputs=True)
+    configure(torch_chunk_elements=16)  # chunks of 2 rows
 
 
 def _skip_unavailable(backend):

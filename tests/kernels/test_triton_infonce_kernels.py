@@ -342,14 +342,14 @@ POISON_BLOCKS = [None, (16, 16, 16)]
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
-    monkeypatch.setenv(_common.POISON_ENV, "1")
+def poisoned(configure):
+    configure(poison_outputs=True)
 
 
-def test_new_output_is_poisoned_only_when_asked(monkeypatch):
-    monkeypatch.delenv(_common.POISON_ENV, raising=False)
+def test_new_output_is_poisoned_only_when_asked(configure):
+    configure(poison_outputs=False)
     assert _common.new_output((2, 3), torch.float32, DEVICE).shape == (2, 3)
-    monkeypatch.setenv(_common.POISON_ENV, "1")
+    configure(poison_outputs=True)
     assert torch.isnan(_common.new_output((2, 3), torch.float32, DEVICE)).all()
     assert _common.new_output(4, torch.int64, DEVICE).tolist() == [_common.POISON_INT] * 4
 

@@ -17,8 +17,8 @@ OBJECTIVES = {"plain": {}, "dcl": dict(decoupled=True), "dclw": dict(decoupled=T
 
 
 @pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch):
-    monkeypatch.setenv("FASTCONTRAST_GRAM_BLOCK_ROWS", "4")
+def _small_blocks(configure):
+    configure(gram_block_rows=4)
 
 
 def _skip(backend):
@@ -33,11 +33,11 @@ def _value_and_grads(fn, inputs):
     return loss.detach(), grads
 
 
-def _gram_and_baseline(monkeypatch, fn, inputs):
+def _gram_and_baseline(configure, fn, inputs):
     gram = _value_and_grads(fn, inputs)
-    monkeypatch.setenv("FASTCONTRAST_GRAM", "0")
+    configure(gram=False)
     base = _value_and_grads(fn, inputs)
-    monkeypatch.delenv("FASTCONTRAST_GRAM")
+    configure(gram=True)
     return gram, base
 
 
@@ -51,7 +51,7 @@ def _assert_same(gram, base, rtol, atol):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nt_xent_gram_equals_baseline(backend, objective, reduction, dtype, monkeypatch):
+def test_nt_xent_gram_equals_baseline(backend, objective, reduction, dtype, configure):
     _skip(backend)
     torch.manual_seed(1)
     z1, z2 = torch.randn(9, 5, dtype=dtype), torch.randn(9, 5, dtype=dtype)
@@ -61,7 +61,7 @@ def test_nt_xent_gram_equals_baseline(backend, objective, reduction, dtype, monk
         return fc.nt_xent(a, b, temperature=t, reduction=reduction, backend=backend,
                           **OBJECTIVES[objective])
 
-    gram, base = _gram_and_baseline(monkeypatch, fn, [z1, z2, tau])
+    gram, base = _gram_and_baseline(configure, fn, [z1, z2, tau])
     tol = 1e-11 if dtype == torch.float64 else 2e-5
     _assert_same(gram, base, tol, tol)
 
@@ -69,7 +69,7 @@ def test_nt_xent_gram_equals_baseline(backend, objective, reduction, dtype, monk
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_supcon_gram_equals_baseline(backend, reduction, normalize, monkeypatch):
+def test_supcon_gram_equals_baseline(backend, reduction, normalize, configure):
     _skip(backend)
     torch.manual_seed(2)
     features = torch.randn(13, 6, dtype=torch.float64)
@@ -80,12 +80,12 @@ def test_supcon_gram_equals_baseline(backend, reduction, normalize, monkeypatch)
         return fc.supcon(f, labels, temperature=t, reduction=reduction, normalize=normalize,
                          backend=backend)
 
-    gram, base = _gram_and_baseline(monkeypatch, fn, [features, tau])
+    gram, base = _gram_and_baseline(configure, fn, [features, tau])
     _assert_same(gram, base, 1e-11, 1e-11)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_info_nce_exclude_self_same_tensor_gram_equals_baseline(backend, monkeypatch):
+def test_info_nce_exclude_self_same_tensor_gram_equals_baseline(backend, configure):
     _skip(backend)
     torch.manual_seed(3)
     z = torch.randn(11, 4, dtype=torch.float64)
@@ -96,7 +96,7 @@ def test_info_nce_exclude_self_same_tensor_gram_equals_baseline(backend, monkeyp
         return fc.info_nce(x, x, temperature=t, targets=targets, exclude_self=True,
                            backend=backend)
 
-    gram, base = _gram_and_baseline(monkeypatch, fn, [z, tau])
+    gram, base = _gram_and_baseline(configure, fn, [z, tau])
     _assert_same(gram, base, 1e-11, 1e-11)
 
 
@@ -113,7 +113,8 @@ def _count_gram_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_losses_take_the_gram_path_only_where_the_mask_is_symmetric(backend, monkeypatch):
+def test_the_losses_take_the_gram_path_only_where_the_mask_is_symmetric(backend, monkeypatch,
+                                                                       configure):
     _skip(backend)
     calls = _count_gram_calls(monkeypatch)
     z1, z2 = torch.randn(6, 3), torch.randn(6, 3)
@@ -127,7 +128,7 @@ def test_the_losses_take_the_gram_path_only_where_the_mask_is_symmetric(backend,
     fc.info_nce(z, z, targets=targets, exclude_self=True, decoupled=True, backend=backend)
     fc.info_nce(z, z.clone(), targets=targets, exclude_self=True, backend=backend)
     fc.info_nce(z1, z2, backend=backend)
-    monkeypatch.setenv("FASTCONTRAST_GRAM", "0")
+    configure(gram=False)
     fc.nt_xent(z1, z2, backend=backend)
     assert len(calls) == 4
 

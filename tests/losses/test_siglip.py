@@ -14,7 +14,6 @@ from fastcontrast.reference import siglip_loss_reference
 
 from .._helpers import (
     FUSED_BACKENDS,
-    POISON_ENV,
     assert_close,
     backend_usable,
     device_for,
@@ -248,13 +247,13 @@ def _tile_reference(x, y, scale, bias, row_grad):
     return torch.nn.functional.softplus(t, threshold=1e9).sum(1), dz @ y, dz.T @ x, dz.sum()
 
 
-def _backend_runner(backend, monkeypatch):
+def _backend_runner(backend, configure):
     """(ops, extra kwargs) with tiles small enough that a 70-row problem spans several."""
-    monkeypatch.setenv(POISON_ENV, "1")
+    configure(poison_outputs=True)
     if backend == "torch":
         from fastcontrast import _siglip_torch
 
-        monkeypatch.setenv("FASTCONTRAST_TORCH_CHUNK_ELEMENTS", str(16 * 70))
+        configure(torch_chunk_elements=16 * 70)
         return _siglip_torch, {}, lambda s: s
     if backend == "cpu":
         from fastcontrast import _ext
@@ -284,9 +283,9 @@ def _check_terms(backend, results, expected, wanted):
 @pytest.mark.parametrize("need", ["both", "gx", "gy", "neither"])
 @pytest.mark.parametrize("d", [3, 40])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_backend_tiles(backend, d, need, monkeypatch):
+def test_backend_tiles(backend, d, need, configure):
     _skip_unsupported(backend, 70, d, torch.float32)
-    ops, extra, as_scalar = _backend_runner(backend, monkeypatch)
+    ops, extra, as_scalar = _backend_runner(backend, configure)
     device = device_for(backend)
     x, y = [t.detach() for t in _features(70, d, torch.float32, device, norm=3.0)]
     scale, bias = (
@@ -320,13 +319,13 @@ def test_backend_tiles(backend, d, need, monkeypatch):
 )
 @pytest.mark.parametrize("n,d", [(1, 3), (37, 67), (130, 1000)], ids=str)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_registered_ops(backend, n, d, need, monkeypatch):
+def test_registered_ops(backend, n, d, need, configure):
     """torch.ops.fastcontrast.siglip_forward / _backward / _forward_with_grad (the last where the
     backend fuses the gradient): outputs not needed are 0-element tensors, the others match."""
     _skip_unsupported(backend, n, d, torch.float32)
     if interpreting_triton(backend) and d > 100:
         pytest.skip("the Triton interpreter runs the small shapes")
-    monkeypatch.setenv(POISON_ENV, "1")
+    configure(poison_outputs=True)
     device = device_for(backend)
     x, y = [t.detach() for t in _features(n, d, torch.float32, device, norm=3.0)]
     scale, bias = torch.tensor(4.0, device=device), torch.tensor(-1.5, device=device)
