@@ -1,5 +1,5 @@
 """Symmetric-Gram targets on CPU: nt_xent and supcon forward+backward on the
-symmetric-Gram ops against the full-product path (FASTCONTRAST_GRAM=0), interleaved in one run.
+symmetric-Gram ops against the full-product path (the gram setting off, FASTCONTRAST_GRAM=0), interleaved in one run.
 
     python -m benchmarks.gram_targets --out OUT_DIR [--rows 16384] [--dim 256] [--repeats 5]
 
@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import fastcontrast
+from fastcontrast._config import override
 from fastcontrast.cli.measure import machine_info, paired_ratio, summarize, time_interleaved
 
 try:
@@ -31,7 +32,6 @@ try:
 except ImportError:  # run as a script: this folder is on sys.path
     import _floor
 
-GRAM_ENV = "FASTCONTRAST_GRAM"
 TARGET_VS_FULL = 0.75
 TARGET_VS_FLOOR = 0.8
 TEMPERATURE = 0.1
@@ -54,12 +54,9 @@ def _loss(name, z, labels):
 def _step(name, gram, z, labels):
     """One forward+backward of loss `name` on the Gram path (or the full product)."""
     def run():
-        os.environ[GRAM_ENV] = "1" if gram else "0"
-        try:
+        with override(gram=gram):
             x = z.detach().requires_grad_(True)
             _loss(name, x, labels).backward()
-        finally:
-            os.environ.pop(GRAM_ENV, None)
     return run
 
 
@@ -67,12 +64,11 @@ def _check_agreement(name, z, labels):
     """The two paths give the same loss and gradient (fp32 round-off) before any timing."""
     out = {}
     for gram in (False, True):
-        os.environ[GRAM_ENV] = "1" if gram else "0"
-        x = z.detach().requires_grad_(True)
-        loss = _loss(name, x, labels)
-        loss.backward()
+        with override(gram=gram):
+            x = z.detach().requires_grad_(True)
+            loss = _loss(name, x, labels)
+            loss.backward()
         out[gram] = (float(loss.detach()), x.grad)
-    os.environ.pop(GRAM_ENV, None)
     grad_err = float((out[True][1] - out[False][1]).abs().max() / out[False][1].abs().max())
     loss_err = abs(out[True][0] - out[False][0]) / abs(out[False][0])
     assert loss_err < 1e-4 and grad_err < 1e-3, (name, loss_err, grad_err)

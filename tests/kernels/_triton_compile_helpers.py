@@ -65,6 +65,8 @@ def _infonce_host_calls(infonce, q, keys):
     with each of its configs for D in chunks."""
     import torch
 
+    from fastcontrast._config import override
+
     n, m = q.shape[0], keys.shape[0]
     alpha, beta = torch.ones(n), torch.ones(m)
     lse, grad = torch.zeros(n), torch.ones(n)
@@ -77,11 +79,8 @@ def _infonce_host_calls(infonce, q, keys):
                 col = (torch.zeros(m), torch.ones(m)) if with_col else (None, None)
                 # Every backward config autotuning may pick (D in chunks), each pinned in turn.
                 for pin in range(len(infonce._split_candidates(infonce._input_precision(q.dtype)))):
-                    os.environ[infonce.CONFIG_ENV] = str(pin)
-                    try:
+                    with override(triton_config=pin):
                         infonce.masked_lse_backward(q, keys, alpha, beta, lse, grad, *col, **masks)
-                    finally:
-                        del os.environ[infonce.CONFIG_ENV]
 
 
 def _siglip_host_calls(siglip, x, y):
