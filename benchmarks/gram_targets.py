@@ -1,5 +1,6 @@
 """Symmetric-Gram targets on CPU: nt_xent and supcon forward+backward on the
-symmetric-Gram ops against the full-product path (the gram setting off, FASTCONTRAST_GRAM=0), interleaved in one run.
+symmetric-Gram ops against the full-product path (the gram setting off, FASTCONTRAST_GRAM=0),
+interleaved in one run.
 
     python -m benchmarks.gram_targets --out OUT_DIR [--rows 16384] [--dim 256] [--repeats 5]
 

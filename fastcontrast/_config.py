@@ -2,9 +2,9 @@
 
 The rest of the package asks ``settings()`` (an attribute read, no environment lookup on the hot
 paths). Tests and benchmarks change a setting for a block with ``override(name=value)``, which
-also hands the C++ extension its options (``_C.set_runtime_options``). docs/configuration.md
-describes each variable; the build-time ones are also read by setup.py, which runs before this
-package can be imported.
+also hands the C++ extension its options (``_C.set_runtime_options``, once the loader attached
+it). docs/configuration.md describes each variable; setup.py imports this file on its own for
+the build-time ones, before the package can be imported.
 """
 import dataclasses
 import math
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["Settings", "from_environ", "settings", "override", "hand_to_extension",
+__all__ = ["Settings", "from_environ", "settings", "override", "attach_extension",
            "ENV_PREFIX"]
 
 ENV_PREFIX = "FASTCONTRAST_"
@@ -113,15 +113,20 @@ def settings():
     return _current
 
 
-def hand_to_extension(module):
-    """Gives the C++ extension ``module`` (None: nothing) the settings its kernels read."""
-    if callable(getattr(module, "set_runtime_options", None)):
-        module.set_runtime_options(_current.shared_shift, _current.poison_outputs)
+_extension = None  # the loaded C++ extension (attach_extension), or None
+
+
+def attach_extension(module):
+    """Called by the loader (fastcontrast/_ext.py) with the C++ extension it loaded (or None):
+    the extension gets the settings its kernels read now, and again at every override."""
+    global _extension
+    _extension = module
+    _sync_extension()
 
 
 def _sync_extension():
-    from . import _ext
-    hand_to_extension(_ext.loaded_module())
+    if callable(getattr(_extension, "set_runtime_options", None)):
+        _extension.set_runtime_options(_current.shared_shift, _current.poison_outputs)
 
 
 @contextmanager

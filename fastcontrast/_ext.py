@@ -13,13 +13,13 @@ A build lock left in the build directory by a build killed midway is removed onc
 FASTCONTRAST_BUILD_LOCK_TIMEOUT_S (fastcontrast._jit_build), so that no load waits forever.
 
 The module's entry points are called only by the kernels of the registered ops
-(fastcontrast/infonce.py, siglip.py, momentum.py), through fastcontrast.backends.kernels.
+(fastcontrast/infonce/ops.py, siglip.py, momentum.py), through fastcontrast.backends.kernels.
 """
 import importlib
 import threading
 import warnings
 
-from ._config import hand_to_extension, settings
+from ._config import attach_extension, settings
 
 JIT_MODULE_NAME = "fastcontrast_cpu"
 _EXPECTED = ("masked_lse_forward", "masked_lse_backward", "masked_lse_forward_with_grad")
@@ -122,16 +122,12 @@ def load_extension():
                     module = _build_just_in_time()
                 except Exception as error:  # noqa: BLE001 - compiler, ninja, sources, linker...
                     module, reason = None, f"{type(error).__name__}: {str(error).strip()[:500]}"
-            hand_to_extension(module)
+            attach_extension(module)
             _module, _tried = module, True
             if module is None:
                 _warn_once(reason)
     return _module
 
-
-def loaded_module():
-    """The extension if a load_extension call already loaded it, else None (loads nothing)."""
-    return _module if _tried else None
 
 
 def available():

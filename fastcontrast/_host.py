@@ -1,4 +1,4 @@
-"""Host code shared by the fused op families (fastcontrast/infonce.py, siglip.py): reductions and
+"""Host code shared by the fused op families (fastcontrast/infonce/, siglip.py): reductions and
 the per-row gradient weights they imply, the accumulation dtype, the chunked row-wise dot, the
 backward of a row normalisation, and the hand-out of gradients in backward. (The reference
 implementations use reduce_loss too.)"""

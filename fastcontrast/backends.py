@@ -14,7 +14,7 @@ Every op of fastcontrast (the losses, NegativeQueue.enqueue, momentum_update) re
                 torch); the queue always takes torch on CPU (a launch there costs nothing)
 
 The kernels themselves are ``torch.library`` custom ops in the ``fastcontrast`` namespace (one
-registration per op family, beside its autograd: fastcontrast/infonce.py, siglip.py, queue.py,
+registration per op family, beside its autograd: fastcontrast/infonce/ops.py, siglip.py, queue.py,
 momentum.py); each op takes the resolved backend name as a string argument and its per-device
 kernel (CPU, CUDA) calls the implementation table ``kernels(family, name)`` below. The static
 properties a host function needs from a backend are the fields of ``Backend``.

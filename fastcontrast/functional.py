@@ -81,8 +81,8 @@ def _info_nce(options, query, key, negatives, temperature, scale, targets, query
             hcl_tau_plus=options.hcl_tau_plus)
     bank = negatives if negatives is not None and negatives.dim() == 2 else None
     per_query = negatives if negatives is not None and negatives.dim() == 3 else None
-    return info_nce_loss(options, query, key, bank, per_query, scale, targets, query_ids,
-                         negative_ids)
+    return info_nce_loss(options, query, key, scale=scale, bank=bank, per_query=per_query,
+                         targets=targets, query_ids=query_ids, bank_ids=negative_ids)
 
 
 @output_dtype_policy

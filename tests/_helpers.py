@@ -61,7 +61,7 @@ def as_float64(*tensors):
 
 
 # ---------------------------------------------------------------------------------------------
-# The masked-LSE contract (fastcontrast/infonce.py, section 1): the one oracle of the kernels.
+# The masked-LSE contract (fastcontrast/infonce/ops.py): the one oracle of the kernels.
 
 
 class Contract(NamedTuple):

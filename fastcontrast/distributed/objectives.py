@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..infonce import InfoNCEOptions, _hard_negative_loss
+from ..infonce.objectives import InfoNCEOptions, hard_negative_loss
 from .collectives import AllReduceWithGrad, Comm
 from .ops import DistributedLSE, Layout, LSESpec
 
@@ -123,12 +123,12 @@ def row_losses(options: InfoNCEOptions, cand: Candidates, scale, n_total, log_n,
     calls = []
 
     def negatives_lse(at_scale):
-        # _hard_negative_loss asks for the (1 + beta) / tau pass first: it is already done
+        # hard_negative_loss asks for the (1 + beta) / tau pass first: it is already done
         calls.append(at_scale)
         lse = hard_lse if len(calls) == 1 else cand.lse(at_scale, with_positive=False)[0]
         return _zero_outside(lse.to(positive.dtype), valid)
 
-    loss = _hard_negative_loss(options, negatives_lse, scale, positive,
+    loss = hard_negative_loss(options, negatives_lse, scale, positive,
                                _zero_outside(log_n.to(positive.dtype), valid))
     return _zero_outside(loss, valid)
 

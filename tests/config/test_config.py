@@ -59,7 +59,7 @@ def test_override_applies_within_the_block_only():
     assert _config.settings() == before
 
 
-def test_the_extension_gets_the_settings_when_it_has_the_entry_point():
+def test_the_extension_gets_the_settings_on_attach_and_at_every_override(monkeypatch):
     received = []
 
     class Extension:
@@ -67,10 +67,13 @@ def test_the_extension_gets_the_settings_when_it_has_the_entry_point():
         def set_runtime_options(shared_shift, poison_outputs):
             received.append((shared_shift, poison_outputs))
 
-    with _config.override(shared_shift=False, poison_outputs=True):
-        _config.hand_to_extension(Extension)
-    _config.hand_to_extension(object())  # an extension without options: nothing to do
-    assert received == [(False, True)]
+    monkeypatch.setattr(_config, "_extension", None)
+    with _config.override(shared_shift=False):
+        _config.attach_extension(Extension)
+        with _config.override(poison_outputs=True):
+            pass
+    _config.attach_extension(object())  # an extension without options: nothing to do
+    assert received == [(False, False), (False, True), (False, False), (True, False)]
 
 
 class _NoLibraryVariables(dict):

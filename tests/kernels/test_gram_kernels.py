@@ -1,4 +1,4 @@
-"""The symmetric-Gram ops (gram_lse_forward / gram_lse_backward, fastcontrast/infonce.py) on every
+"""The symmetric-Gram ops (gram_lse_forward / _backward, fastcontrast/infonce/ops.py) on every
 backend that runs here, against the float64 contract of the full product on (z, z):
 
     row_lse = masked_lse_truth(z, z, alpha, beta).row_lse,   dz = dq + dkeys of that truth

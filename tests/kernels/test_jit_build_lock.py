@@ -46,6 +46,8 @@ def jit(monkeypatch, configure, tmp_path):
     monkeypatch.setattr(_ext, "_import_prebuilt", lambda: None)
     for name, value in (("_module", None), ("_tried", False), ("_warned", False)):
         monkeypatch.setattr(_ext, name, value)
+    # A load attaches its (fake) module to the settings: restore the real one afterwards.
+    monkeypatch.setattr(_config, "_extension", _config._extension)
     configure(build_dir=str(tmp_path), disable_extension=False, build_lock_timeout_s=600.0)
     return types.SimpleNamespace(lock=tmp_path / "lock", module=module, built=built)
 
@@ -125,6 +127,8 @@ def test_cuda_loader_removes_a_stale_lock(jit):
 def _reset_loader(monkeypatch):
     for name, value in (("_module", None), ("_tried", False), ("_warned", False)):
         monkeypatch.setattr(_ext, name, value)
+    # A load attaches its (fake) module to the settings: restore the real one afterwards.
+    monkeypatch.setattr(_config, "_extension", _config._extension)
 
 
 def test_second_load_after_a_build_does_not_wait(jit, monkeypatch, configure):

@@ -1,4 +1,4 @@
-"""The masked-LSE kernel contract (fastcontrast/infonce.py, section 1) on every kernel backend
+"""The masked-LSE kernel contract (fastcontrast/infonce/ops.py) on every kernel backend
 that runs here, through the registered ops torch.ops.fastcontrast.masked_lse_forward /
 masked_lse_backward / masked_lse_forward_with_grad (the last where the backend fuses the
 gradient), against the float64 oracle of tests/_helpers.py on the very inputs the kernel got.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastcontrast as fc
-from fastcontrast import infonce
+from fastcontrast.infonce import function as fused_function
 
 from .._helpers import backend_usable
 
@@ -102,13 +102,13 @@ def test_info_nce_exclude_self_same_tensor_gram_equals_baseline(backend, configu
 
 def _count_gram_calls(monkeypatch):
     calls = []
-    original = infonce.gram_lse_forward
+    original = fused_function.gram_lse_forward
 
-    def counting(*args):
-        calls.append(args[-1])
-        return original(*args)
+    def counting(*args, **kwargs):
+        calls.append(kwargs["backend"])
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(infonce, "gram_lse_forward", counting)
+    monkeypatch.setattr(fused_function, "gram_lse_forward", counting)
     return calls
 
 
