@@ -6,7 +6,7 @@ import torch
 
 __all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype",
            "row_chunks", "rowwise_dot", "normalized_copy_backward_", "scaled_fused_gradients",
-           "cast_gradients", "or_empty", "requires_grad", "first_order_only"]
+           "cast_gradients", "or_empty", "requires_grad", "first_order_only", "class_index"]
 
 # Rows per chunk of the O(N * D) host helpers: bounds their temporaries.
 HOST_CHUNK_ROWS = 4096
@@ -156,3 +156,13 @@ def first_order_only(grads, backend):
     for i, g in zip(present, wrapped):
         out[i] = g
     return out
+
+
+def class_index(labels):
+    """Dense class ids in [0, N) for int64 labels (N,), with static shapes (traceable): sort,
+    then count the label changes. The same labels get the same id."""
+    sorted_labels, order = labels.sort()
+    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    dense = torch.cumsum(starts.to(torch.int64), 0) - 1
+    return torch.empty_like(dense).scatter_(0, order, dense)

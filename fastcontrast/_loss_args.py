@@ -16,8 +16,8 @@ import torch
 from . import _validation as check
 from ._host import REDUCTIONS
 
-__all__ = ["output_dtype_policy", "info_nce_args", "clip_loss_args", "nt_xent_args",
-           "supcon_args", "moco_loss_args", "siglip_loss_args", "unwrap_queue"]
+__all__ = ["output_dtype_policy", "label_smoothing_arg", "info_nce_args", "clip_loss_args",
+           "nt_xent_args", "supcon_args", "moco_loss_args", "siglip_loss_args", "unwrap_queue"]
 
 _FLAGS = ("in_batch_negatives", "exclude_self", "symmetric", "normalize")
 
@@ -70,6 +70,19 @@ def _objective_args(*, decoupled, dclw_sigma, hcl_beta, hcl_tau_plus, symmetric,
                          "in_batch_negatives=True")
 
 
+def label_smoothing_arg(label_smoothing, *, decoupled=False, dclw_sigma=None, hcl_beta=0.0,
+                        hcl_tau_plus=0.0):
+    """label_smoothing: a float in [0, 1] (as F.cross_entropy's), and the positive must be a
+    candidate: not with DCL / DCLW / HCL."""
+    check.non_negative_float("label_smoothing", label_smoothing)
+    if label_smoothing > 1:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if label_smoothing and (decoupled or dclw_sigma is not None or hcl_beta != 0
+                            or hcl_tau_plus != 0):
+        raise ValueError("label_smoothing needs the positive among the candidates: it cannot be "
+                         "combined with decoupled, dclw_sigma or hcl_beta / hcl_tau_plus")
+
+
 def _ids_args(query_ids, negative_ids, n, negatives, device):
     """query_ids (N,) and negative_ids (K,) int64, both or neither, with a shared bank (K, D)."""
     if query_ids is None and negative_ids is None:
@@ -87,7 +100,8 @@ def _ids_args(query_ids, negative_ids, n, negatives, device):
 
 def info_nce_args(query, key, negatives, *, temperature, normalize, targets, in_batch_negatives,
                   exclude_self, symmetric, reduction, decoupled, dclw_sigma, hcl_beta,
-                  hcl_tau_plus, query_ids, negative_ids, global_targets=False):
+                  hcl_tau_plus, query_ids, negative_ids, label_smoothing=0.0,
+                  global_targets=False):
     """info_nce's arguments; returns the temperature (positive_scalar, accumulation dtype).
 
     query (N, D), key (M, D) and negatives (K, D) or (N, K, D): floating, one dtype and device,
@@ -137,10 +151,12 @@ def info_nce_args(query, key, negatives, *, temperature, normalize, targets, in_
     _objective_args(decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
                     hcl_tau_plus=hcl_tau_plus, symmetric=symmetric,
                     in_batch_negatives=in_batch_negatives, has_ids=query_ids is not None)
+    label_smoothing_arg(label_smoothing, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                        hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
     return tau
 
 
-def clip_loss_args(image, text, logit_scale, logit_bias, reduction):
+def clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smoothing=0.0):
     """clip_loss's arguments: image and text (N, D) of one shape, dtype and device, logit_scale
     positive and finite, logit_bias None, a number or a tensor (it cancels). Returns
     logit_scale (positive_scalar, accumulation dtype)."""
@@ -149,11 +165,12 @@ def clip_loss_args(image, text, logit_scale, logit_bias, reduction):
     scale = check.positive_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
     if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
         raise TypeError(f"logit_bias must be a float or a tensor, got {type(logit_bias).__name__}")
+    label_smoothing_arg(label_smoothing)
     return scale
 
 
 def nt_xent_args(z1, z2, *, temperature, normalize, reduction, decoupled, dclw_sigma, hcl_beta,
-                 hcl_tau_plus):
+                 hcl_tau_plus, label_smoothing=0.0):
     """nt_xent's arguments: the two views (check_view_pair), the flags, reduction, a positive
     temperature (returned, accumulation dtype) and the DCL / DCLW / HCL options (info_nce's,
     with in-batch negatives and no ids)."""
@@ -164,6 +181,8 @@ def nt_xent_args(z1, z2, *, temperature, normalize, reduction, decoupled, dclw_s
     _objective_args(decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
                     hcl_tau_plus=hcl_tau_plus, symmetric=False, in_batch_negatives=True,
                     has_ids=False)
+    label_smoothing_arg(label_smoothing, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                        hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
     return tau
 
 
@@ -195,7 +214,7 @@ def unwrap_queue(queue, query_index):
 
 
 def moco_loss_args(query, key, queue, negative_ids, *, temperature, normalize, reduction,
-                   query_index, decoupled, hcl_beta, hcl_tau_plus):
+                   query_index, decoupled, hcl_beta, hcl_tau_plus, label_smoothing=0.0):
     """moco_loss's arguments, ``queue`` and ``negative_ids`` as unwrap_queue returns them:
     info_nce's with the queue as a shared bank, no in-batch negatives and query_index as
     query_ids, the queue and query_index checked first under these names. Returns the
@@ -210,7 +229,8 @@ def moco_loss_args(query, key, queue, negative_ids, *, temperature, normalize, r
                          targets=None, in_batch_negatives=False, exclude_self=False,
                          symmetric=False, reduction=reduction, decoupled=decoupled,
                          dclw_sigma=None, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                         query_ids=query_index, negative_ids=negative_ids)
+                         query_ids=query_index, negative_ids=negative_ids,
+                         label_smoothing=label_smoothing)
 
 
 def siglip_loss_args(image, text, logit_scale, logit_bias, reduction):

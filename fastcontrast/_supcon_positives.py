@@ -98,6 +98,6 @@ def class_sums(z, cls):
 def supcon_positive_means(z, scale, cls, class_sizes, *, backend):
     """pos (N,): each anchor's mean positive score (0 where it has no positive); z (N, D) the
     features as scored (normalized_rows(x) when SupCon normalises), scale a 0-dim tensor of z's
-    dtype, cls (N,) dense class ids in [0, N) (supcon.class_index), class_sizes (N,) the size
+    dtype, cls (N,) dense class ids in [0, N) (_host.class_index), class_sizes (N,) the size
     of each anchor's class (int)."""
     return _PositiveMeans.apply(z, scale, cls, class_sizes, backend)

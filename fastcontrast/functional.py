@@ -36,7 +36,7 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_lo
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
-             negative_ids=None, backend="auto"):
+             negative_ids=None, label_smoothing=0.0, backend="auto"):
     """InfoNCE / NT-Xent style contrastive loss, fused (never materialises the N x M logits).
 
     loss_i = logsumexp_{j in C(i)} s_ij - s_{i, t_i},  s_ij = <q_i, k_j> / temperature
@@ -52,17 +52,21 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     ``hcl_tau_plus`` HCL, hard-negative reweighting exp(beta s) and debiasing with class prior
     tau_plus. ``query_ids`` (N,) / ``negative_ids`` (K,) int64: a shared negative whose id equals
     the query's (>= 0) is not a candidate (e.g. the same instance still in a MoCo queue).
+    ``label_smoothing`` eps in [0, 1]: loss_i = (1 - eps)(lse_i - s_{i,t_i})
+    + eps (lse_i - mean_{j in C(i)} s_ij), F.cross_entropy's label smoothing with the candidates
+    as the classes (from sums of keys; not with DCL / DCLW / HCL).
     """
     tau = args.info_nce_args(
         query, key, negatives, temperature=temperature, normalize=normalize, targets=targets,
         in_batch_negatives=in_batch_negatives, exclude_self=exclude_self, symmetric=symmetric,
         reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
-        hcl_tau_plus=hcl_tau_plus, query_ids=query_ids, negative_ids=negative_ids)
+        hcl_tau_plus=hcl_tau_plus, query_ids=query_ids, negative_ids=negative_ids,
+        label_smoothing=label_smoothing)
     options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
                              in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
                              symmetric=symmetric, normalize=normalize, reduction=reduction,
                              decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
-                             hcl_tau_plus=hcl_tau_plus)
+                             hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing)
     return _info_nce(options, query, key, negatives, tau, tau.reciprocal(), targets, query_ids,
                      negative_ids)
 
@@ -78,7 +82,7 @@ def _info_nce(options, query, key, negatives, temperature, scale, targets, query
             exclude_self=options.exclude_self, symmetric=options.symmetric,
             reduction=options.reduction, decoupled=options.decoupled, query_ids=query_ids,
             negative_ids=negative_ids, dclw_sigma=options.dclw_sigma, hcl_beta=options.hcl_beta,
-            hcl_tau_plus=options.hcl_tau_plus)
+            hcl_tau_plus=options.hcl_tau_plus, label_smoothing=options.label_smoothing)
     bank = negatives if negatives is not None and negatives.dim() == 2 else None
     per_query = negatives if negatives is not None and negatives.dim() == 3 else None
     return info_nce_loss(options, query, key, scale=scale, bank=bank, per_query=per_query,
@@ -87,13 +91,16 @@ def _info_nce(options, query, key, negatives, temperature, scale, targets, query
 
 @output_dtype_policy
 def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
-            dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto"):
+            dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0,
+            backend="auto"):
     """SimCLR's NT-Xent over the 2N views z = [z1; z2] (lightly's NTXentLoss):
     loss_i = logsumexp_{j != i} <z_i, z_j>/tau - <z_i, z_{i+-N}>/tau, mean over the 2N rows
-    ("none": (2N,), rows of z1 first). DCL / DCLW / HCL options as in info_nce."""
+    ("none": (2N,), rows of z1 first). DCL / DCLW / HCL and label_smoothing (the 2N - 1 other
+    views are the classes) as in info_nce."""
     tau = args.nt_xent_args(z1, z2, temperature=temperature, normalize=normalize,
                             reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                            hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+                            hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                            label_smoothing=label_smoothing)
     n = z1.shape[0]
     views = torch.cat([z1, z2])
     targets = (torch.arange(2 * n, device=z1.device) + n) % (2 * n)
@@ -101,7 +108,7 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     options = InfoNCEOptions(resolve(backend, z1.device, dtype=z1.dtype), exclude_self=True,
                              normalize=normalize, reduction=reduction, decoupled=decoupled,
                              dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                             involutive_targets=True)
+                             involutive_targets=True, label_smoothing=label_smoothing)
     return _info_nce(options, views, views, None, tau, tau.reciprocal(), targets)
 
 
@@ -134,34 +141,39 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
 @output_dtype_policy
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
               query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
-              backend="auto"):
+              label_smoothing=0.0, backend="auto"):
     """MoCo's InfoNCE:
         loss_i = -log(e^{<q_i, k_i>/tau} / (e^{<q_i, k_i>/tau} + sum_j e^{<q_i, u_j>/tau}))
     with the queue entries u_j (K, D) as the only negatives (info_nce with
     in_batch_negatives=False). ``queue``: a (K, D) tensor or a NegativeQueue (its filled part).
     ``query_index`` (N,) int64: sample ids of the batch; queue entries stored with the same id
-    (a NegativeQueue with store_indices=True) are not negatives. DCL / HCL options as in
-    info_nce."""
+    (a NegativeQueue with store_indices=True) are not negatives. DCL / HCL options and
+    label_smoothing (the positive and the queue entries are the classes) as in info_nce."""
     queue, negative_ids = args.unwrap_queue(queue, query_index)
     tau = args.moco_loss_args(query, key, queue, negative_ids, temperature=temperature,
                               normalize=normalize, reduction=reduction, query_index=query_index,
-                              decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+                              decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                              label_smoothing=label_smoothing)
     options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
                              in_batch_negatives=False, normalize=normalize, reduction=reduction,
-                             decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+                             decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                             label_smoothing=label_smoothing)
     return _info_nce(options, query, key, queue, tau, tau.reciprocal(), None, query_index,
                      negative_ids)
 
 
 @output_dtype_policy
-def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", backend="auto"):
+def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", label_smoothing=0.0,
+              backend="auto"):
     """OpenCLIP's ClipLoss: (CE(image -> text) + CE(text -> image)) / 2 on
     logit_scale * image @ text.T, pair i the positive. Features are used as given (CLIP models
     normalise them). ``logit_bias`` shifts every logit of a softmax equally, so it cancels: it is
-    accepted for API compatibility and receives a zero gradient."""
-    scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction)
+    accepted for API compatibility and receives a zero gradient. ``label_smoothing`` eps: each
+    cross-entropy with F.cross_entropy's label_smoothing=eps (fused, from sums of features)."""
+    scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smoothing)
     name = resolve(backend, image.device, dtype=image.dtype)
-    options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction)
+    options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction,
+                             label_smoothing=label_smoothing)
     loss = _info_nce(options, image, text, None, scale.reciprocal(), scale, None)
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         # Keep logit_bias in the graph (zero gradient) without promoting the loss's dtype.

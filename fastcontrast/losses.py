@@ -34,6 +34,9 @@ class _Loss(nn.Module):
         """fastcontrast.functional.<name>, or fastcontrast.distributed.<name> in its mode."""
         if self.distributed is None:
             return getattr(F, name)(*args, **kwargs)
+        if kwargs.pop("label_smoothing", 0.0):
+            raise NotImplementedError(f"label_smoothing is not supported with distributed="
+                                      f"{self.distributed!r} yet; use the single-process loss")
         from . import distributed as fcd  # imports torch.distributed only when asked for
         return getattr(fcd, name)(*args, mode=self.distributed, group=self.group, **kwargs)
 
@@ -52,7 +55,8 @@ class _ContrastiveLoss(_Loss):
     ``learn_temperature=True`` a parameter stored as log(1/tau) (so it stays positive)."""
 
     # Options shown in the repr only when they differ from these defaults (the objectives).
-    _OPTIONAL_DEFAULTS = dict(decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0)
+    _OPTIONAL_DEFAULTS = dict(decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0,
+                              label_smoothing=0.0)
 
     def __init__(self, temperature, learn_temperature, reduction, backend, distributed=None,
                  group=None):
@@ -86,12 +90,13 @@ class InfoNCELoss(_ContrastiveLoss):
 
     def __init__(self, temperature=0.07, *, normalize=True, in_batch_negatives=True,
                  exclude_self=False, symmetric=False, reduction="mean", decoupled=False,
-                 dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto",
-                 learn_temperature=False, distributed=None, group=None):
+                 dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0,
+                 backend="auto", learn_temperature=False, distributed=None, group=None):
         super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, in_batch_negatives=in_batch_negatives,
                             exclude_self=exclude_self, symmetric=symmetric, decoupled=decoupled,
-                            dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+                            dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                            label_smoothing=label_smoothing)
 
     def forward(self, query, key, negatives=None, targets=None):
         return self._loss("info_nce", query, key, negatives, temperature=self.temperature,
@@ -103,11 +108,12 @@ class NTXentLoss(_ContrastiveLoss):
     """Module form of :func:`fastcontrast.nt_xent` (SimCLR; DCL / DCLW / HCL options)."""
 
     def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", decoupled=False,
-                 dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto",
-                 learn_temperature=False, distributed=None, group=None):
+                 dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0,
+                 backend="auto", learn_temperature=False, distributed=None, group=None):
         super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                            hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+                            hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                            label_smoothing=label_smoothing)
 
     def forward(self, z1, z2):
         return self._loss("nt_xent", z1, z2, temperature=self.temperature, reduction=self.reduction,
@@ -136,11 +142,11 @@ class MoCoLoss(_ContrastiveLoss):
     NegativeQueue) is passed to forward, so the module holds only the options."""
 
     def __init__(self, temperature=0.07, *, normalize=True, reduction="mean", decoupled=False,
-                 hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto", learn_temperature=False,
-                 distributed=None, group=None):
+                 hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0, backend="auto",
+                 learn_temperature=False, distributed=None, group=None):
         super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, decoupled=decoupled, hcl_beta=hcl_beta,
-                            hcl_tau_plus=hcl_tau_plus)
+                            hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing)
 
     def forward(self, query, key, queue, query_index=None):
         return self._loss("moco_loss", query, key, queue, temperature=self.temperature,
@@ -154,8 +160,10 @@ class ClipLoss(_Loss):
     OpenCLIP). Pass ``logit_scale`` to forward to use a model-owned scale instead."""
 
     def __init__(self, init_logit_scale=1 / 0.07, *, learnable=True, max_logit_scale=100.0,
-                 reduction="mean", backend="auto", distributed=None, group=None):
+                 label_smoothing=0.0, reduction="mean", backend="auto", distributed=None,
+                 group=None):
         super().__init__(reduction, backend, distributed, group)
+        self.label_smoothing = label_smoothing
         if not (init_logit_scale > 0 and max_logit_scale > 0):
             raise ValueError(f"init_logit_scale and max_logit_scale must be positive, got "
                              f"{init_logit_scale!r}, {max_logit_scale!r}")
@@ -171,14 +179,18 @@ class ClipLoss(_Loss):
         return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
 
     def _repr_fields(self):
-        return {"logit_scale": self.logit_scale,
-                "learnable": isinstance(self.log_logit_scale, nn.Parameter),
-                "max_logit_scale": self.max_logit_scale}
+        fields = {"logit_scale": self.logit_scale,
+                  "learnable": isinstance(self.log_logit_scale, nn.Parameter),
+                  "max_logit_scale": self.max_logit_scale}
+        if self.label_smoothing:
+            fields["label_smoothing"] = self.label_smoothing
+        return fields
 
     def forward(self, image, text, logit_scale=None, logit_bias=None):
         scale = self.logit_scale if logit_scale is None else logit_scale
         return self._loss("clip_loss", image, text, scale, logit_bias=logit_bias,
-                          reduction=self.reduction, backend=self.backend)
+                          reduction=self.reduction, label_smoothing=self.label_smoothing,
+                          backend=self.backend)
 
 
 class SigLIPLoss(_Loss):

@@ -20,13 +20,15 @@ from ._host import reduce_loss
 def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normalize=True,
                        targets=None, in_batch_negatives=True, exclude_self=False, symmetric=False,
                        reduction="mean", decoupled=False, query_ids=None, negative_ids=None,
-                       dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0):
+                       dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0):
     """InfoNCE on the full (N, M [+ K]) logits matrix; see the module docstring for the formula.
 
     ``symmetric``: loss_i = (row_i + col_i) / 2 with col_i = logsumexp_j s_ji - s_ii (CLIP).
     ``decoupled`` (DCL): the positive is not a candidate. ``query_ids`` / ``negative_ids``: a
     shared negative with the query's id (>= 0) is not a candidate. ``dclw_sigma`` (DCLW) and
-    ``hcl_beta`` / ``hcl_tau_plus`` (HCL): see ``contrastive_objective_reference``."""
+    ``hcl_beta`` / ``hcl_tau_plus`` (HCL): see ``contrastive_objective_reference``.
+    ``label_smoothing`` eps: loss_i = lse_i - (1 - eps) s_{i,t_i} - eps mean_{j in C(i)} s_ij
+    (F.cross_entropy's label smoothing with the candidates as the classes)."""
     if normalize:
         query = F.normalize(query, dim=-1)
         key = F.normalize(key, dim=-1)
@@ -74,10 +76,22 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
             hcl_tau_plus=hcl_tau_plus)
     else:
         loss = torch.logsumexp(logits, dim=1) - positive
+        if label_smoothing:
+            loss = loss + label_smoothing * (positive - _candidate_mean(logits, candidate, 1))
         if symmetric:
-            loss = 0.5 * (loss + torch.logsumexp(logits[:, :m], dim=0) - positive)
+            column = torch.logsumexp(logits[:, :m], dim=0) - positive
+            if label_smoothing:
+                column = column + label_smoothing * (
+                    positive - _candidate_mean(logits[:, :m], candidate[:, :m], 0))
+            loss = 0.5 * (loss + column)
     return reduce_loss(torch.where(has_candidate, loss, torch.zeros_like(loss)), reduction,
                        has_candidate)
+
+
+def _candidate_mean(logits, candidate, dim):
+    """The mean of the logits over the candidates along ``dim``."""
+    kept = torch.where(candidate, logits, torch.zeros_like(logits))
+    return kept.sum(dim=dim) / candidate.sum(dim=dim).clamp_min(1).to(logits.dtype)
 
 
 def contrastive_objective_reference(logits, is_negative, positive, *, temperature,
@@ -117,16 +131,24 @@ def contrastive_objective_reference(logits, is_negative, positive, *, temperatur
     return denominator - positive
 
 
-def nt_xent_reference(z1, z2, *, temperature=0.5, normalize=True, reduction="mean"):
+def nt_xent_reference(z1, z2, *, temperature=0.5, normalize=True, reduction="mean",
+                      label_smoothing=0.0):
     """SimCLR's NT-Xent (lightly's NTXentLoss): over the 2N views z = [z1; z2], cross-entropy of
-    row i of z z^T / tau (self excluded) with target i + N (mod 2N); "none" gives (2N,)."""
+    row i of z z^T / tau (self excluded) with target i + N (mod 2N); "none" gives (2N,).
+    ``label_smoothing`` eps over the 2N - 1 other views (self is no class):
+    loss_i = CE_i + eps (s_{i,t_i} - mean_{j != i} s_ij)."""
     z = torch.cat([z1, z2])
     if normalize:
         z = F.normalize(z, dim=-1)
     logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
     n = z1.shape[0]
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return reduce_loss(F.cross_entropy(logits, targets, reduction="none"), reduction)
+    loss = F.cross_entropy(logits, targets, reduction="none")
+    if label_smoothing:
+        others = ~torch.eye(2 * n, dtype=torch.bool, device=z.device)
+        positive = logits[torch.arange(2 * n, device=z.device), targets]
+        loss = loss + label_smoothing * (positive - _candidate_mean(logits, others, 1))
+    return reduce_loss(loss, reduction)
 
 
 def supcon_reference(features, labels=None, *, temperature=0.1, normalize=True, reduction="mean"):
@@ -157,15 +179,18 @@ def supcon_reference(features, labels=None, *, temperature=0.1, normalize=True, 
     return reduce_loss(loss, reduction).reshape(shape) if reduction == "none" else loss.sum()
 
 
-def clip_loss_reference(image, text, logit_scale, *, logit_bias=None, reduction="mean"):
+def clip_loss_reference(image, text, logit_scale, *, logit_bias=None, reduction="mean",
+                        label_smoothing=0.0):
     """OpenCLIP's ClipLoss: mean of cross-entropy image->text and text->image on
-    logit_scale * image @ text.T (+ logit_bias, which cancels inside each softmax)."""
+    logit_scale * image @ text.T (+ logit_bias, which cancels inside each softmax), each with
+    F.cross_entropy's ``label_smoothing``."""
     logits = logit_scale * image @ text.T
     if logit_bias is not None:
         logits = logits + logit_bias
     labels = torch.arange(image.shape[0], device=image.device)
-    per_image = F.cross_entropy(logits, labels, reduction="none")
-    per_text = F.cross_entropy(logits.T, labels, reduction="none")
+    per_image = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    per_text = F.cross_entropy(logits.T, labels, reduction="none",
+                               label_smoothing=label_smoothing)
     return reduce_loss(0.5 * (per_image + per_text), reduction)
 
 

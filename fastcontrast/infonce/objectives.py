@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .._host import accumulate_dtype, reduce_loss
 from .function import fused_loss
 from .fused_pass import FusedPass
+from .label_smoothing import smoothing_gap
 
 __all__ = ["InfoNCEOptions", "info_nce_loss", "upcast_inputs", "differentiable_positive_scores",
            "static_negative_count", "negative_counts", "hard_negative_loss"]
@@ -44,6 +45,7 @@ class InfoNCEOptions:
     hcl_tau_plus: float = 0.0
     eps: float = 1e-12  # as torch.nn.functional.normalize
     involutive_targets: bool = False  # t[t[i]] == i (NT-Xent): the positive mask is symmetric
+    label_smoothing: float = 0.0  # (label_smoothing.py; not with DCL / DCLW / HCL)
 
     @property
     def hard_negatives(self):
@@ -122,7 +124,7 @@ def negative_counts(options, n, m, bank, per_query, query_ids, bank_ids, device)
 
 def info_nce_loss(options, query, key, *, scale, bank=None, per_query=None, targets=None,
                   query_ids=None, bank_ids=None):
-    """InfoNCE with the objective of ``options`` (plain, DCL, DCLW, HCL), reduced as
+    """InfoNCE with the objective of ``options`` (plain, label-smoothed, DCL, DCLW, HCL), reduced as
     options.reduction, in the accumulation dtype (float32 for half inputs: the public function
     casts it). bank (K, D) / per_query (N, K, D) negatives; scale = 1/temperature."""
     valid = None  # rows that keep a negative (None: every row does)
@@ -132,6 +134,9 @@ def info_nce_loss(options, query, key, *, scale, bank=None, per_query=None, targ
     if over_negatives and query_ids is not None:
         valid = negative_counts(options, query.shape[0], key.shape[0], bank, per_query,
                                 query_ids, bank_ids, query.device) > 0
+    if options.label_smoothing:
+        return _smoothed_loss(options, query, key, scale=scale, bank=bank, per_query=per_query,
+                              targets=targets, query_ids=query_ids, bank_ids=bank_ids)
     if not options.needs_host_terms:
         fused_pass, weights = _over_rows(_loss_pass(options), valid,
                                          accumulate_dtype(query.dtype))
@@ -159,6 +164,18 @@ def info_nce_loss(options, query, key, *, scale, bank=None, per_query=None, targ
         loss = hard_negative_loss(options, negatives_lse, scale, positive,
                                   _zero_outside(log_n, valid))
     return reduce_loss(_zero_outside(loss, valid), options.reduction, valid)
+
+
+def _smoothed_loss(options, query, key, **operands):
+    """The label-smoothed loss: the plain fused loss + label_smoothing * gap (label_smoothing.py),
+    both over one float32 copy of low-precision inputs (upcast_inputs)."""
+    names = ("bank", "per_query")
+    fused_pass, (query, key, *negatives) = upcast_inputs(
+        _loss_pass(options), query, key, *(operands[name] for name in names))
+    operands.update(zip(names, negatives))
+    plain = fused_loss(fused_pass, query, key, **operands)
+    gap = smoothing_gap(options, query, key, **operands)
+    return plain + options.label_smoothing * reduce_loss(gap, options.reduction).to(plain.dtype)
 
 
 def _negatives_lse(fused_pass, query, key, *, scale, bank, per_query, targets, query_ids,

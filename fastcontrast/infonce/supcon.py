@@ -8,22 +8,13 @@ the tiles for the positives. The denominator is one fused pass of the features a
 themselves (the symmetric-Gram ops where they apply)."""
 import torch
 
+from .._host import class_index
 from .._supcon_positives import normalized_rows, supcon_positive_means
 from .function import fused_loss, non_negative
 from .fused_pass import FusedPass
 from .objectives import upcast_inputs
 
-__all__ = ["class_index", "supcon_loss"]
-
-
-def class_index(labels):
-    """Dense class ids in [0, N) for int64 labels (N,), with static shapes (traceable): sort,
-    then count the label changes. The same labels get the same id."""
-    sorted_labels, order = labels.sort()
-    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
-    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
-    dense = torch.cumsum(starts.to(torch.int64), 0) - 1
-    return torch.empty_like(dense).scatter_(0, order, dense)
+__all__ = ["supcon_loss"]
 
 
 def supcon_loss(features, labels, scale, *, normalize, reduction, backend, eps=1e-12):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastcontrast._supcon_positives import normalized_rows, supcon_positive_means
-from fastcontrast.infonce.supcon import class_index as _class_index
+from fastcontrast._host import class_index as _class_index
 
 
 def _dense_positive_means(x, scale, labels, normalize, eps):
