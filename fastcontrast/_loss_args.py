@@ -16,8 +16,9 @@ import torch
 from . import _validation as check
 from ._host import REDUCTIONS
 
-__all__ = ["output_dtype_policy", "label_smoothing_arg", "info_nce_args", "clip_loss_args",
-           "nt_xent_args", "supcon_args", "moco_loss_args", "siglip_loss_args", "unwrap_queue"]
+__all__ = ["output_dtype_policy", "label_smoothing_arg", "labels_args", "info_nce_args",
+           "clip_loss_args", "nt_xent_args", "supcon_args", "moco_loss_args", "siglip_loss_args",
+           "unwrap_queue"]
 
 _FLAGS = ("in_batch_negatives", "exclude_self", "symmetric", "normalize")
 
@@ -83,14 +84,40 @@ def label_smoothing_arg(label_smoothing, *, decoupled=False, dclw_sigma=None, hc
                          "combined with decoupled, dclw_sigma or hcl_beta / hcl_tau_plus")
 
 
+def _both_or_neither(name_a, a, name_b, b):
+    """True when both are given, False when neither; ValueError naming them otherwise."""
+    if a is None and b is None:
+        return False
+    if a is None or b is None:
+        raise ValueError(f"{name_a} and {name_b} must be given together, got "
+                         f"{name_a}={'None' if a is None else 'tensor'}, "
+                         f"{name_b}={'None' if b is None else 'tensor'}")
+    return True
+
+
+def labels_args(query_labels, key_labels, n, m, device, *, targets, in_batch_negatives,
+                objective, label_smoothing):
+    """query_labels (N,) and key_labels (M,) int64, both or neither: the positives of query i
+    are the keys with its label, so not with targets, without in-batch keys, with DCL / DCLW /
+    HCL (``objective``) or label smoothing."""
+    if not _both_or_neither("query_labels", query_labels, "key_labels", key_labels):
+        return
+    check.check_ids("query_labels", query_labels, n, device)
+    check.check_ids("key_labels", key_labels, m, device)
+    if targets is not None:
+        raise ValueError("query_labels / key_labels choose the positives: targets must be None")
+    if not in_batch_negatives:
+        raise ValueError("query_labels / key_labels need in_batch_negatives=True (the positives "
+                         "are keys)")
+    if objective or label_smoothing:
+        raise ValueError("query_labels / key_labels cannot be combined with decoupled, "
+                         "dclw_sigma, hcl_beta / hcl_tau_plus or label_smoothing")
+
+
 def _ids_args(query_ids, negative_ids, n, negatives, device):
     """query_ids (N,) and negative_ids (K,) int64, both or neither, with a shared bank (K, D)."""
-    if query_ids is None and negative_ids is None:
+    if not _both_or_neither("query_ids", query_ids, "negative_ids", negative_ids):
         return
-    if query_ids is None or negative_ids is None:
-        raise ValueError("query_ids and negative_ids must be given together, got "
-                         f"query_ids={'None' if query_ids is None else 'tensor'}, "
-                         f"negative_ids={'None' if negative_ids is None else 'tensor'}")
     if negatives is None or negatives.dim() != 2:
         raise ValueError("query_ids / negative_ids need shared negatives (K, D), got negatives "
                          f"{'None' if negatives is None else tuple(negatives.shape)}")
@@ -101,7 +128,7 @@ def _ids_args(query_ids, negative_ids, n, negatives, device):
 def info_nce_args(query, key, negatives, *, temperature, normalize, targets, in_batch_negatives,
                   exclude_self, symmetric, reduction, decoupled, dclw_sigma, hcl_beta,
                   hcl_tau_plus, query_ids, negative_ids, label_smoothing=0.0,
-                  global_targets=False):
+                  query_labels=None, key_labels=None, global_targets=False):
     """info_nce's arguments; returns the temperature (positive_scalar, accumulation dtype).
 
     query (N, D), key (M, D) and negatives (K, D) or (N, K, D): floating, one dtype and device,
@@ -127,17 +154,18 @@ def info_nce_args(query, key, negatives, *, temperature, normalize, targets, in_
         check.check_flag(name, value)
     check.check_choice("reduction", reduction, REDUCTIONS)
     check.check_targets(targets, n, None if global_targets else m, query.device)
-    if targets is None and m != n:
+    has_labels = query_labels is not None or key_labels is not None
+    if targets is None and m != n and not has_labels:
         raise ValueError(f"key must have N = {n} rows (key i is the positive of query i) when "
                          f"targets is None, got M = {m}; pass targets for M != N")
     if exclude_self:
         if m != n:
             raise ValueError(f"exclude_self=True needs query and key to be the same set (M == N), "
                              f"got N = {n}, M = {m}")
-        if targets is None:
+        if targets is None and not has_labels:
             raise ValueError("exclude_self=True needs targets: without them the positive of "
                              "query i is key i, which exclude_self removes")
-        if not global_targets:
+        if targets is not None and not global_targets:
             check.check_targets_not_self(targets)
     if symmetric:
         if targets is not None or m != n:
@@ -153,10 +181,15 @@ def info_nce_args(query, key, negatives, *, temperature, normalize, targets, in_
                     in_batch_negatives=in_batch_negatives, has_ids=query_ids is not None)
     label_smoothing_arg(label_smoothing, decoupled=decoupled, dclw_sigma=dclw_sigma,
                         hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+    labels_args(query_labels, key_labels, n, m, query.device, targets=targets,
+                in_batch_negatives=in_batch_negatives,
+                objective=decoupled or dclw_sigma is not None or hcl_beta != 0
+                or hcl_tau_plus != 0, label_smoothing=label_smoothing)
     return tau
 
 
-def clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smoothing=0.0):
+def clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smoothing=0.0,
+                   labels=None):
     """clip_loss's arguments: image and text (N, D) of one shape, dtype and device, logit_scale
     positive and finite, logit_bias None, a number or a tensor (it cancels). Returns
     logit_scale (positive_scalar, accumulation dtype)."""
@@ -166,6 +199,9 @@ def clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smooth
     if logit_bias is not None and not isinstance(logit_bias, (torch.Tensor, float, int)):
         raise TypeError(f"logit_bias must be a float or a tensor, got {type(logit_bias).__name__}")
     label_smoothing_arg(label_smoothing)
+    n = image.shape[0]
+    labels_args(labels, None if labels is None else labels, n, n, image.device, targets=None,
+                in_batch_negatives=True, objective=False, label_smoothing=label_smoothing)
     return scale
 
 

@@ -36,7 +36,8 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_lo
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
-             negative_ids=None, label_smoothing=0.0, backend="auto"):
+             negative_ids=None, label_smoothing=0.0, query_labels=None, key_labels=None,
+             backend="auto"):
     """InfoNCE / NT-Xent style contrastive loss, fused (never materialises the N x M logits).
 
     loss_i = logsumexp_{j in C(i)} s_ij - s_{i, t_i},  s_ij = <q_i, k_j> / temperature
@@ -54,25 +55,28 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     the query's (>= 0) is not a candidate (e.g. the same instance still in a MoCo queue).
     ``label_smoothing`` eps in [0, 1]: loss_i = (1 - eps)(lse_i - s_{i,t_i})
     + eps (lse_i - mean_{j in C(i)} s_ij), F.cross_entropy's label smoothing with the candidates
-    as the classes (from sums of keys; not with DCL / DCLW / HCL).
+    as the classes (from sums of keys; not with DCL / DCLW / HCL). ``query_labels`` (N,) /
+    ``key_labels`` (M,) int64: multiple positives, every key with the query's label:
+    loss_i = lse_i - mean_{p in P(i)} s_ip (targets None; rows without a positive give 0 and
+    are left out of the mean; symmetric: both directions, e.g. CLIP with repeated captions).
     """
     tau = args.info_nce_args(
         query, key, negatives, temperature=temperature, normalize=normalize, targets=targets,
         in_batch_negatives=in_batch_negatives, exclude_self=exclude_self, symmetric=symmetric,
         reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
         hcl_tau_plus=hcl_tau_plus, query_ids=query_ids, negative_ids=negative_ids,
-        label_smoothing=label_smoothing)
+        label_smoothing=label_smoothing, query_labels=query_labels, key_labels=key_labels)
     options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
                              in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
                              symmetric=symmetric, normalize=normalize, reduction=reduction,
                              decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
                              hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing)
     return _info_nce(options, query, key, negatives, tau, tau.reciprocal(), targets, query_ids,
-                     negative_ids)
+                     negative_ids, labels=(query_labels, key_labels))
 
 
 def _info_nce(options, query, key, negatives, temperature, scale, targets, query_ids=None,
-              negative_ids=None):
+              negative_ids=None, labels=(None, None)):
     """The validated call: the oracle (at ``temperature``), or the fused op module (at
     ``scale`` = 1 / temperature)."""
     if options.backend == "reference":
@@ -82,11 +86,13 @@ def _info_nce(options, query, key, negatives, temperature, scale, targets, query
             exclude_self=options.exclude_self, symmetric=options.symmetric,
             reduction=options.reduction, decoupled=options.decoupled, query_ids=query_ids,
             negative_ids=negative_ids, dclw_sigma=options.dclw_sigma, hcl_beta=options.hcl_beta,
-            hcl_tau_plus=options.hcl_tau_plus, label_smoothing=options.label_smoothing)
+            hcl_tau_plus=options.hcl_tau_plus, label_smoothing=options.label_smoothing,
+            query_labels=labels[0], key_labels=labels[1])
     bank = negatives if negatives is not None and negatives.dim() == 2 else None
     per_query = negatives if negatives is not None and negatives.dim() == 3 else None
     return info_nce_loss(options, query, key, scale=scale, bank=bank, per_query=per_query,
-                         targets=targets, query_ids=query_ids, bank_ids=negative_ids)
+                         targets=targets, query_ids=query_ids, bank_ids=negative_ids,
+                         query_labels=labels[0], key_labels=labels[1])
 
 
 @output_dtype_policy
@@ -164,17 +170,22 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
 
 @output_dtype_policy
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", label_smoothing=0.0,
-              backend="auto"):
+              labels=None, backend="auto"):
     """OpenCLIP's ClipLoss: (CE(image -> text) + CE(text -> image)) / 2 on
     logit_scale * image @ text.T, pair i the positive. Features are used as given (CLIP models
     normalise them). ``logit_bias`` shifts every logit of a softmax equally, so it cancels: it is
     accepted for API compatibility and receives a zero gradient. ``label_smoothing`` eps: each
-    cross-entropy with F.cross_entropy's label_smoothing=eps (fused, from sums of features)."""
-    scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smoothing)
+    cross-entropy with F.cross_entropy's label_smoothing=eps (fused, from sums of features).
+    ``labels`` (N,) int64: multiple positives (repeated captions): image i and text j are a
+    positive pair iff labels match; each direction is lse - the mean over its positives
+    (info_nce's query_labels = key_labels = labels)."""
+    scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smoothing,
+                                labels)
     name = resolve(backend, image.device, dtype=image.dtype)
     options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction,
                              label_smoothing=label_smoothing)
-    loss = _info_nce(options, image, text, None, scale.reciprocal(), scale, None)
+    loss = _info_nce(options, image, text, None, scale.reciprocal(), scale, None,
+                     labels=(labels, labels))
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         # Keep logit_bias in the graph (zero gradient) without promoting the loss's dtype.
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)

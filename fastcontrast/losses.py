@@ -34,9 +34,12 @@ class _Loss(nn.Module):
         """fastcontrast.functional.<name>, or fastcontrast.distributed.<name> in its mode."""
         if self.distributed is None:
             return getattr(F, name)(*args, **kwargs)
-        if kwargs.pop("label_smoothing", 0.0):
-            raise NotImplementedError(f"label_smoothing is not supported with distributed="
-                                      f"{self.distributed!r} yet; use the single-process loss")
+        for option in ("label_smoothing", "query_labels", "key_labels", "labels"):
+            value = kwargs.pop(option, None)
+            if isinstance(value, torch.Tensor) or value:
+                raise NotImplementedError(f"{option} is not supported with distributed="
+                                          f"{self.distributed!r} yet; use the single-process "
+                                          f"loss")
         from . import distributed as fcd  # imports torch.distributed only when asked for
         return getattr(fcd, name)(*args, mode=self.distributed, group=self.group, **kwargs)
 
@@ -98,10 +101,13 @@ class InfoNCELoss(_ContrastiveLoss):
                             dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
                             label_smoothing=label_smoothing)
 
-    def forward(self, query, key, negatives=None, targets=None):
+    def forward(self, query, key, negatives=None, targets=None, query_labels=None,
+                key_labels=None):
+        labels = {} if query_labels is None and key_labels is None else dict(
+            query_labels=query_labels, key_labels=key_labels)
         return self._loss("info_nce", query, key, negatives, temperature=self.temperature,
                           targets=targets, reduction=self.reduction, backend=self.backend,
-                          **self.options)
+                          **self.options, **labels)
 
 
 class NTXentLoss(_ContrastiveLoss):
@@ -186,11 +192,12 @@ class ClipLoss(_Loss):
             fields["label_smoothing"] = self.label_smoothing
         return fields
 
-    def forward(self, image, text, logit_scale=None, logit_bias=None):
+    def forward(self, image, text, logit_scale=None, logit_bias=None, labels=None):
         scale = self.logit_scale if logit_scale is None else logit_scale
+        extra = {} if labels is None else {"labels": labels}
         return self._loss("clip_loss", image, text, scale, logit_bias=logit_bias,
                           reduction=self.reduction, label_smoothing=self.label_smoothing,
-                          backend=self.backend)
+                          backend=self.backend, **extra)
 
 
 class SigLIPLoss(_Loss):

@@ -20,7 +20,8 @@ from ._host import reduce_loss
 def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normalize=True,
                        targets=None, in_batch_negatives=True, exclude_self=False, symmetric=False,
                        reduction="mean", decoupled=False, query_ids=None, negative_ids=None,
-                       dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0):
+                       dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0,
+                       query_labels=None, key_labels=None):
     """InfoNCE on the full (N, M [+ K]) logits matrix; see the module docstring for the formula.
 
     ``symmetric``: loss_i = (row_i + col_i) / 2 with col_i = logsumexp_j s_ji - s_ii (CLIP).
@@ -28,7 +29,10 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
     shared negative with the query's id (>= 0) is not a candidate. ``dclw_sigma`` (DCLW) and
     ``hcl_beta`` / ``hcl_tau_plus`` (HCL): see ``contrastive_objective_reference``.
     ``label_smoothing`` eps: loss_i = lse_i - (1 - eps) s_{i,t_i} - eps mean_{j in C(i)} s_ij
-    (F.cross_entropy's label smoothing with the candidates as the classes)."""
+    (F.cross_entropy's label smoothing with the candidates as the classes). ``query_labels`` /
+    ``key_labels``: the positives of query i are the candidate keys with its label,
+    loss_i = lse_i - mean_{p in P(i)} s_ip (rows without one: 0, left out of the mean;
+    symmetric: (row_i + col_i) / 2, each direction's mean over its own rows)."""
     if normalize:
         query = F.normalize(query, dim=-1)
         key = F.normalize(key, dim=-1)
@@ -36,8 +40,8 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
             negatives = F.normalize(negatives, dim=-1)
     n, m = query.shape[0], key.shape[0]
     rows = torch.arange(n, device=query.device)
-    if targets is None:
-        targets = rows
+    if targets is None:  # with labels the positives are chosen by them (targets unused)
+        targets = rows if query_labels is None else torch.zeros_like(rows)
     if in_batch_negatives:
         logits = query @ key.T / temperature
         positive = logits[rows, targets]
@@ -63,6 +67,9 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
         logits = torch.cat([logits, extra], dim=1)
         candidate = torch.cat([candidate, extra_candidate], dim=1)
         is_positive = torch.cat([is_positive, torch.zeros_like(extra_candidate)], dim=1)
+    if query_labels is not None:
+        return _multi_positive_reference(logits, candidate, query_labels, key_labels, m,
+                                         symmetric, reduction)
     if decoupled or dclw_sigma is not None or hcl_beta != 0 or hcl_tau_plus != 0:
         candidate &= ~is_positive  # the objectives below are over the negatives alone
     # A row without any candidate (every negative masked by ids) has loss 0 and is left out of
@@ -86,6 +93,31 @@ def info_nce_reference(query, key, negatives=None, *, temperature=0.07, normaliz
             loss = 0.5 * (loss + column)
     return reduce_loss(torch.where(has_candidate, loss, torch.zeros_like(loss)), reduction,
                        has_candidate)
+
+
+def _multi_positive_reference(logits, candidate, query_labels, key_labels, m, symmetric,
+                              reduction):
+    """info_nce_reference's loss with positives by label, from the full logits."""
+    positive = candidate.clone()
+    positive[:, :m] &= query_labels[:, None] == key_labels[None, :]
+    positive[:, m:] = False
+    masked = logits.masked_fill(~candidate, float("-inf"))
+
+    def direction(scores, allowed, positives):
+        # A row without any candidate has no positive either: zeros keep -inf off its gradient.
+        scores = scores.masked_fill(~allowed.any(dim=1, keepdim=True), 0)
+        has_positive = positives.any(dim=1)
+        loss = torch.logsumexp(scores, dim=1) - _candidate_mean(scores, positives, 1)
+        return torch.where(has_positive, loss, torch.zeros_like(loss)), has_positive
+
+    rows, row_has = direction(masked, candidate, positive)
+    if not symmetric:
+        return reduce_loss(rows, reduction, row_has)
+    columns, column_has = direction(masked[:, :m].T, candidate[:, :m].T, positive[:, :m].T)
+    if reduction == "none":
+        return 0.5 * (rows + columns)
+    return 0.5 * (reduce_loss(rows, reduction, row_has)
+                  + reduce_loss(columns, reduction, column_has))
 
 
 def _candidate_mean(logits, candidate, dim):

@@ -10,6 +10,7 @@ merging their log-sum-exp with the kernel's, the loss and all gradients (gradien
 
 A backend that fuses the gradient (masked_lse_forward_with_grad) returns it for grad_output = 1
 with the loss, and the backward scales it; otherwise the backward recomputes the tiles."""
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -21,7 +22,7 @@ from .gradients import InputGradients, Needs, gram_input_gradients, input_gradie
 from .operands import candidate_count, extra_scores, positive_scores, prepare, product_of
 from .ops import gram_lse_forward, masked_lse_forward, masked_lse_forward_with_grad
 
-__all__ = ["FusedInfoNCE", "FusedInputs", "fused_loss", "non_negative"]
+__all__ = ["FusedInfoNCE", "FusedInputs", "fused_loss", "non_negative", "upcast_inputs"]
 
 
 class FusedInputs(NamedTuple):
@@ -208,3 +209,24 @@ def fused_loss(fused_pass, query, key, *, scale, bank=None, per_query=None, targ
                          targets=targets, query_ids=query_ids, bank_ids=bank_ids,
                          row_weights=row_weights)
     return FusedInfoNCE.apply(*inputs, fused_pass, needs)[0]
+
+
+def upcast_inputs(fused_pass, *tensors):
+    """(fused_pass, tensors) for an objective whose inputs also feed host terms with autograd
+    (DCLW, HCL, SupCon): low-precision inputs go in as ONE float32 copy each (the same object where
+    one tensor plays two roles), so that the gradients of the fused pass and of the host terms
+    are summed in float32 and cast once; a float16 sum of two large, cancelling parts would
+    overflow. The kernels still read the original dtype (fused_pass.kernel_dtype)."""
+    first = tensors[0]
+    if first.dtype not in (torch.float16, torch.bfloat16):
+        return fused_pass, tensors
+    upcast = {}
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        if id(t) not in upcast:
+            upcast[id(t)] = t.float()
+        out.append(upcast[id(t)])
+    return replace(fused_pass, kernel_dtype=first.dtype), tuple(out)

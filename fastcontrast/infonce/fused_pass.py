@@ -24,7 +24,7 @@ class FusedPass:
     the positive is not a candidate (DCL; masked by ids row_ids = t, col_ids = key index);
     ``subtract_positive=False``: loss_i is lse_i alone (the negatives' log-sum-exp of DCLW / HCL,
     SupCon's denominator). ``kernel_dtype``: the dtype the kernels read when an objective passes
-    its low-precision inputs upcast to float32 (objectives.upcast_inputs); None: the inputs'
+    its low-precision inputs upcast to float32 (function.upcast_inputs); None: the inputs'
     own dtype. ``involutive_targets``: t[t[i]] == i (NT-Xent), so the positive mask is
     symmetric."""
 

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .._host import accumulate_dtype, reduce_loss
-from .function import fused_loss
+from .function import fused_loss, upcast_inputs
 from .fused_pass import FusedPass
 from .label_smoothing import smoothing_gap
+from .multi_positive import multi_positive_loss
 
-__all__ = ["InfoNCEOptions", "info_nce_loss", "upcast_inputs", "differentiable_positive_scores",
+__all__ = ["InfoNCEOptions", "info_nce_loss", "differentiable_positive_scores",
            "static_negative_count", "negative_counts", "hard_negative_loss"]
 
 
@@ -72,27 +73,6 @@ def _negatives_pass(options):
                    subtract_positive=False)
 
 
-def upcast_inputs(fused_pass, *tensors):
-    """(fused_pass, tensors) for an objective whose inputs also feed host terms with autograd
-    (DCLW, HCL, SupCon): low-precision inputs go in as ONE float32 copy each (the same object where
-    one tensor plays two roles), so that the gradients of the fused pass and of the host terms
-    are summed in float32 and cast once; a float16 sum of two large, cancelling parts would
-    overflow. The kernels still read the original dtype (fused_pass.kernel_dtype)."""
-    first = tensors[0]
-    if first.dtype not in (torch.float16, torch.bfloat16):
-        return fused_pass, tensors
-    upcast = {}
-    out = []
-    for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        if id(t) not in upcast:
-            upcast[id(t)] = t.float()
-        out.append(upcast[id(t)])
-    return replace(fused_pass, kernel_dtype=first.dtype), tuple(out)
-
-
 def differentiable_positive_scores(query, key, targets, scale, normalize, eps):
     """s_p(i) = <q_i, k_t(i)> * scale (normalised first when ``normalize``), with autograd."""
     k = key if targets is None else key.index_select(0, targets)
@@ -123,10 +103,16 @@ def negative_counts(options, n, m, bank, per_query, query_ids, bank_ids, device)
 
 
 def info_nce_loss(options, query, key, *, scale, bank=None, per_query=None, targets=None,
-                  query_ids=None, bank_ids=None):
-    """InfoNCE with the objective of ``options`` (plain, label-smoothed, DCL, DCLW, HCL), reduced as
-    options.reduction, in the accumulation dtype (float32 for half inputs: the public function
-    casts it). bank (K, D) / per_query (N, K, D) negatives; scale = 1/temperature."""
+                  query_ids=None, bank_ids=None, query_labels=None, key_labels=None):
+    """InfoNCE with the objective of ``options`` (plain, label-smoothed, multi-positive, DCL,
+    DCLW, HCL), reduced as options.reduction, in the accumulation dtype (float32 for half
+    inputs: the public function casts it). bank (K, D) / per_query (N, K, D) negatives;
+    scale = 1/temperature. query_labels (N,) / key_labels (M,): multiple positives
+    (multi_positive.py)."""
+    if query_labels is not None:
+        return multi_positive_loss(options, query, key, scale=scale, query_labels=query_labels,
+                                   key_labels=key_labels, bank=bank, per_query=per_query,
+                                   query_ids=query_ids, bank_ids=bank_ids)
     valid = None  # rows that keep a negative (None: every row does)
     over_negatives = options.decoupled or options.needs_host_terms
     if over_negatives and static_negative_count(options, key.shape[0], bank, per_query) == 0:

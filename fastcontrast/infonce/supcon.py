@@ -10,9 +10,8 @@ import torch
 
 from .._host import class_index
 from .._supcon_positives import normalized_rows, supcon_positive_means
-from .function import fused_loss, non_negative
+from .function import fused_loss, non_negative, upcast_inputs
 from .fused_pass import FusedPass
-from .objectives import upcast_inputs
 
 __all__ = ["supcon_loss"]
 

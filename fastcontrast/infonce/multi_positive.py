@@ -1,0 +1,90 @@
+"""InfoNCE with multiple positives across two sets (UniCL; CLIP with repeated captions): the
+positives of query i are every key with its label,
+
+    loss_i = lse_{j in C(i)} s_ij - mean_{p in P(i)} s_ip,
+    P(i) = {p in C(i): key_label_p = query_label_i}
+
+SupCon's L_out between two sets. Rows without a positive give 0 and are left out of the mean.
+The log-sum-exp is one fused pass over the candidates (positive-free: subtract_positive=False);
+the positive means come from class sums,
+
+    sum_{p in P(i)} s_ip = scale <q^_i, S_{c(i)}> (minus key i itself under exclude_self),
+    S_c = sum of the normalised keys of class c,
+
+so no N x M mask is formed (O((N + M) D) beyond the fused pass, plain autograd). Symmetric:
+loss_i = (row_i + col_i) / 2, col_i the same loss of key i over the queries, each direction
+one fused pass, each mean over its own rows that have a positive."""
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from .._host import class_index
+from .function import fused_loss, upcast_inputs
+from .fused_pass import FusedPass
+
+__all__ = ["multi_positive_loss"]
+
+
+def _positive_means(options, query, key, query_labels, key_labels, scale):
+    """(mean_{p in P(i)} s_ip (N,), |P(i)| (N,)) from class sums of the keys, with autograd."""
+    n = query.shape[0]
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, k = query.to(acc), key.to(acc)
+    if options.normalize:
+        q = F.normalize(q, dim=-1, eps=options.eps)
+        k = q if key is query else F.normalize(k, dim=-1, eps=options.eps)
+    cls = class_index(torch.cat([query_labels, key_labels]))
+    query_cls, key_cls = cls[:n], cls[n:]
+    sums = k.new_zeros(cls.shape[0], k.shape[1]).index_add(0, key_cls, k)
+    counts = k.new_zeros(cls.shape[0]).index_add(0, key_cls, k.new_ones(k.shape[0]))
+    positive_sum, count = sums[query_cls], counts[query_cls]
+    if options.exclude_self:  # key i (M == N) is no candidate of row i, so no positive either
+        own = (query_labels == key_labels).to(acc)
+        positive_sum = positive_sum - own.unsqueeze(1) * k
+        count = count - own
+    dots = (q * positive_sum).sum(dim=-1) * scale.to(acc)
+    return dots / count.clamp_min(1), count
+
+
+def _one_direction(options, fused_pass, query, key, query_labels, key_labels, operands):
+    """Per-row losses (reduction "none") or their reduction, rows without a positive left out."""
+    pos_mean, count = _positive_means(options, query, key, query_labels, key_labels,
+                                      operands["scale"])
+    has_positive = count > 0
+    if options.reduction == "none":
+        lse = fused_loss(replace(fused_pass, reduction="none"), query, key, **operands)
+        loss = torch.where(has_positive, lse.to(pos_mean.dtype) - pos_mean,
+                           torch.zeros_like(pos_mean))
+        return loss + (loss.detach().clamp_min(0) - loss.detach())  # >= 0, as its value is
+    # A weighted sum keeps the fused kernels on their no-recompute path (as SupCon does).
+    weights = has_positive.to(pos_mean.dtype)
+    if options.reduction == "mean":
+        weights = weights / has_positive.sum().clamp_min(1)
+    lse_sum = fused_loss(replace(fused_pass, reduction="sum"), query, key, row_weights=weights,
+                         **operands)
+    return lse_sum.to(pos_mean.dtype) - (weights * pos_mean).sum()
+
+
+def multi_positive_loss(options, query, key, *, scale, query_labels, key_labels, bank=None,
+                        per_query=None, query_ids=None, bank_ids=None):
+    """The loss of the module docstring, reduced as options.reduction, in the accumulation
+    dtype; bank / per_query negatives and ids are extra candidates (never positives)."""
+    fused_pass = FusedPass(
+        backend=options.backend, in_batch_negatives=True, exclude_self=options.exclude_self,
+        symmetric=False, normalize=options.normalize, reduction=options.reduction,
+        exclude_positive=False, subtract_positive=False, eps=options.eps)
+    # One float32 copy of low-precision inputs feeds the fused pass and the class sums.
+    fused_pass, (query, key, bank, per_query) = upcast_inputs(fused_pass, query, key, bank,
+                                                              per_query)
+    operands = dict(scale=scale, bank=bank, per_query=per_query, query_ids=query_ids,
+                    bank_ids=bank_ids)
+    if not options.symmetric:
+        return _one_direction(options, fused_pass, query, key, query_labels, key_labels,
+                              operands)
+    one_way = replace(options, symmetric=False)
+    rows = _one_direction(one_way, fused_pass, query, key, query_labels, key_labels, operands)
+    columns = _one_direction(one_way, fused_pass, key, query, key_labels, query_labels,
+                             operands)
+    return 0.5 * (rows + columns)
+
