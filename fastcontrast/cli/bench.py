@@ -7,7 +7,7 @@ import argparse
 # the case grids of benchmarks/suites.py SUITES, then its SCRIPT_SUITES (kept in step by a test)
 SUITES = ("default", "full", "large-batch", "gpu", "smoke", "compat", "distributed")
 SCRIPT_SUITES = ("core", "gram", "clip-breakdown", "siglip", "momentum", "memory", "contended",
-                 "methods-cpc", "methods-dim-amdim-cmc")
+                 "objectives", "methods-cpc", "methods-dim-amdim-cmc")
 
 
 def add_bench_parser(subparsers):

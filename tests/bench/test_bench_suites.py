@@ -44,3 +44,16 @@ def test_only_the_compat_suite_runs_the_twins():
     for name, suite in suites.SUITES.items():
         if name != "compat":
             assert not any(case.impl.startswith("compat ") for case, _ in suites.cases(suite))
+
+
+def test_the_objectives_suite_checks_and_times_each_objective(tmp_path):
+    module = importlib.import_module("fastcontrast.benchmarks.objectives_targets")
+    result = module.main(["--n", "64", "--dim", "8", "--repeats", "1", "--no-memory",
+                          "--out", str(tmp_path)])
+    assert set(result["objectives"]) == set(module.OBJECTIVES)
+    for name, row in result["objectives"].items():
+        values = row["loss"]  # the three implementations compute the same objective
+        assert abs(values["objective"] - values["materialised"]) < 1e-4 * abs(
+            values["materialised"]), name
+        assert row["time_vs_plain"] > 0 and row["speedup_vs_materialised"] > 0
+    assert (tmp_path / "objectives_targets.json").exists()

@@ -1,0 +1,152 @@
+"""The fused objectives against the plain fused loss and the materialised formulation in plain
+PyTorch: forward+backward time (interleaved rounds, paired ratios) and peak extra memory (each in
+a fresh process), N = M = 16384, D = 256, fp32 by default.
+
+    python -m benchmarks.objectives_targets [--n 16384] [--dim 256] [--repeats 5] [--out DIR]
+
+Targets (per objective): time <= 1.15x the plain fused loss, >= 2x faster than the materialised
+formulation, extra memory < 3% of the materialised one's. Objectives measured: label smoothing
+(info_nce and clip_loss, eps = 0.1) and multiple positives (info_nce with query / key labels,
+clip_loss with labels; 4096 classes, so most rows have several positives). False-negative
+filtering, similarity distillation and Matryoshka are not implemented yet: the suite says so.
+"""
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: the checkout's fastcontrast.benchmarks
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks._bootstrap import ensure_package
+
+    ensure_package()
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+TEMPERATURE, LOGIT_SCALE, EPS, CLASSES = 0.07, 100.0, 0.1, 4096
+# objective -> (its plain fused loss, the base loss it extends)
+OBJECTIVES = {
+    "info_nce+label_smoothing": "info_nce",
+    "clip_loss+label_smoothing": "clip_loss",
+    "info_nce+labels": "info_nce",
+    "clip_loss+labels": "clip_loss",
+}
+NOT_IMPLEMENTED = ("false_negative_margin", "guide", "distill_info_nce", "matryoshka_dims")
+TIME_TARGET, SPEEDUP_TARGET, MEMORY_TARGET = 1.15, 2.0, 0.03
+
+
+def _materialised(name, a, b, labels):
+    """The objective on the full logits in plain PyTorch (what a user writes today)."""
+    import torch
+    import torch.nn.functional as F
+
+    if name.startswith("info_nce"):
+        logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / TEMPERATURE
+    else:
+        logits = LOGIT_SCALE * a @ b.T
+    targets = torch.arange(a.shape[0])
+    directions = [logits] if name.startswith("info_nce") else [logits, logits.T]
+    losses = []
+    for s in directions:
+        if name.endswith("label_smoothing"):
+            losses.append(F.cross_entropy(s, targets, label_smoothing=EPS))
+        else:
+            same = (labels[:, None] == labels[None, :]).to(s.dtype)
+            mean_positive = (s * same).sum(1) / same.sum(1)
+            losses.append((torch.logsumexp(s, 1) - mean_positive).mean())
+    return sum(losses) / len(losses)
+
+
+def make_step(name, impl, n, dim, seed=0):
+    """A zero-argument forward + backward (into .grad) of objective ``name`` as ``impl``:
+    "objective" (fused), "plain" (the fused base loss) or "materialised"; top-level so that the
+    memory probe pickles it by name."""
+    import torch
+    import torch.nn.functional as F
+
+    import fastcontrast as fc
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, dim, generator=gen)
+    b = a + 1.5 * torch.randn(n, dim, generator=gen)
+    if name.startswith("clip"):  # CLIP models hand over unit features
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    a, b = a.requires_grad_(True), b.requires_grad_(True)
+    labels = torch.randint(0, CLASSES, (n,), generator=gen)
+    base = OBJECTIVES[name]
+    extra = {}
+    if impl == "objective":
+        if name.endswith("label_smoothing"):
+            extra = dict(label_smoothing=EPS)
+        elif base == "info_nce":
+            extra = dict(query_labels=labels, key_labels=labels)
+        else:
+            extra = dict(labels=labels)
+
+    def call():
+        if impl == "materialised":
+            return _materialised(name, a, b, labels)
+        if base == "info_nce":
+            return fc.info_nce(a, b, temperature=TEMPERATURE, backend="cpu", **extra)
+        return fc.clip_loss(a, b, LOGIT_SCALE, backend="cpu", **extra)
+
+    def step():
+        value = call()
+        value.backward()
+        a.grad = b.grad = None
+        return float(value.detach())
+
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES))
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--out", default=None, help="folder for objectives_targets.json")
+    args = parser.parse_args(argv)
+    for key, value in MALLOC_ENV.items():
+        os.environ.setdefault(key, value)  # inherited by the memory probe's children
+
+    from fastcontrast.cli.measure import (machine_info, paired_ratio, peak_extra_memory,
+                                          summarize, time_interleaved)
+
+    result = {"n": args.n, "dim": args.dim, "dtype": "float32", "machine": machine_info(),
+              "targets": {"time_vs_plain": TIME_TARGET, "speedup_vs_materialised":
+                          SPEEDUP_TARGET, "memory_vs_materialised": MEMORY_TARGET},
+              "not_implemented": list(NOT_IMPLEMENTED), "objectives": {}}
+    impls = ("objective", "plain", "materialised")
+    for name in [o for o in args.objectives.split(",") if o]:
+        steps = {impl: make_step(name, impl, args.n, args.dim) for impl in impls}
+        values = {impl: step() for impl, step in steps.items()}  # checked once, then timed
+        samples = time_interleaved(steps, args.repeats)
+        row = {"loss": values, "time": {impl: summarize(s) for impl, s in samples.items()},
+               "time_vs_plain": paired_ratio(samples["objective"], samples["plain"]),
+               "speedup_vs_materialised": paired_ratio(samples["materialised"],
+                                                       samples["objective"])}
+        if args.memory:
+            row["extra_bytes"] = {impl: peak_extra_memory(
+                make_step, name, impl, args.n, args.dim,
+                warmup_args=(name, impl, 256, args.dim)).extra_bytes
+                for impl in ("objective", "materialised")}
+            row["memory_vs_materialised"] = (row["extra_bytes"]["objective"]
+                                             / max(1, row["extra_bytes"]["materialised"]))
+        result["objectives"][name] = row
+        memory = (f", memory {100 * row['memory_vs_materialised']:.2f}% of materialised"
+                  if args.memory else "")
+        print(f"{name}: {row['time']['objective']['median_s']:.3f} s, "
+              f"{row['time_vs_plain']:.2f}x plain fused, "
+              f"{row['speedup_vs_materialised']:.2f}x faster than materialised{memory}",
+              flush=True)
+    print("not implemented yet: " + ", ".join(NOT_IMPLEMENTED))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "objectives_targets.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
