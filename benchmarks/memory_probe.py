@@ -13,8 +13,6 @@ PyTorch: for info_nce the demo's baseline (fastcontrast.cli.demo.naive_info_nce:
 logits and F.cross_entropy, as the README's and CHANGELOG's figures), for the other losses the
 reference backend (plain PyTorch on the materialised logits).
 """
-import argparse
-import json
 import os
 import sys
 
@@ -37,6 +35,7 @@ def make_step(loss, backend, n, dim, seed=0):
     import torch.nn.functional as F
 
     import fastcontrast as fc
+    from fastcontrast.cli.measure import backward_step
 
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(n, dim, generator=gen).requires_grad_(True)
@@ -56,26 +55,19 @@ def make_step(loss, backend, n, dim, seed=0):
         "supcon": lambda: fc.supcon(a, labels, temperature=0.1, backend=backend),
     }
 
-    def step():
-        loss_value = calls[loss]()
-        loss_value.backward()
-        return float(loss_value.detach())
-
-    return step
+    return backward_step(calls[loss], a, b)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=16384)
-    parser.add_argument("--dim", type=int, default=256)
+    from fastcontrast.cli.measure import peak_extra_memory, problem_parser, save_json
+
+    parser = problem_parser(__doc__.split("\n")[0])
     parser.add_argument("--losses", default="info_nce")
     parser.add_argument("--impls", default="fused,torch")
     parser.add_argument("--out", default=None, help="folder for memory_probe.json")
     args = parser.parse_args(argv)
     for key, value in MALLOC_ENV.items():
         os.environ.setdefault(key, value)  # inherited by the spawned children
-
-    from fastcontrast.cli.measure import peak_extra_memory
 
     result = {"n": args.n, "dim": args.dim, "dtype": "float32",
               "env": {k: os.environ[k] for k in MALLOC_ENV}, "losses": {}}
@@ -93,10 +85,7 @@ def main(argv=None):
             row["ratio"] = ratio
             print(f"{loss}: fused / torch = {100 * ratio:.2f}% (target < {100 * TARGET:.0f}%)")
         result["losses"][loss] = row
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "memory_probe.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.out, "memory_probe.json", result)
     return result
 
 

@@ -10,8 +10,6 @@ formulation, extra memory < 3% of the materialised one's. Objectives measured: l
 clip_loss with labels; 4096 classes, so most rows have several positives). False-negative
 filtering, similarity distillation and Matryoshka are not implemented yet: the suite says so.
 """
-import argparse
-import json
 import os
 import sys
 
@@ -64,6 +62,7 @@ def make_step(name, impl, n, dim, seed=0):
     import torch.nn.functional as F
 
     import fastcontrast as fc
+    from fastcontrast.cli.measure import backward_step
 
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(n, dim, generator=gen)
@@ -89,19 +88,15 @@ def make_step(name, impl, n, dim, seed=0):
             return fc.info_nce(a, b, temperature=TEMPERATURE, backend="cpu", **extra)
         return fc.clip_loss(a, b, LOGIT_SCALE, backend="cpu", **extra)
 
-    def step():
-        value = call()
-        value.backward()
-        a.grad = b.grad = None
-        return float(value.detach())
-
-    return step
+    return backward_step(call, a, b)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=16384)
-    parser.add_argument("--dim", type=int, default=256)
+    from fastcontrast.cli.measure import (machine_info, paired_ratio, peak_extra_memory,
+                                          problem_parser, save_json, summarize,
+                                          time_interleaved)
+
+    parser = problem_parser(__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
     parser.add_argument("--no-memory", dest="memory", action="store_false")
@@ -109,9 +104,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for key, value in MALLOC_ENV.items():
         os.environ.setdefault(key, value)  # inherited by the memory probe's children
-
-    from fastcontrast.cli.measure import (machine_info, paired_ratio, peak_extra_memory,
-                                          summarize, time_interleaved)
 
     result = {"n": args.n, "dim": args.dim, "dtype": "float32", "machine": machine_info(),
               "targets": {"time_vs_plain": TIME_TARGET, "speedup_vs_materialised":
@@ -141,10 +133,7 @@ def main(argv=None):
               f"{row['speedup_vs_materialised']:.2f}x faster than materialised{memory}",
               flush=True)
     print("not implemented yet: " + ", ".join(NOT_IMPLEMENTED))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "objectives_targets.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    save_json(args.out, "objectives_targets.json", result)
     return result
 
 

@@ -154,6 +154,42 @@ def peak_extra_memory(make_step, *args, warmup_args=None, timeout=None, **kwargs
         return job.result(timeout=timeout)
 
 
+def backward_step(call, *leaves):
+    """A zero-argument step: ``call()`` (a scalar loss), its backward into the leaves' .grad
+    (counted in a memory peak), the grads cleared again so that every step does the same work;
+    returns the loss as a float."""
+    def step():
+        value = call()
+        value.backward()
+        for leaf in leaves:
+            leaf.grad = None
+        return float(value.detach())
+
+    return step
+
+
+def problem_parser(description, n=16384, dim=256):
+    """An argparse parser with the problem size every measurement script takes: --n, --dim."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--dim", type=int, default=dim)
+    return parser
+
+
+def save_json(out_dir, filename, result):
+    """Writes ``result`` to out_dir/filename (the folder made if needed); nothing without a
+    folder."""
+    if not out_dir:
+        return
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, filename), "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def allocation_step(nbytes):
     """A step that allocates and touches ``nbytes`` (a calibration case for the memory probe)."""
     import torch
