@@ -74,10 +74,10 @@ def online_row_lse(m_i, l_i, s):
 
 
 @triton.jit
-def merge_column_stats(s, ColMax, ColSum, lock, offs_c, mask_c):
+def merge_column_stats(s, ColMax, ColSum, Lock, block, offs_c, mask_c):
     """Merge this tile's column (max, sum) of the scores s (log2 units) into the global per-column
     state ColMax / ColSum (fp32, initialised to -inf / 0) at columns offs_c, under the int32 spin
-    lock at ``lock`` (initialised to 0) of this block of columns.
+    lock Lock[block] (initialised to 0) of this block of columns.
 
     It costs a second exp2 per score: one shared tile max would underflow whole rows or columns
     when scores span > ~100. The lock follows the pattern of Triton's layer-norm backward.
@@ -87,6 +87,7 @@ def merge_column_stats(s, ColMax, ColSum, lock, offs_c, mask_c):
     c_max = tl.max(s, axis=0)
     c_safe = finite_or_zero(c_max)
     c_sum = tl.sum(tl.exp2(s - c_safe[None, :]), axis=0)
+    lock = Lock + block
     while tl.atomic_cas(lock, 0, 1) == 1:
         pass
     tl.debug_barrier()

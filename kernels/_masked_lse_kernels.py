@@ -89,7 +89,7 @@ def _masked_lse_fwd_kernel(
 
         m_i, l_i = online_row_lse(m_i, l_i, s)
         if HAS_COL:  # this tile's column (max, sum), from the same scores
-            merge_column_stats(s, ColMax, ColSum, Lock + kb, offs_m, mask_m)
+            merge_column_stats(s, ColMax, ColSum, Lock, kb, offs_m, mask_m)
 
     # lse = ln(2) * (m + log2(l)); no candidate: m = -inf and l = 0 give -inf.
     row_lse = (m_i + tl.log2(l_i)) * LN2

@@ -73,7 +73,7 @@ def _gram_fwd_kernel(
                                  load_ids(ColIds, offs_c, mask_c, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
         m_i, l_i = online_row_lse(m_i, l_i, s)
         if cb > pid:  # the same scores are entries of rows offs_c (s symmetric)
-            merge_column_stats(s, ColMax, ColSum, Lock + cb, offs_c, mask_c)
+            merge_column_stats(s, ColMax, ColSum, Lock, cb, offs_c, mask_c)
     tl.store(OwnLse + offs_r, (m_i + tl.log2(l_i)) * LN2, mask=mask_r)
 
 
