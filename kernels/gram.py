@@ -16,14 +16,17 @@ Kernels (square tiles of B rows, N rows in all, D features, T = ceil(N / B)):
     multiply-adds instead of the 2 N^2 D of the full product. Traffic: each program reads its
     B x D block once (one D chunk) and every later block once: about (N^2 / 2B) D input elements
     read, plus 2 N fp32 of merged statistics per tile column (read and written under the lock).
-  - the backward is kernels/infonce.py's ``_masked_lse_bwd_kernel`` with X = Y = z and both
-    lse terms from the same row statistics: dz_i = alpha_i sum_j (dS_ij + dS_ji) beta_j z_j with
+  - the backward is kernels/_masked_lse_kernels.py's ``_masked_lse_bwd_kernel``, launched by
+    kernels/infonce.py with X = Y = z and both lse terms from the same row statistics:
+    dz_i = alpha_i sum_j (dS_ij + dS_ji) beta_j z_j with
     dS_ij + dS_ji = g_i exp(s_ij - lse_i) + g_j exp(s_ij - lse_j) (s symmetric) is exactly its dX
     with lse_x = lse_y = row_lse and grad_x = grad_y = row_grad. One launch gives dz (no dkeys
     launch), with its grid (row blocks, D splits), fp32 dz accumulator in registers (no
     read-modify-write of dz per tile for D above one chunk), autotuning switch and traffic /
     FLOP model (see that kernel's docstring, NX = NY = N): 4 N^2 D FLOPs at one split, without
     the triangle saving of the forward.
+The candidate mask, the online row update and the locked merge of the rows J are
+kernels/_lse_tiles.py's, shared with the full-product forward.
 Numerics as kernels/infonce.py: log2 units, fp32 accumulation, fp16/bf16 tile products, the
 gradient tile divided by G = max|g| max|beta| before its cast; non-finite scores as torch.logsumexp.
 """
@@ -37,35 +40,8 @@ from .._validation import check_ids
 from . import infonce
 from ._common import (_block_config, _check_device, _check_matrix, _device_context,
                       _input_precision, _load_rows, _tile_dots, _upcast, new_output)
-
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _candidates(offs_r, offs_c, mask_r, mask_c, ids_r, ids_c, EXCLUDE_DIAG: tl.constexpr,
-                HAS_IDS: tl.constexpr):
-    """Tile entries that are candidates: inside the matrix, off the diagonal (EXCLUDE_DIAG), and
-    not of equal ids >= 0 (HAS_IDS)."""
-    valid = mask_r[:, None] & mask_c[None, :]
-    if EXCLUDE_DIAG:
-        valid = valid & (offs_c[None, :] != offs_r[:, None])
-    if HAS_IDS:
-        valid = valid & ((ids_r[:, None] != ids_c[None, :]) | (ids_r[:, None] < 0))
-    return valid
-
-
-@triton.jit
-def _ids(Ids, offs, mask, HAS_IDS: tl.constexpr):
-    if HAS_IDS:
-        return tl.load(Ids + offs, mask=mask, other=-1)
-    return offs * 0 - 1
-
-
-@triton.jit
-def _exp_shift(m):
-    """0 where the running max is infinite (as torch.logsumexp: the sum becomes 0, inf or NaN)."""
-    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+from ._lse_tiles import (LN2, LOG2E, load_ids, merge_column_stats, online_row_lse,
+                         scaled_masked_scores)
 
 
 @triton.jit
@@ -81,8 +57,8 @@ def _gram_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at large N * D
     offs_r = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask_r = offs_r < N
-    a2 = tl.load(Alpha + offs_r, mask=mask_r, other=0.0) * _LOG2E
-    ids_r = _ids(RowIds, offs_r, mask_r, HAS_IDS)
+    a2 = tl.load(Alpha + offs_r, mask=mask_r, other=0.0) * LOG2E
+    ids_r = load_ids(RowIds, offs_r, mask_r, HAS_IDS)
     z_tile = _load_rows(Z, offs_r, mask_r, stride_z, 0, D, BLOCK_D, UPCAST)
     m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -93,31 +69,12 @@ def _gram_fwd_kernel(
         b = tl.load(Beta + offs_c, mask=mask_c, other=0.0)
         dots, _ = _tile_dots(Z, Z, z_tile, offs_r, offs_c, mask_r, mask_c, stride_z, stride_z, D,
                              BLOCK, BLOCK, BLOCK_D, ONE_D_CHUNK, UPCAST, INPUT_PRECISION)
-        valid = _candidates(offs_r, offs_c, mask_r, mask_c, ids_r,
-                            _ids(ColIds, offs_c, mask_c, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
-        s = tl.where(valid, dots * a2[:, None] * b[None, :], float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = _exp_shift(m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-        m_i = m_new
+        s = scaled_masked_scores(dots, a2, b, offs_r, offs_c, mask_r, mask_c, 0, ids_r,
+                                 load_ids(ColIds, offs_c, mask_c, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
+        m_i, l_i = online_row_lse(m_i, l_i, s)
         if cb > pid:  # the same scores are entries of rows offs_c (s symmetric)
-            c_max = tl.max(s, axis=0)
-            c_safe = _exp_shift(c_max)
-            c_sum = tl.sum(tl.exp2(s - c_safe[None, :]), axis=0)
-            lock = Lock + cb
-            while tl.atomic_cas(lock, 0, 1) == 1:
-                pass
-            tl.debug_barrier()
-            g_max = tl.load(ColMax + offs_c, mask=mask_c, other=float("-inf"), cache_modifier=".cg")
-            g_sum = tl.load(ColSum + offs_c, mask=mask_c, other=0.0, cache_modifier=".cg")
-            n_max = tl.maximum(g_max, c_max)
-            n_safe = _exp_shift(n_max)
-            tl.store(ColMax + offs_c, n_max, mask=mask_c)
-            tl.store(ColSum + offs_c, g_sum * tl.exp2(g_max - n_safe) + c_sum *
-                     tl.exp2(c_max - n_safe), mask=mask_c)
-            tl.debug_barrier()
-            tl.atomic_xchg(lock, 0)
-    tl.store(OwnLse + offs_r, (m_i + tl.log2(l_i)) * _LN2, mask=mask_r)
+            merge_column_stats(s, ColMax, ColSum, Lock, cb, offs_c, mask_c)
+    tl.store(OwnLse + offs_r, (m_i + tl.log2(l_i)) * LN2, mask=mask_r)
 
 
 # Square tiles (one block size for rows and columns). GPU values compile for sm_90 without

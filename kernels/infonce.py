@@ -1,4 +1,5 @@
-"""Masked log-sum-exp over similarity tiles, and its gradient: the Triton core of InfoNCE losses.
+"""Masked log-sum-exp over similarity tiles, and its gradient: the host functions of the Triton
+core of InfoNCE losses (the @triton.jit kernels are in kernels/_masked_lse_kernels.py).
 
 Every fused loss of fastcontrast (info_nce, clip_loss, nt_xent, supcon, moco_loss) reduces to scores
 
@@ -9,20 +10,16 @@ log-sum-exp in the forward pass and the tile gradient dS in the backward pass. T
 matrix is never stored: the forward pass streams key tiles past a block of rows with an online
 max/sum, and the backward pass recomputes each tile (FlashAttention-2 style).
 
-Read top to bottom:
-  1. @triton.jit helpers and kernels
-     - ``_masked_lse_fwd_kernel``: grid over row blocks; each program loops over all key blocks and
-       keeps a running (max, sum) per row. With HAS_COL it also reduces every tile over its rows and
-       merges the per-column (max, sum) into global fp32 buffers under a per-key-block spin lock,
-       so the symmetric (CLIP) loss gets both directions from one pass over the tiles.
-     - ``_masked_lse_bwd_kernel``: gradient with respect to one operand ("outer", X), looping over
-       the other ("inner", Y). Launched twice: X = q (dq, grid over row blocks) and X = keys
-       (dkeys, grid over key blocks, the tile seen transposed). Each program owns a block of its
-       output (rows x a split of the D columns) and accumulates it on chip, so no atomics, no
-       read-modify-write of dX in global memory, and the result is deterministic.
-     Each kernel's docstring gives its FLOP and memory-traffic model.
-  2. host functions ``masked_lse_forward`` / ``masked_lse_backward`` (validation, block choice,
-     launch).
+    masked_lse_forward  -> row_lse_i = logsumexp_j s_ij  (and col_lse_j = logsumexp_i s_ij)
+    masked_lse_backward -> dq_i = alpha_i sum_j dS_ij beta_j keys_j,
+                           dkeys_j = beta_j sum_i dS_ij alpha_i q_i,
+                           dS_ij = row_grad_i exp(s_ij - row_lse_i)
+                                   + col_grad_j exp(s_ij - col_lse_j)  (col_lse given),
+                           0 where masked
+
+This module validates the arguments, chooses the launch configuration and launches: the forward
+kernel once, the backward kernel once per operand whose gradient is needed (X = q for dq,
+X = keys for dkeys, the tile seen transposed).
 
 Launch configurations: one per case by default (and always in the interpreter). On a GPU,
 FASTCONTRAST_TRITON_AUTOTUNE=1 (read at each call) makes the backward with D above the one-chunk
@@ -44,259 +41,18 @@ import math
 
 import torch
 import triton
-import triton.language as tl
 
 from .._validation import check_ids
 from .._config import settings
 from ._common import SUPPORTED_DTYPES  # noqa: F401 (the dtypes these kernels take)
 from ._common import (_INTERPRET, _block_config, _check_device, _check_matrix, _device_context,
-                      _grad_scale, _input_precision, _load_rows, _tile_dots, _upcast, new_output)
+                      _grad_scale, _input_precision, _upcast, new_output)
+# The launches below name the kernels through this module's globals (the compile checks replace
+# them here with recorders).
+from ._masked_lse_kernels import _masked_lse_bwd_kernel, _masked_lse_fwd_kernel
 
 # The host passes L2-normalised q/keys with alpha = 1/temperature and beta = 1 where it can: tile
 # values are then O(1) and fp16/bf16 tiles lose nothing. General alpha/beta are honoured.
-
-# Global constexprs, usable inside the kernels.
-_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(s) = exp2(s * log2(e))
-_LN2 = tl.constexpr(0.6931471805599453)  # ln(2): natural log from log2 units
-
-# ---------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _unmasked(offs_r, offs_c, mask_r, mask_c, diag_offset, ids_r, ids_c,
-              EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr):
-    """The entries of the tile that are candidates: inside the matrix, with EXCLUDE_DIAG not
-    where column c == row r + diag_offset, with HAS_IDS not where ids_r[r] == ids_c[c] >= 0."""
-    valid = mask_r[:, None] & mask_c[None, :]
-    if EXCLUDE_DIAG:
-        valid = valid & (offs_c[None, :] != offs_r[:, None] + diag_offset)
-    if HAS_IDS:
-        valid = valid & ((ids_r[:, None] != ids_c[None, :]) | (ids_r[:, None] < 0))
-    return valid
-
-
-@triton.jit
-def _scaled_masked_scores(dots, row_scale, col_scale, offs_r, offs_c, mask_r, mask_c, diag_offset,
-                          ids_r, ids_c, EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr):
-    """s_ij = dots_ij * row_scale_i * col_scale_j, -inf where not _unmasked (after the scales: a
-    NaN or zero scale never turns a masked entry into NaN)."""
-    s = dots * row_scale[:, None] * col_scale[None, :]
-    valid = _unmasked(offs_r, offs_c, mask_r, mask_c, diag_offset, ids_r, ids_c, EXCLUDE_DIAG,
-                      HAS_IDS)
-    return tl.where(valid, s, float("-inf"))
-
-
-@triton.jit
-def _finite_or_zero(m):
-    """An exp shift from a running max: 0 where it is -inf (nothing unmasked yet: -inf - (-inf)
-    never appears, exp2(-inf - 0) = 0 keeps the sum at exactly 0) or +inf (an infinite score:
-    exp2(inf - 0) = inf makes the sum, and so the lse, +inf, or NaN with a NaN score, as
-    torch.logsumexp; a shift of +inf would give exp2(inf - inf) = NaN)."""
-    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
-
-
-@triton.jit
-def _load_ids(Ids, offs, mask, HAS_IDS: tl.constexpr):
-    """The int64 ids of rows offs (-1, matching nothing, outside the matrix or without ids)."""
-    if HAS_IDS:
-        return tl.load(Ids + offs, mask=mask, other=-1)
-    return offs * 0 - 1
-
-
-@triton.jit
-def _masked_lse_fwd_kernel(
-    Q, K, Alpha, Beta,          # q (N, D), keys (M, D) row-major; alpha (N,), beta (M,) fp32
-    RowIds, ColIds,             # HAS_IDS only: (N,), (M,) int64; (i, j) masked iff equal and >= 0
-    RowLse,                     # out: (N,) fp32, natural log
-    ColMax, ColSum, Lock,       # HAS_COL only: (M,) fp32 running max (log2 units, init -inf),
-                                # (M,) fp32 running sum (init 0),
-                                # (cdiv(M, BLOCK_M),) int32 locks (init 0)
-    N, M, D, stride_q, stride_k, diag_offset,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_COL: tl.constexpr,
-    ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """Row lse (and with HAS_COL the column (max, sum)) of the masked scores; grid
-    (cdiv(N, BLOCK_N),), each program one row block against all key blocks.
-
-    Model, e = input bytes per element, P = cdiv(N, BLOCK_N) programs:
-      FLOPs = 2 N M D (one score tile per (row block, key block)) + N M exp2 (2 N M with HAS_COL)
-      bytes = ONE_D_CHUNK:  e N D (q once, resident) + e M D P (keys, once per program)
-              else:         e N M D (1 / BLOCK_M + 1 / BLOCK_N) (q and key chunks streamed)
-              + 4 N (row lse) + 8 M (alpha, beta) (+ 8 (N + M) with ids)
-              + HAS_COL: 16 M P (each tile's column max and sum read and written under its lock).
-    The M D P and N M D terms are re-reads that mostly hit L2 (concurrent programs sweep the same
-    key blocks); the HBM floor is e (N + M) D."""
-    # int64 program offsets: row * stride reaches N * D, which exceeds 2^31 at the sizes we target
-    # (e.g. 4M rows x 1024 dims); int32 arithmetic would wrap silently.
-    pid = tl.program_id(0).to(tl.int64)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    # Row scale in log2 units: every score below is s_ij * log2(e).
-    a2 = tl.load(Alpha + offs_n, mask=mask_n, other=0.0) * _LOG2E
-    ids_n = _load_ids(RowIds, offs_n, mask_n, HAS_IDS)
-    # With ONE_D_CHUNK the row block is one chunk: loaded once, kept for all key blocks (else
-    # unused: the compiler drops the load).
-    q_tile = _load_rows(Q, offs_n, mask_n, stride_q, 0, D, BLOCK_D, UPCAST)
-
-    m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
-    l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of exp2(s - m_i)
-
-    n_kb = tl.cdiv(M, BLOCK_M)
-    if HAS_COL:
-        # Start at a different key block per program so that concurrent programs take different
-        # column locks (round robin) instead of all queueing on block 0.
-        first_kb = pid % n_kb
-    else:
-        first_kb = pid * 0
-    arange_m = tl.arange(0, BLOCK_M).to(tl.int64)  # int64 for the same reason as offs_n
-    for it in range(0, n_kb):
-        kb = (first_kb + it) % n_kb
-        offs_m = kb * BLOCK_M + arange_m
-        mask_m = offs_m < M
-        b = tl.load(Beta + offs_m, mask=mask_m, other=0.0)
-        dots, _ = _tile_dots(Q, K, q_tile, offs_n, offs_m, mask_n, mask_m, stride_q, stride_k, D,
-                             BLOCK_N, BLOCK_M, BLOCK_D, ONE_D_CHUNK, UPCAST, INPUT_PRECISION)
-        s = _scaled_masked_scores(dots, a2, b, offs_n, offs_m, mask_n, mask_m, diag_offset, ids_n,
-                                  _load_ids(ColIds, offs_m, mask_m, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
-
-        # Online row log-sum-exp; the shift is finite (_finite_or_zero). A NaN score makes the
-        # sum NaN whether or not the max propagates it, and the sum stays NaN.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = _finite_or_zero(m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-        m_i = m_new
-
-        if HAS_COL:
-            # This tile's column (max, sum), from the same scores. It costs a second exp2 per score:
-            # one shared tile max would underflow whole rows or columns when scores span > ~100.
-            c_max = tl.max(s, axis=0)
-            c_safe = _finite_or_zero(c_max)
-            c_sum = tl.sum(tl.exp2(s - c_safe[None, :]), axis=0)
-            # Merge into the global per-column state under this key block's lock (the pattern of
-            # Triton's layer-norm backward). Barriers: all threads of the program must see the lock
-            # taken before reading, and must have issued their stores before it is released.
-            lock = Lock + kb
-            while tl.atomic_cas(lock, 0, 1) == 1:
-                pass
-            tl.debug_barrier()
-            # .cg: read through L2, never a stale L1 line written by a program on another SM.
-            g_max = tl.load(ColMax + offs_m, mask=mask_m, other=float("-inf"), cache_modifier=".cg")
-            g_sum = tl.load(ColSum + offs_m, mask=mask_m, other=0.0, cache_modifier=".cg")
-            n_max = tl.maximum(g_max, c_max)
-            n_safe = _finite_or_zero(n_max)
-            n_sum = g_sum * tl.exp2(g_max - n_safe) + c_sum * tl.exp2(c_max - n_safe)
-            tl.store(ColMax + offs_m, n_max, mask=mask_m)
-            tl.store(ColSum + offs_m, n_sum, mask=mask_m)
-            tl.debug_barrier()
-            tl.atomic_xchg(lock, 0)
-
-    # lse = ln(2) * (m + log2(l)); no candidate: m = -inf and l = 0 give -inf.
-    row_lse = (m_i + tl.log2(l_i)) * _LN2
-    tl.store(RowLse + offs_n, row_lse, mask=mask_n)
-
-
-@triton.jit
-def _masked_lse_bwd_kernel(
-    X, Y, DX,                   # outer operand (NX, D), inner operand (NY, D); out: dX (NX, D) fp32
-    ScaleX, ScaleY,             # (NX,), (NY,) fp32: s_ij = scale_x_i * scale_y_j * <x_i, y_j>
-    IdsX, IdsY,                 # HAS_IDS only: (NX,), (NY,) int64; (i, j) masked iff equal and >= 0
-    LseX, GradX,                # HAS_LSE_X: (NX,) fp32 lse and upstream grad of the outer side
-    LseY, GradY,                # HAS_LSE_Y: (NY,) fp32 lse and upstream grad of the inner side
-    GradScale,                  # (1,) fp32 G > 0: dS * scale_y is divided by G before the cast
-    NX, NY, D, stride_x, stride_y, stride_dx, diag_offset,
-    BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr,
-    EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_LSE_X: tl.constexpr,
-    HAS_LSE_Y: tl.constexpr, ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """dX_i = scale_x_i * sum_j dS_ij * scale_y_j * y_j, with
-    dS_ij = gx_i exp(s_ij - lse_x_i) + gy_j exp(s_ij - lse_y_j) over unmasked (i, j), 0 elsewhere.
-
-    dq: X = q, Y = keys (lse_x = row lse, lse_y = column lse). dkeys: X = keys, Y = q, roles of the
-    row/column terms swapped and the diagonal offset negated (key j masked for row i iff
-    j == i + offset, i.e. i == j - offset).
-
-    Grid (cdiv(NX, BLOCK_X), cdiv(D, SPLIT_D)): program (p, c) owns the block dX[rows p, columns
-    c*SPLIT_D ...] and keeps it in an fp32 register accumulator over all inner blocks, stored once
-    at the end: no atomics, no read-modify-write of dX, deterministic. Per inner block it forms
-    the full-D scores (ONE_D_CHUNK: from its resident x tile and one y tile of BLOCK_D = D
-    columns, reused for the product; else over D in BLOCK_D chunks, x and y streamed), dS, and
-    acc += dS @ y[:, split] (ONE_D_CHUNK: the single split is the y tile already on chip).
-
-    Model, S = cdiv(D, SPLIT_D) splits (S = 1 with ONE_D_CHUNK), e = input bytes per element:
-      FLOPs = 2 NX NY D * S (scores, recomputed per split) + 2 NX NY D (dX)  (+ O(NX NY) exp2)
-      bytes = ONE_D_CHUNK:  e NX D + e NX NY D / BLOCK_X                     (x once, y per program)
-              else:         e NX NY D * (S * (1/BLOCK_X + 1/BLOCK_Y) + 1/BLOCK_X)
-              + 4 NX D (dX written once) + 12 (NX + NY) (scales, lse, grads; ids 8 more each).
-    The NX NY-proportional terms are re-reads that mostly hit L2 (concurrent programs sweep the
-    same inner blocks); the HBM floor is the first and last terms. The alternative layout (one D
-    chunk accumulated in place per inner block) moves an extra 8 NX NY D / BLOCK_Y bytes of dX."""
-    # int64 program offsets: row * stride reaches NX * D, which exceeds 2^31 at the sizes we target.
-    pid = tl.program_id(0).to(tl.int64)
-    d_lo = tl.program_id(1) * SPLIT_D
-    offs_x = pid * BLOCK_X + tl.arange(0, BLOCK_X)
-    mask_x = offs_x < NX
-    offs_d = d_lo + tl.arange(0, SPLIT_D)
-    sx = tl.load(ScaleX + offs_x, mask=mask_x, other=0.0)
-    sx2 = sx * _LOG2E  # scores in log2 units
-    ids_x = _load_ids(IdsX, offs_x, mask_x, HAS_IDS)
-    g = tl.load(GradScale)
-    inv_g = 1.0 / g
-    if HAS_LSE_X:
-        # An lse of -inf (no candidate) becomes +inf: exp2(s - inf) = 0, never -inf - (-inf).
-        lse_x = tl.load(LseX + offs_x, mask=mask_x, other=float("inf")) * _LOG2E
-        lse_x = tl.where(lse_x == float("-inf"), float("inf"), lse_x)
-        gx = tl.load(GradX + offs_x, mask=mask_x, other=0.0)
-    # With ONE_D_CHUNK (D fits one chunk) the x tile stays on chip (else it is unused: the
-    # compiler drops the load).
-    x_tile = _load_rows(X, offs_x, mask_x, stride_x, 0, D, BLOCK_D, UPCAST)
-    acc = tl.zeros((BLOCK_X, SPLIT_D), dtype=tl.float32)
-
-    arange_y = tl.arange(0, BLOCK_Y).to(tl.int64)  # int64 for the same reason as offs_x
-    for yb in range(0, tl.cdiv(NY, BLOCK_Y)):
-        offs_y = yb * BLOCK_Y + arange_y
-        mask_y = offs_y < NY
-        sy = tl.load(ScaleY + offs_y, mask=mask_y, other=0.0)
-        dots, y_tile = _tile_dots(X, Y, x_tile, offs_x, offs_y, mask_x, mask_y, stride_x,
-                                  stride_y, D, BLOCK_X, BLOCK_Y, BLOCK_D, ONE_D_CHUNK, UPCAST,
-                                  INPUT_PRECISION)
-        s = dots * sx2[:, None] * sy[None, :]
-        valid = _unmasked(offs_x, offs_y, mask_x, mask_y, diag_offset, ids_x,
-                          _load_ids(IdsY, offs_y, mask_y, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
-
-        ds = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
-        if HAS_LSE_X:
-            ds += gx[:, None] * tl.exp2(s - lse_x[:, None])
-        if HAS_LSE_Y:
-            lse_y = tl.load(LseY + offs_y, mask=mask_y, other=float("inf")) * _LOG2E
-            lse_y = tl.where(lse_y == float("-inf"), float("inf"), lse_y)
-            gy = tl.load(GradY + offs_y, mask=mask_y, other=0.0)
-            ds += gy[None, :] * tl.exp2(s - lse_y[None, :])
-        # 0 where masked, whatever the score, the lse (NaN) and the upstream gradients.
-        ds = tl.where(valid, ds, 0.0)
-        # Fold scale_y into dS and divide by G = max|grad| * max|scale_y|: entries are then at most
-        # 2 in magnitude (the lse values are at least this call's own), so the cast to the input
-        # dtype neither overflows fp16 nor flushes the largest entries to zero; G and scale_x are
-        # multiplied back in fp32 when dX is stored.
-        ds = ds * (sy * inv_g)[None, :]
-        if UPCAST:
-            ds_in = ds
-        else:
-            ds_in = ds.to(Y.dtype.element_ty)  # fp16/bf16 tensor-core operand (no-op for fp32)
-        if not ONE_D_CHUNK:  # this program's columns of the y rows
-            y_tile = _load_rows(Y, offs_y, mask_y, stride_y, d_lo, D, SPLIT_D, UPCAST)
-        acc = tl.dot(ds_in, y_tile, acc, input_precision=INPUT_PRECISION)
-
-    dx_ptrs = DX + offs_x[:, None] * stride_dx + offs_d[None, :]
-    tl.store(dx_ptrs, acc * (sx * g)[:, None], mask=mask_x[:, None] & (offs_d[None, :] < D))
-
-
-# ---------------------------------------------------------------------------------------------
-# Host functions
-# ---------------------------------------------------------------------------------------------
 
 # Launch configurations: rows of the outer operand per program (block_x), rows of the inner
 # operand per tile (block_y), the largest D run as one chunk (the outer tile, and in backward the

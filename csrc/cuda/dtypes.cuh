@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
 #include <utility>
 
 #include "cuda/launchers.h"
@@ -12,40 +13,46 @@
 namespace fastcontrast {
 namespace cuda {
 
+// The 16-bit storage types' conversions, by name: torch's CUDA builds turn their implicit ones
+// off (__CUDA_NO_HALF_CONVERSIONS__, __CUDA_NO_BFLOAT16_CONVERSIONS__). Widening to float is
+// exact; narrowing from float or double rounds to nearest even.
+template <typename T>
+struct Storage16;
+template <>
+struct Storage16<__half> {
+  static __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half narrow(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ __half narrow(double v) { return __double2half(v); }
+};
+template <>
+struct Storage16<__nv_bfloat16> {
+  static __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 narrow(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ __nv_bfloat16 narrow(double v) { return __double2bfloat16(v); }
+};
+
+template <typename T>
+constexpr bool is_storage16 =
+    std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+
+// A stored value of type T in the compute type C (float or double).
 template <typename C, typename T>
-__device__ __forceinline__ C to_compute(T v) { return static_cast<C>(v); }
-template <>
-__device__ __forceinline__ float to_compute<float, __half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ double to_compute<double, __half>(__half v) {
-  return static_cast<double>(__half2float(v));
-}
-template <>
-__device__ __forceinline__ float to_compute<float, __nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <>
-__device__ __forceinline__ double to_compute<double, __nv_bfloat16>(__nv_bfloat16 v) {
-  return static_cast<double>(__bfloat162float(v));
+__device__ __forceinline__ C to_compute(T v) {
+  if constexpr (is_storage16<T>) {
+    return static_cast<C>(Storage16<T>::widen(v));
+  } else {
+    return static_cast<C>(v);
+  }
 }
 
+// A compute value (float or double) stored as T.
 template <typename T, typename C>
-__device__ __forceinline__ T from_compute(C v) { return static_cast<T>(v); }
-template <>
-__device__ __forceinline__ __half from_compute<__half, float>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_compute<__half, double>(double v) {
-  return __double2half(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16, double>(double v) {
-  return __double2bfloat16(v);
+__device__ __forceinline__ T from_compute(C v) {
+  if constexpr (is_storage16<T>) {
+    return Storage16<T>::narrow(v);
+  } else {
+    return static_cast<T>(v);
+  }
 }
 
 // Calls f(T{}) with T the C++ type of `dtype`; returns false for an unknown value.

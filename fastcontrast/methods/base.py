@@ -53,3 +53,18 @@ class ContrastiveMethod(nn.Module):
     def features(self, inputs):
         """(B, F) frozen representation used by the linear probe and kNN evaluation."""
         raise NotImplementedError
+
+
+class MethodCall(nn.Module):
+    """One function of a method (named by the subclass's ``call``: "loss", "features") as the
+    forward of a module holding the method, for what takes a module: DistributedDataParallel
+    (its parameters are the method's), ``evaluate.extract_features`` (eval mode)."""
+
+    call = None
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, inputs):
+        return getattr(self.method, self.call)(inputs)

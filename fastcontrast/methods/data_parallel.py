@@ -4,7 +4,8 @@ the per-step reduction of the logged values."""
 import inspect
 
 import torch
-from torch import nn
+
+from .base import MethodCall
 
 
 def rank_and_world(group=None):
@@ -16,15 +17,10 @@ def rank_and_world(group=None):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-class LossModule(nn.Module):
+class LossModule(MethodCall):
     """``method.loss`` as a forward, so DistributedDataParallel can wrap the method."""
 
-    def __init__(self, method):
-        super().__init__()
-        self.method = method
-
-    def forward(self, batch):
-        return self.method.loss(batch)
+    call = "loss"
 
 
 def wrap_data_parallel(method, mode, group, device):

@@ -64,25 +64,13 @@ from .. import NegativeQueue, moco_loss, momentum_update
 from .._validation import check_choice
 from .base import ContrastiveMethod
 from .encoders import SmallConvEncoder
+from .simclr import DEFAULTS as SIMCLR_DEFAULTS
 from .simclr import check_batch, draw_views, intensity_jitter, projection_head, settings
 
-DEFAULTS = {
-    "data": "digits",
-    "batch_size": 256,
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "seconds": 300,
-    "version": 2,
-    "temperature": 0.2,
-    "queue_size": 512,
-    "momentum": 0.9,
-    "bn_splits": 2,
-    "feature_dim": 128,
-    "width": 32,
-    "projection_dim": 64,
-    "jitter_p": 0.8,
-    "blur_p": 0.0,
-}
+# SimCLR's settings (data, optimiser, budget, temperature, encoder and head sizes, jitter), on
+# which this MoCo v2 is compared with it, plus MoCo's own.
+DEFAULTS = {**SIMCLR_DEFAULTS, "version": 2, "queue_size": 512, "momentum": 0.9, "bn_splits": 2,
+            "blur_p": 0.0}
 
 
 def gaussian_blur(images, p, generator, *, sigma=(0.1, 1.0)):

@@ -14,18 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import evaluate as ev
+from .base import MethodCall
 from .trainer import _batches, _check_method, evaluation_inputs, training_inputs
 
 
-class FeatureModule(nn.Module):
+class FeatureModule(MethodCall):
     """``method.features`` as a module's forward, so ``extract_features`` handles eval mode."""
 
-    def __init__(self, method):
-        super().__init__()
-        self.method = method
-
-    def forward(self, x):
-        return self.method.features(x)
+    call = "features"
 
 
 def evaluate(method, train_set, test_set, *, k=20, batch_size=256):
