@@ -12,7 +12,6 @@ symmetric loss runs 4 of them, the one-directional 3, so 4/3 bounds clip / info_
 the logit scale 1/tau (default 1/0.07; CLIP's learnt scale ends at its clamp of 100).
 Writes clip_breakdown.json and summary.md.
 """
-import argparse
 import json
 import os
 import time
@@ -20,7 +19,8 @@ import time
 import torch
 
 import fastcontrast
-from fastcontrast.cli.measure import machine_info, paired_ratio, summarize, time_interleaved
+from fastcontrast.cli.measure import (machine_info, paired_ratio, problem_parser, summarize,
+                                      time_interleaved)
 
 OPS = torch.ops.fastcontrast
 SCALE = 1 / 0.07  # the default logit scale
@@ -67,10 +67,8 @@ def _steps(n, dim, scale):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = problem_parser(__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--n", type=int, default=16384)
-    parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", type=float, default=SCALE)
     args = parser.parse_args(argv)
