@@ -34,12 +34,6 @@ class _Loss(nn.Module):
         """fastcontrast.functional.<name>, or fastcontrast.distributed.<name> in its mode."""
         if self.distributed is None:
             return getattr(F, name)(*args, **kwargs)
-        for option in ("label_smoothing", "query_labels", "key_labels", "labels"):
-            value = kwargs.pop(option, None)
-            if isinstance(value, torch.Tensor) or value:
-                raise NotImplementedError(f"{option} is not supported with distributed="
-                                          f"{self.distributed!r} yet; use the single-process "
-                                          f"loss")
         from . import distributed as fcd  # imports torch.distributed only when asked for
         return getattr(fcd, name)(*args, mode=self.distributed, group=self.group, **kwargs)
 

@@ -33,11 +33,20 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_lo
            "enqueue_all", "MODES"]
 
 
+def _no_labels_yet(name, *labels):
+    """The multiple-positive labels are single-process only for now: refused before any
+    communication (every rank makes the same call, so every rank raises)."""
+    if any(t is not None for t in labels):
+        raise NotImplementedError(f"fastcontrast.distributed.{name} does not take labels for "
+                                  f"multiple positives yet; use fastcontrast.{name}")
+
+
 @output_dtype_policy
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
-             negative_ids=None, backend="auto", mode="gather", group=None):
+             negative_ids=None, label_smoothing=0.0, query_labels=None, key_labels=None,
+             backend="auto", mode="gather", group=None):
     """InfoNCE over the keys of every rank of ``group`` (fastcontrast.info_nce on the
     concatenated batch; see fastcontrast.distributed for the convention).
 
@@ -51,34 +60,45 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     (DCL), ``dclw_sigma`` (DCLW; the softmax of its weights runs over the rows of all ranks),
     ``hcl_beta`` / ``hcl_tau_plus`` (HCL; the negatives counted over all ranks, two ring /
     gather passes when hcl_beta > 0). ``query_ids`` (N_r,) / ``negative_ids`` (K_r,) with a 2-D
-    bank: an entry of any rank's bank whose id equals the query's is not a candidate."""
+    bank: an entry of any rank's bank whose id equals the query's is not a candidate.
+    ``label_smoothing`` as single-process, over the candidates of every rank.
+    ``query_labels`` / ``key_labels`` (multiple positives) are not supported across ranks yet:
+    NotImplementedError."""
+    _no_labels_yet("info_nce", query_labels, key_labels)
     with refusal(group, "info_nce", query):
         tau = args.info_nce_args(
             query, key, negatives, temperature=temperature, normalize=normalize,
             targets=targets, in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
             symmetric=symmetric, reduction=reduction, decoupled=decoupled,
             dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-            query_ids=query_ids, negative_ids=negative_ids, global_targets=True)
+            query_ids=query_ids, negative_ids=negative_ids, label_smoothing=label_smoothing,
+            global_targets=True)
         comm, name = start_call("info_nce", mode, group, backend, query.device, query.dtype)
     options = InfoNCEOptions(name, in_batch_negatives=in_batch_negatives,
                              exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
                              reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                             label_smoothing=label_smoothing)
     return global_info_nce(comm, options, mode, query, key, negatives, tau.reciprocal(), targets,
                            query_ids, negative_ids)
 
 
 
 @output_dtype_policy
-def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", backend="auto",
-              mode="gather", group=None):
+def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", label_smoothing=0.0,
+              labels=None, backend="auto", mode="gather", group=None):
     """OpenCLIP's ClipLoss over the texts and images of every rank (symmetric: one pass gives
     the row and the column log-sum-exps). ``logit_scale`` is never all-reduced (DDP averages
-    its gradient); ``logit_bias`` cancels and gets a zero gradient, as single-process."""
+    its gradient); ``logit_bias`` cancels and gets a zero gradient, as single-process.
+    ``label_smoothing`` as single-process; ``labels`` (multiple positives) are not supported
+    across ranks yet: NotImplementedError."""
+    _no_labels_yet("clip_loss", labels)
     with refusal(group, "clip_loss", image):
-        scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction)
+        scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction,
+                                    label_smoothing)
         comm, name = start_call("clip_loss", mode, group, backend, image.device, image.dtype)
-    options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction)
+    options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction,
+                             label_smoothing=label_smoothing)
     loss = global_info_nce(comm, options, mode, image, text, None, scale, None, q_name="image")
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
@@ -87,8 +107,8 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", ba
 
 @output_dtype_policy
 def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
-            dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, backend="auto", mode="gather",
-            group=None):
+            dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0, backend="auto",
+            mode="gather", group=None):
     """SimCLR's NT-Xent over the 2 N_total views of every rank: the positive of view z1_i is
     z2_i (same rank), the negatives every other view of every rank, self excluded (info_nce on
     each rank's views [z1_r; z2_r], targets into the global views). Per-rank batch sizes may
@@ -97,7 +117,8 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     with refusal(group, "nt_xent", z1):
         tau = args.nt_xent_args(z1, z2, temperature=temperature, normalize=normalize,
                                 reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                                hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+                                hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                                label_smoothing=label_smoothing)
         comm, name = start_call("nt_xent", mode, group, backend, z1.device, z1.dtype)
     table = exchange(comm, z1.device, [
         (None, z1.shape[0]), ("the feature dimension D of z1", z1.shape[1]),
@@ -108,7 +129,7 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     views = torch.cat([z1, z2])
     options = InfoNCEOptions(name, exclude_self=True, normalize=normalize, reduction=reduction,
                              decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
-                             hcl_tau_plus=hcl_tau_plus)
+                             hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing)
     return global_info_nce(comm, options, mode, views, views, None, tau.reciprocal(),
                            offset + (local + n) % (2 * n), targets_valid=True)
 
@@ -198,7 +219,7 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
 @output_dtype_policy
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
               query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
-              backend="auto", mode="gather", group=None):
+              label_smoothing=0.0, backend="auto", mode="gather", group=None):
     """MoCo's loss: the positive is the rank's own key, the negatives the queue, which every
     rank holds identically (keep it so with enqueue_all), so nothing but the batch sizes is
     communicated (``mode`` is accepted for symmetry). The returned loss follows the group
@@ -209,14 +230,16 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
         bank, bank_ids = args.unwrap_queue(queue, query_index)
         args.moco_loss_args(query, key, bank, bank_ids, temperature=temperature,
                             normalize=normalize, reduction=reduction, query_index=query_index,
-                            decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus)
+                            decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                            label_smoothing=label_smoothing)
         resolve(backend, query.device, dtype=query.dtype)
         comm = Comm(group, caller="fastcontrast.distributed.moco_loss")
     exchange(comm, query.device, [
         (None, query.shape[0]), ("the feature dimension D of query", query.shape[1]),
         ("dtype of query", dtype_code(query.dtype)),
         ("reduction", REDUCTIONS.index(reduction)), ("decoupled", int(decoupled)),
-        ("hcl_beta", float_code(hcl_beta)), ("hcl_tau_plus", float_code(hcl_tau_plus))])
+        ("hcl_beta", float_code(hcl_beta)), ("hcl_tau_plus", float_code(hcl_tau_plus)),
+        ("label_smoothing", float_code(label_smoothing))])
     # Unwrapped: the output dtype is decided once, by this function's own wrapper. It checks
     # the arguments again; an error it raises after the exchange above (none is expected once
     # they passed here) must still reach the other ranks.
@@ -227,6 +250,7 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
                                                 else reduction,
                                                 query_index=query_index, decoupled=decoupled,
                                                 hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                                                label_smoothing=label_smoothing,
                                                 backend=backend)
     except (TypeError, ValueError):
         if reduction != "none":  # the others wait in the exchange of the counts below

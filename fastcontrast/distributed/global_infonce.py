@@ -11,7 +11,7 @@ The plain objective of row i of rank r, with scale = 1 / temperature (clip_loss:
 where y runs over the keys and banks of every rank (and row i's per-query negatives), t_i is
 the GLOBAL index of its positive (the keys of all ranks in rank order), and exclude_self and
 the ids remove candidates as single-process; DCL / DCLW / HCL are objectives.row_losses', the
-log-sum-exps ops.DistributedLSE's.
+log-sum-exps ops.DistributedLSE's; label smoothing adds label_smoothing.global_smoothing_gap.
 """
 import torch
 
@@ -19,6 +19,7 @@ from .. import _validation as check
 from .._host import REDUCTIONS
 from .calls import compute_dtype, exchange, float_code, group_reduce, mode_code, prepare
 from .collectives import AllGatherWithGrad, all_gather_rows, dtype_code
+from .label_smoothing import global_smoothing_gap
 from .objectives import Candidates, negative_counts, row_losses
 from .ops import Layout, LSESpec
 
@@ -92,7 +93,8 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
         ("reduction", REDUCTIONS.index(reduction)),
         ("dclw_sigma", float_code(options.dclw_sigma)),
         ("hcl_beta", float_code(options.hcl_beta)),
-        ("hcl_tau_plus", float_code(options.hcl_tau_plus))])
+        ("hcl_tau_plus", float_code(options.hcl_tau_plus)),
+        ("label_smoothing", float_code(options.label_smoothing))])
     if neg_kind == 3:
         comm.check_same(table, 5, "the number K of per-query negatives")
     n_rows, n_keys = [r[0] for r in table], [r[1] for r in table]
@@ -156,5 +158,11 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
             valid = counts > 0
             counted = sum(r[0] for r in comm.exchange([int(valid.sum())], query.device))
     loss = row_losses(options, cand, scale, n_total, log_n, valid)
+    if options.label_smoothing:
+        gap = global_smoothing_gap(
+            comm, options, q, k, b, per_query, scale,
+            targets=None if targets is None else global_targets, n_rows=n_rows, n_keys=n_keys,
+            bank_sizes=bank_sizes, query_ids=query_ids, bank_ids=negative_ids)
+        loss = loss + options.label_smoothing * gap.to(loss.dtype)
     return group_reduce(comm, loss, reduction, counted)
 

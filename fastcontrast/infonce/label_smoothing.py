@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .._host import class_index
 
-__all__ = ["smoothing_gap"]
+__all__ = ["smoothing_gap", "gap_from_sums", "same_id_bank_sums"]
 
 
 def _unit(t, normalize, eps):
@@ -29,7 +29,7 @@ def _unit(t, normalize, eps):
     return F.normalize(t, dim=-1, eps=eps) if normalize else t
 
 
-def _same_id_bank_sums(query_ids, bank_ids, bank):
+def same_id_bank_sums(query_ids, bank_ids, bank):
     """(sum, count) per query of the bank entries whose id equals the query's (>= 0)."""
     n = query_ids.shape[0]
     cls = class_index(torch.cat([query_ids, bank_ids]))
@@ -39,8 +39,13 @@ def _same_id_bank_sums(query_ids, bank_ids, bank):
     return sums[cls[:n]] * matches.unsqueeze(1), counts[cls[:n]] * matches
 
 
-def _row_gap(options, q, k, bank, per_query, targets, query_ids, bank_ids):
+def gap_from_sums(q, positive_key, candidate_sum, candidate_count):
     """gap_i / scale = <q^_i, k^_{t_i} - (candidate sum of row i) / |C(i)|>."""
+    return (q * (positive_key - candidate_sum / candidate_count.unsqueeze(1))).sum(dim=-1)
+
+
+def _row_gap(options, q, k, bank, per_query, targets, query_ids, bank_ids):
+    """gap_i / scale of row i from this process's keys (gap_from_sums)."""
     n = q.shape[0]
     positive_key = k if targets is None else k.index_select(0, targets)
     if options.in_batch_negatives:
@@ -55,12 +60,12 @@ def _row_gap(options, q, k, bank, per_query, targets, query_ids, bank_ids):
         total = total + bank.sum(dim=0)
         count = count + bank.shape[0]
         if query_ids is not None:
-            same_sum, same_count = _same_id_bank_sums(query_ids, bank_ids, bank)
+            same_sum, same_count = same_id_bank_sums(query_ids, bank_ids, bank)
             total, count = total - same_sum, count - same_count
     if per_query is not None:
         total = total + per_query.sum(dim=1)
         count = count + per_query.shape[1]
-    return (q * (positive_key - total / count.unsqueeze(1))).sum(dim=-1)
+    return gap_from_sums(q, positive_key, total, count)
 
 
 def smoothing_gap(options, query, key, *, scale, bank=None, per_query=None, targets=None,
@@ -73,5 +78,6 @@ def smoothing_gap(options, query, key, *, scale, bank=None, per_query=None, targ
     bank, per_query = _unit(bank, options.normalize, eps), _unit(per_query, options.normalize, eps)
     gap = _row_gap(options, q, k, bank, per_query, targets, query_ids, bank_ids)
     if options.symmetric:  # M == N, targets None, in-batch keys only: key i's column over q
-        gap = 0.5 * (gap + (k * (q - q.sum(dim=0) / q.shape[0])).sum(dim=-1))
+        gap = 0.5 * (gap + gap_from_sums(k, q, q.sum(dim=0), q.new_full((q.shape[0],),
+                                                                         float(q.shape[0]))))
     return gap * scale.to(gap.dtype)

@@ -298,7 +298,11 @@ def _case_list():
                                                 group=grp, **dst),
         lambda x, red: fc.moco_loss(x["query"], x["key"], x["queue"], temperature=x["tau"],
                                     reduction=red, **ref)))
-    cases += _objective_cases(fc, fcd, ref, dst, plain, targets, bank, pair)
+    objective_cases, builders = _objective_cases(fc, fcd, ref, dst, plain, targets, bank, pair)
+    cases += objective_cases
+    from ._label_smoothing_cases import label_smoothing_cases
+    cases += label_smoothing_cases(fc, fcd, ref, dst, dict(builders, plain=plain,
+                                                           targets=targets, clip=clip))
     return cases
 
 
@@ -362,7 +366,7 @@ def _objective_cases(fc, fcd, ref, dst, plain, targets, bank, pair):
         lambda x, red: fc.moco_loss(x["query"], x["key"], _queue(x), temperature=x["tau"],
                                     reduction=red, query_index=x["query_index"], hcl_beta=0.5,
                                     decoupled=True, **ref)))
-    return cases
+    return cases, {"ids": ids, "moco": moco_ids}
 
 
 def _nt_xent_rows(sizes, r):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from . import _workers
+from ._label_smoothing_cases import NAMES as LABEL_SMOOTHING_CASES
 
 WORLDS = (1, 2, 4)
 TOL = 1e-9
@@ -20,7 +21,7 @@ CASE_NAMES = ["info_nce", "info_nce_global_targets", "info_nce_exclude_self",
               "info_nce_hcl_dcl_global_targets", "info_nce_ids_dcl_bank_only",
               "info_nce_ids_hcl", "info_nce_ids_in_batch", "info_nce_ids_hcl_in_batch",
               "nt_xent_hcl_dcl",
-              "moco_loss_hcl_query_index"]
+              "moco_loss_hcl_query_index", *LABEL_SMOOTHING_CASES]
 
 
 @pytest.fixture(scope="module")
