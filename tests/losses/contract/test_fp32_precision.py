@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import fastcontrast as fc
 
-from .._helpers import backend_usable
+from ..._helpers import backend_usable
 
 pytestmark = pytest.mark.skipif(not backend_usable("cpu"), reason="C++ extension unavailable")
 

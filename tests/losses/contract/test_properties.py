@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 import fastcontrast
 from fastcontrast import NegativeQueue
 
-from .._helpers import TOLERANCES, backend_usable, device_for, interpreting_triton
+from ..._helpers import TOLERANCES, backend_usable, device_for, interpreting_triton
 
 EXAMPLES_ENV = "FASTCONTRAST_HYPOTHESIS_EXAMPLES"
 RANDOM_ENV = "FASTCONTRAST_HYPOTHESIS_RANDOM"

@@ -5,7 +5,7 @@ import torch
 
 import fastcontrast
 
-from .._helpers import backend_usable
+from ..._helpers import backend_usable
 
 OPTION_SETS = {
     "plain": dict(),

@@ -19,7 +19,7 @@ import torch
 import fastcontrast
 from fastcontrast import NegativeQueue
 
-from .._helpers import assert_close, backend_usable, device_for
+from ..._helpers import assert_close, backend_usable, device_for
 
 ALL_BACKENDS = tuple(b for b in ("reference", "torch", "cpu", "triton")
                      if backend_usable(b, device_for(b)))
