@@ -1,1 +1,1 @@
-"""The properties every public loss shares, one file per property, each run over every loss."""
+"""The properties every public loss shares, each over the loss registry (tests/losses/_cases.py)."""
