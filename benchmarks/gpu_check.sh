@@ -90,7 +90,8 @@ else
   step tests 85 python3 -m pytest -x -q -p no:cacheprovider \
     tests/kernels/test_triton_infonce_kernels.py tests/kernels/test_nonfinite_kernels.py \
     tests/kernels/test_masked_lse_contract.py tests/kernels/test_kernel_id_masks.py \
-    tests/losses/test_numerics_regressions.py tests/losses/test_siglip.py
+    tests/losses/contract/test_numerics.py tests/losses/contract/test_autocast.py \
+    tests/losses/contract/test_gradcheck.py tests/losses/test_siglip.py
 fi
 BENCH=benchmarks/gpu_losses_bench.py
 step correctness 70 python3 "$BENCH" correctness "$OUT" "${SIZE[@]}"

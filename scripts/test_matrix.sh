@@ -18,9 +18,11 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PYTHON=${PYTHON:-python3}
 TORCH_COMPAT=${FASTCONTRAST_COMPAT_TORCH:-torch==2.14.1}
-COMPAT_TESTS=(tests/losses/test_loss_family.py tests/losses/test_compile.py
-              tests/losses/test_validation.py tests/losses/test_modules.py
-              tests/losses/test_import_cost.py tests/kernels/test_jit_build_lock.py
+COMPAT_TESTS=(tests/losses/test_info_nce.py tests/losses/test_clip_loss.py
+              tests/losses/test_nt_xent.py tests/losses/test_supcon.py
+              tests/losses/test_moco_loss.py tests/losses/test_siglip.py
+              tests/losses/contract/test_compile.py tests/losses/contract/test_modules.py
+              tests/losses/test_import_cost.py tests/compat tests/kernels/test_jit_build_lock.py
               tests/kernels/test_cpu_extension.py)
 SECOND_CALL_LIMIT_S=30
 TIERS=("$@")

@@ -1,13 +1,14 @@
 """SigLIP's sigmoid loss: every backend against the float64 reference (values and the gradients
 of image, text, logit_scale, logit_bias) over odd shapes x dtypes x reductions, large logits,
-tiny loss terms, gradcheck, frozen inputs, no_grad, the multi-tile paths of each backend, and
-bad input."""
+tiny loss terms, gradcheck, frozen inputs, no_grad, the SigLIPLoss module, the multi-tile paths
+of each backend, and bad input. The properties every loss shares: tests/losses/contract/."""
 
 import math
 
 import pytest
 import torch
 
+import fastcontrast
 from fastcontrast import backends
 from fastcontrast.functional import siglip_loss
 from fastcontrast.reference import siglip_loss_reference
@@ -19,8 +20,8 @@ from .._helpers import (
     device_for,
     interpreting_triton,
 )
+from ._cases import DTYPES, float_backends, log_parameter_grad
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1, 3), (7, 64), (33, 3), (257, 1000)]
 
 
@@ -230,6 +231,54 @@ def test_no_grad_and_retain_graph(backend):
         torch.testing.assert_close(2 * a, b, rtol=1e-5, atol=1e-7)
     ref = siglip_loss_reference(*_copies(inputs, torch.float64))
     assert_close(loss, ref, torch.float32, f"{backend} loss")
+
+
+# ---------------------------------------------------------------------------------------------
+# The SigLIPLoss module, and a logit_scale past float range
+
+
+def test_siglip_module_owns_scale_and_bias():
+    image, text = torch.randn(6, 5), torch.randn(6, 5)
+    module = fastcontrast.SigLIPLoss()
+    image64, text64 = image.double(), text.double()
+    expected = siglip_loss_reference(image64, text64, 10.0, -10.0)
+    torch.testing.assert_close(module(image, text).double(), expected, rtol=1e-5, atol=1e-5)
+    module(image, text).backward()
+    d_log_scale = log_parameter_grad(
+        lambda scale: siglip_loss_reference(image64, text64, scale, -10.0), 10.0)
+    bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    siglip_loss_reference(image64, text64, 10.0, bias).backward()
+    torch.testing.assert_close(module.log_logit_scale.grad.double(), d_log_scale, rtol=1e-4,
+                               atol=1e-6)
+    torch.testing.assert_close(module.logit_bias.grad.double(), bias.grad, rtol=1e-4, atol=1e-6)
+    frozen = fastcontrast.SigLIPLoss(learnable=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert torch.allclose(frozen(image, text, logit_scale=2.0, logit_bias=0.5),
+                          fastcontrast.siglip_loss(image, text, 2.0, 0.5))
+    with pytest.raises(ValueError, match="init_logit_scale"):
+        fastcontrast.SigLIPLoss(init_logit_scale=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_siglip_huge_logit_scale_is_refused_or_agreed_on(dtype):
+    """logit_scale = 1e300: ValueError naming logit_scale on every backend, or one value."""
+    backends = float_backends(dtype)
+    image, text = (torch.randn(5, 3, dtype=dtype) for _ in range(2))
+    outcomes = {}
+    for backend in backends:
+        device = device_for(backend)
+        try:
+            outcomes[backend] = fastcontrast.siglip_loss(
+                image.to(device), text.to(device), 1e300, -10.0, backend=backend).cpu()
+        except ValueError as error:
+            assert "logit_scale" in str(error), f"{backend}: {error}"
+            outcomes[backend] = "ValueError"
+    kinds = {b: isinstance(v, str) for b, v in outcomes.items()}
+    assert len(set(kinds.values())) == 1, f"some backends raise, others do not: {outcomes}"
+    values = [v for v in outcomes.values() if not isinstance(v, str)]
+    for backend, value in zip(backends, values):
+        torch.testing.assert_close(value, values[0], equal_nan=True, rtol=1e-6, atol=0,
+                                   msg=lambda m, b=backend: f"{b} vs {backends[0]}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from torch import nn
 import fastcontrast as fc
 from fastcontrast import backends
 
+from .._cases import require_every_loss
+
 BACKENDS = [b for b in ("cpu", "torch") if b in backends.available_backends("cpu")]
 DTYPE = torch.float64  # compiled host code may reorder float ops: compare in float64
 N, M, K, D = 9, 13, 11, 7
@@ -74,12 +76,12 @@ CASES = {
                                                   backend=b),
         lambda: (_features(N, D), _features(N, D), _features(K, D), torch.randint(0, 4, (N,)),
                  torch.randint(-1, 4, (K,))), (0.2,)),
-    "dcl": (lambda q, k, t, b: fc.info_nce(q, k, temperature=t, decoupled=True, backend=b),
+    "info_nce_dcl": (lambda q, k, t, b: fc.info_nce(q, k, temperature=t, decoupled=True, backend=b),
             lambda: (_features(N, D), _features(N, D)), (0.2,)),
-    "dclw": (lambda z1, z2, t, b: fc.nt_xent(z1, z2, temperature=t, decoupled=True,
+    "nt_xent_dclw": (lambda z1, z2, t, b: fc.nt_xent(z1, z2, temperature=t, decoupled=True,
                                              dclw_sigma=0.5, backend=b),
              lambda: (_features(N, D), _features(N, D)), (0.2,)),
-    "hcl": (lambda z1, z2, t, b: fc.nt_xent(z1, z2, temperature=t, hcl_beta=1.0,
+    "nt_xent_hcl": (lambda z1, z2, t, b: fc.nt_xent(z1, z2, temperature=t, hcl_beta=1.0,
                                             hcl_tau_plus=0.1, backend=b),
             lambda: (_features(N, D), _features(N, D)), (0.5,)),
     "nt_xent": (lambda z1, z2, t, b: fc.nt_xent(z1, z2, temperature=t, backend=b),
@@ -89,20 +91,21 @@ CASES = {
     "supcon_views_none": (
         lambda z, t, b: fc.supcon(z, temperature=t, reduction="none", backend=b),
         lambda: (_features(N, 2, D),), (0.1,)),
-    "moco": (lambda q, k, u, t, b: fc.moco_loss(q, k, u, temperature=t, backend=b),
+    "moco_loss": (lambda q, k, u, t, b: fc.moco_loss(q, k, u, temperature=t, backend=b),
              lambda: (_features(N, D), _features(N, D), _features(K, D, requires_grad=False)),
              (0.07,)),
-    "moco_hcl": (lambda q, k, u, t, b: fc.moco_loss(q, k, u, temperature=t, hcl_beta=0.5,
+    "moco_loss_hcl": (lambda q, k, u, t, b: fc.moco_loss(q, k, u, temperature=t, hcl_beta=0.5,
                                                     backend=b),
                  lambda: (_features(N, D), _features(N, D), _features(K, D)), (0.2,)),
-    "clip": (lambda x, y, s, c, b: fc.clip_loss(x, y, s, logit_bias=c, backend=b),
+    "clip_loss": (lambda x, y, s, c, b: fc.clip_loss(x, y, s, logit_bias=c, backend=b),
              lambda: (_features(N, D), _features(N, D)), (14.0, -2.0)),
-    "siglip": (lambda x, y, s, c, b: fc.siglip_loss(x, y, s, c, backend=b),
+    "siglip_loss": (lambda x, y, s, c, b: fc.siglip_loss(x, y, s, c, backend=b),
                lambda: (_features(N, D), _features(N, D)), (10.0, -10.0)),
-    "siglip_none": (lambda x, y, s, c, b: fc.siglip_loss(x, y, s, c, reduction="none",
+    "siglip_loss_none": (lambda x, y, s, c, b: fc.siglip_loss(x, y, s, c, reduction="none",
                                                          backend=b),
                     lambda: (_features(N, D), _features(N, D)), (3.0, 1.0)),
 }
+require_every_loss(CASES, "torch.compile")
 
 
 def _module(name, backend):

@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 import fastcontrast
 from fastcontrast import NegativeQueue
 
-from .._helpers import TOLERANCES, backend_usable, device_for, interpreting_triton
+from ..._helpers import TOLERANCES, backend_usable, device_for, interpreting_triton
+from .._cases import require_every_loss
 
 EXAMPLES_ENV = "FASTCONTRAST_HYPOTHESIS_EXAMPLES"
 RANDOM_ENV = "FASTCONTRAST_HYPOTHESIS_RANDOM"
@@ -159,6 +160,7 @@ def siglip_options(draw, n, d):
 
 OPTIONS = {"info_nce": info_nce_options, "nt_xent": nt_xent_options, "supcon": supcon_options,
            "moco_loss": moco_options, "clip_loss": clip_options, "siglip_loss": siglip_options}
+require_every_loss(OPTIONS, "the property-based search")
 
 
 @st.composite

@@ -14,6 +14,8 @@ from torch._dynamo.utils import counters
 import fastcontrast as fc
 from fastcontrast import backends
 
+from .._cases import require_every_loss
+
 BACKENDS = [b for b in ("cpu", "torch") if b in backends.available_backends("cpu")]
 SIZES = (6, 9, 12, 17, 20, 23, 31, 40, 47, 52, 64)
 D = 5
@@ -46,6 +48,7 @@ CASES = {
     "moco_loss": lambda b: lambda x, y: fc.moco_loss(x, y, (x + y).detach(), backend=b),
     "siglip_loss": lambda b: lambda x, y: fc.siglip_loss(x, y, 10.0, -10.0, backend=b),
 }
+require_every_loss(CASES, "torch.compile over changing batch sizes")
 # The module twins call the functions above: one backend ("auto") suffices for them.
 MODULE_CASES = {
     "InfoNCELoss": lambda b: fc.InfoNCELoss(0.1, backend=b),

@@ -22,13 +22,17 @@ import torch.nn.functional as F
 
 import fastcontrast as fc
 
-from .._helpers import backend_usable
+from ..._helpers import backend_usable
+from .._cases import require_every_loss
 
 pytestmark = pytest.mark.skipif(not backend_usable("cpu"), reason="C++ extension unavailable")
 
 EPS = torch.finfo(torch.float32).eps
 LOSS_ULPS, GRAD_ULPS = 4, 8
 LOSSES = ("info_nce", "clip_loss", "nt_xent", "supcon")
+require_every_loss(LOSSES, "fp32 precision", exempt={
+    "moco_loss": "info_nce's kernels over a detached queue, checked as info_nce here",
+    "siglip_loss": "no log-sum-exp; its fp32 precision: tests/losses/test_siglip.py"})
 
 
 def _loss(name, tau, labels=None, normalize=True):
