@@ -9,14 +9,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
 #include "cpu/fast_exp.h"
 #include "cpu/infonce.h"
+#include "cpu/runtime_options.h"
 
 namespace fastcontrast {
 namespace tiles {
@@ -137,12 +136,9 @@ bool any_nan(const T* s, int64_t r) {
 // (S < e^-40) would send to the exact passes. fast_exp_shifted flushes s - c below -86 (float;
 // -707 double) to 0, so a sum S >= kMinSharedShiftSum loses less than M e^-46 (float) of itself; a smaller sum (all of a row's scores far below c: scores spread over more than ~80
 // nats, no entry at all) sends the call to the exact two-pass kernels.
-// FASTCONTRAST_SHARED_SHIFT=0 (read at every call) turns the shared-shift passes off: the
+// The runtime option shared_shift (runtime_options.h) turns the shared-shift passes off: the
 // exact passes only, for the tests and as a baseline.
-inline bool shared_shift_enabled() {
-  const char* value = std::getenv("FASTCONTRAST_SHARED_SHIFT");
-  return value == nullptr || std::string(value) != "0";
-}
+inline bool shared_shift_enabled() { return runtime_options().shared_shift; }
 
 template <typename T>
 constexpr T kMinSharedShiftSum = sizeof(T) == 4 ? T(1e-17) : T(1e-250);
