@@ -37,6 +37,7 @@
 #include "cpu/fast_exp.h"
 #include "cpu/lse_tiles.h"
 #include "cpu/outputs.h"
+#include "cpu/shared_shift.h"
 #include "cpu/tasks.h"
 
 namespace fastcontrast {
@@ -248,7 +249,7 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
   return row_lse;
 }
 
-// The shared-shift forward (lse_tiles.h): one exp per entry, e_ij = exp(s_ij - c), feeds both
+// The shared-shift forward (shared_shift.h): one exp per entry, e_ij = exp(s_ij - c), feeds both
 // its row's and its column's sum S_k = sum_j exp(s_kj - c), and lse_k = c + log S_k: no max pass,
 // no rescaling, half the exps of forward_impl. Returns false, and the caller runs forward_impl,
 // when c is not finite or some row's sum is below kMinSharedShiftSum; such calls pay for both.
