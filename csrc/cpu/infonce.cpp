@@ -15,12 +15,11 @@
 // that dq_i = sum_j H_ij keys_j and dkeys_j = sum_i H_ij q_i need no scaled copy of keys and no
 // extra pass over the tile: the query factor c_i is applied to the small R x D operands.
 //
-// Scheduling (tasks.h): the tiles (block, chunk) of the shared-shift forward and of the backward
-// are tasks of one parallel region, each run by one thread with single-threaded GEMMs, the tiles
-// of a block (of a chunk) in a fixed order; the one-pass forward with gradient has one task per
-// block (its whole row, for the row max) and one per (block, chunk) for the dkeys update. So no
-// barrier separates the passes and a thread that the OS deschedules holds up only the tasks that
-// wait for its tile.
+// Scheduling (tasks.h, grid_tiles.h): the tiles (block, chunk) of the shared-shift forward and of
+// the backward are tasks of one parallel region, each run by one thread with single-threaded
+// GEMMs, the tiles of a block (of a chunk) in a fixed order; the gradient rows are zeroed and
+// scaled inside the tiles' tasks. So no barrier separates the passes and a thread that the OS
+// deschedules holds up only the tasks that wait for its tile.
 //
 // Why keys x queries: with MKL on 2 cores (N = M = 16384, D = 256, fp32) keys @ q_blk^T ran
 // 10-15% faster than q_blk @ keys^T, and the two gradient products equally fast in either layout;
@@ -57,8 +56,8 @@ bool shared_shift_forward(const Problem<T>& p, const at::Tensor& beta, const Mas
   std::vector<Acc> row_sum(p.n, Acc(0)), col_sum(with_col ? p.m : 0, Acc(0));
   const int64_t block_rows = task_block_rows(p, requested);
   for_each_grid_tile(p, beta, mask, block_rows, chunk_keys(block_rows, sizeof(T), requested),
-                     [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& pc,
-                         at::Tensor& tile, int64_t) {
+                     [&](const GridTile& g, const Problem<T>& pc, at::Tensor& tile, int64_t) {
+    const int64_t r0 = g.r0, rows = g.rows, c0 = g.c0;
     const T* a = p.alpha + r0;
     const T* base = tile.data_ptr<T>();
     FlushedSums<T> acc(row_sum.data() + r0, rows);
@@ -119,17 +118,23 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(const Problem<T>&
 }
 
 // The backward on the grid of tiles (for_each_grid_tile): per tile of R queries by C keys, its
-// weights W, dq[block] += W^T @ keys[chunk] and dkeys[chunk] += W @ (alpha q)[block]; dq is
-// scaled by alpha once every tile is in.
+// weights W, dq[block] += W^T @ keys[chunk] and dkeys[chunk] += W @ (alpha q)[block]; the first
+// tile of a block (chunk) zeroes its rows of dq (dkeys), the last tile of a block scales its dq
+// rows by alpha.
 template <typename T>
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
     const Problem<T>& p, const at::Tensor& beta, const Mask& mask, const at::Tensor& row_lse,
     const at::Tensor& row_grad, const std::optional<at::Tensor>& col_lse,
     const std::optional<at::Tensor>& col_grad, bool need_dq, bool need_dkeys, int64_t requested) {
   std::optional<at::Tensor> dq, dkeys;
-  if (need_dq) dq = at::zeros({p.n, p.d}, p.q.options());  // accumulated
-  if (need_dkeys) dkeys = at::zeros({p.m, p.d}, p.q.options());
-  if ((!need_dq && !need_dkeys) || p.m == 0) return {dq, dkeys};
+  const bool no_tiles = p.n == 0 || p.m == 0;  // then the gradients are 0 (or empty)
+  const auto gradient = [&](int64_t rows) {  // accumulated, from the zeros of the first tile
+    return no_tiles ? at::zeros({rows, p.d}, p.q.options())
+                    : new_output({rows, p.d}, p.q.options());
+  };
+  if (need_dq) dq = gradient(p.n);
+  if (need_dkeys) dkeys = gradient(p.m);
+  if ((!need_dq && !need_dkeys) || no_tiles) return {dq, dkeys};
 
   std::vector<T> rl(p.n);
   const T* rl_in = row_lse.data_ptr<T>();
@@ -155,8 +160,9 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
   const int64_t block_rows = task_block_rows(p, requested);
   std::vector<at::Tensor> scaled_q(static_cast<size_t>(at::get_num_threads()));
   for_each_grid_tile(p, beta, mask, block_rows, chunk_keys(block_rows, sizeof(T), requested),
-                     [&](int64_t r0, int64_t rows, int64_t c0, const Problem<T>& pc,
-                         at::Tensor& tile, int64_t slot) {
+                     [&](const GridTile& gt, const Problem<T>& pc, at::Tensor& tile,
+                         int64_t slot) {
+    const int64_t r0 = gt.r0, rows = gt.rows, c0 = gt.c0;
     const T* a = p.alpha + r0;
     const T* g = rg + r0;
     const T* lse = rl.data() + r0;
@@ -188,17 +194,23 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
     bool poisoned = cols_poisoned;
     for (int64_t i = 0; i < rows; ++i) poisoned = poisoned || poisons(rl_in[r0 + i], g[i]);
     if (poisoned && pc.row_ids) pc.mask_equal_ids(r0, rows, tile, T(0));
-    if (dq) dq->narrow(0, r0, rows).addmm_(tile.t(), pc.keys);
+    if (dq) {
+      at::Tensor dq_block = dq->narrow(0, r0, rows);
+      if (gt.block_first) dq_block.zero_();
+      dq_block.addmm_(tile.t(), pc.keys);
+      if (gt.block_last) dq_block.mul_(p.alpha_tensor.narrow(0, r0, rows).unsqueeze(1));
+    }
     if (dkeys) {
       at::Tensor& q_scaled = scaled_q[slot];
       if (!q_scaled.defined()) q_scaled = at::empty({block_rows, p.d}, p.q.options());
       at::Tensor q_block = q_scaled.narrow(0, 0, rows);
       at::mul_out(q_block, p.q.narrow(0, r0, rows),
                   p.alpha_tensor.narrow(0, r0, rows).unsqueeze(1));
-      dkeys->narrow(0, c0, pc.m).addmm_(tile, q_block);
+      at::Tensor dkeys_chunk = dkeys->narrow(0, c0, pc.m);
+      if (gt.chunk_first) dkeys_chunk.zero_();
+      dkeys_chunk.addmm_(tile, q_block);
     }
   });
-  if (dq) dq->mul_(p.alpha_tensor.unsqueeze(1));
   return {dq, dkeys};
 }
 

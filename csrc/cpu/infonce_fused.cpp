@@ -57,7 +57,10 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
   at::Tensor row_scale = at::empty({p.n}, p.q.options());
   std::optional<at::Tensor> dq, dkeys;
   if (need_dq) dq = new_output({p.n, p.d}, p.q.options());
-  if (need_dkeys) dkeys = at::zeros({p.m, p.d}, p.q.options());  // accumulated
+  // Accumulated: block 0's update of each chunk zeroes the chunk's rows first (no tasks, no
+  // block 0, when there are no queries).
+  if (need_dkeys) dkeys = p.n > 0 ? new_output({p.m, p.d}, p.q.options())
+                                  : at::zeros({p.m, p.d}, p.q.options());
   const bool need_grad = need_dq || need_dkeys;
 
   T* lse_out = row_lse.data_ptr<T>();
@@ -93,7 +96,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
     if (k >= 0) {  // dkeys[chunk k] += W[chunk k] @ (c q)[block b]
       const int64_t c0 = k * chunk, c1 = std::min(p.m, c0 + chunk);
       const at::Tensor w = tiles[slot].narrow(0, c0 * rows, (c1 - c0) * rows).view({c1 - c0, rows});
-      dkeys->narrow(0, c0, c1 - c0).addmm_(w, scaled[slot].narrow(0, 0, rows));
+      at::Tensor dkeys_chunk = dkeys->narrow(0, c0, c1 - c0);
+      if (b == 0) dkeys_chunk.zero_();
+      dkeys_chunk.addmm_(w, scaled[slot].narrow(0, 0, rows));
       return;
     }
     if (!tiles[slot].defined()) tiles[slot] = at::empty({p.m * block_rows}, p.q.options());

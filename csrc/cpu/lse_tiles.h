@@ -235,8 +235,11 @@ struct Operands {
 
 inline Operands fold_scales(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
                             const at::Tensor& beta, const Mask& mask) {
-  const auto usable = [](const at::Tensor& s) {
-    return (s > 0).logical_and(s.isfinite()).all().item<bool>();
+  const auto usable = [](const at::Tensor& s) {  // a loop: no ATen reduction (tasks.h)
+    return AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "fold_scales", [&] {
+      const scalar_t* v = s.data_ptr<scalar_t>();
+      return std::all_of(v, v + s.numel(), [](scalar_t x) { return x > 0 && std::isfinite(x); });
+    });
   };
   if (!mask.row_ids || (usable(alpha) && usable(beta))) return {q, keys, alpha, beta, false};
   return {q * alpha.unsqueeze(1), keys * beta.unsqueeze(1), at::ones_like(alpha),

@@ -52,15 +52,47 @@ struct SharedShift {
   bool usable;
 };
 
+// The Euclidean norm of each of the n rows of x (n x d, contiguous), in T.
+template <typename T>
+std::vector<T> row_norms(const T* x, int64_t n, int64_t d) {
+  std::vector<T> norms(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = x + i * d;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < d; ++k) sum += row[k] * row[k];
+    norms[i] = std::sqrt(sum);
+  }
+  return norms;
+}
+
+// max_i norms_i |scale_i| (as torch's max: NaN when any product is NaN).
+template <typename T>
+T max_scaled(const std::vector<T>& norms, const T* scale) {
+  T out = 0;
+  for (size_t i = 0; i < norms.size(); ++i) {
+    const T v = norms[i] * std::abs(scale[i]);
+    if (std::isnan(v)) return v;
+    out = std::max(out, v);
+  }
+  return out;
+}
+
+// The bound C and its shift, on the calling thread: an O((N + M) D) pass is cheaper than the
+// barrier of a parallel ATen reduction whenever another process holds a core (tasks.h).
 template <typename T>
 SharedShift<T> shared_shift(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
                             const at::Tensor& beta) {
   double bound = 0;
   if (q.size(0) > 0 && keys.size(0) > 0) {
-    const at::Tensor q_norms = q.norm(2, {1});
-    const at::Tensor key_norms = keys.is_same(q) ? q_norms : keys.norm(2, {1});  // a Gram call
-    bound = static_cast<double>((q_norms * alpha.abs()).max().item<T>()) *
-            static_cast<double>((key_norms * beta.abs()).max().item<T>());
+    const int64_t d = q.size(1);
+    const std::vector<T> q_norms = row_norms(q.data_ptr<T>(), q.size(0), d);
+    const T q_max = max_scaled(q_norms, alpha.data_ptr<T>());
+    const T key_max = keys.is_same(q)  // a Gram call
+                          ? max_scaled(q_norms, beta.data_ptr<T>())
+                          : max_scaled(row_norms(keys.data_ptr<T>(), keys.size(0), d),
+                                       beta.data_ptr<T>());
+    bound = static_cast<double>(q_max) * static_cast<double>(key_max);
   }
   const double k = std::floor((bound - kSharedShiftHeadroom) / kLn2);
   if (!(std::abs(k) <= kMaxPow2Shift)) return {pow2_shift<T>(0), 0.0, false};  // NaN too
