@@ -55,7 +55,8 @@ inline std::vector<GridTile> grid_tiles(int64_t n, int64_t m, int64_t block_rows
     block_seen[b] = chunk_seen[c] = 1;
     block_last[b] = static_cast<int64_t>(out.size()) - 1;
   }
-  for (const int64_t t : block_last) out[t].block_last = true;
+  for (const int64_t t : block_last)
+    if (t >= 0) out[t].block_last = true;  // -1: a block without tiles (no keys)
   return out;
 }
 

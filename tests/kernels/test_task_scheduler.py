@@ -88,7 +88,8 @@ def test_grid_order_covers_the_grid_in_independent_rounds(ext, blocks, chunks):
         assert len({b for b, _ in round_}) == width and len({c for _, c in round_}) == width
 
 
-@pytest.mark.parametrize("n,m,rows,chunk", [(1, 1, 1, 1), (301, 283, 32, 96), (64, 500, 32, 96),
+@pytest.mark.parametrize("n,m,rows,chunk", [(1, 1, 1, 1), (5, 0, 4, 8), (0, 5, 4, 8),
+                                             (301, 283, 32, 96), (64, 500, 32, 96),
                                              (500, 64, 32, 16), (8192, 8192, 512, 1024)])
 def test_grid_tiles_zero_and_finish_each_block_once(ext, n, m, rows, chunk):
     """The tiles of the full-product kernels cover the grid once, each with its true size, and
