@@ -37,6 +37,7 @@
 #include "cpu/fast_exp.h"
 #include "cpu/lse_tiles.h"
 #include "cpu/outputs.h"
+#include "cpu/shared_shift.h"
 #include "cpu/tasks.h"
 
 namespace fastcontrast {
@@ -139,11 +140,14 @@ inline std::vector<std::pair<int64_t, int64_t>> pair_tasks(
 // (k_rows, q_rows) = z[k0:..] @ z[q0:..]^T with the id-masked entries at -inf, in the calling
 // thread's buffer. The tasks run on every thread at once (pair_tasks): no two running tasks share
 // a block, and each block's tasks run in the order of pair_rounds; a tile on the diagonal has
-// q0 == k0.
-template <typename T, typename Fn>
+// q0 == k0. Before a block's first tile, in the same task, first_touch(r0, rows) with the block's
+// rows (the backward zeroes its accumulator there: no parallel ATen op before the region).
+template <typename T, typename Fn, typename FirstTouch>
 void for_each_pair_tile(const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& beta,
-                        const Mask& mask, int64_t block, int64_t requested, Fn&& fn) {
+                        const Mask& mask, int64_t block, int64_t requested, Fn&& fn,
+                        FirstTouch&& first_touch) {
   const int64_t n = z.size(0), blocks = (n + block - 1) / block;
+  std::vector<char> touched(static_cast<size_t>(blocks), 0);  // a block's tasks run in order
   const int64_t threads = at::get_num_threads();
   std::vector<at::Tensor> buffers(static_cast<size_t>(threads));
   const auto tile_of = [&](int64_t q0, int64_t q_rows, int64_t k0, int64_t k_rows) {
@@ -157,6 +161,11 @@ void for_each_pair_tile(const at::Tensor& z, const at::Tensor& alpha, const at::
     fn(q0, q_rows, k0, k_rows, p, tile);
   };
   const auto run = [&](int64_t a, int64_t b) {
+    for (const int64_t k : {a, b}) {
+      if (touched[k]) continue;
+      touched[k] = 1;
+      first_touch(k * block, std::min(block, n - k * block));
+    }
     const int64_t a0 = a * block, a_rows = std::min(block, n - a0);
     if (a != b) {
       tile_of(a0, a_rows, b * block, std::min(block, n - b * block));
@@ -248,7 +257,7 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& alpha, const at::
   return row_lse;
 }
 
-// The shared-shift forward (lse_tiles.h): one exp per entry, e_ij = exp(s_ij - c), feeds both
+// The shared-shift forward (shared_shift.h): one exp per entry, e_ij = exp(s_ij - c), feeds both
 // its row's and its column's sum S_k = sum_j exp(s_kj - c), and lse_k = c + log S_k: no max pass,
 // no rescaling, half the exps of forward_impl. Returns false, and the caller runs forward_impl,
 // when c is not finite or some row's sum is below kMinSharedShiftSum; such calls pay for both.
@@ -276,7 +285,7 @@ bool shared_shift_forward(const at::Tensor& z, const at::Tensor& alpha, const at
       if (k0 != q0) sum[k0 + j] += col;  // off the diagonal: row k0 + j's entry too
     }
     row_sum.flush();
-  });
+  }, [](int64_t, int64_t) {});
   if (!shared_sums_usable<T>(sum.data(), n)) return false;
   for (int64_t k = 0; k < n; ++k) out[k] = shared_lse<T>(shift.c, sum[k]);
   return true;
@@ -298,7 +307,7 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
                          const at::Tensor& row_lse, const at::Tensor& row_grad, const Mask& mask,
                          int64_t requested) {
   const int64_t n = z.size(0);
-  at::Tensor dz = at::zeros({n, z.size(1)}, z.options());  // accumulated
+  at::Tensor dz = new_output({n, z.size(1)}, z.options());  // accumulated, zeroed by first_touch
   const T* lse_in = row_lse.data_ptr<T>();
   const T* g = row_grad.data_ptr<T>();
   std::vector<T> rl(n);
@@ -349,7 +358,7 @@ at::Tensor backward_impl(const at::Tensor& z, const at::Tensor& alpha, const at:
     // diagonal is symmetric: used once).
     dz.narrow(0, q0, q_rows).addmm_(tile.t(), p.keys);
     if (k0 != q0) dz.narrow(0, k0, k_rows).addmm_(tile, z.narrow(0, q0, q_rows));
-  });
+  }, [&](int64_t r0, int64_t rows) { dz.narrow(0, r0, rows).zero_(); });
   return dz;
 }
 

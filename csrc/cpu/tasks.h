@@ -6,7 +6,10 @@
 // descheduled holds up every other thread at each barrier, hundreds of times per call, and the
 // waiting threads' time slices are lost. Here a thread that runs takes whatever task is ready; a
 // thread only ever waits for a dependency (asleep on a condition variable, not spinning), and
-// the region ends once, after the last task.
+// the region ends once, after the last task. A thread left without a task sleeps here until the
+// last running task has finished, so that every thread reaches the region's closing barrier
+// together: that barrier (OpenMP's) spins, and a thread spinning there for the length of a tile
+// takes CPU time from the threads still at work when they share a core.
 //
 // Determinism: a task that updates shared rows (dq of a query block, dkeys of a key chunk) gets
 // an edge from the previous task that updates them, so those rows are updated in list order
@@ -50,14 +53,13 @@ class TaskGraph {
   }
 
   // The first task (in list order) not yet started whose dependencies have all finished, now
-  // marked started; waits while none is ready but some is still running; -1 once every task is
-  // taken or one failed.
+  // marked started; waits while none is ready but some is still running; -1 once every task has
+  // finished or one failed.
   int64_t acquire() {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      if (failed_) return -1;
+      if (failed_ || finished_ == size()) return -1;
       while (first_open_ < size() && started_[first_open_]) ++first_open_;
-      if (first_open_ == size()) return -1;
       for (int64_t t = first_open_; t < size(); ++t) {
         if (started_[t] || waiting_[t] != 0) continue;
         started_[t] = 1;
@@ -71,6 +73,7 @@ class TaskGraph {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       for (const int64_t later : after_[t]) --waiting_[later];
+      ++finished_;
     }
     wake_.notify_all();
   }
@@ -85,9 +88,14 @@ class TaskGraph {
 
   // Runs fn(t, slot) for every task on every thread of one parallel region; slot in
   // [0, threads) is the calling thread's (for per-thread buffers). A task that throws stops the
-  // others, and the exception reaches the caller.
+  // others, and the exception reaches the caller. leave(slot) as each thread stops taking tasks.
   template <typename Fn>
   void run(Fn&& fn) {
+    run(std::forward<Fn>(fn), [](int64_t) {});
+  }
+
+  template <typename Fn, typename Leave>
+  void run(Fn&& fn, Leave&& leave) {
     const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), size()));
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
       // A worker thread starts in grad mode, and the ATen calls of the tasks see operands that
@@ -104,6 +112,7 @@ class TaskGraph {
         }
         release(t);
       }
+      leave(begin);
     });
   }
 
@@ -112,6 +121,7 @@ class TaskGraph {
   std::vector<std::vector<int64_t>> after_;  // the tasks that wait for each task
   std::vector<char> started_;
   int64_t first_open_ = 0;
+  int64_t finished_ = 0;
   bool failed_ = false;
   std::mutex mutex_;
   std::condition_variable wake_;

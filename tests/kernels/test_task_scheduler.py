@@ -35,7 +35,7 @@ def test_every_task_once_after_its_dependencies(ext, two_threads):
     size = 200
     edges = [(earlier, later) for later in range(1, size)
              for earlier in torch.randint(0, later, (2,), generator=gen).tolist()]
-    slot, start, finish, timed_out = ext.task_graph_trace(size, edges)
+    slot, start, finish, _, timed_out = ext.task_graph_trace(size, edges)
     assert not timed_out
     assert sorted(start + finish) == list(range(2 * size))  # one start, one finish each
     assert all(s < f for s, f in zip(start, finish))
@@ -47,7 +47,8 @@ def test_every_task_once_after_its_dependencies(ext, two_threads):
 def test_chain_runs_in_list_order(ext, two_threads):
     """A chain 0 -> 1 -> ... -> 49 runs strictly one task after the other, in order."""
     size = 50
-    _, start, finish, timed_out = ext.task_graph_trace(size, [(t, t + 1) for t in range(size - 1)])
+    _, start, finish, _, timed_out = ext.task_graph_trace(size,
+                                                          [(t, t + 1) for t in range(size - 1)])
     assert not timed_out
     assert start == list(range(0, 2 * size, 2)) and finish == list(range(1, 2 * size, 2))
 
@@ -57,10 +58,22 @@ def test_a_stalled_thread_does_not_hold_up_independent_tasks(ext, two_threads):
     all 99 of them (a static split would leave half of them to the blocked thread and never
     finish; the probe gives up after 20 s and reports it)."""
     size = 100
-    slot, start, finish, timed_out = ext.task_graph_trace(size, [], stall=0)
+    slot, start, finish, _, timed_out = ext.task_graph_trace(size, [], stall=0)
     assert not timed_out
     assert finish[0] == max(finish)
     assert all(slot[t] != slot[0] for t in range(1, size))
+
+
+def test_threads_leave_together_after_the_last_task(ext, two_threads):
+    """A thread left without a task waits (asleep) for the task still running instead of going
+    on to the region's closing barrier, where OpenMP spins: with task 0 stalled until every other
+    task is done, the other thread leaves only after task 0 has finished, and so does every
+    thread in a run without a stall."""
+    for stall in (0, -1):
+        slot, _, finish, leave, timed_out = ext.task_graph_trace(40, [], stall=stall)
+        assert not timed_out
+        ran = set(slot)
+        assert all(leave[s] > max(finish) for s in ran), (stall, leave, max(finish))
 
 
 @pytest.mark.parametrize("blocks,chunks", [(1, 1), (3, 3), (2, 5), (5, 2), (4, 7)])
@@ -73,6 +86,33 @@ def test_grid_order_covers_the_grid_in_independent_rounds(ext, blocks, chunks):
     for r in range(0, len(order), width):
         round_ = order[r:r + width]
         assert len({b for b, _ in round_}) == width and len({c for _, c in round_}) == width
+
+
+@pytest.mark.parametrize("n,m,rows,chunk", [(1, 1, 1, 1), (5, 0, 4, 8), (0, 5, 4, 8),
+                                             (301, 283, 32, 96), (64, 500, 32, 96),
+                                             (500, 64, 32, 16), (8192, 8192, 512, 1024)])
+def test_grid_tiles_zero_and_finish_each_block_once(ext, n, m, rows, chunk):
+    """The tiles of the full-product kernels cover the grid once, each with its true size, and
+    mark the first tile (in task order) of every block and chunk, where the kernels zero the
+    gradient rows inside the task, and the last tile of every block, where they scale them: one
+    of each per block and chunk, so that no ATen op over the whole gradient runs outside the
+    tasks."""
+    tiles = ext.grid_tiles(n, m, rows, chunk)
+    blocks, chunks = -(-n // rows), -(-m // chunk)
+    assert len(tiles) == blocks * chunks
+    cells = {(r0, c0) for r0, _, c0, *_ in tiles}
+    assert cells == {(b * rows, c * chunk) for b in range(blocks) for c in range(chunks)}
+    for r0, rows_, c0, c1, *_ in tiles:
+        assert rows_ == min(rows, n - r0) and c1 == min(m, c0 + chunk)
+    for key, flag in ((0, 4), (2, 6)):  # (block, block_first), (chunk, chunk_first)
+        seen = []
+        for t in tiles:
+            first = t[key] not in seen
+            assert t[flag] == first
+            seen.append(t[key])
+    order = [t[0] for t in tiles]
+    for t_index, t in enumerate(tiles):
+        assert t[5] == (t[0] not in order[t_index + 1:])  # block_last
 
 
 @pytest.mark.parametrize("backend", ["cpu"])  # both sets of passes (conftest)
