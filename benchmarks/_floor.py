@@ -70,7 +70,7 @@ def floor_from_medians(median_s, shape, work_flop):
 # beat it by running a product shape the floor did not measure. Each product is named by the
 # backend whose loop issues it; (rows, keys, dim) = (block rows R, M, D):
 #
-#   csrc/cpu/infonce.cpp (keys x queries tile, R rows a block):
+#   csrc/cpu/infonce.cpp, infonce_fused.cpp (keys x queries tile, R rows a block):
 #     "cpu scores"  tile (M x R) = keys (M x D) @ q_blk^T (D x R, a transposed view)
 #     "cpu dq"      dq_blk (R x D) = W^T (R x M, a view of the tile) @ keys (M x D)
 #     "cpu dk"      dkeys (M x D) += W (M x R) @ (c q_blk) (R x D)          (addmm_)
@@ -79,7 +79,7 @@ def floor_from_medians(median_s, shape, work_flop):
 #     "torch dq"      dq_chunk (R x D) = h (R x M) @ keys (M x D)
 #     "torch dk"      dkeys (M x D) += h^T (M x R, a view) @ q_chunk (R x D)  (addmm_)
 
-# csrc/cpu/infonce.cpp: choose_block_rows and its constants (tests check them against the
+# csrc/cpu/tile_budget.h: choose_block_rows and its constants (tests check them against the
 # kernel's products recorded by the profiler).
 CPU_MIN_TILE_BYTES = 16 << 20
 CPU_MIN_BLOCK_ROWS = 32
@@ -88,13 +88,13 @@ PRODUCTS = ("scores", "dq", "dk")
 
 
 def cpu_tile_budget(n, m, d, elem_size=4, large_tile=False):
-    """csrc/cpu/lse_tiles.h tile_budget: the bytes one score tile may take."""
+    """csrc/cpu/tile_budget.h tile_budget: the bytes one score tile may take."""
     budget = max(CPU_MIN_TILE_BYTES, (n + m) * d * elem_size // 2)
     return 2 * budget if large_tile else budget
 
 
 def cpu_block_rows(n, m, d, elem_size=4, large_tile=False):
-    """The block rows R of csrc/cpu/infonce.cpp for an N x M x D problem. ``large_tile``: the
+    """The block rows R of csrc/cpu/tile_budget.h for an N x M x D problem. ``large_tile``: the
     forward alone and the symmetric (column-term) backward, whose tile budget is doubled; the
     fused one-directional forward+backward has ``large_tile=False``."""
     b = cpu_tile_budget(n, m, d, elem_size, large_tile) // max(m * elem_size, 1)
@@ -118,16 +118,16 @@ def _blocks(n, rows):
     return sorted({rows} | ({n % rows} if n % rows else set()))
 
 
-CPU_CHUNK_BYTES = 2 << 20  # csrc/cpu/lse_tiles.h's kChunkBytes
+CPU_CHUNK_BYTES = 2 << 20  # csrc/cpu/tile_budget.h's kChunkBytes
 
 
 def cpu_chunk_keys(rows, elem_size=4):
-    """Keys per chunk of the C++ kernels' chunked backward (lse_tiles.h chunk_keys)."""
+    """Keys per chunk of the C++ kernels' chunked backward (tile_budget.h chunk_keys)."""
     return max(rows, CPU_CHUNK_BYTES // (rows * elem_size) // 16 * 16)
 
 
 def cpu_task_block_rows(block, n, threads):
-    """csrc/cpu/infonce.cpp task_block_rows: R halved (to a multiple of 16, at least
+    """csrc/cpu/grid_tiles.h task_block_rows: R halved (to a multiple of 16, at least
     CPU_MIN_BLOCK_ROWS) while the N rows make fewer than two blocks per thread."""
     while block > CPU_MIN_BLOCK_ROWS and -(-n // block) < 2 * threads:
         block = max(CPU_MIN_BLOCK_ROWS, block // 2 // 16 * 16)
@@ -135,7 +135,7 @@ def cpu_task_block_rows(block, n, threads):
 
 
 def cpu_in_flight_rows(block, n, m, d, elem_size, threads):
-    """csrc/cpu/infonce.cpp in_flight_rows: the fused forward+backward keeps up to threads + 1
+    """csrc/cpu/infonce_fused.cpp in_flight_rows: the fused forward+backward keeps up to threads + 1
     M x R tiles at once; R is halved (to a multiple of 16, at least CPU_MIN_BLOCK_ROWS) until
     they fit in 1.5 tile budgets."""
     budget = 3 * cpu_tile_budget(n, m, d, elem_size) // 2

@@ -26,20 +26,13 @@ def _seed(request):
 
 
 @pytest.fixture
-def configure(monkeypatch):
+def configure():
     """configure(name=value, ...): fastcontrast's settings (fastcontrast/_config.py) changed for
     the rest of the test."""
     from fastcontrast import _config
 
     with contextlib.ExitStack() as stack:
         def apply(**changes):
-            # The C++ kernels of an extension without set_runtime_options read these two from
-            # the environment.
-            names = {"shared_shift": "FASTCONTRAST_SHARED_SHIFT",
-                     "poison_outputs": "FASTCONTRAST_POISON_OUTPUTS"}
-            for name, value in changes.items():
-                if name in names:
-                    monkeypatch.setenv(names[name], "1" if value else "0")
             stack.enter_context(_config.override(**changes))
         yield apply
 
