@@ -12,7 +12,7 @@ import sys
 from setuptools import setup
 
 PACKAGES = ["fastcontrast", "fastcontrast.kernels", "fastcontrast.methods", "fastcontrast.cli",
-            "fastcontrast.compat",
+            "fastcontrast.compat", "fastcontrast.infonce",
             "fastcontrast.distributed", "fastcontrast.benchmarks", "fastcontrast.csrc"]
 PACKAGE_DIR = {"fastcontrast": "fastcontrast", "fastcontrast.kernels": "kernels",
                "fastcontrast.methods": "fastcontrast/methods",
