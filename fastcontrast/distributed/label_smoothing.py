@@ -7,8 +7,8 @@ S_i the sum of row i's candidates over all ranks: every rank's keys (all-reduced
 autograd), minus key i under exclude_self, plus every rank's bank minus the entries with the
 query's id (gathered with autograd only when ids are given), plus row i's per-query negatives.
 A symmetric loss (CLIP) adds key i's column term over the queries of every rank."""
-import torch
 
+from .._host import accumulate_dtype
 from ..infonce.label_smoothing import gap_from_sums, same_id_bank_sums
 from .collectives import AllGatherWithGrad, AllReduceWithGrad, all_gather_rows
 
@@ -20,7 +20,7 @@ def global_smoothing_gap(comm, options, q, k, bank, per_query, scale, *, targets
     """gap_i (N_r,) of this rank's rows (symmetric: (gap_i + gap'_i) / 2), with autograd, in
     the accumulation dtype. q, k, bank, per_query: this rank's prepared (normalised) operands;
     ``targets``: the global index of each row's positive key, or None (key i)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(q.dtype)
     q, k = q.to(acc), k.to(acc)
     n = q.shape[0]
     if targets is None:

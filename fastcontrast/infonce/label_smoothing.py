@@ -17,7 +17,7 @@ key i over the queries."""
 import torch
 import torch.nn.functional as F
 
-from .._host import class_index
+from .._host import accumulate_dtype, class_index
 
 __all__ = ["smoothing_gap", "gap_from_sums", "same_id_bank_sums"]
 
@@ -25,7 +25,7 @@ __all__ = ["smoothing_gap", "gap_from_sums", "same_id_bank_sums"]
 def _unit(t, normalize, eps):
     if t is None:
         return None
-    t = t.double() if t.dtype == torch.float64 else t.float()
+    t = t.to(accumulate_dtype(t.dtype))
     return F.normalize(t, dim=-1, eps=eps) if normalize else t
 
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from .._host import class_index
+from .._host import accumulate_dtype, class_index
 from .function import fused_loss, upcast_inputs
 from .fused_pass import FusedPass
 
@@ -29,7 +29,7 @@ __all__ = ["multi_positive_loss"]
 def _positive_means(options, query, key, query_labels, key_labels, scale):
     """(mean_{p in P(i)} s_ip (N,), |P(i)| (N,)) from class sums of the keys, with autograd."""
     n = query.shape[0]
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(query.dtype)
     q, k = query.to(acc), key.to(acc)
     if options.normalize:
         q = F.normalize(q, dim=-1, eps=options.eps)
