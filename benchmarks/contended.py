@@ -4,10 +4,13 @@ in one run, interleaved.
 
     python -m benchmarks.contended --out OUT_DIR [--n 8192] [--dim 256]
                                    [--losses clip_loss,info_nce] [--repeats 5] [--spinners K]
+                                   [--impls fused,fused_parallel_host,torch]
 
 Each (loss, implementation) runs forward+backward in float32 in its own process (started once,
 idle between its steps) with torch's default thread count; "fused" is backend "cpu", "torch" is
-the reference (plain PyTorch on the materialised logits). Every round times each process once,
+the reference (plain PyTorch on the materialised logits), "fused_parallel_host" backend "cpu" with
+its host passes on every thread (the serial_host_ops setting off: fastcontrast/_host_threads.py),
+the baseline of that setting. Every round times each process once,
 the order rotated, first quiet and then beside the spinners (started for the round and always
 stopped). Per loss: the median of each (implementation, phase), the slowdown busy / quiet of
 each implementation (its fair share is about 2x with one spinner per core), and the speed-up
@@ -30,7 +33,9 @@ if __package__ in (None, ""):  # run as a script: the checkout's fastcontrast.be
 
     ensure_package()
 
-IMPLS = {"fused": "cpu", "torch": "reference"}
+# implementation -> (backend, settings overridden in its process: fastcontrast/_config.py)
+IMPLS = {"fused": ("cpu", {}), "fused_parallel_host": ("cpu", {"serial_host_ops": False}),
+         "torch": ("reference", {})}
 LOSSES = ("clip_loss", "info_nce", "nt_xent", "supcon")
 TOLERANCE = 1.1  # fused slowdown / torch slowdown allowed under load
 
@@ -60,16 +65,20 @@ def _make_step(loss, backend, n, dim):
     return step
 
 
-def _worker(conn, loss, impl, backend, n, dim):
-    """Times one step per message until it receives None; the first step is a warm-up.
-    ``impl`` names the implementation (a variant of this worker may use it)."""
-    step = _make_step(loss, backend, n, dim)
-    step()
-    conn.send("ready")
-    while conn.recv() is not None:
-        t0 = time.perf_counter()
+def _worker(conn, loss, impl, n, dim):
+    """Times one step of implementation ``impl`` per message until it receives None; the first
+    step is a warm-up."""
+    from fastcontrast._config import override
+
+    backend, settings = IMPLS[impl]
+    with override(**settings):
+        step = _make_step(loss, backend, n, dim)
         step()
-        conn.send(time.perf_counter() - t0)
+        conn.send("ready")
+        while conn.recv() is not None:
+            t0 = time.perf_counter()
+            step()
+            conn.send(time.perf_counter() - t0)
 
 
 def _spin():
@@ -133,6 +142,8 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--losses", default="clip_loss,info_nce")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--impls", default="fused,torch",
+                        help=f"implementations, torch among them ({', '.join(IMPLS)})")
     parser.add_argument("--spinners", type=int, default=len(os.sched_getaffinity(0)),
                         help="busy processes in the busy rounds (default: one per core)")
     args = parser.parse_args(argv)
@@ -140,6 +151,9 @@ def main(argv=None):
     unknown = sorted(set(losses) - set(LOSSES))
     if unknown:
         parser.error(f"unknown losses {unknown}; valid: {', '.join(LOSSES)}")
+    impls = [name for name in args.impls.split(",") if name]
+    if "torch" not in impls or set(impls) - set(IMPLS):
+        parser.error(f"--impls must name torch and only {', '.join(IMPLS)}, got {args.impls}")
     os.makedirs(args.out, exist_ok=True)
 
     ctx = get_context("spawn")
@@ -147,10 +161,9 @@ def main(argv=None):
     workers = {}
     try:
         for loss in losses:
-            for impl, backend in IMPLS.items():
+            for impl in impls:
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker,
-                                   args=(child, loss, impl, backend, args.n, args.dim),
+                proc = ctx.Process(target=_worker, args=(child, loss, impl, args.n, args.dim),
                                    daemon=True)
                 proc.start()
                 workers[loss, impl] = (proc, parent)

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "cpu/gram.h"
+#include "cpu/host_threads.h"
 #include "cpu/infonce.h"
 #include "register_ops.h"
 
@@ -151,34 +152,34 @@ at::Tensor gram_backward(const at::Tensor& z, const at::Tensor& alpha, const at:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  using release_gil = py::call_guard<py::gil_scoped_release>;
+  using kernel_call = fastcontrast::kernel_call_guard;
   m.doc() = "fastcontrast C++ CPU kernels: fused masked log-sum-exp and its gradient";
-  m.def("masked_lse_forward", &forward, release_gil(),
+  m.def("masked_lse_forward", &forward, kernel_call(),
         "(row_lse, col_lse or None) of s_ij = alpha_i beta_j <q_i, keys_j>", py::arg("q"),
         py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::kw_only(),
         py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
         py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(),
         py::arg("with_col_lse") = false, py::arg("block_rows") = 0);
-  m.def("masked_lse_backward", &backward, release_gil(),
+  m.def("masked_lse_backward", &backward, kernel_call(),
         "(dq or None, dkeys or None), recomputing the score tiles", py::arg("q"), py::arg("keys"),
         py::arg("alpha"), py::arg("beta"), py::arg("row_lse"), py::arg("row_grad"),
         py::arg("col_lse") = py::none(), py::arg("col_grad") = py::none(), py::kw_only(),
         py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
         py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(), py::arg("need_dq") = true,
         py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
-  m.def("masked_lse_forward_with_grad", &forward_with_grad, release_gil(),
+  m.def("masked_lse_forward_with_grad", &forward_with_grad, kernel_call(),
         "(row_lse, dq or None, dkeys or None) in one pass, no recompute", py::arg("q"),
         py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::arg("row_grad"), py::kw_only(),
         py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
         py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(),
         py::arg("extra_lse") = py::none(), py::arg("need_dq") = true,
         py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
-  m.def("gram_lse_forward", &gram_forward, release_gil(),
+  m.def("gram_lse_forward", &gram_forward, kernel_call(),
         "row_lse of s_ij = alpha_i beta_j <z_i, z_j> (symmetric), tiles on and above the diagonal",
         py::arg("z"), py::arg("alpha"), py::arg("beta"), py::kw_only(),
         py::arg("exclude_diag") = false, py::arg("row_ids") = py::none(),
         py::arg("col_ids") = py::none(), py::arg("block_rows") = 0);
-  m.def("gram_lse_backward", &gram_backward, release_gil(),
+  m.def("gram_lse_backward", &gram_backward, kernel_call(),
         "dz of the symmetric-Gram log-sum-exp, each tile used for both its rows and columns",
         py::arg("z"), py::arg("alpha"), py::arg("beta"), py::arg("row_lse"), py::arg("row_grad"),
         py::kw_only(), py::arg("exclude_diag") = false, py::arg("row_ids") = py::none(),
@@ -189,9 +190,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "(block_rows, slots, tile bytes in flight, one tile's budget) of "
         "masked_lse_forward_with_grad with gradients on the current thread count",
+        kernel_call(),
         py::arg("n"), py::arg("m"), py::arg("d"), py::arg("elem_size") = 4);
   fastcontrast::register_siglip_ops(m);
   fastcontrast::register_momentum_ops(m);
   fastcontrast::register_task_ops(m);
   fastcontrast::register_runtime_options(m);
+  fastcontrast::register_host_thread_ops(m);
 }

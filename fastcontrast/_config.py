@@ -31,6 +31,8 @@ class Settings:
     gram_block_rows       row-block size of the Gram kernels (0: the kernel picks)
     shared_shift          the C++ kernels' one-exp shared-shift passes (False: exact passes only)
     poison_outputs        kernel outputs are NaN-filled first, so unwritten elements fail tests
+    serial_host_ops       a C++-backend loss runs its host ATen passes on the calling thread alone
+                          (fastcontrast/_host_threads.py: faster on a busy CPU)
     torch_chunk_elements  score elements per row chunk of the torch backend (None: by device)
     triton_autotune       the Triton InfoNCE backward autotunes over its configs on a GPU
     triton_config         pins config i of that set (None: the first, or autotuning)
@@ -43,6 +45,7 @@ class Settings:
     gram_block_rows: int = 0
     shared_shift: bool = True
     poison_outputs: bool = False
+    serial_host_ops: bool = True
     torch_chunk_elements: Optional[int] = None
     triton_autotune: bool = False
     triton_config: Optional[int] = None

@@ -26,6 +26,7 @@ fused pass's does (_host.first_order_only)."""
 import torch
 
 from ._host import first_order_only, normalized_copy_backward_, rowwise_dot
+from ._host_threads import serial_host_ops
 
 
 class _PositiveMeans(torch.autograd.Function):
@@ -34,9 +35,10 @@ class _PositiveMeans(torch.autograd.Function):
         # others_a = S_c(a) - z_a, the sum of a's positives: <z_a, others_a> carries no |z_a|^2
         # to cancel against <z_a, S_c(a)> (at D = 3 and tau = 0.05 that difference rounded like
         # the whole class sum).
-        others = class_sums(z, cls).index_select(0, cls).sub_(z)
-        k = scale / (class_sizes - 1).clamp_min(1).to(z.dtype)
-        pos = k * rowwise_dot(z, others)
+        with serial_host_ops(backend):
+            others = class_sums(z, cls).index_select(0, cls).sub_(z)
+            k = scale / (class_sizes - 1).clamp_min(1).to(z.dtype)
+            pos = k * rowwise_dot(z, others)
         ctx.save_for_backward(z, others, k, cls, scale, pos)
         ctx.backend = backend
         return pos
@@ -46,13 +48,14 @@ class _PositiveMeans(torch.autograd.Function):
         z, others, k, cls, scale, pos = ctx.saved_tensors
         dz = dscale = None
         if ctx.needs_input_grad[0]:
-            uk = (u * k).unsqueeze(1)
-            # dz_b = u_b k_b (S_c(b) - 2 z_b) + T_c(b), T_c = sum_{a: c(a) = c} u_a k_a z_a:
-            # uk_b others_b + (T_c(b) - uk_b z_b), the sum over b's positives a != b.
-            weighted = z * uk
-            dz = class_sums(weighted, cls).index_select(0, cls).sub_(weighted)
-            dz.addcmul_(others, uk)
-            del weighted
+            with serial_host_ops(ctx.backend):
+                uk = (u * k).unsqueeze(1)
+                # dz_b = u_b k_b (S_c(b) - 2 z_b) + T_c(b), T_c = sum_{a: c(a) = c} u_a k_a z_a:
+                # uk_b others_b + (T_c(b) - uk_b z_b), the sum over b's positives a != b.
+                weighted = z * uk
+                dz = class_sums(weighted, cls).index_select(0, cls).sub_(weighted)
+                dz.addcmul_(others, uk)
+                del weighted
             dz, = first_order_only((dz,), ctx.backend)
         if ctx.needs_input_grad[1]:
             dscale = (u * pos).sum() / scale
@@ -66,8 +69,9 @@ class _NormalizedRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, eps, backend):
-        inv = 1.0 / x.norm(dim=1).clamp_min(eps)
-        z = x * inv.unsqueeze(1)
+        with serial_host_ops(backend):
+            inv = 1.0 / x.norm(dim=1).clamp_min(eps)
+            z = x * inv.unsqueeze(1)
         # x only for its version counter: an in-place edit of the features after the forward
         # raises in the backward, as with plain PyTorch's normalisation.
         ctx.save_for_backward(z, inv, x)
@@ -78,7 +82,8 @@ class _NormalizedRows(torch.autograd.Function):
     def backward(ctx, dz):
         z, inv, _ = ctx.saved_tensors
         # a copy: the incoming gradient is autograd's, not ours to overwrite
-        dx = normalized_copy_backward_(dz.clone(), z, inv, ctx.eps)
+        with serial_host_ops(ctx.backend):
+            dx = normalized_copy_backward_(dz.clone(), z, inv, ctx.eps)
         dx, = first_order_only((dx,), ctx.backend)
         return dx, None, None
 

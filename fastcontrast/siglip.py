@@ -27,6 +27,7 @@ from torch import Tensor
 from . import backends
 from ._host import (accumulate_dtype, cast_gradients, first_order_only, or_empty, reduce_loss,
                     reduction_weights, requires_grad, rowwise_dot, scaled_fused_gradients)
+from ._host_threads import serial_host_ops
 
 __all__ = ["siglip_fused_loss", "siglip_forward", "siglip_backward", "siglip_forward_with_grad"]
 
@@ -160,14 +161,15 @@ class FusedSigLIP(torch.autograd.Function):
 
     @staticmethod
     def forward(image, text, scale, bias, spec):
-        x, y, s, b = _operands(spec.backend, image, text, scale, bias)
-        fused = [None] * 4
-        if spec.fused:
-            g = reduction_weights(spec.reduction, x.shape[0], s.new_tensor(1.0), s.dtype)
-            loss, fused = _backend_grads(spec, x, y, s, b, g.contiguous(), fused=True)
-        else:
-            loss = siglip_forward(x, y, s, b, spec.backend)
-        out = reduce_loss(loss, spec.reduction)
+        with serial_host_ops(spec.backend):
+            x, y, s, b = _operands(spec.backend, image, text, scale, bias)
+            fused = [None] * 4
+            if spec.fused:
+                g = reduction_weights(spec.reduction, x.shape[0], s.new_tensor(1.0), s.dtype)
+                loss, fused = _backend_grads(spec, x, y, s, b, g.contiguous(), fused=True)
+            else:
+                loss = siglip_forward(x, y, s, b, spec.backend)
+            out = reduce_loss(loss, spec.reduction)
         return (out, *[or_empty(t, out) for t in fused])
 
     @staticmethod
@@ -182,7 +184,7 @@ class FusedSigLIP(torch.autograd.Function):
     def backward(ctx, grad_output, *_):
         spec = ctx.spec
         image, text, scale, bias, *fused = ctx.saved_tensors  # version checks: in-place raises
-        with torch.no_grad():
+        with torch.no_grad(), serial_host_ops(spec.backend):
             if spec.fused:
                 grads = scaled_fused_gradients(fused, spec.needs, grad_output)
             else:
@@ -190,7 +192,8 @@ class FusedSigLIP(torch.autograd.Function):
                 g = reduction_weights(spec.reduction, x.shape[0], grad_output,
                                       s.dtype).contiguous()
                 _, grads = _backend_grads(spec, x, y, s, b, g, fused=False)
-        return (*first_order_only(cast_gradients(grads, ctx.dtypes), spec.backend), None)
+            grads = cast_gradients(grads, ctx.dtypes)
+        return (*first_order_only(grads, spec.backend), None)
 
 
 def siglip_fused_loss(image, text, scale, bias, *, reduction, backend):

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/host_threads.h"
 #include "register_ops.h"
 
 namespace fastcontrast {
@@ -155,7 +156,7 @@ void momentum_update(const std::vector<at::Tensor>& targets,
 
 void register_momentum_ops(pybind11::module_& m) {
   namespace py = pybind11;
-  m.def("momentum_update_", &momentum_update, py::call_guard<py::gil_scoped_release>(),
+  m.def("momentum_update_", &momentum_update, kernel_call_guard(),
         "targets[i] <- lerp(targets[i], onlines[i], weight) = (1 - weight) * targets[i] + "
         "weight * onlines[i] for all i, in one parallel region (weight = 1 - momentum)",
         py::arg("targets"), py::arg("onlines"), py::arg("weight"));

@@ -22,6 +22,7 @@
 
 #include "cpu/fast_exp.h"
 #include "cpu/outputs.h"
+#include "cpu/host_threads.h"
 #include "cpu/siglip.h"
 #include "register_ops.h"
 
@@ -237,19 +238,19 @@ auto gradient_entry(const at::Tensor& x, const at::Tensor& y, double scale, doub
 
 void register_siglip_ops(pybind11::module_& m) {
   namespace py = pybind11;
-  using release_gil = py::call_guard<py::gil_scoped_release>;
+  using kernel_call = kernel_call_guard;
   m.def(
       "siglip_forward",
       [](const at::Tensor& x, const at::Tensor& y, double scale, double bias, int64_t block_rows) {
         return *std::get<0>(checked_tiles(x, y, scale, bias, true, std::nullopt, false, false,
                                           block_rows));
       },
-      release_gil(),
+      kernel_call(),
       "loss_i = sum_j softplus(-y_ij z_ij), z_ij = scale <x_i, y_j> + bias, y_ij = +1 iff i == j",
       py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("bias"), py::kw_only(),
       py::arg("block_rows") = 0);
   const auto def_gradient = [&](const char* name, auto fn, const char* doc) {
-    m.def(name, fn, release_gil(), doc, py::arg("x"), py::arg("y"), py::arg("scale"),
+    m.def(name, fn, kernel_call(), doc, py::arg("x"), py::arg("y"), py::arg("scale"),
           py::arg("bias"), py::arg("row_grad"), py::kw_only(), py::arg("need_gx") = true,
           py::arg("need_gy") = true, py::arg("block_rows") = 0);
   };

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/grid_tiles.h"
+#include "cpu/host_threads.h"
 #include "register_ops.h"
 
 namespace fastcontrast {
@@ -72,7 +73,7 @@ std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, bool>> gr
 
 void register_task_ops(pybind11::module_& m) {
   namespace py = pybind11;
-  m.def("task_graph_trace", &trace, py::call_guard<py::gil_scoped_release>(),
+  m.def("task_graph_trace", &trace, kernel_call_guard(),
         "(slot, start rank, finish rank per task, leave rank per thread slot, timed_out) of a "
         "run of the tile scheduler",
         py::arg("size"), py::arg("edges"), py::arg("stall") = -1);

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .._host import (cast_gradients, first_order_only, or_empty, reduce_loss,
                      reduction_weights, requires_grad, scaled_fused_gradients)
+from .._host_threads import serial_host_ops
 from .gradients import InputGradients, Needs, gram_input_gradients, input_gradients
 from .operands import candidate_count, extra_scores, positive_scores, prepare, product_of
 from .ops import gram_lse_forward, masked_lse_forward, masked_lse_forward_with_grad
@@ -132,8 +133,9 @@ class FusedInfoNCE(torch.autograd.Function):
                 fused_pass, needs):
         inputs = FusedInputs(query, key, bank, per_query, scale, targets, query_ids, bank_ids,
                              row_weights)
-        loss, row_lse, col_lse, fused = _forward_pass(fused_pass, needs, inputs,
-                                                      inputs.uses_gram(fused_pass))
+        with serial_host_ops(fused_pass.backend):
+            loss, row_lse, col_lse, fused = _forward_pass(fused_pass, needs, inputs,
+                                                          inputs.uses_gram(fused_pass))
         fused = [None] * 5 if fused is None else fused
         return (loss, row_lse, or_empty(col_lse, loss), *[or_empty(t, loss) for t in fused])
 
@@ -160,9 +162,10 @@ class FusedInfoNCE(torch.autograd.Function):
         if grad_output is None:  # no gradient reached the loss (set_materialize_grads(False))
             return (None,) * 11
         saved = ctx.saved_tensors  # checks the version counters: in-place edits raise here
-        with torch.no_grad():
+        with torch.no_grad(), serial_host_ops(ctx.fused_pass.backend):
             grads = FusedInfoNCE._input_gradients(ctx, grad_output, saved)
-        grads = first_order_only(cast_gradients(grads, ctx.dtypes), ctx.fused_pass.backend)
+            grads = cast_gradients(grads, ctx.dtypes)
+        grads = first_order_only(grads, ctx.fused_pass.backend)
         return (*grads, None, None, None, None, None, None)
 
     @staticmethod

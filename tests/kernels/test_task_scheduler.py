@@ -8,24 +8,10 @@ that does not depend on it. The kernels built on it stay bitwise deterministic.
 import pytest
 import torch
 
-import fastcontrast._ext as ext_loader
 
 from .._helpers import backend_usable
 
 pytestmark = pytest.mark.skipif(not backend_usable("cpu"), reason="C++ extension unavailable")
-
-
-@pytest.fixture
-def ext():
-    return ext_loader.load_extension()
-
-
-@pytest.fixture
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_every_task_once_after_its_dependencies(ext, two_threads):
