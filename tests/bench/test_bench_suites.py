@@ -57,3 +57,18 @@ def test_the_objectives_suite_checks_and_times_each_objective(tmp_path):
             values["materialised"]), name
         assert row["time_vs_plain"] > 0 and row["speedup_vs_materialised"] > 0
     assert (tmp_path / "objectives_targets.json").exists()
+
+
+@pytest.mark.slow
+def test_the_contended_suite_times_each_implementation_quiet_and_busy(tmp_path):
+    module = importlib.import_module("fastcontrast.benchmarks.contended")
+    result = module.main(["--n", "64", "--dim", "8", "--repeats", "1", "--spinners", "1",
+                          "--losses", "info_nce", "--impls", "fused,fused_parallel_host,torch",
+                          "--out", str(tmp_path)])
+    summary = result["summary"]["info_nce"]
+    assert set(summary["speedup"]) == {"fused", "fused_parallel_host"}
+    assert {(r["impl"], r["phase"]) for r in result["rows"]} == {
+        (impl, phase) for impl in ("fused", "fused_parallel_host", "torch")
+        for phase in ("quiet", "busy")}
+    with pytest.raises(SystemExit):
+        module.main(["--impls", "fused", "--out", str(tmp_path)])
