@@ -194,4 +194,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastcontrast::register_momentum_ops(m);
   fastcontrast::register_task_ops(m);
   fastcontrast::register_runtime_options(m);
+  fastcontrast::register_matryoshka_ops(m);
 }

@@ -1,0 +1,299 @@
+// The Matryoshka log-sum-exps on CPU (see matryoshka.h for the maths and the contract).
+//
+// Queries in blocks of R rows, the keys x queries tile layout of infonce.cpp. Per block, the
+// chunks' GEMMs accumulate into the prefix tiles: S^0 = keys[:, chunk 0] @ q_blk[:, chunk 0]^T,
+// S^p = S^{p-1} + keys[:, chunk p] @ q_blk[:, chunk p]^T, so the P prefixes cost the FLOPs of one
+// product. The forward runs the exact per-row passes of the plain kernels (block_lse,
+// lse_tiles.h) on each S^p with that prefix's scales while it accumulates (one tile). The
+// backward keeps the block's P prefix tiles and walks them from the longest prefix down: the tile
+// of prefix p is overwritten with G_p = alpha_p beta_p dS^p + G_{p+1}, which is the gradient
+// weight of chunk p, so each chunk gets one pair of gradient GEMMs whatever P is.
+#include "cpu/matryoshka.h"
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/fast_exp.h"
+#include "cpu/lse_tiles.h"
+#include "cpu/outputs.h"
+#include "register_ops.h"
+
+namespace fastcontrast {
+namespace {
+
+using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h)
+
+// The P per-prefix Problems over the same inputs (row p of alpha / beta as the scales), all with
+// R = block_rows.
+template <typename T>
+struct Prefixes {
+  std::vector<at::Tensor> alphas, betas;
+  std::vector<Problem<T>> problem;
+  Prefixes(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+           const at::Tensor& beta, bool exclude_diag, int64_t block_rows) {
+    const int64_t count = alpha.size(0);
+    alphas.reserve(count);  // the Problems hold references to these
+    betas.reserve(count);
+    problem.reserve(count);
+    const Mask mask{exclude_diag, 0, std::nullopt, std::nullopt};
+    for (int64_t p = 0; p < count; ++p) {
+      alphas.push_back(alpha.select(0, p));
+      betas.push_back(beta.select(0, p));
+      problem.emplace_back(q, keys, alphas.back(), betas.back(), mask, true, block_rows);
+    }
+  }
+};
+
+// tile (M x rows) = keys[:, lo:hi] @ q[r0:r0+rows, lo:hi]^T, or += it (the next chunk).
+void chunk_product(at::Tensor& tile, const at::Tensor& q, const at::Tensor& keys, int64_t r0,
+                   int64_t rows, int64_t lo, int64_t hi, bool first) {
+  const at::Tensor k = keys.narrow(1, lo, hi - lo);
+  const at::Tensor x = q.narrow(0, r0, rows).narrow(1, lo, hi - lo).t();
+  if (first) {
+    at::mm_out(tile, k, x);
+  } else {
+    tile.addmm_(k, x);
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
+    const std::vector<int64_t>& bounds, bool exclude_diag, bool with_col, int64_t requested) {
+  const int64_t n = q.size(0), m = keys.size(0), count = alpha.size(0);
+  const int64_t block_rows = choose_block_rows(n, m, q.size(1), sizeof(T), true, requested);
+  const Prefixes<T> prefixes(q, keys, alpha, beta, exclude_diag, block_rows);
+  at::Tensor row_lse = new_output({count, n}, q.options());
+  T* out = row_lse.data_ptr<T>();
+  std::vector<ColumnStats<T>> cols(with_col ? count : 0, ColumnStats<T>(m));
+  BlockLseScratch<T> scratch(block_rows);
+  at::Tensor buffer = at::empty({m * block_rows}, q.options());
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, n - r0);
+    at::Tensor tile = buffer.narrow(0, 0, m * rows).view({m, rows});
+    for (int64_t p = 0; p < count; ++p) {
+      chunk_product(tile, q, keys, r0, rows, bounds[p], bounds[p + 1], p == 0);
+      block_lse(prefixes.problem[p], r0, rows, tile, with_col ? &cols[p] : nullptr, scratch,
+                out + p * n + r0);
+    }
+  }
+  std::optional<at::Tensor> col_lse;
+  if (with_col) {
+    col_lse = new_output({count, m}, q.options());
+    T* c = col_lse->data_ptr<T>();
+    for (int64_t p = 0; p < count; ++p)
+      for (int64_t j = 0; j < m; ++j) c[p * m + j] = cols[p].lse(j);
+  }
+  return {row_lse, col_lse};
+}
+
+// The inputs of one prefix's gradient weights over a block: its scales, row / column lse (with
+// -inf turned into +inf: no candidate, no weight) and upstream gradients.
+template <typename T>
+struct PrefixGrad {
+  const T* lse;  // (N,) of this prefix, finite_or_inf
+  const T* g;
+  const T* col_lse;  // (M,) or nullptr
+  const T* col_g;
+};
+
+// Over the tile of S^p (raw prefix products), in place: x <- alpha_p beta_p dS^p + next (G_{p+1},
+// or nothing for the longest prefix), with dalpha_p / dbeta_p of the block accumulated.
+template <typename T, bool kCol, bool kFold>
+void prefix_weights(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
+                    const T* next, const PrefixGrad<T>& in, Partials<Acc>& partial, T* dalpha,
+                    T* dbeta) {
+  const T* a = p.alpha + r0;
+  const T* lse = in.lse + r0;
+  const T* g = in.g + r0;
+  partial.reset(rows, Acc(0));
+  p.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
+    Acc* da = partial.slot();
+    const T b = p.beta[j];
+    const T cg = kCol ? in.col_g[j] : T(0);
+    const T cl = kCol ? finite_or_inf(in.col_lse[j]) : T(0);
+    const T* nx = kFold ? next + j * rows : nullptr;
+    T db = 0;
+#pragma omp simd reduction(+ : db)
+    for (int64_t i = 0; i < rows; ++i) {
+      const T raw = x[i];
+      const T s = raw * a[i] * b;
+      T ds = g[i] * fast_exp(s - lse[i]);
+      if (kCol) ds += cg * fast_exp(s - cl);
+      ds = i == cut ? T(0) : ds;
+      da[i] += ds * b * raw;
+      db += ds * a[i] * raw;
+      x[i] = kFold ? ds * a[i] * b + nx[i] : ds * a[i] * b;
+    }
+    dbeta[j] += db;
+  });
+  std::vector<Acc> sums(rows);
+  partial.combine_sum(sums.data());
+  for (int64_t i = 0; i < rows; ++i) dalpha[r0 + i] = static_cast<T>(sums[i]);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
+    const std::vector<int64_t>& bounds, const at::Tensor& row_lse, const at::Tensor& row_grad,
+    const std::optional<at::Tensor>& col_lse, const std::optional<at::Tensor>& col_grad,
+    bool exclude_diag, int64_t requested) {
+  const int64_t n = q.size(0), m = keys.size(0), d = q.size(1), count = alpha.size(0);
+  at::Tensor dq = at::zeros_like(q), dkeys = at::zeros_like(keys);
+  at::Tensor dalpha = at::zeros_like(alpha), dbeta = at::zeros_like(beta);
+  if (n == 0 || m == 0) return {dq, dkeys, dalpha, dbeta};
+  // The block's P tiles share the budget of the plain backward's one.
+  int64_t block_rows = requested;
+  if (block_rows <= 0) {
+    block_rows = choose_block_rows(n, m, d, sizeof(T), false, 0) / count / 16 * 16;
+    block_rows = std::min(n, std::max<int64_t>(block_rows, 16));
+  }
+  const Prefixes<T> prefixes(q, keys, alpha, beta, exclude_diag, block_rows);
+  at::Tensor rl = row_lse.clone(), cl = col_lse ? col_lse->clone() : at::Tensor();
+  for (at::Tensor* t : {&rl, &cl}) {
+    if (!t->defined()) continue;
+    T* v = t->data_ptr<T>();
+    for (int64_t i = 0; i < t->numel(); ++i) v[i] = finite_or_inf(v[i]);
+  }
+  std::vector<at::Tensor> buffers;
+  for (int64_t p = 0; p < count; ++p) buffers.push_back(at::empty({m * block_rows}, q.options()));
+  Partials<Acc> partial(block_rows);
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, n - r0);
+    std::vector<at::Tensor> tiles;
+    for (int64_t p = 0; p < count; ++p) {
+      tiles.push_back(buffers[p].narrow(0, 0, m * rows).view({m, rows}));
+      if (p > 0) tiles[p].copy_(tiles[p - 1]);
+      chunk_product(tiles[p], q, keys, r0, rows, bounds[p], bounds[p + 1], p == 0);
+    }
+    for (int64_t p = count - 1; p >= 0; --p) {
+      const PrefixGrad<T> in{rl.data_ptr<T>() + p * n, row_grad.data_ptr<T>() + p * n,
+                             cl.defined() ? cl.data_ptr<T>() + p * m : nullptr,
+                             col_grad ? col_grad->data_ptr<T>() + p * m : nullptr};
+      const T* next = p + 1 < count ? tiles[p + 1].data_ptr<T>() : nullptr;
+      T* da = dalpha.data_ptr<T>() + p * n;
+      T* db = dbeta.data_ptr<T>() + p * m;
+      const Problem<T>& pp = prefixes.problem[p];
+      if (in.col_lse && next) {
+        prefix_weights<T, true, true>(pp, r0, rows, tiles[p], next, in, partial, da, db);
+      } else if (in.col_lse) {
+        prefix_weights<T, true, false>(pp, r0, rows, tiles[p], next, in, partial, da, db);
+      } else if (next) {
+        prefix_weights<T, false, true>(pp, r0, rows, tiles[p], next, in, partial, da, db);
+      } else {
+        prefix_weights<T, false, false>(pp, r0, rows, tiles[p], next, in, partial, da, db);
+      }
+      const int64_t lo = bounds[p], width = bounds[p + 1] - bounds[p];
+      dq.narrow(0, r0, rows).narrow(1, lo, width).addmm_(tiles[p].t(), keys.narrow(1, lo, width));
+      dkeys.narrow(1, lo, width).addmm_(tiles[p], q.narrow(0, r0, rows).narrow(1, lo, width));
+    }
+  }
+  return {dq, dkeys, dalpha, dbeta};
+}
+
+using OptTensor = std::optional<at::Tensor>;
+
+void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                  at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, " (the dtype of q), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
+}
+
+// q (N, D) float32/float64, keys (M, D), alpha (P, N), beta (P, M), bounds 0 = b_0 < ... < b_P
+// <= D: the checks of every entry point.
+void check_problem(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+                   const at::Tensor& beta, const std::vector<int64_t>& bounds) {
+  TORCH_CHECK(q.dim() == 2, "q must be 2-D (N, D), got shape ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "q must have dtype float32 or float64, got ", q.scalar_type());
+  const auto dtype = q.scalar_type();
+  const int64_t n = q.size(0), d = q.size(1);
+  check_tensor(q, "q", dtype, {n, d});
+  TORCH_CHECK(keys.dim() == 2, "keys must be 2-D (M, D), got shape ", keys.sizes());
+  const int64_t m = keys.size(0);
+  check_tensor(keys, "keys", dtype, {m, d});
+  TORCH_CHECK(bounds.size() >= 2 && bounds[0] == 0, "bounds must be 0 followed by the prefix "
+              "dims, got ", at::IntArrayRef(bounds));
+  for (size_t c = 1; c < bounds.size(); ++c)
+    TORCH_CHECK(bounds[c] > bounds[c - 1] && bounds[c] <= d, "bounds must increase strictly up "
+                "to at most D = ", d, ", got ", at::IntArrayRef(bounds));
+  const int64_t count = static_cast<int64_t>(bounds.size()) - 1;
+  check_tensor(alpha, "alpha", dtype, {count, n});
+  check_tensor(beta, "beta", dtype, {count, m});
+}
+
+std::tuple<at::Tensor, OptTensor> forward_entry(const at::Tensor& q, const at::Tensor& keys,
+                                                const at::Tensor& alpha, const at::Tensor& beta,
+                                                const std::vector<int64_t>& bounds,
+                                                bool exclude_diag, bool with_col_lse,
+                                                int64_t block_rows) {
+  check_problem(q, keys, alpha, beta, bounds);
+  TORCH_CHECK(!exclude_diag || keys.size(0) == q.size(0), "exclude_diag needs M == N, got N = ",
+              q.size(0), ", M = ", keys.size(0));
+  const at::NoGradGuard no_grad;  // out= GEMMs on inputs that require grad
+  return matryoshka_lse_forward(q, keys, alpha, beta, bounds, exclude_diag, with_col_lse,
+                                block_rows);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_entry(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
+    const std::vector<int64_t>& bounds, const at::Tensor& row_lse, const at::Tensor& row_grad,
+    const OptTensor& col_lse, const OptTensor& col_grad, bool exclude_diag, int64_t block_rows) {
+  check_problem(q, keys, alpha, beta, bounds);
+  check_tensor(row_lse, "row_lse", q.scalar_type(), alpha.sizes());
+  check_tensor(row_grad, "row_grad", q.scalar_type(), alpha.sizes());
+  TORCH_CHECK(col_lse.has_value() == col_grad.has_value(),
+              "col_lse and col_grad must be given together");
+  if (col_lse) {
+    check_tensor(*col_lse, "col_lse", q.scalar_type(), beta.sizes());
+    check_tensor(*col_grad, "col_grad", q.scalar_type(), beta.sizes());
+  }
+  const at::NoGradGuard no_grad;
+  return matryoshka_lse_backward(q, keys, alpha, beta, bounds, row_lse, row_grad, col_lse,
+                                 col_grad, exclude_diag, block_rows);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> matryoshka_lse_forward(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
+    const std::vector<int64_t>& bounds, bool exclude_diag, bool with_col_lse, int64_t block_rows) {
+  return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "matryoshka_lse_forward", [&] {
+    return forward_impl<scalar_t>(q, keys, alpha, beta, bounds, exclude_diag, with_col_lse,
+                                  block_rows);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> matryoshka_lse_backward(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
+    const std::vector<int64_t>& bounds, const at::Tensor& row_lse, const at::Tensor& row_grad,
+    const std::optional<at::Tensor>& col_lse, const std::optional<at::Tensor>& col_grad,
+    bool exclude_diag, int64_t block_rows) {
+  return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "matryoshka_lse_backward", [&] {
+    return backward_impl<scalar_t>(q, keys, alpha, beta, bounds, row_lse, row_grad, col_lse,
+                                   col_grad, exclude_diag, block_rows);
+  });
+}
+
+void register_matryoshka_ops(pybind11::module_& m) {
+  namespace py = pybind11;
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+  m.def("matryoshka_lse_forward", &forward_entry, release_gil(),
+        "(row_lse (P, N), col_lse (P, M) or None) of every prefix of the product, one pass",
+        py::arg("q"), py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::arg("bounds"),
+        py::kw_only(), py::arg("exclude_diag") = false, py::arg("with_col_lse") = false,
+        py::arg("block_rows") = 0);
+  m.def("matryoshka_lse_backward", &backward_entry, release_gil(),
+        "(dq, dkeys, dalpha, dbeta) of the prefix log-sum-exps, one product per chunk",
+        py::arg("q"), py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::arg("bounds"),
+        py::arg("row_lse"), py::arg("row_grad"), py::arg("col_lse") = py::none(),
+        py::arg("col_grad") = py::none(), py::kw_only(), py::arg("exclude_diag") = false,
+        py::arg("block_rows") = 0);
+}
+
+}  // namespace fastcontrast
