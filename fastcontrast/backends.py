@@ -178,8 +178,8 @@ def available_backends(device="cpu", family="loss"):
 
 def kernels(family, name):
     """The implementation of op family ``family`` ("infonce", "gram" (the symmetric-Gram ops of
-    the InfoNCE family), "matryoshka" (its prefix ops), "siglip", "queue", "momentum") in backend ``name``: a module (or the
-    compiled extension) with that family's kernel functions."""
+    the InfoNCE family), "matryoshka" (its prefix ops), "siglip", "queue", "momentum") in
+    backend ``name``: a module (or the compiled extension) with that family's kernel functions."""
     if name == "torch":
         from . import _siglip_torch, _torch_chunked, _torch_matryoshka
 
