@@ -57,11 +57,29 @@ def _prefix_product(X, Y, Bounds, acc, offs_x, offs_y, mask_x, mask_y, stride_x,
 
 
 @triton.jit
-def _candidates(offs_x, offs_y, mask_x, mask_y, EXCLUDE_DIAG: tl.constexpr):
+def _x_block(NX, BLOCK_X: tl.constexpr):
+    """(rows, in-range mask) of this program's block of X (int64: row * stride passes 2^31)."""
+    offs_x = tl.program_id(0).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
+    return offs_x, offs_x < NX
+
+
+@triton.jit
+def _y_block(y0, NY, offs_x, mask_x, BLOCK_Y: tl.constexpr, EXCLUDE_DIAG: tl.constexpr):
+    """(rows, in-range mask, candidate mask of the tile) of the Y block at y0."""
+    offs_y = y0 + tl.arange(0, BLOCK_Y)
+    mask_y = offs_y < NY
     valid = mask_x[:, None] & mask_y[None, :]
     if EXCLUDE_DIAG:
         valid = valid & (offs_x[:, None] != offs_y[None, :])
-    return valid
+    return offs_y, mask_y, valid
+
+
+@triton.jit
+def _scales(AX, BY, p, NX, NY, offs_x, offs_y, mask_x, mask_y):
+    """Prefix p's scales of the tile's rows and columns."""
+    a = tl.load(AX + p * NX + offs_x, mask=mask_x, other=0.0)
+    b = tl.load(BY + p * NY + offs_y, mask=mask_y, other=0.0)
+    return a, b
 
 
 @triton.jit
@@ -72,22 +90,17 @@ def _matryoshka_fwd_kernel(X, Y, AX, BY, Bounds, Lse, NX, NY, stride_x, stride_y
                            INPUT_PRECISION: tl.constexpr):
     """Lse (P, NX) fp32 of every prefix; grid (cdiv(NX, BLOCK_X),). FLOPs 2 NX NY b_P + P NX NY
     exp2; bytes ~ e NX NY b_P (1 / BLOCK_X + 1 / BLOCK_Y) of streamed chunks, mostly L2."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_x = pid * BLOCK_X + tl.arange(0, BLOCK_X)
-    mask_x = offs_x < NX
+    offs_x, mask_x = _x_block(NX, BLOCK_X)
     prefix = tl.arange(0, P_PAD)
     run_max = tl.full((BLOCK_X, P_PAD), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_X, P_PAD), tl.float32)
     for y0 in range(0, NY, BLOCK_Y):
-        offs_y = y0 + tl.arange(0, BLOCK_Y)
-        mask_y = offs_y < NY
-        valid = _candidates(offs_x, offs_y, mask_x, mask_y, EXCLUDE_DIAG)
+        offs_y, mask_y, valid = _y_block(y0, NY, offs_x, mask_x, BLOCK_Y, EXCLUDE_DIAG)
         acc = tl.zeros((BLOCK_X, BLOCK_Y), tl.float32)
-        for p in tl.static_range(P):
+        for p in tl.static_range(P):  # after chunk p, acc holds S^p
             acc = _prefix_product(X, Y, Bounds, acc, offs_x, offs_y, mask_x, mask_y, stride_x,
                                   stride_y, p, 1.0, BLOCK_D, UPCAST, INPUT_PRECISION)
-            a = tl.load(AX + p * NX + offs_x, mask=mask_x, other=0.0)
-            b = tl.load(BY + p * NY + offs_y, mask=mask_y, other=0.0)
+            a, b = _scales(AX, BY, p, NX, NY, offs_x, offs_y, mask_x, mask_y)
             s = tl.where(valid, acc * (a * LOG2E)[:, None] * b[None, :], float("-inf"))
             sel = prefix[None, :] == p
             m_old = tl.max(tl.where(sel, run_max, float("-inf")), axis=1)
@@ -113,24 +126,19 @@ def _matryoshka_bwd_kernel(X, Y, AX, BY, Bounds, LseX, GX, LseY, GY, DX, DAX, NX
     """DX (NX, D) fp32 (zero-initialised, chunk columns accumulated) and DAX (P, NX) fp32; grid
     (cdiv(NX, BLOCK_X),). LseX / LseY hold +inf where a row has no candidate. FLOPs 6 NX NY b_P
     + 2 P NX NY exp; bytes as the forward's, plus 8 NX b_P NY / BLOCK_Y of dX rows (L2)."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_x = pid * BLOCK_X + tl.arange(0, BLOCK_X)
-    mask_x = offs_x < NX
+    offs_x, mask_x = _x_block(NX, BLOCK_X)
     prefix = tl.arange(0, P_PAD)
     dax = tl.zeros((BLOCK_X, P_PAD), tl.float32)
     for y0 in range(0, NY, BLOCK_Y):
-        offs_y = y0 + tl.arange(0, BLOCK_Y)
-        mask_y = offs_y < NY
-        valid = _candidates(offs_x, offs_y, mask_x, mask_y, EXCLUDE_DIAG)
+        offs_y, mask_y, valid = _y_block(y0, NY, offs_x, mask_x, BLOCK_Y, EXCLUDE_DIAG)
         acc = tl.zeros((BLOCK_X, BLOCK_Y), tl.float32)
-        for p in tl.static_range(P):
+        for c in tl.static_range(P):  # S^{P-1}: every chunk
             acc = _prefix_product(X, Y, Bounds, acc, offs_x, offs_y, mask_x, mask_y, stride_x,
-                                  stride_y, p, 1.0, BLOCK_D, UPCAST, INPUT_PRECISION)
+                                  stride_y, c, 1.0, BLOCK_D, UPCAST, INPUT_PRECISION)
         fold = tl.zeros((BLOCK_X, BLOCK_Y), tl.float32)
         for q in tl.static_range(P):
             p = P - 1 - q
-            a = tl.load(AX + p * NX + offs_x, mask=mask_x, other=0.0)
-            b = tl.load(BY + p * NY + offs_y, mask=mask_y, other=0.0)
+            a, b = _scales(AX, BY, p, NX, NY, offs_x, offs_y, mask_x, mask_y)
             s = acc * a[:, None] * b[None, :]
             ds = tl.zeros((BLOCK_X, BLOCK_Y), tl.float32)
             if HAS_X_TERM:

@@ -9,32 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import fastcontrast as fc
-from fastcontrast import backends
 
-from .._helpers import (FUSED_BACKENDS, as_float64, assert_close, backend_usable, device_for,
-                        interpreting_triton)
-
-BACKENDS = ("reference", *FUSED_BACKENDS)
-DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-def _skip(backend, dtype=torch.float32, n=1):
-    if not backend_usable(backend, device_for(backend)):
-        pytest.skip(f"backend {backend!r} unavailable here")
-    if backend == "triton" and dtype not in backends.PROPERTIES["triton"].compute_dtypes:
-        pytest.skip(f"triton kernels do not take {dtype}")
-    if interpreting_triton(backend) and n > 64:
-        pytest.skip("the Triton interpreter runs the small shapes")
-
-
-def _rand(*shape, dtype, device):
-    t = torch.randn(*shape, dtype=torch.float64)
-    return t.to(dtype=dtype, device=device).requires_grad_(True)
-
-
-def _partner(n, device):
-    """targets t_i != i over one set of n >= 2 rows."""
-    return (torch.arange(n, device=device) + torch.randint(1, n, (n,), device=device)) % n
+from .._helpers import FUSED_BACKENDS, as_float64, assert_close, device_for
+# The skip rule and input factories of the objectives' tests (one place for them).
+from .test_label_smoothing import BACKENDS, DTYPES, _partner, _rand, _skip
 
 
 # name -> (loss of (inputs, backend, **matryoshka) -> tensor, inputs of (n, d, dtype, device))
@@ -99,13 +77,12 @@ def _weights(dims):
     return tuple(0.5 + 0.25 * i for i in range(len(dims)))
 
 
-def _max_logit(case, inputs):
+def _logit_bound(case, inputs):
+    """A bound on |s^p_ij| (Cauchy-Schwarz): the scale, times max |x|^2 unnormalised."""
     scale, normalized = SCALES.get(case, (1 / 0.3, True))
-    if normalized:
-        return scale
-    norms = [float(t.detach().norm(dim=-1).max()) for t in inputs.values()
-             if t.is_floating_point()]
-    return scale * max(norms) ** 2
+    largest = max(float(t.detach().norm(dim=-1).max()) for t in inputs.values()
+                  if t.is_floating_point())
+    return scale * (1.0 if normalized else largest ** 2)
 
 
 def _value_and_grads(call, inputs, backend, weight=None, **extra):
@@ -120,31 +97,62 @@ def _as64(inputs):
             for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[1])
-@pytest.mark.parametrize("n,d", [(1, 3), (9, 16), (257, 3)], ids=str)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_every_backend_matches_the_float64_reference(backend, case, n, d, dtype):
-    _skip(backend, dtype, n)
-    if case in TWO_ROWS and n < 2:
-        pytest.skip("exclude_self needs two rows")
-    if dtype in (torch.float16, torch.bfloat16) and n > 9 and backend != "triton":
-        pytest.skip("half precision checked on the small shapes (the CPU upcasts anyway)")
-    call, make = CASES[case]
-    dims = _dims(d)
-    options = dict(matryoshka_dims=dims, matryoshka_weights=_weights(dims))
-    inputs = make(n, d, dtype, device_for(backend))
+def _gradient_floor(case, inputs, dims):
+    """The magnitude of the terms that cancel in a normalised prefix's input gradient: the
+    gradient of prefix p through q^_i = q_i[:d_p] / |q_i[:d_p]| is (g - q^ <q^, g>) / |q_i[:d_p]|,
+    two terms of size |g| / |q_i[:d_p]|, |g| ~ 1 / rows for a mean (for d_p = 1 they cancel
+    exactly). Their rounding, not the result's size, bounds the error of a short prefix."""
+    if not SCALES.get(case, (None, True))[1]:
+        return 1.0
+    rows = [t.detach().double() for t in inputs.values() if t.is_floating_point()]
+    ratio = max(float((t.norm(dim=-1) / t[..., :dims[0]].norm(dim=-1)).max()) for t in rows)
+    return max(1.0, ratio / rows[0].shape[0])
+
+
+def _assert_matches_reference(call, inputs, backend, options, max_logit, label):
+    """Loss and input gradients of ``backend`` against the float64 reference, with plain
+    PyTorch's error in the test dtype (the reference run there) as the baseline."""
+    dtype = next(v.dtype for v in inputs.values() if v.is_floating_point())
     loss, grads = _value_and_grads(call, inputs, backend, **options)
     ref, ref_grads = _value_and_grads(call, _as64(inputs), "reference", **options)
     lowp = {k: (v.detach().cpu().requires_grad_(True) if v.is_floating_point() else v.cpu())
             for k, v in inputs.items()}
     base, base_grads = _value_and_grads(call, lowp, "reference", **options)
-    max_logit = _max_logit(case, _as64(inputs)) * sum(_weights(dims))
     assert loss.dtype == dtype
-    assert_close(loss, ref, dtype, f"{backend}/{case} loss", max_logit=max_logit, baseline=base)
+    assert_close(loss, ref, dtype, f"{label} loss", max_logit=max_logit, baseline=base)
+    floor = _gradient_floor(label.split("/")[1], inputs, options["matryoshka_dims"])
     for name, grad in grads.items():
-        assert_close(grad, ref_grads[name], dtype, f"{backend}/{case} d{name}",
-                     max_logit=max_logit, baseline=base_grads[name])
+        assert_close(grad, ref_grads[name], dtype, f"{label} d{name}", max_logit=max_logit,
+                     baseline=base_grads[name], floor=floor)
+
+
+def _skip_shape(backend, case, n, dtype):
+    """The backend's own skips, plus: exclude_self needs two rows; half precision on the CPU
+    backends only on the small shapes (they upcast anyway)."""
+    _skip(backend, dtype, n)
+    if case in TWO_ROWS and n < 2:
+        pytest.skip("exclude_self needs two rows")
+    if dtype in (torch.float16, torch.bfloat16) and n > 9 and backend != "triton":
+        pytest.skip("half precision checked on the small shapes (the CPU upcasts anyway)")
+
+
+# D = 3 with dims (1, 3); N = 1 (one candidate, or none but the positive), 257 (blocks + 1).
+SHAPES = [(1, 3), (9, 16), (257, 3)]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("n,d", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[1])
+def test_every_backend_matches_the_float64_reference(backend, case, n, d, dtype):
+    _skip_shape(backend, case, n, dtype)
+    call, make = CASES[case]
+    dims = _dims(d)
+    inputs = make(n, d, dtype, device_for(backend))
+    _assert_matches_reference(call, inputs, backend,
+                              dict(matryoshka_dims=dims, matryoshka_weights=_weights(dims)),
+                              _logit_bound(case, _as64(inputs)) * sum(_weights(dims)),
+                              f"{backend}/{case}")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -213,13 +221,11 @@ def test_gradcheck_float64(backend, case):
     _skip(backend)
     call, make = CASES[case]
     inputs = make(5, 4, torch.float64, "cpu")
-    leaves = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-
-    def fn(*tensors):
-        return call({**inputs, **dict(zip(leaves, tensors))}, backend, matryoshka_dims=(1, 3, 4),
-                    matryoshka_weights=(0.3, 1.0, 2.0))
-
-    assert torch.autograd.gradcheck(fn, [inputs[k] for k in leaves])
+    names = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    options = dict(matryoshka_dims=(1, 3, 4), matryoshka_weights=(0.3, 1.0, 2.0))
+    assert torch.autograd.gradcheck(
+        lambda *tensors: call({**inputs, **dict(zip(names, tensors))}, backend, **options),
+        [inputs[k] for k in names])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -304,3 +310,34 @@ def test_module_twins_take_matryoshka_dims():
     assert "matryoshka_dims=(2, 8)" in repr(clip)
     assert "matryoshka_dims=(2, 8)" in repr(fc.InfoNCELoss(**options))
     assert "matryoshka" not in repr(fc.InfoNCELoss())
+
+
+@pytest.mark.parametrize("exclude_diag, with_col", [(False, False), (True, True)])
+def test_cpu_kernels_over_several_blocks_match_the_torch_kernels(exclude_diag, with_col):
+    """The C++ kernels with forced small blocks (several query blocks, a last partial one)
+    against the torch backend's, in float64: lse of every prefix and all four gradients."""
+    _skip("cpu")
+    from fastcontrast import _ext, _torch_matryoshka
+    ext = _ext.load_extension()
+    x, y = torch.randn(2, 37, 10, dtype=torch.float64)
+    alpha, beta = torch.rand(2, 3, 37, dtype=torch.float64) + 0.5
+    bounds = [0, 2, 7, 9]  # the last bound below D: the tail gets no gradient
+    row_grad, col_grad = torch.randn(2, 3, 37, dtype=torch.float64)
+    got = ext.matryoshka_lse_forward(x, y, alpha, beta, bounds, exclude_diag=exclude_diag,
+                                     with_col_lse=with_col, block_rows=8)
+    want = _torch_matryoshka.matryoshka_lse_forward(x, y, alpha, beta, bounds,
+                                                     exclude_diag=exclude_diag,
+                                                     with_col_lse=with_col)
+    cols = (got[1], col_grad) if with_col else (None, None)
+    grads = ext.matryoshka_lse_backward(x, y, alpha, beta, bounds, got[0], row_grad, *cols,
+                                        exclude_diag=exclude_diag, block_rows=8)
+    expected = _torch_matryoshka.matryoshka_lse_backward(x, y, alpha, beta, bounds, want[0],
+                                                         row_grad, *cols,
+                                                         exclude_diag=exclude_diag)
+    for name, a, b in zip(("row_lse", "col_lse", "dx", "dy", "dalpha", "dbeta"),
+                          (*got, *grads), (*want, *expected)):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close(a, b, torch.float64, name)
+    assert grads[0][:, 9:].abs().max() == 0
