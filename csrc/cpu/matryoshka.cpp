@@ -100,7 +100,9 @@ struct PrefixGrad {
 };
 
 // Over the tile of S^p (raw prefix products), in place: x <- alpha_p beta_p dS^p + next (G_{p+1},
-// or nothing for the longest prefix), with dalpha_p / dbeta_p of the block accumulated.
+// or nothing for the longest prefix), with dalpha_p / dbeta_p of the block accumulated. Each task
+// (a range of keys) keeps its dalpha partial sums in T over kFlushRows keys, then adds them into
+// its thread's double slot (FlushedSums): a double accumulator in the loop stops it vectorising.
 template <typename T, bool kCol, bool kFold>
 void prefix_weights(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
                     const T* next, const PrefixGrad<T>& in, Partials<Acc>& partial, T* dalpha,
@@ -108,58 +110,69 @@ void prefix_weights(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& t
   const T* a = p.alpha + r0;
   const T* lse = in.lse + r0;
   const T* g = in.g + r0;
+  T* base = tile.data_ptr<T>();
   partial.reset(rows, Acc(0));
-  p.for_each_tile_row(r0, rows, tile, [&](int64_t j, T* x, int64_t cut) {
-    Acc* da = partial.slot();
-    const T b = p.beta[j];
-    const T cg = kCol ? in.col_g[j] : T(0);
-    const T cl = kCol ? finite_or_inf(in.col_lse[j]) : T(0);
-    const T* nx = kFold ? next + j * rows : nullptr;
-    T db = 0;
+  const int64_t grain = std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(rows, 1));
+  at::parallel_for(0, p.m, grain, [&](int64_t begin, int64_t end) {
+    FlushedSums<T> da(partial.slot(), rows);
+    for (int64_t j = begin; j < end; ++j) {
+      T* x = base + j * rows;
+      T* d = da.data();
+      const int64_t cut = p.cut(j, r0, rows);
+      const T b = p.beta[j];
+      const T cg = kCol ? in.col_g[j] : T(0);
+      const T cl = kCol ? finite_or_inf(in.col_lse[j]) : T(0);
+      const T* nx = kFold ? next + j * rows : nullptr;
+      T db = 0;
 #pragma omp simd reduction(+ : db)
-    for (int64_t i = 0; i < rows; ++i) {
-      const T raw = x[i];
-      const T s = raw * a[i] * b;
-      T ds = g[i] * fast_exp(s - lse[i]);
-      if (kCol) ds += cg * fast_exp(s - cl);
-      ds = i == cut ? T(0) : ds;
-      da[i] += ds * b * raw;
-      db += ds * a[i] * raw;
-      x[i] = kFold ? ds * a[i] * b + nx[i] : ds * a[i] * b;
+      for (int64_t i = 0; i < rows; ++i) {
+        const T raw = x[i];
+        const T s = raw * a[i] * b;
+        T ds = g[i] * fast_exp(s - lse[i]);
+        if (kCol) ds += cg * fast_exp(s - cl);
+        ds = i == cut ? T(0) : ds;
+        d[i] += ds * b * raw;
+        db += ds * a[i] * raw;
+        x[i] = kFold ? ds * a[i] * b + nx[i] : ds * a[i] * b;
+      }
+      da.row_done();
+      dbeta[j] += db;
     }
-    dbeta[j] += db;
+    da.flush();
   });
   std::vector<Acc> sums(rows);
   partial.combine_sum(sums.data());
   for (int64_t i = 0; i < rows; ++i) dalpha[r0 + i] = static_cast<T>(sums[i]);
 }
 
+// The gradients of matryoshka.h, and with row_lse nullopt (the fused forward) the row lse too,
+// formed on the same tiles before their weights: no recompute. Returns (row_lse, dq, dkeys,
+// dalpha, dbeta). The block's P tiles are held at once: P tiles of the plain backward's budget.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+std::vector<at::Tensor> gradient_impl(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
-    const std::vector<int64_t>& bounds, const at::Tensor& row_lse, const at::Tensor& row_grad,
-    const std::optional<at::Tensor>& col_lse, const std::optional<at::Tensor>& col_grad,
-    bool exclude_diag, int64_t requested) {
+    const std::vector<int64_t>& bounds, const std::optional<at::Tensor>& row_lse,
+    const at::Tensor& row_grad, const std::optional<at::Tensor>& col_lse,
+    const std::optional<at::Tensor>& col_grad, bool exclude_diag, int64_t requested) {
   const int64_t n = q.size(0), m = keys.size(0), d = q.size(1), count = alpha.size(0);
   at::Tensor dq = at::zeros_like(q), dkeys = at::zeros_like(keys);
   at::Tensor dalpha = at::zeros_like(alpha), dbeta = at::zeros_like(beta);
-  if (n == 0 || m == 0) return {dq, dkeys, dalpha, dbeta};
-  // The block's P tiles share the budget of the plain backward's one.
-  int64_t block_rows = requested;
-  if (block_rows <= 0) {
-    block_rows = choose_block_rows(n, m, d, sizeof(T), false, 0) / count / 16 * 16;
-    block_rows = std::min(n, std::max<int64_t>(block_rows, 16));
-  }
+  at::Tensor lse_out = row_lse ? *row_lse : at::full({count, n}, -kInf<T>, q.options());
+  if (n == 0 || m == 0) return {lse_out, dq, dkeys, dalpha, dbeta};
+  const int64_t block_rows = choose_block_rows(n, m, d, sizeof(T), false, requested);
   const Prefixes<T> prefixes(q, keys, alpha, beta, exclude_diag, block_rows);
-  at::Tensor rl = row_lse.clone(), cl = col_lse ? col_lse->clone() : at::Tensor();
+  // -inf (no candidate) as +inf: no weight.
+  at::Tensor rl = row_lse ? row_lse->clone() : at::empty({count, n}, q.options());
+  at::Tensor cl = col_lse ? col_lse->clone() : at::Tensor();
   for (at::Tensor* t : {&rl, &cl}) {
-    if (!t->defined()) continue;
+    if (!t->defined() || !row_lse) continue;
     T* v = t->data_ptr<T>();
     for (int64_t i = 0; i < t->numel(); ++i) v[i] = finite_or_inf(v[i]);
   }
   std::vector<at::Tensor> buffers;
   for (int64_t p = 0; p < count; ++p) buffers.push_back(at::empty({m * block_rows}, q.options()));
   Partials<Acc> partial(block_rows);
+  BlockLseScratch<T> scratch(row_lse ? 0 : block_rows);
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, n - r0);
     std::vector<at::Tensor> tiles;
@@ -167,6 +180,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       tiles.push_back(buffers[p].narrow(0, 0, m * rows).view({m, rows}));
       if (p > 0) tiles[p].copy_(tiles[p - 1]);
       chunk_product(tiles[p], q, keys, r0, rows, bounds[p], bounds[p + 1], p == 0);
+      if (row_lse) continue;
+      T* out = lse_out.data_ptr<T>() + p * n + r0;
+      block_lse(prefixes.problem[p], r0, rows, tiles[p], static_cast<ColumnStats<T>*>(nullptr),
+                scratch, out);
+      T* w = rl.data_ptr<T>() + p * n + r0;
+      for (int64_t i = 0; i < rows; ++i) w[i] = finite_or_inf(out[i]);
     }
     for (int64_t p = count - 1; p >= 0; --p) {
       const PrefixGrad<T> in{rl.data_ptr<T>() + p * n, row_grad.data_ptr<T>() + p * n,
@@ -190,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       dkeys.narrow(1, lo, width).addmm_(tiles[p], q.narrow(0, r0, rows).narrow(1, lo, width));
     }
   }
-  return {dq, dkeys, dalpha, dbeta};
+  return {lse_out, dq, dkeys, dalpha, dbeta};
 }
 
 using OptTensor = std::optional<at::Tensor>;
@@ -227,14 +246,18 @@ void check_problem(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
   check_tensor(beta, "beta", dtype, {count, m});
 }
 
+void check_diagonal(const at::Tensor& q, const at::Tensor& keys, bool exclude_diag) {
+  TORCH_CHECK(!exclude_diag || keys.size(0) == q.size(0), "exclude_diag needs M == N, got N = ",
+              q.size(0), ", M = ", keys.size(0));
+}
+
 std::tuple<at::Tensor, OptTensor> forward_entry(const at::Tensor& q, const at::Tensor& keys,
                                                 const at::Tensor& alpha, const at::Tensor& beta,
                                                 const std::vector<int64_t>& bounds,
                                                 bool exclude_diag, bool with_col_lse,
                                                 int64_t block_rows) {
   check_problem(q, keys, alpha, beta, bounds);
-  TORCH_CHECK(!exclude_diag || keys.size(0) == q.size(0), "exclude_diag needs M == N, got N = ",
-              q.size(0), ", M = ", keys.size(0));
+  check_diagonal(q, keys, exclude_diag);
   const at::NoGradGuard no_grad;  // out= GEMMs on inputs that require grad
   return matryoshka_lse_forward(q, keys, alpha, beta, bounds, exclude_diag, with_col_lse,
                                 block_rows);
@@ -246,7 +269,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_entry(
     const OptTensor& col_lse, const OptTensor& col_grad, bool exclude_diag, int64_t block_rows) {
   check_problem(q, keys, alpha, beta, bounds);
   check_tensor(row_lse, "row_lse", q.scalar_type(), alpha.sizes());
-  check_tensor(row_grad, "row_grad", q.scalar_type(), alpha.sizes());
   TORCH_CHECK(col_lse.has_value() == col_grad.has_value(),
               "col_lse and col_grad must be given together");
   if (col_lse) {
@@ -256,6 +278,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_entry(
   const at::NoGradGuard no_grad;
   return matryoshka_lse_backward(q, keys, alpha, beta, bounds, row_lse, row_grad, col_lse,
                                  col_grad, exclude_diag, block_rows);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grad_entry(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
+    const std::vector<int64_t>& bounds, const at::Tensor& row_grad, bool exclude_diag,
+    int64_t block_rows) {
+  check_problem(q, keys, alpha, beta, bounds);
+  check_tensor(row_grad, "row_grad", q.scalar_type(), alpha.sizes());
+  check_diagonal(q, keys, exclude_diag);
+  const at::NoGradGuard no_grad;
+  return matryoshka_lse_forward_with_grad(q, keys, alpha, beta, bounds, row_grad, exclude_diag,
+                                          block_rows);
 }
 
 }  // namespace
@@ -274,10 +308,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> matryoshka_lse_backwa
     const std::vector<int64_t>& bounds, const at::Tensor& row_lse, const at::Tensor& row_grad,
     const std::optional<at::Tensor>& col_lse, const std::optional<at::Tensor>& col_grad,
     bool exclude_diag, int64_t block_rows) {
-  return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "matryoshka_lse_backward", [&] {
-    return backward_impl<scalar_t>(q, keys, alpha, beta, bounds, row_lse, row_grad, col_lse,
+  const auto g = AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "matryoshka_lse_backward", [&] {
+    return gradient_impl<scalar_t>(q, keys, alpha, beta, bounds, row_lse, row_grad, col_lse,
                                    col_grad, exclude_diag, block_rows);
   });
+  return {g[1], g[2], g[3], g[4]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+matryoshka_lse_forward_with_grad(const at::Tensor& q, const at::Tensor& keys,
+                                 const at::Tensor& alpha, const at::Tensor& beta,
+                                 const std::vector<int64_t>& bounds, const at::Tensor& row_grad,
+                                 bool exclude_diag, int64_t block_rows) {
+  const auto g = AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "matryoshka_lse_forward_with_grad",
+                                            [&] {
+    return gradient_impl<scalar_t>(q, keys, alpha, beta, bounds, std::nullopt, row_grad,
+                                   std::nullopt, std::nullopt, exclude_diag, block_rows);
+  });
+  return {g[0], g[1], g[2], g[3], g[4]};
 }
 
 void register_matryoshka_ops(pybind11::module_& m) {
@@ -293,6 +341,11 @@ void register_matryoshka_ops(pybind11::module_& m) {
         py::arg("q"), py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::arg("bounds"),
         py::arg("row_lse"), py::arg("row_grad"), py::arg("col_lse") = py::none(),
         py::arg("col_grad") = py::none(), py::kw_only(), py::arg("exclude_diag") = false,
+        py::arg("block_rows") = 0);
+  m.def("matryoshka_lse_forward_with_grad", &forward_with_grad_entry, release_gil(),
+        "(row_lse, dq, dkeys, dalpha, dbeta) in one pass over the tiles, no recompute",
+        py::arg("q"), py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::arg("bounds"),
+        py::arg("row_grad"), py::kw_only(), py::arg("exclude_diag") = false,
         py::arg("block_rows") = 0);
 }
 

@@ -34,4 +34,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> matryoshka_lse_backwa
     const std::optional<at::Tensor>& col_lse, const std::optional<at::Tensor>& col_grad,
     bool exclude_diag, int64_t block_rows);
 
+// One pass, no recompute (a reduced loss knows its row gradient up front): the row lse formed on
+// the tiles that then give the gradients. Returns (row_lse, dq, dkeys, dalpha, dbeta).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+matryoshka_lse_forward_with_grad(const at::Tensor& q, const at::Tensor& keys,
+                                 const at::Tensor& alpha, const at::Tensor& beta,
+                                 const std::vector<int64_t>& bounds, const at::Tensor& row_grad,
+                                 bool exclude_diag, int64_t block_rows);
+
 }  // namespace fastcontrast

@@ -26,7 +26,7 @@ import torch
 from .. import backends
 from .._host import accumulate_dtype, reduce_loss
 from ..reference import info_nce_reference
-from .matryoshka_ops import matryoshka_lse
+from .matryoshka_ops import matryoshka_lse, matryoshka_lse_fused
 
 __all__ = ["matryoshka_args", "matryoshka_unsupported", "matryoshka_info_nce"]
 
@@ -117,6 +117,22 @@ def _inverse_norms(z, bounds, eps):
     return _chunk_sums(z, z, bounds).sqrt().clamp_min(eps).reciprocal()
 
 
+def _fused_row_gradient(options, n, alpha, tensors):
+    """The row gradient (P, N) of the loss with respect to row_lse where the backend forms the
+    gradient in the forward pass (a reduced, one-directional loss that needs a gradient):
+    w_p / N for "mean", w_p for "sum"; else None."""
+    properties = backends.PROPERTIES[options.backend]
+    wanted = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    if (not properties.fuses_gradient or options.reduction == "none" or options.symmetric
+            or not wanted):
+        return None
+    weights = alpha.new_tensor(options.matryoshka_weights)
+    if options.reduction == "mean":
+        weights = weights / n
+    return weights.unsqueeze(1).expand(-1, n).contiguous()
+
+
 def _fused(options, query, key, bank, scale, targets):
     """Per-row Matryoshka loss sum_p w_p loss^p_i (N,) of the fused ops, with autograd."""
     backend = options.backend
@@ -136,9 +152,15 @@ def _fused(options, query, key, bank, scale, targets):
     alpha = inv_q * scale.to(acc)
     x = query.to(compute)
     y = x if shared else keys.to(compute)
-    row_lse, col_lse = matryoshka_lse(x, y, alpha, inv_k, bounds,
-                                      exclude_diag=options.exclude_self,
-                                      with_col_lse=options.symmetric, backend=backend)
+    fused_pass = _fused_row_gradient(options, query.shape[0], alpha, (query, key, bank, scale))
+    if fused_pass is not None:
+        row_lse, col_lse = matryoshka_lse_fused(x, y, alpha, inv_k, bounds, fused_pass,
+                                                exclude_diag=options.exclude_self,
+                                                backend=backend), None
+    else:
+        row_lse, col_lse = matryoshka_lse(x, y, alpha, inv_k, bounds,
+                                          exclude_diag=options.exclude_self,
+                                          with_col_lse=options.symmetric, backend=backend)
     positive_key = k_acc[:query.shape[0]] if targets is None else k_acc.index_select(0, targets)
     positive_beta = inv_k[:, :query.shape[0]] if targets is None else inv_k[:, targets]
     positive = alpha * positive_beta * _chunk_sums(q_acc, positive_key, bounds)

@@ -11,6 +11,10 @@ dimensions b_c .. b_{c+1}):
                                 dx[:, chunk c] = G_c y[:, chunk c], dy[:, chunk c] = G_c^T x[...],
                                 G_c = sum_{p >= c} alpha_p beta_p dS^p (one product per chunk),
                                 dalpha_pi = sum_j dS^p_ij beta_pj S^p_ij, dbeta likewise
+    matryoshka_lse_forward_with_grad -> row_lse and the gradients of the backward for a row
+                                gradient known up front (a reduced loss), in one pass (backends
+                                that fuse it: cpu); the backward scales them when the upstream
+                                gradient is a multiple of that one, else recomputes
 
 The prefix scores are partial sums of the same chunk products, so the P losses cost one product
 of the inputs, not P. alpha / beta carry the per-prefix inverse norms and the scale (the host
@@ -25,7 +29,7 @@ from torch import Tensor
 from .. import backends
 from .._host import or_empty
 
-__all__ = ["matryoshka_lse"]
+__all__ = ["matryoshka_lse", "matryoshka_lse_fused"]
 
 
 def _contiguous(*tensors):
@@ -107,3 +111,66 @@ def matryoshka_lse(x, y, alpha, beta, bounds, *, exclude_diag, with_col_lse, bac
     row_lse, col_lse = matryoshka_lse_forward(x, y, alpha, beta, list(bounds), exclude_diag,
                                               with_col_lse, backend)
     return row_lse, (col_lse if with_col_lse else None)
+
+
+@torch.library.custom_op("fastcontrast::matryoshka_lse_forward_with_grad", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def matryoshka_lse_forward_with_grad(x: Tensor, y: Tensor, alpha: Tensor, beta: Tensor,
+                                     bounds: List[int], row_grad: Tensor, exclude_diag: bool,
+                                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(row_lse (P, N), dx, dy, dalpha, dbeta) for the row gradient ``row_grad`` (P, N)."""
+    x, y, alpha, beta, row_grad = _contiguous(x, y, alpha, beta, row_grad)
+    return tuple(backends.kernels("matryoshka", backend).matryoshka_lse_forward_with_grad(
+        x, y, alpha, beta, list(bounds), row_grad, exclude_diag=exclude_diag))
+
+
+@matryoshka_lse_forward_with_grad.register_fake
+def _forward_with_grad_fake(x, y, alpha, beta, bounds, row_grad, exclude_diag, backend):
+    dtype = backends.PROPERTIES[backend].output_dtype(x.dtype)
+    return (x.new_empty(alpha.shape, dtype=dtype),
+            *_backward_fake(x, y, alpha, beta, bounds, None, None, None, None, exclude_diag,
+                            backend))
+
+
+def _setup_fused(ctx, inputs, output):
+    x, y, alpha, beta, bounds, row_grad, exclude_diag, backend = inputs
+    row_lse, *grads = output
+    ctx.save_for_backward(x, y, alpha, beta, row_grad, row_lse, *grads)
+    ctx.options = (list(bounds), exclude_diag, backend)
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+
+
+def _multiple_of(grad, pattern):
+    """c with grad == c * pattern (to a relative 1e-6 of grad), or None: the forward's gradients
+    are those of ``pattern``, so c scales them."""
+    k = pattern.abs().argmax()
+    c = grad.flatten()[k] / pattern.flatten()[k]
+    scale = grad.abs().max()
+    ok = bool(torch.isfinite(c)) and bool(((grad - c * pattern).abs() <= 1e-6 * scale).all())
+    return c if ok else None
+
+
+def _fused_backward(ctx, grad_lse, *_):
+    x, y, alpha, beta, row_grad, row_lse, *grads = ctx.saved_tensors
+    bounds, exclude_diag, backend = ctx.options
+    if grad_lse is None:
+        return (None,) * 8
+    grad_lse = grad_lse.to(row_lse.dtype)
+    c = _multiple_of(grad_lse, row_grad)
+    if c is None:  # not the gradient the forward assumed: recompute
+        grads = matryoshka_lse_backward(x, y, alpha, beta, bounds, row_lse, grad_lse, None, None,
+                                        exclude_diag, backend)
+    else:
+        grads = [g * c for g in grads]
+    return (*[g.to(t.dtype) for g, t in zip(grads, (x, y, alpha, beta))], None, None, None, None)
+
+
+matryoshka_lse_forward_with_grad.register_autograd(_fused_backward, setup_context=_setup_fused)
+
+
+def matryoshka_lse_fused(x, y, alpha, beta, bounds, row_grad, *, exclude_diag, backend):
+    """row_lse (P, N), differentiable in x, y, alpha and beta; its gradients are formed in the
+    forward pass for the upstream gradient ``row_grad`` (or a multiple of it)."""
+    return matryoshka_lse_forward_with_grad(x, y, alpha, beta, list(bounds), row_grad,
+                                            exclude_diag, backend)[0]

@@ -341,3 +341,25 @@ def test_cpu_kernels_over_several_blocks_match_the_torch_kernels(exclude_diag, w
             continue
         assert_close(a, b, torch.float64, name)
     assert grads[0][:, 9:].abs().max() == 0
+
+
+def test_fused_forward_gradient_scales_or_recomputes():
+    """cpu forms the gradient in the forward pass for the row gradient it is given: an upstream
+    gradient that is a multiple of it scales them, any other one is recomputed; both equal the
+    recomputing op's gradients."""
+    _skip("cpu")
+    from fastcontrast.infonce.matryoshka_ops import matryoshka_lse, matryoshka_lse_fused
+    x, y = torch.randn(2, 11, 6, dtype=torch.float64)
+    alpha, beta = torch.rand(2, 2, 11, dtype=torch.float64) + 0.5
+    pattern = torch.rand(2, 11, dtype=torch.float64)
+    for upstream in (3 * pattern, torch.randn(2, 11, dtype=torch.float64)):
+        leaves = [t.clone().requires_grad_(True) for t in (x, y, alpha, beta)]
+        fused = matryoshka_lse_fused(*leaves, (0, 2, 6), pattern, exclude_diag=True,
+                                     backend="cpu")
+        got = torch.autograd.grad((fused * upstream).sum(), leaves)
+        plain, _ = matryoshka_lse(*leaves, (0, 2, 6), exclude_diag=True, with_col_lse=False,
+                                  backend="cpu")
+        assert_close(fused, plain, torch.float64, "row_lse")
+        want = torch.autograd.grad((plain * upstream).sum(), leaves)
+        for name, a, b in zip(("dx", "dy", "dalpha", "dbeta"), got, want):
+            assert_close(a, b, torch.float64, name)
