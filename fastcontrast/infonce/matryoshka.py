@@ -119,13 +119,15 @@ def _inverse_norms(z, bounds, eps):
 
 def _fused_row_gradient(options, n, alpha, tensors):
     """The row gradient (P, N) of the loss with respect to row_lse where the backend forms the
-    gradient in the forward pass (a reduced, one-directional loss that needs a gradient):
+    gradient in the forward pass (a reduced, one-directional loss that needs a gradient, eager):
     w_p / N for "mean", w_p for "sum"; else None."""
     properties = backends.PROPERTIES[options.backend]
     wanted = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    # Under torch.compile the plain ops: the fused op's backward reads the upstream gradient's
+    # values (is it a multiple of the assumed one?), which a traced graph cannot.
     if (not properties.fuses_gradient or options.reduction == "none" or options.symmetric
-            or not wanted):
+            or not wanted or torch.compiler.is_compiling()):
         return None
     weights = alpha.new_tensor(options.matryoshka_weights)
     if options.reduction == "mean":

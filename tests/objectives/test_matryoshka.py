@@ -363,3 +363,23 @@ def test_fused_forward_gradient_scales_or_recomputes():
         want = torch.autograd.grad((plain * upstream).sum(), leaves)
         for name, a, b in zip(("dx", "dy", "dalpha", "dbeta"), got, want):
             assert_close(a, b, torch.float64, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_compiles(backend):
+    _skip(backend)
+    torch._dynamo.reset()
+
+    def step(q, k):
+        return fc.info_nce(q, k, temperature=0.2, matryoshka_dims=(2, 5), backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    q, k = torch.randn(2, 7, 5)
+    leaves = [q.clone().requires_grad_(True), k.clone().requires_grad_(True)]
+    got = compiled(*leaves)
+    grads = torch.autograd.grad(got, leaves)
+    want = step(*leaves)
+    assert_close(got, want, torch.float32, "loss")
+    for a, b in zip(grads, torch.autograd.grad(want, leaves)):
+        assert_close(a, b, torch.float32, "grad")
