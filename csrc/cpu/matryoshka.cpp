@@ -25,26 +25,92 @@ namespace {
 
 using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h)
 
+// Per query, an upper bound of its prefix scores (Cauchy-Schwarz): c_i = |alpha_i| |q_i[:d]|
+// max_j |beta_j| |keys_j[:d]|, into c; false where a bound is not finite (then unused).
+template <typename T>
+bool score_bounds(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+                  const at::Tensor& beta, int64_t d, std::vector<T>& c) {
+  if (keys.size(0) == 0 || q.size(0) == 0) return false;
+  const at::Tensor rows = q.narrow(1, 0, d).norm(2, 1).mul(alpha.abs()).contiguous();
+  const double key_max = keys.narrow(1, 0, d).norm(2, 1).mul(beta.abs()).max().item<double>();
+  const T* r = rows.data_ptr<T>();
+  c.assign(r, r + q.size(0));
+  for (T& v : c) v = static_cast<T>(v * key_max);
+  return std::isfinite(key_max) && std::all_of(c.begin(), c.end(), [](T v) {
+    return std::isfinite(v);
+  });
+}
+
 // The P per-prefix Problems over the same inputs (row p of alpha / beta as the scales), all with
-// R = block_rows.
+// R = block_rows, and each prefix's score bounds (score_bounds; usable[p] false: none).
 template <typename T>
 struct Prefixes {
   std::vector<at::Tensor> alphas, betas;
   std::vector<Problem<T>> problem;
+  std::vector<std::vector<T>> bound;
+  std::vector<char> usable;
   Prefixes(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
-           const at::Tensor& beta, bool exclude_diag, int64_t block_rows) {
+           const at::Tensor& beta, const std::vector<int64_t>& dims, bool exclude_diag,
+           int64_t block_rows) {
     const int64_t count = alpha.size(0);
     alphas.reserve(count);  // the Problems hold references to these
     betas.reserve(count);
     problem.reserve(count);
+    bound.resize(count);
     const Mask mask{exclude_diag, 0, std::nullopt, std::nullopt};
     for (int64_t p = 0; p < count; ++p) {
       alphas.push_back(alpha.select(0, p));
       betas.push_back(beta.select(0, p));
       problem.emplace_back(q, keys, alphas.back(), betas.back(), mask, true, block_rows);
+      usable.push_back(score_bounds(q, keys, alphas.back(), betas.back(), dims[p + 1], bound[p]));
     }
   }
 };
+
+// The row lse of the block in ONE pass: exps shifted by the query's score bound c_i (never below
+// a score, so no overflow), summed in T over kFlushRows keys, then in double (FlushedSums). The
+// exact two passes of block_lse cost twice as much per prefix. Returns false, leaving the block
+// to block_lse, where some row's sum is so small (its scores far below the bound, e.g. large
+// unnormalised features) that the shifted exps would lose precision, or no entry.
+template <typename T>
+bool bounded_block_lse(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
+                       const T* c, Partials<Acc>& partial, T* out) {
+  const T* a = p.alpha + r0;
+  const T* shift = c + r0;
+  T* base = tile.data_ptr<T>();
+  partial.reset(rows, Acc(0));
+  const int64_t grain = std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(rows, 1));
+  at::parallel_for(0, p.m, grain, [&](int64_t begin, int64_t end) {
+    FlushedSums<T> acc(partial.slot(), rows);
+    for (int64_t j = begin; j < end; ++j) {
+      const T* x = base + j * rows;
+      const int64_t cut = p.cut(j, r0, rows);
+      sum_exp_into(acc.data(), x, a, p.beta[j], shift, 0, cut);
+      sum_exp_into(acc.data(), x, a, p.beta[j], shift, cut + 1, rows);
+      acc.row_done();
+    }
+    acc.flush();
+  });
+  std::vector<Acc> sum(rows);
+  partial.combine_sum(sum.data());
+  constexpr Acc kSmallest = 1e-25;  // the largest exp above ~1e-29: a normal float
+  for (int64_t i = 0; i < rows; ++i)
+    if (!(sum[i] >= kSmallest) && !std::isnan(sum[i])) return false;
+  for (int64_t i = 0; i < rows; ++i) out[i] = lse_from(shift[i], sum[i]);
+  return true;
+}
+
+// Prefix p's row lse of the block: one bounded pass where it can, else the exact passes (and
+// always those with the column statistics).
+template <typename T>
+void prefix_block_lse(const Prefixes<T>& prefixes, int64_t p, int64_t r0, int64_t rows,
+                      at::Tensor& tile, ColumnStats<T>* cols, BlockLseScratch<T>& scratch,
+                      Partials<Acc>& partial, T* out) {
+  const Problem<T>& problem = prefixes.problem[p];
+  if (cols || !prefixes.usable[p] ||
+      !bounded_block_lse(problem, r0, rows, tile, prefixes.bound[p].data(), partial, out))
+    block_lse(problem, r0, rows, tile, cols, scratch, out);
+}
 
 // tile (M x rows) = keys[:, lo:hi] @ q[r0:r0+rows, lo:hi]^T, or += it (the next chunk).
 void chunk_product(at::Tensor& tile, const at::Tensor& q, const at::Tensor& keys, int64_t r0,
@@ -64,19 +130,20 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(
     const std::vector<int64_t>& bounds, bool exclude_diag, bool with_col, int64_t requested) {
   const int64_t n = q.size(0), m = keys.size(0), count = alpha.size(0);
   const int64_t block_rows = choose_block_rows(n, m, q.size(1), sizeof(T), true, requested);
-  const Prefixes<T> prefixes(q, keys, alpha, beta, exclude_diag, block_rows);
+  const Prefixes<T> prefixes(q, keys, alpha, beta, bounds, exclude_diag, block_rows);
   at::Tensor row_lse = new_output({count, n}, q.options());
   T* out = row_lse.data_ptr<T>();
   std::vector<ColumnStats<T>> cols(with_col ? count : 0, ColumnStats<T>(m));
   BlockLseScratch<T> scratch(block_rows);
+  Partials<Acc> partial(block_rows);
   at::Tensor buffer = at::empty({m * block_rows}, q.options());
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t rows = std::min(block_rows, n - r0);
     at::Tensor tile = buffer.narrow(0, 0, m * rows).view({m, rows});
     for (int64_t p = 0; p < count; ++p) {
       chunk_product(tile, q, keys, r0, rows, bounds[p], bounds[p + 1], p == 0);
-      block_lse(prefixes.problem[p], r0, rows, tile, with_col ? &cols[p] : nullptr, scratch,
-                out + p * n + r0);
+      prefix_block_lse(prefixes, p, r0, rows, tile, with_col ? &cols[p] : nullptr, scratch,
+                       partial, out + p * n + r0);
     }
   }
   std::optional<at::Tensor> col_lse;
@@ -160,7 +227,7 @@ std::vector<at::Tensor> gradient_impl(
   at::Tensor lse_out = row_lse ? *row_lse : at::full({count, n}, -kInf<T>, q.options());
   if (n == 0 || m == 0) return {lse_out, dq, dkeys, dalpha, dbeta};
   const int64_t block_rows = choose_block_rows(n, m, d, sizeof(T), false, requested);
-  const Prefixes<T> prefixes(q, keys, alpha, beta, exclude_diag, block_rows);
+  const Prefixes<T> prefixes(q, keys, alpha, beta, bounds, exclude_diag, block_rows);
   // -inf (no candidate) as +inf: no weight.
   at::Tensor rl = row_lse ? row_lse->clone() : at::empty({count, n}, q.options());
   at::Tensor cl = col_lse ? col_lse->clone() : at::Tensor();
@@ -182,8 +249,8 @@ std::vector<at::Tensor> gradient_impl(
       chunk_product(tiles[p], q, keys, r0, rows, bounds[p], bounds[p + 1], p == 0);
       if (row_lse) continue;
       T* out = lse_out.data_ptr<T>() + p * n + r0;
-      block_lse(prefixes.problem[p], r0, rows, tiles[p], static_cast<ColumnStats<T>*>(nullptr),
-                scratch, out);
+      prefix_block_lse(prefixes, p, r0, rows, tiles[p], static_cast<ColumnStats<T>*>(nullptr),
+                       scratch, partial, out);
       T* w = rl.data_ptr<T>() + p * n + r0;
       for (int64_t i = 0; i < rows; ++i) w[i] = finite_or_inf(out[i]);
     }
