@@ -197,4 +197,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastcontrast::register_task_ops(m);
   fastcontrast::register_runtime_options(m);
   fastcontrast::register_host_thread_ops(m);
+  fastcontrast::register_matryoshka_ops(m);
 }

@@ -11,5 +11,6 @@ void register_momentum_ops(pybind11::module_& m);  // cpu/momentum.cpp
 void register_task_ops(pybind11::module_& m);      // cpu/tasks.cpp (scheduler probes, tests)
 void register_runtime_options(pybind11::module_& m);  // cpu/runtime_options.cpp
 void register_host_thread_ops(pybind11::module_& m);  // cpu/host_threads.cpp
+void register_matryoshka_ops(pybind11::module_& m);  // cpu/matryoshka.cpp
 
 }  // namespace fastcontrast

@@ -25,6 +25,7 @@ from . import _loss_args as args
 from ._loss_args import output_dtype_policy
 from .backends import available_backends, resolve
 from .infonce import InfoNCEOptions, info_nce_loss, supcon_loss
+from .infonce.matryoshka import matryoshka_args, matryoshka_info_nce
 from .reference import info_nce_reference, siglip_loss_reference, supcon_reference
 from .siglip import siglip_fused_loss
 
@@ -37,7 +38,7 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
              negative_ids=None, label_smoothing=0.0, query_labels=None, key_labels=None,
-             backend="auto"):
+             matryoshka_dims=None, matryoshka_weights=None, backend="auto"):
     """InfoNCE / NT-Xent style contrastive loss, fused (never materialises the N x M logits).
 
     loss_i = logsumexp_{j in C(i)} s_ij - s_{i, t_i},  s_ij = <q_i, k_j> / temperature
@@ -59,6 +60,10 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     ``key_labels`` (M,) int64: multiple positives, every key with the query's label:
     loss_i = lse_i - mean_{p in P(i)} s_ip (targets None; rows without a positive give 0 and
     are left out of the mean; symmetric: both directions, e.g. CLIP with repeated captions).
+    ``matryoshka_dims`` (d_1 < ... < d_P <= D) with optional ``matryoshka_weights`` (default
+    ones): loss = sum_p w_p loss(query[:, :d_p], key[:, :d_p]), each prefix normalised on its own
+    (sentence-transformers' MatryoshkaLoss), all prefixes in one pass over the key tiles
+    (fastcontrast/infonce/matryoshka.py; with targets, exclude_self, symmetric and a bank).
     """
     tau = args.info_nce_args(
         query, key, negatives, temperature=temperature, normalize=normalize, targets=targets,
@@ -66,11 +71,13 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
         reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
         hcl_tau_plus=hcl_tau_plus, query_ids=query_ids, negative_ids=negative_ids,
         label_smoothing=label_smoothing, query_labels=query_labels, key_labels=key_labels)
+    dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, query.shape[-1])
     options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
                              in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
                              symmetric=symmetric, normalize=normalize, reduction=reduction,
                              decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
-                             hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing)
+                             hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing,
+                             matryoshka_dims=dims, matryoshka_weights=weights)
     return _info_nce(options, query, key, negatives, tau, tau.reciprocal(), targets, query_ids,
                      negative_ids, labels=(query_labels, key_labels))
 
@@ -79,6 +86,9 @@ def _info_nce(options, query, key, negatives, temperature, scale, targets, query
               negative_ids=None, labels=(None, None)):
     """The validated call: the oracle (at ``temperature``), or the fused op module (at
     ``scale`` = 1 / temperature)."""
+    if options.matryoshka_dims:
+        return matryoshka_info_nce(options, query, key, negatives, temperature, scale, targets,
+                                   query_ids, labels)
     if options.backend == "reference":
         return info_nce_reference(
             query, key, negatives, temperature=temperature, normalize=options.normalize,
@@ -98,15 +108,16 @@ def _info_nce(options, query, key, negatives, temperature, scale, targets, query
 @output_dtype_policy
 def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
             dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0,
-            backend="auto"):
+            matryoshka_dims=None, matryoshka_weights=None, backend="auto"):
     """SimCLR's NT-Xent over the 2N views z = [z1; z2] (lightly's NTXentLoss):
     loss_i = logsumexp_{j != i} <z_i, z_j>/tau - <z_i, z_{i+-N}>/tau, mean over the 2N rows
     ("none": (2N,), rows of z1 first). DCL / DCLW / HCL and label_smoothing (the 2N - 1 other
-    views are the classes) as in info_nce."""
+    views are the classes) and matryoshka_dims / matryoshka_weights as in info_nce."""
     tau = args.nt_xent_args(z1, z2, temperature=temperature, normalize=normalize,
                             reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
                             label_smoothing=label_smoothing)
+    dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, z1.shape[-1])
     n = z1.shape[0]
     views = torch.cat([z1, z2])
     targets = (torch.arange(2 * n, device=z1.device) + n) % (2 * n)
@@ -114,7 +125,8 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     options = InfoNCEOptions(resolve(backend, z1.device, dtype=z1.dtype), exclude_self=True,
                              normalize=normalize, reduction=reduction, decoupled=decoupled,
                              dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                             involutive_targets=True, label_smoothing=label_smoothing)
+                             involutive_targets=True, label_smoothing=label_smoothing,
+                             matryoshka_dims=dims, matryoshka_weights=weights)
     return _info_nce(options, views, views, None, tau, tau.reciprocal(), targets)
 
 
@@ -170,7 +182,7 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
 
 @output_dtype_policy
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", label_smoothing=0.0,
-              labels=None, backend="auto"):
+              labels=None, matryoshka_dims=None, matryoshka_weights=None, backend="auto"):
     """OpenCLIP's ClipLoss: (CE(image -> text) + CE(text -> image)) / 2 on
     logit_scale * image @ text.T, pair i the positive. Features are used as given (CLIP models
     normalise them). ``logit_bias`` shifts every logit of a softmax equally, so it cancels: it is
@@ -178,12 +190,16 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
     cross-entropy with F.cross_entropy's label_smoothing=eps (fused, from sums of features).
     ``labels`` (N,) int64: multiple positives (repeated captions): image i and text j are a
     positive pair iff labels match; each direction is lse - the mean over its positives
-    (info_nce's query_labels = key_labels = labels)."""
+    (info_nce's query_labels = key_labels = labels). ``matryoshka_dims`` / ``matryoshka_weights``:
+    sum_p w_p ClipLoss(image[:, :d_p], text[:, :d_p]) (prefixes as given, not renormalised), in
+    one pass over the tiles (as info_nce's)."""
     scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smoothing,
                                 labels)
+    dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, image.shape[-1])
     name = resolve(backend, image.device, dtype=image.dtype)
     options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction,
-                             label_smoothing=label_smoothing)
+                             label_smoothing=label_smoothing, matryoshka_dims=dims,
+                             matryoshka_weights=weights)
     loss = _info_nce(options, image, text, None, scale.reciprocal(), scale, None,
                      labels=(labels, labels))
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:

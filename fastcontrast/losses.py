@@ -14,6 +14,17 @@ def _format_value(value):
     return f"{value:.4g}" if isinstance(value, float) else repr(value)
 
 
+def _matryoshka_options(dims, weights):
+    """The Matryoshka keyword arguments a module passes on (none when not asked for, so that a
+    loss without them, e.g. a distributed one, is called as before)."""
+    options = {}
+    if dims is not None:
+        options["matryoshka_dims"] = tuple(dims)
+    if weights is not None:
+        options["matryoshka_weights"] = tuple(weights)
+    return options
+
+
 class _Loss(nn.Module):
     """Base of the loss modules: ``reduction``, ``backend``, ``distributed`` / ``group``, and
     the one ``extra_repr`` (the module's own fields from ``_repr_fields``, then the common ones).
@@ -53,7 +64,7 @@ class _ContrastiveLoss(_Loss):
 
     # Options shown in the repr only when they differ from these defaults (the objectives).
     _OPTIONAL_DEFAULTS = dict(decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0,
-                              label_smoothing=0.0)
+                              label_smoothing=0.0, matryoshka_dims=None, matryoshka_weights=None)
 
     def __init__(self, temperature, learn_temperature, reduction, backend, distributed=None,
                  group=None):
@@ -88,12 +99,14 @@ class InfoNCELoss(_ContrastiveLoss):
     def __init__(self, temperature=0.07, *, normalize=True, in_batch_negatives=True,
                  exclude_self=False, symmetric=False, reduction="mean", decoupled=False,
                  dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0,
-                 backend="auto", learn_temperature=False, distributed=None, group=None):
+                 matryoshka_dims=None, matryoshka_weights=None, backend="auto",
+                 learn_temperature=False, distributed=None, group=None):
         super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, in_batch_negatives=in_batch_negatives,
                             exclude_self=exclude_self, symmetric=symmetric, decoupled=decoupled,
                             dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                            label_smoothing=label_smoothing)
+                            label_smoothing=label_smoothing,
+                            **_matryoshka_options(matryoshka_dims, matryoshka_weights))
 
     def forward(self, query, key, negatives=None, targets=None, query_labels=None,
                 key_labels=None):
@@ -109,11 +122,13 @@ class NTXentLoss(_ContrastiveLoss):
 
     def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", decoupled=False,
                  dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0,
-                 backend="auto", learn_temperature=False, distributed=None, group=None):
+                 matryoshka_dims=None, matryoshka_weights=None, backend="auto",
+                 learn_temperature=False, distributed=None, group=None):
         super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, decoupled=decoupled, dclw_sigma=dclw_sigma,
                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                            label_smoothing=label_smoothing)
+                            label_smoothing=label_smoothing,
+                            **_matryoshka_options(matryoshka_dims, matryoshka_weights))
 
     def forward(self, z1, z2):
         return self._loss("nt_xent", z1, z2, temperature=self.temperature, reduction=self.reduction,
@@ -160,10 +175,11 @@ class ClipLoss(_Loss):
     OpenCLIP). Pass ``logit_scale`` to forward to use a model-owned scale instead."""
 
     def __init__(self, init_logit_scale=1 / 0.07, *, learnable=True, max_logit_scale=100.0,
-                 label_smoothing=0.0, reduction="mean", backend="auto", distributed=None,
-                 group=None):
+                 label_smoothing=0.0, matryoshka_dims=None, matryoshka_weights=None,
+                 reduction="mean", backend="auto", distributed=None, group=None):
         super().__init__(reduction, backend, distributed, group)
         self.label_smoothing = label_smoothing
+        self.matryoshka = _matryoshka_options(matryoshka_dims, matryoshka_weights)
         if not (init_logit_scale > 0 and max_logit_scale > 0):
             raise ValueError(f"init_logit_scale and max_logit_scale must be positive, got "
                              f"{init_logit_scale!r}, {max_logit_scale!r}")
@@ -184,11 +200,11 @@ class ClipLoss(_Loss):
                   "max_logit_scale": self.max_logit_scale}
         if self.label_smoothing:
             fields["label_smoothing"] = self.label_smoothing
-        return fields
+        return {**fields, **self.matryoshka}
 
     def forward(self, image, text, logit_scale=None, logit_bias=None, labels=None):
         scale = self.logit_scale if logit_scale is None else logit_scale
-        extra = {} if labels is None else {"labels": labels}
+        extra = dict(self.matryoshka) if labels is None else {"labels": labels, **self.matryoshka}
         return self._loss("clip_loss", image, text, scale, logit_bias=logit_bias,
                           reduction=self.reduction, label_smoothing=self.label_smoothing,
                           backend=self.backend, **extra)

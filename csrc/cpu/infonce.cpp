@@ -85,27 +85,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> forward_impl(const Problem<T>&
   at::Tensor row_lse = new_output({p.n}, p.q.options());
   T* out = row_lse.data_ptr<T>();
   ColumnStats<T> cols(with_col ? p.m : 0);  // merged block after block
-  Partials<T> partial(p.block_rows);
-  Partials<Acc> partial_sums(p.block_rows);
-  std::vector<T> shift(p.block_rows);
-  std::vector<Acc> sum(p.block_rows);
-
+  BlockLseScratch<T> scratch(p.block_rows);
   p.for_each_block([&](int64_t r0, int64_t rows, at::Tensor& tile) {
-    const T* a = p.alpha + r0;
-    if (with_col) {
-      // One pass: per-query maxima, and each key's column statistics while its row is in L1.
-      partial.reset(rows, -kInf<T>);
-      p.for_each_tile_row(r0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
-        cols.merge(j, partial.slot(), x, a, p.beta[j], cut, rows);
-      });
-      partial.combine_max(shift.data());
-      for (int64_t i = 0; i < rows; ++i) shift[i] = safe_shift(shift[i]);
-    } else {
-      block_shift(p, r0, rows, tile, partial, shift.data());
-    }
-    block_sums(p, r0, rows, tile, partial_sums, shift.data(), sum.data());
-    for (int64_t i = 0; i < rows; ++i)
-      out[r0 + i] = query_lse(p, r0, rows, tile, shift[i], sum[i], i);
+    block_lse(p, r0, rows, tile, with_col ? &cols : nullptr, scratch, out + r0);
   });
 
   std::optional<at::Tensor> col_lse;

@@ -212,6 +212,39 @@ struct ColumnStats {
   T lse(int64_t k) const { return nan[k] ? kNaN<T> : lse_from(safe_shift(max[k]), sum[k]); }
 };
 
+// Per-block workspace of the exact (per-row max) forward: the per-thread partial maxima and
+// sums, and the block's shifts and sums.
+template <typename T>
+struct BlockLseScratch {
+  Partials<T> partial;
+  Partials<Acc> partial_sums;
+  std::vector<T> shift;
+  std::vector<Acc> sum;
+  explicit BlockLseScratch(int64_t block_rows)
+      : partial(block_rows), partial_sums(block_rows), shift(block_rows), sum(block_rows) {}
+};
+
+// The exact forward of one block: out[i] = lse of query r0 + i over the tile's unmasked entries,
+// and with cols (the symmetric loss) each key's column statistics merged in the same pass as the
+// per-query maxima (while the key's tile row is in L1).
+template <typename T>
+void block_lse(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
+               ColumnStats<T>* cols, BlockLseScratch<T>& w, T* out) {
+  const T* a = p.alpha + r0;
+  if (cols) {
+    w.partial.reset(rows, -kInf<T>);
+    p.for_each_tile_row(r0, rows, tile, [&](int64_t j, const T* x, int64_t cut) {
+      cols->merge(j, w.partial.slot(), x, a, p.beta[j], cut, rows);
+    });
+    w.partial.combine_max(w.shift.data());
+    for (int64_t i = 0; i < rows; ++i) w.shift[i] = safe_shift(w.shift[i]);
+  } else {
+    block_shift(p, r0, rows, tile, w.partial, w.shift.data());
+  }
+  block_sums(p, r0, rows, tile, w.partial_sums, w.shift.data(), w.sum.data());
+  for (int64_t i = 0; i < rows; ++i) out[i] = query_lse(p, r0, rows, tile, w.shift[i], w.sum[i], i);
+}
+
 // Keys c0 .. c1 of a problem as the operands of their own Problem (chunk-local key index j is
 // key c0 + j): keys, beta and the column ids narrowed, the diagonal offset shifted by c0.
 struct KeyChunk {

@@ -47,6 +47,8 @@ class InfoNCEOptions:
     eps: float = 1e-12  # as torch.nn.functional.normalize
     involutive_targets: bool = False  # t[t[i]] == i (NT-Xent): the positive mask is symmetric
     label_smoothing: float = 0.0  # (label_smoothing.py; not with DCL / DCLW / HCL)
+    matryoshka_dims: tuple = ()  # (matryoshka.py; () for none) and their weights
+    matryoshka_weights: tuple = ()
 
     @property
     def hard_negatives(self):
