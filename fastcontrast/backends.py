@@ -178,12 +178,13 @@ def available_backends(device="cpu", family="loss"):
 
 def kernels(family, name):
     """The implementation of op family ``family`` ("infonce", "gram" (the symmetric-Gram ops of
-    the InfoNCE family), "siglip", "queue", "momentum") in backend ``name``: a module (or the
-    compiled extension) with that family's kernel functions."""
+    the InfoNCE family), "siglip", "distill", "queue", "momentum") in backend ``name``: a module
+    (or the compiled extension) with that family's kernel functions."""
     if name == "torch":
-        from . import _siglip_torch, _torch_chunked
+        from . import _distill_torch, _siglip_torch, _torch_chunked
 
-        return {"infonce": _torch_chunked, "gram": _torch_chunked, "siglip": _siglip_torch}[family]
+        return {"infonce": _torch_chunked, "gram": _torch_chunked, "siglip": _siglip_torch,
+                "distill": _distill_torch}[family]
     if name == "cpu":
         from . import _ext
 
@@ -200,7 +201,8 @@ def kernels(family, name):
             from .kernels import gram
 
             return gram
-        from .kernels import infonce, momentum, queue, siglip
+        from .kernels import distill, infonce, momentum, queue, siglip
 
-        return {"infonce": infonce, "siglip": siglip, "queue": queue, "momentum": momentum}[family]
+        return {"infonce": infonce, "siglip": siglip, "queue": queue, "momentum": momentum,
+                "distill": distill}[family]
     raise ValueError(f"no {family} kernels in backend {name!r}")
