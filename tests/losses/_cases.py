@@ -75,6 +75,13 @@ def _labels(n, device):
     return torch.arange(n, device=device) % 2
 
 
+def _distill(f, s, **kw):
+    """distill_info_nce with a teacher made of the detached inputs (roles swapped): no teacher
+    leaf, so the family's gradient checks see the student's gradients only."""
+    return fastcontrast.distill_info_nce(f[0], f[1], f[1].detach(), f[0].detach(),
+                                         temperature=s[0], teacher_temperature=0.1, **kw)
+
+
 class Case(NamedTuple):
     shapes: Callable  # (n, d) -> the feature shapes
     scalars: tuple  # temperature / logit_scale (and logit_bias)
@@ -102,6 +109,8 @@ CASES = {
     "siglip_loss": Case(lambda n, d: [(n, d), (n, d)], (3.0, -2.0),
                         lambda f, s, **kw: fastcontrast.siglip_loss(*f, *s, **kw),
                         fastcontrast.SigLIPLoss),
+    "distill_info_nce": Case(lambda n, d: [(n, d), (n, d)], (0.2,), _distill,
+                             fastcontrast.DistillInfoNCELoss),
 }
 
 
