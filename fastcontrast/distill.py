@@ -20,6 +20,9 @@ Gradient: d loss_i / d s_ij = P^S_ij - p^T_ij, so with row weights g_i (and colu
            col stats (3, M) or (0,)): lse^S, lse^T, w per row (and per column)
        distill_backward(..., row_stats, row_grad, col_stats, col_grad, need_gq, need_gk)
            -> (gq = G k^S, gk = G^T q^S), recomputing both score tiles
+       distill_forward_with_grad(..., row_grad, need_gq, need_gk) -> (row stats, gq, gk) of
+           the row direction in one pass (backends that fuse it: a reduced one-direction loss
+           costs four N x M x D products instead of six)
    Both compute the student and the teacher scores tile by tile: memory O(N + M), never an
    N x M matrix.
 2. ``FusedDistill``: the autograd.Function on those ops (on the normalised features; the
@@ -34,9 +37,10 @@ from torch import Tensor
 
 from . import backends
 from ._host import (accumulate_dtype, cast_gradients, first_order_only, or_empty, reduce_loss,
-                    reduction_weights, requires_grad, rowwise_dot)
+                    reduction_weights, requires_grad, rowwise_dot, scaled_fused_gradients)
 
-__all__ = ["distill_fused_loss", "distill_forward", "distill_backward"]
+__all__ = ["distill_fused_loss", "distill_forward", "distill_backward",
+           "distill_forward_with_grad"]
 
 # ---------------------------------------------------------------------------------------------
 # 1. Kernel ops
@@ -92,6 +96,27 @@ def _distill_backward_fake(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad
             sq.new_empty(sk.shape if need_gk else (0,), dtype=dtype))
 
 
+@torch.library.custom_op("fastcontrast::distill_forward_with_grad", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def distill_forward_with_grad(sq: Tensor, sk: Tensor, tq: Tensor, tk: Tensor, s_scale: Tensor,
+                              t_scale: Tensor, row_grad: Tensor, need_gq: bool, need_gk: bool,
+                              backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(row stats (3, N), gq or (0,), gk or (0,)) of the row direction, no recompute."""
+    impl, features, s_scale, t_scale = _kernel_args(backend, (sq, sk, tq, tk), s_scale, t_scale)
+    rows, gq, gk = impl.distill_forward_with_grad(*features, s_scale, t_scale,
+                                                  row_grad.contiguous(), need_gq=need_gq,
+                                                  need_gk=need_gk)
+    return rows, or_empty(gq, rows), or_empty(gk, rows)
+
+
+@distill_forward_with_grad.register_fake
+def _distill_forward_with_grad_fake(sq, sk, tq, tk, s_scale, t_scale, row_grad, need_gq,
+                                    need_gk, backend):
+    rows, _ = _distill_forward_fake(sq, sk, tq, tk, s_scale, t_scale, False, backend)
+    return (rows, *_distill_backward_fake(sq, sk, tq, tk, s_scale, t_scale, rows, row_grad,
+                                          None, None, need_gq, need_gk, backend))
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. The autograd.Function
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +128,12 @@ class _Spec:
     symmetric: bool
     reduction: str
     needs: tuple  # requires-grad of (student query, student key, student scale)
+
+    @property
+    def fused(self):
+        """The backend forms the gradient in the forward pass (one direction, reduced)."""
+        return (backends.PROPERTIES[self.backend].fuses_gradient and not self.symmetric
+                and self.reduction != "none" and any(self.needs))
 
 
 def _operands(backend, sq, sk, tq, tk, s_scale, t_scale):
@@ -123,18 +154,42 @@ def _weights(spec, grad_output, n, m, dtype):
     return g, (reduction_weights(spec.reduction, m, grad_output, dtype) * half).contiguous()
 
 
+def _input_grads(needs, x, gq, gk):
+    """(d sq, d sk, d s_scale) from the kernels' gq, gk (None where not needed); d s_scale =
+    sum_i <gq_i, sq_i>, before gq is scaled in place."""
+    need_q, need_k, need_scale = needs
+    scale = x[4]
+    d_scale = rowwise_dot(x[0], gq).to(scale.dtype).sum() if need_scale else None
+    d_q = gq.mul_(scale.to(gq.dtype)) if need_q else None
+    d_k = gk.mul_(scale.to(gk.dtype)) if need_k else None
+    return [d_q, d_k, d_scale]
+
+
 class FusedDistill(torch.autograd.Function):
-    """apply(sq, sk, tq, tk, s_scale, t_scale, spec) -> loss: the distillation loss of the
-    (already normalised) student and teacher features; gradients to sq, sk, s_scale only."""
+    """apply(sq, sk, tq, tk, s_scale, t_scale, spec) -> (loss, *fused gradients): the
+    distillation loss of the (already normalised) student and teacher features; gradients to
+    sq, sk, s_scale only. A fusing backend returns the gradients for grad_output = 1 with the
+    loss (spec.fused) and the backward scales them; otherwise the backward recomputes."""
 
     @staticmethod
     def forward(sq, sk, tq, tk, s_scale, t_scale, spec):
         x = _operands(spec.backend, sq, sk, tq, tk, s_scale, t_scale)
-        rows, cols = distill_forward(*x, spec.symmetric, spec.backend)
+        need_q, need_k, need_scale = spec.needs
+        fused = [None] * 3
+        if spec.fused:
+            g, _ = _weights(spec, x[4].new_tensor(1.0), sq.shape[0], sk.shape[0], x[4].dtype)
+            out_dtype = backends.PROPERTIES[spec.backend].output_dtype(x[0].dtype)
+            rows, gq, gk = distill_forward_with_grad(*x, g.to(out_dtype), need_q or need_scale,
+                                                     need_k, spec.backend)
+            cols = rows.new_empty(0)
+            fused = _input_grads(spec.needs, x, gq, gk)
+        else:
+            rows, cols = distill_forward(*x, spec.symmetric, spec.backend)
         loss = rows[0] - rows[2]
         if spec.symmetric:
             loss = 0.5 * (loss + (cols[0] - cols[2]))
-        return reduce_loss(loss.to(accumulate_dtype(loss.dtype)), spec.reduction), rows, cols
+        out = reduce_loss(loss.to(accumulate_dtype(loss.dtype)), spec.reduction)
+        return (out, rows, cols, *[or_empty(t, out) for t in fused])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -147,18 +202,18 @@ class FusedDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, *_):
         spec = ctx.spec
-        sq, sk, tq, tk, s_scale, t_scale, rows, cols = ctx.saved_tensors
-        need_q, need_k, need_scale = spec.needs
+        sq, sk, tq, tk, s_scale, t_scale, rows, cols, *fused = ctx.saved_tensors
         with torch.no_grad():
-            x = _operands(spec.backend, sq, sk, tq, tk, s_scale, t_scale)
-            g, c = _weights(spec, grad_output, sq.shape[0], sk.shape[0], rows.dtype)
-            gq, gk = distill_backward(*x, rows, g, cols if spec.symmetric else None, c,
-                                      need_q or need_scale, need_k, spec.backend)
-            scale = x[4]
-            d_scale = rowwise_dot(x[0], gq).to(scale.dtype).sum() if need_scale else None
-            d_q = gq.mul_(scale.to(gq.dtype)) if need_q else None
-            d_k = gk.mul_(scale.to(gk.dtype)) if need_k else None
-        grads = first_order_only(cast_gradients([d_q, d_k, d_scale], ctx.dtypes), spec.backend)
+            if spec.fused:
+                grads = scaled_fused_gradients(fused, spec.needs, grad_output)
+            else:
+                x = _operands(spec.backend, sq, sk, tq, tk, s_scale, t_scale)
+                g, c = _weights(spec, grad_output, sq.shape[0], sk.shape[0], rows.dtype)
+                need_q, need_k, need_scale = spec.needs
+                gq, gk = distill_backward(*x, rows, g, cols if spec.symmetric else None, c,
+                                          need_q or need_scale, need_k, spec.backend)
+                grads = _input_grads(spec.needs, x, gq, gk)
+        grads = first_order_only(cast_gradients(grads, ctx.dtypes), spec.backend)
         return grads[0], grads[1], None, None, grads[2], None, None
 
 

@@ -35,6 +35,7 @@ constexpr int64_t kMinBlockRows = 16;
 constexpr int64_t kMaxBlockRows = 1024;
 constexpr int64_t kElemsPerTask = 16384;  // parallel grain of the elementwise passes
 constexpr int64_t kColumnsPerTask = 256;
+constexpr int64_t kFlushEvery = 512;  // elements summed in T before a flush into double
 
 int64_t choose_block_rows(int64_t n, int64_t m, int64_t elem_size, int64_t requested) {
   int64_t r = requested;
@@ -60,17 +61,25 @@ FASTCONTRAST_ALWAYS_INLINE void scale_row(T* s, T* t, int64_t m, T ss, T ts, T& 
   mt = b;
 }
 
-// Row statistics of one (scaled) tile row: lse^S, lse^T, w = sum_j p^T_j s_j.
+// Row statistics of one (scaled) tile row: lse^S, lse^T, w = sum_j p^T_j s_j. The sums run
+// in T (vectorised) over runs of kFlushEvery elements, each run flushed into double.
 template <typename T>
 FASTCONTRAST_ALWAYS_INLINE void row_stats(const T* s, const T* t, int64_t m, T ms, T mt,
                                           T* lse_s, T* lse_t, T* w) {
   double sum_s = 0, sum_t = 0, weighted = 0;
-#pragma omp simd reduction(+ : sum_s, sum_t, weighted)
-  for (int64_t j = 0; j < m; ++j) {
-    const T et = fast_exp(t[j] - mt);
-    sum_s += fast_exp(s[j] - ms);
-    sum_t += et;
-    weighted += double(et * s[j]);
+  for (int64_t j0 = 0; j0 < m; j0 += kFlushEvery) {
+    const int64_t j1 = std::min(m, j0 + kFlushEvery);
+    T run_s = 0, run_t = 0, run_w = 0;
+#pragma omp simd reduction(+ : run_s, run_t, run_w)
+    for (int64_t j = j0; j < j1; ++j) {
+      const T et = fast_exp(t[j] - mt);
+      run_s += fast_exp(s[j] - ms);
+      run_t += et;
+      run_w += et * s[j];
+    }
+    sum_s += run_s;
+    sum_t += run_t;
+    weighted += run_w;
   }
   *lse_s = T(ms + std::log(sum_s));
   *lse_t = T(mt + std::log(sum_t));
@@ -114,9 +123,9 @@ void merge_columns(const T* s, const T* t, int64_t rows, int64_t m, int64_t j0, 
     ms[j] = T(new_s);
     mt[j] = T(new_t);
   }
-  double* sum_s = c.sum_s.data() + j0;
-  double* sum_t = c.sum_t.data() + j0;
-  double* weighted = c.weighted.data() + j0;
+  // The block's sums in T (vectorised over the columns; a block has at most kMaxBlockRows
+  // rows), then added to the running double sums.
+  std::vector<T> sum_s(width, T(0)), sum_t(width, T(0)), weighted(width, T(0));
   for (int64_t i = 0; i < rows; ++i) {
     const T* si = s + i * m + j0;
     const T* ti = t + i * m + j0;
@@ -125,8 +134,13 @@ void merge_columns(const T* s, const T* t, int64_t rows, int64_t m, int64_t j0, 
       const T et = fast_exp(ti[j] - mt[j]);
       sum_s[j] += fast_exp(si[j] - ms[j]);
       sum_t[j] += et;
-      weighted[j] += double(et * si[j]);
+      weighted[j] += et * si[j];
     }
+  }
+  for (int64_t j = 0; j < width; ++j) {
+    c.sum_s[j0 + j] += sum_s[j];
+    c.sum_t[j0 + j] += sum_t[j];
+    c.weighted[j0 + j] += weighted[j];
   }
 }
 
@@ -147,12 +161,29 @@ struct Tiles {
   }
 };
 
+// G_ij = g (e^{s_ij - lse^S} - e^{t_ij - lse^T}) over a scaled tile row, in place of s.
 template <typename T>
-std::tuple<at::Tensor, OptTensor> forward_impl(const at::Tensor& sq, const at::Tensor& sk,
-                                               const at::Tensor& tq, const at::Tensor& tk,
-                                               T ss, T ts, bool with_cols, int64_t requested) {
-  const int64_t n = sq.size(0), m = sk.size(0);
+FASTCONTRAST_ALWAYS_INLINE void row_gradient(T* s, const T* t, int64_t m, T g, T lse_s,
+                                             T lse_t) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) s[j] = g * (fast_exp(s[j] - lse_s) - fast_exp(t[j] - lse_t));
+}
+
+// The row (and column) statistics; with row_grad (rows only: the row statistics of a tile
+// row are final once it is seen) also gq, gk of the row direction from the same tiles, so a
+// reduced one-direction loss costs four products instead of six.
+template <typename T>
+std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
+    const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+    T ss, T ts, bool with_cols, const OptTensor& row_grad, bool need_gq, bool need_gk,
+    int64_t requested) {
+  const int64_t n = sq.size(0), m = sk.size(0), d = sq.size(1);
   const int64_t block_rows = choose_block_rows(n, m, sizeof(T), requested);
+  const bool with_grad = row_grad.has_value();
+  OptTensor gq, gk;
+  if (with_grad && need_gq) gq = new_output({n, d}, sq.options());
+  if (with_grad && need_gk) gk = at::zeros({m, d}, sq.options());  // accumulated
+  const T* g = with_grad ? row_grad->data_ptr<T>() : nullptr;
   at::Tensor rows_out = new_output({3, n}, sq.options());
   T* lse_s = rows_out.data_ptr<T>();
   T* lse_t = lse_s + n;
@@ -171,8 +202,15 @@ std::tuple<at::Tensor, OptTensor> forward_impl(const at::Tensor& sq, const at::T
         scale_row(s + i * m, t + i * m, m, ss, ts, ms, mt);
         row_stats(s + i * m, t + i * m, m, ms, mt, lse_s + r0 + i, lse_t + r0 + i,
                   w + r0 + i);
+        if (with_grad)
+          row_gradient(s + i * m, t + i * m, m, g[r0 + i], lse_s[r0 + i], lse_t[r0 + i]);
       }
     });
+    if (gq) {
+      at::Tensor gq_block = gq->narrow(0, r0, rows);
+      at::mm_out(gq_block, tiles.s, sk);
+    }
+    if (gk) gk->addmm_(tiles.s.t(), sq.narrow(0, r0, rows));
     if (with_cols) {
       at::parallel_for(0, m, kColumnsPerTask, [&](int64_t j0, int64_t j1) {
         merge_columns(s, t, rows, m, j0, j1, columns);
@@ -189,7 +227,7 @@ std::tuple<at::Tensor, OptTensor> forward_impl(const at::Tensor& sq, const at::T
       c[2 * m + j] = T(columns.weighted[j] / columns.sum_t[j]);
     }
   }
-  return {rows_out, cols_out};
+  return {rows_out, cols_out, gq, gk};
 }
 
 template <typename T>
@@ -277,13 +315,13 @@ void check_problem(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor&
 
 }  // namespace
 
-std::tuple<at::Tensor, OptTensor> distill_forward(const at::Tensor& sq, const at::Tensor& sk,
-                                                  const at::Tensor& tq, const at::Tensor& tk,
-                                                  double s_scale, double t_scale, bool with_cols,
-                                                  int64_t block_rows) {
+std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> distill_forward(
+    const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+    double s_scale, double t_scale, bool with_cols, const OptTensor& row_grad, bool need_gq,
+    bool need_gk, int64_t block_rows) {
   return AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "distill_forward", [&] {
     return forward_impl<scalar_t>(sq, sk, tq, tk, scalar_t(s_scale), scalar_t(t_scale),
-                                  with_cols, block_rows);
+                                  with_cols, row_grad, need_gq, need_gk, block_rows);
   });
 }
 
@@ -308,13 +346,33 @@ void register_distill_ops(pybind11::module_& m) {
          double s_scale, double t_scale, bool with_cols, int64_t block_rows) {
         check_problem(sq, sk, tq, tk, s_scale, t_scale, block_rows);
         const at::NoGradGuard no_grad;
-        return distill_forward(sq, sk, tq, tk, s_scale, t_scale, with_cols, block_rows);
+        auto out = distill_forward(sq, sk, tq, tk, s_scale, t_scale, with_cols, std::nullopt,
+                                   false, false, block_rows);
+        return std::make_tuple(std::get<0>(out), std::get<1>(out));
       },
       release_gil(),
       "(row stats (3, N): lse^S, lse^T, sum_j p^T_ij s_ij; col stats (3, M) or None)",
       py::arg("sq"), py::arg("sk"), py::arg("tq"), py::arg("tk"), py::arg("s_scale"),
       py::arg("t_scale"), py::kw_only(), py::arg("with_cols") = false,
       py::arg("block_rows") = 0);
+  m.def(
+      "distill_forward_with_grad",
+      [](const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+         double s_scale, double t_scale, const at::Tensor& row_grad, bool need_gq, bool need_gk,
+         int64_t block_rows) {
+        check_problem(sq, sk, tq, tk, s_scale, t_scale, block_rows);
+        check_matrix("row_grad", row_grad, sq, sq.size(0), -1);
+        const at::NoGradGuard no_grad;
+        auto out = distill_forward(sq, sk, tq, tk, s_scale, t_scale, false, row_grad, need_gq,
+                                   need_gk, block_rows);
+        return std::make_tuple(std::get<0>(out), std::get<2>(out), std::get<3>(out));
+      },
+      release_gil(),
+      "(row stats (3, N), gq or None, gk or None) of the row direction in one pass over the "
+      "tiles, no recompute",
+      py::arg("sq"), py::arg("sk"), py::arg("tq"), py::arg("tk"), py::arg("s_scale"),
+      py::arg("t_scale"), py::arg("row_grad"), py::kw_only(), py::arg("need_gq") = true,
+      py::arg("need_gk") = true, py::arg("block_rows") = 0);
   m.def(
       "distill_backward",
       [](const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,

@@ -22,10 +22,14 @@
 
 namespace fastcontrast {
 
-// (row stats (3, N), col stats (3, M) or nullopt).
-std::tuple<at::Tensor, std::optional<at::Tensor>> distill_forward(
-    const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
-    double s_scale, double t_scale, bool with_cols, int64_t block_rows);
+// (row stats (3, N), col stats (3, M) or nullopt, gq, gk): with row_grad (not with_cols) also
+// gq / gk of the row direction (need_gq / need_gk) from the same tiles, no recompute.
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::optional<at::Tensor>>
+distill_forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq,
+                const at::Tensor& tk, double s_scale, double t_scale, bool with_cols,
+                const std::optional<at::Tensor>& row_grad, bool need_gq, bool need_gk,
+                int64_t block_rows);
 
 // (gq (N, D) or nullopt, gk (M, D) or nullopt), recomputing both score tiles.
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> distill_backward(

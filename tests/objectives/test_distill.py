@@ -47,7 +47,7 @@ def _value_and_grads(inputs, options, backend, reduction):
 
 
 def _max_logit(inputs, options):
-    scale = 1 / min(options["teacher_temperature"], float(inputs["temperature"]))
+    scale = 1 / min(options["teacher_temperature"], float(inputs["temperature"].detach()))
     if options.get("normalize", True):
         return scale
     return scale * max(float(t.detach().norm(dim=-1).max()) ** 2
@@ -193,6 +193,10 @@ def test_the_kernels_agree_across_row_blocks(configure):
         blocked = ext.distill_forward(sq, sk, tq, tk, 3.0, 7.0, with_cols=True, block_rows=5)
         outputs.append(("cpu", blocked, ext.distill_backward(sq, sk, tq, tk, 3.0, 7.0, rows, g,
                                                              cols, c, block_rows=5)))
+        fused = ext.distill_forward_with_grad(sq, sk, tq, tk, 3.0, 7.0, g, block_rows=5)
+        row_grads = _distill_torch.distill_backward(sq, sk, tq, tk, *scales, rows, g)
+        for got, want, what in zip(fused, (rows, *row_grads), ("rows", "gq", "gk")):
+            assert_close(got, want, torch.float32, f"fused {what}", max_logit=10.0)
     for name, stats, gradients in outputs:
         for got, want, what in zip((*stats, *gradients), (rows, cols, *grads),
                                    ("rows", "cols", "gq", "gk")):
@@ -217,7 +221,7 @@ _Q = torch.randn(4, 3)
     ((_Q[0], _Q, _Q, _Q), {}, "student_query must be 2-D"),
 ])
 def test_bad_arguments_are_refused(args, kwargs, match):
-    options = dict(temperature=0.1, teacher_temperature=0.1, **kwargs)
+    options = {**dict(temperature=0.1, teacher_temperature=0.1), **kwargs}
     with pytest.raises((ValueError, TypeError), match=match):
         fc.distill_info_nce(*args, **options)
 
