@@ -75,10 +75,18 @@ def _labels(n, device):
     return torch.arange(n, device=device) % 2
 
 
+def _teacher(like, seed):
+    """Fixed teacher features of ``like``'s shape, dtype and device, independent of its values
+    (a gradcheck's perturbations leave the teacher as it is)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(like.shape, generator=gen, dtype=torch.float64).to(like.dtype).to(
+        like.device)
+
+
 def _distill(f, s, **kw):
-    """distill_info_nce with a teacher made of the detached inputs (roles swapped): no teacher
-    leaf, so the family's gradient checks see the student's gradients only."""
-    return fastcontrast.distill_info_nce(f[0], f[1], f[1].detach(), f[0].detach(),
+    """distill_info_nce of the student features f against a fixed teacher (no teacher leaf:
+    the family's checks see the student's gradients only)."""
+    return fastcontrast.distill_info_nce(f[0], f[1], _teacher(f[0], 1), _teacher(f[1], 2),
                                          temperature=s[0], teacher_temperature=0.1, **kw)
 
 
