@@ -62,10 +62,12 @@ FASTCONTRAST_ALWAYS_INLINE void scale_row(T* s, T* t, int64_t m, T ss, T ts, T& 
 }
 
 // Row statistics of one (scaled) tile row: lse^S, lse^T, w = sum_j p^T_j s_j. The sums run
-// in T (vectorised) over runs of kFlushEvery elements, each run flushed into double.
-template <typename T>
-FASTCONTRAST_ALWAYS_INLINE void row_stats(const T* s, const T* t, int64_t m, T ms, T mt,
-                                          T* lse_s, T* lse_t, T* w) {
+// in T (vectorised) over runs of kFlushEvery elements, each run flushed into double. With
+// kKeepExps the row's exps e^{s - max}, e^{t - max} overwrite the scores and inv_sums gets
+// (1 / sum_s, 1 / sum_t): the probabilities of the gradient without another exp.
+template <typename T, bool kKeepExps>
+FASTCONTRAST_ALWAYS_INLINE void row_stats(T* s, T* t, int64_t m, T ms, T mt, T* lse_s, T* lse_t,
+                                          T* w, T* inv_sums) {
   double sum_s = 0, sum_t = 0, weighted = 0;
   for (int64_t j0 = 0; j0 < m; j0 += kFlushEvery) {
     const int64_t j1 = std::min(m, j0 + kFlushEvery);
@@ -73,9 +75,14 @@ FASTCONTRAST_ALWAYS_INLINE void row_stats(const T* s, const T* t, int64_t m, T m
 #pragma omp simd reduction(+ : run_s, run_t, run_w)
     for (int64_t j = j0; j < j1; ++j) {
       const T et = fast_exp(t[j] - mt);
-      run_s += fast_exp(s[j] - ms);
+      const T es = fast_exp(s[j] - ms);
+      run_s += es;
       run_t += et;
       run_w += et * s[j];
+      if (kKeepExps) {
+        s[j] = es;
+        t[j] = et;
+      }
     }
     sum_s += run_s;
     sum_t += run_t;
@@ -84,6 +91,10 @@ FASTCONTRAST_ALWAYS_INLINE void row_stats(const T* s, const T* t, int64_t m, T m
   *lse_s = T(ms + std::log(sum_s));
   *lse_t = T(mt + std::log(sum_t));
   *w = T(weighted / sum_t);
+  if (kKeepExps) {
+    inv_sums[0] = T(1.0 / sum_s);
+    inv_sums[1] = T(1.0 / sum_t);
+  }
 }
 
 // Running column state: maxima and sums of the student and teacher scores over the rows seen.
@@ -161,12 +172,13 @@ struct Tiles {
   }
 };
 
-// G_ij = g (e^{s_ij - lse^S} - e^{t_ij - lse^T}) over a scaled tile row, in place of s.
+// G_ij = g (P^S_ij - P^T_ij) from a row of exps (row_stats<T, true>), in place of them.
 template <typename T>
-FASTCONTRAST_ALWAYS_INLINE void row_gradient(T* s, const T* t, int64_t m, T g, T lse_s,
-                                             T lse_t) {
+FASTCONTRAST_ALWAYS_INLINE void row_gradient(T* es, const T* et, int64_t m, T g,
+                                             const T* inv_sums) {
+  const T a = g * inv_sums[0], b = g * inv_sums[1];
 #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) s[j] = g * (fast_exp(s[j] - lse_s) - fast_exp(t[j] - lse_t));
+  for (int64_t j = 0; j < m; ++j) es[j] = a * es[j] - b * et[j];
 }
 
 // The row (and column) statistics; with row_grad (rows only: the row statistics of a tile
@@ -180,6 +192,9 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
   const int64_t n = sq.size(0), m = sk.size(0), d = sq.size(1);
   const int64_t block_rows = choose_block_rows(n, m, sizeof(T), requested);
   const bool with_grad = row_grad.has_value();
+  // The gradient overwrites the tiles the column merge would read.
+  TORCH_CHECK(!(with_grad && with_cols), "distill_forward: row_grad and with_cols exclude "
+              "each other");
   OptTensor gq, gk;
   if (with_grad && need_gq) gq = new_output({n, d}, sq.options());
   if (with_grad && need_gk) gk = at::zeros({m, d}, sq.options());  // accumulated
@@ -200,10 +215,15 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
       for (int64_t i = begin; i < end; ++i) {
         T ms, mt;
         scale_row(s + i * m, t + i * m, m, ss, ts, ms, mt);
-        row_stats(s + i * m, t + i * m, m, ms, mt, lse_s + r0 + i, lse_t + r0 + i,
-                  w + r0 + i);
-        if (with_grad)
-          row_gradient(s + i * m, t + i * m, m, g[r0 + i], lse_s[r0 + i], lse_t[r0 + i]);
+        if (with_grad) {
+          T inv_sums[2];
+          row_stats<T, true>(s + i * m, t + i * m, m, ms, mt, lse_s + r0 + i, lse_t + r0 + i,
+                             w + r0 + i, inv_sums);
+          row_gradient(s + i * m, t + i * m, m, g[r0 + i], inv_sums);
+        } else {
+          row_stats<T, false>(s + i * m, t + i * m, m, ms, mt, lse_s + r0 + i, lse_t + r0 + i,
+                              w + r0 + i, nullptr);
+        }
       }
     });
     if (gq) {
