@@ -194,6 +194,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("n"), py::arg("m"), py::arg("d"), py::arg("elem_size") = 4);
   fastcontrast::register_siglip_ops(m);
   fastcontrast::register_momentum_ops(m);
+  fastcontrast::register_distill_ops(m);
   fastcontrast::register_task_ops(m);
   fastcontrast::register_runtime_options(m);
   fastcontrast::register_host_thread_ops(m);

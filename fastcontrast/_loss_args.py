@@ -18,7 +18,7 @@ from ._host import REDUCTIONS
 
 __all__ = ["output_dtype_policy", "label_smoothing_arg", "labels_args", "info_nce_args",
            "clip_loss_args", "nt_xent_args", "supcon_args", "moco_loss_args", "siglip_loss_args",
-           "unwrap_queue"]
+           "unwrap_queue", "distill_args"]
 
 _FLAGS = ("in_batch_negatives", "exclude_self", "symmetric", "normalize")
 
@@ -277,3 +277,39 @@ def siglip_loss_args(image, text, logit_scale, logit_bias, reduction):
     scale = check.finite_scalar("logit_scale", logit_scale, image.device, dtype=image.dtype)
     bias = check.finite_scalar("logit_bias", logit_bias, image.device, dtype=image.dtype)
     return scale, bias
+
+
+def distill_args(student_query, student_key, teacher_query, teacher_key, *, temperature,
+                 teacher_temperature, symmetric, normalize, reduction):
+    """distill_info_nce's arguments: student (N, D) and (M, D), teacher (N, DT) and (M, DT)
+    (the teacher's feature dim its own), one floating dtype and device; symmetric needs
+    N == M. Returns (temperature, teacher_temperature) (positive_scalar, accumulation dtype)."""
+    check.check_tensor("student_query", student_query, (2,))
+    n, d = student_query.shape
+    for name, t in (("student_key", student_key), ("teacher_query", teacher_query),
+                    ("teacher_key", teacher_key)):
+        check.check_tensor(name, t, (2,))
+        check.check_same(name, t, "student_query", student_query)
+    for name, t, dim, source in (("student_key", student_key, d, "student_query"),
+                                 ("teacher_key", teacher_key, teacher_query.shape[1],
+                                  "teacher_query")):
+        if t.shape[1] != dim:
+            raise ValueError(f"{name} must have feature dimension {dim} (that of {source}), "
+                             f"got shape {tuple(t.shape)}")
+    m = student_key.shape[0]
+    if teacher_query.shape[0] != n:
+        raise ValueError(f"teacher_query must have N = {n} rows (one per student query), got "
+                         f"{teacher_query.shape[0]}")
+    if teacher_key.shape[0] != m:
+        raise ValueError(f"teacher_key must have M = {m} rows (one per student key), got "
+                         f"{teacher_key.shape[0]}")
+    check.check_flag("symmetric", symmetric)
+    check.check_flag("normalize", normalize)
+    check.check_choice("reduction", reduction, REDUCTIONS)
+    if symmetric and m != n:
+        raise ValueError(f"symmetric=True needs as many keys as queries (N == M), got N = {n}, "
+                         f"M = {m}")
+    device, dtype = student_query.device, student_query.dtype
+    return (check.positive_scalar("temperature", temperature, device, dtype=dtype),
+            check.positive_scalar("teacher_temperature", teacher_temperature, device,
+                                  dtype=dtype))

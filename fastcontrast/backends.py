@@ -178,13 +178,14 @@ def available_backends(device="cpu", family="loss"):
 
 def kernels(family, name):
     """The implementation of op family ``family`` ("infonce", "gram" (the symmetric-Gram ops of
-    the InfoNCE family), "matryoshka" (its prefix ops), "siglip", "queue", "momentum") in
-    backend ``name``: a module (or the compiled extension) with that family's kernel functions."""
+    the InfoNCE family), "matryoshka" (its prefix ops), "siglip", "distill", "queue",
+    "momentum") in backend ``name``: a module (or the compiled extension) with that family's
+    kernel functions."""
     if name == "torch":
-        from . import _siglip_torch, _torch_chunked, _torch_matryoshka
+        from . import _distill_torch, _siglip_torch, _torch_chunked, _torch_matryoshka
 
         return {"infonce": _torch_chunked, "gram": _torch_chunked, "siglip": _siglip_torch,
-                "matryoshka": _torch_matryoshka}[family]
+                "matryoshka": _torch_matryoshka, "distill": _distill_torch}[family]
     if name == "cpu":
         from . import _ext
 
@@ -205,7 +206,8 @@ def kernels(family, name):
             from .kernels import matryoshka
 
             return matryoshka
-        from .kernels import infonce, momentum, queue, siglip
+        from .kernels import distill, infonce, momentum, queue, siglip
 
-        return {"infonce": infonce, "siglip": siglip, "queue": queue, "momentum": momentum}[family]
+        return {"infonce": infonce, "siglip": siglip, "queue": queue, "momentum": momentum,
+                "distill": distill}[family]
     raise ValueError(f"no {family} kernels in backend {name!r}")

@@ -8,6 +8,7 @@
     supcon      Khosla et al. L_out: positives = the other samples with the same label
     moco_loss   info_nce(query, key, queue, in_batch_negatives=False)
     siglip_loss SigLIP's pairwise sigmoid loss
+    distill_info_nce  similarity distillation: the student's softmax against the teacher's
 
 Each function validates its arguments (fastcontrast._loss_args: one check per loss, shared with
 fastcontrast.distributed, so both layers raise the same errors), resolves ``backend`` once
@@ -24,13 +25,15 @@ import torch
 from . import _loss_args as args
 from ._loss_args import output_dtype_policy
 from .backends import available_backends, resolve
+from .distill import distill_fused_loss
 from .infonce import InfoNCEOptions, info_nce_loss, supcon_loss
 from .infonce.matryoshka import matryoshka_args, matryoshka_info_nce
-from .reference import info_nce_reference, siglip_loss_reference, supcon_reference
+from .reference import (distill_info_nce_reference, info_nce_reference, siglip_loss_reference,
+                        supcon_reference)
 from .siglip import siglip_fused_loss
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_loss",
-           "available_backends"]
+           "distill_info_nce", "available_backends"]
 
 
 @output_dtype_policy
@@ -223,3 +226,41 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
     if name == "reference":
         return siglip_loss_reference(image, text, scale, bias, reduction=reduction)
     return siglip_fused_loss(image, text, scale, bias, reduction=reduction, backend=name)
+
+
+@output_dtype_policy
+def distill_info_nce(student_query, student_key, teacher_query, teacher_key, *, temperature,
+                     teacher_temperature, symmetric=True, normalize=True, reduction="mean",
+                     backend="auto"):
+    """Similarity distillation, fused: the student's softmax over the keys is trained towards
+    the teacher's (OpenCLIP's DistillClipLoss distillation term, CLIP-KD, MobileCLIP).
+
+        s_ij = <q^S_i, k^S_j> / temperature,   t_ij = <q^T_i, k^T_j> / teacher_temperature
+        loss_i = sum_j p^T_ij (logsumexp_j s_ij - s_ij),   p^T_ij = softmax_j(t_ij)
+
+    (rows L2-normalised first when ``normalize``), the cross-entropy of the teacher's
+    distribution against the student's: CLIP-KD's KL plus the teacher's entropy, a constant.
+    student_query (N, D), student_key (M, D), teacher_query (N, DT), teacher_key (M, DT): one
+    floating dtype and device; the teacher's feature dim DT may differ from D. ``symmetric``
+    (N == M): loss_i = (row_i + col_i) / 2 with col_i the key -> query direction (the mean
+    is OpenCLIP's (row mean + column mean) / 2). Temperatures: positive floats or 0-dim tensors;
+    a CLIP model passes temperature=1 / logit_scale, teacher_temperature=1 / teacher scale
+    (and normalize=False: CLIP features are unit already; the student's temperature tensor gets
+    its exact gradient). The teacher gets no gradient: teacher features and
+    teacher_temperature are detached (their .grad stays None). ``reduction``: mean | sum |
+    none ((N,)). Both score matrices are recomputed in tiles, forward and backward: memory
+    O(N + M) beyond the inputs.
+    """
+    tau, teacher_tau = args.distill_args(
+        student_query, student_key, teacher_query, teacher_key, temperature=temperature,
+        teacher_temperature=teacher_temperature, symmetric=symmetric, normalize=normalize,
+        reduction=reduction)
+    name = resolve(backend, student_query.device, dtype=student_query.dtype)
+    if name == "reference":
+        return distill_info_nce_reference(
+            student_query, student_key, teacher_query, teacher_key, temperature=tau,
+            teacher_temperature=teacher_tau, symmetric=symmetric, normalize=normalize,
+            reduction=reduction)
+    return distill_fused_loss(student_query, student_key, teacher_query, teacher_key,
+                              tau.reciprocal(), teacher_tau.reciprocal(), symmetric=symmetric,
+                              normalize=normalize, reduction=reduction, backend=name)

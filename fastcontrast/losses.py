@@ -238,3 +238,30 @@ class SigLIPLoss(_Loss):
         bias = self.logit_bias if logit_bias is None else logit_bias
         return self._loss("siglip_loss", image, text, scale, bias, reduction=self.reduction,
                            backend=self.backend)
+
+
+class DistillInfoNCELoss(_ContrastiveLoss):
+    """Module form of :func:`fastcontrast.distill_info_nce` (similarity distillation): holds the
+    student's temperature (learnable with ``learn_temperature``) and the teacher's (fixed).
+    forward(student_query, student_key, teacher_query, teacher_key); a CLIP model that owns its
+    scales calls the functional form with temperature=1 / logit_scale instead."""
+
+    def __init__(self, temperature=0.07, teacher_temperature=0.07, *, symmetric=True,
+                 normalize=True, reduction="mean", backend="auto", learn_temperature=False):
+        super().__init__(temperature, learn_temperature, reduction, backend)
+        if not (isinstance(teacher_temperature, (int, float))
+                and math.isfinite(teacher_temperature) and teacher_temperature > 0):
+            raise ValueError(f"teacher_temperature must be a positive finite float, got "
+                             f"{teacher_temperature!r}")
+        self.teacher_temperature = float(teacher_temperature)
+        self.options = dict(symmetric=symmetric, normalize=normalize)
+
+    def _repr_fields(self):
+        return {**super()._repr_fields(), "teacher_temperature": self.teacher_temperature}
+
+    def forward(self, student_query, student_key, teacher_query, teacher_key):
+        return F.distill_info_nce(student_query, student_key, teacher_query, teacher_key,
+                                  temperature=self.temperature,
+                                  teacher_temperature=self.teacher_temperature,
+                                  reduction=self.reduction, backend=self.backend,
+                                  **self.options)

@@ -236,3 +236,29 @@ def siglip_loss_reference(image, text, logit_scale, logit_bias, *, reduction="me
     labels = 2 * torch.eye(image.shape[0], dtype=logits.dtype, device=logits.device) - 1
     per_image = -F.logsigmoid(labels * logits).sum(dim=1)
     return reduce_loss(per_image, reduction)
+
+
+def distill_info_nce_reference(student_query, student_key, teacher_query, teacher_key, *,
+                               temperature, teacher_temperature, symmetric=True, normalize=True,
+                               reduction="mean"):
+    """Similarity distillation on the materialised score matrices (OpenCLIP's DistillClipLoss
+    distillation term at normalize=False, temperature = 1 / logit_scale):
+        s = q^S k^S^T / temperature,  t = q^T k^T^T / teacher_temperature  (rows L2-normalised
+        first when ``normalize``; the teacher detached: it gets no gradient)
+        loss_i = -sum_j softmax(t_i.)_j log_softmax(s_i.)_j
+    ``symmetric`` (N == M): loss_i = (row_i + col_i) / 2, col_i the same on the transposes."""
+    if normalize:
+        student_query, student_key = (F.normalize(student_query, dim=-1),
+                                      F.normalize(student_key, dim=-1))
+        teacher_query, teacher_key = (F.normalize(teacher_query, dim=-1),
+                                      F.normalize(teacher_key, dim=-1))
+    s = student_query @ student_key.T / temperature
+    t = (teacher_query @ teacher_key.T / teacher_temperature).detach()
+
+    def soft_cross_entropy(teacher, student):
+        return -(teacher.softmax(dim=1) * student.log_softmax(dim=1)).sum(dim=1)
+
+    loss = soft_cross_entropy(t, s)
+    if symmetric:
+        loss = 0.5 * (loss + soft_cross_entropy(t.T, s.T))
+    return reduce_loss(loss, reduction)

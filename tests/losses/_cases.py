@@ -75,6 +75,21 @@ def _labels(n, device):
     return torch.arange(n, device=device) % 2
 
 
+def _teacher(like, seed):
+    """Fixed teacher features of ``like``'s shape, dtype and device, independent of its values
+    (a gradcheck's perturbations leave the teacher as it is)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(like.shape, generator=gen, dtype=torch.float64).to(like.dtype).to(
+        like.device)
+
+
+def _distill(f, s, **kw):
+    """distill_info_nce of the student features f against a fixed teacher (no teacher leaf:
+    the family's checks see the student's gradients only)."""
+    return fastcontrast.distill_info_nce(f[0], f[1], _teacher(f[0], 1), _teacher(f[1], 2),
+                                         temperature=s[0], teacher_temperature=0.1, **kw)
+
+
 class Case(NamedTuple):
     shapes: Callable  # (n, d) -> the feature shapes
     scalars: tuple  # temperature / logit_scale (and logit_bias)
@@ -102,6 +117,8 @@ CASES = {
     "siglip_loss": Case(lambda n, d: [(n, d), (n, d)], (3.0, -2.0),
                         lambda f, s, **kw: fastcontrast.siglip_loss(*f, *s, **kw),
                         fastcontrast.SigLIPLoss),
+    "distill_info_nce": Case(lambda n, d: [(n, d), (n, d)], (0.2,), _distill,
+                             fastcontrast.DistillInfoNCELoss),
 }
 
 

@@ -105,6 +105,10 @@ CASES = {
                                                          backend=b),
                     lambda: (_features(N, D), _features(N, D)), (3.0, 1.0)),
 }
+CASES["distill_info_nce"] = (
+    lambda q, k, t, b: fc.distill_info_nce(q, k, k.detach(), q.detach(), temperature=t,
+                                           teacher_temperature=0.1, backend=b),
+    lambda: (_features(N, D), _features(N, D)), (0.2,))
 require_every_loss(CASES, "torch.compile")
 
 

@@ -48,6 +48,8 @@ CASES = {
     "moco_loss": lambda b: lambda x, y: fc.moco_loss(x, y, (x + y).detach(), backend=b),
     "siglip_loss": lambda b: lambda x, y: fc.siglip_loss(x, y, 10.0, -10.0, backend=b),
 }
+CASES["distill_info_nce"] = lambda b: lambda x, y: fc.distill_info_nce(
+    x, y, y.detach(), x.detach(), temperature=0.2, teacher_temperature=0.1, backend=b)
 require_every_loss(CASES, "torch.compile over changing batch sizes")
 # The module twins call the functions above: one backend ("auto") suffices for them.
 MODULE_CASES = {

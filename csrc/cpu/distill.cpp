@@ -1,0 +1,426 @@
+// Similarity distillation on CPU (see distill.h for the maths and the contract).
+//
+// Rows are processed in blocks of R (r0 .. r0 + R). Per block, two score tiles covering whole
+// rows: S = sq[r0:r0+R] @ sk^T and T = tq[r0:r0+R] @ tk^T (R x M each, ATen GEMMs). Because a
+// tile holds every key of its rows, each row's maxima are exact (two passes over the row: max,
+// then the exps), so the row statistics need no online rescaling. The column statistics run
+// across the blocks: per column, running maxima and sums merged block by block with the
+// flash-attention rescaling (sums times e^{old max - new max}), the teacher-weighted sum
+// sum_i e^{t_ij - max} s_ij rescaled with the teacher's sum. Sums accumulate in double.
+//
+// The backward recomputes both tiles, overwrites S with G (distill.h) and applies the two
+// gradient GEMMs gq[r0:r0+R] = G @ sk and gk += G^T @ sq[r0:r0+R]. Memory: the two tiles
+// (a 16 MiB budget for both) and O(N + M) vectors.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "cpu/distill.h"
+#include "cpu/fast_exp.h"
+#include "cpu/host_threads.h"
+#include "cpu/outputs.h"
+#include "register_ops.h"
+
+namespace fastcontrast {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr int64_t kTileBytes = int64_t(16) << 20;  // the two R x M tiles together
+constexpr int64_t kMinBlockRows = 16;
+constexpr int64_t kMaxBlockRows = 1024;
+constexpr int64_t kElemsPerTask = 16384;  // parallel grain of the elementwise passes
+constexpr int64_t kColumnsPerTask = 256;
+constexpr int64_t kFlushEvery = 512;  // elements summed in T before a flush into double
+
+int64_t choose_block_rows(int64_t n, int64_t m, int64_t elem_size, int64_t requested) {
+  int64_t r = requested;
+  if (r <= 0) {
+    r = kTileBytes / std::max<int64_t>(2 * m * elem_size, 1);
+    r = std::clamp<int64_t>(r / 16 * 16, kMinBlockRows, kMaxBlockRows);
+  }
+  return std::max<int64_t>(1, std::min(r, n));
+}
+
+// Scales a row of both tiles in place and returns their maxima.
+template <typename T>
+FASTCONTRAST_ALWAYS_INLINE void scale_row(T* s, T* t, int64_t m, T ss, T ts, T& ms, T& mt) {
+  T a = -std::numeric_limits<T>::infinity(), b = a;
+#pragma omp simd reduction(max : a, b)
+  for (int64_t j = 0; j < m; ++j) {
+    s[j] *= ss;
+    t[j] *= ts;
+    a = std::max(a, s[j]);
+    b = std::max(b, t[j]);
+  }
+  ms = a;
+  mt = b;
+}
+
+// Row statistics of one (scaled) tile row: lse^S, lse^T, w = sum_j p^T_j s_j. The sums run
+// in T (vectorised) over runs of kFlushEvery elements, each run flushed into double. With
+// kKeepExps the row's exps e^{s - max}, e^{t - max} overwrite the scores and inv_sums gets
+// (1 / sum_s, 1 / sum_t): the probabilities of the gradient without another exp.
+template <typename T, bool kKeepExps>
+FASTCONTRAST_ALWAYS_INLINE void row_stats(T* s, T* t, int64_t m, T ms, T mt, T* lse_s, T* lse_t,
+                                          T* w, T* inv_sums) {
+  double sum_s = 0, sum_t = 0, weighted = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += kFlushEvery) {
+    const int64_t j1 = std::min(m, j0 + kFlushEvery);
+    T run_s = 0, run_t = 0, run_w = 0;
+#pragma omp simd reduction(+ : run_s, run_t, run_w)
+    for (int64_t j = j0; j < j1; ++j) {
+      const T et = fast_exp(t[j] - mt);
+      const T es = fast_exp(s[j] - ms);
+      run_s += es;
+      run_t += et;
+      run_w += et * s[j];
+      if (kKeepExps) {
+        s[j] = es;
+        t[j] = et;
+      }
+    }
+    sum_s += run_s;
+    sum_t += run_t;
+    weighted += run_w;
+  }
+  *lse_s = T(ms + std::log(sum_s));
+  *lse_t = T(mt + std::log(sum_t));
+  *w = T(weighted / sum_t);
+  if (kKeepExps) {
+    inv_sums[0] = T(1.0 / sum_s);
+    inv_sums[1] = T(1.0 / sum_t);
+  }
+}
+
+// Running column state: maxima and sums of the student and teacher scores over the rows seen.
+struct Columns {
+  std::vector<double> max_s, sum_s, max_t, sum_t, weighted;
+  explicit Columns(int64_t m)
+      : max_s(m, -std::numeric_limits<double>::infinity()), sum_s(m, 0.0),
+        max_t(m, -std::numeric_limits<double>::infinity()), sum_t(m, 0.0), weighted(m, 0.0) {}
+};
+
+// Merges the rows of one block (scaled tiles, `rows` x m) into columns j0 .. j1.
+template <typename T>
+void merge_columns(const T* s, const T* t, int64_t rows, int64_t m, int64_t j0, int64_t j1,
+                   Columns& c) {
+  const int64_t width = j1 - j0;
+  std::vector<T> bs(s + j0, s + j1), bt(t + j0, t + j1);  // the block's column maxima
+  for (int64_t i = 1; i < rows; ++i) {
+    const T* si = s + i * m + j0;
+    const T* ti = t + i * m + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      bs[j] = std::max(bs[j], si[j]);
+      bt[j] = std::max(bt[j], ti[j]);
+    }
+  }
+  std::vector<T> ms(width), mt(width);
+  for (int64_t j = 0; j < width; ++j) {  // rescale the running sums to the new maxima
+    const int64_t col = j0 + j;
+    const double new_s = std::max(c.max_s[col], double(bs[j]));
+    const double new_t = std::max(c.max_t[col], double(bt[j]));
+    c.sum_s[col] *= std::exp(c.max_s[col] - new_s);
+    const double rescale_t = std::exp(c.max_t[col] - new_t);
+    c.sum_t[col] *= rescale_t;
+    c.weighted[col] *= rescale_t;
+    c.max_s[col] = new_s;
+    c.max_t[col] = new_t;
+    ms[j] = T(new_s);
+    mt[j] = T(new_t);
+  }
+  // The block's sums in T (vectorised over the columns; a block has at most kMaxBlockRows
+  // rows), then added to the running double sums.
+  std::vector<T> sum_s(width, T(0)), sum_t(width, T(0)), weighted(width, T(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* si = s + i * m + j0;
+    const T* ti = t + i * m + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const T et = fast_exp(ti[j] - mt[j]);
+      sum_s[j] += fast_exp(si[j] - ms[j]);
+      sum_t[j] += et;
+      weighted[j] += et * si[j];
+    }
+  }
+  for (int64_t j = 0; j < width; ++j) {
+    c.sum_s[j0 + j] += sum_s[j];
+    c.sum_t[j0 + j] += sum_t[j];
+    c.weighted[j0 + j] += weighted[j];
+  }
+}
+
+// The score tiles of rows r0 .. r0 + rows, unscaled.
+struct Tiles {
+  at::Tensor s_buffer, t_buffer;
+  at::Tensor s, t;
+  Tiles(int64_t block_rows, int64_t m, const at::TensorOptions& options)
+      : s_buffer(at::empty({block_rows * m}, options)),
+        t_buffer(at::empty({block_rows * m}, options)) {}
+  void compute(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq,
+               const at::Tensor& tk, int64_t r0, int64_t rows) {
+    const int64_t m = sk.size(0);
+    s = s_buffer.narrow(0, 0, rows * m).view({rows, m});
+    t = t_buffer.narrow(0, 0, rows * m).view({rows, m});
+    at::mm_out(s, sq.narrow(0, r0, rows), sk.t());
+    at::mm_out(t, tq.narrow(0, r0, rows), tk.t());
+  }
+};
+
+// G_ij = g (P^S_ij - P^T_ij) from a row of exps (row_stats<T, true>), in place of them.
+template <typename T>
+FASTCONTRAST_ALWAYS_INLINE void row_gradient(T* es, const T* et, int64_t m, T g,
+                                             const T* inv_sums) {
+  const T a = g * inv_sums[0], b = g * inv_sums[1];
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) es[j] = a * es[j] - b * et[j];
+}
+
+// The row (and column) statistics; with row_grad (rows only: the row statistics of a tile
+// row are final once it is seen) also gq, gk of the row direction from the same tiles, so a
+// reduced one-direction loss costs four products instead of six.
+template <typename T>
+std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
+    const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+    T ss, T ts, bool with_cols, const OptTensor& row_grad, bool need_gq, bool need_gk,
+    int64_t requested) {
+  const int64_t n = sq.size(0), m = sk.size(0), d = sq.size(1);
+  const int64_t block_rows = choose_block_rows(n, m, sizeof(T), requested);
+  const bool with_grad = row_grad.has_value();
+  // The gradient overwrites the tiles the column merge would read.
+  TORCH_CHECK(!(with_grad && with_cols), "distill_forward: row_grad and with_cols exclude "
+              "each other");
+  OptTensor gq, gk;
+  if (with_grad && need_gq) gq = new_output({n, d}, sq.options());
+  if (with_grad && need_gk) gk = at::zeros({m, d}, sq.options());  // accumulated
+  const T* g = with_grad ? row_grad->data_ptr<T>() : nullptr;
+  at::Tensor rows_out = new_output({3, n}, sq.options());
+  T* lse_s = rows_out.data_ptr<T>();
+  T* lse_t = lse_s + n;
+  T* w = lse_t + n;
+  Columns columns(with_cols ? m : 0);
+  Tiles tiles(block_rows, m, sq.options());
+  const int64_t grain = std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(m, 1));
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, n - r0);
+    tiles.compute(sq, sk, tq, tk, r0, rows);
+    T* s = tiles.s.data_ptr<T>();
+    T* t = tiles.t.data_ptr<T>();
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        T ms, mt;
+        scale_row(s + i * m, t + i * m, m, ss, ts, ms, mt);
+        if (with_grad) {
+          T inv_sums[2];
+          row_stats<T, true>(s + i * m, t + i * m, m, ms, mt, lse_s + r0 + i, lse_t + r0 + i,
+                             w + r0 + i, inv_sums);
+          row_gradient(s + i * m, t + i * m, m, g[r0 + i], inv_sums);
+        } else {
+          row_stats<T, false>(s + i * m, t + i * m, m, ms, mt, lse_s + r0 + i, lse_t + r0 + i,
+                              w + r0 + i, nullptr);
+        }
+      }
+    });
+    if (gq) {
+      at::Tensor gq_block = gq->narrow(0, r0, rows);
+      at::mm_out(gq_block, tiles.s, sk);
+    }
+    if (gk) gk->addmm_(tiles.s.t(), sq.narrow(0, r0, rows));
+    if (with_cols) {
+      at::parallel_for(0, m, kColumnsPerTask, [&](int64_t j0, int64_t j1) {
+        merge_columns(s, t, rows, m, j0, j1, columns);
+      });
+    }
+  }
+  OptTensor cols_out;
+  if (with_cols) {
+    cols_out = new_output({3, m}, sq.options());
+    T* c = cols_out->data_ptr<T>();
+    for (int64_t j = 0; j < m; ++j) {
+      c[j] = T(columns.max_s[j] + std::log(columns.sum_s[j]));
+      c[m + j] = T(columns.max_t[j] + std::log(columns.sum_t[j]));
+      c[2 * m + j] = T(columns.weighted[j] / columns.sum_t[j]);
+    }
+  }
+  return {rows_out, cols_out, gq, gk};
+}
+
+template <typename T>
+std::tuple<OptTensor, OptTensor> backward_impl(
+    const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+    T ss, T ts, const at::Tensor& row_stats_in, const at::Tensor& row_grad,
+    const OptTensor& col_stats_in, const OptTensor& col_grad, bool need_gq, bool need_gk,
+    int64_t requested) {
+  const int64_t n = sq.size(0), m = sk.size(0), d = sq.size(1);
+  const int64_t block_rows = choose_block_rows(n, m, sizeof(T), requested);
+  OptTensor gq, gk;
+  if (need_gq) gq = new_output({n, d}, sq.options());
+  if (need_gk) gk = at::zeros({m, d}, sq.options());  // accumulated
+  const T* lse_s = row_stats_in.data_ptr<T>();
+  const T* lse_t = lse_s + n;
+  const T* g = row_grad.data_ptr<T>();
+  const bool with_cols = col_stats_in.has_value();
+  const T* clse_s = with_cols ? col_stats_in->data_ptr<T>() : nullptr;
+  const T* clse_t = with_cols ? clse_s + m : nullptr;
+  const T* c = with_cols ? col_grad->data_ptr<T>() : nullptr;
+  Tiles tiles(block_rows, m, sq.options());
+  const int64_t grain = std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(m, 1));
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, n - r0);
+    tiles.compute(sq, sk, tq, tk, r0, rows);
+    T* s_base = tiles.s.data_ptr<T>();
+    const T* t_base = tiles.t.data_ptr<T>();
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        T* s = s_base + i * m;
+        const T* t = t_base + i * m;
+        const int64_t row = r0 + i;
+        const T gi = g[row], ls = lse_s[row], lt = lse_t[row];
+        if (with_cols) {
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) {
+            const T sv = s[j] * ss, tv = t[j] * ts;
+            s[j] = gi * (fast_exp(sv - ls) - fast_exp(tv - lt)) +
+                   c[j] * (fast_exp(sv - clse_s[j]) - fast_exp(tv - clse_t[j]));
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) {
+            s[j] = gi * (fast_exp(s[j] * ss - ls) - fast_exp(t[j] * ts - lt));
+          }
+        }
+      }
+    });
+    if (gq) {
+      at::Tensor gq_block = gq->narrow(0, r0, rows);
+      at::mm_out(gq_block, tiles.s, sk);
+    }
+    if (gk) gk->addmm_(tiles.s.t(), sq.narrow(0, r0, rows));
+  }
+  return {gq, gk};
+}
+
+void check_matrix(const char* name, const at::Tensor& t, const at::Tensor& ref, int64_t rows,
+                  int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must have dtype float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have dtype ",
+              ref.scalar_type(), " (the dtype of sq), got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
+  TORCH_CHECK(t.dim() == 2 || (rows >= 0 && t.dim() == 1), name, " has the wrong rank: ",
+              t.sizes());
+  if (rows >= 0) TORCH_CHECK(t.size(0) == rows, name, " must have ", rows, " rows, got ",
+                             t.sizes());
+  if (cols >= 0) TORCH_CHECK(t.dim() == 2 && t.size(1) == cols, name, " must have ", cols,
+                             " columns, got ", t.sizes());
+}
+
+void check_problem(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq,
+                   const at::Tensor& tk, double s_scale, double t_scale, int64_t block_rows) {
+  check_matrix("sq", sq, sq, -1, -1);
+  const int64_t n = sq.size(0), m = sk.size(0);
+  check_matrix("sk", sk, sq, -1, sq.size(1));
+  check_matrix("tq", tq, sq, n, -1);
+  check_matrix("tk", tk, sq, m, tq.size(1));
+  TORCH_CHECK(std::isfinite(s_scale) && std::isfinite(t_scale), "s_scale and t_scale must be "
+              "finite, got ", s_scale, ", ", t_scale);
+  TORCH_CHECK(block_rows >= 0, "block_rows must be >= 0 (0 = automatic), got ", block_rows);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> distill_forward(
+    const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+    double s_scale, double t_scale, bool with_cols, const OptTensor& row_grad, bool need_gq,
+    bool need_gk, int64_t block_rows) {
+  return AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "distill_forward", [&] {
+    return forward_impl<scalar_t>(sq, sk, tq, tk, scalar_t(s_scale), scalar_t(t_scale),
+                                  with_cols, row_grad, need_gq, need_gk, block_rows);
+  });
+}
+
+std::tuple<OptTensor, OptTensor> distill_backward(
+    const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+    double s_scale, double t_scale, const at::Tensor& row_stats, const at::Tensor& row_grad,
+    const OptTensor& col_stats, const OptTensor& col_grad, bool need_gq, bool need_gk,
+    int64_t block_rows) {
+  return AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "distill_backward", [&] {
+    return backward_impl<scalar_t>(sq, sk, tq, tk, scalar_t(s_scale), scalar_t(t_scale),
+                                   row_stats, row_grad, col_stats, col_grad, need_gq, need_gk,
+                                   block_rows);
+  });
+}
+
+void register_distill_ops(pybind11::module_& m) {
+  namespace py = pybind11;
+  using kernel_call = kernel_call_guard;
+  m.def(
+      "distill_forward",
+      [](const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+         double s_scale, double t_scale, bool with_cols, int64_t block_rows) {
+        check_problem(sq, sk, tq, tk, s_scale, t_scale, block_rows);
+        const at::NoGradGuard no_grad;
+        auto out = distill_forward(sq, sk, tq, tk, s_scale, t_scale, with_cols, std::nullopt,
+                                   false, false, block_rows);
+        return std::make_tuple(std::get<0>(out), std::get<1>(out));
+      },
+      kernel_call(),
+      "(row stats (3, N): lse^S, lse^T, sum_j p^T_ij s_ij; col stats (3, M) or None)",
+      py::arg("sq"), py::arg("sk"), py::arg("tq"), py::arg("tk"), py::arg("s_scale"),
+      py::arg("t_scale"), py::kw_only(), py::arg("with_cols") = false,
+      py::arg("block_rows") = 0);
+  m.def(
+      "distill_forward_with_grad",
+      [](const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+         double s_scale, double t_scale, const at::Tensor& row_grad, bool need_gq, bool need_gk,
+         int64_t block_rows) {
+        check_problem(sq, sk, tq, tk, s_scale, t_scale, block_rows);
+        check_matrix("row_grad", row_grad, sq, sq.size(0), -1);
+        const at::NoGradGuard no_grad;
+        auto out = distill_forward(sq, sk, tq, tk, s_scale, t_scale, false, row_grad, need_gq,
+                                   need_gk, block_rows);
+        return std::make_tuple(std::get<0>(out), std::get<2>(out), std::get<3>(out));
+      },
+      kernel_call(),
+      "(row stats (3, N), gq or None, gk or None) of the row direction in one pass over the "
+      "tiles, no recompute",
+      py::arg("sq"), py::arg("sk"), py::arg("tq"), py::arg("tk"), py::arg("s_scale"),
+      py::arg("t_scale"), py::arg("row_grad"), py::kw_only(), py::arg("need_gq") = true,
+      py::arg("need_gk") = true, py::arg("block_rows") = 0);
+  m.def(
+      "distill_backward",
+      [](const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
+         double s_scale, double t_scale, const at::Tensor& row_stats, const at::Tensor& row_grad,
+         const OptTensor& col_stats, const OptTensor& col_grad, bool need_gq, bool need_gk,
+         int64_t block_rows) {
+        check_problem(sq, sk, tq, tk, s_scale, t_scale, block_rows);
+        const int64_t n = sq.size(0), m = sk.size(0);
+        check_matrix("row_stats", row_stats, sq, 3, n);
+        check_matrix("row_grad", row_grad, sq, n, -1);
+        TORCH_CHECK(col_stats.has_value() == col_grad.has_value(),
+                    "col_stats and col_grad must be given together");
+        if (col_stats) {
+          check_matrix("col_stats", *col_stats, sq, 3, m);
+          check_matrix("col_grad", *col_grad, sq, m, -1);
+        }
+        const at::NoGradGuard no_grad;
+        return distill_backward(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad,
+                                col_stats, col_grad, need_gq, need_gk, block_rows);
+      },
+      kernel_call(),
+      "(gq or None, gk or None): sums of G_ij = g_i (P^S - P^T)_ij + c_j (column term) over "
+      "the student keys / queries; recomputes both tiles",
+      py::arg("sq"), py::arg("sk"), py::arg("tq"), py::arg("tk"), py::arg("s_scale"),
+      py::arg("t_scale"), py::arg("row_stats"), py::arg("row_grad"),
+      py::arg("col_stats") = py::none(), py::arg("col_grad") = py::none(), py::kw_only(),
+      py::arg("need_gq") = true, py::arg("need_gk") = true, py::arg("block_rows") = 0);
+}
+
+}  // namespace fastcontrast
