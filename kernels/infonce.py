@@ -215,10 +215,11 @@ def _check_ids(row_ids, col_ids, N, M, device):
 
 def _filter_args(q, alpha, keys_n, threshold=None, positive_col=None, guide_q=None,
                  guide_keys=None, guide_threshold=None):
-    """(pointer arguments, constexpr flags) of the false-negative filter (FILTER False without
-    one: then every pointer is alpha, never read)."""
+    """(pointer arguments, constexpr flags) of the false-negative filter (no flags without one:
+    the kernels' defaults, FILTER False, so a plain launch is the plain kernel's; every pointer
+    is then alpha, never read)."""
     if threshold is None and guide_q is None:
-        return (alpha,) * 5 + (0, 0, 0), dict(FILTER=False)
+        return (alpha,) * 5 + (0, 0, 0), {}
     N = q.shape[0]
     if threshold is not None:
         _check_vector("threshold", threshold, N, q.device)
@@ -286,7 +287,7 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
             row_lse, col_max, col_sum, lock,
             N, M, D, q.stride(0), keys.stride(0), int(diag_offset),
             *pointers[:5], row_lse if dropped is None else dropped, *pointers[5:],
-            COUNT=dropped is not None, **filter_flags,
+            **filter_flags, **({} if dropped is None else dict(COUNT=True)),
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EXCLUDE_DIAG=bool(exclude_diag),
             HAS_IDS=has_ids, HAS_COL=bool(with_col_lse), ONE_D_CHUNK=one_chunk,
             UPCAST=_upcast(q.dtype), INPUT_PRECISION=precision,
@@ -355,8 +356,8 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
                 keys, q, dkeys, beta, alpha, col_ids_arg, row_ids_arg, col_lse_arg, col_grad_arg,
                 row_lse, row_grad, _grad_scale(gmax * alpha.abs().amax()),
                 M, N, D, keys.stride(0), q.stride(0), dkeys.stride(0), -int(diag_offset), *pointers,
-            ), dict(HAS_LSE_X=has_col, HAS_LSE_Y=True, FILTER_ON_X=False, **flags,
-                    **filter_flags))
+            ), dict(HAS_LSE_X=has_col, HAS_LSE_Y=True, **flags, **filter_flags,
+                    **(dict(FILTER_ON_X=False) if filter_flags else {})))
     return dq, dkeys
 
 
