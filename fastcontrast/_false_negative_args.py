@@ -1,7 +1,6 @@
 """The checks of the false-negative filter's arguments (false_negative_margin, guide,
 guide_margin, guide_margin_strategy, return_dropped) of info_nce, clip_loss and moco_loss, and the
 FalseNegatives filter they make (fastcontrast/infonce/false_negatives.py)."""
-import math
 import numbers
 
 from . import _validation as check
@@ -16,7 +15,7 @@ def _margin(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"false_negative_margin must be a float or None, got "
                         f"{type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
+    if not check._finite(value) or value < 0:
         raise ValueError(f"false_negative_margin must be a finite number >= 0, got {value}")
     return float(value)
 
@@ -53,7 +52,7 @@ def false_negative_args(false_negative_margin, guide, guide_margin, guide_margin
     margin = _margin(false_negative_margin)
     check.check_choice("guide_margin_strategy", guide_margin_strategy, GUIDE_STRATEGIES)
     if isinstance(guide_margin, bool) or not isinstance(guide_margin, numbers.Real) or \
-            not math.isfinite(guide_margin):
+            not check._finite(guide_margin):
         raise ValueError(f"guide_margin must be a finite number, got {guide_margin!r}")
     if guide is None:
         if guide_margin != 0 or guide_margin_strategy != "absolute":

@@ -446,3 +446,18 @@ def test_module_twins_take_the_filter():
                                                 false_negative_margin=0.5))
     assert "false_negative_margin=0.5" in repr(clip)
     assert "false_negative_margin" not in repr(fc.InfoNCELoss())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_compiles_with_changing_batch_sizes(backend):
+    _skip(backend)
+    torch._dynamo.reset()
+
+    def step(q, k):
+        return fc.info_nce(q, k, temperature=0.2, false_negative_margin=0.1, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for n in (3, 8, 13):
+        q, k = torch.randn(2, n, 5)
+        assert_close(compiled(q, k), step(q, k), torch.float32, f"n={n}")
