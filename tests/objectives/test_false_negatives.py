@@ -461,3 +461,17 @@ def test_compiles_with_changing_batch_sizes(backend):
     for n in (3, 8, 13):
         q, k = torch.randn(2, n, 5)
         assert_close(compiled(q, k), step(q, k), torch.float32, f"n={n}")
+
+
+def test_distributed_forms_refuse_the_filter_before_communicating():
+    from fastcontrast import distributed as fcd
+
+    q, k = torch.randn(2, 4, 3)
+    g = torch.randn(4, 2)
+    for call in (lambda: fcd.info_nce(q, k, false_negative_margin=0.1),
+                 lambda: fcd.clip_loss(q, k, 10.0, guide=(g, g)),
+                 lambda: fcd.moco_loss(q, k, k, false_negative_margin=0.0, return_dropped=True)):
+        with pytest.raises(NotImplementedError, match="false-negative filtering"):
+            call()
+    with pytest.raises(NotImplementedError, match="does not take false_negative_margin"):
+        fc.InfoNCELoss(false_negative_margin=0.1, distributed="gather")(q, k)
