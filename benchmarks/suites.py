@@ -122,9 +122,10 @@ SCRIPT_SUITES = {
                                "each in a fresh process"),
     "contended": ("contended", "the fused losses against plain PyTorch, quiet and beside one "
                                "busy process per core"),
-    "objectives": ("objectives_targets", "label smoothing, multiple positives, Matryoshka and "
-                                         "similarity distillation against the plain fused loss "
-                                         "and the materialised formulation"),
+    "objectives": ("objectives_targets", "label smoothing, multiple positives, false-negative "
+                                         "filtering, Matryoshka and similarity distillation "
+                                         "against the plain fused loss and the materialised "
+                                         "formulation"),
     "methods-cpc": ("methods_cpc_run", "CPC on the synthetic speakers: probe, baselines, "
                                        "fused vs reference step"),
     "methods-dim-amdim-cmc": ("methods_dim_amdim_cmc", "Deep InfoMax / AMDIM / CMC: probe, "

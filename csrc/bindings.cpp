@@ -26,6 +26,16 @@
   CHECK_SHAPE(x, __VA_ARGS__);     \
   CHECK_CONTIGUOUS(x)
 
+// The optional false-negative filter arguments of the full-product entry points (add_filter).
+#define FILTER_PARAMS                                                                    \
+  const OptTensor &threshold, const OptTensor &positive_col, const OptTensor &guide_q,  \
+      const OptTensor &guide_keys, const OptTensor &guide_threshold
+#define FILTER_ARGS threshold, positive_col, guide_q, guide_keys, guide_threshold
+#define FILTER_PY_ARGS                                                                     \
+  py::arg("threshold") = py::none(), py::arg("positive_col") = py::none(),               \
+      py::arg("guide_q") = py::none(), py::arg("guide_keys") = py::none(),                \
+      py::arg("guide_threshold") = py::none()
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -64,13 +74,44 @@ fastcontrast::Mask make_mask(bool exclude_diag, int64_t diag_offset, const OptTe
   return fastcontrast::Mask{exclude_diag, diag_offset, row_ids, col_ids};
 }
 
+// The false-negative filter (cpu/row_filter.h): threshold (N,), positive_col (N,) int64,
+// guide_q (N, G) / guide_keys (M, G) / guide_threshold (N,), each optional, the guide's three
+// together; q's dtype, CPU, contiguous. Set on the mask when any is given.
+void add_filter(fastcontrast::Mask& mask, const at::Tensor& q, int64_t m, const OptTensor& threshold,
+                const OptTensor& positive_col, const OptTensor& guide_q,
+                const OptTensor& guide_keys, const OptTensor& guide_threshold) {
+  if (!threshold && !positive_col && !guide_q && !guide_keys && !guide_threshold) return;
+  const auto dtype = q.scalar_type();
+  const int64_t n = q.size(0);
+  if (threshold) {
+    CHECK_INPUT(*threshold, dtype, n);
+  }
+  if (positive_col) {
+    CHECK_INPUT(*positive_col, at::kLong, n);
+  }
+  TORCH_CHECK(guide_q.has_value() == guide_keys.has_value() &&
+                  guide_q.has_value() == guide_threshold.has_value(),
+              "guide_q, guide_keys and guide_threshold must be given together, got guide_q ",
+              guide_q ? "a tensor" : "None", ", guide_keys ", guide_keys ? "a tensor" : "None",
+              ", guide_threshold ", guide_threshold ? "a tensor" : "None");
+  if (guide_q) {
+    const int64_t g = guide_q->dim() == 2 ? guide_q->size(1) : -1;
+    CHECK_INPUT(*guide_q, dtype, n, g);
+    CHECK_INPUT(*guide_keys, dtype, m, g);
+    CHECK_INPUT(*guide_threshold, dtype, n);
+  }
+  mask.filter = fastcontrast::RowFilter{threshold, positive_col, guide_q, guide_keys,
+                                        guide_threshold, std::nullopt, 0};
+}
+
 std::tuple<at::Tensor, OptTensor> forward(const at::Tensor& q, const at::Tensor& keys,
                                           const at::Tensor& alpha, const at::Tensor& beta,
                                           bool exclude_diag, int64_t diag_offset,
                                           const OptTensor& row_ids, const OptTensor& col_ids,
-                                          bool with_col_lse, int64_t block_rows) {
+                                          bool with_col_lse, int64_t block_rows, FILTER_PARAMS) {
   check_problem(q, keys, alpha, beta);
-  const auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, q.size(0), keys.size(0));
+  auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, q.size(0), keys.size(0));
+  add_filter(mask, q, keys.size(0), FILTER_ARGS);
   const at::NoGradGuard no_grad;  // out= GEMMs on inputs that require grad
   return fastcontrast::masked_lse_forward(q, keys, alpha, beta, mask, with_col_lse, block_rows);
 }
@@ -82,7 +123,7 @@ std::tuple<OptTensor, OptTensor> backward(const at::Tensor& q, const at::Tensor&
                                           const OptTensor& col_grad_opt, bool exclude_diag,
                                           int64_t diag_offset, const OptTensor& row_ids,
                                           const OptTensor& col_ids, bool need_dq, bool need_dkeys,
-                                          int64_t block_rows) {
+                                          int64_t block_rows, FILTER_PARAMS) {
   check_problem(q, keys, alpha, beta);
   const auto dtype = q.scalar_type();
   const int64_t n = q.size(0), m = keys.size(0);
@@ -98,7 +139,8 @@ std::tuple<OptTensor, OptTensor> backward(const at::Tensor& q, const at::Tensor&
     CHECK_INPUT(col_lse, dtype, m);
     CHECK_INPUT(col_grad, dtype, m);
   }
-  const auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, n, m);
+  auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, n, m);
+  add_filter(mask, q, m, FILTER_ARGS);
   const at::NoGradGuard no_grad;
   return fastcontrast::masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse_opt,
                                            col_grad_opt, mask, need_dq, need_dkeys, block_rows);
@@ -108,7 +150,7 @@ std::tuple<at::Tensor, OptTensor, OptTensor> forward_with_grad(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
     const at::Tensor& row_grad, bool exclude_diag, int64_t diag_offset, const OptTensor& row_ids,
     const OptTensor& col_ids, const OptTensor& extra_lse_opt, bool need_dq, bool need_dkeys,
-    int64_t block_rows) {
+    int64_t block_rows, FILTER_PARAMS) {
   check_problem(q, keys, alpha, beta);
   const auto dtype = q.scalar_type();
   const int64_t n = q.size(0);
@@ -117,11 +159,24 @@ std::tuple<at::Tensor, OptTensor, OptTensor> forward_with_grad(
     const at::Tensor& extra_lse = *extra_lse_opt;
     CHECK_INPUT(extra_lse, dtype, n);
   }
-  const auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, n, keys.size(0));
+  auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, n, keys.size(0));
+  add_filter(mask, q, keys.size(0), FILTER_ARGS);
   const at::NoGradGuard no_grad;
   return fastcontrast::masked_lse_forward_with_grad(q, keys, alpha, beta, row_grad, mask,
                                                     extra_lse_opt, need_dq, need_dkeys,
                                                     block_rows);
+}
+
+// The dropped-candidate counts of the filter (int64 (N,)), the forward's tiles without exps.
+at::Tensor dropped(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+                   const at::Tensor& beta, bool exclude_diag, int64_t diag_offset,
+                   const OptTensor& row_ids, const OptTensor& col_ids, int64_t block_rows,
+                   FILTER_PARAMS) {
+  check_problem(q, keys, alpha, beta);
+  auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, q.size(0), keys.size(0));
+  add_filter(mask, q, keys.size(0), FILTER_ARGS);
+  const at::NoGradGuard no_grad;
+  return fastcontrast::masked_lse_dropped(q, keys, alpha, beta, mask, block_rows);
 }
 
 // The symmetric-Gram kernels: z (N, D) in both roles, alpha / beta / ids of length N.
@@ -159,21 +214,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::kw_only(),
         py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
         py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(),
-        py::arg("with_col_lse") = false, py::arg("block_rows") = 0);
+        py::arg("with_col_lse") = false, py::arg("block_rows") = 0, FILTER_PY_ARGS);
   m.def("masked_lse_backward", &backward, kernel_call(),
         "(dq or None, dkeys or None), recomputing the score tiles", py::arg("q"), py::arg("keys"),
         py::arg("alpha"), py::arg("beta"), py::arg("row_lse"), py::arg("row_grad"),
         py::arg("col_lse") = py::none(), py::arg("col_grad") = py::none(), py::kw_only(),
         py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
         py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(), py::arg("need_dq") = true,
-        py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
+        py::arg("need_dkeys") = true, py::arg("block_rows") = 0, FILTER_PY_ARGS);
   m.def("masked_lse_forward_with_grad", &forward_with_grad, kernel_call(),
         "(row_lse, dq or None, dkeys or None) in one pass, no recompute", py::arg("q"),
         py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::arg("row_grad"), py::kw_only(),
         py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
         py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(),
         py::arg("extra_lse") = py::none(), py::arg("need_dq") = true,
-        py::arg("need_dkeys") = true, py::arg("block_rows") = 0);
+        py::arg("need_dkeys") = true, py::arg("block_rows") = 0, FILTER_PY_ARGS);
+  m.def("masked_lse_dropped", &dropped, kernel_call(),
+        "int64 (N,): candidates of each query that the false-negative filter drops", py::arg("q"),
+        py::arg("keys"), py::arg("alpha"), py::arg("beta"), py::kw_only(),
+        py::arg("exclude_diag") = false, py::arg("diag_offset") = 0,
+        py::arg("row_ids") = py::none(), py::arg("col_ids") = py::none(),
+        py::arg("block_rows") = 0, FILTER_PY_ARGS);
   m.def("gram_lse_forward", &gram_forward, kernel_call(),
         "row_lse of s_ij = alpha_i beta_j <z_i, z_j> (symmetric), tiles on and above the diagonal",
         py::arg("z"), py::arg("alpha"), py::arg("beta"), py::kw_only(),

@@ -38,12 +38,17 @@ def output_dtype_policy(loss_fn):
             return loss_fn(*args, **kwargs)
         device = first.device.type
         if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-            return loss_fn(*args, **kwargs).to(first.dtype)
+            return _on_loss(loss_fn(*args, **kwargs), lambda loss: loss.to(first.dtype))
         with torch.autocast(device, enabled=False):
-            loss = loss_fn(*args, **kwargs)
-        return loss if loss.dtype == torch.float64 else loss.float()
+            out = loss_fn(*args, **kwargs)
+        return _on_loss(out, lambda loss: loss if loss.dtype == torch.float64 else loss.float())
 
     return wrapper
+
+
+def _on_loss(out, cast):
+    """``cast`` applied to the loss, or to the first item of (loss, *extras) (return_dropped)."""
+    return (cast(out[0]), *out[1:]) if isinstance(out, tuple) else cast(out)
 
 
 def _objective_args(*, decoupled, dclw_sigma, hcl_beta, hcl_tau_plus, symmetric,

@@ -11,6 +11,7 @@ chunk, with a recomputing backward. Bounded memory on any device, no compiler ne
 import torch
 
 from ._config import settings
+from ._torch_filter import drop_filtered
 
 # Score elements per chunk (rows * keys): 16 MiB of fp32 on CPU, 256 MiB on a GPU.
 _CPU_CHUNK_ELEMENTS = 1 << 22
@@ -43,12 +44,17 @@ def _fill_masked(t, value, r0, r1, exclude_diag, diag_offset, row_ids, col_ids):
     return t
 
 
-def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids):
+def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids,
+            lse_filter=None):
     """The (r1 - r0, M) tile of s for rows r0..r1, masked entries set to -inf (after the scales,
-    so a NaN or zero scale never turns a masked entry into NaN)."""
+    so a NaN or zero scale never turns a masked entry into NaN), then the candidates that the
+    false-negative filter ``lse_filter`` (keywords of _torch_filter.drop_filtered) drops."""
     s = torch.mm(x[r0:r1], y.T)
     s.mul_(alpha[r0:r1, None]).mul_(beta[None, :])
-    return _fill_masked(s, float("-inf"), r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
+    s = _fill_masked(s, float("-inf"), r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
+    if lse_filter:
+        drop_filtered(s, r0, r1, **lse_filter)
+    return s
 
 
 def _unreachable_to_inf(lse):
@@ -57,7 +63,7 @@ def _unreachable_to_inf(lse):
 
 
 def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
-                       col_ids=None, with_col_lse=False):
+                       col_ids=None, with_col_lse=False, **lse_filter):
     """(row_lse (N,), col_lse (M,) or None) over unmasked entries; -inf where none."""
     n, m = q.shape[0], keys.shape[0]
     row_lse = new_output(n, q.dtype, q.device)
@@ -66,7 +72,8 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
     step = _chunk_rows(q, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
+        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids,
+                    lse_filter)
         row_lse[r0:r1] = torch.logsumexp(s, dim=1)
         if with_col_lse:
             torch.logaddexp(col_lse, torch.logsumexp(s, dim=0), out=col_lse)
@@ -75,7 +82,7 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
 
 def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, col_grad=None, *,
                         exclude_diag=False, diag_offset=0, row_ids=None, col_ids=None,
-                        need_dq=True, need_dkeys=True):
+                        need_dq=True, need_dkeys=True, **lse_filter):
     """(dq (N, D) or None, dkeys (M, D) or None) for the dS above; recomputes each tile."""
     n, m = q.shape[0], keys.shape[0]
     dq = new_output(q.shape, q.dtype, q.device) if need_dq else None
@@ -86,7 +93,8 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     step = _chunk_rows(q, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
+        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids,
+                    lse_filter)
         h = torch.exp(s - row_lse[r0:r1, None]).mul_(row_grad[r0:r1, None])
         if col_lse is not None:
             h.add_(torch.exp(s.sub_(col_lse[None, :])).mul_(col_grad[None, :]))
@@ -100,6 +108,19 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
         if need_dkeys:
             dkeys.addmm_(h.T, q[r0:r1])
     return dq, dkeys
+
+
+def masked_lse_dropped(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
+                       col_ids=None, **lse_filter):
+    """int64 (N,): the candidates of each row that the false-negative filter drops."""
+    n, m = q.shape[0], keys.shape[0]
+    counts = torch.zeros(n, dtype=torch.int64, device=q.device)
+    step = _chunk_rows(q, m)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
+        counts[r0:r1] = drop_filtered(s, r0, r1, **lse_filter)
+    return counts
 
 
 # Symmetric-Gram ops (x = y = z, alpha = c beta): a documented fall-through to the full-product

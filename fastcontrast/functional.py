@@ -23,6 +23,8 @@ value forces a device sync and a graph break. Out-of-range targets then fail in 
 import torch
 
 from . import _loss_args as args
+from ._false_negative_args import false_negative_args
+from ._false_negatives_reference import false_negatives_reference
 from ._loss_args import output_dtype_policy
 from .backends import available_backends, resolve
 from .distill import distill_fused_loss
@@ -41,7 +43,9 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
              negative_ids=None, label_smoothing=0.0, query_labels=None, key_labels=None,
-             matryoshka_dims=None, matryoshka_weights=None, backend="auto"):
+             matryoshka_dims=None, matryoshka_weights=None, false_negative_margin=None,
+             guide=None, guide_margin=0.0, guide_margin_strategy="absolute",
+             return_dropped=False, backend="auto"):
     """InfoNCE / NT-Xent style contrastive loss, fused (never materialises the N x M logits).
 
     loss_i = logsumexp_{j in C(i)} s_ij - s_{i, t_i},  s_ij = <q_i, k_j> / temperature
@@ -67,6 +71,14 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     ones): loss = sum_p w_p loss(query[:, :d_p], key[:, :d_p]), each prefix normalised on its own
     (sentence-transformers' MatryoshkaLoss), all prefixes in one pass over the key tiles
     (fastcontrast/infonce/matryoshka.py; with targets, exclude_self, symmetric and a bank).
+    False-negative filtering (fastcontrast/infonce/false_negatives.py), plain InfoNCE with a
+    shared bank at most: ``false_negative_margin`` m >= 0 drops every candidate j != t_i with
+    <q^_i, k^_j> > <q^_i, k^_{t_i}> + m (Qwen3-Embedding); ``guide`` = (guide_query (N, G),
+    guide_key (M, G)[, guide_negatives (K, G) with negatives]) drops every j != t_i with
+    cos(gq_i, gk_j) > cos(gq_i, gk_{t_i}) - guide_margin ("absolute") or
+    ... - |cos(gq_i, gk_{t_i})| guide_margin ("relative") (GISTEmbedLoss). ``return_dropped``:
+    returns (loss, dropped), dropped int64 (N,) candidates dropped per row (symmetric: (2, N),
+    row 0 query -> key, row 1 key -> query).
     """
     tau = args.info_nce_args(
         query, key, negatives, temperature=temperature, normalize=normalize, targets=targets,
@@ -75,6 +87,22 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
         hcl_tau_plus=hcl_tau_plus, query_ids=query_ids, negative_ids=negative_ids,
         label_smoothing=label_smoothing, query_labels=query_labels, key_labels=key_labels)
     dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, query.shape[-1])
+    bank = negatives is not None and negatives.dim() == 2
+    guide_rows = [("query", query.shape[0], query.device), ("key", key.shape[0], query.device)]
+    if bank:
+        guide_rows.append(("negatives", negatives.shape[0], query.device))
+    fn = false_negative_args(
+        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped,
+        guide_names=("guide_query", "guide_key", "guide_negatives")[:len(guide_rows)],
+        guide_rows=guide_rows,
+        conflicts=(("exclude_self", exclude_self),
+                   ("decoupled / dclw_sigma / hcl options",
+                    decoupled or dclw_sigma is not None or hcl_beta != 0 or hcl_tau_plus != 0),
+                   ("label_smoothing", label_smoothing != 0),
+                   ("query_labels / key_labels", query_labels is not None),
+                   ("per-query negatives (N, K, D)", negatives is not None and not bank),
+                   ("matryoshka_dims", bool(dims)),
+                   ("symmetric=True and negatives", symmetric and negatives is not None)))
     options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
                              in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
                              symmetric=symmetric, normalize=normalize, reduction=reduction,
@@ -82,16 +110,25 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
                              hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing,
                              matryoshka_dims=dims, matryoshka_weights=weights)
     return _info_nce(options, query, key, negatives, tau, tau.reciprocal(), targets, query_ids,
-                     negative_ids, labels=(query_labels, key_labels))
+                     negative_ids, labels=(query_labels, key_labels), false_negatives=fn,
+                     return_dropped=return_dropped)
 
 
 def _info_nce(options, query, key, negatives, temperature, scale, targets, query_ids=None,
-              negative_ids=None, labels=(None, None)):
+              negative_ids=None, labels=(None, None), false_negatives=None,
+              return_dropped=False):
     """The validated call: the oracle (at ``temperature``), or the fused op module (at
     ``scale`` = 1 / temperature)."""
     if options.matryoshka_dims:
         return matryoshka_info_nce(options, query, key, negatives, temperature, scale, targets,
                                    query_ids, labels)
+    if options.backend == "reference" and false_negatives is not None:
+        return false_negatives_reference(
+            query, key, negatives, temperature=temperature, normalize=options.normalize,
+            targets=targets, in_batch_negatives=options.in_batch_negatives,
+            symmetric=options.symmetric, reduction=options.reduction, query_ids=query_ids,
+            negative_ids=negative_ids, false_negatives=false_negatives,
+            return_dropped=return_dropped)
     if options.backend == "reference":
         return info_nce_reference(
             query, key, negatives, temperature=temperature, normalize=options.normalize,
@@ -105,7 +142,8 @@ def _info_nce(options, query, key, negatives, temperature, scale, targets, query
     per_query = negatives if negatives is not None and negatives.dim() == 3 else None
     return info_nce_loss(options, query, key, scale=scale, bank=bank, per_query=per_query,
                          targets=targets, query_ids=query_ids, bank_ids=negative_ids,
-                         query_labels=labels[0], key_labels=labels[1])
+                         query_labels=labels[0], key_labels=labels[1],
+                         false_negatives=false_negatives, return_dropped=return_dropped)
 
 
 @output_dtype_policy
@@ -162,30 +200,43 @@ def supcon(features, labels=None, *, temperature=0.1, normalize=True, reduction=
 @output_dtype_policy
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
               query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
-              label_smoothing=0.0, backend="auto"):
+              label_smoothing=0.0, false_negative_margin=None, guide=None, guide_margin=0.0,
+              guide_margin_strategy="absolute", return_dropped=False, backend="auto"):
     """MoCo's InfoNCE:
         loss_i = -log(e^{<q_i, k_i>/tau} / (e^{<q_i, k_i>/tau} + sum_j e^{<q_i, u_j>/tau}))
     with the queue entries u_j (K, D) as the only negatives (info_nce with
     in_batch_negatives=False). ``queue``: a (K, D) tensor or a NegativeQueue (its filled part).
     ``query_index`` (N,) int64: sample ids of the batch; queue entries stored with the same id
     (a NegativeQueue with store_indices=True) are not negatives. DCL / HCL options and
-    label_smoothing (the positive and the queue entries are the classes) as in info_nce."""
+    label_smoothing (the positive and the queue entries are the classes) as in info_nce.
+    False-negative filtering of the queue entries as in info_nce: ``false_negative_margin``,
+    ``guide`` = (guide_query (N, G), guide_key (N, G), guide_queue (K, G)), ``guide_margin``,
+    ``guide_margin_strategy``, ``return_dropped`` ((loss, dropped (N,)))."""
     queue, negative_ids = args.unwrap_queue(queue, query_index)
     tau = args.moco_loss_args(query, key, queue, negative_ids, temperature=temperature,
                               normalize=normalize, reduction=reduction, query_index=query_index,
                               decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
                               label_smoothing=label_smoothing)
+    fn = false_negative_args(
+        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped,
+        guide_names=("guide_query", "guide_key", "guide_queue"),
+        guide_rows=[("query", query.shape[0], query.device), ("key", key.shape[0], query.device),
+                    ("queue", queue.shape[0], query.device)],
+        conflicts=(("decoupled / hcl options", decoupled or hcl_beta != 0 or hcl_tau_plus != 0),
+                   ("label_smoothing", label_smoothing != 0)))
     options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
                              in_batch_negatives=False, normalize=normalize, reduction=reduction,
                              decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
                              label_smoothing=label_smoothing)
     return _info_nce(options, query, key, queue, tau, tau.reciprocal(), None, query_index,
-                     negative_ids)
+                     negative_ids, false_negatives=fn, return_dropped=return_dropped)
 
 
 @output_dtype_policy
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", label_smoothing=0.0,
-              labels=None, matryoshka_dims=None, matryoshka_weights=None, backend="auto"):
+              labels=None, matryoshka_dims=None, matryoshka_weights=None,
+              false_negative_margin=None, guide=None, guide_margin=0.0,
+              guide_margin_strategy="absolute", return_dropped=False, backend="auto"):
     """OpenCLIP's ClipLoss: (CE(image -> text) + CE(text -> image)) / 2 on
     logit_scale * image @ text.T, pair i the positive. Features are used as given (CLIP models
     normalise them). ``logit_bias`` shifts every logit of a softmax equally, so it cancels: it is
@@ -195,20 +246,33 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
     positive pair iff labels match; each direction is lse - the mean over its positives
     (info_nce's query_labels = key_labels = labels). ``matryoshka_dims`` / ``matryoshka_weights``:
     sum_p w_p ClipLoss(image[:, :d_p], text[:, :d_p]) (prefixes as given, not renormalised), in
-    one pass over the tiles (as info_nce's)."""
+    one pass over the tiles (as info_nce's). False-negative filtering as in info_nce,
+    each direction with its own positive: ``false_negative_margin`` m in raw inner products
+    (<image_i, text_j> > <image_i, text_i> + m; the features are not normalised here),
+    ``guide`` = (guide_image (N, G), guide_text (N, G)), ``guide_margin``,
+    ``guide_margin_strategy``; ``return_dropped``: (loss, dropped (2, N)), row 0 image -> text,
+    row 1 text -> image."""
     scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smoothing,
                                 labels)
     dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, image.shape[-1])
+    n = image.shape[0]
+    fn = false_negative_args(
+        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped,
+        guide_names=("guide_image", "guide_text"),
+        guide_rows=[("image", n, image.device), ("text", n, image.device)],
+        conflicts=(("label_smoothing", label_smoothing != 0), ("labels", labels is not None),
+                   ("matryoshka_dims", bool(dims))))
     name = resolve(backend, image.device, dtype=image.dtype)
     options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction,
                              label_smoothing=label_smoothing, matryoshka_dims=dims,
                              matryoshka_weights=weights)
-    loss = _info_nce(options, image, text, None, scale.reciprocal(), scale, None,
-                     labels=(labels, labels))
+    out = _info_nce(options, image, text, None, scale.reciprocal(), scale, None,
+                    labels=(labels, labels), false_negatives=fn, return_dropped=return_dropped)
+    loss, dropped = out if return_dropped else (out, None)
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         # Keep logit_bias in the graph (zero gradient) without promoting the loss's dtype.
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
-    return loss
+    return (loss, dropped) if return_dropped else loss
 
 
 @output_dtype_policy

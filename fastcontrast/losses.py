@@ -58,6 +58,20 @@ class _Loss(nn.Module):
         return ", ".join(f"{name}={_format_value(value)}" for name, value in fields.items())
 
 
+def _filter_options(false_negative_margin, guide_margin, guide_margin_strategy, return_dropped):
+    """The false-negative filter's options that differ from their defaults (none by default:
+    a module without a filter calls the loss, and its distributed twin, as before)."""
+    options = dict(false_negative_margin=false_negative_margin, guide_margin=guide_margin,
+                   guide_margin_strategy=guide_margin_strategy, return_dropped=return_dropped)
+    defaults = dict(false_negative_margin=None, guide_margin=0.0,
+                    guide_margin_strategy="absolute", return_dropped=False)
+    return {k: v for k, v in options.items() if v != defaults[k]}
+
+
+def _guide(guide):
+    return {} if guide is None else {"guide": guide}
+
+
 class _ContrastiveLoss(_Loss):
     """Holds the temperature of a contrastive loss: a fixed float, or with
     ``learn_temperature=True`` a parameter stored as log(1/tau) (so it stays positive)."""
@@ -99,22 +113,25 @@ class InfoNCELoss(_ContrastiveLoss):
     def __init__(self, temperature=0.07, *, normalize=True, in_batch_negatives=True,
                  exclude_self=False, symmetric=False, reduction="mean", decoupled=False,
                  dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0,
-                 matryoshka_dims=None, matryoshka_weights=None, backend="auto",
-                 learn_temperature=False, distributed=None, group=None):
+                 matryoshka_dims=None, matryoshka_weights=None, false_negative_margin=None,
+                 guide_margin=0.0, guide_margin_strategy="absolute", return_dropped=False,
+                 backend="auto", learn_temperature=False, distributed=None, group=None):
         super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, in_batch_negatives=in_batch_negatives,
                             exclude_self=exclude_self, symmetric=symmetric, decoupled=decoupled,
                             dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
                             label_smoothing=label_smoothing,
-                            **_matryoshka_options(matryoshka_dims, matryoshka_weights))
+                            **_matryoshka_options(matryoshka_dims, matryoshka_weights),
+                            **_filter_options(false_negative_margin, guide_margin,
+                                              guide_margin_strategy, return_dropped))
 
     def forward(self, query, key, negatives=None, targets=None, query_labels=None,
-                key_labels=None):
+                key_labels=None, guide=None):
         labels = {} if query_labels is None and key_labels is None else dict(
             query_labels=query_labels, key_labels=key_labels)
         return self._loss("info_nce", query, key, negatives, temperature=self.temperature,
                           targets=targets, reduction=self.reduction, backend=self.backend,
-                          **self.options, **labels)
+                          **self.options, **labels, **_guide(guide))
 
 
 class NTXentLoss(_ContrastiveLoss):
@@ -157,16 +174,19 @@ class MoCoLoss(_ContrastiveLoss):
     NegativeQueue) is passed to forward, so the module holds only the options."""
 
     def __init__(self, temperature=0.07, *, normalize=True, reduction="mean", decoupled=False,
-                 hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0, backend="auto",
-                 learn_temperature=False, distributed=None, group=None):
+                 hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0, false_negative_margin=None,
+                 guide_margin=0.0, guide_margin_strategy="absolute", return_dropped=False,
+                 backend="auto", learn_temperature=False, distributed=None, group=None):
         super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         self.options = dict(normalize=normalize, decoupled=decoupled, hcl_beta=hcl_beta,
-                            hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing)
+                            hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing,
+                            **_filter_options(false_negative_margin, guide_margin,
+                                              guide_margin_strategy, return_dropped))
 
-    def forward(self, query, key, queue, query_index=None):
+    def forward(self, query, key, queue, query_index=None, guide=None):
         return self._loss("moco_loss", query, key, queue, temperature=self.temperature,
                            query_index=query_index, reduction=self.reduction,
-                           backend=self.backend, **self.options)
+                           backend=self.backend, **self.options, **_guide(guide))
 
 
 class ClipLoss(_Loss):
@@ -176,10 +196,14 @@ class ClipLoss(_Loss):
 
     def __init__(self, init_logit_scale=1 / 0.07, *, learnable=True, max_logit_scale=100.0,
                  label_smoothing=0.0, matryoshka_dims=None, matryoshka_weights=None,
-                 reduction="mean", backend="auto", distributed=None, group=None):
+                 false_negative_margin=None, guide_margin=0.0, guide_margin_strategy="absolute",
+                 return_dropped=False, reduction="mean", backend="auto", distributed=None,
+                 group=None):
         super().__init__(reduction, backend, distributed, group)
         self.label_smoothing = label_smoothing
         self.matryoshka = _matryoshka_options(matryoshka_dims, matryoshka_weights)
+        self.filter_options = _filter_options(false_negative_margin, guide_margin,
+                                              guide_margin_strategy, return_dropped)
         if not (init_logit_scale > 0 and max_logit_scale > 0):
             raise ValueError(f"init_logit_scale and max_logit_scale must be positive, got "
                              f"{init_logit_scale!r}, {max_logit_scale!r}")
@@ -200,14 +224,14 @@ class ClipLoss(_Loss):
                   "max_logit_scale": self.max_logit_scale}
         if self.label_smoothing:
             fields["label_smoothing"] = self.label_smoothing
-        return {**fields, **self.matryoshka}
+        return {**fields, **self.matryoshka, **self.filter_options}
 
-    def forward(self, image, text, logit_scale=None, logit_bias=None, labels=None):
+    def forward(self, image, text, logit_scale=None, logit_bias=None, labels=None, guide=None):
         scale = self.logit_scale if logit_scale is None else logit_scale
         extra = dict(self.matryoshka) if labels is None else {"labels": labels, **self.matryoshka}
         return self._loss("clip_loss", image, text, scale, logit_bias=logit_bias,
                           reduction=self.reduction, label_smoothing=self.label_smoothing,
-                          backend=self.backend, **extra)
+                          backend=self.backend, **extra, **self.filter_options, **_guide(guide))
 
 
 class SigLIPLoss(_Loss):

@@ -18,14 +18,18 @@ Over candidate pairs (i, j) of the scores
     program owns a block of its output (rows x a split of the D columns) and accumulates it on
     chip, so no atomics, no read-modify-write of dX in global memory, and the result is
     deterministic.
-Each kernel's docstring gives its FLOP and memory-traffic model. The candidate mask, the online
-row update and the locked column merge are kernels/_lse_tiles.py's (shared with kernels/gram.py);
-the tile loads and dot products kernels/_common.py's.
+With FILTER (a constexpr: the plain kernels compile without it) the false-negative filter drops
+candidates tile by tile (kernels/_false_negative_tiles.py): the forward gives them no term (and
+with COUNT counts them per row), the backward zero weight. Each kernel's docstring gives its FLOP
+and memory-traffic model. The candidate mask, the online row update and the locked column merge
+are kernels/_lse_tiles.py's (shared with kernels/gram.py); the tile loads and dot products
+kernels/_common.py's.
 """
 import triton
 import triton.language as tl
 
 from ._common import _load_rows, _tile_dots
+from ._false_negative_tiles import dropped_candidates
 from ._lse_tiles import (LN2, LOG2E, load_ids, merge_column_stats, online_row_lse,
                          scaled_masked_scores, unmasked)
 
@@ -39,9 +43,14 @@ def _masked_lse_fwd_kernel(
                                 # (M,) fp32 running sum (init 0),
                                 # (cdiv(M, BLOCK_M),) int32 locks (init 0)
     N, M, D, stride_q, stride_k, diag_offset,
+    Thr, Pos, GQ, GK, GThr, Dropped,  # FILTER only: the filter (kernels/_false_negative_tiles.py)
+    stride_gq, stride_gk, G,          # and with COUNT the (N,) int32 dropped counts (out)
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_COL: tl.constexpr,
     ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FILTER: tl.constexpr = False, HAS_THRESHOLD: tl.constexpr = False,
+    HAS_GUIDE: tl.constexpr = False, HAS_POS: tl.constexpr = False, COUNT: tl.constexpr = False,
+    BLOCK_G: tl.constexpr = 16,
 ):
     """Row lse (and with HAS_COL the column (max, sum)) of the masked scores; grid
     (cdiv(N, BLOCK_N),), each program one row block against all key blocks.
@@ -66,6 +75,7 @@ def _masked_lse_fwd_kernel(
     # unused: the compiler drops the load).
     q_tile = _load_rows(Q, offs_n, mask_n, stride_q, 0, D, BLOCK_D, UPCAST)
 
+    dropped = tl.zeros((BLOCK_N,), dtype=tl.int32)
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of exp2(s - m_i)
 
@@ -86,6 +96,14 @@ def _masked_lse_fwd_kernel(
                              BLOCK_N, BLOCK_M, BLOCK_D, ONE_D_CHUNK, UPCAST, INPUT_PRECISION)
         s = scaled_masked_scores(dots, a2, b, offs_n, offs_m, mask_n, mask_m, diag_offset, ids_n,
                                  load_ids(ColIds, offs_m, mask_m, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
+        if FILTER:  # masked entries (-inf) are no candidates: neither dropped nor counted
+            drop = dropped_candidates(s, offs_n, offs_m, mask_n, mask_m, Thr, Pos, GQ, GK, GThr,
+                                      stride_gq, stride_gk, G, BLOCK_N, BLOCK_M, BLOCK_G,
+                                      HAS_THRESHOLD, HAS_GUIDE, HAS_POS, UPCAST, INPUT_PRECISION)
+            drop = drop & (s != float("-inf"))
+            s = tl.where(drop, float("-inf"), s)
+            if COUNT:
+                dropped += tl.sum(drop.to(tl.int32), axis=1)
 
         m_i, l_i = online_row_lse(m_i, l_i, s)
         if HAS_COL:  # this tile's column (max, sum), from the same scores
@@ -94,6 +112,8 @@ def _masked_lse_fwd_kernel(
     # lse = ln(2) * (m + log2(l)); no candidate: m = -inf and l = 0 give -inf.
     row_lse = (m_i + tl.log2(l_i)) * LN2
     tl.store(RowLse + offs_n, row_lse, mask=mask_n)
+    if COUNT:
+        tl.store(Dropped + offs_n, dropped, mask=mask_n)
 
 
 @triton.jit
@@ -105,10 +125,15 @@ def _masked_lse_bwd_kernel(
     LseY, GradY,                # HAS_LSE_Y: (NY,) fp32 lse and upstream grad of the inner side
     GradScale,                  # (1,) fp32 G > 0: dS * scale_y is divided by G before the cast
     NX, NY, D, stride_x, stride_y, stride_dx, diag_offset,
+    Thr, Pos, GQ, GK, GThr,     # FILTER only: the filter of the queries (X with FILTER_ON_X,
+    stride_gq, stride_gk, G,    # else Y) against the keys (kernels/_false_negative_tiles.py)
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_LSE_X: tl.constexpr,
     HAS_LSE_Y: tl.constexpr, ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    FILTER: tl.constexpr = False, FILTER_ON_X: tl.constexpr = True,
+    HAS_THRESHOLD: tl.constexpr = False, HAS_GUIDE: tl.constexpr = False,
+    HAS_POS: tl.constexpr = False, BLOCK_G: tl.constexpr = 16,
 ):
     """dX_i = scale_x_i * sum_j dS_ij * scale_y_j * y_j, with
     dS_ij = gx_i exp(s_ij - lse_x_i) + gy_j exp(s_ij - lse_y_j) over unmasked (i, j), 0 elsewhere.
@@ -164,6 +189,18 @@ def _masked_lse_bwd_kernel(
         s = dots * sx2[:, None] * sy[None, :]
         valid = unmasked(offs_x, offs_y, mask_x, mask_y, diag_offset, ids_x,
                          load_ids(IdsY, offs_y, mask_y, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
+        if FILTER:
+            if FILTER_ON_X:  # dq: the queries are the tile's rows
+                drop = dropped_candidates(s, offs_x, offs_y, mask_x, mask_y, Thr, Pos, GQ, GK,
+                                          GThr, stride_gq, stride_gk, G, BLOCK_X, BLOCK_Y,
+                                          BLOCK_G, HAS_THRESHOLD, HAS_GUIDE, HAS_POS, UPCAST,
+                                          INPUT_PRECISION)
+            else:  # dkeys: the queries are the tile's columns
+                drop = tl.trans(dropped_candidates(
+                    tl.trans(s), offs_y, offs_x, mask_y, mask_x, Thr, Pos, GQ, GK, GThr,
+                    stride_gq, stride_gk, G, BLOCK_Y, BLOCK_X, BLOCK_G, HAS_THRESHOLD,
+                    HAS_GUIDE, HAS_POS, UPCAST, INPUT_PRECISION))
+            valid = valid & (drop == 0)
 
         ds = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
         if HAS_LSE_X:

@@ -213,8 +213,41 @@ def _check_ids(row_ids, col_ids, N, M, device):
     return True
 
 
+def _filter_args(q, alpha, keys_n, threshold=None, positive_col=None, guide_q=None,
+                 guide_keys=None, guide_threshold=None):
+    """(pointer arguments, constexpr flags) of the false-negative filter (no flags without one:
+    the kernels' defaults, FILTER False, so a plain launch is the plain kernel's; every pointer
+    is then alpha, never read)."""
+    if threshold is None and guide_q is None:
+        return (alpha,) * 5 + (0, 0, 0), {}
+    N = q.shape[0]
+    if threshold is not None:
+        _check_vector("threshold", threshold, N, q.device)
+    if positive_col is not None:
+        check_ids("positive_col", positive_col, N, q.device)
+    G = 0
+    if guide_q is not None:
+        for name, t, rows in (("guide_q", guide_q, N), ("guide_keys", guide_keys, keys_n)):
+            if t.dtype != q.dtype or t.shape[0] != rows or t.stride(-1) != 1:
+                raise ValueError(f"{name} must be ({rows}, G) in {q.dtype} with contiguous rows, "
+                                 f"got {tuple(t.shape)} {t.dtype}")
+        _check_vector("guide_threshold", guide_threshold, N, q.device)
+        G = guide_q.shape[1]
+    pointers = (alpha if threshold is None else threshold,
+                alpha if positive_col is None else positive_col,
+                alpha if guide_q is None else guide_q, alpha if guide_q is None else guide_keys,
+                alpha if guide_q is None else guide_threshold,
+                0 if guide_q is None else guide_q.stride(0),
+                0 if guide_q is None else guide_keys.stride(0), G)
+    flags = dict(FILTER=True, HAS_THRESHOLD=threshold is not None, HAS_GUIDE=guide_q is not None,
+                 HAS_POS=positive_col is not None,
+                 BLOCK_G=min(64, max(16, triton.next_power_of_2(max(G, 1)))))
+    return pointers, flags
+
+
 def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
-                       col_ids=None, with_col_lse=False, blocks=None):
+                       col_ids=None, with_col_lse=False, blocks=None, dropped=None,
+                       **lse_filter):
     """Row (and optionally column) log-sum-exp of s_ij = alpha_i * beta_j * <q_i, keys_j>.
 
     q: (N, D), keys: (M, D), same dtype (float16, bfloat16, float32) and device, rows contiguous.
@@ -222,8 +255,11 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
     j == i + diag_offset, or row_ids[i] == col_ids[j] >= 0 (int64 (N,), (M,), both or neither).
     Returns (row_lse (N,) float32, col_lse (M,) float32 or None); a row or
     column without candidates gets -inf. `blocks` optionally overrides (block_rows, block_keys,
-    block_d). The column lse is merged across programs in scheduling order, so its last bits may
-    vary from run to run on GPU; row_lse is deterministic."""
+    block_d). ``lse_filter``: the false-negative filter's keywords (threshold, positive_col,
+    guide_q, guide_keys, guide_threshold; fastcontrast/infonce/ops.py), ``dropped``: an (N,)
+    int32 tensor that receives the dropped counts. The column lse is merged across programs in
+    scheduling order, so its last bits may vary from run to run on GPU; row_lse is
+    deterministic."""
     N, M, D = _check_operands(q, keys, alpha, beta)
     dev = q.device
     has_ids = _check_ids(row_ids, col_ids, N, M, dev)
@@ -244,11 +280,14 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
     else:  # never dereferenced when HAS_COL is False
         col_max = col_sum = lock = row_lse
     grid = (triton.cdiv(N, block_n),)
+    pointers, filter_flags = _filter_args(q, alpha, M, **lse_filter)
     with _device_context(q):
         _masked_lse_fwd_kernel[grid](
             q, keys, alpha, beta, row_ids if has_ids else alpha, col_ids if has_ids else beta,
             row_lse, col_max, col_sum, lock,
             N, M, D, q.stride(0), keys.stride(0), int(diag_offset),
+            *pointers[:5], row_lse if dropped is None else dropped, *pointers[5:],
+            **filter_flags, **({} if dropped is None else dict(COUNT=True)),
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EXCLUDE_DIAG=bool(exclude_diag),
             HAS_IDS=has_ids, HAS_COL=bool(with_col_lse), ONE_D_CHUNK=one_chunk,
             UPCAST=_upcast(q.dtype), INPUT_PRECISION=precision,
@@ -262,7 +301,7 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
 
 def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, col_grad=None, *,
                         exclude_diag=False, diag_offset=0, row_ids=None, col_ids=None, need_dq=True,
-                        need_dkeys=True, blocks=None):
+                        need_dkeys=True, blocks=None, **lse_filter):
     """Gradient of sum_i row_grad_i * row_lse_i (+ sum_j col_grad_j * col_lse_j) w.r.t. q and keys.
 
     dS_ij = row_grad_i * exp(s_ij - row_lse_i) + col_grad_j * exp(s_ij - col_lse_j) (second term
@@ -304,17 +343,30 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     col_lse_arg = col_lse if has_col else row_lse
     col_grad_arg = col_grad if has_col else row_grad
     row_ids_arg, col_ids_arg = (row_ids, col_ids) if has_ids else (alpha, beta)
+    pointers, filter_flags = _filter_args(q, alpha, M, **lse_filter)
     with _device_context(q):
         if need_dq:  # outer = q (row terms), inner = keys (column terms)
             _launch_bwd(N, D, launches, (
                 q, keys, dq, alpha, beta, row_ids_arg, col_ids_arg, row_lse, row_grad, col_lse_arg,
                 col_grad_arg, _grad_scale(gmax * beta.abs().amax()),
-                N, M, D, q.stride(0), keys.stride(0), dq.stride(0), int(diag_offset),
-            ), dict(HAS_LSE_X=True, HAS_LSE_Y=has_col, **flags))
+                N, M, D, q.stride(0), keys.stride(0), dq.stride(0), int(diag_offset), *pointers,
+            ), dict(HAS_LSE_X=True, HAS_LSE_Y=has_col, **flags, **filter_flags))
         if need_dkeys:  # outer = keys (column terms), inner = q (row terms); mask i == j - offset
             _launch_bwd(M, D, launches, (
                 keys, q, dkeys, beta, alpha, col_ids_arg, row_ids_arg, col_lse_arg, col_grad_arg,
                 row_lse, row_grad, _grad_scale(gmax * alpha.abs().amax()),
-                M, N, D, keys.stride(0), q.stride(0), dkeys.stride(0), -int(diag_offset),
-            ), dict(HAS_LSE_X=has_col, HAS_LSE_Y=True, **flags))
+                M, N, D, keys.stride(0), q.stride(0), dkeys.stride(0), -int(diag_offset), *pointers,
+            ), dict(HAS_LSE_X=has_col, HAS_LSE_Y=True, **flags, **filter_flags,
+                    **(dict(FILTER_ON_X=False) if filter_flags else {})))
     return dq, dkeys
+
+
+def masked_lse_dropped(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
+                       col_ids=None, blocks=None, **lse_filter):
+    """int64 (N,): the candidates of each row that the false-negative filter drops (the forward
+    kernel with COUNT; its lse is discarded)."""
+    dropped = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+    masked_lse_forward(q, keys, alpha, beta, exclude_diag=exclude_diag, diag_offset=diag_offset,
+                       row_ids=row_ids, col_ids=col_ids, blocks=blocks, dropped=dropped,
+                       **lse_filter)
+    return dropped.long()

@@ -63,7 +63,7 @@ inline std::vector<GridTile> grid_tiles(int64_t n, int64_t m, int64_t block_rows
 // Calls fn(tile, pc, scores, slot) for every tile of R queries by C keys as a task (tasks.h; the
 // tiles of a block and of a chunk chained in grid order): pc the Problem of the queries against
 // the tile's keys (KeyChunk: key j is key c0 + j; query indices global), scores (c1 - c0, rows) =
-// keys[c0:c1] @ q[r0:r0+rows]^T with the id-masked entries at -inf, in the buffer of the calling
+// keys[c0:c1] @ q[r0:r0+rows]^T with the id-masked (and filtered) entries at -inf, in the buffer of the calling
 // thread (slot).
 template <typename T, typename Fn>
 void for_each_grid_tile(const Problem<T>& p, const at::Tensor& beta, const Mask& mask,
@@ -83,7 +83,7 @@ void for_each_grid_tile(const Problem<T>& p, const at::Tensor& beta, const Mask&
     const Problem<T> pc(p.q, part.keys, p.alpha_tensor, part.beta, part.mask, false, block_rows);
     at::Tensor scores = buffer.narrow(0, 0, (g.c1 - g.c0) * g.rows).view({g.c1 - g.c0, g.rows});
     at::mm_out(scores, part.keys, p.q.narrow(0, g.r0, g.rows).t());
-    if (pc.row_ids) pc.mask_equal_ids(g.r0, g.rows, scores);
+    pc.mask_tile(g.r0, g.rows, scores);
     fn(g, pc, scores, slot);
   });
 }

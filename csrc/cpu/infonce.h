@@ -21,6 +21,8 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/row_filter.h"
+
 namespace fastcontrast {
 
 // Which entries of the score matrix are excluded. row_ids (N,) and col_ids (M,) are int64 and given
@@ -31,6 +33,7 @@ struct Mask {
   int64_t diag_offset = 0;
   std::optional<at::Tensor> row_ids;
   std::optional<at::Tensor> col_ids;
+  std::optional<RowFilter> filter;  // false-negative filter (row_filter.h), or none
 };
 
 // Returns (row_lse (N,), col_lse (M,) or nullopt): log-sum-exp of each row / column over its
@@ -55,6 +58,11 @@ masked_lse_forward_with_grad(const at::Tensor& q, const at::Tensor& keys, const 
                              const at::Tensor& beta, const at::Tensor& row_grad, const Mask& mask,
                              const std::optional<at::Tensor>& extra_lse,
                              bool need_dq, bool need_dkeys, int64_t block_rows);
+
+// The number of candidates of each query that mask.filter drops (int64 (N,)): the tiles of the
+// forward pass with the filter and no exps (false_negatives.cpp).
+at::Tensor masked_lse_dropped(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
+                              const at::Tensor& beta, const Mask& mask, int64_t block_rows);
 
 // The block plan of masked_lse_forward_with_grad (with gradients, default block size) for an
 // N x M x D problem of elements of elem_size bytes on at::get_num_threads() threads: rows per

@@ -104,7 +104,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
     if (!tiles[slot].defined()) tiles[slot] = at::empty({p.m * block_rows}, p.q.options());
     at::Tensor tile = tiles[slot].narrow(0, 0, p.m * rows).view({p.m, rows});
     at::mm_out(tile, p.keys, p.q.narrow(0, r0, rows).t());
-    if (p.row_ids) p.mask_equal_ids(r0, rows, tile);
+    p.mask_tile(r0, rows, tile);
     const T* a = p.alpha + r0;
     T* base = tile.data_ptr<T>();
     std::vector<T> shift(rows, -kInf<T>);

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/false_negatives.h"
 #include "cpu/fast_exp.h"
 #include "cpu/infonce.h"
 #include "cpu/lse_math.h"
@@ -60,6 +61,7 @@ struct Problem {
   int64_t diag_offset;
   const int64_t* row_ids;  // nullptr, or (N,): entry (i, j) masked where row_ids_i == col_ids_j >= 0
   const int64_t* col_ids;
+  const RowFilter* filter;  // nullptr, or the false-negative filter (false_negatives.h)
   int64_t block_rows;
 
   Problem(const at::Tensor& q_, const at::Tensor& keys_, const at::Tensor& alpha_,
@@ -69,6 +71,7 @@ struct Problem {
         exclude_diag(mask.exclude_diag), diag_offset(mask.diag_offset),
         row_ids(mask.row_ids ? mask.row_ids->data_ptr<int64_t>() : nullptr),
         col_ids(mask.col_ids ? mask.col_ids->data_ptr<int64_t>() : nullptr),
+        filter(mask.filter ? &*mask.filter : nullptr),
         block_rows(choose_block_rows(n, m, d, sizeof(T), large_tile, requested)) {}
 
   // The query (index within the block r0 .. r0 + rows) masked in tile row j, or rows if none:
@@ -87,9 +90,16 @@ struct Problem {
       const int64_t rows = std::min(block_rows, n - r0);
       at::Tensor tile = buffer.narrow(0, 0, m * rows).view({m, rows});
       at::mm_out(tile, keys, q.narrow(0, r0, rows).t());
-      if (row_ids) mask_equal_ids(r0, rows, tile);
+      mask_tile(r0, rows, tile);
       fn(r0, rows, tile);
     }
+  }
+
+  // The masks written into a raw tile right after its GEMM: equal ids, then the false-negative
+  // filter (after the ids, so that it neither counts nor restores an id-masked entry).
+  void mask_tile(int64_t r0, int64_t rows, at::Tensor& tile) const {
+    if (row_ids) mask_equal_ids(r0, rows, tile);
+    if (filter) filter_tile<T>(*filter, r0, rows, tile, alpha, beta);
   }
 
   // Sets tile entries (j, i) with row_ids[r0 + i] == col_ids[j] >= 0 to `value`: -inf after the
@@ -254,10 +264,11 @@ struct KeyChunk {
       : keys(keys_.narrow(0, c0, c1 - c0)), beta(beta_.narrow(0, c0, c1 - c0)),
         mask{m.exclude_diag, m.diag_offset - c0, m.row_ids, std::nullopt} {
     if (m.col_ids) mask.col_ids = m.col_ids->narrow(0, c0, c1 - c0);
+    if (m.filter) mask.filter = m.filter->narrowed(c0, c1);
   }
 };
 
-// Masking by ids writes -inf into the raw products, which the passes then scale by alpha_i beta_j:
+// Masking by ids (and the false-negative filter) writes -inf into the raw products, which the passes then scale by alpha_i beta_j:
 // a scale that is NaN, 0 or infinite (non-finite inputs under normalisation) would make a masked
 // entry NaN. Such calls, and only those, run on the scaled operands alpha q, beta keys with unit
 // scales, and the gradients are scaled back (dq = alpha dq', dkeys = beta dkeys': exact).
@@ -274,7 +285,7 @@ inline Operands fold_scales(const at::Tensor& q, const at::Tensor& keys, const a
       return std::all_of(v, v + s.numel(), [](scalar_t x) { return x > 0 && std::isfinite(x); });
     });
   };
-  if (!mask.row_ids || (usable(alpha) && usable(beta))) return {q, keys, alpha, beta, false};
+  if ((!mask.row_ids && !mask.filter) || (usable(alpha) && usable(beta))) return {q, keys, alpha, beta, false};
   return {q * alpha.unsqueeze(1), keys * beta.unsqueeze(1), at::ones_like(alpha),
           at::ones_like(beta), true};
 }

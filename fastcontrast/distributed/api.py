@@ -41,12 +41,25 @@ def _no_labels_yet(name, *labels):
                                   f"multiple positives yet; use fastcontrast.{name}")
 
 
+def _no_filter_yet(name, false_negative_margin, guide, guide_margin, guide_margin_strategy,
+                   return_dropped):
+    """False-negative filtering is single-process only for now: refused before any
+    communication (every rank makes the same call, so every rank raises)."""
+    if (false_negative_margin is not None or guide is not None or guide_margin != 0
+            or guide_margin_strategy != "absolute" or return_dropped):
+        raise NotImplementedError(
+            f"fastcontrast.distributed.{name} does not take false_negative_margin / guide / "
+            f"return_dropped (false-negative filtering) yet; use fastcontrast.{name}")
+
+
 @output_dtype_policy
 def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, targets=None,
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
              negative_ids=None, label_smoothing=0.0, query_labels=None, key_labels=None,
-             backend="auto", mode="gather", group=None):
+             false_negative_margin=None, guide=None, guide_margin=0.0,
+             guide_margin_strategy="absolute", return_dropped=False, backend="auto",
+             mode="gather", group=None):
     """InfoNCE over the keys of every rank of ``group`` (fastcontrast.info_nce on the
     concatenated batch; see fastcontrast.distributed for the convention).
 
@@ -63,8 +76,10 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     bank: an entry of any rank's bank whose id equals the query's is not a candidate.
     ``label_smoothing`` as single-process, over the candidates of every rank.
     ``query_labels`` / ``key_labels`` (multiple positives) are not supported across ranks yet:
-    NotImplementedError."""
+    NotImplementedError; so is false-negative filtering (false_negative_margin, guide, ...)."""
     _no_labels_yet("info_nce", query_labels, key_labels)
+    _no_filter_yet("info_nce", false_negative_margin, guide, guide_margin, guide_margin_strategy,
+                   return_dropped)
     with refusal(group, "info_nce", query):
         tau = args.info_nce_args(
             query, key, negatives, temperature=temperature, normalize=normalize,
@@ -86,13 +101,18 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
 
 @output_dtype_policy
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", label_smoothing=0.0,
-              labels=None, backend="auto", mode="gather", group=None):
+              labels=None, false_negative_margin=None, guide=None, guide_margin=0.0,
+              guide_margin_strategy="absolute", return_dropped=False, backend="auto",
+              mode="gather", group=None):
     """OpenCLIP's ClipLoss over the texts and images of every rank (symmetric: one pass gives
     the row and the column log-sum-exps). ``logit_scale`` is never all-reduced (DDP averages
     its gradient); ``logit_bias`` cancels and gets a zero gradient, as single-process.
     ``label_smoothing`` as single-process; ``labels`` (multiple positives) are not supported
-    across ranks yet: NotImplementedError."""
+    across ranks yet: NotImplementedError, as false-negative filtering (false_negative_margin,
+    guide, ...)."""
     _no_labels_yet("clip_loss", labels)
+    _no_filter_yet("clip_loss", false_negative_margin, guide, guide_margin, guide_margin_strategy,
+                   return_dropped)
     with refusal(group, "clip_loss", image):
         scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction,
                                     label_smoothing)
@@ -219,12 +239,17 @@ def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", backe
 @output_dtype_policy
 def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction="mean",
               query_index=None, decoupled=False, hcl_beta=0.0, hcl_tau_plus=0.0,
-              label_smoothing=0.0, backend="auto", mode="gather", group=None):
+              label_smoothing=0.0, false_negative_margin=None, guide=None, guide_margin=0.0,
+              guide_margin_strategy="absolute", return_dropped=False, backend="auto",
+              mode="gather", group=None):
     """MoCo's loss: the positive is the rank's own key, the negatives the queue, which every
     rank holds identically (keep it so with enqueue_all), so nothing but the batch sizes is
     communicated (``mode`` is accepted for symmetry). The returned loss follows the group
     convention; DCL / HCL options and ``query_index`` as single-process (with query_index and
-    DCL / HCL, "mean" is over the rows of all ranks that kept a negative)."""
+    DCL / HCL, "mean" is over the rows of all ranks that kept a negative). False-negative
+    filtering (false_negative_margin, guide, ...) is single-process only: NotImplementedError."""
+    _no_filter_yet("moco_loss", false_negative_margin, guide, guide_margin, guide_margin_strategy,
+                   return_dropped)
     with refusal(group, "moco_loss", query):
         check.check_choice("mode", mode, MODES)
         bank, bank_ids = args.unwrap_queue(queue, query_index)

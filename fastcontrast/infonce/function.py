@@ -68,10 +68,17 @@ def non_negative(loss, single_candidate):
     return loss * 0 if single_candidate else loss.clamp_min(0)
 
 
-def _forward_pass(fused_pass, needs, inputs, gram):
+def _filter_of(false_negatives, operands, fused_pass, positive, targets):
+    """The kernel ops' filter keywords (false_negatives.py; none without a filter)."""
+    if false_negatives is None:
+        return {}
+    return false_negatives.kernel_filter(operands, fused_pass, positive, targets)._asdict()
+
+
+def _forward_pass(fused_pass, needs, inputs, gram, false_negatives=None):
     """(loss (reduced, in the accumulation dtype), row_lse, col_lse or None, InputGradients
     formed in the forward pass or None); ``gram``: the product is the symmetric Gram matrix of
-    the queries (FusedPass.uses_gram)."""
+    the queries (FusedPass.uses_gram); ``false_negatives``: the filter (false_negatives.py)."""
     key = inputs.query if inputs.key is None else inputs.key
     operands = prepare(fused_pass, inputs.query, key, inputs.bank, inputs.per_query,
                        inputs.scale, gram=gram)
@@ -79,7 +86,8 @@ def _forward_pass(fused_pass, needs, inputs, gram):
     positive = positive_scores(operands, inputs.targets) if fused_pass.uses_positive else None
     extra = extra_scores(operands, fused_pass, positive)
     extra_lse = None if extra is None else torch.logsumexp(extra, dim=1)
-    masks = dict(row_ids=product.row_ids, col_ids=product.col_ids, backend=fused_pass.backend)
+    masks = dict(row_ids=product.row_ids, col_ids=product.col_ids, backend=fused_pass.backend,
+                 **_filter_of(false_negatives, operands, fused_pass, positive, inputs.targets))
     col_lse = None
     fused_gradients = None
     if gram:
@@ -123,27 +131,30 @@ def _forward_pass(fused_pass, needs, inputs, gram):
 class FusedInfoNCE(torch.autograd.Function):
     """InfoNCE (docs/design.md section 1) on the masked-LSE kernel ops.
 
-    apply(*FusedInputs, fused_pass, needs) -> (loss, row_lse, col_lse, *fused gradients); only
+    apply(*FusedInputs, fused_pass, needs, false_negatives) -> (loss, row_lse, col_lse,
+    *fused gradients); only
     the loss is differentiable. With row_weights and reduction "sum" the loss is
     sum_i w_i loss_i (the gradient is still formed in the forward pass, e.g. SupCon's mean over
     the anchors that have a positive). Call it through fused_loss."""
 
     @staticmethod
     def forward(query, key, bank, per_query, scale, targets, query_ids, bank_ids, row_weights,
-                fused_pass, needs):
+                fused_pass, needs, false_negatives=None):
         inputs = FusedInputs(query, key, bank, per_query, scale, targets, query_ids, bank_ids,
                              row_weights)
         with serial_host_ops(fused_pass.backend):
             loss, row_lse, col_lse, fused = _forward_pass(fused_pass, needs, inputs,
-                                                          inputs.uses_gram(fused_pass))
+                                                          inputs.uses_gram(fused_pass),
+                                                          false_negatives)
         fused = [None] * 5 if fused is None else fused
         return (loss, row_lse, or_empty(col_lse, loss), *[or_empty(t, loss) for t in fused])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        inputs, (fused_pass, needs) = FusedInputs(*inputs[:9]), inputs[9:]
+        inputs, (fused_pass, needs, *rest) = FusedInputs(*inputs[:9]), inputs[9:]
         _, row_lse, col_lse, *fused = output
         ctx.fused_pass, ctx.needs = fused_pass, needs
+        ctx.false_negatives = rest[0] if rest else None  # no gradient: the guide is detached
         ctx.gram = inputs.uses_gram(fused_pass)
         has_product = fused_pass.in_batch_negatives or inputs.bank is not None
         ctx.fused = not ctx.gram and fused_pass.fuses_gradient(needs, has_product)
@@ -160,13 +171,13 @@ class FusedInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, *_):
         if grad_output is None:  # no gradient reached the loss (set_materialize_grads(False))
-            return (None,) * 11
+            return (None,) * 12
         saved = ctx.saved_tensors  # checks the version counters: in-place edits raise here
         with torch.no_grad(), serial_host_ops(ctx.fused_pass.backend):
             grads = FusedInfoNCE._input_gradients(ctx, grad_output, saved)
             grads = cast_gradients(grads, ctx.dtypes)
         grads = first_order_only(grads, ctx.fused_pass.backend)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
     @staticmethod
     def _input_gradients(ctx, grad_output, saved):
@@ -184,16 +195,19 @@ class FusedInfoNCE(torch.autograd.Function):
                                  inputs.bank_ids)
             g = reduction_weights(fused_pass.reduction, inputs.query.shape[0], grad_output,
                                   operands.alpha.dtype, inputs.row_weights).contiguous()
-            # The backward needs s_{i,t_i} only where it is a candidate outside the product.
+            # The backward needs s_{i,t_i} only where it is a candidate outside the product, or
+            # for the false-negative filter's thresholds (recomputed: the same bits).
             positive = (positive_scores(operands, inputs.targets)
-                        if fused_pass.positive_in_extra else None)
+                        if fused_pass.positive_in_extra or ctx.false_negatives else None)
             terms = dict(targets=inputs.targets, positive=positive, row_lse=row_lse, g=g,
                          needs=needs)
             if ctx.gram:
                 grads = gram_input_gradients(fused_pass, operands, product, **terms)
             else:
+                lse_filter = _filter_of(ctx.false_negatives, operands, fused_pass, positive,
+                                        inputs.targets)
                 grads = input_gradients(fused_pass, operands, product,
-                                        col_lse=_present(col_lse), **terms)
+                                        col_lse=_present(col_lse), lse_filter=lse_filter, **terms)
         if shared_key:  # one tensor in both roles: its gradient is the sum of both
             dquery, dkey = grads.query, grads.key
             merged = dkey if dquery is None else dquery if dkey is None else dquery + dkey
@@ -202,8 +216,9 @@ class FusedInfoNCE(torch.autograd.Function):
 
 
 def fused_loss(fused_pass, query, key, *, scale, bank=None, per_query=None, targets=None,
-               query_ids=None, bank_ids=None, row_weights=None):
-    """The loss of one fused pass (FusedInfoNCE) over FusedInputs given by keyword."""
+               query_ids=None, bank_ids=None, row_weights=None, false_negatives=None):
+    """The loss of one fused pass (FusedInfoNCE) over FusedInputs given by keyword;
+    ``false_negatives``: a false_negatives.FalseNegatives filter (one direction, no gram)."""
     needs = Needs(*requires_grad(query, key, bank, per_query, scale))
     # One tensor in the roles of query and key (NT-Xent's views, SupCon) goes in once: as two
     # inputs of one autograd.Function it would break the graph under torch.compile.
@@ -211,7 +226,7 @@ def fused_loss(fused_pass, query, key, *, scale, bank=None, per_query=None, targ
     inputs = FusedInputs(query=query, key=key, bank=bank, per_query=per_query, scale=scale,
                          targets=targets, query_ids=query_ids, bank_ids=bank_ids,
                          row_weights=row_weights)
-    return FusedInfoNCE.apply(*inputs, fused_pass, needs)[0]
+    return FusedInfoNCE.apply(*inputs, fused_pass, needs, false_negatives)[0]
 
 
 def upcast_inputs(fused_pass, *tensors):

@@ -78,7 +78,7 @@ def add_positive_gradients(fused_pass, operands, targets, positive, row_lse, g, 
 
 
 def _product_gradients(fused_pass, operands, product, row_lse, col_lse, g, want_dquery,
-                       want_dkeys):
+                       want_dkeys, lse_filter):
     """(dquery, dkeys) of the product's log-sum-exp from masked_lse_backward (None without a
     product): the row term with weights g, and for a symmetric loss half of each direction."""
     if product.keys is None:
@@ -90,20 +90,22 @@ def _product_gradients(fused_pass, operands, product, row_lse, col_lse, g, want_
         col_lse=col_lse if symmetric else None, col_grad=row_grad if symmetric else None,
         row_ids=product.row_ids, col_ids=product.col_ids,
         exclude_diag=fused_pass.excludes_diagonal, diag_offset=0, need_dq=want_dquery,
-        need_dkeys=want_dkeys, backend=fused_pass.backend)
+        need_dkeys=want_dkeys, backend=fused_pass.backend, **lse_filter)
 
 
 def input_gradients(fused_pass, operands, product, *, targets, positive, row_lse, col_lse, g,
-                    needs, kernel_gradients=None):
+                    needs, kernel_gradients=None, lse_filter=None):
     """InputGradients for per-row weights g (N,). ``positive`` = s_{i,t_i} (where the loss uses
     it); ``kernel_gradients`` = (dquery, dkeys) the backend already formed in the forward pass,
-    or None to run masked_lse_backward now."""
+    or None to run masked_lse_backward now; ``lse_filter``: the false-negative filter's op
+    keywords (none: no filter)."""
     acc = operands.alpha.dtype
     device = operands.query.device
     want_dquery = needs.query or needs.scale
     if kernel_gradients is None:
         kernel_gradients = _product_gradients(fused_pass, operands, product, row_lse, col_lse,
-                                              g, want_dquery, needs.key or needs.bank)
+                                              g, want_dquery, needs.key or needs.bank,
+                                              lse_filter or {})
     dquery, dkeys = kernel_gradients
     if want_dquery and dquery is None:
         dquery = torch.zeros(operands.query.shape, dtype=acc, device=device)

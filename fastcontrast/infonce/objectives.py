@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .._host import accumulate_dtype, reduce_loss
 from .function import fused_loss, upcast_inputs
 from .fused_pass import FusedPass
+from .false_negatives import filtered_loss
 from .label_smoothing import smoothing_gap
 from .multi_positive import multi_positive_loss
 
@@ -105,12 +106,18 @@ def negative_counts(options, n, m, bank, per_query, query_ids, bank_ids, device)
 
 
 def info_nce_loss(options, query, key, *, scale, bank=None, per_query=None, targets=None,
-                  query_ids=None, bank_ids=None, query_labels=None, key_labels=None):
+                  query_ids=None, bank_ids=None, query_labels=None, key_labels=None,
+                  false_negatives=None, return_dropped=False):
     """InfoNCE with the objective of ``options`` (plain, label-smoothed, multi-positive, DCL,
     DCLW, HCL), reduced as options.reduction, in the accumulation dtype (float32 for half
     inputs: the public function casts it). bank (K, D) / per_query (N, K, D) negatives;
     scale = 1/temperature. query_labels (N,) / key_labels (M,): multiple positives
-    (multi_positive.py)."""
+    (multi_positive.py). ``false_negatives``: a false_negatives.FalseNegatives filter (plain
+    InfoNCE only), ``return_dropped``: (loss, dropped counts) (false_negatives.filtered_loss)."""
+    if false_negatives is not None:
+        return filtered_loss(_loss_pass(options), false_negatives, query, key, scale=scale,
+                             bank=bank, targets=targets, query_ids=query_ids, bank_ids=bank_ids,
+                             return_dropped=return_dropped)
     if query_labels is not None:
         return multi_positive_loss(options, query, key, scale=scale, query_labels=query_labels,
                                    key_labels=key_labels, bank=bank, per_query=per_query,

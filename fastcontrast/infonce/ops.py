@@ -11,6 +11,10 @@ family reduces to the masked log-sum-exp of a scaled product and its gradient:
                                      dkeys_j = beta_j sum_i dS_ij alpha_i query_i
     masked_lse_forward_with_grad  -> both in one pass, no recompute (backends that fuse it)
 
+Optional false-negative filter (fastcontrast/infonce/false_negatives.py), in every full-product
+op: candidate (i, j) is dropped, as if masked, iff j != positive_col_i and s_ij > threshold_i or
+<guide_q_i, guide_keys_j> > guide_threshold_i; masked_lse_dropped counts them per row.
+
 The per-device kernel runs the implementation of the backend named in the call
 (fastcontrast.backends.kernels): kernels/infonce.py (triton), csrc/cpu/infonce.cpp (cpu),
 fastcontrast/_torch_chunked.py (torch). Absent optional outputs are empty (0-element) tensors.
@@ -38,30 +42,46 @@ from .._config import settings
 from .._host import or_empty
 
 __all__ = ["masked_lse_forward", "masked_lse_backward", "masked_lse_forward_with_grad",
-           "gram_lse_forward", "gram_lse_backward"]
+           "masked_lse_dropped", "gram_lse_forward", "gram_lse_backward"]
 
 
 def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _filter(threshold, positive_col, guide_q, guide_keys, guide_threshold):
+    """The filter's keyword arguments of a kernel call: none without a filter (so a kernel module
+    without filter support is called as before)."""
+    given = dict(threshold=threshold, positive_col=positive_col, guide_q=guide_q,
+                 guide_keys=guide_keys, guide_threshold=guide_threshold)
+    if all(t is None for t in given.values()):
+        return {}
+    return dict(zip(given, _contiguous(*given.values())))
+
+
 @torch.library.custom_op("fastcontrast::masked_lse_forward", mutates_args=(),
                          device_types=("cpu", "cuda"))
 def masked_lse_forward(query: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor,
                        row_ids: Optional[Tensor], col_ids: Optional[Tensor], exclude_diag: bool,
-                       diag_offset: int, with_col_lse: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                       diag_offset: int, with_col_lse: bool, backend: str,
+                       threshold: Optional[Tensor] = None,
+                       positive_col: Optional[Tensor] = None, guide_q: Optional[Tensor] = None,
+                       guide_keys: Optional[Tensor] = None,
+                       guide_threshold: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(row_lse (N,), col_lse (M,), or (0,) without ``with_col_lse``); -inf where no entry."""
     query, keys, alpha, beta, row_ids, col_ids = _contiguous(query, keys, alpha, beta, row_ids,
                                                              col_ids)
     row_lse, col_lse = backends.kernels("infonce", backend).masked_lse_forward(
         query, keys, alpha, beta, exclude_diag=exclude_diag, diag_offset=diag_offset,
-        row_ids=row_ids, col_ids=col_ids, with_col_lse=with_col_lse)
+        row_ids=row_ids, col_ids=col_ids, with_col_lse=with_col_lse,
+        **_filter(threshold, positive_col, guide_q, guide_keys, guide_threshold))
     return row_lse, or_empty(col_lse, row_lse)
 
 
 @masked_lse_forward.register_fake
 def _forward_fake(query, keys, alpha, beta, row_ids, col_ids, exclude_diag, diag_offset,
-                  with_col_lse, backend):
+                  with_col_lse, backend, threshold=None, positive_col=None, guide_q=None,
+                  guide_keys=None, guide_threshold=None):
     dtype = backends.PROPERTIES[backend].output_dtype(query.dtype)
     return (query.new_empty(query.shape[0], dtype=dtype),
             query.new_empty(keys.shape[0] if with_col_lse else 0, dtype=dtype))
@@ -73,7 +93,10 @@ def masked_lse_backward(query: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor
                         row_grad: Tensor, col_lse: Optional[Tensor], col_grad: Optional[Tensor],
                         row_ids: Optional[Tensor], col_ids: Optional[Tensor], exclude_diag: bool,
                         diag_offset: int, need_dq: bool, need_dkeys: bool,
-                        backend: str) -> Tuple[Tensor, Tensor]:
+                        backend: str, threshold: Optional[Tensor] = None,
+                        positive_col: Optional[Tensor] = None, guide_q: Optional[Tensor] = None,
+                        guide_keys: Optional[Tensor] = None,
+                        guide_threshold: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(dq (N, D), dkeys (M, D)), each (0,) when not needed; recomputes the score tiles."""
     args = _contiguous(query, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, row_ids,
                        col_ids)
@@ -81,7 +104,8 @@ def masked_lse_backward(query: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor
     dq, dkeys = backends.kernels("infonce", backend).masked_lse_backward(
         query, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, exclude_diag=exclude_diag,
         diag_offset=diag_offset, row_ids=row_ids, col_ids=col_ids, need_dq=need_dq,
-        need_dkeys=need_dkeys)
+        need_dkeys=need_dkeys, **_filter(threshold, positive_col, guide_q, guide_keys,
+                                         guide_threshold))
     return or_empty(dq, row_lse), or_empty(dkeys, row_lse)
 
 
@@ -93,7 +117,8 @@ def _fake_gradients(query, keys, need_dq, need_dkeys, backend):
 
 @masked_lse_backward.register_fake
 def _backward_fake(query, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, row_ids, col_ids,
-                   exclude_diag, diag_offset, need_dq, need_dkeys, backend):
+                   exclude_diag, diag_offset, need_dq, need_dkeys, backend, threshold=None,
+                   positive_col=None, guide_q=None, guide_keys=None, guide_threshold=None):
     return _fake_gradients(query, keys, need_dq, need_dkeys, backend)
 
 
@@ -103,7 +128,13 @@ def masked_lse_forward_with_grad(query: Tensor, keys: Tensor, alpha: Tensor, bet
                                  row_grad: Tensor, row_ids: Optional[Tensor],
                                  col_ids: Optional[Tensor], extra_lse: Optional[Tensor],
                                  exclude_diag: bool, diag_offset: int, need_dq: bool,
-                                 need_dkeys: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                                 need_dkeys: bool, backend: str,
+                                 threshold: Optional[Tensor] = None,
+                                 positive_col: Optional[Tensor] = None,
+                                 guide_q: Optional[Tensor] = None,
+                                 guide_keys: Optional[Tensor] = None,
+                                 guide_threshold: Optional[Tensor] = None
+                                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(row_lse, dq, dkeys) in one pass over the scores: row_lse = logaddexp(this product's lse,
     extra_lse); dq / dkeys those of masked_lse_backward with that row_lse, no column term."""
     args = _contiguous(query, keys, alpha, beta, row_grad, row_ids, col_ids, extra_lse)
@@ -111,16 +142,42 @@ def masked_lse_forward_with_grad(query: Tensor, keys: Tensor, alpha: Tensor, bet
     row_lse, dq, dkeys = backends.kernels("infonce", backend).masked_lse_forward_with_grad(
         query, keys, alpha, beta, row_grad, exclude_diag=exclude_diag, diag_offset=diag_offset,
         row_ids=row_ids, col_ids=col_ids, extra_lse=extra_lse, need_dq=need_dq,
-        need_dkeys=need_dkeys)
+        need_dkeys=need_dkeys, **_filter(threshold, positive_col, guide_q, guide_keys,
+                                         guide_threshold))
     return row_lse, or_empty(dq, row_lse), or_empty(dkeys, row_lse)
 
 
 @masked_lse_forward_with_grad.register_fake
 def _forward_with_grad_fake(query, keys, alpha, beta, row_grad, row_ids, col_ids, extra_lse,
-                            exclude_diag, diag_offset, need_dq, need_dkeys, backend):
+                            exclude_diag, diag_offset, need_dq, need_dkeys, backend,
+                            threshold=None, positive_col=None, guide_q=None, guide_keys=None,
+                            guide_threshold=None):
     dtype = backends.PROPERTIES[backend].output_dtype(query.dtype)
     return (query.new_empty(query.shape[0], dtype=dtype),
             *_fake_gradients(query, keys, need_dq, need_dkeys, backend))
+
+
+@torch.library.custom_op("fastcontrast::masked_lse_dropped", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def masked_lse_dropped(query: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor,
+                       row_ids: Optional[Tensor], col_ids: Optional[Tensor], exclude_diag: bool,
+                       diag_offset: int, backend: str, threshold: Optional[Tensor],
+                       positive_col: Optional[Tensor], guide_q: Optional[Tensor],
+                       guide_keys: Optional[Tensor], guide_threshold: Optional[Tensor]) -> Tensor:
+    """int64 (N,): the candidates of each row that the false-negative filter drops (the tiles
+    of the forward pass, without exps)."""
+    query, keys, alpha, beta, row_ids, col_ids = _contiguous(query, keys, alpha, beta, row_ids,
+                                                             col_ids)
+    return backends.kernels("infonce", backend).masked_lse_dropped(
+        query, keys, alpha, beta, exclude_diag=exclude_diag, diag_offset=diag_offset,
+        row_ids=row_ids, col_ids=col_ids,
+        **_filter(threshold, positive_col, guide_q, guide_keys, guide_threshold))
+
+
+@masked_lse_dropped.register_fake
+def _dropped_fake(query, keys, alpha, beta, row_ids, col_ids, exclude_diag, diag_offset, backend,
+                  threshold, positive_col, guide_q, guide_keys, guide_threshold):
+    return query.new_empty(query.shape[0], dtype=torch.int64)
 
 
 @torch.library.custom_op("fastcontrast::gram_lse_forward", mutates_args=(),
