@@ -41,6 +41,15 @@ def _no_labels_yet(name, *labels):
                                   f"multiple positives yet; use fastcontrast.{name}")
 
 
+def _no_matryoshka_yet(name, matryoshka_dims, matryoshka_weights):
+    """Matryoshka prefixes are single-process only for now: refused before any communication
+    (every rank makes the same call, so every rank raises)."""
+    if matryoshka_dims is not None or matryoshka_weights is not None:
+        raise NotImplementedError(f"fastcontrast.distributed.{name} does not take "
+                                  f"matryoshka_dims / matryoshka_weights yet; use "
+                                  f"fastcontrast.{name}")
+
+
 def _no_filter_yet(name, false_negative_margin, guide, guide_margin, guide_margin_strategy,
                    return_dropped):
     """False-negative filtering is single-process only for now: refused before any
@@ -57,9 +66,9 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
              in_batch_negatives=True, exclude_self=False, symmetric=False, reduction="mean",
              decoupled=False, dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, query_ids=None,
              negative_ids=None, label_smoothing=0.0, query_labels=None, key_labels=None,
-             false_negative_margin=None, guide=None, guide_margin=0.0,
-             guide_margin_strategy="absolute", return_dropped=False, backend="auto",
-             mode="gather", group=None):
+             matryoshka_dims=None, matryoshka_weights=None, false_negative_margin=None,
+             guide=None, guide_margin=0.0, guide_margin_strategy="absolute",
+             return_dropped=False, backend="auto", mode="gather", group=None):
     """InfoNCE over the keys of every rank of ``group`` (fastcontrast.info_nce on the
     concatenated batch; see fastcontrast.distributed for the convention).
 
@@ -76,8 +85,10 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     bank: an entry of any rank's bank whose id equals the query's is not a candidate.
     ``label_smoothing`` as single-process, over the candidates of every rank.
     ``query_labels`` / ``key_labels`` (multiple positives) are not supported across ranks yet:
-    NotImplementedError; so is false-negative filtering (false_negative_margin, guide, ...)."""
+    NotImplementedError; so are Matryoshka prefixes and false-negative filtering
+    (false_negative_margin, guide, ...)."""
     _no_labels_yet("info_nce", query_labels, key_labels)
+    _no_matryoshka_yet("info_nce", matryoshka_dims, matryoshka_weights)
     _no_filter_yet("info_nce", false_negative_margin, guide, guide_margin, guide_margin_strategy,
                    return_dropped)
     with refusal(group, "info_nce", query):
@@ -101,16 +112,18 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
 
 @output_dtype_policy
 def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", label_smoothing=0.0,
-              labels=None, false_negative_margin=None, guide=None, guide_margin=0.0,
+              labels=None, matryoshka_dims=None, matryoshka_weights=None,
+              false_negative_margin=None, guide=None, guide_margin=0.0,
               guide_margin_strategy="absolute", return_dropped=False, backend="auto",
               mode="gather", group=None):
     """OpenCLIP's ClipLoss over the texts and images of every rank (symmetric: one pass gives
     the row and the column log-sum-exps). ``logit_scale`` is never all-reduced (DDP averages
     its gradient); ``logit_bias`` cancels and gets a zero gradient, as single-process.
     ``label_smoothing`` as single-process; ``labels`` (multiple positives) are not supported
-    across ranks yet: NotImplementedError, as false-negative filtering (false_negative_margin,
-    guide, ...)."""
+    across ranks yet: NotImplementedError, as Matryoshka prefixes and false-negative filtering
+    (false_negative_margin, guide, ...)."""
     _no_labels_yet("clip_loss", labels)
+    _no_matryoshka_yet("clip_loss", matryoshka_dims, matryoshka_weights)
     _no_filter_yet("clip_loss", false_negative_margin, guide, guide_margin, guide_margin_strategy,
                    return_dropped)
     with refusal(group, "clip_loss", image):
@@ -127,13 +140,15 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
 
 @output_dtype_policy
 def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoupled=False,
-            dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0, backend="auto",
-            mode="gather", group=None):
+            dclw_sigma=None, hcl_beta=0.0, hcl_tau_plus=0.0, label_smoothing=0.0,
+            matryoshka_dims=None, matryoshka_weights=None, backend="auto", mode="gather",
+            group=None):
     """SimCLR's NT-Xent over the 2 N_total views of every rank: the positive of view z1_i is
     z2_i (same rank), the negatives every other view of every rank, self excluded (info_nce on
     each rank's views [z1_r; z2_r], targets into the global views). Per-rank batch sizes may
     differ. "none": (2 N_r,), this rank's [z1; z2] rows. DCL / DCLW / HCL options as in
-    info_nce."""
+    info_nce. Matryoshka prefixes are single-process only for now (NotImplementedError)."""
+    _no_matryoshka_yet("nt_xent", matryoshka_dims, matryoshka_weights)
     with refusal(group, "nt_xent", z1):
         tau = args.nt_xent_args(z1, z2, temperature=temperature, normalize=normalize,
                                 reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,

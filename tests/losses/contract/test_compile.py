@@ -14,6 +14,7 @@ import fastcontrast as fc
 from fastcontrast import backends
 
 from .._cases import require_every_loss
+from .test_opcheck_objectives import OBJECTIVE_OPS
 
 BACKENDS = [b for b in ("cpu", "torch") if b in backends.available_backends("cpu")]
 DTYPE = torch.float64  # compiled host code may reorder float ops: compare in float64
@@ -245,6 +246,7 @@ def test_every_registered_op_is_opchecked():
                "siglip_forward", "siglip_backward", "siglip_forward_with_grad",
                "queue_enqueue_", "momentum_lerp_",
                "gram_lse_forward", "gram_lse_backward"}  # tests/kernels/test_gram_kernels.py
+    checked |= OBJECTIVE_OPS  # tests/losses/contract/test_opcheck_objectives.py
     assert checked <= registered
     assert not {n for n in registered - checked if not n.startswith("_") and
                 callable(getattr(torch.ops.fastcontrast, n, None))
