@@ -3,7 +3,8 @@
 # what their image has (Python 3.12, torch 2.11.0 CUDA 13 build, Triton 3.6.0, pytest,
 # pytest-benchmark, numpy, ninja, pybind11, hypothesis, rich, setuptools, wheel) and fastcontrast
 # (editable, without the C++ extension), then runs there everything that needs no GPU:
-#   1. the Triton kernels in Triton's interpreter (the kernel, loss and MoCo tests that use them);
+#   1. the Triton kernels in Triton's interpreter (the kernel, loss, objective and MoCo tests that
+#      use them);
 #   2. the sm_90 compile checks (every launch variant compiled by Triton 3.6 and its ptxas, with
 #      the register-spill and shared-memory checks; the CUDA sources where nvcc is found);
 #   3. benchmarks/gpu_check.sh's CPU dry run (GPU_CHECK_DEVICE=cpu).
@@ -83,6 +84,8 @@ step "Triton interpreter tests" "${PYTEST[@]}" \
   tests/kernels/test_nonfinite_kernels.py tests/kernels/test_masked_lse_contract.py \
   tests/kernels/test_kernel_id_masks.py tests/losses/test_siglip.py \
   tests/moco/test_momentum.py tests/moco/test_queue.py
+step "Triton interpreter tests: the fused objectives" "${PYTEST[@]}" -m "not slow" -k triton \
+  tests/objectives
 step "sm_90 compile checks" "${PYTEST[@]}" -rs \
   tests/kernels/test_triton_compile.py tests/kernels/test_triton_gram_compile.py \
   tests/kernels/test_cuda_sources.py
