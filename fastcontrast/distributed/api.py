@@ -33,32 +33,25 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_lo
            "enqueue_all", "MODES"]
 
 
-def _no_labels_yet(name, *labels):
-    """The multiple-positive labels are single-process only for now: refused before any
+# Options the distributed losses do not take yet (what the refusal names).
+_LABELS = "labels for multiple positives"
+_MATRYOSHKA = "matryoshka_dims / matryoshka_weights"
+_FILTER = "false_negative_margin / guide / return_dropped (false-negative filtering)"
+
+
+def _single_process_only(name, feature, used):
+    """``feature`` is single-process only for now: refused, when ``used``, before any
     communication (every rank makes the same call, so every rank raises)."""
-    if any(t is not None for t in labels):
-        raise NotImplementedError(f"fastcontrast.distributed.{name} does not take labels for "
-                                  f"multiple positives yet; use fastcontrast.{name}")
+    if used:
+        raise NotImplementedError(f"fastcontrast.distributed.{name} does not take {feature} "
+                                  f"yet; use fastcontrast.{name}")
 
 
-def _no_matryoshka_yet(name, matryoshka_dims, matryoshka_weights):
-    """Matryoshka prefixes are single-process only for now: refused before any communication
-    (every rank makes the same call, so every rank raises)."""
-    if matryoshka_dims is not None or matryoshka_weights is not None:
-        raise NotImplementedError(f"fastcontrast.distributed.{name} does not take "
-                                  f"matryoshka_dims / matryoshka_weights yet; use "
-                                  f"fastcontrast.{name}")
-
-
-def _no_filter_yet(name, false_negative_margin, guide, guide_margin, guide_margin_strategy,
-                   return_dropped):
-    """False-negative filtering is single-process only for now: refused before any
-    communication (every rank makes the same call, so every rank raises)."""
-    if (false_negative_margin is not None or guide is not None or guide_margin != 0
-            or guide_margin_strategy != "absolute" or return_dropped):
-        raise NotImplementedError(
-            f"fastcontrast.distributed.{name} does not take false_negative_margin / guide / "
-            f"return_dropped (false-negative filtering) yet; use fastcontrast.{name}")
+def _filtering(false_negative_margin, guide, guide_margin, guide_margin_strategy,
+               return_dropped):
+    """Whether any false-negative filtering option differs from its default."""
+    return (false_negative_margin is not None or guide is not None or guide_margin != 0
+            or guide_margin_strategy != "absolute" or return_dropped)
 
 
 @output_dtype_policy
@@ -87,10 +80,11 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     ``query_labels`` / ``key_labels`` (multiple positives) are not supported across ranks yet:
     NotImplementedError; so are Matryoshka prefixes and false-negative filtering
     (false_negative_margin, guide, ...)."""
-    _no_labels_yet("info_nce", query_labels, key_labels)
-    _no_matryoshka_yet("info_nce", matryoshka_dims, matryoshka_weights)
-    _no_filter_yet("info_nce", false_negative_margin, guide, guide_margin, guide_margin_strategy,
-                   return_dropped)
+    _single_process_only("info_nce", _LABELS, query_labels is not None or key_labels is not None)
+    _single_process_only("info_nce", _MATRYOSHKA,
+                         matryoshka_dims is not None or matryoshka_weights is not None)
+    _single_process_only("info_nce", _FILTER, _filtering(
+        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
     with refusal(group, "info_nce", query):
         tau = args.info_nce_args(
             query, key, negatives, temperature=temperature, normalize=normalize,
@@ -122,10 +116,11 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
     ``label_smoothing`` as single-process; ``labels`` (multiple positives) are not supported
     across ranks yet: NotImplementedError, as Matryoshka prefixes and false-negative filtering
     (false_negative_margin, guide, ...)."""
-    _no_labels_yet("clip_loss", labels)
-    _no_matryoshka_yet("clip_loss", matryoshka_dims, matryoshka_weights)
-    _no_filter_yet("clip_loss", false_negative_margin, guide, guide_margin, guide_margin_strategy,
-                   return_dropped)
+    _single_process_only("clip_loss", _LABELS, labels is not None)
+    _single_process_only("clip_loss", _MATRYOSHKA,
+                         matryoshka_dims is not None or matryoshka_weights is not None)
+    _single_process_only("clip_loss", _FILTER, _filtering(
+        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
     with refusal(group, "clip_loss", image):
         scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction,
                                     label_smoothing)
@@ -148,7 +143,8 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     each rank's views [z1_r; z2_r], targets into the global views). Per-rank batch sizes may
     differ. "none": (2 N_r,), this rank's [z1; z2] rows. DCL / DCLW / HCL options as in
     info_nce. Matryoshka prefixes are single-process only for now (NotImplementedError)."""
-    _no_matryoshka_yet("nt_xent", matryoshka_dims, matryoshka_weights)
+    _single_process_only("nt_xent", _MATRYOSHKA,
+                         matryoshka_dims is not None or matryoshka_weights is not None)
     with refusal(group, "nt_xent", z1):
         tau = args.nt_xent_args(z1, z2, temperature=temperature, normalize=normalize,
                                 reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
@@ -263,8 +259,8 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
     convention; DCL / HCL options and ``query_index`` as single-process (with query_index and
     DCL / HCL, "mean" is over the rows of all ranks that kept a negative). False-negative
     filtering (false_negative_margin, guide, ...) is single-process only: NotImplementedError."""
-    _no_filter_yet("moco_loss", false_negative_margin, guide, guide_margin, guide_margin_strategy,
-                   return_dropped)
+    _single_process_only("moco_loss", _FILTER, _filtering(
+        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
     with refusal(group, "moco_loss", query):
         check.check_choice("mode", mode, MODES)
         bank, bank_ids = args.unwrap_queue(queue, query_index)

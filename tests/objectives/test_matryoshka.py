@@ -383,3 +383,15 @@ def test_compiles(backend):
     assert_close(got, want, torch.float32, "loss")
     for a, b in zip(grads, torch.autograd.grad(want, leaves)):
         assert_close(a, b, torch.float32, "grad")
+
+
+def test_distributed_losses_refuse_matryoshka_before_any_communication():
+    from fastcontrast import distributed as fcd
+
+    q, k = torch.randn(4, 8), torch.randn(4, 8)
+    for call in (lambda: fcd.info_nce(q, k, matryoshka_dims=(4, 8)),
+                 lambda: fcd.clip_loss(q, k, 10.0, matryoshka_dims=(4, 8)),
+                 lambda: fcd.nt_xent(q, k, matryoshka_weights=(1.0,))):
+        with pytest.raises(NotImplementedError,
+                           match="does not take matryoshka_dims / matryoshka_weights yet"):
+            call()
