@@ -87,6 +87,14 @@ def cast_rne(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _block_rows(block, BLOCK: tl.constexpr, N):
+    """The rows block * BLOCK ... + BLOCK - 1 and their in-range mask. Pass block as int64
+    (tl.program_id(0).to(tl.int64)): row * stride passes 2^31 on large inputs."""
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < N
+
+
+@triton.jit
 def _load_rows(ptr, offs, mask, stride, d0, D, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """Load rows `offs` (masked by `mask`) of a row-major (rows, D) matrix, columns d0..d0+BLOCK_D.
 

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ._common import SUPPORTED_DTYPES  # noqa: F401 (the dtypes these kernels take)
-from ._common import (_block_config, _check_device, _check_matrix, _device_context, _grad_scale,
-                      _dot_rows, _input_precision, _load_rows, _upcast, new_output)
+from ._common import (_block_config, _block_rows, _check_device, _check_matrix, _device_context,
+                      _dot_rows, _grad_scale, _input_precision, _load_rows, _upcast, new_output)
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -31,16 +31,24 @@ from ._common import (_block_config, _check_device, _check_matrix, _device_conte
 
 
 @triton.jit
-def _scores(SQ, SK, TQ, TK, offs_x, offs_y, mask_x, mask_y, s_scale, t_scale, D, DT,
-            stride_sq, stride_sk, stride_tq, stride_tk, BLOCK_X: tl.constexpr,
-            BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-            INPUT_PRECISION: tl.constexpr):
-    """(student, teacher) score tiles (BLOCK_X, BLOCK_Y), fp32."""
+def _scales(Scales):
+    """(s_scale, t_scale), the student's and the teacher's logit scales."""
+    return tl.load(Scales), tl.load(Scales + 1)
+
+
+@triton.jit
+def _tile_scores(SQ, SK, TQ, TK, offs_x, mask_x, offs_y, NY, s_scale, t_scale, D, DT,
+                 stride_sq, stride_sk, stride_tq, stride_tk, BLOCK_X: tl.constexpr,
+                 BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """(student, teacher) score tiles (BLOCK_X, BLOCK_Y) fp32 of the rows offs_x against the
+    inner rows offs_y, and the inner rows' in-range mask."""
+    mask_y = offs_y < NY
     s = _dot_rows(SQ, SK, offs_x, offs_y, mask_x, mask_y, stride_sq, stride_sk, D, BLOCK_X,
                   BLOCK_Y, BLOCK_D, UPCAST, INPUT_PRECISION) * s_scale
     t = _dot_rows(TQ, TK, offs_x, offs_y, mask_x, mask_y, stride_tq, stride_tk, DT, BLOCK_X,
                   BLOCK_Y, BLOCK_D, UPCAST, INPUT_PRECISION) * t_scale
-    return s, t
+    return s, t, mask_y
 
 
 @triton.jit
@@ -51,11 +59,8 @@ def _distill_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 on large inputs
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    s_scale = tl.load(Scales)
-    t_scale = tl.load(Scales + 1)
+    offs_n, mask_n = _block_rows(tl.program_id(0).to(tl.int64), BLOCK_N, N)
+    s_scale, t_scale = _scales(Scales)
     max_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     max_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     sum_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -63,11 +68,9 @@ def _distill_fwd_kernel(
     weighted = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_j e^{t_ij - max_t} s_ij
     arange_m = tl.arange(0, BLOCK_M).to(tl.int64)
     for mb in range(0, tl.cdiv(M, BLOCK_M)):
-        offs_m = mb * BLOCK_M + arange_m
-        mask_m = offs_m < M
-        s, t = _scores(SQ, SK, TQ, TK, offs_n, offs_m, mask_n, mask_m, s_scale, t_scale, D, DT,
-                       stride_sq, stride_sk, stride_tq, stride_tk, BLOCK_N, BLOCK_M, BLOCK_D,
-                       UPCAST, INPUT_PRECISION)
+        s, t, mask_m = _tile_scores(SQ, SK, TQ, TK, offs_n, mask_n, mb * BLOCK_M + arange_m, M,
+                                    s_scale, t_scale, D, DT, stride_sq, stride_sk, stride_tq,
+                                    stride_tk, BLOCK_N, BLOCK_M, BLOCK_D, UPCAST, INPUT_PRECISION)
         s_in = tl.where(mask_m[None, :], s, 0.0)
         s = tl.where(mask_m[None, :], s, float("-inf"))
         t = tl.where(mask_m[None, :], t, float("-inf"))
@@ -103,12 +106,9 @@ def _distill_bwd_kernel(
     HAS_OUTER: tl.constexpr, HAS_INNER: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs_x = pid * BLOCK_X + tl.arange(0, BLOCK_X)
-    mask_x = offs_x < NX
+    offs_x, mask_x = _block_rows(tl.program_id(0).to(tl.int64), BLOCK_X, NX)
     offs_d = tl.arange(0, BLOCK_D)
-    s_scale = tl.load(Scales)
-    t_scale = tl.load(Scales + 1)
+    s_scale, t_scale = _scales(Scales)
     inv_gs = tl.load(InvGradScale)
     if HAS_OUTER:
         g_x = tl.load(OuterGrad + offs_x, mask=mask_x, other=0.0)
@@ -117,10 +117,9 @@ def _distill_bwd_kernel(
     arange_y = tl.arange(0, BLOCK_Y).to(tl.int64)
     for yb in range(0, tl.cdiv(NY, BLOCK_Y)):
         offs_y = yb * BLOCK_Y + arange_y
-        mask_y = offs_y < NY
-        s, t = _scores(XQ, XK, TXQ, TXK, offs_x, offs_y, mask_x, mask_y, s_scale, t_scale, D, DT,
-                       stride_xq, stride_xk, stride_tq, stride_tk, BLOCK_X, BLOCK_Y, BLOCK_D,
-                       UPCAST, INPUT_PRECISION)
+        s, t, mask_y = _tile_scores(XQ, XK, TXQ, TXK, offs_x, mask_x, offs_y, NY, s_scale,
+                                    t_scale, D, DT, stride_xq, stride_xk, stride_tq, stride_tk,
+                                    BLOCK_X, BLOCK_Y, BLOCK_D, UPCAST, INPUT_PRECISION)
         grad = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
         if HAS_OUTER:
             grad += g_x[:, None] * _softmax_gap(s, t, lse_s_x[:, None], lse_t_x[:, None])
@@ -218,7 +217,7 @@ def distill_backward(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad, col_
                      col_grad=None, *, need_gq=True, need_gk=True, blocks=None):
     """(gq (N, D) fp32 or None, gk (M, D) fp32 or None) for G of the module docstring,
     recomputing the tiles; row_grad (N,) / col_grad (M,) fp32 (col_* None: rows only)."""
-    n, m, d, dt, scales = _check_inputs(sq, sk, tq, tk, s_scale, t_scale)
+    _, _, d, dt, scales = _check_inputs(sq, sk, tq, tk, s_scale, t_scale)
     has_cols = col_stats is not None
     stats = [t.float().contiguous() for t in (row_stats, row_grad)]
     cols = [t.float().contiguous() for t in (col_stats, col_grad)] if has_cols else stats
@@ -226,18 +225,18 @@ def distill_backward(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad, col_
     gs = _grad_scale(magnitude)
     inv_gs = gs.reciprocal()
     bx, by, options = _launch_options(sq, (d, dt), blocks)
-    gq = gk = None
+
+    def gradient(xq, xk, txq, txk, outer, inner, has_outer, has_inner):
+        """G xk for the rows of xq (gk: the transposed problem); the kernel sums G / G_max."""
+        nx, ny = xq.shape[0], xk.shape[0]
+        out = new_output((nx, d), torch.float32, sq.device)
+        _distill_bwd_kernel[(triton.cdiv(nx, bx),)](
+            xq, xk, txq, txk, scales, *outer, *inner, inv_gs, out, nx, ny, d, dt, xq.stride(0),
+            xk.stride(0), txq.stride(0), txk.stride(0), out.stride(0), BLOCK_X=bx, BLOCK_Y=by,
+            HAS_OUTER=has_outer, HAS_INNER=has_inner, **options)
+        return out.mul_(gs)
+
     with _device_context(sq):
-        if need_gq:
-            gq = new_output((n, d), torch.float32, sq.device)
-            _distill_bwd_kernel[(triton.cdiv(n, bx),)](
-                sq, sk, tq, tk, scales, *stats, *cols, inv_gs, gq, n, m, d, dt, sq.stride(0),
-                sk.stride(0), tq.stride(0), tk.stride(0), gq.stride(0), BLOCK_X=bx, BLOCK_Y=by,
-                HAS_OUTER=True, HAS_INNER=has_cols, **options)
-        if need_gk:
-            gk = new_output((m, d), torch.float32, sq.device)
-            _distill_bwd_kernel[(triton.cdiv(m, bx),)](
-                sk, sq, tk, tq, scales, *cols, *stats, inv_gs, gk, m, n, d, dt, sk.stride(0),
-                sq.stride(0), tk.stride(0), tq.stride(0), gk.stride(0), BLOCK_X=bx, BLOCK_Y=by,
-                HAS_OUTER=has_cols, HAS_INNER=True, **options)
-    return (None if gq is None else gq.mul_(gs)), (None if gk is None else gk.mul_(gs))
+        gq = gradient(sq, sk, tq, tk, stats, cols, True, has_cols) if need_gq else None
+        gk = gradient(sk, sq, tk, tq, cols, stats, has_cols, True) if need_gk else None
+    return gq, gk

@@ -173,6 +173,38 @@ struct Tiles {
   }
 };
 
+// Streams the blocks of query rows: computes both score tiles of rows r0 .. r0 + rows, calls
+// row_fn(row, s_row, t_row) for each row of the block in parallel (it may scale both rows and
+// overwrite s_row with G), then block_fn(r0, rows, tiles) on the calling thread.
+template <typename T, typename RowFn, typename BlockFn>
+void for_each_row_block(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq,
+                        const at::Tensor& tk, int64_t block_rows, RowFn&& row_fn,
+                        BlockFn&& block_fn) {
+  const int64_t n = sq.size(0), m = sk.size(0);
+  Tiles tiles(block_rows, m, sq.options());
+  const int64_t grain = std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(m, 1));
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, n - r0);
+    tiles.compute(sq, sk, tq, tk, r0, rows);
+    T* s = tiles.s.data_ptr<T>();
+    T* t = tiles.t.data_ptr<T>();
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) row_fn(r0 + i, s + i * m, t + i * m);
+    });
+    block_fn(r0, rows, tiles);
+  }
+}
+
+// gq[r0 : r0 + rows] = G sk and gk += G^T sq[r0 : r0 + rows], G the block's gradient tile.
+void add_gradient_products(const Tiles& tiles, const at::Tensor& sq, const at::Tensor& sk,
+                           int64_t r0, int64_t rows, OptTensor& gq, OptTensor& gk) {
+  if (gq) {
+    at::Tensor gq_block = gq->narrow(0, r0, rows);
+    at::mm_out(gq_block, tiles.s, sk);
+  }
+  if (gk) gk->addmm_(tiles.s.t(), sq.narrow(0, r0, rows));
+}
+
 // G_ij = g (P^S_ij - P^T_ij) from a row of exps (row_stats<T, true>), in place of them.
 template <typename T>
 FASTCONTRAST_ALWAYS_INLINE void row_gradient(T* es, const T* et, int64_t m, T g,
@@ -205,39 +237,29 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
   T* lse_t = lse_s + n;
   T* w = lse_t + n;
   Columns columns(with_cols ? m : 0);
-  Tiles tiles(block_rows, m, sq.options());
-  const int64_t grain = std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(m, 1));
-  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t rows = std::min(block_rows, n - r0);
-    tiles.compute(sq, sk, tq, tk, r0, rows);
-    T* s = tiles.s.data_ptr<T>();
-    T* t = tiles.t.data_ptr<T>();
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
+  for_each_row_block<T>(
+      sq, sk, tq, tk, block_rows,
+      [&](int64_t row, T* s, T* t) {
         T ms, mt;
-        scale_row(s + i * m, t + i * m, m, ss, ts, ms, mt);
+        scale_row(s, t, m, ss, ts, ms, mt);
         if (with_grad) {
           T inv_sums[2];
-          row_stats<T, true>(s + i * m, t + i * m, m, ms, mt, lse_s + r0 + i, lse_t + r0 + i,
-                             w + r0 + i, inv_sums);
-          row_gradient(s + i * m, t + i * m, m, g[r0 + i], inv_sums);
+          row_stats<T, true>(s, t, m, ms, mt, lse_s + row, lse_t + row, w + row, inv_sums);
+          row_gradient(s, t, m, g[row], inv_sums);
         } else {
-          row_stats<T, false>(s + i * m, t + i * m, m, ms, mt, lse_s + r0 + i, lse_t + r0 + i,
-                              w + r0 + i, nullptr);
+          row_stats<T, false>(s, t, m, ms, mt, lse_s + row, lse_t + row, w + row, nullptr);
         }
-      }
-    });
-    if (gq) {
-      at::Tensor gq_block = gq->narrow(0, r0, rows);
-      at::mm_out(gq_block, tiles.s, sk);
-    }
-    if (gk) gk->addmm_(tiles.s.t(), sq.narrow(0, r0, rows));
-    if (with_cols) {
-      at::parallel_for(0, m, kColumnsPerTask, [&](int64_t j0, int64_t j1) {
-        merge_columns(s, t, rows, m, j0, j1, columns);
+      },
+      [&](int64_t r0, int64_t rows, const Tiles& tiles) {
+        add_gradient_products(tiles, sq, sk, r0, rows, gq, gk);
+        if (with_cols) {
+          const T* s = tiles.s.data_ptr<T>();
+          const T* t = tiles.t.data_ptr<T>();
+          at::parallel_for(0, m, kColumnsPerTask, [&](int64_t j0, int64_t j1) {
+            merge_columns(s, t, rows, m, j0, j1, columns);
+          });
+        }
       });
-    }
-  }
   OptTensor cols_out;
   if (with_cols) {
     cols_out = new_output({3, m}, sq.options());
@@ -269,18 +291,9 @@ std::tuple<OptTensor, OptTensor> backward_impl(
   const T* clse_s = with_cols ? col_stats_in->data_ptr<T>() : nullptr;
   const T* clse_t = with_cols ? clse_s + m : nullptr;
   const T* c = with_cols ? col_grad->data_ptr<T>() : nullptr;
-  Tiles tiles(block_rows, m, sq.options());
-  const int64_t grain = std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(m, 1));
-  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t rows = std::min(block_rows, n - r0);
-    tiles.compute(sq, sk, tq, tk, r0, rows);
-    T* s_base = tiles.s.data_ptr<T>();
-    const T* t_base = tiles.t.data_ptr<T>();
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        T* s = s_base + i * m;
-        const T* t = t_base + i * m;
-        const int64_t row = r0 + i;
+  for_each_row_block<T>(
+      sq, sk, tq, tk, block_rows,
+      [&](int64_t row, T* s, const T* t) {
         const T gi = g[row], ls = lse_s[row], lt = lse_t[row];
         if (with_cols) {
 #pragma omp simd
@@ -295,14 +308,10 @@ std::tuple<OptTensor, OptTensor> backward_impl(
             s[j] = gi * (fast_exp(s[j] * ss - ls) - fast_exp(t[j] * ts - lt));
           }
         }
-      }
-    });
-    if (gq) {
-      at::Tensor gq_block = gq->narrow(0, r0, rows);
-      at::mm_out(gq_block, tiles.s, sk);
-    }
-    if (gk) gk->addmm_(tiles.s.t(), sq.narrow(0, r0, rows));
-  }
+      },
+      [&](int64_t r0, int64_t rows, const Tiles& tiles) {
+        add_gradient_products(tiles, sq, sk, r0, rows, gq, gk);
+      });
   return {gq, gk};
 }
 
