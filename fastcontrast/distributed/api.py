@@ -29,7 +29,7 @@ from .collectives import AllReduceWithGrad, Comm, all_gather_rows, dtype_code
 from ..infonce import InfoNCEOptions
 from ..infonce.matryoshka import matryoshka_args
 from .global_infonce import global_info_nce
-from .matryoshka import check_matryoshka, prefix_sum
+from .matryoshka import check_matryoshka, distributed_matryoshka
 from .objectives import negative_counts
 from .ops import DistributedLSE, DistributedSigLIP, Layout, LSESpec
 
@@ -81,9 +81,10 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     ``label_smoothing`` as single-process, over the candidates of every rank.
     ``query_labels`` (N_r,) / ``key_labels`` (M_r,): multiple positives, every key of every rank
     with the query's label (multi_positive.py; "mean" over the rows of all ranks that have a
-    positive). ``matryoshka_dims`` / ``matryoshka_weights`` as single-process, one distributed
-    pass per prefix (matryoshka.py). False-negative filtering (false_negative_margin, guide,
-    ...) is not supported across ranks yet: NotImplementedError."""
+    positive). ``matryoshka_dims`` / ``matryoshka_weights`` as single-process (matryoshka.py:
+    "gather" all prefixes in one fused pass, "ring" one ring pass per prefix). False-negative
+    filtering (false_negative_margin, guide, ...) is not supported across ranks yet:
+    NotImplementedError."""
     _single_process_only("info_nce", _FILTER, _filtering(
         false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
     with refusal(group, "info_nce", query):
@@ -103,12 +104,11 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
         if dims:
             check_matryoshka(options, negatives, query_ids, (query_labels, key_labels))
         comm, name = start_call("info_nce", mode, group, backend, query.device, query.dtype)
-    options = replace(options, backend=name)
+    options = replace(options, backend=name, matryoshka_dims=dims, matryoshka_weights=weights)
     labels = None if query_labels is None else (query_labels, key_labels)
     if dims:
-        return prefix_sum(dims, weights, lambda cut: global_info_nce(
-            comm, options, mode, cut(query), cut(key), cut(negatives), tau.reciprocal(),
-            targets, query_ids, negative_ids))
+        return distributed_matryoshka(comm, options, mode, query, key, negatives,
+                                      tau.reciprocal(), targets)
     return global_info_nce(comm, options, mode, query, key, negatives, tau.reciprocal(), targets,
                            query_ids, negative_ids, labels=labels)
 
@@ -125,9 +125,9 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
     its gradient); ``logit_bias`` cancels and gets a zero gradient, as single-process.
     ``label_smoothing`` as single-process; ``labels`` (N_r,): multiple positives, the texts /
     images of every rank with the label (info_nce's query_labels = key_labels = labels);
-    ``matryoshka_dims`` / ``matryoshka_weights`` as single-process, one distributed pass per
-    prefix. False-negative filtering (false_negative_margin, guide, ...) is not supported
-    across ranks yet: NotImplementedError."""
+    ``matryoshka_dims`` / ``matryoshka_weights`` as single-process ("gather": one fused pass,
+    "ring": one pass per prefix). False-negative filtering (false_negative_margin, guide, ...)
+    is not supported across ranks yet: NotImplementedError."""
     _single_process_only("clip_loss", _FILTER, _filtering(
         false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
     with refusal(group, "clip_loss", image):
@@ -139,10 +139,10 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
         if dims:
             check_matryoshka(options, labels=(labels, labels))
         comm, name = start_call("clip_loss", mode, group, backend, image.device, image.dtype)
-    options = replace(options, backend=name)
+    options = replace(options, backend=name, matryoshka_dims=dims, matryoshka_weights=weights)
     if dims:
-        loss = prefix_sum(dims, weights, lambda cut: global_info_nce(
-            comm, options, mode, cut(image), cut(text), None, scale, None, q_name="image"))
+        loss = distributed_matryoshka(comm, options, mode, image, text, None, scale, None,
+                                      q_name="image")
     else:
         loss = global_info_nce(comm, options, mode, image, text, None, scale, None,
                                q_name="image",
@@ -161,8 +161,8 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     z2_i (same rank), the negatives every other view of every rank, self excluded (info_nce on
     each rank's views [z1_r; z2_r], targets into the global views). Per-rank batch sizes may
     differ. "none": (2 N_r,), this rank's [z1; z2] rows. DCL / DCLW / HCL options as in
-    info_nce. ``matryoshka_dims`` / ``matryoshka_weights`` as single-process, one distributed
-    pass per prefix (each prefix of the views normalised on its own)."""
+    info_nce. ``matryoshka_dims`` / ``matryoshka_weights`` as in info_nce (each prefix of the
+    views normalised on its own)."""
     with refusal(group, "nt_xent", z1):
         tau = args.nt_xent_args(z1, z2, temperature=temperature, normalize=normalize,
                                 reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
@@ -176,7 +176,7 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
         if dims:
             check_matryoshka(options)
         comm, name = start_call("nt_xent", mode, group, backend, z1.device, z1.dtype)
-    options = replace(options, backend=name)
+    options = replace(options, backend=name, matryoshka_dims=dims, matryoshka_weights=weights)
     table = exchange(comm, z1.device, [
         (None, z1.shape[0]), ("the feature dimension D of z1", z1.shape[1]),
         ("dtype of z1", dtype_code(z1.dtype))])
@@ -186,13 +186,11 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     views = torch.cat([z1, z2])
     targets = offset + (local + n) % (2 * n)
 
-    def loss_of(v):  # query and key are one tensor: prepared once
-        return global_info_nce(comm, options, mode, v, v, None, tau.reciprocal(), targets,
-                               targets_valid=True)
-
     if dims:
-        return prefix_sum(dims, weights, lambda cut: loss_of(cut(views)))
-    return loss_of(views)
+        return distributed_matryoshka(comm, options, mode, views, views, None, tau.reciprocal(),
+                                      targets, targets_valid=True)
+    return global_info_nce(comm, options, mode, views, views, None, tau.reciprocal(), targets,
+                           targets_valid=True)
 
 
 def _dense_classes(labels):
