@@ -4,7 +4,8 @@ _workers.py like its other cases). Labels in [0, 3) plus one query label no key 
 without a positive, left out of the mean); symmetric: also a key whose label no query has."""
 
 NAMES = ["info_nce_labels", "info_nce_labels_uneven_keys", "info_nce_labels_symmetric",
-         "info_nce_labels_exclude_self", "info_nce_labels_ids_bank", "clip_loss_labels"]
+         "info_nce_labels_exclude_self", "info_nce_labels_ids_bank",
+         "info_nce_labels_per_query_negatives", "clip_loss_labels"]
 
 
 def _with_labels(build, keys_per_row=1, lonely_key=False):
@@ -30,7 +31,7 @@ def _with_labels(build, keys_per_row=1, lonely_key=False):
 def multi_positive_cases(fc, fcd, ref, dst, builders):
     """Case objects for NAMES; ``builders``: _workers' input builders by name (plain, targets
     (two keys per row), ids, clip)."""
-    from ._workers import Case, _ids
+    from ._workers import Case, _ids, _randn, _rows
 
     def info_nce(name, build, **options):
         def labels(x):
@@ -40,8 +41,9 @@ def multi_positive_cases(fc, fcd, ref, dst, builders):
 
         def run(fn, x, red, **extra):
             key, kw = labels(x)
-            return fn(x["query"], key, x.get("bank"), temperature=x["tau"], reduction=red,
-                      **kw, **extra)
+            negatives = x.get("bank", x.get("negatives"))
+            return fn(x["query"], key, negatives, temperature=x["tau"], reduction=red, **kw,
+                      **extra)
 
         return Case(name, build,
                     lambda x, red, mode, grp: run(fcd.info_nce, x, red, mode=mode, group=grp,
@@ -52,6 +54,12 @@ def multi_positive_cases(fc, fcd, ref, dst, builders):
         g, s, _ = builders["targets"](gen, sizes)
         del g["targets"], s["targets"]
         return g, s, ("query", "key", "tau")
+
+    def per_query(gen, sizes):  # (N, K, D) negatives stay with their rows
+        g, s, _ = builders["plain"](gen, sizes)
+        g["negatives"], s["negatives"] = _randn(gen, sum(sizes), 3, g["query"].shape[1]), \
+            _rows(sizes)
+        return g, s, ("query", "key", "negatives", "tau")
 
     def clip_labels(gen, sizes):
         g, s, diff = _with_labels(builders["clip"])(gen, sizes)
@@ -67,6 +75,7 @@ def multi_positive_cases(fc, fcd, ref, dst, builders):
         info_nce("info_nce_labels_exclude_self", _with_labels(builders["plain"]),
                  exclude_self=True),
         info_nce("info_nce_labels_ids_bank", _with_labels(builders["ids"])),
+        info_nce("info_nce_labels_per_query_negatives", _with_labels(per_query)),
         Case("clip_loss_labels", clip_labels,
              lambda x, red, mode, grp: fcd.clip_loss(
                  x["query"], x["key"], x["scale"], logit_bias=x["bias"], reduction=red,
