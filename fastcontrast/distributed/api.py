@@ -13,6 +13,8 @@ Reduction convention (N_total = the rows of all ranks; W = the group size):
     "none"  rank r returns its rows' losses (concatenated in rank order they are the
             single-process rows, except nt_xent: each rank's [z1_r; z2_r])
 """
+from dataclasses import replace
+
 import torch
 
 from .. import _loss_args as args
@@ -25,7 +27,9 @@ from .calls import (MODES, compute_dtype, exchange, float_code, group_reduce, mo
                     refusal, start_call)
 from .collectives import AllReduceWithGrad, Comm, all_gather_rows, dtype_code
 from ..infonce import InfoNCEOptions
+from ..infonce.matryoshka import matryoshka_args
 from .global_infonce import global_info_nce
+from .matryoshka import check_matryoshka, distributed_matryoshka
 from .objectives import negative_counts
 from .ops import DistributedLSE, DistributedSigLIP, Layout, LSESpec
 
@@ -34,8 +38,6 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_lo
 
 
 # Options the distributed losses do not take yet (what the refusal names).
-_LABELS = "labels for multiple positives"
-_MATRYOSHKA = "matryoshka_dims / matryoshka_weights"
 _FILTER = "false_negative_margin / guide / return_dropped (false-negative filtering)"
 
 
@@ -77,12 +79,12 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     gather passes when hcl_beta > 0). ``query_ids`` (N_r,) / ``negative_ids`` (K_r,) with a 2-D
     bank: an entry of any rank's bank whose id equals the query's is not a candidate.
     ``label_smoothing`` as single-process, over the candidates of every rank.
-    ``query_labels`` / ``key_labels`` (multiple positives) are not supported across ranks yet:
-    NotImplementedError; so are Matryoshka prefixes and false-negative filtering
-    (false_negative_margin, guide, ...)."""
-    _single_process_only("info_nce", _LABELS, query_labels is not None or key_labels is not None)
-    _single_process_only("info_nce", _MATRYOSHKA,
-                         matryoshka_dims is not None or matryoshka_weights is not None)
+    ``query_labels`` (N_r,) / ``key_labels`` (M_r,): multiple positives, every key of every rank
+    with the query's label (multi_positive.py; "mean" over the rows of all ranks that have a
+    positive). ``matryoshka_dims`` / ``matryoshka_weights`` as single-process (matryoshka.py:
+    "gather" all prefixes in one fused pass, "ring" one ring pass per prefix). False-negative
+    filtering (false_negative_margin, guide, ...) is not supported across ranks yet:
+    NotImplementedError."""
     _single_process_only("info_nce", _FILTER, _filtering(
         false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
     with refusal(group, "info_nce", query):
@@ -92,15 +94,23 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
             symmetric=symmetric, reduction=reduction, decoupled=decoupled,
             dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
             query_ids=query_ids, negative_ids=negative_ids, label_smoothing=label_smoothing,
-            global_targets=True)
+            query_labels=query_labels, key_labels=key_labels, global_targets=True)
+        options = InfoNCEOptions(backend, in_batch_negatives=in_batch_negatives,
+                                 exclude_self=exclude_self, symmetric=symmetric,
+                                 normalize=normalize, reduction=reduction, decoupled=decoupled,
+                                 dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
+                                 hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing)
+        dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, query.shape[-1])
+        if dims:
+            check_matryoshka(options, negatives, query_ids, (query_labels, key_labels))
         comm, name = start_call("info_nce", mode, group, backend, query.device, query.dtype)
-    options = InfoNCEOptions(name, in_batch_negatives=in_batch_negatives,
-                             exclude_self=exclude_self, symmetric=symmetric, normalize=normalize,
-                             reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
-                             hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
-                             label_smoothing=label_smoothing)
+    options = replace(options, backend=name, matryoshka_dims=dims, matryoshka_weights=weights)
+    labels = None if query_labels is None else (query_labels, key_labels)
+    if dims:
+        return distributed_matryoshka(comm, options, mode, query, key, negatives,
+                                      tau.reciprocal(), targets)
     return global_info_nce(comm, options, mode, query, key, negatives, tau.reciprocal(), targets,
-                           query_ids, negative_ids)
+                           query_ids, negative_ids, labels=labels)
 
 
 
@@ -113,21 +123,30 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
     """OpenCLIP's ClipLoss over the texts and images of every rank (symmetric: one pass gives
     the row and the column log-sum-exps). ``logit_scale`` is never all-reduced (DDP averages
     its gradient); ``logit_bias`` cancels and gets a zero gradient, as single-process.
-    ``label_smoothing`` as single-process; ``labels`` (multiple positives) are not supported
-    across ranks yet: NotImplementedError, as Matryoshka prefixes and false-negative filtering
-    (false_negative_margin, guide, ...)."""
-    _single_process_only("clip_loss", _LABELS, labels is not None)
-    _single_process_only("clip_loss", _MATRYOSHKA,
-                         matryoshka_dims is not None or matryoshka_weights is not None)
+    ``label_smoothing`` as single-process; ``labels`` (N_r,): multiple positives, the texts /
+    images of every rank with the label (info_nce's query_labels = key_labels = labels);
+    ``matryoshka_dims`` / ``matryoshka_weights`` as single-process ("gather": one fused pass,
+    "ring": one pass per prefix). False-negative filtering (false_negative_margin, guide, ...)
+    is not supported across ranks yet: NotImplementedError."""
     _single_process_only("clip_loss", _FILTER, _filtering(
         false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
     with refusal(group, "clip_loss", image):
         scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction,
-                                    label_smoothing)
+                                    label_smoothing, labels)
+        options = InfoNCEOptions(backend, normalize=False, symmetric=True, reduction=reduction,
+                                 label_smoothing=label_smoothing)
+        dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, image.shape[-1])
+        if dims:
+            check_matryoshka(options, labels=(labels, labels))
         comm, name = start_call("clip_loss", mode, group, backend, image.device, image.dtype)
-    options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction,
-                             label_smoothing=label_smoothing)
-    loss = global_info_nce(comm, options, mode, image, text, None, scale, None, q_name="image")
+    options = replace(options, backend=name, matryoshka_dims=dims, matryoshka_weights=weights)
+    if dims:
+        loss = distributed_matryoshka(comm, options, mode, image, text, None, scale, None,
+                                      q_name="image")
+    else:
+        loss = global_info_nce(comm, options, mode, image, text, None, scale, None,
+                               q_name="image",
+                               labels=None if labels is None else (labels, labels))
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
     return loss
@@ -142,15 +161,22 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     z2_i (same rank), the negatives every other view of every rank, self excluded (info_nce on
     each rank's views [z1_r; z2_r], targets into the global views). Per-rank batch sizes may
     differ. "none": (2 N_r,), this rank's [z1; z2] rows. DCL / DCLW / HCL options as in
-    info_nce. Matryoshka prefixes are single-process only for now (NotImplementedError)."""
-    _single_process_only("nt_xent", _MATRYOSHKA,
-                         matryoshka_dims is not None or matryoshka_weights is not None)
+    info_nce. ``matryoshka_dims`` / ``matryoshka_weights`` as in info_nce (each prefix of the
+    views normalised on its own)."""
     with refusal(group, "nt_xent", z1):
         tau = args.nt_xent_args(z1, z2, temperature=temperature, normalize=normalize,
                                 reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
                                 hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
                                 label_smoothing=label_smoothing)
+        options = InfoNCEOptions(backend, exclude_self=True, normalize=normalize,
+                                 reduction=reduction, decoupled=decoupled, dclw_sigma=dclw_sigma,
+                                 hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
+                                 label_smoothing=label_smoothing)
+        dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, z1.shape[-1])
+        if dims:
+            check_matryoshka(options)
         comm, name = start_call("nt_xent", mode, group, backend, z1.device, z1.dtype)
+    options = replace(options, backend=name, matryoshka_dims=dims, matryoshka_weights=weights)
     table = exchange(comm, z1.device, [
         (None, z1.shape[0]), ("the feature dimension D of z1", z1.shape[1]),
         ("dtype of z1", dtype_code(z1.dtype))])
@@ -158,11 +184,13 @@ def nt_xent(z1, z2, *, temperature=0.5, normalize=True, reduction="mean", decoup
     offset = sum(2 * r[0] for r in table[:comm.rank])
     local = torch.arange(2 * n, device=z1.device)
     views = torch.cat([z1, z2])
-    options = InfoNCEOptions(name, exclude_self=True, normalize=normalize, reduction=reduction,
-                             decoupled=decoupled, dclw_sigma=dclw_sigma, hcl_beta=hcl_beta,
-                             hcl_tau_plus=hcl_tau_plus, label_smoothing=label_smoothing)
-    return global_info_nce(comm, options, mode, views, views, None, tau.reciprocal(),
-                           offset + (local + n) % (2 * n), targets_valid=True)
+    targets = offset + (local + n) % (2 * n)
+
+    if dims:
+        return distributed_matryoshka(comm, options, mode, views, views, None, tau.reciprocal(),
+                                      targets, targets_valid=True)
+    return global_info_nce(comm, options, mode, views, views, None, tau.reciprocal(), targets,
+                           targets_valid=True)
 
 
 def _dense_classes(labels):

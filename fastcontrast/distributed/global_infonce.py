@@ -11,7 +11,8 @@ The plain objective of row i of rank r, with scale = 1 / temperature (clip_loss:
 where y runs over the keys and banks of every rank (and row i's per-query negatives), t_i is
 the GLOBAL index of its positive (the keys of all ranks in rank order), and exclude_self and
 the ids remove candidates as single-process; DCL / DCLW / HCL are objectives.row_losses', the
-log-sum-exps ops.DistributedLSE's; label smoothing adds label_smoothing.global_smoothing_gap.
+log-sum-exps ops.DistributedLSE's; label smoothing adds label_smoothing.global_smoothing_gap;
+with labels (multiple positives) the loss is multi_positive.global_multi_positive's.
 """
 import torch
 
@@ -20,6 +21,7 @@ from .._host import REDUCTIONS
 from .calls import compute_dtype, exchange, float_code, group_reduce, mode_code, prepare
 from .collectives import AllGatherWithGrad, all_gather_rows, dtype_code
 from .label_smoothing import global_smoothing_gap
+from .multi_positive import global_multi_positive
 from .objectives import Candidates, negative_counts, row_losses
 from .ops import Layout, LSESpec
 
@@ -69,19 +71,21 @@ def _check_global_targets(targets, m_total, exclude_self, global_rows):
 
 
 def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, query_ids=None,
-                    negative_ids=None, q_name="query", targets_valid=False):
+                    negative_ids=None, q_name="query", targets_valid=False, labels=None):
     """info_nce after the local checks (_loss_args.info_nce_args with global_targets,
     calls.start_call): the metadata exchange, the global checks and the fused loss at ``scale``
     = 1 / temperature. ``q_name``: the caller's name of ``query`` (clip_loss: image) in the
     cross-rank errors; ``targets_valid``: the caller built the targets (nt_xent), so their
-    values need no check."""
+    values need no check; ``labels``: (query_labels, key_labels) of this rank (multiple
+    positives, targets None) or None."""
     name, reduction, normalize = options.backend, options.reduction, options.normalize
     in_batch_negatives, exclude_self = options.in_batch_negatives, options.exclude_self
     symmetric, decoupled = options.symmetric, options.decoupled
     neg_kind = 0 if negatives is None else negatives.dim()
     flags = (int(normalize) | int(in_batch_negatives) << 1 | int(exclude_self) << 2
              | int(symmetric) << 3 | int(targets is not None) << 4
-             | int(query_ids is not None) << 5 | int(decoupled) << 6)
+             | int(query_ids is not None) << 5 | int(decoupled) << 6
+             | int(labels is not None) << 7)
     table = exchange(comm, query.device, [
         (None, query.shape[0]), (None, key.shape[0]),
         (f"the feature dimension D of {q_name}", query.shape[1]),
@@ -89,7 +93,7 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
         ("the kind of negatives (None, 2-D bank or 3-D per-query)", neg_kind),
         (None, 0 if negatives is None else negatives.shape[-2]),
         ("the options normalize / in_batch_negatives / exclude_self / symmetric / targets / "
-         "query_ids given / decoupled", flags), ("mode", mode_code(mode)),
+         "query_ids given / decoupled / labels given", flags), ("mode", mode_code(mode)),
         ("reduction", REDUCTIONS.index(reduction)),
         ("dclw_sigma", float_code(options.dclw_sigma)),
         ("hcl_beta", float_code(options.hcl_beta)),
@@ -123,6 +127,8 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
     in_product = [0] * comm.world if split else bank_sizes
     y, sizes, product_targets = _product(k, None if split else b, n_keys, in_product,
                                          global_targets, in_batch_negatives)
+    if labels is not None:  # the positives are classes of keys, not one column per row
+        product_targets = None
     key_rows = torch.arange(key_offset, key_offset + key.shape[0], device=query.device)
     ids = _mask_ids(options, key_rows, global_targets, in_product[rank], query_ids,
                     negative_ids)
@@ -141,6 +147,8 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
     spec = LSESpec(mode, name, exclude_self and in_batch_negatives, symmetric)
     cand = Candidates(comm, spec, q, y, Layout(tuple(n_rows), tuple(sizes)), product_targets,
                       ids, per_query, positive_outside, scale, bank_apart)
+    if labels is not None:
+        return global_multi_positive(comm, options, cand, q, k, labels, scale, n_rows, n_keys)
     static = ((m_total - 1 - int(exclude_self)) if in_batch_negatives else 0) + sum(bank_sizes) \
         + (0 if per_query is None else per_query.shape[1])
     acc = torch.promote_types(scale.dtype, torch.float32)

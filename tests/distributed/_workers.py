@@ -303,6 +303,11 @@ def _case_list():
     from ._label_smoothing_cases import label_smoothing_cases
     cases += label_smoothing_cases(fc, fcd, ref, dst, dict(builders, plain=plain,
                                                            targets=targets, clip=clip))
+    from ._matryoshka_cases import matryoshka_cases
+    from ._multi_positive_cases import multi_positive_cases
+    more = dict(builders, plain=plain, targets=targets, clip=clip, bank=bank)
+    cases += multi_positive_cases(fc, fcd, ref, dst, more)
+    cases += matryoshka_cases(fc, fcd, ref, dst, more)
     return cases
 
 

@@ -7,6 +7,8 @@ import torch
 
 from . import _workers
 from ._label_smoothing_cases import NAMES as LABEL_SMOOTHING_CASES
+from ._matryoshka_cases import NAMES as MATRYOSHKA_CASES
+from ._multi_positive_cases import NAMES as MULTI_POSITIVE_CASES
 
 WORLDS = (1, 2, 4)
 TOL = 1e-9
@@ -21,7 +23,8 @@ CASE_NAMES = ["info_nce", "info_nce_global_targets", "info_nce_exclude_self",
               "info_nce_hcl_dcl_global_targets", "info_nce_ids_dcl_bank_only",
               "info_nce_ids_hcl", "info_nce_ids_in_batch", "info_nce_ids_hcl_in_batch",
               "nt_xent_hcl_dcl",
-              "moco_loss_hcl_query_index", *LABEL_SMOOTHING_CASES]
+              "moco_loss_hcl_query_index", *LABEL_SMOOTHING_CASES, *MULTI_POSITIVE_CASES,
+              *MATRYOSHKA_CASES]
 
 
 @pytest.fixture(scope="module")

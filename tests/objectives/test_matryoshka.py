@@ -385,13 +385,17 @@ def test_compiles(backend):
         assert_close(a, b, torch.float32, "grad")
 
 
-def test_distributed_losses_refuse_matryoshka_before_any_communication():
+def test_distributed_losses_take_matryoshka():
+    """The distributed twins take the prefixes (checked across ranks in tests/distributed):
+    without a process group a valid call gets as far as asking for one, a bad one is refused
+    before any communication as single-process."""
     from fastcontrast import distributed as fcd
 
     q, k = torch.randn(4, 8), torch.randn(4, 8)
     for call in (lambda: fcd.info_nce(q, k, matryoshka_dims=(4, 8)),
                  lambda: fcd.clip_loss(q, k, 10.0, matryoshka_dims=(4, 8)),
-                 lambda: fcd.nt_xent(q, k, matryoshka_weights=(1.0,))):
-        with pytest.raises(NotImplementedError,
-                           match="does not take matryoshka_dims / matryoshka_weights yet"):
+                 lambda: fcd.nt_xent(q, k, matryoshka_dims=(4,), matryoshka_weights=(1.0,))):
+        with pytest.raises(RuntimeError, match="init_process_group"):
             call()
+    with pytest.raises(ValueError, match="matryoshka_weights needs matryoshka_dims"):
+        fcd.nt_xent(q, k, matryoshka_weights=(1.0,))
