@@ -303,7 +303,11 @@ def _case_list():
     from ._label_smoothing_cases import label_smoothing_cases
     cases += label_smoothing_cases(fc, fcd, ref, dst, dict(builders, plain=plain,
                                                            targets=targets, clip=clip))
-    return cases
+    from ._false_negative_cases import false_negative_cases
+    filter_cases = false_negative_cases(fc, fcd, ref, dst, dict(
+        builders, plain=plain, targets=targets, bank=bank, clip=clip))
+    cases += [c.case for c in filter_cases]
+    return cases, filter_cases
 
 
 def _objective_cases(fc, fcd, ref, dst, plain, targets, bank, pair):
@@ -571,8 +575,12 @@ def run_bad_inputs(group, out, tag):
 
 
 def _run_all(group, out, tag, seed, cases, extras=True):
+    from ._false_negative_cases import run_dropped_counts
+
+    cases, filter_cases = cases
     for i, case in enumerate(cases):
         run_case(case, group, seed=seed + i, out=out, tag=tag)
+    run_dropped_counts(group, out, tag, filter_cases, seed + 500)
     if not extras:
         return
     from ._ring_probe import run_ring_probe

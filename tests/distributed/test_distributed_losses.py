@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from . import _workers
+from ._false_negative_cases import NAMES as FALSE_NEGATIVE_CASES
 from ._label_smoothing_cases import NAMES as LABEL_SMOOTHING_CASES
 
 WORLDS = (1, 2, 4)
@@ -21,7 +22,7 @@ CASE_NAMES = ["info_nce", "info_nce_global_targets", "info_nce_exclude_self",
               "info_nce_hcl_dcl_global_targets", "info_nce_ids_dcl_bank_only",
               "info_nce_ids_hcl", "info_nce_ids_in_batch", "info_nce_ids_hcl_in_batch",
               "nt_xent_hcl_dcl",
-              "moco_loss_hcl_query_index", *LABEL_SMOOTHING_CASES]
+              "moco_loss_hcl_query_index", *LABEL_SMOOTHING_CASES, *FALSE_NEGATIVE_CASES]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,16 @@ def test_matches_single_process(results, world, case):
         assert {f"{case}/{mode}/{v}/loss" for v in ("mean", "sum", "rows")} <= keys
     assert {key for _, key, _ in _entries(results, f"{case}/agree/")} == {
         f"{case}/agree/mean", f"{case}/agree/rows"}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", FALSE_NEGATIVE_CASES)
+def test_dropped_counts_match_single_process(results, world, case):
+    """return_dropped: each rank's counts over every rank's candidates are the single-process
+    counts of its rows (and the loss returned with them is the group convention's)."""
+    _assert_small(results, f"w{world}/{case}/dropped/gather")
+    _assert_small(results, f"w{world}/{case}/dropped/ring")
+    assert results[0][f"w{world}/dropped_total/{case}"] > 0  # the filter dropped something
 
 
 @pytest.mark.parametrize("world", (2, 4))
