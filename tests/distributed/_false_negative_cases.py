@@ -102,8 +102,8 @@ def false_negative_cases(fc, fcd, ref, dst, builders):
 
 def run_dropped_counts(group, out, tag, cases, seed):
     """``{tag}{name}/dropped/{mode}``: 0 when this rank's counts (and loss) equal the
-    single-process ones of its rows, else the largest difference; ``{tag}dropped_total/{name}``: the dropped
-    candidates of the whole batch (the cases must drop some)."""
+    single-process ones of its rows, else the largest difference;
+    ``{tag}dropped_total/{name}``: the dropped candidates of the whole batch (some must be)."""
     import torch.distributed as dist
 
     from ._workers import MODES, SIZES, _err, _local

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from . import _workers
+from ._distill_cases import NAMES as DISTILL_CASES
 from ._false_negative_cases import NAMES as FALSE_NEGATIVE_CASES
 from ._label_smoothing_cases import NAMES as LABEL_SMOOTHING_CASES
 
@@ -69,6 +70,19 @@ def test_dropped_counts_match_single_process(results, world, case):
     _assert_small(results, f"w{world}/{case}/dropped/gather")
     _assert_small(results, f"w{world}/{case}/dropped/ring")
     assert results[0][f"w{world}/dropped_total/{case}"] > 0  # the filter dropped something
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", DISTILL_CASES)
+def test_distill_matches_single_process(results, world, case):
+    """distill_info_nce in gather mode: loss, student gradients (those of other ranks' keys
+    included) and the temperature's DDP average; ring mode is refused on every rank."""
+    _assert_small(results, f"w{world}/{case}/")
+    keys = {key for _, key, _ in _entries(results, f"w{world}/{case}/gather/")}
+    assert {f"w{world}/{case}/gather/{v}/{n}" for v in ("mean", "rows")
+            for n in ("loss", "query", "key", "tau")} <= keys
+    for res in results[:world]:
+        assert "mode='ring'" in res[f"w{world}/distill_ring"], res[f"w{world}/distill_ring"]
 
 
 @pytest.mark.parametrize("world", (2, 4))
@@ -150,7 +164,8 @@ def test_same_arguments_as_the_single_process_functions():
     import fastcontrast as fc
     from fastcontrast import distributed as fcd
 
-    for name in ("info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss"):
+    for name in ("info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss",
+                 "distill_info_nce"):
         single = inspect.signature(getattr(fc, name)).parameters
         multi = inspect.signature(getattr(fcd, name)).parameters
         assert list(multi) == list(single) + ["mode", "group"], name
