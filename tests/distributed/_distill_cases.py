@@ -44,13 +44,13 @@ def distill_cases(fc, fcd, ref, dst, builders):
 
 
 def run_distill_ring_refused(group, out, tag):
-    """``{tag}distill_ring``: the NotImplementedError's message (every rank raises)."""
+    """``refused/{tag}distill_ring``: the NotImplementedError's message (every rank raises)."""
     from fastcontrast import distributed as fcd
 
     x = torch.randn(3, 4, dtype=torch.float64)
     try:
         fcd.distill_info_nce(x, x, x, x, temperature=0.1, teacher_temperature=0.1, mode="ring",
                              group=group)
-        out[f"{tag}distill_ring"] = "no error"
+        out[f"refused/{tag}distill_ring"] = "no error"
     except NotImplementedError as e:
-        out[f"{tag}distill_ring"] = str(e)
+        out[f"refused/{tag}distill_ring"] = str(e)

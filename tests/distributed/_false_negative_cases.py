@@ -103,7 +103,7 @@ def false_negative_cases(fc, fcd, ref, dst, builders):
 def run_dropped_counts(group, out, tag, cases, seed):
     """``{tag}{name}/dropped/{mode}``: 0 when this rank's counts (and loss) equal the
     single-process ones of its rows, else the largest difference;
-    ``{tag}dropped_total/{name}``: the dropped candidates of the whole batch (some must be)."""
+    ``dropped_total/{tag}{name}``: the dropped candidates of the whole batch (some must be)."""
     import torch.distributed as dist
 
     from ._workers import MODES, SIZES, _err, _local
@@ -115,7 +115,7 @@ def run_dropped_counts(group, out, tag, cases, seed):
         gen = torch.Generator().manual_seed(seed + i)
         glob, shards, _ = case.build(gen, sizes)
         want_loss, want = case.ref_fn(glob, "sum", True)
-        out[f"{tag}dropped_total/{case.name}"] = int(want.sum())
+        out[f"dropped_total/{tag}{case.name}"] = int(want.sum())
         for mode in MODES:
             key = f"{tag}{case.name}/dropped/{mode}"
             try:
