@@ -5,28 +5,21 @@ concatenated batch (the formulas are fastcontrast/distill.py's),
     symmetric (N_r == M_r on every rank): loss_i = (row_i + col_i) / 2, col_i over every rank's
     queries
 
-Gather mode: the student keys are all-gathered with autograd (each rank's keys get the gradient
-of every rank's losses, as the other distributed losses), the teacher's without (it gets no
-gradient), and this rank's rows run through the single-process fused kernels against all of
-them (memory: O(M_total (D + DT)) per rank for the gathered features; the score matrices stay
-in tiles). The symmetric loss runs the column direction the same way: this rank's keys against
-every rank's queries. Ring mode is not implemented yet: NotImplementedError.
+the public call: local checks, the metadata exchange, normalisation (plain autograd, in the
+accumulation dtype; the teacher without gradient) and the group's reduction; the loss itself is
+distill_ops.DistributedDistill in either mode.
 """
+import torch
+
 from .. import _loss_args as args
-from .. import _validation as check
-from .._host import REDUCTIONS
+from .._host import REDUCTIONS, accumulate_dtype
 from .._loss_args import output_dtype_policy
-from ..distill import distill_fused_loss
-from .calls import MODES, exchange, float_code, group_reduce, mode_code, refusal, start_call
-from .collectives import AllGatherWithGrad, all_gather_rows, dtype_code
+from .calls import (compute_dtype, exchange, float_code, group_reduce, mode_code, prepare,
+                    refusal, start_call)
+from .collectives import dtype_code
+from .distill_ops import DistributedDistill
 
 __all__ = ["distill_info_nce"]
-
-
-def _all_rows(comm, t, sizes, with_grad):
-    if with_grad:
-        return AllGatherWithGrad.apply(t, comm, tuple(sizes))
-    return all_gather_rows(comm, t.detach().contiguous(), sizes)
 
 
 @output_dtype_policy
@@ -38,11 +31,7 @@ def distill_info_nce(student_query, student_key, teacher_query, teacher_key, *, 
     (N_r, D), student_key (M_r, D), teacher_query (N_r, DT), teacher_key (M_r, DT); symmetric
     needs N_r == M_r on every rank. The teacher (features and temperature) gets no gradient;
     the student temperature's gradient is this rank's share (DDP averages it). "none": this
-    rank's rows. ``mode``: "gather" only for now ("ring": NotImplementedError)."""
-    check.check_choice("mode", mode, MODES)
-    if mode == "ring":  # the same call on every rank: every rank raises
-        raise NotImplementedError("fastcontrast.distributed.distill_info_nce does not take "
-                                  "mode='ring' yet; use mode='gather'")
+    rank's rows."""
     with refusal(group, "distill_info_nce", student_query):
         tau, teacher_tau = args.distill_args(
             student_query, student_key, teacher_query, teacher_key, temperature=temperature,
@@ -59,17 +48,12 @@ def distill_info_nce(student_query, student_key, teacher_query, teacher_key, *, 
         ("mode", mode_code(mode)), ("reduction", REDUCTIONS.index(reduction)),
         ("teacher_temperature", float_code(float(teacher_tau)))])
     n_rows, n_keys = [r[0] for r in table], [r[1] for r in table]
-    scales = dict(s_scale=tau.reciprocal(), t_scale=teacher_tau.reciprocal())
-
-    def direction(rows, teacher_rows, keys, teacher_keys, sizes):
-        return distill_fused_loss(rows, _all_rows(comm, keys, sizes, True), teacher_rows,
-                                  _all_rows(comm, teacher_keys, sizes, False), **scales,
-                                  symmetric=False, normalize=normalize, reduction="none",
-                                  backend=name)
-
-    loss = direction(student_query, teacher_query, student_key, teacher_key, n_keys)
-    if symmetric:  # this rank's keys against every rank's queries
-        column = direction(student_key, teacher_key, student_query, teacher_query, n_rows)
-        loss = 0.5 * (loss + column)
+    acc = accumulate_dtype(student_query.dtype)
+    cdt = compute_dtype(name, student_query.dtype)
+    sq, sk = (prepare(t, acc, normalize).to(cdt) for t in (student_query, student_key))
+    with torch.no_grad():
+        tq, tk = (prepare(t, acc, normalize).to(cdt) for t in (teacher_query, teacher_key))
+    loss = DistributedDistill.apply(sq, sk, tq, tk, tau.reciprocal().to(acc),
+                                    teacher_tau.reciprocal().detach().to(acc), comm,
+                                    tuple(n_keys), symmetric, mode, name)
     return group_reduce(comm, loss, reduction, sum(n_rows))
-

@@ -445,7 +445,7 @@ def run_case(case, group, seed, out, tag=""):
     weights = torch.rand(2 * sum(sizes), generator=gen, dtype=torch.float64) + 0.5
     key = f"{tag}{case.name}"
     seen = {}
-    for mode in getattr(case, "modes", MODES):
+    for mode in MODES:
         for variant in ("mean", "rows"):
             prefix = f"{key}/{mode}/{variant}"
             try:
@@ -577,14 +577,12 @@ def run_bad_inputs(group, out, tag):
 
 
 def _run_all(group, out, tag, seed, cases, extras=True):
-    from ._distill_cases import run_distill_ring_refused
     from ._false_negative_cases import run_dropped_counts
 
     cases, filter_cases = cases
     for i, case in enumerate(cases):
         run_case(case, group, seed=seed + i, out=out, tag=tag)
     run_dropped_counts(group, out, tag, filter_cases, seed + 500)
-    run_distill_ring_refused(group, out, tag)
     if not extras:
         return
     from ._ring_probe import run_ring_probe

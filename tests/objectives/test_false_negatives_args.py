@@ -108,5 +108,3 @@ def test_distributed_forms_refuse_what_single_process_refuses_before_communicati
             (lambda: fcd.info_nce(q, k, guide=(g, g[:3])), "guide_key must have 4 rows")):
         with pytest.raises(ValueError, match=match):
             call()
-    with pytest.raises(NotImplementedError, match="mode='ring'"):
-        fcd.distill_info_nce(q, k, q, k, temperature=0.1, teacher_temperature=0.1, mode="ring")
