@@ -50,7 +50,9 @@ process group's timeout.
 Objectives: the DCL / DCLW / HCL options and the id masks (query_ids / negative_ids,
 moco_loss's query_index) work in both modes over the candidates of every rank (DCLW's softmax
 over the rows of all ranks, HCL's negative counts over all ranks; see objectives.py); "mean"
-then counts the rows of all ranks that kept a negative, as single-process.
+then counts the rows of all ranks that kept a negative, as single-process. False-negative
+filtering (false_negatives.py, filtered.py) and similarity distillation (distill.py,
+distill_ops.py) work in both modes over the candidates of every rank.
 """
 from .api import MODES, clip_loss, enqueue_all, info_nce, moco_loss, nt_xent, siglip_loss, supcon
 from .collectives import all_gather_with_grad, all_reduce_with_grad
