@@ -16,8 +16,11 @@ def drop_filtered(s, r0, r1, *, threshold=None, positive_col=None, guide_q=None,
         drop |= s > threshold[r0:r1, None].to(s.dtype)
     if guide_q is not None:
         drop |= (guide_q[r0:r1] @ guide_keys.T) > guide_threshold[r0:r1, None]
-    if positive_col is not None:
-        drop[torch.arange(r1 - r0, device=s.device), positive_col[r0:r1]] = False
+    if positive_col is not None and s.shape[1]:  # -1 / outside s: the positive is elsewhere
+        cols = positive_col[r0:r1]
+        inside = (cols >= 0) & (cols < s.shape[1])
+        rows = torch.arange(r1 - r0, device=s.device)
+        drop[rows, cols.clamp(0, s.shape[1] - 1)] &= ~inside
     drop &= s != float("-inf")
     s.masked_fill_(drop, float("-inf"))
     return drop.sum(dim=1)

@@ -271,8 +271,9 @@ class DistillInfoNCELoss(_ContrastiveLoss):
     scales calls the functional form with temperature=1 / logit_scale instead."""
 
     def __init__(self, temperature=0.07, teacher_temperature=0.07, *, symmetric=True,
-                 normalize=True, reduction="mean", backend="auto", learn_temperature=False):
-        super().__init__(temperature, learn_temperature, reduction, backend)
+                 normalize=True, reduction="mean", backend="auto", learn_temperature=False,
+                 distributed=None, group=None):
+        super().__init__(temperature, learn_temperature, reduction, backend, distributed, group)
         if not (isinstance(teacher_temperature, (int, float))
                 and math.isfinite(teacher_temperature) and teacher_temperature > 0):
             raise ValueError(f"teacher_temperature must be a positive finite float, got "
@@ -284,8 +285,7 @@ class DistillInfoNCELoss(_ContrastiveLoss):
         return {**super()._repr_fields(), "teacher_temperature": self.teacher_temperature}
 
     def forward(self, student_query, student_key, teacher_query, teacher_key):
-        return F.distill_info_nce(student_query, student_key, teacher_query, teacher_key,
-                                  temperature=self.temperature,
-                                  teacher_temperature=self.teacher_temperature,
-                                  reduction=self.reduction, backend=self.backend,
-                                  **self.options)
+        return self._loss("distill_info_nce", student_query, student_key, teacher_query,
+                          teacher_key, temperature=self.temperature,
+                          teacher_temperature=self.teacher_temperature,
+                          reduction=self.reduction, backend=self.backend, **self.options)

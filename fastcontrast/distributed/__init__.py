@@ -9,6 +9,7 @@ without ever forming the logits.
     loss = fcd.supcon(features, labels, *, temperature=0.1, mode=..., group=...)
     loss = fcd.siglip_loss(image, text, logit_scale, logit_bias, *, mode=..., group=...)
     loss = fcd.moco_loss(query, key, queue, *, mode=..., group=...)
+    loss = fcd.distill_info_nce(sq, sk, tq, tk, *, temperature, teacher_temperature, ...)
     keys = fcd.all_gather_with_grad(tensor, group=None)   # rank order, exact backward
     fcd.enqueue_all(queue, keys, group=None)              # every rank's keys, rank order
 
@@ -49,10 +50,14 @@ process group's timeout.
 Objectives: the DCL / DCLW / HCL options and the id masks (query_ids / negative_ids,
 moco_loss's query_index) work in both modes over the candidates of every rank (DCLW's softmax
 over the rows of all ranks, HCL's negative counts over all ranks; see objectives.py); "mean"
-then counts the rows of all ranks that kept a negative, as single-process.
+then counts the rows of all ranks that kept a negative, as single-process. False-negative
+filtering (false_negatives.py, filtered.py) and similarity distillation (distill.py,
+distill_ops.py) work in both modes over the candidates of every rank.
 """
 from .api import MODES, clip_loss, enqueue_all, info_nce, moco_loss, nt_xent, siglip_loss, supcon
 from .collectives import all_gather_with_grad, all_reduce_with_grad
+from .distill import distill_info_nce
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss",
-           "all_gather_with_grad", "all_reduce_with_grad", "enqueue_all", "MODES"]
+           "all_gather_with_grad", "all_reduce_with_grad", "enqueue_all", "MODES",
+           "distill_info_nce"]

@@ -28,6 +28,8 @@ from .calls import (MODES, compute_dtype, exchange, float_code, group_reduce, mo
 from .collectives import AllReduceWithGrad, Comm, all_gather_rows, dtype_code
 from ..infonce import InfoNCEOptions
 from ..infonce.matryoshka import matryoshka_args
+from .false_negatives import check_margins, filter_code
+from .filtered import clip_filter, filtered_info_nce, info_nce_filter, moco_filter
 from .global_infonce import global_info_nce
 from .matryoshka import check_matryoshka, distributed_matryoshka
 from .objectives import negative_counts
@@ -35,25 +37,6 @@ from .ops import DistributedLSE, DistributedSigLIP, Layout, LSESpec
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss",
            "enqueue_all", "MODES"]
-
-
-# Options the distributed losses do not take yet (what the refusal names).
-_FILTER = "false_negative_margin / guide / return_dropped (false-negative filtering)"
-
-
-def _single_process_only(name, feature, used):
-    """``feature`` is single-process only for now: refused, when ``used``, before any
-    communication (every rank makes the same call, so every rank raises)."""
-    if used:
-        raise NotImplementedError(f"fastcontrast.distributed.{name} does not take {feature} "
-                                  f"yet; use fastcontrast.{name}")
-
-
-def _filtering(false_negative_margin, guide, guide_margin, guide_margin_strategy,
-               return_dropped):
-    """Whether any false-negative filtering option differs from its default."""
-    return (false_negative_margin is not None or guide is not None or guide_margin != 0
-            or guide_margin_strategy != "absolute" or return_dropped)
 
 
 @output_dtype_policy
@@ -83,10 +66,10 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
     with the query's label (multi_positive.py; "mean" over the rows of all ranks that have a
     positive). ``matryoshka_dims`` / ``matryoshka_weights`` as single-process (matryoshka.py:
     "gather" all prefixes in one fused pass, "ring" one ring pass per prefix). False-negative
-    filtering (false_negative_margin, guide, ...) is not supported across ranks yet:
-    NotImplementedError."""
-    _single_process_only("info_nce", _FILTER, _filtering(
-        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
+    filtering (``false_negative_margin``, ``guide`` = (guide_query (N_r, G), guide_key (M_r, G)[,
+    guide_negatives (K_r, G)]), ``guide_margin``, ``guide_margin_strategy``, ``return_dropped``)
+    as single-process over the candidates of every rank (distributed/false_negatives.py);
+    dropped: (N_r,) (symmetric (2, N_r)) counts over every rank's candidates."""
     with refusal(group, "info_nce", query):
         tau = args.info_nce_args(
             query, key, negatives, temperature=temperature, normalize=normalize,
@@ -95,6 +78,13 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
             dclw_sigma=dclw_sigma, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
             query_ids=query_ids, negative_ids=negative_ids, label_smoothing=label_smoothing,
             query_labels=query_labels, key_labels=key_labels, global_targets=True)
+        fn = info_nce_filter(
+            query, key, negatives, exclude_self=exclude_self, symmetric=symmetric,
+            objectives=decoupled or dclw_sigma is not None or hcl_beta != 0 or hcl_tau_plus != 0,
+            label_smoothing=label_smoothing, labels=query_labels is not None,
+            matryoshka=matryoshka_dims is not None, false_negative_margin=false_negative_margin,
+            guide=guide, guide_margin=guide_margin, guide_margin_strategy=guide_margin_strategy,
+            return_dropped=return_dropped)
         options = InfoNCEOptions(backend, in_batch_negatives=in_batch_negatives,
                                  exclude_self=exclude_self, symmetric=symmetric,
                                  normalize=normalize, reduction=reduction, decoupled=decoupled,
@@ -105,13 +95,15 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
             check_matryoshka(options, negatives, query_ids, (query_labels, key_labels))
         comm, name = start_call("info_nce", mode, group, backend, query.device, query.dtype)
     options = replace(options, backend=name, matryoshka_dims=dims, matryoshka_weights=weights)
-    labels = None if query_labels is None else (query_labels, key_labels)
+    if fn is not None:  # false-negative filtering (filtered.py)
+        return filtered_info_nce(comm, options, mode, query, key, negatives, tau.reciprocal(),
+                                 targets, query_ids, negative_ids, fn, return_dropped)
     if dims:
         return distributed_matryoshka(comm, options, mode, query, key, negatives,
                                       tau.reciprocal(), targets)
+    labels = None if query_labels is None else (query_labels, key_labels)
     return global_info_nce(comm, options, mode, query, key, negatives, tau.reciprocal(), targets,
                            query_ids, negative_ids, labels=labels)
-
 
 
 @output_dtype_policy
@@ -126,13 +118,17 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
     ``label_smoothing`` as single-process; ``labels`` (N_r,): multiple positives, the texts /
     images of every rank with the label (info_nce's query_labels = key_labels = labels);
     ``matryoshka_dims`` / ``matryoshka_weights`` as single-process ("gather": one fused pass,
-    "ring": one pass per prefix). False-negative filtering (false_negative_margin, guide, ...)
-    is not supported across ranks yet: NotImplementedError."""
-    _single_process_only("clip_loss", _FILTER, _filtering(
-        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
+    "ring": one pass per prefix). False-negative filtering as single-process over the texts /
+    images of every rank, guide = (guide_image (N_r, G), guide_text (N_r, G)); return_dropped:
+    (loss, dropped (2, N_r))."""
     with refusal(group, "clip_loss", image):
         scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction,
                                     label_smoothing, labels)
+        fn = clip_filter(image, text, label_smoothing=label_smoothing, labels=labels is not None,
+                         matryoshka=matryoshka_dims is not None,
+                         false_negative_margin=false_negative_margin, guide=guide,
+                         guide_margin=guide_margin, guide_margin_strategy=guide_margin_strategy,
+                         return_dropped=return_dropped)
         options = InfoNCEOptions(backend, normalize=False, symmetric=True, reduction=reduction,
                                  label_smoothing=label_smoothing)
         dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, image.shape[-1])
@@ -140,16 +136,19 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
             check_matryoshka(options, labels=(labels, labels))
         comm, name = start_call("clip_loss", mode, group, backend, image.device, image.dtype)
     options = replace(options, backend=name, matryoshka_dims=dims, matryoshka_weights=weights)
-    if dims:
-        loss = distributed_matryoshka(comm, options, mode, image, text, None, scale, None,
-                                      q_name="image")
+    if fn is not None:  # false-negative filtering (filtered.py)
+        out = filtered_info_nce(comm, options, mode, image, text, None, scale, None, None, None,
+                                fn, return_dropped, names=("image", "text"))
+    elif dims:
+        out = distributed_matryoshka(comm, options, mode, image, text, None, scale, None,
+                                     q_name="image")
     else:
-        loss = global_info_nce(comm, options, mode, image, text, None, scale, None,
-                               q_name="image",
-                               labels=None if labels is None else (labels, labels))
+        out = global_info_nce(comm, options, mode, image, text, None, scale, None,
+                              q_name="image", labels=None if labels is None else (labels, labels))
+    loss, dropped = out if return_dropped else (out, None)
     if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
         loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)
-    return loss
+    return (loss, dropped) if return_dropped else loss
 
 
 @output_dtype_policy
@@ -286,9 +285,8 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
     communicated (``mode`` is accepted for symmetry). The returned loss follows the group
     convention; DCL / HCL options and ``query_index`` as single-process (with query_index and
     DCL / HCL, "mean" is over the rows of all ranks that kept a negative). False-negative
-    filtering (false_negative_margin, guide, ...) is single-process only: NotImplementedError."""
-    _single_process_only("moco_loss", _FILTER, _filtering(
-        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped))
+    filtering of the queue as single-process (guide_queue: the shared queue's guide rows);
+    return_dropped: (loss, dropped (N_r,))."""
     with refusal(group, "moco_loss", query):
         check.check_choice("mode", mode, MODES)
         bank, bank_ids = args.unwrap_queue(queue, query_index)
@@ -296,6 +294,12 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
                             normalize=normalize, reduction=reduction, query_index=query_index,
                             decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
                             label_smoothing=label_smoothing)
+        fn = moco_filter(query, key, bank,
+                         objectives=decoupled or hcl_beta != 0 or hcl_tau_plus != 0,
+                         label_smoothing=label_smoothing,
+                         false_negative_margin=false_negative_margin, guide=guide,
+                         guide_margin=guide_margin, guide_margin_strategy=guide_margin_strategy,
+                         return_dropped=return_dropped)
         resolve(backend, query.device, dtype=query.dtype)
         comm = Comm(group, caller="fastcontrast.distributed.moco_loss")
     exchange(comm, query.device, [
@@ -303,7 +307,9 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
         ("dtype of query", dtype_code(query.dtype)),
         ("reduction", REDUCTIONS.index(reduction)), ("decoupled", int(decoupled)),
         ("hcl_beta", float_code(hcl_beta)), ("hcl_tau_plus", float_code(hcl_tau_plus)),
-        ("label_smoothing", float_code(label_smoothing))])
+        ("label_smoothing", float_code(label_smoothing)), *filter_code(fn, return_dropped)])
+    if fn is not None:
+        check_margins(comm, query.device, fn)
     # Unwrapped: the output dtype is decided once, by this function's own wrapper. It checks
     # the arguments again; an error it raises after the exchange above (none is expected once
     # they passed here) must still reach the other ranks.
@@ -315,13 +321,17 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
                                                 query_index=query_index, decoupled=decoupled,
                                                 hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
                                                 label_smoothing=label_smoothing,
-                                                backend=backend)
+                                                false_negative_margin=false_negative_margin,
+                                                guide=guide, guide_margin=guide_margin,
+                                                guide_margin_strategy=guide_margin_strategy,
+                                                return_dropped=return_dropped, backend=backend)
     except (TypeError, ValueError):
         if reduction != "none":  # the others wait in the exchange of the counts below
             comm.exchange([0], query.device, failed=True)
         raise
+    loss, dropped = loss if return_dropped else (loss, None)
     if reduction == "none":
-        return loss
+        return (loss, dropped) if return_dropped else loss
     counted = query.shape[0]
     if query_index is not None and (decoupled or hcl_beta or hcl_tau_plus):
         counts = negative_counts(bank_ids.shape[0], query.shape[0], query_index, bank_ids,
@@ -329,7 +339,8 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
         counted = int((counts > 0).sum())
     total = sum(r[0] for r in comm.exchange([counted], query.device))
     scaled = loss * comm.world
-    return scaled / max(total, 1) if reduction == "mean" else scaled
+    scaled = scaled / max(total, 1) if reduction == "mean" else scaled
+    return (scaled, dropped) if return_dropped else scaled
 
 
 @torch.no_grad()

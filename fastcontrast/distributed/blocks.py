@@ -43,7 +43,7 @@ def _positives_in(targets, lo, m):
 
 
 def lse_block_forward(x, scale, y, lo, diag_offset, with_col, targets, positive, backend,
-                      row_ids=None, col_ids=None):
+                      row_ids=None, col_ids=None, lse_filter=None):
     """(row_lse (N,), col_lse (M_b,) or None) of the block in the accumulation dtype; fills
     positive[i] (accumulation dtype) for the rows whose positive targets[i] is in the block.
     diag_offset None: no diagonal masked; row_ids (N,) / col_ids (M_b,): entries with
@@ -53,14 +53,15 @@ def lse_block_forward(x, scale, y, lo, diag_offset, with_col, targets, positive,
     beta = torch.ones(y.shape[0], dtype=acc, device=x.device)
     exclude = diag_offset is not None
     row_lse, col_lse = masked_lse_forward(x, y, alpha, beta, row_ids, col_ids, exclude,
-                                          diag_offset if exclude else 0, with_col, backend)
+                                          diag_offset if exclude else 0, with_col, backend,
+                                          **(lse_filter or {}))
     for rows, cols in _positives_in(targets, lo, y.shape[0]):
         positive[rows] = rowwise_dot(x[rows], y[cols]) * scale.to(acc)
     return row_lse.to(acc), (col_lse.to(acc) if with_col else None)
 
 
 def lse_block_backward(x, scale, y, lo, diag_offset, row_lse, g, col_lse, c, targets, g_pos,
-                       need_dy, backend, row_ids=None, col_ids=None):
+                       need_dy, backend, row_ids=None, col_ids=None, lse_filter=None):
     """(dx (N, D), dy (M_b, D) or None) in the accumulation dtype for row weights g (N,), the
     block's column weights c (M_b,) with their global col_lse (None without a column term) and
     the weights g_pos (N,) of the positives (None without targets); masks as the forward."""
@@ -73,7 +74,7 @@ def lse_block_backward(x, scale, y, lo, diag_offset, row_lse, g, col_lse, c, tar
         x, y, alpha, beta, row_lse.to(acc).contiguous(), g.to(acc).contiguous(),
         col_lse.to(acc).contiguous() if with_col else None,
         c.to(acc).contiguous() if with_col else None, row_ids, col_ids, exclude,
-        diag_offset if exclude else 0, True, need_dy, backend)
+        diag_offset if exclude else 0, True, need_dy, backend, **(lse_filter or {}))
     dx = dx.to(acc)
     dy = dy.to(acc) if need_dy else None
     for rows, cols in _positives_in(targets, lo, y.shape[0]):

@@ -20,6 +20,7 @@ from .. import _validation as check
 from .._host import REDUCTIONS
 from .calls import compute_dtype, exchange, float_code, group_reduce, mode_code, prepare
 from .collectives import AllGatherWithGrad, all_gather_rows, dtype_code
+from .false_negatives import check_margins, dropped_counts, filter_code, row_filter
 from .label_smoothing import global_smoothing_gap
 from .multi_positive import global_multi_positive
 from .objectives import Candidates, negative_counts, row_losses
@@ -71,13 +72,15 @@ def _check_global_targets(targets, m_total, exclude_self, global_rows):
 
 
 def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, query_ids=None,
-                    negative_ids=None, q_name="query", targets_valid=False, labels=None):
+                    negative_ids=None, q_name="query", targets_valid=False, labels=None,
+                    false_negatives=None, return_dropped=False):
     """info_nce after the local checks (_loss_args.info_nce_args with global_targets,
     calls.start_call): the metadata exchange, the global checks and the fused loss at ``scale``
     = 1 / temperature. ``q_name``: the caller's name of ``query`` (clip_loss: image) in the
     cross-rank errors; ``targets_valid``: the caller built the targets (nt_xent), so their
     values need no check; ``labels``: (query_labels, key_labels) of this rank (multiple
-    positives, targets None) or None."""
+    positives, targets None) or None. ``false_negatives``: a FalseNegatives filter (one
+    direction; false_negatives.py), ``return_dropped``: (loss, dropped (N_r,)) with it."""
     name, reduction, normalize = options.backend, options.reduction, options.normalize
     in_batch_negatives, exclude_self = options.in_batch_negatives, options.exclude_self
     symmetric, decoupled = options.symmetric, options.decoupled
@@ -98,9 +101,12 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
         ("dclw_sigma", float_code(options.dclw_sigma)),
         ("hcl_beta", float_code(options.hcl_beta)),
         ("hcl_tau_plus", float_code(options.hcl_tau_plus)),
-        ("label_smoothing", float_code(options.label_smoothing))])
+        ("label_smoothing", float_code(options.label_smoothing)),
+        *filter_code(false_negatives, return_dropped)])
     if neg_kind == 3:
         comm.check_same(table, 5, "the number K of per-query negatives")
+    if false_negatives is not None:
+        check_margins(comm, query.device, false_negatives)
     n_rows, n_keys = [r[0] for r in table], [r[1] for r in table]
     n_total, m_total = sum(n_rows), sum(n_keys)
     rank = comm.rank
@@ -145,8 +151,12 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
             positive_outside = (q * keys[global_targets]).sum(dim=1).to(scale.dtype) * scale
     per_query = prepare(negatives, cdt, normalize) if neg_kind == 3 else None
     spec = LSESpec(mode, name, exclude_self and in_batch_negatives, symmetric)
+    filt = None if false_negatives is None else row_filter(
+        comm, mode, false_negatives, q, k, scale, n_keys=n_keys,
+        global_targets=None if targets is None else global_targets,
+        product_targets=product_targets, guide_product=in_batch_negatives)
     cand = Candidates(comm, spec, q, y, Layout(tuple(n_rows), tuple(sizes)), product_targets,
-                      ids, per_query, positive_outside, scale, bank_apart)
+                      ids, per_query, positive_outside, scale, bank_apart, filt)
     if labels is not None:
         return global_multi_positive(comm, options, cand, q, k, labels, scale, n_rows, n_keys)
     static = ((m_total - 1 - int(exclude_self)) if in_batch_negatives else 0) + sum(bank_sizes) \
@@ -172,5 +182,6 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
             targets=None if targets is None else global_targets, n_rows=n_rows, n_keys=n_keys,
             bank_sizes=bank_sizes, query_ids=query_ids, bank_ids=negative_ids)
         loss = loss + options.label_smoothing * gap.to(loss.dtype)
-    return group_reduce(comm, loss, reduction, counted)
+    loss = group_reduce(comm, loss, reduction, counted)
+    return (loss, dropped_counts(cand, filt)) if return_dropped else loss
 

@@ -48,6 +48,7 @@ class Candidates:
     positive_outside: Optional[torch.Tensor]
     base_scale: torch.Tensor
     bank_apart: Optional[tuple] = None  # (this rank's bank, Layout, (query_ids, bank_ids))
+    row_filter: Optional[object] = None  # false_negatives.RowFilter of the product, or None
 
     def lse(self, scale, with_positive):
         """(row lse over the candidates at ``scale``, the column lse or None, s_p at ``scale``
@@ -57,7 +58,7 @@ class Candidates:
             row_ids, col_ids = self.ids if self.ids is not None else (None, None)
             row_lse, col_lse, positive = DistributedLSE.apply(
                 self.q, scale, self.y, self.product_targets, row_ids, col_ids, self.comm,
-                self.layout, self.spec)
+                self.layout, self.spec, self.row_filter)
             if self.product_targets is None:
                 positive = None
         if positive is None and self.positive_outside is not None:

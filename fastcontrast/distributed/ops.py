@@ -7,7 +7,9 @@ ring.py by ``mode``:
            positive (N_r,)                  (i, i) of the global index masked with exclude_self,
                                             entries with row_ids_i == col_ids_j >= 0 masked
                                             (col_ids: this rank's keys' ids; both or None);
-                                            positive_i = s_{i, targets_i} (global key index)
+                                            positive_i = s_{i, targets_i} (global key index);
+                                            optional row_filter: the false-negative filter
+                                            (false_negatives.RowFilter; no gradient)
     DistributedSigLIP(x, y, scale, bias)    per-row SigLIP loss (N_r,) over every rank's texts
         -> loss (N_r,)
 
@@ -57,11 +59,11 @@ def _empty(like):
 
 class DistributedLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, y, targets, row_ids, col_ids, comm, layout, spec):
+    def forward(ctx, x, scale, y, targets, row_ids, col_ids, comm, layout, spec, row_filter=None):
         ids = None if row_ids is None else (row_ids, col_ids)
         row_lse, col_lse, positive, saved = _impl(spec.mode).lse_forward(
-            comm, layout, spec, x, scale, y, targets, ids)
-        ctx.comm, ctx.layout, ctx.spec = comm, layout, spec
+            comm, layout, spec, x, scale, y, targets, ids, row_filter)
+        ctx.comm, ctx.layout, ctx.spec, ctx.row_filter = comm, layout, spec, row_filter
         ctx.save_for_backward(x, scale, y, targets, row_ids, col_ids, row_lse, *saved)
         return (row_lse, _empty(row_lse) if col_lse is None else col_lse,
                 _empty(row_lse) if positive is None else positive)
@@ -73,11 +75,12 @@ class DistributedLSE(torch.autograd.Function):
         ids = None if row_ids is None else (row_ids, col_ids)
         dx, dy = _impl(spec.mode).lse_backward(
             ctx.comm, ctx.layout, spec, x, scale, y, targets, ids, row_lse, saved, g,
-            c if spec.with_col else None, g_pos if targets is not None else None)
+            c if spec.with_col else None, g_pos if targets is not None else None,
+            ctx.row_filter)
         dscale = None
         if ctx.needs_input_grad[1]:
             dscale = (rowwise_dot(x, dx).sum() / scale.to(dx.dtype)).to(scale.dtype)
-        return dx.to(x.dtype), dscale, dy.to(y.dtype), None, None, None, None, None, None
+        return dx.to(x.dtype), dscale, dy.to(y.dtype), None, None, None, None, None, None, None
 
 
 class DistributedSigLIP(torch.autograd.Function):

@@ -31,7 +31,7 @@ from .operands import positive_scores, prepare, product_of
 from .ops import masked_lse_dropped
 
 __all__ = ["FalseNegatives", "LseFilter", "kernel_filter", "filtered_loss", "dropped_counts",
-           "GUIDE_STRATEGIES"]
+           "unit_guide", "guide_thresholds", "GUIDE_STRATEGIES"]
 
 GUIDE_STRATEGIES = ("absolute", "relative")
 
@@ -73,8 +73,18 @@ class LseFilter(NamedTuple):
     guide_threshold: Optional[Tensor]
 
 
-def _unit(t, dtype):
+def unit_guide(t, dtype):
+    """The guide features as the kernels take them: detached, unit rows, in ``dtype``."""
     return F.normalize(t.detach().to(accumulate_dtype(t.dtype)), dim=-1).to(dtype)
+
+
+def guide_thresholds(fn, guide_q, positive_guide_key, acc):
+    """thr_i of the guide rule (``acc`` dtype) from the unit guide rows of the queries and of
+    their positives: g_{i,t_i} - margin ("absolute") or g_{i,t_i} - |g_{i,t_i}| margin."""
+    similarity = rowwise_dot(guide_q, positive_guide_key).to(acc)
+    if fn.guide_strategy == "absolute":
+        return similarity - fn.guide_margin
+    return similarity - similarity.abs() * fn.guide_margin
 
 
 def kernel_filter(fn, operands, fused_pass, positive, targets):
@@ -90,17 +100,13 @@ def kernel_filter(fn, operands, fused_pass, positive, targets):
     guide_q = guide_keys = guide_threshold = None
     if fn.has_guide:
         cdt = operands.query.dtype
-        guide_q = _unit(fn.guide_query, cdt)
-        guide_key = _unit(fn.guide_key, cdt)
+        guide_q = unit_guide(fn.guide_query, cdt)
+        guide_key = unit_guide(fn.guide_key, cdt)
         positive_key = guide_key if targets is None else guide_key.index_select(0, targets)
-        similarity = rowwise_dot(guide_q, positive_key).to(acc)
-        if fn.guide_strategy == "absolute":
-            guide_threshold = similarity - fn.guide_margin
-        else:
-            guide_threshold = similarity - similarity.abs() * fn.guide_margin
+        guide_threshold = guide_thresholds(fn, guide_q, positive_key, acc)
         parts = [guide_key] if fused_pass.in_batch_negatives else []
         if fn.guide_bank is not None:
-            parts.append(_unit(fn.guide_bank, cdt))
+            parts.append(unit_guide(fn.guide_bank, cdt))
         guide_keys = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
         if guide_keys is None:  # no product: the positive alone, nothing to filter
             guide_q = guide_threshold = None

@@ -308,7 +308,12 @@ def _case_list():
     more = dict(builders, plain=plain, targets=targets, clip=clip, bank=bank)
     cases += multi_positive_cases(fc, fcd, ref, dst, more)
     cases += matryoshka_cases(fc, fcd, ref, dst, more)
-    return cases
+    from ._false_negative_cases import false_negative_cases
+    filter_cases = false_negative_cases(fc, fcd, ref, dst, more)
+    cases += [c.case for c in filter_cases]
+    from ._distill_cases import distill_cases
+    cases += distill_cases(fc, fcd, ref, dst, dict(plain=plain, targets=targets))
+    return cases, filter_cases
 
 
 def _objective_cases(fc, fcd, ref, dst, plain, targets, bank, pair):
@@ -576,8 +581,12 @@ def run_bad_inputs(group, out, tag):
 
 
 def _run_all(group, out, tag, seed, cases, extras=True):
+    from ._false_negative_cases import run_dropped_counts
+
+    cases, filter_cases = cases
     for i, case in enumerate(cases):
         run_case(case, group, seed=seed + i, out=out, tag=tag)
+    run_dropped_counts(group, out, tag, filter_cases, seed + 500)
     if not extras:
         return
     from ._ring_probe import run_ring_probe

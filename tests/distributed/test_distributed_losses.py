@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from . import _workers
+from ._distill_cases import NAMES as DISTILL_CASES
+from ._false_negative_cases import NAMES as FALSE_NEGATIVE_CASES
 from ._label_smoothing_cases import NAMES as LABEL_SMOOTHING_CASES
 from ._matryoshka_cases import NAMES as MATRYOSHKA_CASES
 from ._multi_positive_cases import NAMES as MULTI_POSITIVE_CASES
@@ -24,7 +26,7 @@ CASE_NAMES = ["info_nce", "info_nce_global_targets", "info_nce_exclude_self",
               "info_nce_ids_hcl", "info_nce_ids_in_batch", "info_nce_ids_hcl_in_batch",
               "nt_xent_hcl_dcl",
               "moco_loss_hcl_query_index", *LABEL_SMOOTHING_CASES, *MULTI_POSITIVE_CASES,
-              *MATRYOSHKA_CASES]
+              *MATRYOSHKA_CASES, *FALSE_NEGATIVE_CASES, *DISTILL_CASES]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,16 @@ def test_matches_single_process(results, world, case):
         assert {f"{case}/{mode}/{v}/loss" for v in ("mean", "sum", "rows")} <= keys
     assert {key for _, key, _ in _entries(results, f"{case}/agree/")} == {
         f"{case}/agree/mean", f"{case}/agree/rows"}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", FALSE_NEGATIVE_CASES)
+def test_dropped_counts_match_single_process(results, world, case):
+    """return_dropped: each rank's counts over every rank's candidates are the single-process
+    counts of its rows (and the loss returned with them is the group convention's)."""
+    _assert_small(results, f"w{world}/{case}/dropped/gather")
+    _assert_small(results, f"w{world}/{case}/dropped/ring")
+    assert results[0][f"dropped_total/w{world}/{case}"] > 0  # the filter dropped something
 
 
 @pytest.mark.parametrize("world", (2, 4))
@@ -142,7 +154,8 @@ def test_same_arguments_as_the_single_process_functions():
     import fastcontrast as fc
     from fastcontrast import distributed as fcd
 
-    for name in ("info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss"):
+    for name in ("info_nce", "clip_loss", "nt_xent", "supcon", "siglip_loss", "moco_loss",
+                 "distill_info_nce"):
         single = inspect.signature(getattr(fc, name)).parameters
         multi = inspect.signature(getattr(fcd, name)).parameters
         assert list(multi) == list(single) + ["mode", "group"], name

@@ -88,15 +88,23 @@ def test_module_twins_take_the_filter():
 
 
 
-def test_distributed_forms_refuse_the_filter_before_communicating():
+def test_distributed_forms_refuse_what_single_process_refuses_before_communicating():
+    """The distributed forms take the filter (tests/distributed) and refuse the combinations the
+    single-process losses refuse, with their errors, before any collective (no process group
+    here)."""
     from fastcontrast import distributed as fcd
 
     q, k = torch.randn(2, 4, 3)
     g = torch.randn(4, 2)
-    for call in (lambda: fcd.info_nce(q, k, false_negative_margin=0.1),
-                 lambda: fcd.clip_loss(q, k, 10.0, guide=(g, g)),
-                 lambda: fcd.moco_loss(q, k, k, false_negative_margin=0.0, return_dropped=True)):
-        with pytest.raises(NotImplementedError, match="false-negative filtering"):
+    for call, match in (
+            (lambda: fcd.info_nce(q, k, false_negative_margin=0.1, exclude_self=True,
+                                  targets=torch.tensor([1, 0, 3, 2])),
+             "cannot be combined with exclude_self"),
+            (lambda: fcd.info_nce(q, k, return_dropped=True), "return_dropped"),
+            (lambda: fcd.clip_loss(q, k, 10.0, guide=(g, g), label_smoothing=0.1),
+             "cannot be combined with label_smoothing"),
+            (lambda: fcd.moco_loss(q, k, k, false_negative_margin=0.0, decoupled=True),
+             "cannot be combined with decoupled"),
+            (lambda: fcd.info_nce(q, k, guide=(g, g[:3])), "guide_key must have 4 rows")):
+        with pytest.raises(ValueError, match=match):
             call()
-    with pytest.raises(NotImplementedError, match="does not take false_negative_margin"):
-        fc.InfoNCELoss(false_negative_margin=0.1, distributed="gather")(q, k)
