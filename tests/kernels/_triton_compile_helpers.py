@@ -95,7 +95,21 @@ def _siglip_host_calls(siglip, x, y):
                                    need_gy=need_gy)
 
 
-HOST_CALLS = {"infonce": _infonce_host_calls, "siglip": _siglip_host_calls}
+def _distill_host_calls(distill, a, b):
+    """distill_forward without and with the column statistics, distill_backward for rows only
+    and for rows and columns (gq and gk each)."""
+    import torch
+
+    s_scale, t_scale = torch.tensor(14.0), torch.tensor(20.0)
+    for with_cols in (False, True):
+        distill.distill_forward(a, b, a, b, s_scale, t_scale, with_cols=with_cols)
+    stats, grad = torch.zeros(3, a.shape[0]), torch.ones(a.shape[0])
+    distill.distill_backward(a, b, a, b, s_scale, t_scale, stats, grad)
+    distill.distill_backward(a, b, a, b, s_scale, t_scale, stats, grad, stats, grad)
+
+
+HOST_CALLS = {"infonce": _infonce_host_calls, "siglip": _siglip_host_calls,
+              "distill": _distill_host_calls}
 
 
 class _Recorder:

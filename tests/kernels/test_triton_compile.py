@@ -1,17 +1,19 @@
-"""Every InfoNCE and SigLIP Triton kernel variant the host functions can launch compiles for
-sm_90 with Triton's own compiler, ptxas reports no register spills, and the shared memory fits.
+"""Every InfoNCE, SigLIP and distillation Triton kernel variant the host functions can launch
+compiles for sm_90 with Triton's own compiler, ptxas reports no register spills, and the shared
+memory fits.
 
 The variants are the host's own launches: tests/kernels/_triton_compile_helpers.py calls the host
-functions of kernels/infonce.py and kernels/siglip.py in a subprocess without the interpreter,
-records each launch instead of running it (block config, constexpr flags, argument types and
-alignment, num_warps / num_stages: what a GPU run would compile) and compiles each distinct one.
-That is every combination of EXCLUDE_DIAG, HAS_IDS, HAS_COL / HAS_LSE_X, HAS_LSE_Y /
-GRAD_ON_OUTER, ACCUMULATE and ONE_D_CHUNK, for fp16, bf16 and fp32 ('ieee' and 'tf32'), with the
-GPU block config the host picks for the largest D it runs as one chunk and for D = 512 (chunks;
-the backward then with each config its autotuning may pick, FASTCONTRAST_TRITON_CONFIG pinning
-each in turn). Each compiled kernel must also fit the H200's shared memory per program.
+functions of kernels/infonce.py, kernels/siglip.py and kernels/distill.py in a subprocess without
+the interpreter, records each launch instead of running it (block config, constexpr flags,
+argument types and alignment, num_warps / num_stages: what a GPU run would compile) and compiles
+each distinct one. That is every combination of EXCLUDE_DIAG, HAS_IDS, HAS_COL / HAS_LSE_X,
+HAS_LSE_Y / GRAD_ON_OUTER, ACCUMULATE, ONE_D_CHUNK and HAS_OUTER / HAS_INNER, for fp16, bf16 and
+fp32 ('ieee' and 'tf32'), with the GPU block config the host picks for the largest D it runs as
+one chunk and for D = 512 (chunks; the InfoNCE backward then with each config its autotuning may
+pick, FASTCONTRAST_TRITON_CONFIG pinning each in turn). Each compiled kernel must also fit the
+H200's shared memory per program.
 
-The first run compiles all 408 launch configs: several minutes on two idle cores (more on a busy
+The first run compiles all 424 launch configs: several minutes on two idle cores (more on a busy
 machine). Triton's cache then holds the kernels and a copy of each ptxas report, so a rerun with
 unchanged kernels takes seconds. Skipped with a message where Triton's CUDA backend or ptxas is
 absent."""
@@ -33,6 +35,8 @@ FLAGS = {
     "_masked_lse_bwd_kernel": ("EXCLUDE_DIAG", "HAS_IDS", "HAS_LSE_X", "HAS_LSE_Y", "ONE_D_CHUNK"),
     "_siglip_fwd_kernel": ("ONE_D_CHUNK",),
     "_siglip_bwd_kernel": ("GRAD_ON_OUTER", "ACCUMULATE", "ONE_D_CHUNK"),
+    "_distill_fwd_kernel": (),
+    "_distill_bwd_kernel": ("HAS_OUTER", "HAS_INNER"),
 }
 LAUNCHED = {
     "_masked_lse_fwd_kernel": list(itertools.product(BOOLS, BOOLS, BOOLS, BOOLS)),
@@ -51,6 +55,9 @@ LAUNCHED = {
             [(True, True), (True, False), (False, True)], BOOLS
         )
     ],
+    "_distill_fwd_kernel": [()],
+    # gq of the rows alone, gq and gk of the symmetric loss (rows and columns).
+    "_distill_bwd_kernel": [(True, False), (True, True), (False, True)],
 }
 
 
@@ -156,7 +163,8 @@ def table(results):
 @pytest.fixture(scope="module")
 def compiled():
     stdout = run_without_interpreter(
-        ["-m", "tests.kernels._triton_compile_helpers", "infonce", "siglip"], timeout=1500
+        ["-m", "tests.kernels._triton_compile_helpers", "infonce", "siglip", "distill"],
+        timeout=1500
     )
     return json.loads(stdout.strip().splitlines()[-1])
 
