@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One prepared GPU check, under 6 minutes on one H200 (every step runs under `timeout`; the limits
-# add up to 355 s): prints the GPU, runs the GPU tests of the Triton kernels, then
-# benchmarks/gpu_losses_bench.py: correctness at N = M = 65536, D = 512 in bf16 against the torch
-# backend in fp32; forward+backward time and TFLOP/s of one-directional and symmetric InfoNCE,
-# SigLIP and NT-Xent beside OpenCLIP's ClipLoss and Inf-CL's cal_inf_loss; the largest batch at
-# D = 512 (loss memory only); report.md. Everything (logs, json, md with GPU name and date) goes
-# into the folder given as the argument.
+# One prepared GPU check, under 8 minutes on one H200 (every step runs under `timeout`; the limits
+# add up to 475 s): prints the GPU, runs the GPU tests of the Triton kernels and of the fused
+# objectives, then benchmarks/gpu_losses_bench.py: correctness at N = M = 65536, D = 512 in bf16
+# against the torch backend in fp32; forward+backward time and TFLOP/s of one-directional and
+# symmetric InfoNCE, SigLIP and NT-Xent beside OpenCLIP's ClipLoss and Inf-CL's cal_inf_loss; the
+# largest batch at D = 512 (loss memory only); report.md. Everything (logs, json, md with GPU name
+# and date) goes into the folder given as the argument.
 #   usage: benchmarks/gpu_check.sh OUT_DIR
 #   GPU_CHECK_DEVICE=cpu benchmarks/gpu_check.sh OUT_DIR   # dry run: tiny shapes on the CPU in
 #                                                          # Triton's interpreter (no GPU tests)
@@ -92,6 +92,10 @@ else
     tests/kernels/test_masked_lse_contract.py tests/kernels/test_kernel_id_masks.py \
     tests/losses/contract/test_numerics.py tests/losses/contract/test_autocast.py \
     tests/losses/contract/test_gradcheck.py tests/losses/test_siglip.py
+  # The fused objectives' Triton kernels (Matryoshka, false-negative filter, distillation, label
+  # smoothing, multiple positives) against the float64 reference on the GPU.
+  step objectives 120 python3 -m pytest -x -q -p no:cacheprovider -m "not slow" -k triton \
+    tests/objectives
 fi
 BENCH=benchmarks/gpu_losses_bench.py
 step correctness 70 python3 "$BENCH" correctness "$OUT" "${SIZE[@]}"
