@@ -51,8 +51,11 @@ struct Grad {
 };
 
 // The geometry of a call: R rows per block, key chunks of the updates, keys per step of the
-// block's pass, slots. A slot holds P tiles of M x R, and the slots together no more than the P
-// tile budgets of the gradient kernels (R halved for that, block_tasks.h).
+// block's pass, slots. A slot holds P tiles of M x R, and the slots together no more than P
+// times the in-flight budget of the plain one-pass kernel, 1.5 tile budgets (R halved for that,
+// block_tasks.h): the plain kernel's R on 2 threads (R = 128 at N = M = 16384, D = 256 fp32,
+// 96 MiB of tiles; the materialised per-prefix losses hold P N x M logits and their softmax).
+// One tile budget per prefix (R = 64 there) left the narrow chunk GEMMs ~1.4x slower.
 struct Plan {
   int64_t rows, nb, chunk, nc, step, slots;
   Plan(int64_t n, int64_t m, int64_t d, int64_t elem, int64_t count, bool updates,
@@ -60,7 +63,7 @@ struct Plan {
     rows = choose_block_rows(n, m, d, elem, /*large_tile=*/false, requested);
     if (requested <= 0)
       rows = rows_in_budget(n, m, elem, task_rows(n, rows, 0), count,
-                            count * tile_budget(n, m, d, elem, /*large_tile=*/false));
+                            count * 3 * tile_budget(n, m, d, elem, /*large_tile=*/false) / 2);
     nb = (n + rows - 1) / rows;
     chunk = chunk_keys(rows, elem, requested);
     nc = updates ? (m + chunk - 1) / chunk : 0;
@@ -102,17 +105,21 @@ void block_tiles(const Prefixes<T>& pre, const at::Tensor& q, const at::Tensor& 
       at::Tensor part = tile[p].narrow(0, j0, len);
       const at::Tensor k = keys.narrow(0, j0, len).narrow(1, lo, width);
       const at::Tensor x = q_blk.narrow(1, lo, width).t();
-      if (p == 0) {
-        at::mm_out(part, k, x);
-      } else {
-        at::addmm_out(part, tile[p - 1].narrow(0, j0, len), k, x);
-      }
-      if (!out || !pre.usable[p]) continue;
+      at::mm_out(part, k, x);  // chunk p's product, S^{p-1} added below (no copy, no beta = 1)
+      const bool sums = out && pre.usable[p];
       const Problem<T>& pp = pre.problem[p];
       const T* a = pp.alpha + r0;
       const T* c = pre.bound[p].data() + r0;
-      const T* base = tile[p].data_ptr<T>();
+      T* base = tile[p].data_ptr<T>();
+      const T* prev = p > 0 ? tile[p - 1].data_ptr<T>() : nullptr;
       for (int64_t j = j0; j < j0 + len; ++j) {
+        if (prev) {
+          T* x_j = base + j * rows;
+          const T* y_j = prev + j * rows;
+#pragma omp simd
+          for (int64_t i = 0; i < rows; ++i) x_j[i] += y_j[i];
+        }
+        if (!sums) continue;
         const int64_t cut = pp.cut(j, r0, rows);
         sum_exp_into(acc[p].data(), base + j * rows, a, pp.beta[j], c, 0, cut);
         sum_exp_into(acc[p].data(), base + j * rows, a, pp.beta[j], c, cut + 1, rows);
