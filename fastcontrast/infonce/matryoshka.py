@@ -25,6 +25,7 @@ import torch
 
 from .. import backends
 from .._host import accumulate_dtype, reduce_loss
+from .._host_threads import serial_host_ops
 from ..reference import info_nce_reference
 from .matryoshka_ops import matryoshka_lse, matryoshka_lse_fused
 
@@ -169,8 +170,13 @@ def _fused(options, query, key, bank, scale, targets):
         row_lse, col_lse = matryoshka_lse(x, y, alpha, inv_k, bounds,
                                           exclude_diag=options.exclude_self,
                                           with_col_lse=options.symmetric, backend=backend)
-    positive_key = k_acc[:query.shape[0]] if targets is None else k_acc.index_select(0, targets)
-    positive_beta = inv_k[:, :query.shape[0]] if targets is None else inv_k[:, targets]
+    n = query.shape[0]
+    if targets is not None:
+        positive_key, positive_beta = k_acc.index_select(0, targets), inv_k[:, targets]
+    elif k_acc.shape[0] == n:  # no slice: its backward would be a zero-filled (M, D) gradient
+        positive_key, positive_beta = k_acc, inv_k
+    else:
+        positive_key, positive_beta = k_acc[:n], inv_k[:, :n]
     positive = alpha * positive_beta * _chunk_sums(q_acc, positive_key, bounds)
     lse = row_lse if col_lse is None else 0.5 * (row_lse + col_lse)
     loss = lse.to(acc) - positive
@@ -192,5 +198,6 @@ def matryoshka_info_nce(options, query, key, negatives, temperature, scale, targ
         raise error
     if options.backend == "reference":
         return _reference(options, query, key, negatives, temperature, targets)
-    loss = _fused(options, query, key, negatives, scale, targets)
+    with serial_host_ops(options.backend):  # the host passes on this thread (busy CPU)
+        loss = _fused(options, query, key, negatives, scale, targets)
     return reduce_loss(loss, options.reduction)
