@@ -12,6 +12,6 @@ void register_distill_ops(pybind11::module_& m);   // cpu/distill.cpp
 void register_task_ops(pybind11::module_& m);      // cpu/tasks.cpp (scheduler probes, tests)
 void register_runtime_options(pybind11::module_& m);  // cpu/runtime_options.cpp
 void register_host_thread_ops(pybind11::module_& m);  // cpu/host_threads.cpp
-void register_matryoshka_ops(pybind11::module_& m);  // cpu/matryoshka.cpp
+void register_matryoshka_ops(pybind11::module_& m);  // cpu/matryoshka_entry.cpp
 
 }  // namespace fastcontrast

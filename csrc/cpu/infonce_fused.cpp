@@ -8,6 +8,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/block_tasks.h"
 #include "cpu/fast_exp.h"
 #include "cpu/grid_tiles.h"
 #include "cpu/infonce.h"
@@ -20,13 +21,6 @@ namespace {
 
 using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h, tasks.h)
 
-// Slots (tiles in memory at once) of forward_with_grad_impl for nb blocks, and their bytes.
-int64_t tile_slots(int64_t nb) { return std::min<int64_t>(nb, at::get_num_threads() + 1); }
-
-int64_t in_flight_tile_bytes(int64_t n, int64_t m, int64_t elem_size, int64_t rows) {
-  return tile_slots((n + rows - 1) / rows) * m * rows * elem_size;
-}
-
 // Rows per block of forward_with_grad_impl, whose M x R tiles stay in memory until their block's
 // last dkeys update: up to threads + 1 of them at once (its slots). R (from task_rows) is halved,
 // down to kMinBlockRows, until those tiles together fit in 1.5 tile budgets (tile_budget,
@@ -38,9 +32,7 @@ int64_t in_flight_rows(int64_t n, int64_t m, int64_t d, int64_t elem_size, int64
                        int64_t requested, bool need_grad) {
   if (requested > 0 || !need_grad) return r;
   const int64_t budget = 3 * tile_budget(n, m, d, elem_size, /*large_tile=*/false) / 2;
-  while (r > kMinBlockRows && in_flight_tile_bytes(n, m, elem_size, r) > budget)
-    r = std::max<int64_t>(kMinBlockRows, r / 2 / 16 * 16);
-  return r;
+  return rows_in_budget(n, m, elem_size, r, 1, budget);
 }
 
 // One task per query block (its whole row: the max pass needs every key before the exps): the
@@ -74,24 +66,13 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
   const int64_t nc = need_dkeys ? (p.m + chunk - 1) / chunk : 0;
   const int64_t slots = tile_slots(nb);
 
-  // Tasks: block b at index first[b], its chunk updates right after it; edges as above.
+  // Tasks: block b, its chunk updates right after it (block_tasks.h).
   TaskGraph graph(nb * (1 + nc));
-  std::vector<int64_t> last(nc, -1);
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t t = b * (1 + nc);
-    if (b >= slots) {
-      const int64_t before = (b - slots) * (1 + nc);
-      for (int64_t k = 0; k <= nc; ++k) graph.add_edge(before + k, t);
-    }
-    for (int64_t k = 0; k < nc; ++k) {
-      graph.add_edge(t, t + 1 + k);
-      graph.chain(t + 1 + k, last, {k});
-    }
-  }
+  add_block_edges(graph, nb, nc, slots);
   std::vector<at::Tensor> tiles(static_cast<size_t>(slots)), scaled(static_cast<size_t>(slots));
 
   graph.run([&](int64_t task, int64_t) {
-    const int64_t b = task / (1 + nc), k = task % (1 + nc) - 1, slot = b % slots;
+    const auto [b, k, slot] = block_task(task, nc, slots);
     const int64_t r0 = b * block_rows, rows = std::min(block_rows, p.n - r0);
     if (k >= 0) {  // dkeys[chunk k] += W[chunk k] @ (c q)[block b]
       const int64_t c0 = k * chunk, c1 = std::min(p.m, c0 + chunk);
@@ -107,14 +88,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
     p.mask_tile(r0, rows, tile);
     const T* a = p.alpha + r0;
     T* base = tile.data_ptr<T>();
-    std::vector<T> shift(rows, -kInf<T>);
+    const std::vector<T> shift = serial_block_shift(p, r0, rows, tile);
     std::vector<Acc> sum(rows, Acc(0));
-    for (int64_t j = 0; j < p.m; ++j) {
-      const int64_t cut = p.cut(j, r0, rows);
-      max_into(shift.data(), base + j * rows, a, p.beta[j], 0, cut);
-      max_into(shift.data(), base + j * rows, a, p.beta[j], cut + 1, rows);
-    }
-    for (int64_t i = 0; i < rows; ++i) shift[i] = safe_shift(shift[i]);
     // Queries with a +inf entry: whether they also have a NaN one, before W overwrites the tile.
     std::vector<char> inf_nan(rows);
     for (int64_t i = 0; i < rows; ++i)
@@ -177,7 +152,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
 FusedPlan masked_lse_fused_plan(int64_t n, int64_t m, int64_t d, int64_t elem_size) {
   const int64_t base = choose_block_rows(n, m, d, elem_size, /*large_tile=*/false, 0);
   const int64_t rows = in_flight_rows(n, m, d, elem_size, task_rows(n, base, 0), 0, true);
-  return {rows, tile_slots((n + rows - 1) / rows), in_flight_tile_bytes(n, m, elem_size, rows),
+  return {rows, tile_slots((n + rows - 1) / rows), in_flight_tile_bytes(n, m, elem_size, rows, 1),
           tile_budget(n, m, d, elem_size, /*large_tile=*/false)};
 }
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>

@@ -255,6 +255,43 @@ void block_lse(const Problem<T>& p, int64_t r0, int64_t rows, at::Tensor& tile,
   for (int64_t i = 0; i < rows; ++i) out[i] = query_lse(p, r0, rows, tile, w.shift[i], w.sum[i], i);
 }
 
+// block_shift on the calling thread alone (inside a task, tasks.h): the per-query max of the
+// block's tile as an exp shift.
+template <typename T>
+std::vector<T> serial_block_shift(const Problem<T>& p, int64_t r0, int64_t rows,
+                                  const at::Tensor& tile) {
+  const T* a = p.alpha + r0;
+  const T* base = tile.data_ptr<T>();
+  std::vector<T> shift(rows, -kInf<T>);
+  for (int64_t j = 0; j < p.m; ++j) {
+    const int64_t cut = p.cut(j, r0, rows);
+    max_into(shift.data(), base + j * rows, a, p.beta[j], 0, cut);
+    max_into(shift.data(), base + j * rows, a, p.beta[j], cut + 1, rows);
+  }
+  for (int64_t i = 0; i < rows; ++i) shift[i] = safe_shift(shift[i]);
+  return shift;
+}
+
+// block_lse without column statistics on the calling thread alone: the per-query max, then the
+// sums of exps in T over kFlushRows keys and in double (FlushedSums).
+template <typename T>
+void serial_block_lse(const Problem<T>& p, int64_t r0, int64_t rows, const at::Tensor& tile,
+                      T* out) {
+  const T* a = p.alpha + r0;
+  const T* base = tile.data_ptr<T>();
+  const std::vector<T> shift = serial_block_shift(p, r0, rows, tile);
+  std::vector<Acc> sum(rows, Acc(0));
+  FlushedSums<T> acc(sum.data(), rows);
+  for (int64_t j = 0; j < p.m; ++j) {
+    const int64_t cut = p.cut(j, r0, rows);
+    sum_exp_into(acc.data(), base + j * rows, a, p.beta[j], shift.data(), 0, cut);
+    sum_exp_into(acc.data(), base + j * rows, a, p.beta[j], shift.data(), cut + 1, rows);
+    acc.row_done();
+  }
+  acc.flush();
+  for (int64_t i = 0; i < rows; ++i) out[i] = query_lse(p, r0, rows, tile, shift[i], sum[i], i);
+}
+
 // Keys c0 .. c1 of a problem as the operands of their own Problem (chunk-local key index j is
 // key c0 + j): keys, beta and the column ids narrowed, the diagonal offset shifted by c0.
 struct KeyChunk {

@@ -25,6 +25,7 @@ import torch
 
 from .. import backends
 from .._host import accumulate_dtype, reduce_loss
+from .._host_threads import serial_host_ops
 from ..reference import info_nce_reference
 from .matryoshka_ops import matryoshka_lse, matryoshka_lse_fused
 
@@ -107,9 +108,15 @@ def _reference(options, query, key, negatives, temperature, targets):
 
 
 def _chunk_sums(a, b, bounds):
-    """(P, R): sum over dimensions < b_{p+1} of a * b, row by row (cumulative chunk sums)."""
-    parts = [(a[:, lo:hi] * b[:, lo:hi]).sum(dim=1) for lo, hi in zip(bounds, bounds[1:])]
-    return torch.stack(parts).cumsum(dim=0)
+    """(P, R): sum over dimensions < b_{p+1} of a * b, row by row (cumulative chunk sums).
+
+    One product split into the chunks (and the tail past b_P): the backward concatenates the
+    chunks' gradients once, where a slice per chunk cost a zero-filled (R, D) gradient per chunk
+    and operand and their sum (most of the host time of the CPU loss at N = 8192)."""
+    widths = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    tail = a.shape[1] - bounds[-1]
+    parts = (a * b).split(widths + ([tail] if tail else []), dim=1)
+    return torch.stack([part.sum(dim=1) for part in parts[:len(widths)]]).cumsum(dim=0)
 
 
 def _inverse_norms(z, bounds, eps):
@@ -163,8 +170,13 @@ def _fused(options, query, key, bank, scale, targets):
         row_lse, col_lse = matryoshka_lse(x, y, alpha, inv_k, bounds,
                                           exclude_diag=options.exclude_self,
                                           with_col_lse=options.symmetric, backend=backend)
-    positive_key = k_acc[:query.shape[0]] if targets is None else k_acc.index_select(0, targets)
-    positive_beta = inv_k[:, :query.shape[0]] if targets is None else inv_k[:, targets]
+    n = query.shape[0]
+    if targets is not None:
+        positive_key, positive_beta = k_acc.index_select(0, targets), inv_k[:, targets]
+    elif k_acc.shape[0] == n:  # no slice: its backward would be a zero-filled (M, D) gradient
+        positive_key, positive_beta = k_acc, inv_k
+    else:
+        positive_key, positive_beta = k_acc[:n], inv_k[:, :n]
     positive = alpha * positive_beta * _chunk_sums(q_acc, positive_key, bounds)
     lse = row_lse if col_lse is None else 0.5 * (row_lse + col_lse)
     loss = lse.to(acc) - positive
@@ -186,5 +198,6 @@ def matryoshka_info_nce(options, query, key, negatives, temperature, scale, targ
         raise error
     if options.backend == "reference":
         return _reference(options, query, key, negatives, temperature, targets)
-    loss = _fused(options, query, key, negatives, scale, targets)
+    with serial_host_ops(options.backend):  # the host passes on this thread (busy CPU)
+        loss = _fused(options, query, key, negatives, scale, targets)
     return reduce_loss(loss, options.reduction)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import backends
 from .._host import or_empty
+from .._host_threads import serial_host_ops
 
 __all__ = ["matryoshka_lse", "matryoshka_lse_fused"]
 
@@ -162,7 +163,8 @@ def _fused_backward(ctx, grad_lse, *_):
         grads = matryoshka_lse_backward(x, y, alpha, beta, bounds, row_lse, grad_lse, None, None,
                                         exclude_diag, backend)
     else:
-        grads = [g * c for g in grads]
+        with serial_host_ops(backend):
+            grads = [g * c for g in grads]
     return (*[g.to(t.dtype) for g, t in zip(grads, (x, y, alpha, beta))], None, None, None, None)
 
 
