@@ -41,7 +41,9 @@ def configure():
 # op, queue and momentum update on every backend that runs on this CPU, against the float64
 # reference, in a few minutes. Marked slow, and left to the full run: the exhaustive kernel
 # contract and compile checks, torch.compile, the property-based search, the benchmark harness,
-# multi-process (distributed) runs and the reference methods' training.
+# multi-process (distributed) runs, the reference methods' training, and the Triton kernels'
+# own contract tests and large shapes in Triton's interpreter (seconds per case; the triton
+# backend of every loss stays in this tier on small shapes).
 SLOW_PATHS = (
     "tests/bench/", "tests/distributed/", "tests/methods/",
     "tests/compat/test_open_clip_distributed.py", "tests/compat/test_lightly_distributed.py",
@@ -49,10 +51,23 @@ SLOW_PATHS = (
     "tests/kernels/test_masked_lse_contract.py", "tests/kernels/test_gram_kernels.py",
     "tests/kernels/test_cuda_sources.py", "tests/losses/contract/test_compile.py",
     "tests/losses/contract/test_compile_shapes.py", "tests/losses/contract/test_properties.py",
+    "tests/kernels/test_triton_infonce_kernels.py",
 )
+# (file, parameter text): the Triton-interpreter cases of a file that are slow.
+SLOW_TRITON_CASES = (
+    ("tests/losses/test_info_nce.py::", "-257-1000-"),
+    ("tests/losses/test_siglip.py::", "-257-1000-"),
+    ("tests/moco/test_queue_aliasing.py::", "[triton]"),
+)
+
+
+def _slow(nodeid):
+    return nodeid.startswith(SLOW_PATHS) or any(
+        nodeid.startswith(path) and "triton" in nodeid and part in nodeid
+        for path, part in SLOW_TRITON_CASES)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.nodeid.startswith(SLOW_PATHS):
+        if _slow(item.nodeid):
             item.add_marker(pytest.mark.slow)
