@@ -12,6 +12,7 @@ point-to-point calls take, so every function works inside a subgroup.
     all_gather_rows(t, sizes)      concatenation of every rank's rows in rank order (uneven ok)
     reduce_scatter_rows(t, sizes)  sum over ranks of t (total rows), this rank's slice
     all_reduce_logsumexp(lse)      log sum_r exp(lse_r) elementwise: max, then sum of exp
+    all_reduce_logsumexp_with_grad the same, differentiable in every rank's lse
     AllGatherWithGrad              all_gather_rows whose backward is reduce_scatter_rows
     AllReduceWithGrad              all_reduce (sum) whose backward is the all_reduce of the
                                    gradients (each rank's share of the sum of all ranks' losses)
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Comm", "all_gather_rows", "reduce_scatter_rows", "all_reduce_logsumexp",
+           "all_reduce_logsumexp_with_grad",
            "all_gather_with_grad", "all_reduce_with_grad", "DTYPE_CODES"]
 
 EXCHANGE_WIDTH = 16  # int64 values per rank in the metadata exchange (plus a status)
@@ -150,17 +152,31 @@ def reduce_scatter_rows(comm, t, sizes):
     return out[:sizes[comm.rank]]
 
 
+def _ranks_max(comm, lse):
+    """The elementwise max of lse over the ranks, 0 where it is not finite (the shift of a
+    log-sum-exp across ranks; no gradient)."""
+    top = lse.detach().clone()
+    if comm.world > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=comm.group)
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
 def all_reduce_logsumexp(comm, lse):
     """log sum_r exp(lse_r) elementwise over the ranks (-inf where every rank has -inf), in
     log space: an all_reduce of the max, then of the sum of exp(lse - max)."""
     if comm.world == 1:
         return lse
-    top = lse.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=comm.group)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    top = _ranks_max(comm, lse)
     total = torch.exp(lse - top)
     dist.all_reduce(total, group=comm.group)
     return torch.log(total) + top
+
+
+def all_reduce_logsumexp_with_grad(comm, lse):
+    """all_reduce_logsumexp, differentiable in every rank's lse (AllReduceWithGrad's backward
+    hands each rank its share)."""
+    top = _ranks_max(comm, lse)
+    return torch.log(AllReduceWithGrad.apply(torch.exp(lse - top), comm)) + top
 
 
 class AllGatherWithGrad(torch.autograd.Function):

@@ -28,7 +28,6 @@ NotImplementedError, before any communication."""
 import zlib
 
 import torch
-import torch.distributed as dist
 
 from .. import _validation as check
 from .. import backends
@@ -36,7 +35,7 @@ from .._host import REDUCTIONS, accumulate_dtype
 from ..infonce.matryoshka import _chunk_sums, _inverse_norms, matryoshka_unsupported
 from ..infonce.matryoshka_ops import matryoshka_lse
 from .calls import exchange, group_reduce
-from .collectives import AllGatherWithGrad, AllReduceWithGrad, dtype_code
+from .collectives import AllGatherWithGrad, all_reduce_logsumexp_with_grad, dtype_code
 from .global_infonce import _check_global_targets, global_info_nce
 
 __all__ = ["check_matryoshka", "prefix_sum", "distributed_matryoshka"]
@@ -95,16 +94,6 @@ def _gather_fused(comm, options, query, key, bank, scale, targets, q_name, targe
     return group_reduce(comm, loss, options.reduction, sum(n_rows))
 
 
-def _merged_lse(comm, partial):
-    """log sum_r exp(partial_r) elementwise over the ranks, differentiable in every rank's
-    partial (AllReduceWithGrad's backward hands each rank its share)."""
-    top = partial.detach().clone()
-    if comm.world > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=comm.group)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    return torch.log(AllReduceWithGrad.apply(torch.exp(partial - top), comm)) + top
-
-
 def _row_losses(comm, options, query, candidates, scale, targets, offset):
     """sum_p w_p loss^p_i (N_r,) of this rank's rows against every rank's ``candidates``
     (keys in rank order, then banks; this rank's keys from ``offset``), ``targets`` the global
@@ -136,7 +125,8 @@ def _row_losses(comm, options, query, candidates, scale, targets, offset):
                                               with_col_lse=options.symmetric, **kw)
         row_lse = row_lse.to(acc)
         if options.symmetric:  # N_r = M_r, no bank: key i's column over the rows of all ranks
-            row_lse = 0.5 * (row_lse + _merged_lse(comm, col_partial.to(acc))[:, own])
+            col_lse = all_reduce_logsumexp_with_grad(comm, col_partial.to(acc))
+            row_lse = 0.5 * (row_lse + col_lse[:, own])
     positive = alpha * inv_c[:, targets] * _chunk_sums(q_acc, c_acc[targets], bounds)
     loss = row_lse - positive
     if candidates.shape[0] - int(options.exclude_self) == 1:  # the positive alone: exactly 0
