@@ -6,7 +6,7 @@ import numbers
 from . import _validation as check
 from .infonce.false_negatives import GUIDE_STRATEGIES, FalseNegatives
 
-__all__ = ["false_negative_args"]
+__all__ = ["false_negative_args", "info_nce_filter", "clip_filter", "moco_filter"]
 
 
 def _margin(value):
@@ -71,3 +71,51 @@ def false_negative_args(false_negative_margin, guide, guide_margin, guide_margin
     return FalseNegatives(margin=margin, guide_query=guide_query, guide_key=guide_key,
                           guide_bank=rest[0] if rest else None, guide_margin=float(guide_margin),
                           guide_strategy=guide_margin_strategy)
+
+
+def info_nce_filter(query, key, negatives, *, exclude_self, symmetric, objectives,
+                    label_smoothing, labels, matryoshka, false_negative_margin, guide,
+                    guide_margin, guide_margin_strategy, return_dropped):
+    """The FalseNegatives filter of an info_nce call, or None: guide = (guide_query (N, G),
+    guide_key (M, G)[, guide_negatives (K, G) with a bank]; distributed: this rank's rows).
+    ``objectives``: DCL / DCLW / HCL options given."""
+    bank = negatives is not None and negatives.dim() == 2
+    rows = [("query", query.shape[0], query.device), ("key", key.shape[0], query.device)]
+    if bank:
+        rows.append(("negatives", negatives.shape[0], query.device))
+    return false_negative_args(
+        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped,
+        guide_names=("guide_query", "guide_key", "guide_negatives")[:len(rows)], guide_rows=rows,
+        conflicts=(("exclude_self", exclude_self),
+                   ("decoupled / dclw_sigma / hcl options", objectives),
+                   ("label_smoothing", label_smoothing != 0),
+                   ("query_labels / key_labels", labels),
+                   ("per-query negatives (N, K, D)", negatives is not None and not bank),
+                   ("matryoshka_dims", matryoshka),
+                   ("symmetric=True and negatives", symmetric and negatives is not None)))
+
+
+def clip_filter(image, text, *, label_smoothing, labels, matryoshka, false_negative_margin,
+                guide, guide_margin, guide_margin_strategy, return_dropped):
+    """The FalseNegatives filter of a clip_loss call, or None: guide = (guide_image (N, G),
+    guide_text (N, G))."""
+    rows = [("image", image.shape[0], image.device), ("text", text.shape[0], image.device)]
+    return false_negative_args(
+        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped,
+        guide_names=("guide_image", "guide_text"), guide_rows=rows,
+        conflicts=(("label_smoothing", label_smoothing != 0), ("labels", labels),
+                   ("matryoshka_dims", matryoshka)))
+
+
+def moco_filter(query, key, queue, *, objectives, label_smoothing, false_negative_margin, guide,
+                guide_margin, guide_margin_strategy, return_dropped):
+    """The FalseNegatives filter of a moco_loss call, or None: guide = (guide_query (N, G),
+    guide_key (N, G), guide_queue (K, G); distributed: the queue's as every rank holds it).
+    ``objectives``: DCL / HCL options given."""
+    rows = [("query", query.shape[0], query.device), ("key", key.shape[0], query.device),
+            ("queue", queue.shape[0], query.device)]
+    return false_negative_args(
+        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped,
+        guide_names=("guide_query", "guide_key", "guide_queue"), guide_rows=rows,
+        conflicts=(("decoupled / hcl options", objectives),
+                   ("label_smoothing", label_smoothing != 0)))

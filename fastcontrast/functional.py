@@ -23,7 +23,7 @@ value forces a device sync and a graph break. Out-of-range targets then fail in 
 import torch
 
 from . import _loss_args as args
-from ._false_negative_args import false_negative_args
+from ._false_negative_args import clip_filter, info_nce_filter, moco_filter
 from ._false_negatives_reference import false_negatives_reference
 from ._loss_args import output_dtype_policy
 from .backends import available_backends, resolve
@@ -87,22 +87,12 @@ def info_nce(query, key, negatives=None, *, temperature=0.07, normalize=True, ta
         hcl_tau_plus=hcl_tau_plus, query_ids=query_ids, negative_ids=negative_ids,
         label_smoothing=label_smoothing, query_labels=query_labels, key_labels=key_labels)
     dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, query.shape[-1])
-    bank = negatives is not None and negatives.dim() == 2
-    guide_rows = [("query", query.shape[0], query.device), ("key", key.shape[0], query.device)]
-    if bank:
-        guide_rows.append(("negatives", negatives.shape[0], query.device))
-    fn = false_negative_args(
-        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped,
-        guide_names=("guide_query", "guide_key", "guide_negatives")[:len(guide_rows)],
-        guide_rows=guide_rows,
-        conflicts=(("exclude_self", exclude_self),
-                   ("decoupled / dclw_sigma / hcl options",
-                    decoupled or dclw_sigma is not None or hcl_beta != 0 or hcl_tau_plus != 0),
-                   ("label_smoothing", label_smoothing != 0),
-                   ("query_labels / key_labels", query_labels is not None),
-                   ("per-query negatives (N, K, D)", negatives is not None and not bank),
-                   ("matryoshka_dims", bool(dims)),
-                   ("symmetric=True and negatives", symmetric and negatives is not None)))
+    fn = info_nce_filter(
+        query, key, negatives, exclude_self=exclude_self, symmetric=symmetric,
+        objectives=decoupled or dclw_sigma is not None or hcl_beta != 0 or hcl_tau_plus != 0,
+        label_smoothing=label_smoothing, labels=query_labels is not None, matryoshka=bool(dims),
+        false_negative_margin=false_negative_margin, guide=guide, guide_margin=guide_margin,
+        guide_margin_strategy=guide_margin_strategy, return_dropped=return_dropped)
     options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
                              in_batch_negatives=in_batch_negatives, exclude_self=exclude_self,
                              symmetric=symmetric, normalize=normalize, reduction=reduction,
@@ -217,13 +207,12 @@ def moco_loss(query, key, queue, *, temperature=0.07, normalize=True, reduction=
                               normalize=normalize, reduction=reduction, query_index=query_index,
                               decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
                               label_smoothing=label_smoothing)
-    fn = false_negative_args(
-        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped,
-        guide_names=("guide_query", "guide_key", "guide_queue"),
-        guide_rows=[("query", query.shape[0], query.device), ("key", key.shape[0], query.device),
-                    ("queue", queue.shape[0], query.device)],
-        conflicts=(("decoupled / hcl options", decoupled or hcl_beta != 0 or hcl_tau_plus != 0),
-                   ("label_smoothing", label_smoothing != 0)))
+    fn = moco_filter(query, key, queue,
+                     objectives=decoupled or hcl_beta != 0 or hcl_tau_plus != 0,
+                     label_smoothing=label_smoothing,
+                     false_negative_margin=false_negative_margin, guide=guide,
+                     guide_margin=guide_margin, guide_margin_strategy=guide_margin_strategy,
+                     return_dropped=return_dropped)
     options = InfoNCEOptions(resolve(backend, query.device, dtype=query.dtype),
                              in_batch_negatives=False, normalize=normalize, reduction=reduction,
                              decoupled=decoupled, hcl_beta=hcl_beta, hcl_tau_plus=hcl_tau_plus,
@@ -255,13 +244,10 @@ def clip_loss(image, text, logit_scale, *, logit_bias=None, reduction="mean", la
     scale = args.clip_loss_args(image, text, logit_scale, logit_bias, reduction, label_smoothing,
                                 labels)
     dims, weights = matryoshka_args(matryoshka_dims, matryoshka_weights, image.shape[-1])
-    n = image.shape[0]
-    fn = false_negative_args(
-        false_negative_margin, guide, guide_margin, guide_margin_strategy, return_dropped,
-        guide_names=("guide_image", "guide_text"),
-        guide_rows=[("image", n, image.device), ("text", n, image.device)],
-        conflicts=(("label_smoothing", label_smoothing != 0), ("labels", labels is not None),
-                   ("matryoshka_dims", bool(dims))))
+    fn = clip_filter(image, text, label_smoothing=label_smoothing, labels=labels is not None,
+                     matryoshka=bool(dims), false_negative_margin=false_negative_margin,
+                     guide=guide, guide_margin=guide_margin,
+                     guide_margin_strategy=guide_margin_strategy, return_dropped=return_dropped)
     name = resolve(backend, image.device, dtype=image.dtype)
     options = InfoNCEOptions(name, normalize=False, symmetric=True, reduction=reduction,
                              label_smoothing=label_smoothing, matryoshka_dims=dims,

@@ -21,6 +21,7 @@ from .. import _loss_args as args
 from .. import _validation as check
 from .. import functional
 from .._host import REDUCTIONS
+from .._false_negative_args import clip_filter, info_nce_filter, moco_filter
 from .._loss_args import output_dtype_policy
 from ..backends import resolve
 from .calls import (MODES, compute_dtype, exchange, float_code, group_reduce, mode_code, prepare,
@@ -29,7 +30,7 @@ from .collectives import AllReduceWithGrad, Comm, all_gather_rows, dtype_code
 from ..infonce import InfoNCEOptions
 from ..infonce.matryoshka import matryoshka_args
 from .false_negatives import check_margins, filter_code
-from .filtered import clip_filter, filtered_info_nce, info_nce_filter, moco_filter
+from .filtered import filtered_info_nce
 from .global_infonce import global_info_nce
 from .matryoshka import check_matryoshka, distributed_matryoshka
 from .objectives import negative_counts
