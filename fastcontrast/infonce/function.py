@@ -30,7 +30,9 @@ class FusedInputs(NamedTuple):
     """The tensor inputs of FusedInfoNCE, in its argument order: query (N, D), key (M, D) or
     None (the keys are the queries), bank (K, D), per_query (N, K, D), scale = 1/temperature
     (0-dim), targets (N,), query_ids (N,) / bank_ids (K,) (a bank entry with the query's id is
-    not a candidate), row_weights (N,) (the loss is sum_i w_i loss_i, reduced as the pass says)."""
+    not a candidate), row_weights (N,) (the loss is sum_i w_i loss_i, reduced as the pass says),
+    col_weights (N,) (a symmetric pass only: the column terms' own weights,
+    loss_i = (w_i (row_lse_i - s_ii) + c_i (col_lse_i - s_ii)) / 2; None: c = w)."""
 
     query: Tensor
     key: Optional[Tensor]
@@ -41,6 +43,7 @@ class FusedInputs(NamedTuple):
     query_ids: Optional[Tensor]
     bank_ids: Optional[Tensor]
     row_weights: Optional[Tensor]
+    col_weights: Optional[Tensor] = None
 
     def uses_gram(self, fused_pass):
         return fused_pass.uses_gram(self.key is None, self.bank, self.per_query, self.targets)
@@ -73,6 +76,20 @@ def _filter_of(false_negatives, operands, fused_pass, positive, targets):
     if false_negatives is None:
         return {}
     return false_negatives.kernel_filter(operands, fused_pass, positive, targets)._asdict()
+
+
+def _weighted(loss, weights):
+    """w_i loss_i, 0 where w_i == 0 (such a row may have no candidate: lse = -inf)."""
+    w = weights.to(loss.dtype)
+    return torch.where(w != 0, loss * w, torch.zeros_like(loss))
+
+
+def _weighted_symmetric(row_lse, col_lse, positive, inputs):
+    """(w_i (row_lse_i - s_ii) + c_i (col_lse_i - s_ii)) / 2 (FusedInputs.col_weights)."""
+    rows = row_lse if positive is None else row_lse - positive
+    cols = col_lse if positive is None else col_lse - positive
+    rows = rows if inputs.row_weights is None else _weighted(rows, inputs.row_weights)
+    return 0.5 * (rows + _weighted(cols, inputs.col_weights))
 
 
 def _forward_pass(fused_pass, needs, inputs, gram, false_negatives=None):
@@ -114,6 +131,9 @@ def _forward_pass(fused_pass, needs, inputs, gram, false_negatives=None):
         col_lse = col_lse if fused_pass.symmetric else None
     else:
         row_lse = extra_lse
+    if fused_pass.symmetric and inputs.col_weights is not None:
+        return (reduce_loss(_weighted_symmetric(row_lse, col_lse, positive, inputs),
+                            fused_pass.reduction), row_lse, col_lse, fused_gradients)
     if fused_pass.symmetric:
         loss = 0.5 * (row_lse + col_lse) - positive
     elif fused_pass.subtract_positive:
@@ -122,9 +142,8 @@ def _forward_pass(fused_pass, needs, inputs, gram, false_negatives=None):
         loss = row_lse.clone()  # the loss and the saved row_lse are distinct outputs
     if fused_pass.positive_is_candidate:
         loss = non_negative(loss, candidate_count(fused_pass, operands) == 1)
-    if inputs.row_weights is not None:  # a row of weight 0 may have no candidate (lse = -inf)
-        w = inputs.row_weights.to(loss.dtype)
-        loss = torch.where(w != 0, loss * w, torch.zeros_like(loss))
+    if inputs.row_weights is not None:
+        loss = _weighted(loss, inputs.row_weights)
     return reduce_loss(loss, fused_pass.reduction), row_lse, col_lse, fused_gradients
 
 
@@ -139,9 +158,9 @@ class FusedInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def forward(query, key, bank, per_query, scale, targets, query_ids, bank_ids, row_weights,
-                fused_pass, needs, false_negatives=None):
+                col_weights, fused_pass, needs, false_negatives=None):
         inputs = FusedInputs(query, key, bank, per_query, scale, targets, query_ids, bank_ids,
-                             row_weights)
+                             row_weights, col_weights)
         with serial_host_ops(fused_pass.backend):
             loss, row_lse, col_lse, fused = _forward_pass(fused_pass, needs, inputs,
                                                           inputs.uses_gram(fused_pass),
@@ -151,7 +170,7 @@ class FusedInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        inputs, (fused_pass, needs, *rest) = FusedInputs(*inputs[:9]), inputs[9:]
+        inputs, (fused_pass, needs, *rest) = FusedInputs(*inputs[:10]), inputs[10:]
         _, row_lse, col_lse, *fused = output
         ctx.fused_pass, ctx.needs = fused_pass, needs
         ctx.false_negatives = rest[0] if rest else None  # no gradient: the guide is detached
@@ -171,19 +190,19 @@ class FusedInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, *_):
         if grad_output is None:  # no gradient reached the loss (set_materialize_grads(False))
-            return (None,) * 12
+            return (None,) * 13
         saved = ctx.saved_tensors  # checks the version counters: in-place edits raise here
         with torch.no_grad(), serial_host_ops(ctx.fused_pass.backend):
             grads = FusedInfoNCE._input_gradients(ctx, grad_output, saved)
             grads = cast_gradients(grads, ctx.dtypes)
         grads = first_order_only(grads, ctx.fused_pass.backend)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
     @staticmethod
     def _input_gradients(ctx, grad_output, saved):
         fused_pass, needs = ctx.fused_pass, ctx.needs
-        inputs = FusedInputs(*saved[:9])
-        row_lse, col_lse, *fused = saved[9:]
+        inputs = FusedInputs(*saved[:10])
+        row_lse, col_lse, *fused = saved[10:]
         shared_key = inputs.key is None
         if ctx.fused:
             grads = InputGradients(*scaled_fused_gradients(fused, needs, grad_output))
@@ -195,6 +214,9 @@ class FusedInfoNCE(torch.autograd.Function):
                                  inputs.bank_ids)
             g = reduction_weights(fused_pass.reduction, inputs.query.shape[0], grad_output,
                                   operands.alpha.dtype, inputs.row_weights).contiguous()
+            col_g = None if inputs.col_weights is None else reduction_weights(
+                fused_pass.reduction, inputs.query.shape[0], grad_output, operands.alpha.dtype,
+                inputs.col_weights).contiguous()
             # The backward needs s_{i,t_i} only where it is a candidate outside the product, or
             # for the false-negative filter's thresholds (recomputed: the same bits).
             positive = (positive_scores(operands, inputs.targets)
@@ -206,8 +228,8 @@ class FusedInfoNCE(torch.autograd.Function):
             else:
                 lse_filter = _filter_of(ctx.false_negatives, operands, fused_pass, positive,
                                         inputs.targets)
-                grads = input_gradients(fused_pass, operands, product,
-                                        col_lse=_present(col_lse), lse_filter=lse_filter, **terms)
+                grads = input_gradients(fused_pass, operands, product, col_lse=_present(col_lse),
+                                        col_g=col_g, lse_filter=lse_filter, **terms)
         if shared_key:  # one tensor in both roles: its gradient is the sum of both
             dquery, dkey = grads.query, grads.key
             merged = dkey if dquery is None else dquery if dkey is None else dquery + dkey
@@ -216,7 +238,8 @@ class FusedInfoNCE(torch.autograd.Function):
 
 
 def fused_loss(fused_pass, query, key, *, scale, bank=None, per_query=None, targets=None,
-               query_ids=None, bank_ids=None, row_weights=None, false_negatives=None):
+               query_ids=None, bank_ids=None, row_weights=None, col_weights=None,
+               false_negatives=None):
     """The loss of one fused pass (FusedInfoNCE) over FusedInputs given by keyword;
     ``false_negatives``: a false_negatives.FalseNegatives filter (one direction, no gram)."""
     needs = Needs(*requires_grad(query, key, bank, per_query, scale))
@@ -225,7 +248,7 @@ def fused_loss(fused_pass, query, key, *, scale, bank=None, per_query=None, targ
     key = None if key is query else key
     inputs = FusedInputs(query=query, key=key, bank=bank, per_query=per_query, scale=scale,
                          targets=targets, query_ids=query_ids, bank_ids=bank_ids,
-                         row_weights=row_weights)
+                         row_weights=row_weights, col_weights=col_weights)
     return FusedInfoNCE.apply(*inputs, fused_pass, needs, false_negatives)[0]
 
 

@@ -77,34 +77,37 @@ def add_positive_gradients(fused_pass, operands, targets, positive, row_lse, g, 
                 dkey.index_add_(0, targets[r0:r1], operands.query[r0:r1].to(acc) * c)
 
 
-def _product_gradients(fused_pass, operands, product, row_lse, col_lse, g, want_dquery,
+def _product_gradients(fused_pass, operands, product, row_lse, col_lse, g, col_g, want_dquery,
                        want_dkeys, lse_filter):
     """(dquery, dkeys) of the product's log-sum-exp from masked_lse_backward (None without a
-    product): the row term with weights g, and for a symmetric loss half of each direction."""
+    product): the row term with weights g, and for a symmetric loss half of each direction (the
+    columns with weights col_g)."""
     if product.keys is None:
         return None, None
     row_grad = 0.5 * g if fused_pass.symmetric else g
     symmetric = fused_pass.symmetric
     return masked_lse_backward(
         operands.query, product.keys, operands.alpha, product.beta, row_lse, row_grad,
-        col_lse=col_lse if symmetric else None, col_grad=row_grad if symmetric else None,
+        col_lse=col_lse if symmetric else None, col_grad=0.5 * col_g if symmetric else None,
         row_ids=product.row_ids, col_ids=product.col_ids,
         exclude_diag=fused_pass.excludes_diagonal, diag_offset=0, need_dq=want_dquery,
         need_dkeys=want_dkeys, backend=fused_pass.backend, **lse_filter)
 
 
 def input_gradients(fused_pass, operands, product, *, targets, positive, row_lse, col_lse, g,
-                    needs, kernel_gradients=None, lse_filter=None):
-    """InputGradients for per-row weights g (N,). ``positive`` = s_{i,t_i} (where the loss uses
-    it); ``kernel_gradients`` = (dquery, dkeys) the backend already formed in the forward pass,
-    or None to run masked_lse_backward now; ``lse_filter``: the false-negative filter's op
-    keywords (none: no filter)."""
+                    needs, kernel_gradients=None, lse_filter=None, col_g=None):
+    """InputGradients for per-row weights g (N,) (a symmetric pass: col_g (N,) for the column
+    terms, None: g). ``positive`` = s_{i,t_i} (where the loss uses it); ``kernel_gradients`` =
+    (dquery, dkeys) the backend already formed in the forward pass, or None to run
+    masked_lse_backward now; ``lse_filter``: the false-negative filter's op keywords (none: no
+    filter)."""
+    col_g = g if col_g is None else col_g
     acc = operands.alpha.dtype
     device = operands.query.device
     want_dquery = needs.query or needs.scale
     if kernel_gradients is None:
         kernel_gradients = _product_gradients(fused_pass, operands, product, row_lse, col_lse,
-                                              g, want_dquery, needs.key or needs.bank,
+                                              g, col_g, want_dquery, needs.key or needs.bank,
                                               lse_filter or {})
     dquery, dkeys = kernel_gradients
     if want_dquery and dquery is None:
@@ -121,8 +124,10 @@ def input_gradients(fused_pass, operands, product, *, targets, positive, row_lse
 
     # A positive inside the product gets its p through the kernel; without either term (a plain
     # log-sum-exp, e.g. SupCon's denominator) there is nothing to add.
-    if fused_pass.uses_positive:
-        add_positive_gradients(fused_pass, operands, targets, positive, row_lse, g, dquery, dkey)
+    if fused_pass.uses_positive:  # symmetric: s_ii is subtracted from both halves
+        positive_g = 0.5 * (g + col_g) if fused_pass.symmetric else g
+        add_positive_gradients(fused_pass, operands, targets, positive, row_lse, positive_g,
+                               dquery, dkey)
 
     dper_query = None
     if operands.per_query is not None:

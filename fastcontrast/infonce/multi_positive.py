@@ -12,8 +12,9 @@ the positive means come from class sums,
     S_c = sum of the normalised keys of class c,
 
 so no N x M mask is formed (O((N + M) D) beyond the fused pass, plain autograd). Symmetric:
-loss_i = (row_i + col_i) / 2, col_i the same loss of key i over the queries, each direction
-one fused pass, each mean over its own rows that have a positive."""
+loss_i = (row_i + col_i) / 2, col_i the same loss of key i over the queries, each direction a
+mean over its own rows that have a positive; both log-sum-exps come from ONE symmetric fused
+pass (row and column weights, FusedInputs.col_weights), as plain CLIP's do."""
 from dataclasses import replace
 
 import torch
@@ -66,6 +67,25 @@ def _one_direction(options, fused_pass, query, key, query_labels, key_labels, op
     return lse_sum.to(pos_mean.dtype) - (weights * pos_mean).sum()
 
 
+def _symmetric(options, fused_pass, query, key, query_labels, key_labels, operands):
+    """(row_i + col_i) / 2 reduced, rows and columns without a positive left out of their
+    direction's mean; one symmetric fused pass."""
+    scale = operands["scale"]
+    row_mean, row_count = _positive_means(options, query, key, query_labels, key_labels, scale)
+    col_mean, col_count = _positive_means(options, key, query, key_labels, query_labels, scale)
+    row_w, col_w = (row_count > 0).to(row_mean.dtype), (col_count > 0).to(col_mean.dtype)
+    both = replace(fused_pass, symmetric=True, reduction="none" if options.reduction == "none"
+                   else "sum")
+    if options.reduction == "mean":
+        row_w, col_w = row_w / row_w.sum().clamp_min(1), col_w / col_w.sum().clamp_min(1)
+    lse = fused_loss(both, query, key, row_weights=row_w, col_weights=col_w, **operands)
+    positives = 0.5 * (row_w * row_mean + col_w * col_mean)
+    if options.reduction != "none":
+        return lse.to(positives.dtype) - positives.sum()
+    loss = lse.to(positives.dtype) - positives
+    return loss + (loss.detach().clamp_min(0) - loss.detach())  # >= 0, as its value is
+
+
 def multi_positive_loss(options, query, key, *, scale, query_labels, key_labels, bank=None,
                         per_query=None, query_ids=None, bank_ids=None):
     """The loss of the module docstring, reduced as options.reduction, in the accumulation
@@ -82,9 +102,5 @@ def multi_positive_loss(options, query, key, *, scale, query_labels, key_labels,
     if not options.symmetric:
         return _one_direction(options, fused_pass, query, key, query_labels, key_labels,
                               operands)
-    one_way = replace(options, symmetric=False)
-    rows = _one_direction(one_way, fused_pass, query, key, query_labels, key_labels, operands)
-    columns = _one_direction(one_way, fused_pass, key, query, key_labels, query_labels,
-                             operands)
-    return 0.5 * (rows + columns)
+    return _symmetric(options, fused_pass, query, key, query_labels, key_labels, operands)
 

@@ -25,9 +25,9 @@ def _case(name, n, d, dtype, device):
     options = {}
     if name == "with_bank":
         t["negatives"] = _rand(5, d, dtype=dtype, device=device)
-    if name == "symmetric":
+    if name in ("symmetric", "symmetric_rare"):
         options["symmetric"] = True
-    if name == "rare_classes":  # most rows have no positive among 50 classes
+    if name in ("rare_classes", "symmetric_rare"):  # most rows have no positive among 50 classes
         t["query_labels"], t["key_labels"] = _labels(n, 50, device), _labels(m, 50, device)
     if name == "clip":
         def clip(x, backend):
@@ -42,7 +42,8 @@ def _case(name, n, d, dtype, device):
     return call, t, 4.0
 
 
-CASES = ["grouped", "with_bank", "symmetric", "rare_classes", "clip"]
+# symmetric_rare: rows and columns without a positive, each left out of its own direction only.
+CASES = ["grouped", "with_bank", "symmetric", "symmetric_rare", "rare_classes", "clip"]
 
 
 def _value_and_grads(call, inputs, backend):
@@ -129,7 +130,7 @@ def test_the_positive_mean_by_class_sums_equals_the_masked_mean():
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
-@pytest.mark.parametrize("case", ["grouped", "symmetric", "with_bank"])
+@pytest.mark.parametrize("case", ["grouped", "symmetric", "symmetric_rare", "with_bank"])
 def test_gradcheck_float64(backend, case):
     _skip(backend)
     call, inputs, _ = _case(case, 5, 3, torch.float64, "cpu")
