@@ -1,11 +1,12 @@
 """What every public distributed call does around its loss: the mode and backend checks
 (``start_call``), the refusal that keeps the ranks in step when a local check fails (``refusal``),
-the metadata exchange that checks the ranks agree (``exchange``, with ``mode_code`` and
-``float_code`` for the options it carries), the inputs' preparation (``prepare``,
-``compute_dtype``) and the group's reduction convention (``group_reduce``; the convention is
-stated in fastcontrast.distributed.api).
+the metadata exchange that checks the ranks agree (``exchange``, with ``mode_code``,
+``float_code`` and ``prefix_code`` for the options it carries), the inputs' preparation
+(``prepare``, ``compute_dtype``) and the group's reduction convention (``group_reduce``; the
+convention is stated in fastcontrast.distributed.api).
 """
 import struct
+import zlib
 from contextlib import contextmanager
 
 import torch
@@ -92,4 +93,13 @@ def compute_dtype(backend, dtype):
 def float_code(value):
     """A float option as the int64 of its bits (the metadata exchange carries ints)."""
     return 0 if value is None else struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def prefix_code(options):
+    """One int that differs when the ranks' Matryoshka prefixes or weights differ (0 without
+    them), for the first exchange of every call: a rank that leaves them out, or passes other
+    ones, is refused on every rank at once (ring mode makes one call per prefix)."""
+    if not options.matryoshka_dims:
+        return 0
+    return zlib.crc32(repr((options.matryoshka_dims, options.matryoshka_weights)).encode())
 

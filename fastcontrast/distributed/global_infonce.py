@@ -18,7 +18,8 @@ import torch
 
 from .. import _validation as check
 from .._host import REDUCTIONS
-from .calls import compute_dtype, exchange, float_code, group_reduce, mode_code, prepare
+from .calls import (compute_dtype, exchange, float_code, group_reduce, mode_code, prefix_code,
+                    prepare)
 from .collectives import AllGatherWithGrad, all_gather_rows, dtype_code
 from .false_negatives import check_margins, dropped_counts, filter_code, row_filter
 from .label_smoothing import global_smoothing_gap
@@ -89,7 +90,10 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
              | int(symmetric) << 3 | int(targets is not None) << 4
              | int(query_ids is not None) << 5 | int(decoupled) << 6
              | int(labels is not None) << 7)
+    # The prefixes first: a rank without them (one call) or with others fails on the first
+    # column, whatever the other columns hold (Matryoshka's exchange starts the same way).
     table = exchange(comm, query.device, [
+        ("matryoshka_dims / matryoshka_weights", prefix_code(options)),
         (None, query.shape[0]), (None, key.shape[0]),
         (f"the feature dimension D of {q_name}", query.shape[1]),
         (f"dtype of {q_name}", dtype_code(query.dtype)),
@@ -104,10 +108,10 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
         ("label_smoothing", float_code(options.label_smoothing)),
         *filter_code(false_negatives, return_dropped)])
     if neg_kind == 3:
-        comm.check_same(table, 5, "the number K of per-query negatives")
+        comm.check_same(table, 6, "the number K of per-query negatives")
     if false_negatives is not None:
         check_margins(comm, query.device, false_negatives)
-    n_rows, n_keys = [r[0] for r in table], [r[1] for r in table]
+    n_rows, n_keys = [r[1] for r in table], [r[2] for r in table]
     n_total, m_total = sum(n_rows), sum(n_keys)
     rank = comm.rank
     key_offset = sum(n_keys[:rank])
@@ -125,7 +129,7 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
     k = q if key is query else prepare(key, cdt, normalize)
     bank = negatives if neg_kind == 2 else None
     over_negatives = options.decoupled or options.needs_host_terms
-    bank_sizes = [r[5] for r in table] if bank is not None else [0] * comm.world
+    bank_sizes = [r[6] for r in table] if bank is not None else [0] * comm.world
     b = None if bank is None else prepare(bank, cdt, normalize)
     # The id mask holds one id per row: where the in-batch keys mask the positives (HCL) the
     # bank entries of the query's id need a product of their own (Candidates.bank_apart).

@@ -25,7 +25,6 @@ moving d_p of the D features), keeping ring mode's memory bound (no rank holds e
 
 The options that single-process Matryoshka refuses are refused here with the same
 NotImplementedError, before any communication."""
-import zlib
 
 import torch
 
@@ -34,7 +33,7 @@ from .. import backends
 from .._host import REDUCTIONS, accumulate_dtype
 from ..infonce.matryoshka import _chunk_sums, _inverse_norms, matryoshka_unsupported
 from ..infonce.matryoshka_ops import matryoshka_lse
-from .calls import exchange, group_reduce
+from .calls import exchange, group_reduce, prefix_code
 from .collectives import AllGatherWithGrad, all_reduce_logsumexp_with_grad, dtype_code
 from .global_infonce import _check_global_targets, global_info_nce
 
@@ -61,24 +60,19 @@ def prefix_sum(dims, weights, loss_at):
     return total
 
 
-def _prefix_code(options):
-    """One int that differs when the ranks' prefixes or weights differ (the exchange checks)."""
-    return zlib.crc32(repr((options.matryoshka_dims, options.matryoshka_weights)).encode())
-
-
 def _gather_fused(comm, options, query, key, bank, scale, targets, q_name, targets_valid):
     """Mode "gather": this rank's share of the loss, all prefixes in one fused pass."""
     flags = (int(options.normalize) | int(options.exclude_self) << 1
              | int(options.symmetric) << 2 | int(targets is not None) << 3)
     table = exchange(comm, query.device, [
+        ("matryoshka_dims / matryoshka_weights", prefix_code(options)),  # first: as info_nce's
         (None, query.shape[0]), (None, key.shape[0]), (None, 0 if bank is None else bank.shape[0]),
         (f"the feature dimension D of {q_name}", query.shape[1]),
         (f"dtype of {q_name}", dtype_code(query.dtype)),
         ("negatives given", int(bank is not None)),
         ("the options normalize / exclude_self / symmetric / targets given", flags),
-        ("reduction", REDUCTIONS.index(options.reduction)),
-        ("matryoshka_dims / matryoshka_weights", _prefix_code(options))])
-    n_rows, n_keys = [r[0] for r in table], [r[1] for r in table]
+        ("reduction", REDUCTIONS.index(options.reduction))])
+    n_rows, n_keys = [r[1] for r in table], [r[2] for r in table]
     offset = sum(n_keys[:comm.rank])
     own = torch.arange(offset, offset + query.shape[0], device=query.device)
     if targets is not None and not targets_valid and check.reads_values(targets):
@@ -88,7 +82,7 @@ def _gather_fused(comm, options, query, key, bank, scale, targets, q_name, targe
     candidates = AllGatherWithGrad.apply(key.contiguous(), comm, tuple(n_keys))
     if bank is not None:
         candidates = torch.cat([candidates, AllGatherWithGrad.apply(
-            bank.contiguous(), comm, tuple(r[2] for r in table))])
+            bank.contiguous(), comm, tuple(r[3] for r in table))])
     loss = _row_losses(comm, options, query, candidates, scale,
                        own if targets is None else targets, offset)
     return group_reduce(comm, loss, options.reduction, sum(n_rows))

@@ -545,6 +545,16 @@ def run_bad_inputs(group, out, tag):
         out[f"{tag}bad/dim/clip"] = "no error"
     except ValueError as e:
         out[f"{tag}bad/dim/clip"] = str(e)
+    # Matryoshka on rank 0 only, with the one prefix D (the same feature shapes everywhere):
+    # ring mode makes one call per prefix, so the prefixes must be agreed on, not inferred.
+    q, k = torch.randn(3, DIM, dtype=torch.float64), torch.randn(3, DIM, dtype=torch.float64)
+    prefixes = dict(matryoshka_dims=(DIM,), matryoshka_weights=(2.0,)) if rank == 0 else {}
+    for mode in MODES:
+        try:
+            fcd.info_nce(q, k, mode=mode, group=group, backend=BACKEND, **prefixes)
+            out[f"{tag}bad/matryoshka/{mode}"] = "no error"
+        except ValueError as e:
+            out[f"{tag}bad/matryoshka/{mode}"] = str(e)
     dtype = torch.float64 if rank == 0 else torch.float32
     q, k = torch.randn(3, DIM, dtype=dtype), torch.randn(3, DIM, dtype=dtype)
     try:

@@ -101,6 +101,9 @@ def test_mismatched_inputs_raise_on_every_rank(results, world):
         assert "query" not in message, message
         message = res[f"w{world}/bad/dtype"]
         assert "image must have the same dtype" in message and "torch.float32" in message, message
+        for mode in _workers.MODES:  # Matryoshka prefixes on one rank only
+            message = res[f"w{world}/bad/matryoshka/{mode}"]
+            assert "matryoshka_dims / matryoshka_weights" in message, message
 
 
 @pytest.mark.parametrize("world", (2, 4))
