@@ -42,7 +42,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_world(world, out_dir, deadline_s=240):
+def run_world(world, out_dir, deadline_s=360):
     """Spawn ``world`` workers, wait at most ``deadline_s`` (a safety net for a loaded machine:
     every collective already fails after TIMEOUT_S), return the ranks' result dicts."""
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
@@ -106,12 +106,13 @@ class Case:
             sum(sizes[:r]), sum(sizes[:r + 1])))
 
 
-def _case_list():
+def _case_list(backend=BACKEND):
+    """(cases, filter builders) with the distributed calls on ``backend``."""
     import fastcontrast as fc
     from fastcontrast import distributed as fcd
 
     ref = dict(backend="reference")
-    dst = dict(backend=BACKEND)
+    dst = dict(backend=backend)
     cases = []
 
     def pair(gen, sizes, keys_per_row=1):
@@ -396,7 +397,7 @@ def _ids(x, options):
 def _queue(x):
     from fastcontrast import NegativeQueue
 
-    queue = NegativeQueue(x["queue"].shape[0], DIM, dtype=torch.float64, store_indices=True)
+    queue = NegativeQueue(x["queue"].shape[0], DIM, dtype=x["queue"].dtype, store_indices=True)
     queue.enqueue(x["queue"], indices=x["queue_ids"])
     return queue
 
@@ -419,11 +420,12 @@ def _gather_scalar(value, group):
     return torch.cat(out)
 
 
-def _local(glob, shards, differentiable, rank):
+def _local(glob, shards, differentiable, rank, dtype=None):
+    """This rank's shard of every input (floating ones cast to ``dtype`` where given)."""
     out = {}
     for name, t in glob.items():
         part = t if shards[name] is None else t[shards[name][rank]]
-        part = part.clone()
+        part = part.clone() if dtype is None or not part.is_floating_point() else part.to(dtype)
         if name in differentiable:
             part.requires_grad_(True)
         out[name] = part
@@ -440,12 +442,16 @@ def _grads(tensors, names):
             for n in names}
 
 
-def run_case(case, group, seed, out, tag=""):
-    """All checks of one case in the process group ``group``; results into ``out``."""
+def run_case(case, group, seed, out, tag="", dtype=None):
+    """All checks of one case in the process group ``group``; results into ``out``. ``dtype``:
+    the distributed call's inputs in that dtype (the reference stays float64)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     sizes = SIZES[:world]
     gen = torch.Generator().manual_seed(seed)
     glob, shards, differentiable = case.build(gen, sizes)
+    if dtype is not None:  # the reference sees the inputs the cast call gets, in float64
+        glob = {k: v.to(dtype).to(v.dtype) if v.is_floating_point() else v
+                for k, v in glob.items()}
     weights = torch.rand(2 * sum(sizes), generator=gen, dtype=torch.float64) + 0.5
     key = f"{tag}{case.name}"
     seen = {}
@@ -454,7 +460,7 @@ def run_case(case, group, seed, out, tag=""):
             prefix = f"{key}/{mode}/{variant}"
             try:
                 red = "mean" if variant == "mean" else "none"
-                local = _local(glob, shards, differentiable, rank)
+                local = _local(glob, shards, differentiable, rank, dtype)
                 full = _leaf_copy(glob, differentiable)
                 loss = case.dist(local, red, mode, group)
                 reference = case.ref(full, red)
@@ -621,6 +627,9 @@ def _main(rank, world, out_dir):
         cases = _case_list()
         _run_all(None, out, f"w{world}/", 1000, cases)
         if world == 4:
+            from ._backend_cases import run_backend_cases
+
+            run_backend_cases(None, out, f"w{world}/")
             pairs = [dist.new_group([0, 2], timeout=timeout),
                      dist.new_group([1, 3], timeout=timeout)]
             _run_all(pairs[rank % 2], out, "w2/", 2000 + 100 * (rank % 2), cases)

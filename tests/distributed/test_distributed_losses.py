@@ -5,7 +5,7 @@ check measures). One spawn of 4 processes runs every world size (W = 2 on the su
 import pytest
 import torch
 
-from . import _workers
+from . import _backend_cases, _workers
 from ._distill_cases import NAMES as DISTILL_CASES
 from ._false_negative_cases import NAMES as FALSE_NEGATIVE_CASES
 from ._label_smoothing_cases import NAMES as LABEL_SMOOTHING_CASES
@@ -63,6 +63,24 @@ def test_matches_single_process(results, world, case):
         assert {f"{case}/{mode}/{v}/loss" for v in ("mean", "sum", "rows")} <= keys
     assert {key for _, key, _ in _entries(results, f"{case}/agree/")} == {
         f"{case}/agree/mean", f"{case}/agree/rows"}
+
+
+@pytest.mark.parametrize("dtype", list(_backend_cases.DTYPES))
+@pytest.mark.parametrize("case", _backend_cases.OBJECTIVES)
+def test_objectives_on_the_cpu_kernels_match_float64(results, case, dtype):
+    """W = 4, both modes: the objectives on the compiled CPU kernels with float32 / bfloat16
+    inputs, within the dtype's bound of the float64 single-process loss and gradients."""
+    skipped = results[0].get(f"w4/{_backend_cases.BACKEND}-skipped")
+    if skipped:
+        pytest.skip(skipped)
+    bound = _backend_cases.DTYPES[dtype][1]
+    prefix = f"{_backend_cases.prefix('w4/', dtype)}{case}/"
+    bad = [(rank, key, value) for rank, key, value in _entries(results, prefix)
+           if not value <= bound]
+    assert not bad, f"relative errors above {bound}: {bad}"
+    for mode in _workers.MODES:
+        keys = {key for _, key, _ in _entries(results, f"{prefix}{mode}/")}
+        assert {f"{prefix}{mode}/{v}/loss" for v in ("mean", "sum", "rows")} <= keys
 
 
 @pytest.mark.parametrize("world", WORLDS)
