@@ -25,7 +25,7 @@ import torch
 
 from .. import backends
 from .._host import accumulate_dtype, reduce_loss
-from .._host_threads import serial_host_ops
+from .._host_threads import serial_host_graph
 from ..reference import info_nce_reference
 from .matryoshka_ops import matryoshka_lse, matryoshka_lse_fused
 
@@ -198,6 +198,9 @@ def matryoshka_info_nce(options, query, key, negatives, temperature, scale, targ
         raise error
     if options.backend == "reference":
         return _reference(options, query, key, negatives, temperature, targets)
-    with serial_host_ops(options.backend):  # the host passes on this thread (busy CPU)
-        loss = _fused(options, query, key, negatives, scale, targets)
-    return reduce_loss(loss, options.reduction)
+    def loss(query, key, negatives, scale):
+        return reduce_loss(_fused(options, query, key, negatives, scale, targets),
+                           options.reduction)
+
+    # The host passes and their gradients on this thread (busy CPU), the kernels on every one.
+    return serial_host_graph(loss, options.backend, query, key, negatives, scale)
