@@ -12,8 +12,9 @@ takes the leading d_p dimensions of the features as given). Per row and prefix,
 The P log-sum-exps come from ONE pass over the key tiles (matryoshka_ops.py): s^p is a partial
 sum over D chunks of the same products, scaled by the per-prefix inverse norms, which are
 computed up front here in O((N + M) D) from cumulative chunk sums of squares, as are the
-positives. Their gradients go through autograd; the kernels' backward folds the prefixes'
-weights into one product per D chunk.
+positives. Their gradients go through autograd, on the calling thread on cpu (as the forward's
+host passes: serial_host_graph); the kernels' backward folds the prefixes' weights into one
+product per D chunk.
 
 Supported with: targets, exclude_self (nt_xent), symmetric (clip_loss), normalize, a shared
 bank of negatives (without ids), every reduction and a tensor temperature. The other options
