@@ -12,8 +12,9 @@ takes the leading d_p dimensions of the features as given). Per row and prefix,
 The P log-sum-exps come from ONE pass over the key tiles (matryoshka_ops.py): s^p is a partial
 sum over D chunks of the same products, scaled by the per-prefix inverse norms, which are
 computed up front here in O((N + M) D) from cumulative chunk sums of squares, as are the
-positives. Their gradients go through autograd; the kernels' backward folds the prefixes'
-weights into one product per D chunk.
+positives. Their gradients go through autograd, on the calling thread on cpu (as the forward's
+host passes: serial_host_graph); the kernels' backward folds the prefixes' weights into one
+product per D chunk.
 
 Supported with: targets, exclude_self (nt_xent), symmetric (clip_loss), normalize, a shared
 bank of negatives (without ids), every reduction and a tensor temperature. The other options
@@ -25,7 +26,7 @@ import torch
 
 from .. import backends
 from .._host import accumulate_dtype, reduce_loss
-from .._host_threads import serial_host_ops
+from .._host_threads import serial_host_graph
 from ..reference import info_nce_reference
 from .matryoshka_ops import matryoshka_lse, matryoshka_lse_fused
 
@@ -198,6 +199,9 @@ def matryoshka_info_nce(options, query, key, negatives, temperature, scale, targ
         raise error
     if options.backend == "reference":
         return _reference(options, query, key, negatives, temperature, targets)
-    with serial_host_ops(options.backend):  # the host passes on this thread (busy CPU)
-        loss = _fused(options, query, key, negatives, scale, targets)
-    return reduce_loss(loss, options.reduction)
+    def loss(query, key, negatives, scale):
+        return reduce_loss(_fused(options, query, key, negatives, scale, targets),
+                           options.reduction)
+
+    # The host passes and their gradients on this thread (busy CPU), the kernels on every one.
+    return serial_host_graph(loss, options.backend, query, key, negatives, scale)
