@@ -15,6 +15,14 @@ calls per prefix, "separate", and the materialised sum) and similarity distillat
 (distill_info_nce one direction against info_nce, and symmetric with CLIP's temperatures
 against clip_loss, whose materialised form is OpenCLIP's DistillClipLoss term; target 2.3x: it
 computes two score matrices).
+
+The symmetric distillation row also times OpenCLIP's own ``open_clip.loss.DistillClipLoss``
+(when open-clip-torch is installed, else skipped with the reason), like for like: the class
+returns (contrastive loss, distillation loss) from one pair of materialised logits, so it is
+timed on their sum ("open_clip", both terms) against the fused equivalent of that sum,
+clip_loss(...) + distill_info_nce(..., symmetric=True) ("objective+clip"): speedup_vs_open_clip
+is open_clip / objective+clip. Its distillation term alone is what "materialised" computes
+(the same dist_loss formula) against "objective" (distill_info_nce alone).
 """
 import os
 import sys
@@ -46,6 +54,8 @@ TIME_TARGET, SPEEDUP_TARGET, MEMORY_TARGET = 1.15, 2.0, 0.03
 # distillation computes two score matrices.
 TIME_TARGETS = {"info_nce+matryoshka": 1.3, "distill_info_nce": 2.3, "distill_clip": 2.3}
 EXTRA_IMPLS = {"info_nce+matryoshka": ("separate",)}  # timed besides the three of every objective
+OPEN_CLIP_DISTILL = "open_clip DistillClipLoss"  # benchmarks.peers key
+OPEN_CLIP_IMPLS = ("open_clip", "objective+clip")  # timed on distill_clip when it loads
 TEACHER_TEMPERATURE, TEACHER_LOGIT_SCALE = 0.05, 50.0
 
 
@@ -121,9 +131,10 @@ def _materialised(name, a, b, labels, guide=None):
 
 def make_step(name, impl, n, dim, seed=0):
     """A zero-argument forward + backward (into .grad) of objective ``name`` as ``impl``:
-    "objective" (fused), "plain" (the fused base loss), "materialised" or (Matryoshka)
-    "separate" (one fused call per prefix); top-level so that the memory probe pickles it by
-    name."""
+    "objective" (fused), "plain" (the fused base loss), "materialised", (Matryoshka)
+    "separate" (one fused call per prefix) or (distill_clip) "open_clip" / "objective+clip"
+    (OpenCLIP's DistillClipLoss, both terms, and its fused equivalent); top-level so that the
+    memory probe pickles it by name."""
     import torch
     import torch.nn.functional as F
 
@@ -156,7 +167,25 @@ def make_step(name, impl, n, dim, seed=0):
         else:
             extra = dict(labels=labels)
 
+    if impl == "open_clip":
+        from fastcontrast.benchmarks.peers import load_peer
+
+        cls, reason = load_peer(OPEN_CLIP_DISTILL)
+        if cls is None:
+            raise ImportError(reason)
+        open_clip_loss = cls()
+        scales = (torch.tensor(LOGIT_SCALE), torch.tensor(TEACHER_LOGIT_SCALE))
+
+    def distill_clip():
+        return fc.distill_info_nce(a, b, *teacher, temperature=1 / LOGIT_SCALE,
+                                   teacher_temperature=1 / TEACHER_LOGIT_SCALE,
+                                   normalize=False, backend="cpu")
+
     def call():
+        if impl == "open_clip":  # both of its terms, summed (the module docstring)
+            return sum(open_clip_loss(a, b, scales[0], *teacher, scales[1]))
+        if impl == "objective+clip":
+            return fc.clip_loss(a, b, LOGIT_SCALE, backend="cpu") + distill_clip()
         if impl == "materialised" and name.startswith("distill"):
             return _materialised_distill(name, a, b, teacher)
         if impl == "materialised":
@@ -169,14 +198,26 @@ def make_step(name, impl, n, dim, seed=0):
                                        teacher_temperature=TEACHER_TEMPERATURE,
                                        symmetric=False, backend="cpu")
         if impl == "objective" and name == "distill_clip":
-            return fc.distill_info_nce(a, b, *teacher, temperature=1 / LOGIT_SCALE,
-                                       teacher_temperature=1 / TEACHER_LOGIT_SCALE,
-                                       normalize=False, backend="cpu")
+            return distill_clip()
         if base == "info_nce":
             return fc.info_nce(a, b, temperature=TEMPERATURE, backend="cpu", **extra)
         return fc.clip_loss(a, b, LOGIT_SCALE, backend="cpu", **extra)
 
     return backward_step(call, a, b)
+
+
+def _open_clip_impls(name):
+    """OPEN_CLIP_IMPLS for the symmetric distillation row when OpenCLIP loads, else () with
+    the reason printed (CI may run without the bench extra)."""
+    if name != "distill_clip":
+        return ()
+    from fastcontrast.benchmarks.peers import load_peer
+
+    cls, reason = load_peer(OPEN_CLIP_DISTILL)
+    if cls is None:
+        print(f"{name}: OpenCLIP's DistillClipLoss skipped: {reason}", flush=True)
+        return ()
+    return OPEN_CLIP_IMPLS
 
 
 def main(argv=None):
@@ -200,14 +241,22 @@ def main(argv=None):
     impls = ("objective", "plain", "materialised")
     for name in [o for o in args.objectives.split(",") if o]:
         steps = {impl: make_step(name, impl, args.n, args.dim)
-                 for impl in impls + EXTRA_IMPLS.get(name, ())}
+                 for impl in impls + EXTRA_IMPLS.get(name, ()) + _open_clip_impls(name)}
         values = {impl: step() for impl, step in steps.items()}  # checked once, then timed
+        if "open_clip" in values:  # a peer computing something else must not be timed
+            gap = abs(values["open_clip"] - values["objective+clip"])
+            if gap > 1e-4 * abs(values["open_clip"]):
+                raise RuntimeError(f"OpenCLIP's DistillClipLoss gives {values['open_clip']}, "
+                                   f"clip_loss + distill_info_nce {values['objective+clip']}")
         samples = time_interleaved(steps, args.repeats)
         row = {"loss": values, "time": {impl: summarize(s) for impl, s in samples.items()},
                "time_vs_plain": paired_ratio(samples["objective"], samples["plain"]),
                "time_target": TIME_TARGETS.get(name, TIME_TARGET),
                "speedup_vs_materialised": paired_ratio(samples["materialised"],
                                                        samples["objective"])}
+        if "open_clip" in samples:
+            row["speedup_vs_open_clip"] = paired_ratio(samples["open_clip"],
+                                                       samples["objective+clip"])
         if name.endswith("matryoshka"):
             row["dims"] = matryoshka_dims(args.dim)
             row["separate_vs_plain"] = paired_ratio(samples["separate"], samples["plain"])
@@ -223,10 +272,12 @@ def main(argv=None):
                   if args.memory else "")
         separate = (f", separate calls {row['separate_vs_plain']:.2f}x plain fused"
                     if "separate_vs_plain" in row else "")
+        open_clip = (f", clip_loss + distill {row['speedup_vs_open_clip']:.2f}x faster than "
+                     f"OpenCLIP DistillClipLoss" if "speedup_vs_open_clip" in row else "")
         print(f"{name}: {row['time']['objective']['median_s']:.3f} s, "
               f"{row['time_vs_plain']:.2f}x plain fused, "
               f"{row['speedup_vs_materialised']:.2f}x faster than materialised{memory}"
-              f"{separate}", flush=True)
+              f"{separate}{open_clip}", flush=True)
     save_json(args.out, "objectives_targets.json", result)
     return result
 

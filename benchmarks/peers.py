@@ -49,6 +49,9 @@ PEERS = {
                                "open_clip.ClipLoss"),
     "open_clip SigLipLoss": Peer("open-clip-torch", "open_clip.loss", "SigLipLoss", True,
                                  "open_clip.SigLipLoss"),
+    # No twin: its fused equivalent is clip_loss + distill_info_nce (objectives_targets.py).
+    "open_clip DistillClipLoss": Peer("open-clip-torch", "open_clip.loss", "DistillClipLoss",
+                                      True),
     "lightly": Peer("lightly", "lightly.loss.ntx_ent_loss", "NTXentLoss", True,
                     "lightly.NTXentLoss"),
     "pml NTXentLoss": Peer("pytorch-metric-learning", "pytorch_metric_learning.losses",

@@ -9,8 +9,10 @@
 // sum_i e^{t_ij - max} s_ij rescaled with the teacher's sum. Sums accumulate in double.
 //
 // The backward recomputes both tiles, overwrites S with G (distill.h) and applies the two
-// gradient GEMMs gq[r0:r0+R] = G @ sk and gk += G^T @ sq[r0:r0+R]. Memory: the two tiles
-// (a 16 MiB budget for both) and O(N + M) vectors.
+// gradient GEMMs gq[r0:r0+R] = G @ sk and gk += G^T @ sq[r0:r0+R]. The blocks run as tasks
+// (for_each_row_block), the updates shared across blocks (gk, the column statistics) by column
+// chunk in block order. Memory: threads + 1 pairs of tiles (kInFlightBytes) and O(N + M)
+// vectors.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -20,10 +22,12 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/block_tasks.h"
 #include "cpu/distill.h"
 #include "cpu/fast_exp.h"
 #include "cpu/host_threads.h"
 #include "cpu/outputs.h"
+#include "cpu/tasks.h"
 #include "register_ops.h"
 
 namespace fastcontrast {
@@ -31,17 +35,19 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-constexpr int64_t kTileBytes = int64_t(16) << 20;  // the two R x M tiles together
+// The tiles in flight: threads + 1 slots (block_tasks.h) of two R x M tiles. 48 MiB gives
+// R = 128 at M = 16384 fp32 on 2 threads (the R of the former single pair of 16 MiB), a few
+// percent of the two N x M matrices a materialised formulation holds.
+constexpr int64_t kInFlightBytes = int64_t(48) << 20;
 constexpr int64_t kMinBlockRows = 16;
 constexpr int64_t kMaxBlockRows = 1024;
-constexpr int64_t kElemsPerTask = 16384;  // parallel grain of the elementwise passes
-constexpr int64_t kColumnsPerTask = 256;
 constexpr int64_t kFlushEvery = 512;  // elements summed in T before a flush into double
 
 int64_t choose_block_rows(int64_t n, int64_t m, int64_t elem_size, int64_t requested) {
   int64_t r = requested;
   if (r <= 0) {
-    r = kTileBytes / std::max<int64_t>(2 * m * elem_size, 1);
+    const int64_t slots = tiles::tile_slots(std::max<int64_t>(n, 1));
+    r = kInFlightBytes / std::max<int64_t>(slots * 2 * m * elem_size, 1);
     r = std::clamp<int64_t>(r / 16 * 16, kMinBlockRows, kMaxBlockRows);
   }
   return std::max<int64_t>(1, std::min(r, n));
@@ -156,16 +162,17 @@ void merge_columns(const T* s, const T* t, int64_t rows, int64_t m, int64_t j0, 
   }
 }
 
-// The score tiles of rows r0 .. r0 + rows, unscaled.
+// The score tiles of rows r0 .. r0 + rows, unscaled, in one slot's buffers.
 struct Tiles {
   at::Tensor s_buffer, t_buffer;
   at::Tensor s, t;
-  Tiles(int64_t block_rows, int64_t m, const at::TensorOptions& options)
-      : s_buffer(at::empty({block_rows * m}, options)),
-        t_buffer(at::empty({block_rows * m}, options)) {}
   void compute(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq,
-               const at::Tensor& tk, int64_t r0, int64_t rows) {
+               const at::Tensor& tk, int64_t block_rows, int64_t r0, int64_t rows) {
     const int64_t m = sk.size(0);
+    if (!s_buffer.defined()) {
+      s_buffer = at::empty({block_rows * m}, sq.options());
+      t_buffer = at::empty({block_rows * m}, sq.options());
+    }
     s = s_buffer.narrow(0, 0, rows * m).view({rows, m});
     t = t_buffer.narrow(0, 0, rows * m).view({rows, m});
     at::mm_out(s, sq.narrow(0, r0, rows), sk.t());
@@ -173,36 +180,58 @@ struct Tiles {
   }
 };
 
-// Streams the blocks of query rows: computes both score tiles of rows r0 .. r0 + rows, calls
-// row_fn(row, s_row, t_row) for each row of the block in parallel (it may scale both rows and
-// overwrite s_row with G), then block_fn(r0, rows, tiles) on the calling thread.
-template <typename T, typename RowFn, typename BlockFn>
+// Streams the blocks of query rows as a task graph (tasks.h, block_tasks.h): one task per block
+// computes both score tiles of its rows (single-threaded GEMMs), calls row_fn(row, s_row, t_row)
+// for each row (it may scale both rows and overwrite s_row with G) and block_fn(r0, rows,
+// tiles) (the block's own outputs); then one task per (block, column chunk j0 .. j1) calls
+// chunk_fn(r0, rows, tiles, j0, j1) (the updates shared across blocks: gk, the column
+// statistics), each chunk's updates in block order, so the sums are the same on every run. No
+// barrier per pass: with the cores shared, a descheduled thread held up every parallel_for of
+// the former fork-join loop. Memory: threads + 1 slots of two R x M tiles.
+template <typename T, typename RowFn, typename BlockFn, typename ChunkFn>
 void for_each_row_block(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq,
-                        const at::Tensor& tk, int64_t block_rows, RowFn&& row_fn,
-                        BlockFn&& block_fn) {
+                        const at::Tensor& tk, int64_t block_rows, int64_t chunk, bool chunks,
+                        RowFn&& row_fn, BlockFn&& block_fn, ChunkFn&& chunk_fn) {
   const int64_t n = sq.size(0), m = sk.size(0);
-  Tiles tiles(block_rows, m, sq.options());
-  const int64_t grain = std::max<int64_t>(1, kElemsPerTask / std::max<int64_t>(m, 1));
-  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t rows = std::min(block_rows, n - r0);
-    tiles.compute(sq, sk, tq, tk, r0, rows);
-    T* s = tiles.s.data_ptr<T>();
-    T* t = tiles.t.data_ptr<T>();
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) row_fn(r0 + i, s + i * m, t + i * m);
-    });
-    block_fn(r0, rows, tiles);
-  }
+  const int64_t nb = (n + block_rows - 1) / block_rows;
+  const int64_t nc = chunks && m > 0 ? (m + chunk - 1) / chunk : 0;
+  const int64_t slots = tiles::tile_slots(nb);
+  tiles::TaskGraph graph(nb * (1 + nc));
+  tiles::add_block_edges(graph, nb, nc, slots);
+  std::vector<Tiles> buffers(static_cast<size_t>(slots));
+  graph.run(
+      [&](int64_t task, int64_t) {
+        const auto [b, k, slot] = tiles::block_task(task, nc, slots);
+        const int64_t r0 = b * block_rows, rows = std::min(block_rows, n - r0);
+        Tiles& t = buffers[static_cast<size_t>(slot)];
+        if (k >= 0) {
+          chunk_fn(r0, rows, t, k * chunk, std::min(m, (k + 1) * chunk));
+          return;
+        }
+        t.compute(sq, sk, tq, tk, block_rows, r0, rows);
+        T* s_tile = t.s.data_ptr<T>();
+        T* t_tile = t.t.data_ptr<T>();
+        for (int64_t i = 0; i < rows; ++i) row_fn(r0 + i, s_tile + i * m, t_tile + i * m);
+        block_fn(r0, rows, t);
+      },
+      [](int64_t) {});
 }
 
-// gq[r0 : r0 + rows] = G sk and gk += G^T sq[r0 : r0 + rows], G the block's gradient tile.
-void add_gradient_products(const Tiles& tiles, const at::Tensor& sq, const at::Tensor& sk,
-                           int64_t r0, int64_t rows, OptTensor& gq, OptTensor& gk) {
-  if (gq) {
-    at::Tensor gq_block = gq->narrow(0, r0, rows);
-    at::mm_out(gq_block, tiles.s, sk);
-  }
-  if (gk) gk->addmm_(tiles.s.t(), sq.narrow(0, r0, rows));
+// gq[r0 : r0 + rows] = G sk, G the block's gradient tile.
+void add_query_gradient(const Tiles& tiles, const at::Tensor& sk, int64_t r0, int64_t rows,
+                        OptTensor& gq) {
+  if (!gq) return;
+  at::Tensor gq_block = gq->narrow(0, r0, rows);
+  at::mm_out(gq_block, tiles.s, sk);
+}
+
+// gk[j0 : j1] += G[:, j0 : j1]^T sq[r0 : r0 + rows] (block 0 first zeroes the rows).
+void add_key_gradient(const Tiles& tiles, const at::Tensor& sq, int64_t r0, int64_t rows,
+                      int64_t j0, int64_t j1, OptTensor& gk) {
+  if (!gk) return;
+  at::Tensor gk_chunk = gk->narrow(0, j0, j1 - j0);
+  if (r0 == 0) gk_chunk.zero_();
+  gk_chunk.addmm_(tiles.s.narrow(1, j0, j1 - j0).t(), sq.narrow(0, r0, rows));
 }
 
 // G_ij = g (P^S_ij - P^T_ij) from a row of exps (row_stats<T, true>), in place of them.
@@ -224,13 +253,16 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
     int64_t requested) {
   const int64_t n = sq.size(0), m = sk.size(0), d = sq.size(1);
   const int64_t block_rows = choose_block_rows(n, m, sizeof(T), requested);
+  const int64_t chunk = tiles::chunk_keys(block_rows, sizeof(T), requested);
   const bool with_grad = row_grad.has_value();
   // The gradient overwrites the tiles the column merge would read.
   TORCH_CHECK(!(with_grad && with_cols), "distill_forward: row_grad and with_cols exclude "
               "each other");
   OptTensor gq, gk;
   if (with_grad && need_gq) gq = new_output({n, d}, sq.options());
-  if (with_grad && need_gk) gk = at::zeros({m, d}, sq.options());  // accumulated
+  // Accumulated: block 0's update of each chunk zeroes its rows (zeros when there are no rows).
+  if (with_grad && need_gk) gk = n > 0 ? new_output({m, d}, sq.options())
+                                       : at::zeros({m, d}, sq.options());
   const T* g = with_grad ? row_grad->data_ptr<T>() : nullptr;
   at::Tensor rows_out = new_output({3, n}, sq.options());
   T* lse_s = rows_out.data_ptr<T>();
@@ -238,7 +270,7 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
   T* w = lse_t + n;
   Columns columns(with_cols ? m : 0);
   for_each_row_block<T>(
-      sq, sk, tq, tk, block_rows,
+      sq, sk, tq, tk, block_rows, chunk, with_cols || gk.has_value(),
       [&](int64_t row, T* s, T* t) {
         T ms, mt;
         scale_row(s, t, m, ss, ts, ms, mt);
@@ -251,13 +283,12 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
         }
       },
       [&](int64_t r0, int64_t rows, const Tiles& tiles) {
-        add_gradient_products(tiles, sq, sk, r0, rows, gq, gk);
+        add_query_gradient(tiles, sk, r0, rows, gq);
+      },
+      [&](int64_t r0, int64_t rows, const Tiles& tiles, int64_t j0, int64_t j1) {
+        add_key_gradient(tiles, sq, r0, rows, j0, j1, gk);
         if (with_cols) {
-          const T* s = tiles.s.data_ptr<T>();
-          const T* t = tiles.t.data_ptr<T>();
-          at::parallel_for(0, m, kColumnsPerTask, [&](int64_t j0, int64_t j1) {
-            merge_columns(s, t, rows, m, j0, j1, columns);
-          });
+          merge_columns(tiles.s.data_ptr<T>(), tiles.t.data_ptr<T>(), rows, m, j0, j1, columns);
         }
       });
   OptTensor cols_out;
@@ -281,9 +312,10 @@ std::tuple<OptTensor, OptTensor> backward_impl(
     int64_t requested) {
   const int64_t n = sq.size(0), m = sk.size(0), d = sq.size(1);
   const int64_t block_rows = choose_block_rows(n, m, sizeof(T), requested);
+  const int64_t chunk = tiles::chunk_keys(block_rows, sizeof(T), requested);
   OptTensor gq, gk;
   if (need_gq) gq = new_output({n, d}, sq.options());
-  if (need_gk) gk = at::zeros({m, d}, sq.options());  // accumulated
+  if (need_gk) gk = n > 0 ? new_output({m, d}, sq.options()) : at::zeros({m, d}, sq.options());
   const T* lse_s = row_stats_in.data_ptr<T>();
   const T* lse_t = lse_s + n;
   const T* g = row_grad.data_ptr<T>();
@@ -292,7 +324,7 @@ std::tuple<OptTensor, OptTensor> backward_impl(
   const T* clse_t = with_cols ? clse_s + m : nullptr;
   const T* c = with_cols ? col_grad->data_ptr<T>() : nullptr;
   for_each_row_block<T>(
-      sq, sk, tq, tk, block_rows,
+      sq, sk, tq, tk, block_rows, chunk, gk.has_value(),
       [&](int64_t row, T* s, const T* t) {
         const T gi = g[row], ls = lse_s[row], lt = lse_t[row];
         if (with_cols) {
@@ -310,7 +342,10 @@ std::tuple<OptTensor, OptTensor> backward_impl(
         }
       },
       [&](int64_t r0, int64_t rows, const Tiles& tiles) {
-        add_gradient_products(tiles, sq, sk, r0, rows, gq, gk);
+        add_query_gradient(tiles, sk, r0, rows, gq);
+      },
+      [&](int64_t r0, int64_t rows, const Tiles& tiles, int64_t j0, int64_t j1) {
+        add_key_gradient(tiles, sq, r0, rows, j0, j1, gk);
       });
   return {gq, gk};
 }
