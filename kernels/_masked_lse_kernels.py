@@ -202,10 +202,6 @@ def _masked_lse_bwd_kernel(
         s = dots * sx2[:, None] * sy[None, :]
         valid = unmasked(offs_x, offs_y, mask_x, mask_y, diag_offset, ids_x,
                          load_ids(IdsY, offs_y, mask_y, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
-        # valid_x / valid_y: the entries of the X side's / the Y side's lse term (the row and the
-        # column rule of a symmetric filter mask them apart; otherwise both are valid).
-        valid_x = valid
-        valid_y = valid
         if FILTER:
             if FILTER_ON_X:  # dq: the queries are the tile's rows, the X side's term the row's
                 drop_x, drop_y = filter_drops(
@@ -219,18 +215,25 @@ def _masked_lse_bwd_kernel(
                     HAS_THRESHOLD, HAS_GUIDE, HAS_POS, COL_RULE, UPCAST, INPUT_PRECISION)
                 drop_x = tl.trans(drop_x)
                 drop_y = tl.trans(drop_y)
-            valid_x = valid & (drop_x == 0)
-            valid_y = valid & (drop_y == 0)
+            if not COL_RULE:  # one rule: the entry leaves both terms
+                valid = valid & (drop_x == 0)
 
-        # 0 where masked, whatever the score, the lse (NaN) and the upstream gradients.
         ds = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
         if HAS_LSE_X:
-            ds += tl.where(valid_x, gx[:, None] * tl.exp2(s - lse_x[:, None]), 0.0)
+            term_x = gx[:, None] * tl.exp2(s - lse_x[:, None])
+            if COL_RULE:  # the row and the column rule mask their own lse's term
+                term_x = tl.where(drop_x, 0.0, term_x)
+            ds += term_x
         if HAS_LSE_Y:
             lse_y = tl.load(LseY + offs_y, mask=mask_y, other=float("inf")) * LOG2E
             lse_y = tl.where(lse_y == float("-inf"), float("inf"), lse_y)
             gy = tl.load(GradY + offs_y, mask=mask_y, other=0.0)
-            ds += tl.where(valid_y, gy[None, :] * tl.exp2(s - lse_y[None, :]), 0.0)
+            term_y = gy[None, :] * tl.exp2(s - lse_y[None, :])
+            if COL_RULE:
+                term_y = tl.where(drop_y, 0.0, term_y)
+            ds += term_y
+        # 0 where masked, whatever the score, the lse (NaN) and the upstream gradients.
+        ds = tl.where(valid, ds, 0.0)
         # Fold scale_y into dS and divide by G = max|grad| * max|scale_y|: entries are then at most
         # 2 in magnitude (the lse values are at least this call's own), so the cast to the input
         # dtype neither overflows fp16 nor flushes the largest entries to zero; G and scale_x are
