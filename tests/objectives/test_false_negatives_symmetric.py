@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastcontrast as fc
-from fastcontrast import backends
+from fastcontrast import _config, backends
 from fastcontrast.infonce import ops
 
 from .._helpers import FUSED_BACKENDS, assert_close, device_for
@@ -113,19 +113,32 @@ def test_column_rule_of_its_own_matches_the_materialised_formula(backend, n, m, 
                                                                     row_grad, col_grad)
     qd, kd, ad, bd, fd, sdt = _kernel_call(backend, dtype, device, q, keys, alpha, beta, f)
     module = backends.kernels("infonce", backend)
-    sizes = [dict(block_rows=4), {}] if backend == "cpu" else [{}]
-    for size in sizes:  # cpu: also many tiles of a few queries and keys
-        got_row, got_col = module.masked_lse_forward(qd, kd, ad, bd, with_col_lse=True, **size,
-                                                     **fd)
-        assert_close(got_row, row_lse, dtype, f"{backend} row_lse")
-        assert_close(got_col, col_lse, dtype, f"{backend} col_lse")
-        got_dq, got_dk = module.masked_lse_backward(
-            qd, kd, ad, bd, got_row, row_grad.to(device=device, dtype=sdt), got_col,
-            col_grad.to(device=device, dtype=sdt), **size, **fd)
-        assert_close(got_dq, dq, dtype, f"{backend} dq")
-        assert_close(got_dk, dkeys, dtype, f"{backend} dkeys")
-        counts = module.masked_lse_dropped(qd, kd, ad, bd, **size, **fd).cpu()
-        assert torch.equal(counts, torch.cat([row_counts, col_counts])), f"{backend} counts"
+    # cpu: also many tiles of a few queries and keys, and the exact (per-row max) passes
+    runs = ([(dict(block_rows=4), True), ({}, True), ({}, False)] if backend == "cpu"
+            else [({}, True)])
+    for size, shared_shift in runs:
+        with _config.override(shared_shift=shared_shift):
+            _check_kernels(module, backend, dtype, device, (qd, kd, ad, bd, fd, sdt), size,
+                           (row_lse, col_lse, dq, dkeys, row_counts, col_counts),
+                           (row_grad, col_grad))
+
+
+def _check_kernels(module, backend, dtype, device, operands, size, expected, grads):
+    """The three kernels of ``module`` against the materialised (lse, gradients, counts)."""
+    qd, kd, ad, bd, fd, sdt = operands
+    row_lse, col_lse, dq, dkeys, row_counts, col_counts = expected
+    row_grad, col_grad = grads
+    got_row, got_col = module.masked_lse_forward(qd, kd, ad, bd, with_col_lse=True, **size,
+                                                 **fd)
+    assert_close(got_row, row_lse, dtype, f"{backend} row_lse")
+    assert_close(got_col, col_lse, dtype, f"{backend} col_lse")
+    got_dq, got_dk = module.masked_lse_backward(
+        qd, kd, ad, bd, got_row, row_grad.to(device=device, dtype=sdt), got_col,
+        col_grad.to(device=device, dtype=sdt), **size, **fd)
+    assert_close(got_dq, dq, dtype, f"{backend} dq")
+    assert_close(got_dk, dkeys, dtype, f"{backend} dkeys")
+    counts = module.masked_lse_dropped(qd, kd, ad, bd, **size, **fd).cpu()
+    assert torch.equal(counts, torch.cat([row_counts, col_counts])), f"{backend} counts"
 
 
 def test_the_op_schema_and_fake_give_both_directions_counts():
