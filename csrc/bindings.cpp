@@ -29,12 +29,17 @@
 // The optional false-negative filter arguments of the full-product entry points (add_filter).
 #define FILTER_PARAMS                                                                    \
   const OptTensor &threshold, const OptTensor &positive_col, const OptTensor &guide_q,  \
-      const OptTensor &guide_keys, const OptTensor &guide_threshold
-#define FILTER_ARGS threshold, positive_col, guide_q, guide_keys, guide_threshold
+      const OptTensor &guide_keys, const OptTensor &guide_threshold,                     \
+      const OptTensor &col_threshold, const OptTensor &col_positive_row,                 \
+      const OptTensor &col_guide_threshold
+#define FILTER_ARGS                                                                   \
+  threshold, positive_col, guide_q, guide_keys, guide_threshold, col_threshold,       \
+      col_positive_row, col_guide_threshold
 #define FILTER_PY_ARGS                                                                     \
   py::arg("threshold") = py::none(), py::arg("positive_col") = py::none(),               \
       py::arg("guide_q") = py::none(), py::arg("guide_keys") = py::none(),                \
-      py::arg("guide_threshold") = py::none()
+      py::arg("guide_threshold") = py::none(), py::arg("col_threshold") = py::none(),    \
+      py::arg("col_positive_row") = py::none(), py::arg("col_guide_threshold") = py::none()
 
 namespace {
 
@@ -74,13 +79,49 @@ fastcontrast::Mask make_mask(bool exclude_diag, int64_t diag_offset, const OptTe
   return fastcontrast::Mask{exclude_diag, diag_offset, row_ids, col_ids};
 }
 
+// The column rule of the false-negative filter (cpu/row_filter.h), a symmetric pass: given with
+// col_positive_row (M,) int64 and positive_col; col_threshold (M,) exactly where threshold is,
+// col_guide_threshold (M,) exactly where the guide is.
+void add_column_rule(fastcontrast::RowFilter& f, at::ScalarType dtype, int64_t m,
+                     const OptTensor& col_threshold, const OptTensor& col_positive_row,
+                     const OptTensor& col_guide_threshold) {
+  if (!col_threshold && !col_positive_row && !col_guide_threshold) return;
+  TORCH_CHECK(col_positive_row.has_value() && f.positive_col.has_value(),
+              "the column rule needs col_positive_row and positive_col, got col_positive_row ",
+              col_positive_row ? "a tensor" : "None", " and positive_col ",
+              f.positive_col ? "a tensor" : "None");
+  CHECK_INPUT(*col_positive_row, at::kLong, m);
+  TORCH_CHECK(col_threshold.has_value() == f.threshold.has_value(),
+              "col_threshold must be given exactly with threshold, got col_threshold ",
+              col_threshold ? "a tensor" : "None", " and threshold ",
+              f.threshold ? "a tensor" : "None");
+  TORCH_CHECK(col_guide_threshold.has_value() == f.guide_q.has_value(),
+              "col_guide_threshold must be given exactly with the guide, got col_guide_threshold ",
+              col_guide_threshold ? "a tensor" : "None", " and guide_q ",
+              f.guide_q ? "a tensor" : "None");
+  TORCH_CHECK(f.threshold || f.guide_q, "the column rule needs a threshold or a guide");
+  if (col_threshold) {
+    CHECK_INPUT(*col_threshold, dtype, m);
+  }
+  if (col_guide_threshold) {
+    CHECK_INPUT(*col_guide_threshold, dtype, m);
+  }
+  f.col_threshold = col_threshold;
+  f.col_positive_row = col_positive_row;
+  f.col_guide_threshold = col_guide_threshold;
+}
+
 // The false-negative filter (cpu/row_filter.h): threshold (N,), positive_col (N,) int64,
 // guide_q (N, G) / guide_keys (M, G) / guide_threshold (N,), each optional, the guide's three
 // together; q's dtype, CPU, contiguous. Set on the mask when any is given.
 void add_filter(fastcontrast::Mask& mask, const at::Tensor& q, int64_t m, const OptTensor& threshold,
                 const OptTensor& positive_col, const OptTensor& guide_q,
-                const OptTensor& guide_keys, const OptTensor& guide_threshold) {
-  if (!threshold && !positive_col && !guide_q && !guide_keys && !guide_threshold) return;
+                const OptTensor& guide_keys, const OptTensor& guide_threshold,
+                const OptTensor& col_threshold, const OptTensor& col_positive_row,
+                const OptTensor& col_guide_threshold) {
+  if (!threshold && !positive_col && !guide_q && !guide_keys && !guide_threshold &&
+      !col_threshold && !col_positive_row && !col_guide_threshold)
+    return;
   const auto dtype = q.scalar_type();
   const int64_t n = q.size(0);
   if (threshold) {
@@ -100,8 +141,14 @@ void add_filter(fastcontrast::Mask& mask, const at::Tensor& q, int64_t m, const 
     CHECK_INPUT(*guide_keys, dtype, m, g);
     CHECK_INPUT(*guide_threshold, dtype, n);
   }
-  mask.filter = fastcontrast::RowFilter{threshold, positive_col, guide_q, guide_keys,
-                                        guide_threshold, std::nullopt, 0};
+  fastcontrast::RowFilter filter;
+  filter.threshold = threshold;
+  filter.positive_col = positive_col;
+  filter.guide_q = guide_q;
+  filter.guide_keys = guide_keys;
+  filter.guide_threshold = guide_threshold;
+  add_column_rule(filter, dtype, m, col_threshold, col_positive_row, col_guide_threshold);
+  mask.filter = filter;
 }
 
 std::tuple<at::Tensor, OptTensor> forward(const at::Tensor& q, const at::Tensor& keys,
@@ -159,6 +206,8 @@ std::tuple<at::Tensor, OptTensor, OptTensor> forward_with_grad(
     const at::Tensor& extra_lse = *extra_lse_opt;
     CHECK_INPUT(extra_lse, dtype, n);
   }
+  TORCH_CHECK(!col_positive_row, "masked_lse_forward_with_grad has no column term: the column "
+              "rule of the filter goes to masked_lse_forward / masked_lse_backward");
   auto mask = make_mask(exclude_diag, diag_offset, row_ids, col_ids, n, keys.size(0));
   add_filter(mask, q, keys.size(0), FILTER_ARGS);
   const at::NoGradGuard no_grad;

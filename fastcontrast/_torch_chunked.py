@@ -11,7 +11,7 @@ chunk, with a recomputing backward. Bounded memory on any device, no compiler ne
 import torch
 
 from ._config import settings
-from ._torch_filter import drop_filtered
+from ._torch_filter import split_filtered
 
 # Score elements per chunk (rows * keys): 16 MiB of fp32 on CPU, 256 MiB on a GPU.
 _CPU_CHUNK_ELEMENTS = 1 << 22
@@ -44,17 +44,23 @@ def _fill_masked(t, value, r0, r1, exclude_diag, diag_offset, row_ids, col_ids):
     return t
 
 
-def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids,
-            lse_filter=None):
+def _scores(x, y, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids):
     """The (r1 - r0, M) tile of s for rows r0..r1, masked entries set to -inf (after the scales,
     so a NaN or zero scale never turns a masked entry into NaN), then the candidates that the
-    false-negative filter ``lse_filter`` (keywords of _torch_filter.drop_filtered) drops."""
+    false-negative filter drops (_filtered_scores)."""
     s = torch.mm(x[r0:r1], y.T)
     s.mul_(alpha[r0:r1, None]).mul_(beta[None, :])
-    s = _fill_masked(s, float("-inf"), r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
-    if lse_filter:
-        drop_filtered(s, r0, r1, **lse_filter)
-    return s
+    return _fill_masked(s, float("-inf"), r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
+
+
+def _filtered_scores(x, y, alpha, beta, r0, r1, masks, lse_filter):
+    """(s_row, s_col, row counts, column counts): the tile of _scores with the row and the column
+    rule of the false-negative filter applied apart (_torch_filter.split_filtered; without a
+    filter s_row is s_col and the counts are None)."""
+    s = _scores(x, y, alpha, beta, r0, r1, *masks)
+    if not lse_filter:
+        return s, s, None, None
+    return split_filtered(s, r0, r1, **lse_filter)
 
 
 def _unreachable_to_inf(lse):
@@ -65,6 +71,7 @@ def _unreachable_to_inf(lse):
 def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
                        col_ids=None, with_col_lse=False, **lse_filter):
     """(row_lse (N,), col_lse (M,) or None) over unmasked entries; -inf where none."""
+    masks = (exclude_diag, diag_offset, row_ids, col_ids)
     n, m = q.shape[0], keys.shape[0]
     row_lse = new_output(n, q.dtype, q.device)
     col_lse = torch.full((m,), float("-inf"), dtype=q.dtype, device=q.device) \
@@ -72,11 +79,10 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
     step = _chunk_rows(q, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids,
-                    lse_filter)
+        s, s_col, _, _ = _filtered_scores(q, keys, alpha, beta, r0, r1, masks, lse_filter)
         row_lse[r0:r1] = torch.logsumexp(s, dim=1)
         if with_col_lse:
-            torch.logaddexp(col_lse, torch.logsumexp(s, dim=0), out=col_lse)
+            torch.logaddexp(col_lse, torch.logsumexp(s_col, dim=0), out=col_lse)
     return row_lse, col_lse
 
 
@@ -84,6 +90,7 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
                         exclude_diag=False, diag_offset=0, row_ids=None, col_ids=None,
                         need_dq=True, need_dkeys=True, **lse_filter):
     """(dq (N, D) or None, dkeys (M, D) or None) for the dS above; recomputes each tile."""
+    masks = (exclude_diag, diag_offset, row_ids, col_ids)
     n, m = q.shape[0], keys.shape[0]
     dq = new_output(q.shape, q.dtype, q.device) if need_dq else None
     dkeys = torch.zeros_like(keys) if need_dkeys else None
@@ -93,12 +100,11 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     step = _chunk_rows(q, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids,
-                    lse_filter)
+        s, s_col, _, _ = _filtered_scores(q, keys, alpha, beta, r0, r1, masks, lse_filter)
         h = torch.exp(s - row_lse[r0:r1, None]).mul_(row_grad[r0:r1, None])
         if col_lse is not None:
-            h.add_(torch.exp(s.sub_(col_lse[None, :])).mul_(col_grad[None, :]))
-        del s
+            h.add_(torch.exp(s_col.sub_(col_lse[None, :])).mul_(col_grad[None, :]))
+        del s, s_col
         # exp(-inf - NaN) and a non-finite upstream gradient times exp(-inf) are NaN: a masked
         # entry's dS is 0 whatever the lse and the gradients (as autograd through a masked_fill).
         _fill_masked(h, 0.0, r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
@@ -112,14 +118,21 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
 
 def masked_lse_dropped(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
                        col_ids=None, **lse_filter):
-    """int64 (N,): the candidates of each row that the false-negative filter drops."""
+    """int64 (N,): the candidates of each row that the false-negative filter drops; with the
+    column rule (N + M,): the row counts, then the column counts."""
+    masks = (exclude_diag, diag_offset, row_ids, col_ids)
     n, m = q.shape[0], keys.shape[0]
-    counts = torch.zeros(n, dtype=torch.int64, device=q.device)
+    with_cols = lse_filter.get("col_positive_row") is not None
+    counts = torch.zeros(n + (m if with_cols else 0), dtype=torch.int64, device=q.device)
+    if not lse_filter:
+        return counts
     step = _chunk_rows(q, m)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        s = _scores(q, keys, alpha, beta, r0, r1, exclude_diag, diag_offset, row_ids, col_ids)
-        counts[r0:r1] = drop_filtered(s, r0, r1, **lse_filter)
+        _, _, rows, cols = _filtered_scores(q, keys, alpha, beta, r0, r1, masks, lse_filter)
+        counts[r0:r1] = rows
+        if with_cols:
+            counts[n:] += cols
     return counts
 
 

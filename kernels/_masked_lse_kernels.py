@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import _load_rows, _tile_dots
-from ._false_negative_tiles import dropped_candidates
+from ._false_negative_tiles import filter_drops
 from ._lse_tiles import (LN2, LOG2E, load_ids, merge_column_stats, online_row_lse,
                          scaled_masked_scores, unmasked)
 
@@ -45,12 +45,13 @@ def _masked_lse_fwd_kernel(
     N, M, D, stride_q, stride_k, diag_offset,
     Thr, Pos, GQ, GK, GThr, Dropped,  # FILTER only: the filter (kernels/_false_negative_tiles.py)
     stride_gq, stride_gk, G,          # and with COUNT the (N,) int32 dropped counts (out)
+    CThr, CPos, CGThr, ColDropped,    # COL_RULE only: the column rule, (M,) int32 counts (out)
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_COL: tl.constexpr,
     ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     FILTER: tl.constexpr = False, HAS_THRESHOLD: tl.constexpr = False,
     HAS_GUIDE: tl.constexpr = False, HAS_POS: tl.constexpr = False, COUNT: tl.constexpr = False,
-    BLOCK_G: tl.constexpr = 16,
+    BLOCK_G: tl.constexpr = 16, COL_RULE: tl.constexpr = False,
 ):
     """Row lse (and with HAS_COL the column (max, sum)) of the masked scores; grid
     (cdiv(N, BLOCK_N),), each program one row block against all key blocks.
@@ -96,18 +97,29 @@ def _masked_lse_fwd_kernel(
                              BLOCK_N, BLOCK_M, BLOCK_D, ONE_D_CHUNK, UPCAST, INPUT_PRECISION)
         s = scaled_masked_scores(dots, a2, b, offs_n, offs_m, mask_n, mask_m, diag_offset, ids_n,
                                  load_ids(ColIds, offs_m, mask_m, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
+        s_col = s
         if FILTER:  # masked entries (-inf) are no candidates: neither dropped nor counted
-            drop = dropped_candidates(s, offs_n, offs_m, mask_n, mask_m, Thr, Pos, GQ, GK, GThr,
-                                      stride_gq, stride_gk, G, BLOCK_N, BLOCK_M, BLOCK_G,
-                                      HAS_THRESHOLD, HAS_GUIDE, HAS_POS, UPCAST, INPUT_PRECISION)
-            drop = drop & (s != float("-inf"))
+            drop, col_drop = filter_drops(s, offs_n, offs_m, mask_n, mask_m, Thr, Pos, GQ, GK,
+                                          GThr, CThr, CPos, CGThr, stride_gq, stride_gk, G,
+                                          BLOCK_N, BLOCK_M, BLOCK_G, HAS_THRESHOLD, HAS_GUIDE,
+                                          HAS_POS, COL_RULE, UPCAST, INPUT_PRECISION)
+            live = s != float("-inf")
+            drop = drop & live
+            if COL_RULE:  # each direction's own drops, from the same scores
+                col_drop = col_drop & live
+                s_col = tl.where(col_drop, float("-inf"), s)
+                if COUNT:
+                    tl.atomic_add(ColDropped + offs_m, tl.sum(col_drop.to(tl.int32), axis=0),
+                                  mask=mask_m)
             s = tl.where(drop, float("-inf"), s)
+            if not COL_RULE:
+                s_col = s
             if COUNT:
                 dropped += tl.sum(drop.to(tl.int32), axis=1)
 
         m_i, l_i = online_row_lse(m_i, l_i, s)
         if HAS_COL:  # this tile's column (max, sum), from the same scores
-            merge_column_stats(s, ColMax, ColSum, Lock, kb, offs_m, mask_m)
+            merge_column_stats(s_col, ColMax, ColSum, Lock, kb, offs_m, mask_m)
 
     # lse = ln(2) * (m + log2(l)); no candidate: m = -inf and l = 0 give -inf.
     row_lse = (m_i + tl.log2(l_i)) * LN2
@@ -127,13 +139,14 @@ def _masked_lse_bwd_kernel(
     NX, NY, D, stride_x, stride_y, stride_dx, diag_offset,
     Thr, Pos, GQ, GK, GThr,     # FILTER only: the filter of the queries (X with FILTER_ON_X,
     stride_gq, stride_gk, G,    # else Y) against the keys (kernels/_false_negative_tiles.py)
+    CThr, CPos, CGThr,          # COL_RULE only: the column rule (the keys' side's terms)
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_LSE_X: tl.constexpr,
     HAS_LSE_Y: tl.constexpr, ONE_D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     FILTER: tl.constexpr = False, FILTER_ON_X: tl.constexpr = True,
     HAS_THRESHOLD: tl.constexpr = False, HAS_GUIDE: tl.constexpr = False,
-    HAS_POS: tl.constexpr = False, BLOCK_G: tl.constexpr = 16,
+    HAS_POS: tl.constexpr = False, BLOCK_G: tl.constexpr = 16, COL_RULE: tl.constexpr = False,
 ):
     """dX_i = scale_x_i * sum_j dS_ij * scale_y_j * y_j, with
     dS_ij = gx_i exp(s_ij - lse_x_i) + gy_j exp(s_ij - lse_y_j) over unmasked (i, j), 0 elsewhere.
@@ -190,26 +203,35 @@ def _masked_lse_bwd_kernel(
         valid = unmasked(offs_x, offs_y, mask_x, mask_y, diag_offset, ids_x,
                          load_ids(IdsY, offs_y, mask_y, HAS_IDS), EXCLUDE_DIAG, HAS_IDS)
         if FILTER:
-            if FILTER_ON_X:  # dq: the queries are the tile's rows
-                drop = dropped_candidates(s, offs_x, offs_y, mask_x, mask_y, Thr, Pos, GQ, GK,
-                                          GThr, stride_gq, stride_gk, G, BLOCK_X, BLOCK_Y,
-                                          BLOCK_G, HAS_THRESHOLD, HAS_GUIDE, HAS_POS, UPCAST,
-                                          INPUT_PRECISION)
-            else:  # dkeys: the queries are the tile's columns
-                drop = tl.trans(dropped_candidates(
-                    tl.trans(s), offs_y, offs_x, mask_y, mask_x, Thr, Pos, GQ, GK, GThr,
-                    stride_gq, stride_gk, G, BLOCK_Y, BLOCK_X, BLOCK_G, HAS_THRESHOLD,
-                    HAS_GUIDE, HAS_POS, UPCAST, INPUT_PRECISION))
-            valid = valid & (drop == 0)
+            if FILTER_ON_X:  # dq: the queries are the tile's rows, the X side's term the row's
+                drop_x, drop_y = filter_drops(
+                    s, offs_x, offs_y, mask_x, mask_y, Thr, Pos, GQ, GK, GThr, CThr, CPos, CGThr,
+                    stride_gq, stride_gk, G, BLOCK_X, BLOCK_Y, BLOCK_G, HAS_THRESHOLD, HAS_GUIDE,
+                    HAS_POS, COL_RULE, UPCAST, INPUT_PRECISION)
+            else:  # dkeys: the queries are the tile's columns, the X side's term the column's
+                drop_y, drop_x = filter_drops(
+                    tl.trans(s), offs_y, offs_x, mask_y, mask_x, Thr, Pos, GQ, GK, GThr, CThr,
+                    CPos, CGThr, stride_gq, stride_gk, G, BLOCK_Y, BLOCK_X, BLOCK_G,
+                    HAS_THRESHOLD, HAS_GUIDE, HAS_POS, COL_RULE, UPCAST, INPUT_PRECISION)
+                drop_x = tl.trans(drop_x)
+                drop_y = tl.trans(drop_y)
+            if not COL_RULE:  # one rule: the entry leaves both terms
+                valid = valid & (drop_x == 0)
 
         ds = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
         if HAS_LSE_X:
-            ds += gx[:, None] * tl.exp2(s - lse_x[:, None])
+            term_x = gx[:, None] * tl.exp2(s - lse_x[:, None])
+            if COL_RULE:  # the row and the column rule mask their own lse's term
+                term_x = tl.where(drop_x, 0.0, term_x)
+            ds += term_x
         if HAS_LSE_Y:
             lse_y = tl.load(LseY + offs_y, mask=mask_y, other=float("inf")) * LOG2E
             lse_y = tl.where(lse_y == float("-inf"), float("inf"), lse_y)
             gy = tl.load(GradY + offs_y, mask=mask_y, other=0.0)
-            ds += gy[None, :] * tl.exp2(s - lse_y[None, :])
+            term_y = gy[None, :] * tl.exp2(s - lse_y[None, :])
+            if COL_RULE:
+                term_y = tl.where(drop_y, 0.0, term_y)
+            ds += term_y
         # 0 where masked, whatever the score, the lse (NaN) and the upstream gradients.
         ds = tl.where(valid, ds, 0.0)
         # Fold scale_y into dS and divide by G = max|grad| * max|scale_y|: entries are then at most

@@ -213,13 +213,33 @@ def _check_ids(row_ids, col_ids, N, M, device):
     return True
 
 
+def _column_rule_args(q, alpha, keys_n, threshold, guide_q, col_threshold, col_positive_row,
+                      col_guide_threshold):
+    """(pointer arguments (CThr, CPos, CGThr), constexpr flags) of the filter's column rule
+    (fastcontrast/infonce/ops.py; alpha, never read, and no flag without one)."""
+    if col_positive_row is None:
+        return (alpha,) * 3, {}
+    check_ids("col_positive_row", col_positive_row, keys_n, q.device)
+    for name, t, given in (("col_threshold", col_threshold, threshold is not None),
+                           ("col_guide_threshold", col_guide_threshold, guide_q is not None)):
+        if (t is not None) != given:
+            raise ValueError(f"{name} must be given exactly with the row rule's, got "
+                             f"{'a tensor' if t is not None else 'None'}")
+        if t is not None:
+            _check_vector(name, t, keys_n, q.device)
+    return ((alpha if col_threshold is None else col_threshold, col_positive_row,
+             alpha if col_guide_threshold is None else col_guide_threshold),
+            dict(COL_RULE=True))
+
+
 def _filter_args(q, alpha, keys_n, threshold=None, positive_col=None, guide_q=None,
-                 guide_keys=None, guide_threshold=None):
-    """(pointer arguments, constexpr flags) of the false-negative filter (no flags without one:
-    the kernels' defaults, FILTER False, so a plain launch is the plain kernel's; every pointer
-    is then alpha, never read)."""
+                 guide_keys=None, guide_threshold=None, col_threshold=None, col_positive_row=None,
+                 col_guide_threshold=None):
+    """(pointer arguments, column rule pointers, constexpr flags) of the false-negative filter
+    (no flags without one: the kernels' defaults, FILTER False, so a plain launch is the plain
+    kernel's; every pointer is then alpha, never read)."""
     if threshold is None and guide_q is None:
-        return (alpha,) * 5 + (0, 0, 0), {}
+        return (alpha,) * 5 + (0, 0, 0), (alpha,) * 3, {}
     N = q.shape[0]
     if threshold is not None:
         _check_vector("threshold", threshold, N, q.device)
@@ -239,15 +259,18 @@ def _filter_args(q, alpha, keys_n, threshold=None, positive_col=None, guide_q=No
                 alpha if guide_q is None else guide_threshold,
                 0 if guide_q is None else guide_q.stride(0),
                 0 if guide_q is None else guide_keys.stride(0), G)
+    col_pointers, col_flags = _column_rule_args(q, alpha, keys_n, threshold, guide_q,
+                                                col_threshold, col_positive_row,
+                                                col_guide_threshold)
     flags = dict(FILTER=True, HAS_THRESHOLD=threshold is not None, HAS_GUIDE=guide_q is not None,
                  HAS_POS=positive_col is not None,
-                 BLOCK_G=min(64, max(16, triton.next_power_of_2(max(G, 1)))))
-    return pointers, flags
+                 BLOCK_G=min(64, max(16, triton.next_power_of_2(max(G, 1)))), **col_flags)
+    return pointers, col_pointers, flags
 
 
 def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
                        col_ids=None, with_col_lse=False, blocks=None, dropped=None,
-                       **lse_filter):
+                       col_dropped=None, **lse_filter):
     """Row (and optionally column) log-sum-exp of s_ij = alpha_i * beta_j * <q_i, keys_j>.
 
     q: (N, D), keys: (M, D), same dtype (float16, bfloat16, float32) and device, rows contiguous.
@@ -256,8 +279,9 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
     Returns (row_lse (N,) float32, col_lse (M,) float32 or None); a row or
     column without candidates gets -inf. `blocks` optionally overrides (block_rows, block_keys,
     block_d). ``lse_filter``: the false-negative filter's keywords (threshold, positive_col,
-    guide_q, guide_keys, guide_threshold; fastcontrast/infonce/ops.py), ``dropped``: an (N,)
-    int32 tensor that receives the dropped counts. The column lse is merged across programs in
+    guide_q, guide_keys, guide_threshold and the column rule's; fastcontrast/infonce/ops.py),
+    ``dropped``: an (N,) int32 tensor that receives the dropped counts (``col_dropped``: (M,)
+    int32 zeros that receive the column rule's). The column lse is merged across programs in
     scheduling order, so its last bits may vary from run to run on GPU; row_lse is
     deterministic."""
     N, M, D = _check_operands(q, keys, alpha, beta)
@@ -280,13 +304,14 @@ def masked_lse_forward(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=
     else:  # never dereferenced when HAS_COL is False
         col_max = col_sum = lock = row_lse
     grid = (triton.cdiv(N, block_n),)
-    pointers, filter_flags = _filter_args(q, alpha, M, **lse_filter)
+    pointers, col_pointers, filter_flags = _filter_args(q, alpha, M, **lse_filter)
     with _device_context(q):
         _masked_lse_fwd_kernel[grid](
             q, keys, alpha, beta, row_ids if has_ids else alpha, col_ids if has_ids else beta,
             row_lse, col_max, col_sum, lock,
             N, M, D, q.stride(0), keys.stride(0), int(diag_offset),
             *pointers[:5], row_lse if dropped is None else dropped, *pointers[5:],
+            *col_pointers, row_lse if col_dropped is None else col_dropped,
             **filter_flags, **({} if dropped is None else dict(COUNT=True)),
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EXCLUDE_DIAG=bool(exclude_diag),
             HAS_IDS=has_ids, HAS_COL=bool(with_col_lse), ONE_D_CHUNK=one_chunk,
@@ -343,7 +368,8 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
     col_lse_arg = col_lse if has_col else row_lse
     col_grad_arg = col_grad if has_col else row_grad
     row_ids_arg, col_ids_arg = (row_ids, col_ids) if has_ids else (alpha, beta)
-    pointers, filter_flags = _filter_args(q, alpha, M, **lse_filter)
+    pointers, col_pointers, filter_flags = _filter_args(q, alpha, M, **lse_filter)
+    pointers = (*pointers, *col_pointers)
     with _device_context(q):
         if need_dq:  # outer = q (row terms), inner = keys (column terms)
             _launch_bwd(N, D, launches, (
@@ -364,9 +390,12 @@ def masked_lse_backward(q, keys, alpha, beta, row_lse, row_grad, col_lse=None, c
 def masked_lse_dropped(q, keys, alpha, beta, *, exclude_diag=False, diag_offset=0, row_ids=None,
                        col_ids=None, blocks=None, **lse_filter):
     """int64 (N,): the candidates of each row that the false-negative filter drops (the forward
-    kernel with COUNT; its lse is discarded)."""
+    kernel with COUNT; its lse is discarded); with the column rule (N + M,), then each key's."""
     dropped = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+    col_dropped = None
+    if lse_filter.get("col_positive_row") is not None:
+        col_dropped = torch.zeros(keys.shape[0], dtype=torch.int32, device=q.device)
     masked_lse_forward(q, keys, alpha, beta, exclude_diag=exclude_diag, diag_offset=diag_offset,
                        row_ids=row_ids, col_ids=col_ids, blocks=blocks, dropped=dropped,
-                       **lse_filter)
-    return dropped.long()
+                       col_dropped=col_dropped, **lse_filter)
+    return dropped.long() if col_dropped is None else torch.cat([dropped, col_dropped]).long()

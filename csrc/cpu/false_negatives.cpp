@@ -1,6 +1,7 @@
 // The dropped-candidate counts of the false-negative filter on CPU (masked_lse_dropped, see
 // infonce.h): the grid of tiles of the forward pass (grid_tiles.h), each tile's GEMM, id mask and
-// filter with counting, and nothing else (no exp). The tiles of a query block run in order
+// filter with counting, and nothing else (no exp); with the column rule the M column counts
+// follow the N row counts. The tiles of a query block run in order
 // (for_each_grid_tile chains them), so each count is added to by one task at a time.
 #include "cpu/infonce.h"
 
@@ -16,6 +17,8 @@ at::Tensor masked_lse_dropped(const at::Tensor& q, const at::Tensor& keys, const
   if (!mask.filter) return counts;
   Mask counting = mask;
   counting.filter->dropped = counts;
+  const bool with_cols = mask.filter->symmetric();  // the column rule: the columns' counts too
+  if (with_cols) counting.filter->col_dropped = at::zeros({keys.size(0)}, counts.options());
   const Operands ops = fold_scales(q, keys, alpha, beta, counting);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_dropped", [&] {
     const Problem<scalar_t> p(ops.q, ops.keys, ops.alpha, ops.beta, counting, /*large_tile=*/true,
@@ -25,7 +28,7 @@ at::Tensor masked_lse_dropped(const at::Tensor& q, const at::Tensor& keys, const
     for_each_grid_tile(p, ops.beta, counting, rows, chunk_keys(rows, sizeof(scalar_t), block_rows),
                        [](const GridTile&, const Problem<scalar_t>&, at::Tensor&, int64_t) {});
   });
-  return counts;
+  return with_cols ? at::cat({counts, *counting.filter->col_dropped}) : counts;
 }
 
 }  // namespace fastcontrast

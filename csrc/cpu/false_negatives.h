@@ -17,6 +17,7 @@
 
 #include "cpu/infonce.h"
 #include "cpu/lse_math.h"
+#include "cpu/sided_filter.h"
 
 namespace fastcontrast {
 namespace tiles {
@@ -41,10 +42,15 @@ void drop_candidates(T* x, const T* gx, int64_t m, int64_t rows, const T* a, con
   }
 }
 
-// Applies RowFilter f to the tile of queries r0 .. r0 + rows (alpha, beta: the problem's scales).
+// Applies RowFilter f to the tile of queries r0 .. r0 + rows (alpha, beta: the problem's scales);
+// with a column rule, filter_tile_symmetric (sided_filter.h).
 template <typename T>
 void filter_tile(const RowFilter& f, int64_t r0, int64_t rows, at::Tensor& tile, const T* alpha,
                  const T* beta) {
+  if (f.symmetric()) {  // the row and the column rule apart (sided_filter.h)
+    filter_tile_symmetric<T>(f, r0, rows, tile, alpha, beta);
+    return;
+  }
   const int64_t m = tile.size(0);
   if (m == 0 || rows == 0) return;
   T* x = tile.data_ptr<T>();

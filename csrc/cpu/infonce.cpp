@@ -173,6 +173,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
       const int64_t cut = pc.cut(j, r0, rows);
       if (cut < rows) x[cut] = T(0) * b;  // W = beta_j dS: NaN where beta_j is
     }
+    if (pc.filter && pc.filter->record_sided)  // the entries one direction keeps
+      fix_sided_weights(tile, a, pc.beta, g, lse, cg ? cg + c0 : nullptr, cl ? cl + c0 : nullptr);
     bool poisoned = cols_poisoned;
     for (int64_t i = 0; i < rows; ++i) poisoned = poisoned || poisons(rl_in[r0 + i], g[i]);
     if (poisoned && pc.row_ids) pc.mask_equal_ids(r0, rows, tile, T(0));
@@ -200,9 +202,14 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
-    const Mask& mask, bool with_col_lse, int64_t block_rows) {
+    const Mask& mask_in, bool with_col_lse, int64_t block_rows) {
+  // A symmetric filter gives the entries that one direction keeps back to it (sided_filter.h).
+  const bool sided = mask_in.filter && mask_in.filter->symmetric();
+  SidedLse given_back(sided ? q.size(0) : 0, sided ? keys.size(0) : 0);
+  Mask mask = mask_in;
+  if (sided) mask.filter->sided = &given_back;
   const Operands ops = fold_scales(q, keys, alpha, beta, mask);
-  return AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward", [&] {
+  auto out = AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward", [&] {
     const Problem<scalar_t> p(ops.q, ops.keys, ops.alpha, ops.beta, mask, /*large_tile=*/true,
                               block_rows);
     if (shared_shift_enabled() && p.n > 0) {
@@ -213,16 +220,29 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
                                row_lse.data_ptr<scalar_t>(),
                                col_lse ? col_lse->data_ptr<scalar_t>() : nullptr))
         return std::make_tuple(row_lse, col_lse);
+      given_back.reset();  // the exact pass below filters the tiles again
     }
     return forward_impl(p, with_col_lse);
   });
+  if (sided) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_forward_sided", [&] {
+      SidedLse::fold(std::get<0>(out).data_ptr<scalar_t>(), given_back.row_max,
+                     given_back.row_sum, q.size(0));
+      if (std::get<1>(out))
+        SidedLse::fold(std::get<1>(out)->data_ptr<scalar_t>(), given_back.col_max,
+                       given_back.col_sum, keys.size(0));
+    });
+  }
+  return out;
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> masked_lse_backward(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
     const at::Tensor& row_lse, const at::Tensor& row_grad, const std::optional<at::Tensor>& col_lse,
-    const std::optional<at::Tensor>& col_grad, const Mask& mask, bool need_dq, bool need_dkeys,
+    const std::optional<at::Tensor>& col_grad, const Mask& mask_in, bool need_dq, bool need_dkeys,
     int64_t block_rows) {
+  Mask mask = mask_in;  // a symmetric filter keeps each tile's one-direction entries
+  if (mask.filter && mask.filter->symmetric()) mask.filter->record_sided = true;
   const Operands ops = fold_scales(q, keys, alpha, beta, mask);
   auto grads = AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_backward", [&] {
     const bool large_tile = col_lse.has_value() || (!need_dq && !need_dkeys);

@@ -59,8 +59,9 @@ masked_lse_forward_with_grad(const at::Tensor& q, const at::Tensor& keys, const 
                              const std::optional<at::Tensor>& extra_lse,
                              bool need_dq, bool need_dkeys, int64_t block_rows);
 
-// The number of candidates of each query that mask.filter drops (int64 (N,)): the tiles of the
-// forward pass with the filter and no exps (false_negatives.cpp).
+// The number of candidates of each query that mask.filter drops (int64 (N,); with its column
+// rule (N + M,), then each key's): the tiles of the forward pass with the filter and no exps
+// (false_negatives.cpp).
 at::Tensor masked_lse_dropped(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha,
                               const at::Tensor& beta, const Mask& mask, int64_t block_rows);
 

@@ -17,6 +17,15 @@ namespace fastcontrast {
 // q's dtype, positive_col (N,) int64 (-1: none; key index in the full product), dropped (N,)
 // int64: where given, the count of dropped candidates of each query is added to it.
 // col_offset: the product's index of this problem's key 0 (a key chunk's c0).
+//
+// The column rule (a symmetric loss in one pass; col_positive_row given, sided_filter.h): entry
+// (i, j) leaves column j's log-sum-exp iff i != col_positive_row_j and
+//   s_ij > col_threshold_j   or   <guide_q_i, guide_keys_j> > col_guide_threshold_j,
+// independently of the row rule above. col_threshold (M,) / col_guide_threshold (M,) in q's dtype
+// (given with threshold / the guide), col_positive_row (M,) int64, col_dropped (M,) int64 counts;
+// all indexed by col_offset + j (never narrowed). sided: the forward's accumulators of the
+// entries that only one direction keeps; record_sided: the backward keeps them per tile.
+struct SidedLse;
 struct RowFilter {
   std::optional<at::Tensor> threshold;
   std::optional<at::Tensor> positive_col;
@@ -25,6 +34,14 @@ struct RowFilter {
   std::optional<at::Tensor> guide_threshold;
   std::optional<at::Tensor> dropped;
   int64_t col_offset = 0;
+  std::optional<at::Tensor> col_threshold;
+  std::optional<at::Tensor> col_positive_row;
+  std::optional<at::Tensor> col_guide_threshold;
+  std::optional<at::Tensor> col_dropped;
+  SidedLse* sided = nullptr;
+  bool record_sided = false;
+
+  bool symmetric() const { return col_positive_row.has_value(); }
 
   // The filter of keys c0 .. c1 as their own problem's.
   RowFilter narrowed(int64_t c0, int64_t c1) const {

@@ -1,8 +1,8 @@
 """The false-negative filter's side of the public distributed losses (api.py; its options are
 checked by fastcontrast._false_negative_args, as single-process): the filtered InfoNCE over the
 keys of every rank, a symmetric loss (CLIP) as
-two one-directional passes, each filtered with its own positive (as single-process:
-fastcontrast/infonce/false_negatives.py), loss = (rows + columns) / 2.
+two one-directional passes, each filtered with its own positive (single-process runs the same
+rule in one symmetric pass: fastcontrast/infonce/false_negatives.py), loss = (rows + columns) / 2.
 
 With ``return_dropped`` the loss comes with int64 counts of the candidates of EVERY rank that
 the filter dropped for this rank's rows: (N_r,), symmetric (2, N_r) (row 0 query -> key, row 1

@@ -15,10 +15,14 @@ The per-row thresholds are computed up front in O((N + M) D) (the positive's sco
 positive similarity); the kernels compare each tile's scores with them (guide scores: one more
 product per tile, never stored). The positive itself is never dropped. Bank entries (info_nce's
 negatives, moco_loss's queue) are candidates too; the guide then needs their guide features.
-A symmetric loss (CLIP) filters each direction with its own positive: the columns are the
-transposed problem (keys as queries), so it runs as two one-directional fused passes.
+A symmetric loss (CLIP, N == M, the positive of row i is column i and of column j row j)
+filters each direction with its own positive in ONE fused pass: each score tile is computed
+once, entry (i, j), i != j, leaves row i's log-sum-exp iff it passes row i's thresholds and
+column j's iff it passes column j's (s_ij > s_jj + scale m; g_ij > thr_j), the backward masks
+the row and the column probabilities apart in the same recomputed tile. For CLIP the column
+thresholds are the row thresholds' vector (column j's positive is row j), so the kernels' column
+rule (ops.py) gets the same tensors.
 """
-from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -64,13 +68,26 @@ class FalseNegatives(NamedTuple):
 class LseFilter(NamedTuple):
     """The filter as the kernel ops take it (fastcontrast/infonce/ops.py): per-row thresholds in
     the scale dtype, the positive's column of the product (None: not in the product), the
-    normalised guide features in the compute dtype."""
+    normalised guide features in the compute dtype; with the column rule (a symmetric pass) the
+    columns' thresholds (M,) and the row of each column's positive (M,)."""
 
     threshold: Optional[Tensor]
     positive_col: Optional[Tensor]
     guide_q: Optional[Tensor]
     guide_keys: Optional[Tensor]
     guide_threshold: Optional[Tensor]
+    col_threshold: Optional[Tensor] = None
+    col_positive_row: Optional[Tensor] = None
+    col_guide_threshold: Optional[Tensor] = None
+
+    def keywords(self):
+        """The ops' keywords: the column rule's only where there is one (the one-directional ops,
+        masked_lse_forward_with_grad, take none)."""
+        given = self._asdict()
+        if self.col_positive_row is None:
+            for name in ("col_threshold", "col_positive_row", "col_guide_threshold"):
+                del given[name]
+        return given
 
 
 def unit_guide(t, dtype):
@@ -110,13 +127,19 @@ def kernel_filter(fn, operands, fused_pass, positive, targets):
         guide_keys = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
         if guide_keys is None:  # no product: the positive alone, nothing to filter
             guide_q = guide_threshold = None
-    return LseFilter(threshold, positive_col, guide_q, guide_keys, guide_threshold)
+    if not fused_pass.symmetric:
+        return LseFilter(threshold, positive_col, guide_q, guide_keys, guide_threshold)
+    # CLIP (M == N, validated): column j's positive is row j, its thresholds those of row j.
+    return LseFilter(threshold, positive_col, guide_q, guide_keys, guide_threshold,
+                     col_threshold=threshold, col_positive_row=torch.arange(n, device=device),
+                     col_guide_threshold=guide_threshold)
 
 
 def dropped_counts(fused_pass, fn, query, key, *, scale, bank=None, targets=None,
                    query_ids=None, bank_ids=None):
     """int64 (N,): the candidates of each row that ``fn`` drops (ids-masked entries are no
-    candidates and are not counted); one pass over the tiles without exps."""
+    candidates and are not counted); symmetric (2, N): row 0 the rows', row 1 the columns'. One
+    pass over the tiles without exps."""
     with torch.no_grad():
         operands = prepare(fused_pass, query, key, bank, None, scale)
         product = product_of(operands, fused_pass, targets, query_ids, bank_ids)
@@ -124,27 +147,21 @@ def dropped_counts(fused_pass, fn, query, key, *, scale, bank=None, targets=None
             return torch.zeros(query.shape[0], dtype=torch.int64, device=query.device)
         positive = positive_scores(operands, targets)
         lse_filter = kernel_filter(fn, operands, fused_pass, positive, targets)
-        return masked_lse_dropped(operands.query, product.keys, operands.alpha, product.beta,
-                                  product.row_ids, product.col_ids, fused_pass.excludes_diagonal,
-                                  0, fused_pass.backend, *lse_filter)
+        counts = masked_lse_dropped(operands.query, product.keys, operands.alpha, product.beta,
+                                    product.row_ids, product.col_ids,
+                                    fused_pass.excludes_diagonal, 0, fused_pass.backend,
+                                    *lse_filter)
+        return counts.view(2, -1) if fused_pass.symmetric else counts
 
 
 def filtered_loss(fused_pass, fn, query, key, *, scale, bank=None, targets=None, query_ids=None,
                   bank_ids=None, return_dropped=False):
-    """The InfoNCE loss of ``fused_pass`` with false-negative filter ``fn``; symmetric: the mean
-    of the two directions, each filtered with its own positive. With ``return_dropped``
-    (loss, dropped): int64 (N,) dropped candidates per row; symmetric (2, N), row 0 the
-    query -> key direction, row 1 key -> query."""
-    directions = [(query, key, fn)]
-    if fused_pass.symmetric:  # M == N, no targets, no bank (validated)
-        fused_pass = replace(fused_pass, symmetric=False)
-        directions.append((key, query, fn.transposed()))
-    losses = [fused_loss(fused_pass, q, k, scale=scale, bank=bank, targets=targets,
-                         query_ids=query_ids, bank_ids=bank_ids, false_negatives=f)
-              for q, k, f in directions]
-    loss = losses[0] if len(losses) == 1 else 0.5 * (losses[0] + losses[1])
+    """The InfoNCE loss of ``fused_pass`` with false-negative filter ``fn``; symmetric (M == N,
+    no targets, no bank: validated): the mean of the two directions, each filtered with its own
+    positive, in one fused pass. With ``return_dropped`` (loss, dropped): int64 (N,) dropped
+    candidates per row; symmetric (2, N), row 0 the query -> key direction, row 1 key -> query."""
+    terms = dict(scale=scale, bank=bank, targets=targets, query_ids=query_ids, bank_ids=bank_ids)
+    loss = fused_loss(fused_pass, query, key, false_negatives=fn, **terms)
     if not return_dropped:
         return loss
-    counts = [dropped_counts(fused_pass, f, q, k, scale=scale, bank=bank, targets=targets,
-                             query_ids=query_ids, bank_ids=bank_ids) for q, k, f in directions]
-    return loss, counts[0] if len(counts) == 1 else torch.stack(counts)
+    return loss, dropped_counts(fused_pass, fn, query, key, **terms)

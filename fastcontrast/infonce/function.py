@@ -75,7 +75,7 @@ def _filter_of(false_negatives, operands, fused_pass, positive, targets):
     """The kernel ops' filter keywords (false_negatives.py; none without a filter)."""
     if false_negatives is None:
         return {}
-    return false_negatives.kernel_filter(operands, fused_pass, positive, targets)._asdict()
+    return false_negatives.kernel_filter(operands, fused_pass, positive, targets).keywords()
 
 
 def _weighted(loss, weights):
@@ -241,7 +241,7 @@ def fused_loss(fused_pass, query, key, *, scale, bank=None, per_query=None, targ
                query_ids=None, bank_ids=None, row_weights=None, col_weights=None,
                false_negatives=None):
     """The loss of one fused pass (FusedInfoNCE) over FusedInputs given by keyword;
-    ``false_negatives``: a false_negatives.FalseNegatives filter (one direction, no gram)."""
+    ``false_negatives``: a false_negatives.FalseNegatives filter (no gram)."""
     needs = Needs(*requires_grad(query, key, bank, per_query, scale))
     # One tensor in the roles of query and key (NT-Xent's views, SupCon) goes in once: as two
     # inputs of one autograd.Function it would break the graph under torch.compile.

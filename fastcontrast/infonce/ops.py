@@ -13,7 +13,12 @@ family reduces to the masked log-sum-exp of a scaled product and its gradient:
 
 Optional false-negative filter (fastcontrast/infonce/false_negatives.py), in every full-product
 op: candidate (i, j) is dropped, as if masked, iff j != positive_col_i and s_ij > threshold_i or
-<guide_q_i, guide_keys_j> > guide_threshold_i; masked_lse_dropped counts them per row.
+<guide_q_i, guide_keys_j> > guide_threshold_i; masked_lse_dropped counts them per row. With the
+column rule (col_positive_row given: the symmetric loss, one pass) entry (i, j) leaves column j's
+log-sum-exp iff i != col_positive_row_j and s_ij > col_threshold_j or
+<guide_q_i, guide_keys_j> > col_guide_threshold_j, independently of the row rule (each direction
+drops by its own thresholds; the backward masks the row and the column term apart), and
+masked_lse_dropped returns the N row counts followed by the M column counts.
 
 The per-device kernel runs the implementation of the backend named in the call
 (fastcontrast.backends.kernels): kernels/infonce.py (triton), csrc/cpu/infonce.cpp (cpu),
@@ -49,11 +54,16 @@ def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-def _filter(threshold, positive_col, guide_q, guide_keys, guide_threshold):
+def _filter(threshold, positive_col, guide_q, guide_keys, guide_threshold, col_threshold=None,
+            col_positive_row=None, col_guide_threshold=None):
     """The filter's keyword arguments of a kernel call: none without a filter (so a kernel module
-    without filter support is called as before)."""
+    without filter support is called as before), the column rule's only with one (so a
+    one-directional call reaches a kernel module as before)."""
     given = dict(threshold=threshold, positive_col=positive_col, guide_q=guide_q,
                  guide_keys=guide_keys, guide_threshold=guide_threshold)
+    if col_positive_row is not None:
+        given.update(col_threshold=col_threshold, col_positive_row=col_positive_row,
+                     col_guide_threshold=col_guide_threshold)
     if all(t is None for t in given.values()):
         return {}
     return dict(zip(given, _contiguous(*given.values())))
@@ -67,21 +77,26 @@ def masked_lse_forward(query: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor,
                        threshold: Optional[Tensor] = None,
                        positive_col: Optional[Tensor] = None, guide_q: Optional[Tensor] = None,
                        guide_keys: Optional[Tensor] = None,
-                       guide_threshold: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                       guide_threshold: Optional[Tensor] = None,
+                       col_threshold: Optional[Tensor] = None,
+                       col_positive_row: Optional[Tensor] = None,
+                       col_guide_threshold: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(row_lse (N,), col_lse (M,), or (0,) without ``with_col_lse``); -inf where no entry."""
     query, keys, alpha, beta, row_ids, col_ids = _contiguous(query, keys, alpha, beta, row_ids,
                                                              col_ids)
     row_lse, col_lse = backends.kernels("infonce", backend).masked_lse_forward(
         query, keys, alpha, beta, exclude_diag=exclude_diag, diag_offset=diag_offset,
         row_ids=row_ids, col_ids=col_ids, with_col_lse=with_col_lse,
-        **_filter(threshold, positive_col, guide_q, guide_keys, guide_threshold))
+        **_filter(threshold, positive_col, guide_q, guide_keys, guide_threshold, col_threshold,
+                  col_positive_row, col_guide_threshold))
     return row_lse, or_empty(col_lse, row_lse)
 
 
 @masked_lse_forward.register_fake
 def _forward_fake(query, keys, alpha, beta, row_ids, col_ids, exclude_diag, diag_offset,
                   with_col_lse, backend, threshold=None, positive_col=None, guide_q=None,
-                  guide_keys=None, guide_threshold=None):
+                  guide_keys=None, guide_threshold=None, col_threshold=None,
+                  col_positive_row=None, col_guide_threshold=None):
     dtype = backends.PROPERTIES[backend].output_dtype(query.dtype)
     return (query.new_empty(query.shape[0], dtype=dtype),
             query.new_empty(keys.shape[0] if with_col_lse else 0, dtype=dtype))
@@ -96,7 +111,10 @@ def masked_lse_backward(query: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor
                         backend: str, threshold: Optional[Tensor] = None,
                         positive_col: Optional[Tensor] = None, guide_q: Optional[Tensor] = None,
                         guide_keys: Optional[Tensor] = None,
-                        guide_threshold: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                        guide_threshold: Optional[Tensor] = None,
+                        col_threshold: Optional[Tensor] = None,
+                        col_positive_row: Optional[Tensor] = None,
+                        col_guide_threshold: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(dq (N, D), dkeys (M, D)), each (0,) when not needed; recomputes the score tiles."""
     args = _contiguous(query, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, row_ids,
                        col_ids)
@@ -105,7 +123,8 @@ def masked_lse_backward(query: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor
         query, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, exclude_diag=exclude_diag,
         diag_offset=diag_offset, row_ids=row_ids, col_ids=col_ids, need_dq=need_dq,
         need_dkeys=need_dkeys, **_filter(threshold, positive_col, guide_q, guide_keys,
-                                         guide_threshold))
+                                         guide_threshold, col_threshold, col_positive_row,
+                                         col_guide_threshold))
     return or_empty(dq, row_lse), or_empty(dkeys, row_lse)
 
 
@@ -118,7 +137,8 @@ def _fake_gradients(query, keys, need_dq, need_dkeys, backend):
 @masked_lse_backward.register_fake
 def _backward_fake(query, keys, alpha, beta, row_lse, row_grad, col_lse, col_grad, row_ids, col_ids,
                    exclude_diag, diag_offset, need_dq, need_dkeys, backend, threshold=None,
-                   positive_col=None, guide_q=None, guide_keys=None, guide_threshold=None):
+                   positive_col=None, guide_q=None, guide_keys=None, guide_threshold=None,
+                   col_threshold=None, col_positive_row=None, col_guide_threshold=None):
     return _fake_gradients(query, keys, need_dq, need_dkeys, backend)
 
 
@@ -163,21 +183,27 @@ def masked_lse_dropped(query: Tensor, keys: Tensor, alpha: Tensor, beta: Tensor,
                        row_ids: Optional[Tensor], col_ids: Optional[Tensor], exclude_diag: bool,
                        diag_offset: int, backend: str, threshold: Optional[Tensor],
                        positive_col: Optional[Tensor], guide_q: Optional[Tensor],
-                       guide_keys: Optional[Tensor], guide_threshold: Optional[Tensor]) -> Tensor:
+                       guide_keys: Optional[Tensor], guide_threshold: Optional[Tensor],
+                       col_threshold: Optional[Tensor] = None,
+                       col_positive_row: Optional[Tensor] = None,
+                       col_guide_threshold: Optional[Tensor] = None) -> Tensor:
     """int64 (N,): the candidates of each row that the false-negative filter drops (the tiles
-    of the forward pass, without exps)."""
+    of the forward pass, without exps); with the column rule (N + M,): then each column's."""
     query, keys, alpha, beta, row_ids, col_ids = _contiguous(query, keys, alpha, beta, row_ids,
                                                              col_ids)
     return backends.kernels("infonce", backend).masked_lse_dropped(
         query, keys, alpha, beta, exclude_diag=exclude_diag, diag_offset=diag_offset,
         row_ids=row_ids, col_ids=col_ids,
-        **_filter(threshold, positive_col, guide_q, guide_keys, guide_threshold))
+        **_filter(threshold, positive_col, guide_q, guide_keys, guide_threshold, col_threshold,
+                  col_positive_row, col_guide_threshold))
 
 
 @masked_lse_dropped.register_fake
 def _dropped_fake(query, keys, alpha, beta, row_ids, col_ids, exclude_diag, diag_offset, backend,
-                  threshold, positive_col, guide_q, guide_keys, guide_threshold):
-    return query.new_empty(query.shape[0], dtype=torch.int64)
+                  threshold, positive_col, guide_q, guide_keys, guide_threshold,
+                  col_threshold=None, col_positive_row=None, col_guide_threshold=None):
+    columns = 0 if col_positive_row is None else keys.shape[0]
+    return query.new_empty(query.shape[0] + columns, dtype=torch.int64)
 
 
 @torch.library.custom_op("fastcontrast::gram_lse_forward", mutates_args=(),
