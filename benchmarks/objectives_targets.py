@@ -44,6 +44,7 @@ OBJECTIVES = {
     "info_nce+false_negative_margin": "info_nce",
     "clip_loss+false_negative_margin": "clip_loss",
     "info_nce+guide": "info_nce",
+    "clip_loss+guide": "clip_loss",
     "info_nce+matryoshka": "info_nce",
     "distill_info_nce": "info_nce",
     "distill_clip": "clip_loss",
@@ -101,15 +102,16 @@ def _materialised(name, a, b, labels, guide=None):
         sim = (F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T if name.startswith("info_nce")
                else a @ b.T)
         scale = 1 / TEMPERATURE if name.startswith("info_nce") else LOGIT_SCALE
-        if name.endswith("guide"):
-            g = F.normalize(guide[0], dim=-1) @ F.normalize(guide[1], dim=-1).T
-            rows = _filtered(sim * scale, g, g.diagonal())
-        else:
-            rows = _filtered(sim * scale, sim, sim.diagonal() + MARGIN)
+        if name.endswith("guide"):  # GISTEmbed: the guide's cosine beats its positive's
+            decide = F.normalize(guide[0], dim=-1) @ F.normalize(guide[1], dim=-1).T
+            threshold = decide.diagonal()
+        else:  # Qwen3-Embedding: the score beats the positive's by more than the margin
+            decide, threshold = sim, sim.diagonal() + MARGIN
+        rows = _filtered(sim * scale, decide, threshold)
         targets = torch.arange(a.shape[0])
         loss = F.cross_entropy(rows, targets)
-        if name.startswith("clip"):
-            cols = _filtered(sim.T * scale, sim.T, sim.diagonal() + MARGIN)
+        if name.startswith("clip"):  # text -> image: column j's own positive, the same rule
+            cols = _filtered(sim.T * scale, decide.T, threshold)
             loss = 0.5 * (loss + F.cross_entropy(cols, targets))
         return loss
     if name.startswith("info_nce"):
