@@ -15,18 +15,33 @@ in-batch negatives). Everything here is O((N + M + K) D), with plain autograd. A
 (CLIP) smooths both directions: loss_i gets eps (gap_i + gap'_i) / 2, gap'_i the column term of
 key i over the queries."""
 import torch
-import torch.nn.functional as F
 
 from .._host import accumulate_dtype, class_index
 
 __all__ = ["smoothing_gap", "gap_from_sums", "same_id_bank_sums"]
 
 
-def _unit(t, normalize, eps):
-    if t is None:
+def _inverse_norms(t, normalize, eps):
+    """1 / max(||t_j||, eps) per row with autograd (None without normalisation): the unit rows
+    t^_j = t_j / max(||t_j||, eps) enter every sum below through these scales, so no
+    normalised (rows, D) copy is made."""
+    if t is None or not normalize:
         return None
-    t = t.to(accumulate_dtype(t.dtype))
-    return F.normalize(t, dim=-1, eps=eps) if normalize else t
+    return torch.linalg.vector_norm(t, dim=-1).clamp_min(eps).reciprocal()
+
+
+def _scaled(values, inverse_norms):
+    return values if inverse_norms is None else values * inverse_norms
+
+
+def _unit_sum(t, inverse_norms):
+    """sum_j t^_j (D,)."""
+    return t.sum(dim=0) if inverse_norms is None else inverse_norms @ t
+
+
+def _dots(a, b):
+    """<a_i, b_i> (R,), without an (R, D) temporary."""
+    return torch.einsum("nd,nd->n", a, b)
 
 
 def same_id_bank_sums(query_ids, bank_ids, bank):
@@ -40,44 +55,59 @@ def same_id_bank_sums(query_ids, bank_ids, bank):
 
 
 def gap_from_sums(q, positive_key, candidate_sum, candidate_count):
-    """gap_i / scale = <q^_i, k^_{t_i} - (candidate sum of row i) / |C(i)|>."""
-    return (q * (positive_key - candidate_sum / candidate_count.unsqueeze(1))).sum(dim=-1)
+    """gap_i / scale = <q^_i, k^_{t_i} - (candidate sum of row i) / |C(i)|> for unit rows
+    (candidate_sum (N, D), or (D,) where every row has the same)."""
+    summed = q @ candidate_sum if candidate_sum.dim() == 1 else _dots(q, candidate_sum)
+    return _dots(q, positive_key) - summed / candidate_count
 
 
-def _row_gap(options, q, k, bank, per_query, targets, query_ids, bank_ids):
-    """gap_i / scale of row i from this process's keys (gap_from_sums)."""
+def _row_gap(options, q, k, norms, bank, per_query, targets, query_ids, bank_ids):
+    """gap_i / scale of row i (gap_from_sums) from the raw rows and their inverse norms
+    ``norms`` = (query, key, bank, per_query) (None: no normalisation): every sum is of
+    products <q_i, .>, scaled afterwards, so the only (N, D) temporaries are the positive keys
+    under ``targets`` and the same-id bank sums."""
+    inv_q, inv_k, inv_b, inv_p = norms
     n = q.shape[0]
-    positive_key = k if targets is None else k.index_select(0, targets)
+    if targets is None:
+        positive = _scaled(_dots(q, k), inv_k)
+    else:
+        positive = _scaled(_dots(q, k.index_select(0, targets)),
+                           None if inv_k is None else inv_k.index_select(0, targets))
     if options.in_batch_negatives:
-        total = k.sum(dim=0).expand(n, -1)
+        summed = q @ _unit_sum(k, inv_k)
         count = q.new_full((n,), float(k.shape[0]))
         if options.exclude_self:  # exclude_self means M == N: key i leaves row i
-            total = total - k
+            summed = summed - _scaled(_dots(q, k), inv_k)
             count = count - 1
     else:
-        total, count = positive_key, q.new_ones(n)
+        summed, count = positive, q.new_ones(n)
     if bank is not None:
-        total = total + bank.sum(dim=0)
+        summed = summed + q @ _unit_sum(bank, inv_b)
         count = count + bank.shape[0]
         if query_ids is not None:
-            same_sum, same_count = same_id_bank_sums(query_ids, bank_ids, bank)
-            total, count = total - same_sum, count - same_count
+            unit_bank = bank if inv_b is None else bank * inv_b.unsqueeze(1)
+            same_sum, same_count = same_id_bank_sums(query_ids, bank_ids, unit_bank)
+            summed, count = summed - _dots(q, same_sum), count - same_count
     if per_query is not None:
-        total = total + per_query.sum(dim=1)
+        per_query_dots = torch.einsum("nkd,nd->nk", per_query, q)
+        summed = summed + _scaled(per_query_dots, inv_p).sum(dim=1)
         count = count + per_query.shape[1]
-    return gap_from_sums(q, positive_key, total, count)
+    return _scaled(positive - summed / count, inv_q)
 
 
 def smoothing_gap(options, query, key, *, scale, bank=None, per_query=None, targets=None,
                   query_ids=None, bank_ids=None):
     """Per-row gap_i (N,) of the module docstring (symmetric: (gap_i + gap'_i) / 2), with
     autograd, in the accumulation dtype; the loss is the plain loss + label_smoothing * gap."""
-    eps = options.eps
-    q = _unit(query, options.normalize, eps)
-    k = q if key is query else _unit(key, options.normalize, eps)
-    bank, per_query = _unit(bank, options.normalize, eps), _unit(per_query, options.normalize, eps)
-    gap = _row_gap(options, q, k, bank, per_query, targets, query_ids, bank_ids)
+    acc = accumulate_dtype(query.dtype)
+    q = query.to(acc)
+    k = q if key is query else key.to(acc)
+    bank = None if bank is None else bank.to(acc)
+    per_query = None if per_query is None else per_query.to(acc)
+    norms = [_inverse_norms(t, options.normalize, options.eps) for t in (q, k, bank, per_query)]
+    gap = _row_gap(options, q, k, norms, bank, per_query, targets, query_ids, bank_ids)
     if options.symmetric:  # M == N, targets None, in-batch keys only: key i's column over q
-        gap = 0.5 * (gap + gap_from_sums(k, q, q.sum(dim=0), q.new_full((q.shape[0],),
-                                                                         float(q.shape[0]))))
+        inv_q, inv_k = norms[0], norms[1]
+        column = _scaled(_dots(k, q), inv_q) - k @ _unit_sum(q, inv_q) / q.shape[0]
+        gap = 0.5 * (gap + _scaled(column, inv_k))
     return gap * scale.to(gap.dtype)
