@@ -5,6 +5,7 @@ implementations use reduce_loss too.)"""
 import torch
 
 __all__ = ["REDUCTIONS", "reduce_loss", "reduction_weights", "accumulate_dtype",
+           "non_negative_value",
            "row_chunks", "rowwise_dot", "normalized_copy_backward_", "scaled_fused_gradients",
            "cast_gradients", "or_empty", "requires_grad", "first_order_only", "class_index"]
 
@@ -32,6 +33,13 @@ def reduction_weights(reduction, n, grad_output, dtype, weights=None):
         return g if weights is None else g * weights.to(dtype)
     g = grad_output.to(dtype) / n if reduction == "mean" else grad_output.to(dtype)
     return g.expand(n) if weights is None else g * weights.to(dtype)
+
+
+def non_negative_value(loss):
+    """``loss`` with its value clamped at 0 and its gradient unchanged: a log-sum-exp that holds
+    the subtracted positive scores (or their mean) is >= 0, but the two are rounded apart, so
+    the value can land a few ulp below 0."""
+    return loss + (loss.detach().clamp_min(0) - loss.detach())
 
 
 def accumulate_dtype(dtype):

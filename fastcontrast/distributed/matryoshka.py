@@ -30,7 +30,7 @@ import torch
 
 from .. import _validation as check
 from .. import backends
-from .._host import REDUCTIONS, accumulate_dtype
+from .._host import REDUCTIONS, accumulate_dtype, non_negative_value
 from ..infonce.matryoshka import _chunk_sums, _inverse_norms, matryoshka_unsupported
 from ..infonce.matryoshka_ops import matryoshka_lse
 from .calls import exchange, group_reduce, prefix_code
@@ -126,7 +126,7 @@ def _row_losses(comm, options, query, candidates, scale, targets, offset):
     if candidates.shape[0] - int(options.exclude_self) == 1:  # the positive alone: exactly 0
         loss = loss * 0
     else:  # >= 0 as its value is: the lse and the positive are rounded apart
-        loss = loss + (loss.detach().clamp_min(0) - loss.detach())
+        loss = non_negative_value(loss)
     weights = loss.new_tensor(options.matryoshka_weights).unsqueeze(1)
     return (weights * loss).sum(dim=0)
 

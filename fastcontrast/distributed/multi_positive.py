@@ -20,7 +20,7 @@ queries of every rank (the column log-sum-exp of the same pass), each direction'
 own rows of all ranks that have a positive."""
 import torch
 
-from .._host import accumulate_dtype
+from .._host import accumulate_dtype, non_negative_value
 from .calls import group_reduce
 from .collectives import AllReduceWithGrad, all_gather_rows
 
@@ -61,7 +61,7 @@ def _one_direction(comm, lse, q, k, query_labels, key_labels, key_sizes, scale, 
     loss = torch.where(has_positive, lse.to(pos_mean.dtype) - pos_mean,
                        torch.zeros_like(pos_mean))
     if reduction == "none":
-        return loss + (loss.detach().clamp_min(0) - loss.detach())  # >= 0, as single-process
+        return non_negative_value(loss)  # as single-process
     counted = sum(r[0] for r in comm.exchange([int(has_positive.sum())], q.device))
     return group_reduce(comm, loss, reduction, counted)
 

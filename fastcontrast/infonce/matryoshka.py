@@ -25,7 +25,7 @@ import numbers
 import torch
 
 from .. import backends
-from .._host import accumulate_dtype, reduce_loss
+from .._host import accumulate_dtype, non_negative_value, reduce_loss
 from .._host_threads import serial_host_graph
 from ..reference import info_nce_reference
 from .matryoshka_ops import matryoshka_lse, matryoshka_lse_fused
@@ -185,7 +185,7 @@ def _fused(options, query, key, bank, scale, targets):
     if candidates == 1:  # the positive alone: s - s, exactly 0 (NaN stays NaN)
         loss = loss * 0
     else:  # >= 0 as its value is: the lse and the positive are rounded apart
-        loss = loss + (loss.detach().clamp_min(0) - loss.detach())
+        loss = non_negative_value(loss)
     weights = loss.new_tensor(options.matryoshka_weights).unsqueeze(1)
     return (weights * loss).sum(dim=0)
 

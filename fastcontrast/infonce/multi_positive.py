@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from .._host import accumulate_dtype, class_index
+from .._host import accumulate_dtype, class_index, non_negative_value
 from .function import fused_loss, upcast_inputs
 from .fused_pass import FusedPass
 
@@ -48,6 +48,13 @@ def _positive_means(options, query, key, query_labels, key_labels, scale):
     return dots / count.clamp_min(1), count
 
 
+def _direction_weights(count, reduction, dtype):
+    """Each row's weight in its direction's reduction: 0 without a positive, else 1 ("sum",
+    "none") or 1 / (rows with a positive) ("mean")."""
+    weights = (count > 0).to(dtype)
+    return weights / weights.sum().clamp_min(1) if reduction == "mean" else weights
+
+
 def _one_direction(options, fused_pass, query, key, query_labels, key_labels, operands):
     """Per-row losses (reduction "none") or their reduction, rows without a positive left out."""
     pos_mean, count = _positive_means(options, query, key, query_labels, key_labels,
@@ -57,11 +64,9 @@ def _one_direction(options, fused_pass, query, key, query_labels, key_labels, op
         lse = fused_loss(replace(fused_pass, reduction="none"), query, key, **operands)
         loss = torch.where(has_positive, lse.to(pos_mean.dtype) - pos_mean,
                            torch.zeros_like(pos_mean))
-        return loss + (loss.detach().clamp_min(0) - loss.detach())  # >= 0, as its value is
+        return non_negative_value(loss)
     # A weighted sum keeps the fused kernels on their no-recompute path (as SupCon does).
-    weights = has_positive.to(pos_mean.dtype)
-    if options.reduction == "mean":
-        weights = weights / has_positive.sum().clamp_min(1)
+    weights = _direction_weights(count, options.reduction, pos_mean.dtype)
     lse_sum = fused_loss(replace(fused_pass, reduction="sum"), query, key, row_weights=weights,
                          **operands)
     return lse_sum.to(pos_mean.dtype) - (weights * pos_mean).sum()
@@ -73,17 +78,16 @@ def _symmetric(options, fused_pass, query, key, query_labels, key_labels, operan
     scale = operands["scale"]
     row_mean, row_count = _positive_means(options, query, key, query_labels, key_labels, scale)
     col_mean, col_count = _positive_means(options, key, query, key_labels, query_labels, scale)
-    row_w, col_w = (row_count > 0).to(row_mean.dtype), (col_count > 0).to(col_mean.dtype)
+    row_w = _direction_weights(row_count, options.reduction, row_mean.dtype)
+    col_w = _direction_weights(col_count, options.reduction, col_mean.dtype)
     both = replace(fused_pass, symmetric=True, reduction="none" if options.reduction == "none"
                    else "sum")
-    if options.reduction == "mean":
-        row_w, col_w = row_w / row_w.sum().clamp_min(1), col_w / col_w.sum().clamp_min(1)
     lse = fused_loss(both, query, key, row_weights=row_w, col_weights=col_w, **operands)
     positives = 0.5 * (row_w * row_mean + col_w * col_mean)
     if options.reduction != "none":
         return lse.to(positives.dtype) - positives.sum()
     loss = lse.to(positives.dtype) - positives
-    return loss + (loss.detach().clamp_min(0) - loss.detach())  # >= 0, as its value is
+    return non_negative_value(loss)
 
 
 def multi_positive_loss(options, query, key, *, scale, query_labels, key_labels, bank=None,
