@@ -13,30 +13,16 @@ where the candidate sum is the sum of every key, minus key i under exclude_self,
 minus its entries with the query's id, plus the row's per-query negatives (only key t_i without
 in-batch negatives). Everything here is O((N + M + K) D), with plain autograd. A symmetric loss
 (CLIP) smooths both directions: loss_i gets eps (gap_i + gap'_i) / 2, gap'_i the column term of
-key i over the queries."""
+key i over the queries.
+
+Without a bank or per-query negatives the gap is in_batch_gap.py's autograd.Function, whose
+backward holds one (R, D) buffer per input instead of plain autograd's temporaries."""
 import torch
 
 from .._host import accumulate_dtype, class_index
+from .in_batch_gap import in_batch_gap, inverse_norms, times, unit_sum
 
 __all__ = ["smoothing_gap", "gap_from_sums", "same_id_bank_sums"]
-
-
-def _inverse_norms(t, normalize, eps):
-    """1 / max(||t_j||, eps) per row with autograd (None without normalisation): the unit rows
-    t^_j = t_j / max(||t_j||, eps) enter every sum below through these scales, so no
-    normalised (rows, D) copy is made."""
-    if t is None or not normalize:
-        return None
-    return torch.linalg.vector_norm(t, dim=-1).clamp_min(eps).reciprocal()
-
-
-def _scaled(values, inverse_norms):
-    return values if inverse_norms is None else values * inverse_norms
-
-
-def _unit_sum(t, inverse_norms):
-    """sum_j t^_j (D,)."""
-    return t.sum(dim=0) if inverse_norms is None else inverse_norms @ t
 
 
 def _dots(a, b):
@@ -69,20 +55,20 @@ def _row_gap(options, q, k, norms, bank, per_query, targets, query_ids, bank_ids
     inv_q, inv_k, inv_b, inv_p = norms
     n = q.shape[0]
     if targets is None:
-        positive = _scaled(_dots(q, k), inv_k)
+        positive = times(_dots(q, k), inv_k)
     else:
-        positive = _scaled(_dots(q, k.index_select(0, targets)),
+        positive = times(_dots(q, k.index_select(0, targets)),
                            None if inv_k is None else inv_k.index_select(0, targets))
     if options.in_batch_negatives:
-        summed = q @ _unit_sum(k, inv_k)
+        summed = q @ unit_sum(k, inv_k)
         count = q.new_full((n,), float(k.shape[0]))
         if options.exclude_self:  # exclude_self means M == N: key i leaves row i
-            summed = summed - _scaled(_dots(q, k), inv_k)
+            summed = summed - times(_dots(q, k), inv_k)
             count = count - 1
     else:
         summed, count = positive, q.new_ones(n)
     if bank is not None:
-        summed = summed + q @ _unit_sum(bank, inv_b)
+        summed = summed + q @ unit_sum(bank, inv_b)
         count = count + bank.shape[0]
         if query_ids is not None:
             unit_bank = bank if inv_b is None else bank * inv_b.unsqueeze(1)
@@ -90,9 +76,9 @@ def _row_gap(options, q, k, norms, bank, per_query, targets, query_ids, bank_ids
             summed, count = summed - _dots(q, same_sum), count - same_count
     if per_query is not None:
         per_query_dots = torch.einsum("nkd,nd->nk", per_query, q)
-        summed = summed + _scaled(per_query_dots, inv_p).sum(dim=1)
+        summed = summed + times(per_query_dots, inv_p).sum(dim=1)
         count = count + per_query.shape[1]
-    return _scaled(positive - summed / count, inv_q)
+    return times(positive - summed / count, inv_q)
 
 
 def smoothing_gap(options, query, key, *, scale, bank=None, per_query=None, targets=None,
@@ -104,10 +90,14 @@ def smoothing_gap(options, query, key, *, scale, bank=None, per_query=None, targ
     k = q if key is query else key.to(acc)
     bank = None if bank is None else bank.to(acc)
     per_query = None if per_query is None else per_query.to(acc)
-    norms = [_inverse_norms(t, options.normalize, options.eps) for t in (q, k, bank, per_query)]
+    if bank is None and per_query is None and options.in_batch_negatives:
+        gap = in_batch_gap(q, k, targets, normalize=options.normalize, eps=options.eps,
+                           exclude_self=options.exclude_self, symmetric=options.symmetric)
+        return gap * scale.to(gap.dtype)
+    norms = [inverse_norms(t, options.normalize, options.eps) for t in (q, k, bank, per_query)]
     gap = _row_gap(options, q, k, norms, bank, per_query, targets, query_ids, bank_ids)
     if options.symmetric:  # M == N, targets None, in-batch keys only: key i's column over q
         inv_q, inv_k = norms[0], norms[1]
-        column = _scaled(_dots(k, q), inv_q) - k @ _unit_sum(q, inv_q) / q.shape[0]
-        gap = 0.5 * (gap + _scaled(column, inv_k))
+        column = times(_dots(k, q), inv_q) - k @ unit_sum(q, inv_q) / q.shape[0]
+        gap = 0.5 * (gap + times(column, inv_k))
     return gap * scale.to(gap.dtype)
