@@ -30,13 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._lse_tiles import LN2, LOG2E
 from ._common import (_INTERPRET, _check_device, _check_matrix, _device_context,
                       _input_precision, _load_rows, _upcast)
 
 __all__ = ["matryoshka_lse_forward", "matryoshka_lse_backward"]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # (block_x, block_y, block_d, num_warps): the interpreter runs few, large tiles fastest.
 _CONFIG = dict(block_x=64, block_y=64, block_d=32, num_warps=4) if _INTERPRET else dict(
     block_x=64, block_y=32, block_d=32, num_warps=4)

@@ -108,8 +108,68 @@ def _distill_host_calls(distill, a, b):
     distill.distill_backward(a, b, a, b, s_scale, t_scale, stats, grad, stats, grad)
 
 
+def _filter_host_calls(infonce, q, keys):
+    """The false-negative filter's launches (FILTER): each row rule (margin threshold, with and
+    without the positive's column; guide; both), alone and with the column rule of a symmetric
+    pass (COL_RULE, with the column lse), the forward with and without the dropped counts
+    (COUNT), and the backward for dq and dkeys (FILTER_ON_X both ways); the default backward
+    config only (the plain kernels cover the autotuning candidates)."""
+    import torch
+
+    n, m = q.shape[0], keys.shape[0]
+    alpha, beta = torch.ones(n), torch.ones(m)
+    lse, grad = torch.zeros(n), torch.ones(n)
+    guide_q, guide_keys = q[:, :8].contiguous(), keys[:, :8].contiguous()
+    positives = torch.arange(n)
+    rules = [dict(threshold=torch.zeros(n)),
+             dict(threshold=torch.zeros(n), positive_col=positives),
+             dict(guide_q=guide_q, guide_keys=guide_keys, guide_threshold=torch.zeros(n),
+                  positive_col=positives),
+             dict(threshold=torch.zeros(n), guide_q=guide_q, guide_keys=guide_keys,
+                  guide_threshold=torch.zeros(n), positive_col=positives)]
+    for rule in rules:
+        column_rule = dict(col_positive_row=torch.arange(m),
+                           col_threshold=torch.zeros(m) if "threshold" in rule else None,
+                           col_guide_threshold=torch.zeros(m) if "guide_q" in rule else None)
+        for symmetric in (False, True):
+            lse_filter = dict(rule, **(column_rule if symmetric else {}))
+            infonce.masked_lse_forward(q, keys, alpha, beta, with_col_lse=symmetric,
+                                       **lse_filter)
+            infonce.masked_lse_dropped(q, keys, alpha, beta, **lse_filter)
+            col = (torch.zeros(m), torch.ones(m)) if symmetric else (None, None)
+            infonce.masked_lse_backward(q, keys, alpha, beta, lse, grad, *col, **lse_filter)
+
+
+def _matryoshka_host_calls(matryoshka, x, y):
+    """matryoshka_lse_forward with and without the diagonal mask and the column lse, and its
+    backward for the rows alone and for rows and columns, at four prefixes of D (two where D
+    is too small)."""
+    import torch
+
+    d = x.shape[1]
+    bounds = (0, d // 8, d // 4, d // 2, d) if d >= 32 else (0, d // 2, d)
+    p = len(bounds) - 1
+    alpha, beta = torch.ones(p, x.shape[0]), torch.ones(p, y.shape[0])
+    lse, grad = torch.zeros(p, x.shape[0]), torch.ones(p, x.shape[0])
+    for exclude_diag in (False, True):
+        for with_cols in (False, True):
+            matryoshka.matryoshka_lse_forward(x, y, alpha, beta, bounds,
+                                              exclude_diag=exclude_diag, with_col_lse=with_cols)
+            col = (lse, grad) if with_cols else (None, None)
+            matryoshka.matryoshka_lse_backward(x, y, alpha, beta, bounds, lse, grad, *col,
+                                               exclude_diag=exclude_diag)
+
+
+# The kernel module each group of host calls drives (default: the group's own name).
 HOST_CALLS = {"infonce": _infonce_host_calls, "siglip": _siglip_host_calls,
-              "distill": _distill_host_calls}
+              "distill": _distill_host_calls, "filter": _filter_host_calls,
+              "matryoshka": _matryoshka_host_calls}
+MODULES = {"filter": "infonce"}
+# Groups called on fewer settings than (DTYPE_SETTINGS, DIMS): the filter's flags multiply the
+# plain kernels' variants (which cover D in chunks and fp16 / fp32 'ieee'), so it is compiled for
+# the GPU's usual inputs (bf16, fp32 'tf32') at one D in one chunk.
+SETTINGS = {"filter": ((("bfloat16", "high"), ("float32", "high")), (128,)),
+            "matryoshka": (DTYPE_SETTINGS, (16, 128))}
 
 
 class _Recorder:
@@ -122,7 +182,7 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
-def record_launches(module, host_calls):
+def record_launches(module, host_calls, dtype_settings=DTYPE_SETTINGS, dims=DIMS):
     """[(kernel, args, kwargs)] of the launches `host_calls(module, a, b)` makes for every dtype
     setting and D, with CPU tensors standing in for CUDA ones (the device check is lifted)."""
     import torch
@@ -135,9 +195,9 @@ def record_launches(module, host_calls):
             setattr(module, name, _Recorder(value, launches))
     module._check_device = lambda name, device: None
     try:
-        for dtype, precision in DTYPE_SETTINGS:
+        for dtype, precision in dtype_settings:
             torch.set_float32_matmul_precision(precision)
-            for d in DIMS:
+            for d in dims:
                 a = torch.randn(ROWS, d).to(getattr(torch, dtype))
                 b = torch.randn(ROWS, d).to(getattr(torch, dtype))
                 host_calls(module, a, b)
@@ -250,8 +310,9 @@ def main(ops):
     torch.set_num_threads(1)
     jobs = []
     for op in ops:
-        module = importlib.import_module(f"fastcontrast.kernels.{op}")
-        jobs += compile_jobs(record_launches(module, HOST_CALLS[op]))
+        module = importlib.import_module(f"fastcontrast.kernels.{MODULES.get(op, op)}")
+        jobs += compile_jobs(record_launches(module, HOST_CALLS[op],
+                                             *SETTINGS.get(op, (DTYPE_SETTINGS, DIMS))))
     workers = int(os.environ.get("FASTCONTRAST_COMPILE_WORKERS", "0")) or min(
         4, len(os.sched_getaffinity(0)))
     print(json.dumps(compile_all(jobs, workers)))
