@@ -13,6 +13,18 @@ circulation of the key blocks, no rank holding more than its ring buffers). The 
 travel with their key block (gather.py / ring.py) and get no gradient; the positive's column of
 each block (-1: elsewhere) keeps it from ever being dropped. ``dropped_counts``: the candidates
 of every rank dropped for this rank's rows, one pass over the blocks without exps.
+
+A symmetric loss (CLIP: N_r == M_r, no targets, no bank) filters both directions in the same
+pass, as single-process: column j of the global keys (key -> query direction) has its positive
+at global row j and, the scores and guide similarities being symmetric in the pair, the
+thresholds of row j, so entry (i, j) leaves column j's log-sum-exp iff
+
+    s_ij > thr_j   or   <gq^_i, gy^_j> > gthr_j        (i != j)
+
+(the kernels' column rule). Each rank's column thresholds are its rows' and travel with its key
+block beside the guide keys (``RowFilter.payload``: gathered / circulated); the dropped counts
+of the columns are summed over the ranks (gather: an all-reduce of M_total ints; ring: with the
+block, as the column log-sum-exps).
 """
 from typing import NamedTuple, Optional
 

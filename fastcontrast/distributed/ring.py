@@ -161,7 +161,7 @@ def lse_forward(comm, layout, spec, x, scale, y, targets, ids, row_filter=None):
     """(row_lse (N,), col_lse of this rank's keys (M_r,) or None, positive (N,) or None,
     saved tensors for lse_backward). ``ids``: (row_ids (N,), col_ids of this rank's keys
     (M_r,)) of the id mask, or None; the column ids (and the false-negative filter's guide
-    keys) travel with their block."""
+    keys and, symmetric, column thresholds) travel with their block."""
     acc = accumulate_dtype(x.dtype)
     key_off = _offsets(layout.keys)
     row_lse = torch.full((x.shape[0],), float("-inf"), dtype=acc, device=x.device)
