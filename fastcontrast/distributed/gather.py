@@ -23,45 +23,49 @@ def _all_ids(comm, layout, ids):
     return ids[0], all_gather_rows(comm, ids[1].contiguous(), layout.keys)
 
 
-def _filter_of(comm, layout, row_filter, m, guide):
-    """The kernel keywords of ``row_filter`` over all m keys (None without a filter) and the
-    every rank's guide keys (gathered when ``guide`` is None and the filter has a guide)."""
+def _filter_payload(comm, layout, row_filter):
+    """Every rank's filter payload (guide keys, column thresholds: RowFilter.payload),
+    gathered with the keys; [] without a filter."""
     if row_filter is None:
-        return None, None
-    if guide is None and row_filter.guide_keys is not None:
-        guide = all_gather_rows(comm, row_filter.guide_keys, layout.keys)
-    return row_filter.block(0, m, guide), guide
+        return []
+    return [all_gather_rows(comm, t.contiguous(), layout.keys) for t in row_filter.payload()]
+
+
+def _filter_of(row_filter, m, payload):
+    return None if row_filter is None else row_filter.block(0, m, payload)
 
 
 def lse_forward(comm, layout, spec, x, scale, y, targets, ids, row_filter=None):
     """(row_lse (N,), col_lse of this rank's keys (M_r,) or None, positive (N,) or None,
     saved tensors for lse_backward). ``ids``: (row_ids (N,), col_ids of this rank's keys) of
-    the id mask, or None; ``row_filter``: the false-negative filter (its guide keys gathered
-    with the keys), or None."""
+    the id mask, or None; ``row_filter``: the false-negative filter (its guide keys and, for a
+    symmetric loss, its column thresholds gathered with the keys), or None."""
     keys = all_gather_rows(comm, y.contiguous(), layout.keys)
     off = layout.key_offset(comm.rank)
     positive = None if targets is None else x.new_zeros(x.shape[0], dtype=accumulate_dtype(x.dtype))
-    lse_filter, guide = _filter_of(comm, layout, row_filter, keys.shape[0], None)
+    payload = _filter_payload(comm, layout, row_filter)
     row_lse, col_part = lse_block_forward(x, scale, keys, 0, off if spec.exclude_self else None,
                                           spec.with_col, targets, positive, spec.backend,
-                                          *_all_ids(comm, layout, ids), lse_filter=lse_filter)
+                                          *_all_ids(comm, layout, ids),
+                                          lse_filter=_filter_of(row_filter, keys.shape[0],
+                                                                payload))
     col_all = all_reduce_logsumexp(comm, col_part) if spec.with_col else None
     col_lse = col_all[off:off + layout.keys[comm.rank]] if spec.with_col else None
-    return row_lse, col_lse, positive, (keys, col_all, guide)
+    return row_lse, col_lse, positive, (keys, col_all, *payload)
 
 
 def lse_backward(comm, layout, spec, x, scale, y, targets, ids, row_lse, saved, g, c, g_pos,
                  row_filter=None):
     """(dx (N, D), dy (M_r, D)) in the accumulation dtype: the gradient of the sum of all ranks'
     losses."""
-    keys, col_all, guide = saved
+    keys, col_all, *payload = saved
     off = layout.key_offset(comm.rank)
     c_all = all_gather_rows(comm, c.to(row_lse.dtype).contiguous(), layout.keys) \
         if spec.with_col else None
-    lse_filter, _ = _filter_of(comm, layout, row_filter, keys.shape[0], guide)
     dx, dkeys = lse_block_backward(x, scale, keys, 0, off if spec.exclude_self else None,
                                    row_lse, g, col_all, c_all, targets, g_pos, True, spec.backend,
-                                   *_all_ids(comm, layout, ids), lse_filter=lse_filter)
+                                   *_all_ids(comm, layout, ids),
+                                   lse_filter=_filter_of(row_filter, keys.shape[0], payload))
     return dx, reduce_scatter_rows(comm, dkeys, layout.keys)
 
 

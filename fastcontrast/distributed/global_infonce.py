@@ -80,8 +80,9 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
     = 1 / temperature. ``q_name``: the caller's name of ``query`` (clip_loss: image) in the
     cross-rank errors; ``targets_valid``: the caller built the targets (nt_xent), so their
     values need no check; ``labels``: (query_labels, key_labels) of this rank (multiple
-    positives, targets None) or None. ``false_negatives``: a FalseNegatives filter (one
-    direction; false_negatives.py), ``return_dropped``: (loss, dropped (N_r,)) with it."""
+    positives, targets None) or None. ``false_negatives``: a FalseNegatives filter
+    (false_negatives.py; symmetric: both directions' rules in the same pass),
+    ``return_dropped``: (loss, dropped (N_r,), symmetric (2, N_r)) with it."""
     name, reduction, normalize = options.backend, options.reduction, options.normalize
     in_batch_negatives, exclude_self = options.in_batch_negatives, options.exclude_self
     symmetric, decoupled = options.symmetric, options.decoupled
@@ -158,7 +159,8 @@ def global_info_nce(comm, options, mode, query, key, negatives, scale, targets, 
     filt = None if false_negatives is None else row_filter(
         comm, mode, false_negatives, q, k, scale, n_keys=n_keys,
         global_targets=None if targets is None else global_targets,
-        product_targets=product_targets, guide_product=in_batch_negatives)
+        product_targets=product_targets, guide_product=in_batch_negatives,
+        first_row=key_offset if symmetric else None)
     cand = Candidates(comm, spec, q, y, Layout(tuple(n_rows), tuple(sizes)), product_targets,
                       ids, per_query, positive_outside, scale, bank_apart, filt)
     if labels is not None:

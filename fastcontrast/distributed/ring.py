@@ -141,30 +141,27 @@ def _chunk(t, j0, j1):
     return None if t is None else t[j0:j1]
 
 
-def _guide_payload(row_filter):
-    """The guide keys that travel with this rank's key block (false-negative filter)."""
-    return [] if row_filter is None or row_filter.guide_keys is None else [row_filter.guide_keys]
+def _filter_payload(row_filter):
+    """What travels with this rank's key block for the false-negative filter (its guide keys
+    and, for a symmetric loss, its column thresholds: RowFilter.payload)."""
+    return [] if row_filter is None else row_filter.payload()
 
 
-def _guide_like(row_filter, m):
-    return [g.new_empty(m, g.shape[1]) for g in _guide_payload(row_filter)]
+def _filter_like(row_filter, m):
+    return [t.new_empty((m,) + t.shape[1:]) for t in _filter_payload(row_filter)]
 
 
-def _block_filter(row_filter, lo, block, j0=0, j1=None):
-    """The kernel keywords of ``row_filter`` for keys j0 .. j1 of a block whose guide keys, if
-    any, are its payload's last entry (None without a filter)."""
-    if row_filter is None:
-        return None
-    m = block[0].shape[0] if j1 is None else j1
-    guide = block[-1][j0:m] if row_filter.guide_keys is not None else None
-    return row_filter.block(lo + j0, m - j0, guide)
+def _block_filter(row_filter, lo, payload, j0, j1):
+    """The kernel keywords of ``row_filter`` for keys j0 .. j1 of the block of global index lo
+    whose filter payload is ``payload`` (None without a filter)."""
+    return None if row_filter is None else row_filter.block(lo + j0, j1 - j0, payload, j0)
 
 
 def lse_forward(comm, layout, spec, x, scale, y, targets, ids, row_filter=None):
     """(row_lse (N,), col_lse of this rank's keys (M_r,) or None, positive (N,) or None,
     saved tensors for lse_backward). ``ids``: (row_ids (N,), col_ids of this rank's keys
     (M_r,)) of the id mask, or None; the column ids (and the false-negative filter's guide
-    keys) travel with their block."""
+    keys and, symmetric, column thresholds) travel with their block."""
     acc = accumulate_dtype(x.dtype)
     key_off = _offsets(layout.keys)
     row_lse = torch.full((x.shape[0],), float("-inf"), dtype=acc, device=x.device)
@@ -175,9 +172,11 @@ def lse_forward(comm, layout, spec, x, scale, y, targets, ids, row_filter=None):
         nonlocal row_lse
         diag = 0 if (spec.exclude_self and s == comm.rank) else None
         col_ids = block[1] if ids is not None else None
+        lse_filter = _block_filter(row_filter, key_off[s], block[1 + (ids is not None):], 0,
+                                   block[0].shape[0])
         part, col = lse_block_forward(x, scale, block[0], key_off[s], diag, spec.with_col,
                                       targets, positive, spec.backend, row_ids, col_ids,
-                                      lse_filter=_block_filter(row_filter, key_off[s], block))
+                                      lse_filter=lse_filter)
         row_lse = torch.logaddexp(row_lse, part)
         return [col] if spec.with_col else []
 
@@ -186,9 +185,9 @@ def lse_forward(comm, layout, spec, x, scale, y, targets, ids, row_filter=None):
     def payload_like(s):
         m = layout.keys[s]
         ids_like = [torch.empty(m, dtype=torch.int64, device=x.device)] if ids is not None else []
-        return [y.new_empty(m, d)] + ids_like + _guide_like(row_filter, m)
+        return [y.new_empty(m, d)] + ids_like + _filter_like(row_filter, m)
 
-    col = circulate(comm, [y] + ([ids[1]] if ids is not None else []) + _guide_payload(row_filter),
+    col = circulate(comm, [y] + ([ids[1]] if ids is not None else []) + _filter_payload(row_filter),
                     payload_like,
                     lambda s: ([torch.empty(layout.keys[s], dtype=acc, device=x.device)]
                                if spec.with_col else []),
@@ -208,7 +207,7 @@ def lse_backward(comm, layout, spec, x, scale, y, targets, ids, row_lse, saved, 
     d = y.shape[1]
     with_col, with_ids = spec.with_col, ids is not None
     payload = [y] + ([c.to(acc).contiguous(), col_lse] if with_col else []) + (
-        [ids[1]] if with_ids else []) + _guide_payload(row_filter)
+        [ids[1]] if with_ids else []) + _filter_payload(row_filter)
     ids_at = 3 if with_col else 1  # the column ids' place in the payload
     row_ids = ids[0] if with_ids else None
 
@@ -219,7 +218,7 @@ def lse_backward(comm, layout, spec, x, scale, y, targets, ids, row_lse, saved, 
             out += [torch.empty(m, dtype=acc, device=x.device) for _ in range(2)]
         if with_ids:
             out.append(torch.empty(m, dtype=torch.int64, device=x.device))
-        return out + _guide_like(row_filter, m)
+        return out + _filter_like(row_filter, m)
 
     def accumulate(s, block, dy):
         keys = block[0]
@@ -231,7 +230,8 @@ def lse_backward(comm, layout, spec, x, scale, y, targets, ids, row_lse, saved, 
                 x, scale, keys[j0:j1], key_off[s] + j0, -j0 if own else None, row_lse, g,
                 _chunk(col_s, j0, j1), _chunk(c_s, j0, j1), targets, g_pos, True, spec.backend,
                 row_ids, _chunk(col_ids, j0, j1),
-                lse_filter=_block_filter(row_filter, key_off[s], block, j0, j1))
+                lse_filter=_block_filter(row_filter, key_off[s], block[ids_at + with_ids:], j0,
+                                         j1))
             dx.add_(dx_part)
             dy[j0:j1].add_(dy_part)
             del dx_part, dy_part  # before the next chunk's

@@ -9,7 +9,7 @@ MARGIN = 0.1
 G = 4  # the guide's feature dimension
 NAMES = ["info_nce_fn_margin", "info_nce_fn_guide_global_targets", "info_nce_fn_bank_guide",
          "info_nce_fn_bank_only", "info_nce_fn_ids_bank", "info_nce_fn_symmetric",
-         "clip_loss_fn", "moco_loss_fn"]
+         "clip_loss_fn", "clip_loss_fn_guide_relative", "moco_loss_fn"]
 
 
 def _with_guide(build, *, bank_sizes=None, queue=False):
@@ -53,21 +53,34 @@ def false_negative_cases(fc, fcd, ref, dst, builders):
     targets, bank, ids, clip, moco)."""
     from ._workers import _ids, _queue
 
+    def case(name, build, function, call):
+        """FilterCase of fc / fcd's ``function`` called as call(f, x, red, more, rd)."""
+        return FilterCase(name, build,
+                          lambda x, red, mode, grp, rd: call(
+                              getattr(fcd, function), x, red, dict(mode=mode, group=grp, **dst),
+                              rd),
+                          lambda x, red, rd: call(getattr(fc, function), x, red, ref, rd))
+
     def info_nce(name, build, **options):
         def call(f, x, red, more, rd):
             return f(x["query"], x["key"], x.get("bank"), temperature=x["tau"],
                      targets=x.get("targets"), reduction=red, return_dropped=rd,
                      **_ids(x, options), **_guide(x), **more)
-        return FilterCase(name, build,
-                          lambda x, red, mode, grp, rd: call(fcd.info_nce, x, red,
-                                                             dict(mode=mode, group=grp, **dst),
-                                                             rd),
-                          lambda x, red, rd: call(fc.info_nce, x, red, ref, rd))
+        return case(name, build, "info_nce", call)
+
+    def clip(name, **options):
+        def call(f, x, red, more, rd):
+            return f(x["query"], x["key"], x["scale"], logit_bias=x["bias"], reduction=red,
+                     return_dropped=rd, **_guide(x), **options, **more)
+        return case(name, _with_guide(builders["clip"]), "clip_loss", call)
+
+    def moco(f, x, red, more, rd):
+        return f(x["query"], x["key"], _queue(x), temperature=x["tau"], reduction=red,
+                 query_index=x["query_index"], return_dropped=rd, **_guide(x),
+                 false_negative_margin=MARGIN, guide_margin=0.1,
+                 guide_margin_strategy="relative", **more)
 
     bank_sizes = [2, 1, 3, 2]
-    clip_options = dict(false_negative_margin=MARGIN, guide_margin=0.05)
-    moco_options = dict(false_negative_margin=MARGIN, guide_margin=0.1,
-                        guide_margin_strategy="relative")
     return [
         info_nce("info_nce_fn_margin", builders["plain"], false_negative_margin=MARGIN),
         info_nce("info_nce_fn_guide_global_targets", _with_guide(builders["targets"]),
@@ -80,23 +93,10 @@ def false_negative_cases(fc, fcd, ref, dst, builders):
         info_nce("info_nce_fn_ids_bank", builders["ids"], false_negative_margin=MARGIN),
         info_nce("info_nce_fn_symmetric", _with_guide(builders["plain"]), symmetric=True,
                  false_negative_margin=MARGIN),
-        FilterCase("clip_loss_fn", _with_guide(builders["clip"]),
-                   lambda x, red, mode, grp, rd: fcd.clip_loss(
-                       x["query"], x["key"], x["scale"], logit_bias=x["bias"], reduction=red,
-                       return_dropped=rd, mode=mode, group=grp, **_guide(x), **clip_options,
-                       **dst),
-                   lambda x, red, rd: fc.clip_loss(
-                       x["query"], x["key"], x["scale"], logit_bias=x["bias"], reduction=red,
-                       return_dropped=rd, **_guide(x), **clip_options, **ref)),
-        FilterCase("moco_loss_fn", _with_guide(builders["moco"], queue=True),
-                   lambda x, red, mode, grp, rd: fcd.moco_loss(
-                       x["query"], x["key"], _queue(x), temperature=x["tau"], reduction=red,
-                       query_index=x["query_index"], return_dropped=rd, mode=mode, group=grp,
-                       **_guide(x), **moco_options, **dst),
-                   lambda x, red, rd: fc.moco_loss(
-                       x["query"], x["key"], _queue(x), temperature=x["tau"], reduction=red,
-                       query_index=x["query_index"], return_dropped=rd, **_guide(x),
-                       **moco_options, **ref)),
+        clip("clip_loss_fn", false_negative_margin=MARGIN, guide_margin=0.05),
+        # the symmetric pass with the guide alone, "relative": column thresholds of the guide
+        clip("clip_loss_fn_guide_relative", guide_margin=0.1, guide_margin_strategy="relative"),
+        case("moco_loss_fn", _with_guide(builders["moco"], queue=True), "moco_loss", moco),
     ]
 
 
