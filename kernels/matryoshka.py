@@ -38,7 +38,10 @@ __all__ = ["matryoshka_lse_forward", "matryoshka_lse_backward"]
 
 # (block_x, block_y, block_d, num_warps): the interpreter runs few, large tiles fastest.
 _CONFIG = dict(block_x=64, block_y=64, block_d=32, num_warps=4) if _INTERPRET else dict(
-    block_x=64, block_y=32, block_d=32, num_warps=4)
+    block_x=64, block_y=32, block_d=32, num_warps=8)
+# Software-pipeline depth of the forward: fp32 tiles held for a deeper pipeline spill registers
+# on sm_90 (ptxas, tests/kernels/test_triton_compile_objectives.py).
+_FORWARD_STAGES = {torch.float32: 1}
 
 
 @triton.jit
@@ -194,7 +197,7 @@ def _forward(x, y, ax, by, bounds_t, bounds, exclude_diag):
     grid = (triton.cdiv(x.shape[0], _CONFIG["block_x"]),)
     _matryoshka_fwd_kernel[grid](x, y, ax, by, bounds_t, lse, x.shape[0], y.shape[0],
                                  x.stride(0), y.stride(0), EXCLUDE_DIAG=exclude_diag,
-                                 **_meta(x, bounds))
+                                 num_stages=_FORWARD_STAGES.get(x.dtype, 3), **_meta(x, bounds))
     return lse
 
 
