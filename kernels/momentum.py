@@ -96,9 +96,11 @@ def _lerp_multi_tensor_kernel(
 # ---------------------------------------------------------------------------------------------
 
 # Elements per program. GPU: 4096 elements over 4 warps (32 per thread, 128-bit accesses for
-# aligned fp32). The interpreter runs programs one after another in numpy: fewer, larger blocks.
+# aligned fp32); fp64 targets over 16 warps (8 per thread: 32 fp64 values with their int64
+# addresses spill registers on sm_90, tests/kernels/test_triton_compile_updates.py). The
+# interpreter runs programs one after another in numpy: fewer, larger blocks.
 _BLOCK = 1 << 14 if _INTERPRET else 4096
-_NUM_WARPS = 4
+_NUM_WARPS = {torch.float64: 16}
 _CACHE_SIZE = 8
 _metadata_cache = OrderedDict()
 
@@ -181,4 +183,5 @@ def lerp_multi_tensor_(targets, onlines, weight):
             TGT_DTYPE=_TL_DTYPES[tgt_dtype], ONL_DTYPE=_TL_DTYPES[onl_dtype],
             COMPUTE_DTYPE=compute, BLOCK=_BLOCK, ALIGNED=aligned,
             # the interpreter's float32 -> bfloat16 cast truncates: round in integer arithmetic
-            EMULATE_BF16=_INTERPRET and tgt_dtype == torch.bfloat16, num_warps=_NUM_WARPS)
+            EMULATE_BF16=_INTERPRET and tgt_dtype == torch.bfloat16,
+            num_warps=_NUM_WARPS.get(tgt_dtype, 4))

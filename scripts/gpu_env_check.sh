@@ -88,7 +88,8 @@ step "Triton interpreter tests: the fused objectives" "${PYTEST[@]}" -m "not slo
   tests/objectives
 step "sm_90 compile checks" "${PYTEST[@]}" -rs \
   tests/kernels/test_triton_compile.py tests/kernels/test_triton_gram_compile.py \
-  tests/kernels/test_triton_compile_objectives.py tests/kernels/test_cuda_sources.py
+  tests/kernels/test_triton_compile_objectives.py tests/kernels/test_triton_compile_updates.py \
+  tests/kernels/test_cuda_sources.py
 step "GPU check, CPU dry run" env PATH="$PWD/$VENV/bin:$PATH" GPU_CHECK_DEVICE=cpu \
   benchmarks/gpu_check.sh "$OUT"
 echo "gpu_env_check: all passed"

@@ -49,6 +49,7 @@ SLOW_PATHS = (
     "tests/compat/test_open_clip_distributed.py", "tests/compat/test_lightly_distributed.py",
     "tests/kernels/test_triton_compile.py", "tests/kernels/test_triton_gram_compile.py",
     "tests/kernels/test_triton_compile_objectives.py",
+    "tests/kernels/test_triton_compile_updates.py",
     "tests/kernels/test_masked_lse_contract.py", "tests/kernels/test_gram_kernels.py",
     "tests/kernels/test_cuda_sources.py", "tests/losses/contract/test_compile.py",
     "tests/losses/contract/test_compile_shapes.py", "tests/losses/contract/test_properties.py",

@@ -160,16 +160,46 @@ def _matryoshka_host_calls(matryoshka, x, y):
                                                exclude_diag=exclude_diag)
 
 
+def _queue_host_calls(queue, keys, _):
+    """enqueue_ of a batch into a queue of the batch's dtype and of float32 / float64 (the
+    kernel casts), with and without labels and indices."""
+    import torch
+
+    batch, d = keys.shape
+    for dst_dtype in sorted({keys.dtype, torch.float32, torch.float64}, key=str):
+        dst = torch.zeros(batch + 44, d, dtype=dst_dtype)
+        for extras in (False, True):
+            ids = dict(dst_labels=torch.zeros(dst.shape[0], dtype=torch.int64),
+                       labels=torch.arange(batch), dst_indices=torch.zeros(
+                           dst.shape[0], dtype=torch.int64), indices=torch.arange(batch))
+            queue.enqueue_(dst, keys, 40, 0, torch.zeros((), dtype=torch.int64),
+                           torch.zeros((), dtype=torch.int64), **(ids if extras else {}))
+
+
+def _momentum_host_calls(momentum, *_):
+    """lerp_multi_tensor_ for every (target, online) dtype pair, with 16-byte aligned and
+    unaligned tensors."""
+    import torch
+
+    for target_dtype, online_dtype in sorted(momentum.SUPPORTED_PAIRS, key=str):
+        for offset in (0, 1):
+            target = torch.zeros(10001, dtype=target_dtype)[offset:]
+            online = torch.zeros(10001, dtype=online_dtype)[offset:]
+            momentum.lerp_multi_tensor_([target], [online], 0.01)
+
+
 # The kernel module each group of host calls drives (default: the group's own name).
 HOST_CALLS = {"infonce": _infonce_host_calls, "siglip": _siglip_host_calls,
               "distill": _distill_host_calls, "filter": _filter_host_calls,
-              "matryoshka": _matryoshka_host_calls}
+              "matryoshka": _matryoshka_host_calls, "queue": _queue_host_calls,
+              "momentum": _momentum_host_calls}
 MODULES = {"filter": "infonce"}
 # Groups called on fewer settings than (DTYPE_SETTINGS, DIMS): the filter's flags multiply the
 # plain kernels' variants (which cover D in chunks and fp16 / fp32 'ieee'), so it is compiled for
 # the GPU's usual inputs (bf16, fp32 'tf32') at one D in one chunk.
 SETTINGS = {"filter": ((("bfloat16", "high"), ("float32", "high")), (128,)),
-            "matryoshka": (DTYPE_SETTINGS, (16, 128))}
+            "matryoshka": (DTYPE_SETTINGS, (16, 128)),
+            "queue": (DTYPE_SETTINGS[:3], (16, 512)), "momentum": (DTYPE_SETTINGS[:1], (16,))}
 
 
 class _Recorder:
@@ -223,7 +253,7 @@ def compile_jobs(launches):
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
                                                               specialization, options)
         flags = {fn.arg_names[k[0]]: v for k, v in constexprs.items()}
-        block_d = flags.pop("BLOCK_D")
+        block_d = flags.pop("BLOCK_D", 0)
         key = repr((fn.__name__, sorted(signature.items()), sorted(flags.items()),
                     sorted(attrs.items()), sorted(options.__dict__.items())))
         if key not in jobs or jobs[key][0] < block_d:
@@ -281,7 +311,8 @@ def _compile(index):
     ptx = "\n".join(line for line in compiled.asm["ptx"].splitlines()
                     if not line.lstrip().startswith((".loc", ".file", "//")))
     return {"kernel": fn.__name__, "dtype": next(v for v in signature.values() if v != "constexpr"),
-            "flags": {fn.arg_names[k[0]]: v for k, v in constexprs.items()},
+            "flags": {fn.arg_names[k[0]]: v if isinstance(v, (bool, int, float, str)) else str(v)
+                      for k, v in constexprs.items()},
             "num_warps": options["num_warps"], "num_stages": options["num_stages"],
             "registers": int(registers.group(1)), "shared_bytes": int(compiled.metadata.shared),
             "stack_bytes": int(spills.group(1)),
