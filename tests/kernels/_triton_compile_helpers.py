@@ -45,6 +45,14 @@ def run_without_interpreter(args, *, timeout, env=None):
     return done.stdout
 
 
+def compile_groups(*groups, timeout):
+    """The compiled variants (a list of dicts, ``_compile``) of the host call groups ``groups``
+    (HOST_CALLS), compiled in a child without the interpreter."""
+    stdout = run_without_interpreter(["-m", "tests.kernels._triton_compile_helpers", *groups],
+                                     timeout=timeout)
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Child side
 # ---------------------------------------------------------------------------------------------

@@ -14,11 +14,9 @@ tests/kernels/_triton_compile_helpers.py, groups "filter" and "matryoshka"):
 
 The first run compiles about 130 variants (minutes on two cores); Triton's cache makes a rerun
 take seconds. Skipped with a message where Triton's CUDA backend or ptxas is absent."""
-import json
-
 import pytest
 
-from ._triton_compile_helpers import run_without_interpreter
+from ._triton_compile_helpers import compile_groups
 from .test_triton_compile import MAX_SHARED_BYTES
 
 # (kernel, pointer dtype, precision, the True flags, P or None) -> (spill stores, loads), per
@@ -52,9 +50,7 @@ def variant(result):
 
 @pytest.fixture(scope="module")
 def compiled():
-    stdout = run_without_interpreter(
-        ["-m", "tests.kernels._triton_compile_helpers", "filter", "matryoshka"], timeout=1500)
-    return json.loads(stdout.strip().splitlines()[-1])
+    return compile_groups("filter", "matryoshka", timeout=1500)
 
 
 def test_every_filter_rule_and_matryoshka_launch_is_compiled(compiled):

@@ -6,19 +6,15 @@ fp64, with and without labels and indices, D = 16 and 512) and the momentum upda
 Recorded from the host's own launches as tests/kernels/test_triton_compile.py does (its helpers,
 tests/kernels/_triton_compile_helpers.py, groups "queue" and "momentum"). Skipped with a message
 where Triton's CUDA backend or ptxas is absent."""
-import json
-
 import pytest
 
-from ._triton_compile_helpers import run_without_interpreter
+from ._triton_compile_helpers import compile_groups
 from .test_triton_compile import MAX_SHARED_BYTES
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    stdout = run_without_interpreter(
-        ["-m", "tests.kernels._triton_compile_helpers", "queue", "momentum"], timeout=1200)
-    return json.loads(stdout.strip().splitlines()[-1])
+    return compile_groups("queue", "momentum", timeout=1200)
 
 
 def _flags(result):
