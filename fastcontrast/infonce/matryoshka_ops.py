@@ -152,14 +152,22 @@ def _multiple_of(grad, pattern):
     return c if ok else None
 
 
+def _traced(t):
+    """Whether ``t``'s values are unknown (torch.compile, AOT dispatch: fake tensors), so that
+    no branch may depend on them."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
 def _fused_backward(ctx, grad_lse, *_):
     x, y, alpha, beta, row_grad, row_lse, *grads = ctx.saved_tensors
     bounds, exclude_diag, backend = ctx.options
     if grad_lse is None:
         return (None,) * 8
     grad_lse = grad_lse.to(row_lse.dtype)
-    c = _multiple_of(grad_lse, row_grad)
-    if c is None:  # not the gradient the forward assumed: recompute
+    c = None if _traced(grad_lse) else _multiple_of(grad_lse, row_grad)
+    if c is None:  # not the gradient the forward assumed (or unknown while traced): recompute
         grads = matryoshka_lse_backward(x, y, alpha, beta, bounds, row_lse, grad_lse, None, None,
                                         exclude_diag, backend)
     else:

@@ -69,3 +69,22 @@ def test_opcheck_objective_ops(backend):
     if backends.PROPERTIES[backend].fuses_gradient:
         expected |= {"matryoshka_lse_forward_with_grad", "distill_forward_with_grad"}
     assert expected <= seen, expected - seen
+
+
+@pytest.mark.parametrize("backend", backends.available_backends("cpu")[1:])  # not "reference"
+def test_opcheck_matryoshka_ops_with_their_registered_gradients(backend):
+    """The Matryoshka ops carry registered autograd formulas: opchecked with inputs that require
+    grad, so that the AOT-dispatch check traces their backward too (the fused op's backward must
+    not branch on gradient values while traced)."""
+    from fastcontrast.infonce.matryoshka_ops import (matryoshka_lse_forward,
+                                                     matryoshka_lse_forward_with_grad)
+
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    alpha, beta = torch.rand(2, 6, generator=gen) + 0.5, torch.rand(2, 5, generator=gen) + 0.5
+    leaves = [t.requires_grad_() for t in (x, y, alpha, beta)]
+    torch.library.opcheck(matryoshka_lse_forward, (*leaves, [0, 4, 8], False, True, backend))
+    if backends.PROPERTIES[backend].fuses_gradient:
+        row_grad = torch.full((2, 6), 1 / 6)
+        torch.library.opcheck(matryoshka_lse_forward_with_grad,
+                              (*leaves, [0, 4, 8], row_grad, False, backend))
