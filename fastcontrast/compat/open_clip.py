@@ -12,14 +12,17 @@ softmax and gets a zero gradient):
     SigLipLoss  -(1/N) sum_ij log sigmoid(y_ij t_ij), y = 2I - 1        (fastcontrast.siglip_loss)
     CoCaLoss    clip_loss_weight * ClipLoss, caption_loss_weight * the token cross-entropy of
                 the captioner (torch's cross_entropy, ignore_index=pad_id; nothing to fuse)
+    DistillClipLoss  (ClipLoss, (H(softmax(d_ij), softmax(t_ij)) over rows + over columns) / 2)
+                with d_ij = dist_logit_scale <dist_image_i, dist_text_j> the teacher's logits,
+                both terms in one fused pass (fastcontrast.distill_clip_loss); single process
 
 ``logit_scale`` / ``logit_bias``: python floats, 0-dim tensors or shape (1,) tensors (OpenCLIP's
 ``nonscalar_logit_scale``); the gradient comes back in the caller's shape. ``logit_scale`` must be
 positive and finite for ClipLoss, finite for SigLipLoss (ValueError). ``cache_labels`` is
 accepted and has no effect (there are no label tensors to cache). ``use_horovod=True`` raises
-NotImplementedError. ``DistillClipLoss`` is not provided: its distillation term is a
-cross-entropy between two full softmax matrices, which fastcontrast does not fuse; the helper
-methods ``get_logits`` / ``get_ground_truth`` are not provided either (they build the logits).
+NotImplementedError, as does ``DistillClipLoss`` with world_size > 1 (single process only so
+far). The helper methods ``get_logits`` / ``get_ground_truth`` are not provided (they build the
+logits).
 
 Distributed (``world_size > 1``): ``rank`` and ``world_size`` must be those of the default
 torch.distributed process group (ValueError otherwise). Every rank's features receive the
@@ -36,7 +39,7 @@ from torch import nn
 from .. import functional as fcf
 from .._validation import check_int
 
-__all__ = ["ClipLoss", "SigLipLoss", "CoCaLoss", "PATCH_TARGETS"]
+__all__ = ["ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss", "PATCH_TARGETS"]
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 # OpenCLIP's exchange patterns -> fastcontrast.distributed's modes: the neighbour exchanges
@@ -191,6 +194,41 @@ class CoCaLoss(ClipLoss):
         return contrastive, caption
 
 
+class DistillClipLoss(ClipLoss):
+    """OpenCLIP's DistillClipLoss: (contrastive_loss, distill_loss), the first ClipLoss's
+    value on the student's (image_features, text_features, logit_scale), the second
+    (dist(d, t) + dist(d^T, t^T)) / 2 with dist(d, t) = -mean_i sum_j softmax(d_i.)_j
+    log_softmax(t_i.)_j, t the student's logits and d = dist_logit_scale dist_image_features
+    @ dist_text_features^T the teacher's. Both from ONE fused pass over the score tiles
+    (fastcontrast.distill_clip_loss). Returns the pair, or {"contrastive_loss",
+    "distill_loss"} with ``output_dict=True``. The teacher (dist_*) gets no gradient (OpenCLIP
+    leaves that to the caller's frozen teacher). Single process: world_size > 1 raises
+    NotImplementedError (use fastcontrast.distributed.distill_info_nce with
+    fastcontrast.distributed.clip_loss meanwhile)."""
+
+    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0,
+                 world_size=1, use_horovod=False):
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                         cache_labels=cache_labels, rank=rank, world_size=world_size,
+                         use_horovod=use_horovod)
+        if world_size > 1:
+            raise NotImplementedError(
+                f"DistillClipLoss: world_size > 1 is not supported yet (got world_size="
+                f"{world_size}); the fused loss runs single process. Across ranks, combine "
+                "fastcontrast.distributed.clip_loss and fastcontrast.distributed."
+                "distill_info_nce(..., temperature=1 / logit_scale, teacher_temperature=1 / "
+                "dist_logit_scale, normalize=False)")
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features,
+                dist_text_features, dist_logit_scale, output_dict=False):
+        contrastive, distill = fcf.distill_clip_loss(
+            image_features, text_features, dist_image_features, dist_text_features,
+            _scalar(logit_scale), _scalar(dist_logit_scale))
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+
 class SigLipLoss(nn.Module):
     """OpenCLIP's SigLipLoss: loss = -(1/N) sum_{i,j} log sigmoid(y_ij t_ij),
     t_ij = logit_scale <image_i, text_j> + logit_bias, y_ij = +1 on the diagonal, -1 elsewhere;
@@ -233,4 +271,4 @@ class SigLipLoss(nn.Module):
 
 
 PATCH_TARGETS = {"open_clip.loss": {"ClipLoss": ClipLoss, "SigLipLoss": SigLipLoss,
-                                    "CoCaLoss": CoCaLoss}}
+                                    "CoCaLoss": CoCaLoss, "DistillClipLoss": DistillClipLoss}}
