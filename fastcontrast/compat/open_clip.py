@@ -14,15 +14,15 @@ softmax and gets a zero gradient):
                 the captioner (torch's cross_entropy, ignore_index=pad_id; nothing to fuse)
     DistillClipLoss  (ClipLoss, (H(softmax(d_ij), softmax(t_ij)) over rows + over columns) / 2)
                 with d_ij = dist_logit_scale <dist_image_i, dist_text_j> the teacher's logits,
-                both terms in one fused pass (fastcontrast.distill_clip_loss); single process
+                both terms in one fused pass (fastcontrast.distill_clip_loss); world_size > 1:
+                fastcontrast.distributed's clip_loss and distill_info_nce (two passes)
 
 ``logit_scale`` / ``logit_bias``: python floats, 0-dim tensors or shape (1,) tensors (OpenCLIP's
 ``nonscalar_logit_scale``); the gradient comes back in the caller's shape. ``logit_scale`` must be
 positive and finite for ClipLoss, finite for SigLipLoss (ValueError). ``cache_labels`` is
 accepted and has no effect (there are no label tensors to cache). ``use_horovod=True`` raises
-NotImplementedError, as does ``DistillClipLoss`` with world_size > 1 (single process only so
-far). The helper methods ``get_logits`` / ``get_ground_truth`` are not provided (they build the
-logits).
+NotImplementedError. The helper methods ``get_logits`` / ``get_ground_truth`` are not
+provided (they build the logits).
 
 Distributed (``world_size > 1``): ``rank`` and ``world_size`` must be those of the default
 torch.distributed process group (ValueError otherwise). Every rank's features receive the
@@ -143,17 +143,24 @@ class ClipLoss(nn.Module):
         from .. import distributed as fcd  # torch.distributed's collectives only when used
 
         _check_group(type(self).__name__, self.rank, self.world_size)
+        return self._over_ranks(
+            lambda s: fcd.clip_loss(image_features, text_features, s, logit_bias=bias), scale)
+
+    def _over_ranks(self, share, scale):
+        """world_size > 1: ``share(scale)``, a fastcontrast.distributed loss (this rank's
+        share), as OpenCLIP returns it: with local_loss the share itself, else the whole
+        batch's value (the mean of the shares) with this share's gradient."""
         if self.local_loss:
-            return fcd.clip_loss(image_features, text_features, scale, logit_bias=bias)
+            return share(scale)
         if isinstance(scale, torch.Tensor) and scale.requires_grad:
             # Every rank returns the whole-batch loss: its logit_scale gradient is the mean
             # over the ranks of their shares.
             scale = _MeanGradientOverRanks.apply(scale)
-        share = fcd.clip_loss(image_features, text_features, scale, logit_bias=bias)
-        whole = share.detach().clone()
+        part = share(scale)
+        whole = part.detach().clone()
         dist.all_reduce(whole)
         # The value of the whole batch (the mean of the shares), the gradient of this share.
-        return whole / self.world_size + (share - share.detach())
+        return whole / self.world_size + (part - part.detach())
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None,
                 output_dict=False):
@@ -202,28 +209,30 @@ class DistillClipLoss(ClipLoss):
     @ dist_text_features^T the teacher's. Both from ONE fused pass over the score tiles
     (fastcontrast.distill_clip_loss). Returns the pair, or {"contrastive_loss",
     "distill_loss"} with ``output_dict=True``. The teacher (dist_*) gets no gradient (OpenCLIP
-    leaves that to the caller's frozen teacher). Single process: world_size > 1 raises
-    NotImplementedError (use fastcontrast.distributed.distill_info_nce with
-    fastcontrast.distributed.clip_loss meanwhile)."""
+    leaves that to the caller's frozen teacher).
 
-    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0,
-                 world_size=1, use_horovod=False):
-        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad,
-                         cache_labels=cache_labels, rank=rank, world_size=world_size,
-                         use_horovod=use_horovod)
-        if world_size > 1:
-            raise NotImplementedError(
-                f"DistillClipLoss: world_size > 1 is not supported yet (got world_size="
-                f"{world_size}); the fused loss runs single process. Across ranks, combine "
-                "fastcontrast.distributed.clip_loss and fastcontrast.distributed."
-                "distill_info_nce(..., temperature=1 / logit_scale, teacher_temperature=1 / "
-                "dist_logit_scale, normalize=False)")
+    world_size > 1: the contrastive term as ClipLoss's (local_loss, gradients: see there), the
+    distillation term likewise from fastcontrast.distributed.distill_info_nce (symmetric, this
+    rank's rows against every rank's; local_loss=True: the mean over this rank's rows, as
+    OpenCLIP's; False: the whole batch's value on every rank). Two fused passes there (the
+    distributed combined op does not exist yet), one single process."""
 
     def forward(self, image_features, text_features, logit_scale, dist_image_features,
                 dist_text_features, dist_logit_scale, output_dict=False):
-        contrastive, distill = fcf.distill_clip_loss(
-            image_features, text_features, dist_image_features, dist_text_features,
-            _scalar(logit_scale), _scalar(dist_logit_scale))
+        scale, dist_scale = _scalar(logit_scale), _scalar(dist_logit_scale)
+        if isinstance(dist_scale, torch.Tensor):
+            dist_scale = dist_scale.detach()  # the teacher gets no gradient
+        if self.world_size == 1:
+            contrastive, distill = fcf.distill_clip_loss(
+                image_features, text_features, dist_image_features, dist_text_features, scale,
+                dist_scale)
+        else:
+            from .. import distributed as fcd
+
+            contrastive = self._contrastive(image_features, text_features, scale)
+            distill = self._over_ranks(lambda s: fcd.distill_info_nce(
+                image_features, text_features, dist_image_features, dist_text_features,
+                temperature=1 / s, teacher_temperature=1 / dist_scale, normalize=False), scale)
         if output_dict:
             return {"contrastive_loss": contrastive, "distill_loss": distill}
         return contrastive, distill

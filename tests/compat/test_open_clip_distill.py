@@ -1,7 +1,7 @@
 """fastcontrast.compat.open_clip.DistillClipLoss against the installed OpenCLIP's own
 DistillClipLoss, one process: the signatures, both terms' values and the student's gradients
 (features, logit_scale) of each term on the same inputs, to the PARITY tolerances, every
-logit-scale kind, dict and tuple returns; world_size > 1 refused."""
+logit-scale kind, dict and tuple returns (world_size > 1: test_open_clip_distill_distributed.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,9 +72,11 @@ def test_the_teacher_gets_no_gradient():
     assert dist_image.grad is None and dist_text.grad is None and dist_scale.grad is None
 
 
-def test_world_size_above_1_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="world_size > 1 is not supported"):
-        compat.DistillClipLoss(rank=0, world_size=2)
+def test_world_size_without_a_process_group_is_refused():
+    image, text = features(4, 3, torch.float64)
+    with pytest.raises(RuntimeError, match=r"world_size=2\) needs an initialised"):
+        compat.DistillClipLoss(world_size=2)(image, text, 10.0, image.detach(), text.detach(),
+                                             20.0)
 
 
 def test_is_patched_in():
