@@ -4,8 +4,6 @@ the drop-in on the same shards, float64, gather_with_grad=True. Per rank, both t
 and the feature gradients of their sum equal the peer's (local_loss True and False);
 logit_scale's gradient too with local_loss=False, its mean over the ranks with local_loss=True
 (the ranks split it differently, as ClipLoss's)."""
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,16 +42,12 @@ def _worker(rank, world_size):
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _ranks():
-    from fastcontrast.methods.launch import spawn
-
-    return spawn(_worker, WORLD, timeout=240, collective_timeout_s=30, threads=1)
-
-
 @pytest.fixture(scope="module")
 def with_peer():
-    ranks = _ranks()
+    """Every rank's outputs, one spawn for the module (skipped without OpenCLIP)."""
+    from fastcontrast.methods.launch import spawn
+
+    ranks = spawn(_worker, WORLD, timeout=240, collective_timeout_s=30, threads=1)
     if ranks[0]["skip"] is not None:
         pytest.skip(ranks[0]["skip"])
     return ranks
