@@ -306,6 +306,45 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
   return {rows_out, cols_out, gq, gk};
 }
 
+// What one row of the backward's G reads: scales, the row's weights and log-sum-exps, and the
+// columns' (c == nullptr: rows only).
+template <typename T>
+struct GradientRow {
+  T ss, ts, g, a, lse_s, lse_t;
+  const T *c, *ca, *clse_s, *clse_t;
+};
+
+// a e^S - g e^T; without kSplit (a == g, the distillation alone) g (e^S - e^T), one product.
+template <typename T, bool kSplit>
+FASTCONTRAST_ALWAYS_INLINE T weighted_gap(T es, T et, T a, T g) {
+  if constexpr (kSplit) {
+    return a * es - g * et;
+  } else {
+    return g * (es - et);
+  }
+}
+
+// G of one tile row in place of its student scores s (t: the teacher's), unscaled scores in.
+template <typename T, bool kSplit>
+FASTCONTRAST_ALWAYS_INLINE void gradient_row(const GradientRow<T>& r, T* s, const T* t,
+                                             int64_t m) {
+  if (r.c) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const T sv = s[j] * r.ss, tv = t[j] * r.ts;
+      s[j] = weighted_gap<T, kSplit>(fast_exp(sv - r.lse_s), fast_exp(tv - r.lse_t), r.a, r.g) +
+             weighted_gap<T, kSplit>(fast_exp(sv - r.clse_s[j]), fast_exp(tv - r.clse_t[j]),
+                                     r.ca[j], r.c[j]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      s[j] = weighted_gap<T, kSplit>(fast_exp(s[j] * r.ss - r.lse_s),
+                                     fast_exp(t[j] * r.ts - r.lse_t), r.a, r.g);
+    }
+  }
+}
+
 template <typename T>
 std::tuple<OptTensor, OptTensor> backward_impl(
     const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
@@ -328,22 +367,16 @@ std::tuple<OptTensor, OptTensor> backward_impl(
   // The weights of P^S (a, ca): the teacher's (g, c) unless given (the combined loss).
   const T* a = row_student_grad ? row_student_grad->data_ptr<T>() : g;
   const T* ca = col_student_grad ? col_student_grad->data_ptr<T>() : c;
+  const bool split = row_student_grad.has_value() || col_student_grad.has_value();
   for_each_row_block<T>(
       sq, sk, tq, tk, block_rows, chunk, gk.has_value(),
       [&](int64_t row, T* s, const T* t) {
-        const T gi = g[row], ai = a[row], ls = lse_s[row], lt = lse_t[row];
-        if (with_cols) {
-#pragma omp simd
-          for (int64_t j = 0; j < m; ++j) {
-            const T sv = s[j] * ss, tv = t[j] * ts;
-            s[j] = ai * fast_exp(sv - ls) - gi * fast_exp(tv - lt) +
-                   ca[j] * fast_exp(sv - clse_s[j]) - c[j] * fast_exp(tv - clse_t[j]);
-          }
+        const GradientRow<T> r{ss, ts, g[row], a[row], lse_s[row], lse_t[row],
+                               c, ca, clse_s, clse_t};
+        if (split) {
+          gradient_row<T, true>(r, s, t, m);
         } else {
-#pragma omp simd
-          for (int64_t j = 0; j < m; ++j) {
-            s[j] = ai * fast_exp(s[j] * ss - ls) - gi * fast_exp(t[j] * ts - lt);
-          }
+          gradient_row<T, false>(r, s, t, m);
         }
       },
       [&](int64_t r0, int64_t rows, const Tiles& tiles) {
