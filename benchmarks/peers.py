@@ -49,7 +49,8 @@ PEERS = {
                                "open_clip.ClipLoss"),
     "open_clip SigLipLoss": Peer("open-clip-torch", "open_clip.loss", "SigLipLoss", True,
                                  "open_clip.SigLipLoss"),
-    # No twin: its fused equivalent is clip_loss + distill_info_nce (objectives_targets.py).
+    # Its twin, compat.open_clip.DistillClipLoss, is not listed (the compat suite's calls
+    # take no teacher); objectives_targets.py times its fused equivalent, distill_clip_loss.
     "open_clip DistillClipLoss": Peer("open-clip-torch", "open_clip.loss", "DistillClipLoss",
                                       True),
     "lightly": Peer("lightly", "lightly.loss.ntx_ent_loss", "NTXentLoss", True,

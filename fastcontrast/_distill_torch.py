@@ -5,8 +5,9 @@ recomputing backward (the chunk size policy of the InfoNCE torch backend).
     forward:  row stats (3, N): lse^S_i, lse^T_i, w_i = sum_j softmax_j(t_i.) s_ij
               col stats (3, M): the same over i, merged across chunks in log space (the
               teacher-weighted sums rescaled by e^{old lse^T - new lse^T}, as flash attention)
-    backward: G_ij = g_i (P^S_ij - P^T_ij) + c_j (Pc^S_ij - Pc^T_ij)  (P: row softmaxes, Pc:
-              column softmaxes);  gq = G sk,  gk = G^T sq
+    backward: G_ij = a_i P^S_ij - g_i P^T_ij + ca_j Pc^S_ij - c_j Pc^T_ij  (P: row softmaxes,
+              Pc: column softmaxes; the student weights a, ca default to g, c);
+              gq = G sk,  gk = G^T sq
 Only one (rows, M) chunk of each score matrix exists at a time.
 """
 import torch
@@ -51,9 +52,19 @@ def distill_forward(sq, sk, tq, tk, s_scale, t_scale, *, with_cols=False):
     return rows, cols
 
 
+def _gap(s, t, lse_s, lse_t, a, g):
+    """a e^{s - lse_s} - g e^{t - lse_t} (a is g: one product, the distillation alone)."""
+    if a is g:
+        return (torch.exp(s - lse_s) - torch.exp(t - lse_t)).mul_(g)
+    return torch.exp(s - lse_s).mul_(a).sub_(torch.exp(t - lse_t).mul_(g))
+
+
 def distill_backward(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad, col_stats=None,
-                     col_grad=None, *, need_gq=True, need_gk=True):
+                     col_grad=None, *, need_gq=True, need_gk=True, row_student_grad=None,
+                     col_student_grad=None):
     """(gq (N, D) or None, gk (M, D) or None) for the G above; recomputes each tile."""
+    a = row_grad if row_student_grad is None else row_student_grad
+    ca = col_grad if col_student_grad is None else col_student_grad
     n, m = sq.shape[0], sk.shape[0]
     gq = new_output(sq.shape, sq.dtype, sq.device) if need_gq else None
     gk = torch.zeros_like(sk) if need_gk else None
@@ -62,10 +73,10 @@ def distill_backward(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad, col_
         r1 = min(n, r0 + step)
         s, t = _tiles(sq, sk, tq, tk, s_scale, t_scale, r0, r1)
         g = row_grad[r0:r1, None]
-        h = (torch.exp(s - row_stats[0, r0:r1, None])
-             - torch.exp(t - row_stats[1, r0:r1, None])).mul_(g)
+        h = _gap(s, t, row_stats[0, r0:r1, None], row_stats[1, r0:r1, None],
+                 g if a is row_grad else a[r0:r1, None], g)
         if col_stats is not None:
-            h.add_((torch.exp(s - col_stats[0]) - torch.exp(t - col_stats[1])).mul_(col_grad))
+            h.add_(_gap(s, t, col_stats[0], col_stats[1], ca, col_grad))
         del s, t
         if need_gq:
             torch.mm(h, sk, out=gq[r0:r1])

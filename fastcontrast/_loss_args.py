@@ -18,7 +18,7 @@ from ._host import REDUCTIONS
 
 __all__ = ["output_dtype_policy", "label_smoothing_arg", "labels_args", "info_nce_args",
            "clip_loss_args", "nt_xent_args", "supcon_args", "moco_loss_args", "siglip_loss_args",
-           "unwrap_queue", "distill_args"]
+           "unwrap_queue", "distill_args", "distill_clip_args"]
 
 _FLAGS = ("in_batch_negatives", "exclude_self", "symmetric", "normalize")
 
@@ -317,4 +317,31 @@ def distill_args(student_query, student_key, teacher_query, teacher_key, *, temp
     device, dtype = student_query.device, student_query.dtype
     return (check.positive_scalar("temperature", temperature, device, dtype=dtype),
             check.positive_scalar("teacher_temperature", teacher_temperature, device,
+                                  dtype=dtype))
+
+
+def distill_clip_args(student_image, student_text, teacher_image, teacher_text, logit_scale,
+                      teacher_logit_scale, reduction):
+    """distill_clip_loss's arguments: the student's image and text (N, D) of one shape, the
+    teacher's (N, DT) of one shape (DT its own), one floating dtype and device; both logit
+    scales positive and finite. Returns (logit_scale, teacher_logit_scale) (positive_scalar,
+    accumulation dtype)."""
+    check.check_tensor("student_image", student_image, (2,))
+    for name, t in (("student_text", student_text), ("teacher_image", teacher_image),
+                    ("teacher_text", teacher_text)):
+        check.check_tensor(name, t, (2,))
+        check.check_same(name, t, "student_image", student_image)
+    n = student_image.shape[0]
+    for name, t, ref_name, ref in (("student_text", student_text, "student_image", student_image),
+                                   ("teacher_text", teacher_text, "teacher_image", teacher_image)):
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)} "
+                             f"(pair i is text i with image i), got {tuple(t.shape)}")
+    if teacher_image.shape[0] != n:
+        raise ValueError(f"teacher_image must have N = {n} rows (one per student image), got "
+                         f"{teacher_image.shape[0]}")
+    check.check_choice("reduction", reduction, REDUCTIONS)
+    device, dtype = student_image.device, student_image.dtype
+    return (check.positive_scalar("logit_scale", logit_scale, device, dtype=dtype),
+            check.positive_scalar("teacher_logit_scale", teacher_logit_scale, device,
                                   dtype=dtype))

@@ -18,11 +18,17 @@ Gradient: d loss_i / d s_ij = P^S_ij - p^T_ij, so with row weights g_i (and colu
    named in the call (kernels/distill.py, csrc/cpu/distill.cpp, fastcontrast/_distill_torch.py):
        distill_forward(sq, sk, tq, tk, s_scale, t_scale, with_cols) -> (row stats (3, N),
            col stats (3, M) or (0,)): lse^S, lse^T, w per row (and per column)
-       distill_backward(..., row_stats, row_grad, col_stats, col_grad, need_gq, need_gk)
+       distill_backward(..., row_stats, row_grad, col_stats, col_grad, need_gq, need_gk,
+           row_student_grad=None, col_student_grad=None)
            -> (gq = G k^S, gk = G^T q^S), recomputing both score tiles
-       distill_forward_with_grad(..., row_grad, need_gq, need_gk) -> (row stats, gq, gk) of
-           the row direction in one pass (backends that fuse it: a reduced one-direction loss
-           costs four N x M x D products instead of six)
+       distill_forward_with_grad(..., row_grad, need_gq, need_gk, row_student_grad=None)
+           -> (row stats, gq, gk) of the row direction in one pass (backends that fuse it: a
+           reduced one-direction loss costs four N x M x D products instead of six)
+   ``row_student_grad`` a (``col_student_grad`` ca) weighs the student's softmax apart from the
+   teacher's, G_ij = a_i P^S_ij - g_i p^T_ij + ca_j Pc^S_ij - c_j pc^T_ij; None means a = g
+   (ca = c), the distillation loss alone. A loss whose other terms share the student's
+   log-sum-exps adds their weights to a: OpenCLIP's DistillClipLoss, contrastive + distillation,
+   in one pass (fastcontrast/distill_clip.py).
    Both compute the student and the teacher scores tile by tile: memory O(N + M), never an
    N x M matrix.
 2. ``FusedDistill``: the autograd.Function on those ops (on the normalised features; the
@@ -79,19 +85,30 @@ def _distill_forward_fake(sq, sk, tq, tk, s_scale, t_scale, with_cols, backend):
 def distill_backward(sq: Tensor, sk: Tensor, tq: Tensor, tk: Tensor, s_scale: Tensor,
                      t_scale: Tensor, row_stats: Tensor, row_grad: Tensor,
                      col_stats: Optional[Tensor], col_grad: Optional[Tensor], need_gq: bool,
-                     need_gk: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    """(gq (N, D) or (0,), gk (M, D) or (0,)), recomputing the score tiles."""
+                     need_gk: bool, backend: str, row_student_grad: Optional[Tensor] = None,
+                     col_student_grad: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(gq (N, D) or (0,), gk (M, D) or (0,)), recomputing the score tiles; the student
+    weights default to row_grad / col_grad."""
     impl, features, s_scale, t_scale = _kernel_args(backend, (sq, sk, tq, tk), s_scale, t_scale)
     cols = [None if t is None else t.contiguous() for t in (col_stats, col_grad)]
+    student = _student_weights(row_student_grad=row_student_grad,
+                               col_student_grad=col_student_grad)
     gq, gk = impl.distill_backward(*features, s_scale, t_scale, row_stats.contiguous(),
                                    row_grad.contiguous(), *cols, need_gq=need_gq,
-                                   need_gk=need_gk)
+                                   need_gk=need_gk, **student)
     return or_empty(gq, row_stats), or_empty(gk, row_stats)
+
+
+def _student_weights(**weights):
+    """The student weights given (contiguous), as keywords: none when absent, so a backend
+    is called as before on the distillation-only path."""
+    return {k: v.contiguous() for k, v in weights.items() if v is not None}
 
 
 @distill_backward.register_fake
 def _distill_backward_fake(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad, col_stats,
-                           col_grad, need_gq, need_gk, backend):
+                           col_grad, need_gq, need_gk, backend, row_student_grad=None,
+                           col_student_grad=None):
     dtype = backends.PROPERTIES[backend].output_dtype(sq.dtype)
     return (sq.new_empty(sq.shape if need_gq else (0,), dtype=dtype),
             sq.new_empty(sk.shape if need_gk else (0,), dtype=dtype))
@@ -101,18 +118,19 @@ def _distill_backward_fake(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad
                          device_types=("cpu", "cuda"))
 def distill_forward_with_grad(sq: Tensor, sk: Tensor, tq: Tensor, tk: Tensor, s_scale: Tensor,
                               t_scale: Tensor, row_grad: Tensor, need_gq: bool, need_gk: bool,
-                              backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                              backend: str, row_student_grad: Optional[Tensor] = None
+                              ) -> Tuple[Tensor, Tensor, Tensor]:
     """(row stats (3, N), gq or (0,), gk or (0,)) of the row direction, no recompute."""
     impl, features, s_scale, t_scale = _kernel_args(backend, (sq, sk, tq, tk), s_scale, t_scale)
-    rows, gq, gk = impl.distill_forward_with_grad(*features, s_scale, t_scale,
-                                                  row_grad.contiguous(), need_gq=need_gq,
-                                                  need_gk=need_gk)
+    rows, gq, gk = impl.distill_forward_with_grad(
+        *features, s_scale, t_scale, row_grad.contiguous(), need_gq=need_gq, need_gk=need_gk,
+        **_student_weights(row_student_grad=row_student_grad))
     return rows, or_empty(gq, rows), or_empty(gk, rows)
 
 
 @distill_forward_with_grad.register_fake
 def _distill_forward_with_grad_fake(sq, sk, tq, tk, s_scale, t_scale, row_grad, need_gq,
-                                    need_gk, backend):
+                                    need_gk, backend, row_student_grad=None):
     rows, _ = _distill_forward_fake(sq, sk, tq, tk, s_scale, t_scale, False, backend)
     return (rows, *_distill_backward_fake(sq, sk, tq, tk, s_scale, t_scale, rows, row_grad,
                                           None, None, need_gq, need_gk, backend))

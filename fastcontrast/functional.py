@@ -9,6 +9,7 @@
     moco_loss   info_nce(query, key, queue, in_batch_negatives=False)
     siglip_loss SigLIP's pairwise sigmoid loss
     distill_info_nce  similarity distillation: the student's softmax against the teacher's
+    distill_clip_loss OpenCLIP's DistillClipLoss: (CLIP loss, distillation term) in one pass
 
 Each function validates its arguments (fastcontrast._loss_args: one check per loss, shared with
 fastcontrast.distributed, so both layers raise the same errors), resolves ``backend`` once
@@ -28,14 +29,15 @@ from ._false_negatives_reference import false_negatives_reference
 from ._loss_args import output_dtype_policy
 from .backends import available_backends, resolve
 from .distill import distill_fused_loss
+from .distill_clip import distill_clip_fused_loss
 from .infonce import InfoNCEOptions, info_nce_loss, supcon_loss
 from .infonce.matryoshka import matryoshka_args, matryoshka_info_nce
-from .reference import (distill_info_nce_reference, info_nce_reference, siglip_loss_reference,
-                        supcon_reference)
+from .reference import (distill_clip_loss_reference, distill_info_nce_reference,
+                        info_nce_reference, siglip_loss_reference, supcon_reference)
 from .siglip import siglip_fused_loss
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "supcon", "moco_loss", "siglip_loss",
-           "distill_info_nce", "available_backends"]
+           "distill_info_nce", "distill_clip_loss", "available_backends"]
 
 
 @output_dtype_policy
@@ -314,3 +316,43 @@ def distill_info_nce(student_query, student_key, teacher_query, teacher_key, *, 
     return distill_fused_loss(student_query, student_key, teacher_query, teacher_key,
                               tau.reciprocal(), teacher_tau.reciprocal(), symmetric=symmetric,
                               normalize=normalize, reduction=reduction, backend=name)
+
+
+@output_dtype_policy
+def _distill_clip_stacked(student_image, student_text, teacher_image, teacher_text, logit_scale,
+                          teacher_logit_scale, reduction, backend):
+    """distill_clip_loss's two terms stacked, so that the output dtype policy treats both."""
+    scale, teacher_scale = args.distill_clip_args(student_image, student_text, teacher_image,
+                                                  teacher_text, logit_scale,
+                                                  teacher_logit_scale, reduction)
+    name = resolve(backend, student_image.device, dtype=student_image.dtype)
+    if name == "reference":
+        return distill_clip_loss_reference(student_image, student_text, teacher_image.detach(),
+                                           teacher_text.detach(), scale,
+                                           teacher_scale.detach(), reduction=reduction)
+    return distill_clip_fused_loss(student_image, student_text, teacher_image, teacher_text,
+                                   scale, teacher_scale, reduction=reduction, backend=name)
+
+
+def distill_clip_loss(student_image, student_text, teacher_image, teacher_text, logit_scale,
+                      teacher_logit_scale, *, reduction="mean", backend="auto"):
+    """OpenCLIP's DistillClipLoss, fused: returns (contrastive_loss, distill_loss), both terms
+    from ONE pass over the student's and the teacher's score tiles (never materialised).
+
+        s_ij = logit_scale <x_i, y_j>,   t_ij = teacher_logit_scale <x^T_i, y^T_j>
+        contrastive = (CE(s_i., i) + CE(s_.i, i)) / 2                      (clip_loss)
+        distill     = (H(softmax(t_i.), softmax(s_i.)) + H(softmax(t_.i), softmax(s_.i))) / 2
+                      H(p, q) = -sum_j p_j log q_j                  (distill_info_nce, symmetric)
+
+    each a mean over the N pairs ("sum": the sum, "none": (N,) per pair), so the mean values
+    are OpenCLIP's ``contrastive_loss`` and ``distill_loss`` on the same inputs. The two share
+    the student's log-sum-exps: the cost is that of distill_info_nce alone, not of
+    clip_loss + distill_info_nce (fastcontrast/distill_clip.py). student_image, student_text
+    (N, D), teacher_image, teacher_text (N, DT): one floating dtype and device, used as given
+    (CLIP models normalise them). logit_scale, teacher_logit_scale: positive finite floats or
+    0-dim tensors; logit_scale gets its exact gradient. The teacher gets no gradient (its
+    features and scale are detached). Each returned term can be logged on its own and the sum
+    (or any weighting) backpropagated."""
+    out = _distill_clip_stacked(student_image, student_text, teacher_image, teacher_text,
+                                logit_scale, teacher_logit_scale, reduction, backend)
+    return out[0], out[1]

@@ -289,3 +289,20 @@ class DistillInfoNCELoss(_ContrastiveLoss):
                           teacher_key, temperature=self.temperature,
                           teacher_temperature=self.teacher_temperature,
                           reduction=self.reduction, backend=self.backend, **self.options)
+
+
+class DistillClipLoss(_Loss):
+    """Module form of :func:`fastcontrast.distill_clip_loss` (OpenCLIP's DistillClipLoss, both
+    terms in one fused pass): forward(student_image, student_text, teacher_image, teacher_text,
+    logit_scale, teacher_logit_scale) -> (contrastive_loss, distill_loss). The scales come from
+    the models (CLIP models own them), so the module holds only reduction and backend; for
+    OpenCLIP's own signature use fastcontrast.compat.open_clip.DistillClipLoss."""
+
+    def __init__(self, *, reduction="mean", backend="auto"):
+        super().__init__(reduction, backend)
+
+    def forward(self, student_image, student_text, teacher_image, teacher_text, logit_scale,
+                teacher_logit_scale):
+        return F.distill_clip_loss(student_image, student_text, teacher_image, teacher_text,
+                                   logit_scale, teacher_logit_scale, reduction=self.reduction,
+                                   backend=self.backend)

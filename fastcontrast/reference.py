@@ -262,3 +262,20 @@ def distill_info_nce_reference(student_query, student_key, teacher_query, teache
     if symmetric:
         loss = 0.5 * (loss + soft_cross_entropy(t.T, s.T))
     return reduce_loss(loss, reduction)
+
+
+def distill_clip_loss_reference(student_image, student_text, teacher_image, teacher_text,
+                                logit_scale, teacher_logit_scale, *, reduction="mean"):
+    """OpenCLIP's DistillClipLoss on the materialised logits, (contrastive, distill) stacked
+    ((2,), or (2, N) for "none"): s = logit_scale x y^T, contrastive_i = (CE(s_i., i) +
+    CE(s_.i, i)) / 2, distill = distill_info_nce_reference(symmetric, normalize=False) with
+    temperature 1 / logit_scale (the teacher detached)."""
+    s = logit_scale * student_image @ student_text.T
+    targets = torch.arange(s.shape[0], device=s.device)
+    contrastive = 0.5 * (F.cross_entropy(s, targets, reduction="none")
+                         + F.cross_entropy(s.T, targets, reduction="none"))
+    distill = distill_info_nce_reference(
+        student_image, student_text, teacher_image, teacher_text,
+        temperature=1 / logit_scale, teacher_temperature=1 / teacher_logit_scale,
+        symmetric=True, normalize=False, reduction="none")
+    return torch.stack([reduce_loss(contrastive, reduction), reduce_loss(distill, reduction)])

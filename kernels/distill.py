@@ -2,7 +2,8 @@
 
     s_ij = s_scale <sq_i, sk_j>,  t_ij = t_scale <tq_i, tk_j>   (teacher: its own D)
     forward:  per row, lse^S_i, lse^T_i and w_i = sum_j softmax_j(t_i.) s_ij  (stats (3, N))
-    backward: G_ij = g_i (P^S_ij - P^T_ij) + c_j (Pc^S_ij - Pc^T_ij);  gq = G sk,  gk = G^T sq
+    backward: G_ij = a_i P^S_ij - g_i P^T_ij + ca_j Pc^S_ij - c_j Pc^T_ij;  gq = G sk,
+              gk = G^T sq  (the student weights a, ca: g, c unless given)
 
 Neither score matrix is stored. The forward streams key tiles past a block of query rows, both
 scores of each tile computed from the features, and keeps per row the running maxima, the sums
@@ -13,8 +14,9 @@ queries swapped. The backward recomputes both tiles and is launched twice, for g
 query blocks) and for gk (grid over key blocks, the transposed problem: row and column terms
 swap roles); each program owns its output rows: no atomics.
 
-Numerics: fp32 accumulation whatever the input dtype; G is divided by G_max = max|g| + max|c|
-before the cast to the input dtype for tl.dot, and multiplied back in fp32 on the host.
+Numerics: fp32 accumulation whatever the input dtype; G is divided by
+G_max = max(|g|, |a|) + max(|c|, |ca|) before the cast to the input dtype for tl.dot, and
+multiplied back in fp32 on the host.
 """
 
 import torch
@@ -89,16 +91,18 @@ def _distill_fwd_kernel(
 
 
 @triton.jit
-def _softmax_gap(s, t, lse_s, lse_t):
-    """e^{s - lse_s} - e^{t - lse_t}: the student's minus the teacher's probability."""
-    return tl.exp(s - lse_s) - tl.exp(t - lse_t)
+def _softmax_gap(s, t, lse_s, lse_t, a, g):
+    """a e^{s - lse_s} - g e^{t - lse_t}: the student's probability weighted by a minus the
+    teacher's weighted by g."""
+    return a * tl.exp(s - lse_s) - g * tl.exp(t - lse_t)
 
 
 @triton.jit
 def _distill_bwd_kernel(
     XQ, XK, TXQ, TXK, Scales,   # outer (NX, D) / inner (NY, D) student rows, teacher rows (DT)
-    OuterStats, OuterGrad,      # (3, NX), (NX,) fp32: this direction's lse's and weights
-    InnerStats, InnerGrad,      # (3, NY), (NY,) fp32: the other direction's (if HAS_INNER)
+    OuterStats, OuterGrad, OuterStudentGrad,  # (3, NX), (NX,), (NX,) fp32: this direction's
+                                # lse's, teacher weights g and student weights a
+    InnerStats, InnerGrad, InnerStudentGrad,  # the other direction's (if HAS_INNER)
     InvGradScale,               # (1,) fp32 1 / G_max
     GOut,                       # out: (NX, D) fp32 = G_max^-1 sum_y G_xy XK_y
     NX, NY, D, DT, stride_xq, stride_xk, stride_tq, stride_tk, stride_g,
@@ -112,6 +116,7 @@ def _distill_bwd_kernel(
     inv_gs = tl.load(InvGradScale)
     if HAS_OUTER:
         g_x = tl.load(OuterGrad + offs_x, mask=mask_x, other=0.0)
+        a_x = tl.load(OuterStudentGrad + offs_x, mask=mask_x, other=0.0)
         lse_s_x = tl.load(OuterStats + offs_x, mask=mask_x, other=0.0)
         lse_t_x = tl.load(OuterStats + NX + offs_x, mask=mask_x, other=0.0)
     arange_y = tl.arange(0, BLOCK_Y).to(tl.int64)
@@ -122,12 +127,15 @@ def _distill_bwd_kernel(
                                     BLOCK_X, BLOCK_Y, BLOCK_D, UPCAST, INPUT_PRECISION)
         grad = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
         if HAS_OUTER:
-            grad += g_x[:, None] * _softmax_gap(s, t, lse_s_x[:, None], lse_t_x[:, None])
+            grad += _softmax_gap(s, t, lse_s_x[:, None], lse_t_x[:, None], a_x[:, None],
+                                 g_x[:, None])
         if HAS_INNER:
             c_y = tl.load(InnerGrad + offs_y, mask=mask_y, other=0.0)
+            ca_y = tl.load(InnerStudentGrad + offs_y, mask=mask_y, other=0.0)
             lse_s_y = tl.load(InnerStats + offs_y, mask=mask_y, other=0.0)
             lse_t_y = tl.load(InnerStats + NY + offs_y, mask=mask_y, other=0.0)
-            grad += c_y[None, :] * _softmax_gap(s, t, lse_s_y[None, :], lse_t_y[None, :])
+            grad += _softmax_gap(s, t, lse_s_y[None, :], lse_t_y[None, :], ca_y[None, :],
+                                 c_y[None, :])
         grad = tl.where(mask_x[:, None] & mask_y[None, :], grad, 0.0) * inv_gs
         if not UPCAST:
             grad = grad.to(XK.dtype.element_ty)  # fp16/bf16 tensor-core operand
@@ -213,15 +221,28 @@ def distill_forward(sq, sk, tq, tk, s_scale, t_scale, *, with_cols=False, blocks
     return rows, cols
 
 
+def _weights(stats, grad, student_grad):
+    """(stats, teacher weights, student weights) fp32 contiguous; student: grad if None."""
+    out = [t.float().contiguous() for t in (stats, grad)]
+    return [*out, out[1] if student_grad is None else student_grad.float().contiguous()]
+
+
+def _largest(weights):
+    """max over the teacher's and the student's weights of |weight|."""
+    return torch.maximum(weights[1].abs().amax(), weights[2].abs().amax())
+
+
 def distill_backward(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad, col_stats=None,
-                     col_grad=None, *, need_gq=True, need_gk=True, blocks=None):
+                     col_grad=None, *, need_gq=True, need_gk=True, blocks=None,
+                     row_student_grad=None, col_student_grad=None):
     """(gq (N, D) fp32 or None, gk (M, D) fp32 or None) for G of the module docstring,
-    recomputing the tiles; row_grad (N,) / col_grad (M,) fp32 (col_* None: rows only)."""
+    recomputing the tiles; row_grad (N,) / col_grad (M,) fp32 (col_* None: rows only); the
+    student weights row_student_grad / col_student_grad (None: row_grad / col_grad)."""
     _, _, d, dt, scales = _check_inputs(sq, sk, tq, tk, s_scale, t_scale)
     has_cols = col_stats is not None
-    stats = [t.float().contiguous() for t in (row_stats, row_grad)]
-    cols = [t.float().contiguous() for t in (col_stats, col_grad)] if has_cols else stats
-    magnitude = stats[1].abs().amax() + (cols[1].abs().amax() if has_cols else 0.0)
+    stats = _weights(row_stats, row_grad, row_student_grad)
+    cols = _weights(col_stats, col_grad, col_student_grad) if has_cols else stats
+    magnitude = _largest(stats) + (_largest(cols) if has_cols else 0.0)
     gs = _grad_scale(magnitude)
     inv_gs = gs.reciprocal()
     bx, by, options = _launch_options(sq, (d, dt), blocks)

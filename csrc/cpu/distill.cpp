@@ -234,11 +234,12 @@ void add_key_gradient(const Tiles& tiles, const at::Tensor& sq, int64_t r0, int6
   gk_chunk.addmm_(tiles.s.narrow(1, j0, j1 - j0).t(), sq.narrow(0, r0, rows));
 }
 
-// G_ij = g (P^S_ij - P^T_ij) from a row of exps (row_stats<T, true>), in place of them.
+// G_ij = a P^S_ij - g P^T_ij from a row of exps (row_stats<T, true>), in place of them
+// (a = g for distillation alone; a = g + the contrastive weight for the combined loss).
 template <typename T>
-FASTCONTRAST_ALWAYS_INLINE void row_gradient(T* es, const T* et, int64_t m, T g,
+FASTCONTRAST_ALWAYS_INLINE void row_gradient(T* es, const T* et, int64_t m, T a_row, T g,
                                              const T* inv_sums) {
-  const T a = g * inv_sums[0], b = g * inv_sums[1];
+  const T a = a_row * inv_sums[0], b = g * inv_sums[1];
 #pragma omp simd
   for (int64_t j = 0; j < m; ++j) es[j] = a * es[j] - b * et[j];
 }
@@ -249,8 +250,8 @@ FASTCONTRAST_ALWAYS_INLINE void row_gradient(T* es, const T* et, int64_t m, T g,
 template <typename T>
 std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
     const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
-    T ss, T ts, bool with_cols, const OptTensor& row_grad, bool need_gq, bool need_gk,
-    int64_t requested) {
+    T ss, T ts, bool with_cols, const OptTensor& row_grad, const OptTensor& row_student_grad,
+    bool need_gq, bool need_gk, int64_t requested) {
   const int64_t n = sq.size(0), m = sk.size(0), d = sq.size(1);
   const int64_t block_rows = choose_block_rows(n, m, sizeof(T), requested);
   const int64_t chunk = tiles::chunk_keys(block_rows, sizeof(T), requested);
@@ -264,6 +265,7 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
   if (with_grad && need_gk) gk = n > 0 ? new_output({m, d}, sq.options())
                                        : at::zeros({m, d}, sq.options());
   const T* g = with_grad ? row_grad->data_ptr<T>() : nullptr;
+  const T* a = row_student_grad ? row_student_grad->data_ptr<T>() : g;  // weights of P^S
   at::Tensor rows_out = new_output({3, n}, sq.options());
   T* lse_s = rows_out.data_ptr<T>();
   T* lse_t = lse_s + n;
@@ -277,7 +279,7 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
         if (with_grad) {
           T inv_sums[2];
           row_stats<T, true>(s, t, m, ms, mt, lse_s + row, lse_t + row, w + row, inv_sums);
-          row_gradient(s, t, m, g[row], inv_sums);
+          row_gradient(s, t, m, a[row], g[row], inv_sums);
         } else {
           row_stats<T, false>(s, t, m, ms, mt, lse_s + row, lse_t + row, w + row, nullptr);
         }
@@ -304,12 +306,51 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> forward_impl(
   return {rows_out, cols_out, gq, gk};
 }
 
+// What one row of the backward's G reads: scales, the row's weights and log-sum-exps, and the
+// columns' (c == nullptr: rows only).
+template <typename T>
+struct GradientRow {
+  T ss, ts, g, a, lse_s, lse_t;
+  const T *c, *ca, *clse_s, *clse_t;
+};
+
+// a e^S - g e^T; without kSplit (a == g, the distillation alone) g (e^S - e^T), one product.
+template <typename T, bool kSplit>
+FASTCONTRAST_ALWAYS_INLINE T weighted_gap(T es, T et, T a, T g) {
+  if constexpr (kSplit) {
+    return a * es - g * et;
+  } else {
+    return g * (es - et);
+  }
+}
+
+// G of one tile row in place of its student scores s (t: the teacher's), unscaled scores in.
+template <typename T, bool kSplit>
+FASTCONTRAST_ALWAYS_INLINE void gradient_row(const GradientRow<T>& r, T* s, const T* t,
+                                             int64_t m) {
+  if (r.c) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const T sv = s[j] * r.ss, tv = t[j] * r.ts;
+      s[j] = weighted_gap<T, kSplit>(fast_exp(sv - r.lse_s), fast_exp(tv - r.lse_t), r.a, r.g) +
+             weighted_gap<T, kSplit>(fast_exp(sv - r.clse_s[j]), fast_exp(tv - r.clse_t[j]),
+                                     r.ca[j], r.c[j]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      s[j] = weighted_gap<T, kSplit>(fast_exp(s[j] * r.ss - r.lse_s),
+                                     fast_exp(t[j] * r.ts - r.lse_t), r.a, r.g);
+    }
+  }
+}
+
 template <typename T>
 std::tuple<OptTensor, OptTensor> backward_impl(
     const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
     T ss, T ts, const at::Tensor& row_stats_in, const at::Tensor& row_grad,
-    const OptTensor& col_stats_in, const OptTensor& col_grad, bool need_gq, bool need_gk,
-    int64_t requested) {
+    const OptTensor& col_stats_in, const OptTensor& col_grad, const OptTensor& row_student_grad,
+    const OptTensor& col_student_grad, bool need_gq, bool need_gk, int64_t requested) {
   const int64_t n = sq.size(0), m = sk.size(0), d = sq.size(1);
   const int64_t block_rows = choose_block_rows(n, m, sizeof(T), requested);
   const int64_t chunk = tiles::chunk_keys(block_rows, sizeof(T), requested);
@@ -323,22 +364,19 @@ std::tuple<OptTensor, OptTensor> backward_impl(
   const T* clse_s = with_cols ? col_stats_in->data_ptr<T>() : nullptr;
   const T* clse_t = with_cols ? clse_s + m : nullptr;
   const T* c = with_cols ? col_grad->data_ptr<T>() : nullptr;
+  // The weights of P^S (a, ca): the teacher's (g, c) unless given (the combined loss).
+  const T* a = row_student_grad ? row_student_grad->data_ptr<T>() : g;
+  const T* ca = col_student_grad ? col_student_grad->data_ptr<T>() : c;
+  const bool split = row_student_grad.has_value() || col_student_grad.has_value();
   for_each_row_block<T>(
       sq, sk, tq, tk, block_rows, chunk, gk.has_value(),
       [&](int64_t row, T* s, const T* t) {
-        const T gi = g[row], ls = lse_s[row], lt = lse_t[row];
-        if (with_cols) {
-#pragma omp simd
-          for (int64_t j = 0; j < m; ++j) {
-            const T sv = s[j] * ss, tv = t[j] * ts;
-            s[j] = gi * (fast_exp(sv - ls) - fast_exp(tv - lt)) +
-                   c[j] * (fast_exp(sv - clse_s[j]) - fast_exp(tv - clse_t[j]));
-          }
+        const GradientRow<T> r{ss, ts, g[row], a[row], lse_s[row], lse_t[row],
+                               c, ca, clse_s, clse_t};
+        if (split) {
+          gradient_row<T, true>(r, s, t, m);
         } else {
-#pragma omp simd
-          for (int64_t j = 0; j < m; ++j) {
-            s[j] = gi * (fast_exp(s[j] * ss - ls) - fast_exp(t[j] * ts - lt));
-          }
+          gradient_row<T, false>(r, s, t, m);
         }
       },
       [&](int64_t r0, int64_t rows, const Tiles& tiles) {
@@ -382,23 +420,24 @@ void check_problem(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor&
 
 std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> distill_forward(
     const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
-    double s_scale, double t_scale, bool with_cols, const OptTensor& row_grad, bool need_gq,
-    bool need_gk, int64_t block_rows) {
+    double s_scale, double t_scale, bool with_cols, const OptTensor& row_grad,
+    const OptTensor& row_student_grad, bool need_gq, bool need_gk, int64_t block_rows) {
   return AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "distill_forward", [&] {
     return forward_impl<scalar_t>(sq, sk, tq, tk, scalar_t(s_scale), scalar_t(t_scale),
-                                  with_cols, row_grad, need_gq, need_gk, block_rows);
+                                  with_cols, row_grad, row_student_grad, need_gq, need_gk,
+                                  block_rows);
   });
 }
 
 std::tuple<OptTensor, OptTensor> distill_backward(
     const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
     double s_scale, double t_scale, const at::Tensor& row_stats, const at::Tensor& row_grad,
-    const OptTensor& col_stats, const OptTensor& col_grad, bool need_gq, bool need_gk,
-    int64_t block_rows) {
+    const OptTensor& col_stats, const OptTensor& col_grad, const OptTensor& row_student_grad,
+    const OptTensor& col_student_grad, bool need_gq, bool need_gk, int64_t block_rows) {
   return AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "distill_backward", [&] {
     return backward_impl<scalar_t>(sq, sk, tq, tk, scalar_t(s_scale), scalar_t(t_scale),
-                                   row_stats, row_grad, col_stats, col_grad, need_gq, need_gk,
-                                   block_rows);
+                                   row_stats, row_grad, col_stats, col_grad, row_student_grad,
+                                   col_student_grad, need_gq, need_gk, block_rows);
   });
 }
 
@@ -412,7 +451,7 @@ void register_distill_ops(pybind11::module_& m) {
         check_problem(sq, sk, tq, tk, s_scale, t_scale, block_rows);
         const at::NoGradGuard no_grad;
         auto out = distill_forward(sq, sk, tq, tk, s_scale, t_scale, with_cols, std::nullopt,
-                                   false, false, block_rows);
+                                   std::nullopt, false, false, block_rows);
         return std::make_tuple(std::get<0>(out), std::get<1>(out));
       },
       kernel_call(),
@@ -423,27 +462,32 @@ void register_distill_ops(pybind11::module_& m) {
   m.def(
       "distill_forward_with_grad",
       [](const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
-         double s_scale, double t_scale, const at::Tensor& row_grad, bool need_gq, bool need_gk,
-         int64_t block_rows) {
+         double s_scale, double t_scale, const at::Tensor& row_grad,
+         const OptTensor& row_student_grad, bool need_gq, bool need_gk, int64_t block_rows) {
         check_problem(sq, sk, tq, tk, s_scale, t_scale, block_rows);
         check_matrix("row_grad", row_grad, sq, sq.size(0), -1);
+        if (row_student_grad) {
+          check_matrix("row_student_grad", *row_student_grad, sq, sq.size(0), -1);
+        }
         const at::NoGradGuard no_grad;
-        auto out = distill_forward(sq, sk, tq, tk, s_scale, t_scale, false, row_grad, need_gq,
-                                   need_gk, block_rows);
+        auto out = distill_forward(sq, sk, tq, tk, s_scale, t_scale, false, row_grad,
+                                   row_student_grad, need_gq, need_gk, block_rows);
         return std::make_tuple(std::get<0>(out), std::get<2>(out), std::get<3>(out));
       },
       kernel_call(),
       "(row stats (3, N), gq or None, gk or None) of the row direction in one pass over the "
-      "tiles, no recompute",
+      "tiles, no recompute; row_student_grad: the weights of P^S (None: row_grad)",
       py::arg("sq"), py::arg("sk"), py::arg("tq"), py::arg("tk"), py::arg("s_scale"),
-      py::arg("t_scale"), py::arg("row_grad"), py::kw_only(), py::arg("need_gq") = true,
+      py::arg("t_scale"), py::arg("row_grad"), py::kw_only(),
+      py::arg("row_student_grad") = py::none(), py::arg("need_gq") = true,
       py::arg("need_gk") = true, py::arg("block_rows") = 0);
   m.def(
       "distill_backward",
       [](const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
          double s_scale, double t_scale, const at::Tensor& row_stats, const at::Tensor& row_grad,
-         const OptTensor& col_stats, const OptTensor& col_grad, bool need_gq, bool need_gk,
-         int64_t block_rows) {
+         const OptTensor& col_stats, const OptTensor& col_grad,
+         const OptTensor& row_student_grad, const OptTensor& col_student_grad, bool need_gq,
+         bool need_gk, int64_t block_rows) {
         check_problem(sq, sk, tq, tk, s_scale, t_scale, block_rows);
         const int64_t n = sq.size(0), m = sk.size(0);
         check_matrix("row_stats", row_stats, sq, 3, n);
@@ -454,16 +498,26 @@ void register_distill_ops(pybind11::module_& m) {
           check_matrix("col_stats", *col_stats, sq, 3, m);
           check_matrix("col_grad", *col_grad, sq, m, -1);
         }
+        if (row_student_grad) {
+          check_matrix("row_student_grad", *row_student_grad, sq, n, -1);
+        }
+        TORCH_CHECK(!col_student_grad || col_stats, "col_student_grad needs col_stats");
+        if (col_student_grad) {
+          check_matrix("col_student_grad", *col_student_grad, sq, m, -1);
+        }
         const at::NoGradGuard no_grad;
         return distill_backward(sq, sk, tq, tk, s_scale, t_scale, row_stats, row_grad,
-                                col_stats, col_grad, need_gq, need_gk, block_rows);
+                                col_stats, col_grad, row_student_grad, col_student_grad,
+                                need_gq, need_gk, block_rows);
       },
       kernel_call(),
-      "(gq or None, gk or None): sums of G_ij = g_i (P^S - P^T)_ij + c_j (column term) over "
-      "the student keys / queries; recomputes both tiles",
+      "(gq or None, gk or None): sums of G_ij = a_i P^S_ij - g_i P^T_ij + (column term) over "
+      "the student keys / queries, a = row_student_grad (None: row_grad), likewise the "
+      "columns; recomputes both tiles",
       py::arg("sq"), py::arg("sk"), py::arg("tq"), py::arg("tk"), py::arg("s_scale"),
       py::arg("t_scale"), py::arg("row_stats"), py::arg("row_grad"),
       py::arg("col_stats") = py::none(), py::arg("col_grad") = py::none(), py::kw_only(),
+      py::arg("row_student_grad") = py::none(), py::arg("col_student_grad") = py::none(),
       py::arg("need_gq") = true, py::arg("need_gk") = true, py::arg("block_rows") = 0);
 }
 

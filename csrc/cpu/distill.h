@@ -5,8 +5,10 @@
 //   row stats (3, N): lse^S_i = logsumexp_j s_ij, lse^T_i = logsumexp_j t_ij,
 //                     w_i = sum_j softmax_j(t_i.)_j s_ij           (loss_i = lse^S_i - w_i)
 //   col stats (3, M): the same over i for each column j (the key -> query direction)
-//   backward: G_ij = g_i (e^{s_ij - lse^S_i} - e^{t_ij - lse^T_i})
-//                  + c_j (e^{s_ij - clse^S_j} - e^{t_ij - clse^T_j})      (c: column term)
+//   backward: G_ij = a_i e^{s_ij - lse^S_i} - g_i e^{t_ij - lse^T_i}
+//                  + ca_j e^{s_ij - clse^S_j} - c_j e^{t_ij - clse^T_j}    (c: column term)
+//             a / ca: the student weights (row_student_grad / col_student_grad), g / c when
+//             not given; distinct for DistillClipLoss's contrastive + distillation sum
 //             gq_i = sum_j G_ij sk_j,   gk_j = sum_i G_ij sq_i
 // The caller scales gq, gk by s_scale (and forms d s_scale = sum_i <gq_i, sq_i>).
 //
@@ -28,7 +30,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
            std::optional<at::Tensor>>
 distill_forward(const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq,
                 const at::Tensor& tk, double s_scale, double t_scale, bool with_cols,
-                const std::optional<at::Tensor>& row_grad, bool need_gq, bool need_gk,
+                const std::optional<at::Tensor>& row_grad,
+                const std::optional<at::Tensor>& row_student_grad, bool need_gq, bool need_gk,
                 int64_t block_rows);
 
 // (gq (N, D) or nullopt, gk (M, D) or nullopt), recomputing both score tiles.
@@ -36,6 +39,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> distill_backwar
     const at::Tensor& sq, const at::Tensor& sk, const at::Tensor& tq, const at::Tensor& tk,
     double s_scale, double t_scale, const at::Tensor& row_stats, const at::Tensor& row_grad,
     const std::optional<at::Tensor>& col_stats, const std::optional<at::Tensor>& col_grad,
-    bool need_gq, bool need_gk, int64_t block_rows);
+    const std::optional<at::Tensor>& row_student_grad,
+    const std::optional<at::Tensor>& col_student_grad, bool need_gq, bool need_gk,
+    int64_t block_rows);
 
 }  // namespace fastcontrast

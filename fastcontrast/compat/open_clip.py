@@ -12,14 +12,17 @@ softmax and gets a zero gradient):
     SigLipLoss  -(1/N) sum_ij log sigmoid(y_ij t_ij), y = 2I - 1        (fastcontrast.siglip_loss)
     CoCaLoss    clip_loss_weight * ClipLoss, caption_loss_weight * the token cross-entropy of
                 the captioner (torch's cross_entropy, ignore_index=pad_id; nothing to fuse)
+    DistillClipLoss  (ClipLoss, (H(softmax(d_ij), softmax(t_ij)) over rows + over columns) / 2)
+                with d_ij = dist_logit_scale <dist_image_i, dist_text_j> the teacher's logits,
+                both terms in one fused pass (fastcontrast.distill_clip_loss); world_size > 1:
+                fastcontrast.distributed's clip_loss and distill_info_nce (two passes)
 
 ``logit_scale`` / ``logit_bias``: python floats, 0-dim tensors or shape (1,) tensors (OpenCLIP's
 ``nonscalar_logit_scale``); the gradient comes back in the caller's shape. ``logit_scale`` must be
 positive and finite for ClipLoss, finite for SigLipLoss (ValueError). ``cache_labels`` is
 accepted and has no effect (there are no label tensors to cache). ``use_horovod=True`` raises
-NotImplementedError. ``DistillClipLoss`` is not provided: its distillation term is a
-cross-entropy between two full softmax matrices, which fastcontrast does not fuse; the helper
-methods ``get_logits`` / ``get_ground_truth`` are not provided either (they build the logits).
+NotImplementedError. The helper methods ``get_logits`` / ``get_ground_truth`` are not
+provided (they build the logits).
 
 Distributed (``world_size > 1``): ``rank`` and ``world_size`` must be those of the default
 torch.distributed process group (ValueError otherwise). Every rank's features receive the
@@ -36,7 +39,7 @@ from torch import nn
 from .. import functional as fcf
 from .._validation import check_int
 
-__all__ = ["ClipLoss", "SigLipLoss", "CoCaLoss", "PATCH_TARGETS"]
+__all__ = ["ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss", "PATCH_TARGETS"]
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 # OpenCLIP's exchange patterns -> fastcontrast.distributed's modes: the neighbour exchanges
@@ -140,17 +143,24 @@ class ClipLoss(nn.Module):
         from .. import distributed as fcd  # torch.distributed's collectives only when used
 
         _check_group(type(self).__name__, self.rank, self.world_size)
+        return self._over_ranks(
+            lambda s: fcd.clip_loss(image_features, text_features, s, logit_bias=bias), scale)
+
+    def _over_ranks(self, share, scale):
+        """world_size > 1: ``share(scale)``, a fastcontrast.distributed loss (this rank's
+        share), as OpenCLIP returns it: with local_loss the share itself, else the whole
+        batch's value (the mean of the shares) with this share's gradient."""
         if self.local_loss:
-            return fcd.clip_loss(image_features, text_features, scale, logit_bias=bias)
+            return share(scale)
         if isinstance(scale, torch.Tensor) and scale.requires_grad:
             # Every rank returns the whole-batch loss: its logit_scale gradient is the mean
             # over the ranks of their shares.
             scale = _MeanGradientOverRanks.apply(scale)
-        share = fcd.clip_loss(image_features, text_features, scale, logit_bias=bias)
-        whole = share.detach().clone()
+        part = share(scale)
+        whole = part.detach().clone()
         dist.all_reduce(whole)
         # The value of the whole batch (the mean of the shares), the gradient of this share.
-        return whole / self.world_size + (share - share.detach())
+        return whole / self.world_size + (part - part.detach())
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None,
                 output_dict=False):
@@ -189,6 +199,43 @@ class CoCaLoss(ClipLoss):
         if output_dict:
             return {"contrastive_loss": contrastive, "caption_loss": caption}
         return contrastive, caption
+
+
+class DistillClipLoss(ClipLoss):
+    """OpenCLIP's DistillClipLoss: (contrastive_loss, distill_loss), the first ClipLoss's
+    value on the student's (image_features, text_features, logit_scale), the second
+    (dist(d, t) + dist(d^T, t^T)) / 2 with dist(d, t) = -mean_i sum_j softmax(d_i.)_j
+    log_softmax(t_i.)_j, t the student's logits and d = dist_logit_scale dist_image_features
+    @ dist_text_features^T the teacher's. Both from ONE fused pass over the score tiles
+    (fastcontrast.distill_clip_loss). Returns the pair, or {"contrastive_loss",
+    "distill_loss"} with ``output_dict=True``. The teacher (dist_*) gets no gradient (OpenCLIP
+    leaves that to the caller's frozen teacher).
+
+    world_size > 1: the contrastive term as ClipLoss's (local_loss, gradients: see there), the
+    distillation term likewise from fastcontrast.distributed.distill_info_nce (symmetric, this
+    rank's rows against every rank's; local_loss=True: the mean over this rank's rows, as
+    OpenCLIP's; False: the whole batch's value on every rank). Two fused passes there (the
+    distributed combined op does not exist yet), one single process."""
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features,
+                dist_text_features, dist_logit_scale, output_dict=False):
+        scale, dist_scale = _scalar(logit_scale), _scalar(dist_logit_scale)
+        if isinstance(dist_scale, torch.Tensor):
+            dist_scale = dist_scale.detach()  # the teacher gets no gradient
+        if self.world_size == 1:
+            contrastive, distill = fcf.distill_clip_loss(
+                image_features, text_features, dist_image_features, dist_text_features, scale,
+                dist_scale)
+        else:
+            from .. import distributed as fcd
+
+            contrastive = self._contrastive(image_features, text_features, scale)
+            distill = self._over_ranks(lambda s: fcd.distill_info_nce(
+                image_features, text_features, dist_image_features, dist_text_features,
+                temperature=1 / s, teacher_temperature=1 / dist_scale, normalize=False), scale)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
 
 
 class SigLipLoss(nn.Module):
@@ -233,4 +280,4 @@ class SigLipLoss(nn.Module):
 
 
 PATCH_TARGETS = {"open_clip.loss": {"ClipLoss": ClipLoss, "SigLipLoss": SigLipLoss,
-                                    "CoCaLoss": CoCaLoss}}
+                                    "CoCaLoss": CoCaLoss, "DistillClipLoss": DistillClipLoss}}

@@ -44,6 +44,7 @@ def _objective_calls(backend):
                                          symmetric=False, backend=backend),
         lambda x, y: fc.distill_info_nce(x, y, tq, tk, temperature=0.5, teacher_temperature=0.3,
                                          backend=backend),
+        lambda x, y: sum(fc.distill_clip_loss(x, y, tq, tk, 5.0, 3.0, backend=backend)),
         lambda x, y: fc.info_nce(x, y, false_negative_margin=0.1, return_dropped=True,
                                  backend=backend)[0],
     ], (q, k)
