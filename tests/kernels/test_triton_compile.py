@@ -110,6 +110,9 @@ KNOWN_SPILLS_3_6 = {
     ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (True, False, True, True, False)): (8, 4),
     ('_masked_lse_bwd_kernel', '*fp32', 'ieee', (True, True, True, False, False)): (24, 12),
     ('_siglip_bwd_kernel', '*fp32', 'tf32', (False, True, True)): (16, 16),
+    # The distillation backward of both directions with the student's own weights
+    # (distill_clip_loss: one more (BLOCK_Y,) load per tile), fp32 'ieee' only.
+    ('_distill_bwd_kernel', '*fp32', 'ieee', (True, True)): (8, 8),
 }
 KNOWN_SPILLS = {(3, 6): KNOWN_SPILLS_3_6, (3, 9): KNOWN_SPILLS_3_9}
 
