@@ -51,8 +51,8 @@ struct SidedLse {
     std::fill(col_sum.begin(), col_sum.end(), 0.0);
   }
   static void merge(double& mx, double& sum, double v) {
-    if (std::isnan(v)) {
-      sum = v;
+    if (std::isnan(v) || std::isnan(mx)) {  // NaN from then on, and folded in (mx != -inf)
+      mx = sum = std::numeric_limits<double>::quiet_NaN();
     } else if (v > mx) {
       sum = (std::isinf(mx) ? 0.0 : sum * std::exp(mx - v)) + 1.0;
       mx = v;

@@ -274,3 +274,27 @@ def test_clip_guide_dense_one_sided_drops(backend, dtype, shared_shift):
     ref_grads = torch.autograd.grad(expected, (i64, t64))
     for name, got, ref in zip(("dimage", "dtext"), grads, ref_grads):
         assert_close(got, ref, dtype, f"{backend} {name}", max_logit=scale * 18)
+
+
+@pytest.mark.parametrize("shared_shift", [True, False], ids=["shared", "exact"])
+@pytest.mark.parametrize("rule", ["guide", "both"])
+def test_a_nan_score_reaches_only_the_directions_that_keep_it(rule, shared_shift):
+    """A NaN feature of query 0 makes its scores NaN: as in the materialised formula, the lse and
+    the gradients are NaN where a direction keeps such an entry, and finite where the guide drops
+    it from both (the CPU kernels' masked passes and their exact passes' give-back)."""
+    _skip("cpu")
+    q, keys, alpha, beta, f = _problem(37, 33, 5, rule, seed=11)
+    q[0, 1] = float("nan")
+    gen = torch.Generator().manual_seed(7)
+    row_grad = torch.rand(37, generator=gen, dtype=torch.float64)
+    col_grad = torch.rand(33, generator=gen, dtype=torch.float64)
+    expected = _expected(q, keys, alpha, beta, f, row_grad, col_grad)[:4]
+    module = backends.kernels("infonce", "cpu")
+    with _config.override(shared_shift=shared_shift):
+        row, col = module.masked_lse_forward(q, keys, alpha, beta, with_col_lse=True, **f)
+        got = (row, col, *module.masked_lse_backward(q, keys, alpha, beta, row, row_grad, col,
+                                                     col_grad, **f))
+    assert 0 < int(expected[3].isnan().sum()) < expected[3].numel()
+    for name, value, ref in zip(("row_lse", "col_lse", "dq", "dkeys"), got, expected):
+        assert torch.equal(value.isnan(), ref.isnan()), name
+        torch.testing.assert_close(value[~ref.isnan()], ref[~ref.isnan()], msg=name)
