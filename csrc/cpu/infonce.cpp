@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/fast_exp.h"
@@ -39,6 +40,8 @@
 #include "cpu/lse_tiles.h"
 #include "cpu/outputs.h"
 #include "cpu/shared_shift.h"
+#include "cpu/sided_filter.h"
+#include "cpu/weight_rows.h"
 
 namespace fastcontrast {
 namespace {
@@ -48,11 +51,18 @@ using namespace tiles;  // NOLINT: the shared pieces (lse_tiles.h, grid_tiles.h)
 // The shared-shift forward (shared_shift.h): one pass and one exp per entry, e = exp(s - c), summed
 // into the query's and (with_col) the key's sum; lse = c + log(sum). Returns false, and the
 // caller runs forward_impl, where c is not usable or some sum is too small for it.
+// A symmetric filter's one-direction drops are applied here by their masks (sided_filter.h).
 template <typename T>
-bool shared_shift_forward(const Problem<T>& p, const at::Tensor& beta, const Mask& mask,
+bool shared_shift_forward(const Problem<T>& p, const at::Tensor& beta, const Mask& mask_in,
                           bool with_col, int64_t requested, T* row_out, T* col_out) {
   const SharedShift<T> shift = shared_shift<T>(p.q, p.keys, p.alpha_tensor, beta);
   if (!shift.usable) return false;
+  Mask mask = mask_in;
+  const bool sided = mask.filter && mask.filter->symmetric();
+  if (sided) {
+    mask.filter->sided = nullptr;
+    mask.filter->sided_masks = true;
+  }
   std::vector<Acc> row_sum(p.n, Acc(0)), col_sum(with_col ? p.m : 0, Acc(0));
   const int64_t block_rows = task_block_rows(p, requested);
   for_each_grid_tile(p, beta, mask, block_rows, chunk_keys(block_rows, sizeof(T), requested),
@@ -61,12 +71,18 @@ bool shared_shift_forward(const Problem<T>& p, const at::Tensor& beta, const Mas
     const T* a = p.alpha + r0;
     const T* base = tile.data_ptr<T>();
     FlushedSums<T> acc(row_sum.data() + r0, rows);
+    const auto sums = [&](auto kind, const T* x, T b, int64_t cut, const uint8_t* code) {
+      constexpr bool kSided = decltype(kind)::value;
+      return shared_shift_sums_into<kSided>(acc.data(), x, a, b, shift.exp_shift, 0, cut, code) +
+             shared_shift_sums_into<kSided>(acc.data(), x, a, b, shift.exp_shift, cut + 1, rows,
+                                            code);
+    };
     for (int64_t j = 0; j < pc.m; ++j) {
       const T* x = base + j * rows;
       const int64_t cut = pc.cut(j, r0, rows);
-      const T col = shared_shift_sums_into(acc.data(), x, a, pc.beta[j], shift.exp_shift, 0, cut) +
-                    shared_shift_sums_into(acc.data(), x, a, pc.beta[j], shift.exp_shift, cut + 1,
-                                           rows);
+      const uint8_t* code = sided ? sided_mask().row(j) : nullptr;
+      const T col = code ? sums(std::true_type{}, x, pc.beta[j], cut, code)
+                         : sums(std::false_type{}, x, pc.beta[j], cut, code);
       acc.row_done();
       if (with_col) col_sum[c0 + j] += col;
     }
@@ -148,33 +164,32 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
     const T* a = p.alpha + r0;
     const T* g = rg + r0;
     const T* lse = rl.data() + r0;
-    // W_ji = beta_j dS_ij, s recomputed from the raw tile; 0 for the masked query.
+    // W_ji = beta_j dS_ij, s recomputed from the raw tile; 0 for the masked query. A symmetric
+    // filter's one-direction drops by their masks (sided_filter.h, weight_rows.h).
     T* base = tile.data_ptr<T>();
+    const bool sided = pc.filter && pc.filter->sided_masks;
     for (int64_t j = 0; j < pc.m; ++j) {
       T* x = base + j * rows;
       const T b = pc.beta[j];
-      if (shared) {
-        const T* w = row_w.data() + r0;
-        const T v = col_w[c0 + j];
-#pragma omp simd
-        for (int64_t i = 0; i < rows; ++i)
-          x[i] = b * fast_exp_shifted(x[i] * a[i] * b, shift.exp_shift) * (w[i] + v);
-      } else if (cl) {
-        const T cg_j = cg[c0 + j], cl_j = finite_or_inf(cl[c0 + j]);
-#pragma omp simd
-        for (int64_t i = 0; i < rows; ++i) {
-          const T s = x[i] * a[i] * b;
-          x[i] = b * (g[i] * fast_exp(s - lse[i]) + cg_j * fast_exp(s - cl_j));
-        }
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < rows; ++i) x[i] = b * g[i] * fast_exp(x[i] * a[i] * b - lse[i]);
-      }
+      const uint8_t* code = sided ? sided_mask().row(j) : nullptr;
+      const auto weights = [&](auto kind) {
+        constexpr bool kSided = decltype(kind)::value;
+        if (shared)
+          shared_weights_row<kSided>(x, a, b, shift.exp_shift, row_w.data() + r0, col_w[c0 + j],
+                                     code, rows);
+        else if (cl)
+          two_exp_weights_row<kSided>(x, a, b, g, lse, cg[c0 + j], finite_or_inf(cl[c0 + j]),
+                                      code, rows);
+        else
+          row_weights_row<kSided>(x, a, b, g, lse, code, rows);
+      };
+      if (code)
+        weights(std::true_type{});
+      else
+        weights(std::false_type{});
       const int64_t cut = pc.cut(j, r0, rows);
       if (cut < rows) x[cut] = T(0) * b;  // W = beta_j dS: NaN where beta_j is
     }
-    if (pc.filter && pc.filter->record_sided)  // the entries one direction keeps
-      fix_sided_weights(tile, a, pc.beta, g, lse, cg ? cg + c0 : nullptr, cl ? cl + c0 : nullptr);
     bool poisoned = cols_poisoned;
     for (int64_t i = 0; i < rows; ++i) poisoned = poisoned || poisons(rl_in[r0 + i], g[i]);
     if (poisoned && pc.row_ids) pc.mask_equal_ids(r0, rows, tile, T(0));
@@ -203,7 +218,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward_impl(
 std::tuple<at::Tensor, std::optional<at::Tensor>> masked_lse_forward(
     const at::Tensor& q, const at::Tensor& keys, const at::Tensor& alpha, const at::Tensor& beta,
     const Mask& mask_in, bool with_col_lse, int64_t block_rows) {
-  // A symmetric filter gives the entries that one direction keeps back to it (sided_filter.h).
+  // A symmetric filter: the exact passes get the entries that one direction keeps back
+  // (sided_filter.h; the shared-shift forward applies them by masks and gives back none).
   const bool sided = mask_in.filter && mask_in.filter->symmetric();
   SidedLse given_back(sided ? q.size(0) : 0, sided ? keys.size(0) : 0);
   Mask mask = mask_in;
@@ -241,8 +257,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> masked_lse_back
     const at::Tensor& row_lse, const at::Tensor& row_grad, const std::optional<at::Tensor>& col_lse,
     const std::optional<at::Tensor>& col_grad, const Mask& mask_in, bool need_dq, bool need_dkeys,
     int64_t block_rows) {
-  Mask mask = mask_in;  // a symmetric filter keeps each tile's one-direction entries
-  if (mask.filter && mask.filter->symmetric()) mask.filter->record_sided = true;
+  Mask mask = mask_in;  // a symmetric filter's one-direction drops by their masks
+  if (mask.filter && mask.filter->symmetric()) mask.filter->sided_masks = true;
   const Operands ops = fold_scales(q, keys, alpha, beta, mask);
   auto grads = AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "masked_lse_backward", [&] {
     const bool large_tile = col_lse.has_value() || (!need_dq && !need_dkeys);

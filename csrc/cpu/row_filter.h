@@ -23,8 +23,10 @@ namespace fastcontrast {
 //   s_ij > col_threshold_j   or   <guide_q_i, guide_keys_j> > col_guide_threshold_j,
 // independently of the row rule above. col_threshold (M,) / col_guide_threshold (M,) in q's dtype
 // (given with threshold / the guide), col_positive_row (M,) int64, col_dropped (M,) int64 counts;
-// all indexed by col_offset + j (never narrowed). sided: the forward's accumulators of the
-// entries that only one direction keeps; record_sided: the backward keeps them per tile.
+// all indexed by col_offset + j (never narrowed). How the entries that only one direction drops
+// reach the passes (sided_filter.h): sided_masks, left in the tile with the directions' drops in
+// a per-tile byte mask (sided_mask) that the pass applies; else written -inf, and given back to
+// the direction that keeps them through sided (the exact forward's accumulators) where given.
 struct SidedLse;
 struct RowFilter {
   std::optional<at::Tensor> threshold;
@@ -39,7 +41,7 @@ struct RowFilter {
   std::optional<at::Tensor> col_guide_threshold;
   std::optional<at::Tensor> col_dropped;
   SidedLse* sided = nullptr;
-  bool record_sided = false;
+  bool sided_masks = false;
 
   bool symmetric() const { return col_positive_row.has_value(); }
 

@@ -1,19 +1,28 @@
 // The false-negative filter of a symmetric loss in one pass on CPU (RowFilter with the column rule,
 // row_filter.h): each raw score tile is computed once, and entry (i, j) is dropped from row i's
 // log-sum-exp by row i's thresholds and from column j's by column j's. An entry that both drop is
-// written -inf in the tile, as the one-directional filter does (false_negatives.h); an entry that
-// only one direction drops is ALSO written -inf, so that the unchanged passes that follow see the
-// union of the drops, and is then given back to the direction that keeps it:
-//   forward:  merged into a per-row (per-column) online log-sum-exp (SidedLse), folded into the
-//             row (column) lse with logaddexp at the end: no subtraction, no cancellation;
-//   backward: its gradient weight written over the tile entry after the weight pass
-//             (sided_entries, fix_sided_weights): W_ji = beta_j g_i exp(s_ij - row_lse_i) where
-//             the row keeps it, beta_j c_j exp(s_ij - col_lse_j) where the column keeps it.
-// False negatives are few, so the entries given back are few; their cost is a scalar pass over
-// the tile rows that have any (one vectorised pass decides every entry's two drops).
+// written -inf in the tile, as the one-directional filter does (false_negatives.h). An entry that
+// only one direction drops (with the suite's guide nearly half of the ~36% dropped per direction)
+// reaches the passes in one of two ways:
+//   masks (RowFilter::sided_masks: the shared-shift forward and every backward): it stays in the
+//             tile, and the tile's codes (bit 0: the row drops it, bit 1: the column) are kept in
+//             the calling thread's SidedMask; the passes' tile rows with any such entry run their
+//             kSided variant, which selects each direction's term by its bit in the vector loop:
+//               forward:  e = exp(s - c) once, row sum += row keeps ? e : 0, column sum likewise;
+//               backward: W_ji = beta_j (g_i exp(s - lse_i) [row keeps]
+//                                        + c_j exp(s - col_lse_j) [column keeps]).
+//             A select, not a product with 0/1: a NaN score still reaches the direction that
+//             keeps it. The shared shift c bounds every score (Cauchy-Schwarz), so it is as valid
+//             for these entries as for any other.
+//   give-back (the exact forward, the fallback of the shared shift): it is ALSO written -inf, so
+//             that the unchanged exact passes see the union of the drops, and is merged into a
+//             per-row (per-column) online log-sum-exp (SidedLse), folded into the row (column)
+//             lse with logaddexp at the end: no subtraction, no cancellation. A scalar pass, but
+//             only where the shared shift is unusable (rare).
 //
 // Exclusive access: the tiles of a query block (of a key chunk) run one at a time (grid_tiles.h),
-// so a tile's rows' and columns' counts and accumulators are written by one task at a time.
+// so a tile's rows' and columns' counts and accumulators are written by one task at a time; the
+// mask is the calling thread's, filled by mask_tile and read by the same task's passes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,8 +51,8 @@ struct SidedLse {
     std::fill(col_sum.begin(), col_sum.end(), 0.0);
   }
   static void merge(double& mx, double& sum, double v) {
-    if (std::isnan(v)) {
-      sum = v;
+    if (std::isnan(v) || std::isnan(mx)) {  // NaN from then on, and folded in (mx != -inf)
+      mx = sum = std::numeric_limits<double>::quiet_NaN();
     } else if (v > mx) {
       sum = (std::isinf(mx) ? 0.0 : sum * std::exp(mx - v)) + 1.0;
       mx = v;
@@ -73,20 +82,24 @@ struct SidedLse {
 
 namespace tiles {
 
-// An entry of a tile (key j, query i, tile-local) that only one direction drops: its raw tile
-// value, and whether the row keeps it (else the column does).
-template <typename T>
-struct SidedEntry {
-  int64_t j, i;
-  T raw;
-  bool row_keeps;
+// The codes of the last tile the calling thread filtered with sided_masks: code (m x rows, the
+// tile's layout; 1 or 2 only where exactly one direction drops the entry) and per tile row
+// whether it has any such entry.
+struct SidedMask {
+  int64_t rows = 0;
+  std::vector<uint8_t> code, row_any;
+  void reset(int64_t m, int64_t rows_) {
+    rows = rows_;
+    code.resize(static_cast<size_t>(m * rows));
+    row_any.assign(static_cast<size_t>(m), 0);
+  }
+  // The codes of tile row j, or nullptr where no entry of it is dropped in one direction only.
+  const uint8_t* row(int64_t j) const { return row_any[j] ? code.data() + j * rows : nullptr; }
 };
 
-// The one-direction entries of the last tile the calling thread filtered (record_sided).
-template <typename T>
-std::vector<SidedEntry<T>>& sided_entries() {
-  thread_local std::vector<SidedEntry<T>> entries;
-  return entries;
+inline SidedMask& sided_mask() {
+  thread_local SidedMask mask;
+  return mask;
 }
 
 // code[i] = (row drops) | (column drops) << 1 for tile row x (key `key`, scale b) against the
@@ -119,13 +132,35 @@ bool sided_codes(const T* x, const T* gr, int64_t rows, const T* a, T b, const T
   return any != 0;
 }
 
+// Counts the drops of tile row xr (codes from sided_codes) and writes -inf over the entries that
+// both directions drop; returns whether any entry is dropped in one direction only.
+template <typename T>
+bool apply_codes(T* xr, const uint8_t* code, int64_t rows, int64_t* row_count,
+                 int64_t* col_count) {
+  if (row_count) {
+#pragma omp simd
+    for (int64_t i = 0; i < rows; ++i) row_count[i] += code[i] & 1;
+  }
+  int one = 0;
+  int64_t cols = 0;
+#pragma omp simd reduction(| : one) reduction(+ : cols)
+  for (int64_t i = 0; i < rows; ++i) {
+    const int c = code[i];
+    cols += c >> 1;
+    one |= static_cast<int>(c == 1 || c == 2);
+    xr[i] = c == 3 ? -kInf<T> : xr[i];
+  }
+  if (col_count) *col_count += cols;
+  return one != 0;
+}
+
 // The symmetric filter of the tile of queries r0 .. r0 + rows (see the top of this file).
 template <typename T>
 void filter_tile_symmetric(const RowFilter& f, int64_t r0, int64_t rows, at::Tensor& tile,
                            const T* alpha, const T* beta) {
   const int64_t m = tile.size(0);
-  auto& recorded = sided_entries<T>();
-  recorded.clear();
+  SidedMask& mask = sided_mask();
+  if (f.sided_masks) mask.reset(m, rows);
   if (m == 0 || rows == 0) return;
   T* x = tile.data_ptr<T>();
   at::Tensor guide_tile;  // (m, rows) guide scores of this tile only
@@ -144,62 +179,40 @@ void filter_tile_symmetric(const RowFilter& f, int64_t r0, int64_t rows, at::Ten
   const int64_t* cpos = f.col_positive_row->data_ptr<int64_t>() + c0;
   int64_t* row_count = f.dropped ? f.dropped->data_ptr<int64_t>() + r0 : nullptr;
   int64_t* col_count = f.col_dropped ? f.col_dropped->data_ptr<int64_t>() + c0 : nullptr;
-  std::vector<uint8_t> code(rows);
+  std::vector<uint8_t> scratch(f.sided_masks ? 0 : rows);
   for (int64_t j = 0; j < m; ++j) {
     T* xr = x + j * rows;
     const T* gr = gx ? gx + j * rows : nullptr;
+    uint8_t* code = f.sided_masks ? mask.code.data() + j * rows : scratch.data();
     const T b = beta[j], ct = cthr ? cthr[j] : T(0), cgt = cgthr ? cgthr[j] : T(0);
     const int64_t key = c0 + j, cp = cpos[j] - r0;
     bool any;
     if (thr && gx)
-      any = sided_codes<T, true, true>(xr, gr, rows, a, b, thr, ct, gthr, cgt, pos, key, cp,
-                                       code.data());
+      any = sided_codes<T, true, true>(xr, gr, rows, a, b, thr, ct, gthr, cgt, pos, key, cp, code);
     else if (thr)
       any = sided_codes<T, true, false>(xr, gr, rows, a, b, thr, ct, gthr, cgt, pos, key, cp,
-                                        code.data());
+                                        code);
     else
       any = sided_codes<T, false, true>(xr, gr, rows, a, b, thr, ct, gthr, cgt, pos, key, cp,
-                                        code.data());
-    if (!any) continue;
-    for (int64_t i = 0; i < rows; ++i) {
+                                        code);
+    if (!any || !apply_codes(xr, code, rows, row_count, col_count ? col_count + j : nullptr))
+      continue;
+    if (f.sided_masks) {  // the passes apply the one-direction drops
+      mask.row_any[j] = 1;
+      continue;
+    }
+    for (int64_t i = 0; i < rows; ++i) {  // give back (the exact forward), or drop (the counts)
       const uint8_t c = code[i];
-      if (c == 0) continue;
-      if ((c & 1) && row_count) row_count[i] += 1;
-      if ((c & 2) && col_count) col_count[j] += 1;
-      if (c != 3) {
-        const bool row_keeps = c == 2;
-        if (f.sided) {
-          const double s = static_cast<double>(xr[i] * a[i] * b);
-          if (row_keeps)
-            SidedLse::merge(f.sided->row_max[r0 + i], f.sided->row_sum[r0 + i], s);
-          else
-            SidedLse::merge(f.sided->col_max[key], f.sided->col_sum[key], s);
-        }
-        if (f.record_sided) recorded.push_back({j, i, xr[i], row_keeps});
+      if (c != 1 && c != 2) continue;
+      if (f.sided) {
+        const double s = static_cast<double>(xr[i] * a[i] * b);
+        if (c == 2)  // the row keeps it
+          SidedLse::merge(f.sided->row_max[r0 + i], f.sided->row_sum[r0 + i], s);
+        else
+          SidedLse::merge(f.sided->col_max[key], f.sided->col_sum[key], s);
       }
       xr[i] = -kInf<T>;
     }
-  }
-}
-
-// The gradient weights of the recorded one-direction entries of the tile (after the weight pass,
-// which left them 0): W_ji = beta_j dS_ij with only the direction that keeps the entry. a, g, lse:
-// the block's alpha, row gradients and row lse (finite_or_inf); cg, cl: the tile's keys' column
-// gradients and lse (cl finite_or_inf), nullptr without the column term.
-template <typename T>
-void fix_sided_weights(at::Tensor& tile, const T* a, const T* beta, const T* g, const T* lse,
-                       const T* cg, const T* cl) {
-  const int64_t rows = tile.size(1);
-  T* x = tile.data_ptr<T>();
-  for (const SidedEntry<T>& e : sided_entries<T>()) {
-    const T b = beta[e.j];
-    const T s = e.raw * a[e.i] * b;
-    T w;
-    if (e.row_keeps)
-      w = g[e.i] * std::exp(s - lse[e.i]);
-    else
-      w = cl ? cg[e.j] * std::exp(s - finite_or_inf(cl[e.j])) : T(0);
-    x[e.j * rows + e.i] = b * w;
   }
 }
 

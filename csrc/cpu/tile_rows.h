@@ -42,16 +42,23 @@ void exp_weights_into(S* sum, T* x, const T* a, T b, const T* shift, int64_t i0,
 }
 
 // sum_i <- sum_i + e_i, e_i = exp(s_i - c) with one shift c for every query; returns sum_i e_i
-// (the key's own sum of the same exps; over at most R queries, in vector lanes).
-template <typename T>
+// (the key's own sum of the same exps; over at most R queries, in vector lanes). kSided: the
+// one-direction drops of the symmetric filter (sided_filter.h), code_i bit 0 leaves e_i out of
+// sum_i, bit 1 out of the key's sum.
+template <bool kSided = false, typename T>
 T shared_shift_sums_into(T* sum, const T* x, const T* a, T b, const Pow2Shift<T>& shift,
-                         int64_t i0, int64_t i1) {
+                         int64_t i0, int64_t i1, const uint8_t* code = nullptr) {
   T total = 0;
 #pragma omp simd reduction(+ : total)
   for (int64_t i = i0; i < i1; ++i) {
     const T e = fast_exp_shifted(x[i] * a[i] * b, shift);
-    sum[i] += e;
-    total += e;
+    if constexpr (kSided) {
+      sum[i] += (code[i] & 1) ? T(0) : e;
+      total += (code[i] & 2) ? T(0) : e;
+    } else {
+      sum[i] += e;
+      total += e;
+    }
   }
   return total;
 }

@@ -162,14 +162,21 @@ def _integer_clip(n, seed):
     return image, text
 
 
-def _materialised_clip(image, text, scale, margin):
-    """(loss, (2, N) counts) of clip_loss with the margin rule, each direction its own positive."""
+def _materialised_clip(image, text, scale, margin, decide=None):
+    """(loss, (2, N) counts) of clip_loss with the margin rule, each direction its own positive:
+    entries of ``decide`` (default the scores, offset scale * margin) above their row's (column's)
+    positive's plus the offset are dropped from that direction."""
     s = scale * image @ text.T
     n = s.shape[0]
     eye = torch.eye(n, dtype=torch.bool)
+    if decide is None:
+        decide, offset = s.detach(), scale * margin
+    else:
+        offset = margin
+    own = decide.diagonal()
+    row = (decide > own[:, None] + offset) & ~eye
+    col = (decide > own[None, :] + offset) & ~eye
     diag = s.diagonal()
-    row = (s > diag[:, None] + scale * margin) & ~eye
-    col = (s > diag[None, :] + scale * margin) & ~eye
     loss = 0.5 * ((s.masked_fill(row, NEG_INF).logsumexp(1) - diag).mean()
                   + (s.masked_fill(col, NEG_INF).logsumexp(0) - diag).mean())
     return loss, torch.stack([row.sum(1), col.sum(0)]), bool((row ^ col).any())
@@ -226,3 +233,68 @@ def test_clip_guide_counts_per_direction(backend):
     assert torch.equal(counts.cpu(), torch.stack([row.sum(1), col.sum(0)]))
     ref = fc.clip_loss(image, text, 2.0, guide=(gi, gt), guide_margin=margin, backend="reference")
     assert_close(loss, ref, dtype, f"{backend} loss", max_logit=40.0)
+
+
+@pytest.mark.parametrize("shared_shift", [True, False], ids=["shared", "exact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda t: str(t).split(".")[1])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_clip_guide_dense_one_sided_drops(backend, dtype, shared_shift):
+    """A guide that drops ~40% of the entries per direction, a good part of them in one direction
+    only (as the benchmark suite's guide does): the CPU kernels apply these drops in their vector
+    passes (shared shift) or give them back (exact passes). Guide vectors at multiples of 45
+    degrees: their cosines differ by >= 0.29, so margin 0.5 decides alike in every dtype."""
+    n = 257
+    _skip(backend, dtype, n)
+    device = device_for(backend)
+    image64, text64 = _integer_clip(n, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    angle_i = torch.randint(0, 8, (n,), generator=gen)
+    angle_t = angle_i + torch.randint(-2, 3, (n,), generator=gen)  # own positive's cosine varies
+
+    def unit(k):
+        return torch.stack([torch.cos(k * torch.pi / 4), torch.sin(k * torch.pi / 4)], 1).double()
+
+    gi, gt = unit(angle_i), unit(angle_t)
+    scale, margin = 0.25, 0.5
+    image = image64.to(device=device, dtype=dtype).requires_grad_(True)
+    text = text64.to(device=device, dtype=dtype).requires_grad_(True)
+    with _config.override(shared_shift=shared_shift):
+        loss, counts = fc.clip_loss(image, text, scale, guide=(gi.to(device, dtype),
+                                    gt.to(device, dtype)), guide_margin=margin,
+                                    return_dropped=True, backend=backend)
+        grads = torch.autograd.grad(loss, (image, text))
+    i64, t64 = image64.clone().requires_grad_(True), text64.clone().requires_grad_(True)
+    expected, expected_counts, one_sided = _materialised_clip(i64, t64, scale, -margin,
+                                                              decide=gi @ gt.T)
+    assert one_sided
+    assert 0.25 < expected_counts.sum() / (2 * n * n) < 0.6
+    assert torch.equal(counts.cpu(), expected_counts)
+    assert_close(loss, expected, dtype, f"{backend} loss", max_logit=scale * 18)
+    ref_grads = torch.autograd.grad(expected, (i64, t64))
+    for name, got, ref in zip(("dimage", "dtext"), grads, ref_grads):
+        assert_close(got, ref, dtype, f"{backend} {name}", max_logit=scale * 18)
+
+
+@pytest.mark.parametrize("shared_shift", [True, False], ids=["shared", "exact"])
+@pytest.mark.parametrize("rule", ["guide", "both"])
+def test_a_nan_score_reaches_only_the_directions_that_keep_it(rule, shared_shift):
+    """A NaN feature of query 0 makes its scores NaN: as in the materialised formula, the lse and
+    the gradients are NaN where a direction keeps such an entry, and finite where the guide drops
+    it from both (the CPU kernels' masked passes and their exact passes' give-back)."""
+    _skip("cpu")
+    q, keys, alpha, beta, f = _problem(37, 33, 5, rule, seed=11)
+    q[0, 1] = float("nan")
+    gen = torch.Generator().manual_seed(7)
+    row_grad = torch.rand(37, generator=gen, dtype=torch.float64)
+    col_grad = torch.rand(33, generator=gen, dtype=torch.float64)
+    expected = _expected(q, keys, alpha, beta, f, row_grad, col_grad)[:4]
+    module = backends.kernels("infonce", "cpu")
+    with _config.override(shared_shift=shared_shift):
+        row, col = module.masked_lse_forward(q, keys, alpha, beta, with_col_lse=True, **f)
+        got = (row, col, *module.masked_lse_backward(q, keys, alpha, beta, row, row_grad, col,
+                                                     col_grad, **f))
+    assert 0 < int(expected[3].isnan().sum()) < expected[3].numel()
+    for name, value, ref in zip(("row_lse", "col_lse", "dq", "dkeys"), got, expected):
+        assert torch.equal(value.isnan(), ref.isnan()), name
+        torch.testing.assert_close(value[~ref.isnan()], ref[~ref.isnan()], msg=name)
