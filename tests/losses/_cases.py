@@ -90,6 +90,15 @@ def _distill(f, s, **kw):
                                          temperature=s[0], teacher_temperature=0.1, **kw)
 
 
+def _distill_clip(f, s, **kw):
+    """distill_clip_loss of the student features f against a fixed teacher: the sum of its two
+    terms (the family's checks take one loss; each term apart: tests/objectives/
+    test_distill_clip.py)."""
+    contrastive, distill = fastcontrast.distill_clip_loss(
+        f[0], f[1], _teacher(f[0], 1), _teacher(f[1], 2), s[0], 10.0, **kw)
+    return contrastive + distill
+
+
 class Case(NamedTuple):
     shapes: Callable  # (n, d) -> the feature shapes
     scalars: tuple  # temperature / logit_scale (and logit_bias)
@@ -119,6 +128,8 @@ CASES = {
                         fastcontrast.SigLIPLoss),
     "distill_info_nce": Case(lambda n, d: [(n, d), (n, d)], (0.2,), _distill,
                              fastcontrast.DistillInfoNCELoss),
+    "distill_clip_loss": Case(lambda n, d: [(n, d), (n, d)], (5.0,), _distill_clip,
+                              fastcontrast.DistillClipLoss),
 }
 
 

@@ -42,6 +42,8 @@ CALLS = {
     "siglip_loss": lambda x, y, b: fc.siglip_loss(x, y, 10.0, -10.0, backend=b),
     "distill_info_nce": lambda x, y, b: fc.distill_info_nce(
         x, y, y.flip(0), x.flip(0), temperature=0.1, teacher_temperature=0.05, backend=b),
+    "distill_clip_loss": lambda x, y, b: sum(fc.distill_clip_loss(
+        x, y, y.flip(0), x.flip(0), 10.0, 20.0, backend=b)),
     "InfoNCELoss": lambda x, y, b: fc.InfoNCELoss(backend=b)(x, y),
     "SupConLoss_none": lambda x, y, b: fc.SupConLoss(reduction="none", backend=b)(x, _labels()),
 }

@@ -110,6 +110,10 @@ CASES["distill_info_nce"] = (
     lambda q, k, t, b: fc.distill_info_nce(q, k, k.detach(), q.detach(), temperature=t,
                                            teacher_temperature=0.1, backend=b),
     lambda: (_features(N, D), _features(N, D)), (0.2,))
+CASES["distill_clip_loss"] = (
+    lambda x, y, s, b: sum(fc.distill_clip_loss(x, y, y.detach(), x.detach(), s, 20.0,
+                                                backend=b)),
+    lambda: (_features(N, D), _features(N, D)), (10.0,))
 require_every_loss(CASES, "torch.compile")
 
 

@@ -50,6 +50,8 @@ CASES = {
 }
 CASES["distill_info_nce"] = lambda b: lambda x, y: fc.distill_info_nce(
     x, y, y.detach(), x.detach(), temperature=0.2, teacher_temperature=0.1, backend=b)
+CASES["distill_clip_loss"] = lambda b: lambda x, y: sum(fc.distill_clip_loss(
+    x, y, y.detach(), x.detach(), 10.0, 20.0, backend=b))
 require_every_loss(CASES, "torch.compile over changing batch sizes")
 # The module twins call the functions above: one backend ("auto") suffices for them.
 MODULE_CASES = {
