@@ -47,6 +47,7 @@ def configure():
 SLOW_PATHS = (
     "tests/bench/", "tests/distributed/", "tests/methods/",
     "tests/compat/test_open_clip_distributed.py", "tests/compat/test_lightly_distributed.py",
+    "tests/compat/test_open_clip_distill_distributed.py",
     "tests/kernels/test_triton_compile.py", "tests/kernels/test_triton_gram_compile.py",
     "tests/kernels/test_triton_compile_objectives.py",
     "tests/kernels/test_triton_compile_updates.py",
