@@ -24,7 +24,8 @@ import torch
 
 from .._host import rowwise_dot
 
-__all__ = ["in_batch_gap", "inverse_norms", "times", "unit_sum"]
+__all__ = ["in_batch_gap", "inverse_norms", "times", "unit_sum", "positive_dots",
+           "in_batch_sums"]
 
 
 def inverse_norms(t, normalize, eps):
@@ -45,6 +46,29 @@ def unit_sum(t, scales, weights=None):
     """sum_j w_j t^_j (D,), t^_j = scales_j t_j (w = 1 when ``weights`` is None)."""
     w = times(weights, scales) if weights is not None else scales
     return t.sum(dim=0) if w is None else w @ t
+
+
+def positive_dots(q, keys, b, targets):
+    """<q_i, k^_{t_i}> (N,), t_i = i without targets."""
+    if targets is None:
+        n = q.shape[0]
+        return times(rowwise_dot(q, keys[:n]), None if b is None else b[:n])
+    return times(rowwise_dot(q, keys.index_select(0, targets)),
+                 None if b is None else b.index_select(0, targets))
+
+
+def in_batch_sums(q, keys, b, exclude_self):
+    """(sum_{j in C(i)} <q_i, k^_j> (N,), |C(i)| (an int)) over the in-batch keys: all of them,
+    but key i under exclude_self (which means M == N)."""
+    summed = q @ unit_sum(keys, b)
+    if exclude_self:
+        summed = summed - times(rowwise_dot(q, keys), b)
+    return summed, keys.shape[0] - int(exclude_self)
+
+
+def column_gap(q, keys, a, b):
+    """col gap_j = <k^_j, q^_j> - <k^_j, V> / N of a symmetric loss (M == N, no targets)."""
+    return times(times(rowwise_dot(keys, q), a) - keys @ unit_sum(q, a) / q.shape[0], b)
 
 
 def _scaled_rows(t, coefficients, index=None):
@@ -74,19 +98,10 @@ class _InBatchGap(torch.autograd.Function):
     def forward(q, k, targets, normalize, eps, exclude_self, symmetric):
         keys = q if k is None else k
         a, b = inverse_norms(q, normalize, eps), inverse_norms(keys, normalize, eps)
-        n, count = q.shape[0], keys.shape[0] - int(exclude_self)
-        if targets is None:
-            positive = times(rowwise_dot(q, keys[:n]), None if b is None else b[:n])
-        else:
-            positive = times(rowwise_dot(q, keys.index_select(0, targets)),
-                              None if b is None else b.index_select(0, targets))
-        summed = q @ unit_sum(keys, b)
-        if exclude_self:  # exclude_self means M == N
-            summed = summed - times(rowwise_dot(q, keys), b)
-        gap = times(positive - summed / count, a)
+        summed, count = in_batch_sums(q, keys, b, exclude_self)
+        gap = times(positive_dots(q, keys, b, targets) - summed / count, a)
         if symmetric:
-            column = times(rowwise_dot(keys, q), a) - keys @ unit_sum(q, a) / n
-            gap = 0.5 * (gap + times(column, b))
+            gap = 0.5 * (gap + column_gap(q, keys, a, b))
         return gap
 
     @staticmethod

@@ -19,15 +19,11 @@ Without a bank or per-query negatives the gap is in_batch_gap.py's autograd.Func
 backward holds one (R, D) buffer per input instead of plain autograd's temporaries."""
 import torch
 
-from .._host import accumulate_dtype, class_index
-from .in_batch_gap import in_batch_gap, inverse_norms, times, unit_sum
+from .._host import accumulate_dtype, class_index, rowwise_dot
+from .in_batch_gap import (in_batch_gap, in_batch_sums, inverse_norms, positive_dots, times,
+                           unit_sum)
 
 __all__ = ["smoothing_gap", "gap_from_sums", "same_id_bank_sums"]
-
-
-def _dots(a, b):
-    """<a_i, b_i> (R,), without an (R, D) temporary."""
-    return torch.einsum("nd,nd->n", a, b)
 
 
 def same_id_bank_sums(query_ids, bank_ids, bank):
@@ -43,8 +39,8 @@ def same_id_bank_sums(query_ids, bank_ids, bank):
 def gap_from_sums(q, positive_key, candidate_sum, candidate_count):
     """gap_i / scale = <q^_i, k^_{t_i} - (candidate sum of row i) / |C(i)|> for unit rows
     (candidate_sum (N, D), or (D,) where every row has the same)."""
-    summed = q @ candidate_sum if candidate_sum.dim() == 1 else _dots(q, candidate_sum)
-    return _dots(q, positive_key) - summed / candidate_count
+    summed = q @ candidate_sum if candidate_sum.dim() == 1 else rowwise_dot(q, candidate_sum)
+    return rowwise_dot(q, positive_key) - summed / candidate_count
 
 
 def _row_gap(options, q, k, norms, bank, per_query, targets, query_ids, bank_ids):
@@ -54,17 +50,10 @@ def _row_gap(options, q, k, norms, bank, per_query, targets, query_ids, bank_ids
     under ``targets`` and the same-id bank sums."""
     inv_q, inv_k, inv_b, inv_p = norms
     n = q.shape[0]
-    if targets is None:
-        positive = times(_dots(q, k), inv_k)
-    else:
-        positive = times(_dots(q, k.index_select(0, targets)),
-                           None if inv_k is None else inv_k.index_select(0, targets))
+    positive = positive_dots(q, k, inv_k, targets)
     if options.in_batch_negatives:
-        summed = q @ unit_sum(k, inv_k)
-        count = q.new_full((n,), float(k.shape[0]))
-        if options.exclude_self:  # exclude_self means M == N: key i leaves row i
-            summed = summed - times(_dots(q, k), inv_k)
-            count = count - 1
+        summed, count = in_batch_sums(q, k, inv_k, options.exclude_self)
+        count = q.new_full((n,), float(count))
     else:
         summed, count = positive, q.new_ones(n)
     if bank is not None:
@@ -73,7 +62,7 @@ def _row_gap(options, q, k, norms, bank, per_query, targets, query_ids, bank_ids
         if query_ids is not None:
             unit_bank = bank if inv_b is None else bank * inv_b.unsqueeze(1)
             same_sum, same_count = same_id_bank_sums(query_ids, bank_ids, unit_bank)
-            summed, count = summed - _dots(q, same_sum), count - same_count
+            summed, count = summed - rowwise_dot(q, same_sum), count - same_count
     if per_query is not None:
         per_query_dots = torch.einsum("nkd,nd->nk", per_query, q)
         summed = summed + times(per_query_dots, inv_p).sum(dim=1)
@@ -90,14 +79,11 @@ def smoothing_gap(options, query, key, *, scale, bank=None, per_query=None, targ
     k = q if key is query else key.to(acc)
     bank = None if bank is None else bank.to(acc)
     per_query = None if per_query is None else per_query.to(acc)
+    # A symmetric loss (M == N, no targets, in-batch keys only) always takes this branch.
     if bank is None and per_query is None and options.in_batch_negatives:
         gap = in_batch_gap(q, k, targets, normalize=options.normalize, eps=options.eps,
                            exclude_self=options.exclude_self, symmetric=options.symmetric)
         return gap * scale.to(gap.dtype)
     norms = [inverse_norms(t, options.normalize, options.eps) for t in (q, k, bank, per_query)]
     gap = _row_gap(options, q, k, norms, bank, per_query, targets, query_ids, bank_ids)
-    if options.symmetric:  # M == N, targets None, in-batch keys only: key i's column over q
-        inv_q, inv_k = norms[0], norms[1]
-        column = times(_dots(k, q), inv_q) - k @ unit_sum(q, inv_q) / q.shape[0]
-        gap = 0.5 * (gap + times(column, inv_k))
     return gap * scale.to(gap.dtype)
