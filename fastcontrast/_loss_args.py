@@ -326,17 +326,11 @@ def distill_clip_args(student_image, student_text, teacher_image, teacher_text, 
     teacher's (N, DT) of one shape (DT its own), one floating dtype and device; both logit
     scales positive and finite. Returns (logit_scale, teacher_logit_scale) (positive_scalar,
     accumulation dtype)."""
-    check.check_tensor("student_image", student_image, (2,))
-    for name, t in (("student_text", student_text), ("teacher_image", teacher_image),
-                    ("teacher_text", teacher_text)):
-        check.check_tensor(name, t, (2,))
-        check.check_same(name, t, "student_image", student_image)
+    check.check_image_text(student_image, student_text, ("student_image", "student_text"))
+    check.check_tensor("teacher_image", teacher_image, (2,))
+    check.check_same("teacher_image", teacher_image, "student_image", student_image)
+    check.check_image_text(teacher_image, teacher_text, ("teacher_image", "teacher_text"))
     n = student_image.shape[0]
-    for name, t, ref_name, ref in (("student_text", student_text, "student_image", student_image),
-                                   ("teacher_text", teacher_text, "teacher_image", teacher_image)):
-        if t.shape != ref.shape:
-            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)} "
-                             f"(pair i is text i with image i), got {tuple(t.shape)}")
     if teacher_image.shape[0] != n:
         raise ValueError(f"teacher_image must have N = {n} rows (one per student image), got "
                          f"{teacher_image.shape[0]}")

@@ -112,14 +112,17 @@ def positive_scalar(name, value, device, *, dtype=None):
     return finite_scalar(name, value, device, positive=True, dtype=dtype)
 
 
-def check_image_text(image, text):
-    """(N, D) floating image and text of one shape, dtype and device (text i matches image i)."""
-    check_tensor("image", image, (2,))
-    check_tensor("text", text, (2,))
-    check_same("text", text, "image", image)
+def check_image_text(image, text, names=("image", "text")):
+    """(N, D) floating image and text of one shape, dtype and device (text i matches image i);
+    ``names``: the caller's names of the two."""
+    image_name, text_name = names
+    check_tensor(image_name, image, (2,))
+    check_tensor(text_name, text, (2,))
+    check_same(text_name, text, image_name, image)
     if text.shape != image.shape:
-        raise ValueError(f"text must have the shape of image {tuple(image.shape)} (text i is the "
-                         f"positive of image i), got {tuple(text.shape)}")
+        raise ValueError(f"{text_name} must have the shape of {image_name} {tuple(image.shape)} "
+                         f"({text_name} i is the positive of {image_name} i), got "
+                         f"{tuple(text.shape)}")
 
 
 def check_targets(targets, n, m, device):
