@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import fastcontrast as fc
 
 from .._helpers import FUSED_BACKENDS, as_float64, assert_close, device_for
-from .test_label_smoothing import BACKENDS, DTYPES, _skip
+from .test_distill import _open_clip_distill_term
+from .test_label_smoothing import BACKENDS, DTYPES, _skip, _skip_unchecked
 
 # name -> (teacher dim (None: D), logit_scale, teacher_logit_scale)
 CASES = {
@@ -65,11 +66,7 @@ def _terms_and_grads(inputs, backend, reduction):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_every_backend_matches_the_float64_reference(backend, case, n, d, dtype, reduction):
-    _skip(backend, dtype, n)
-    if dtype in (torch.float16, torch.bfloat16) and n > 10 and backend != "triton":
-        pytest.skip("half precision checked on the small shapes (the CPU upcasts anyway)")
-    if reduction == "sum" and (n > 10 or dtype != torch.float32):
-        pytest.skip("'sum' checked on the small float32 shapes")
+    _skip_unchecked(backend, dtype, n, reduction)
     inputs = _inputs(case, n, d, dtype, device_for(backend))
     terms, grads = _terms_and_grads(inputs, backend, reduction)
     as64 = {k: as_float64(v)[0].cpu() if isinstance(v, torch.Tensor) else v
@@ -89,20 +86,14 @@ def test_every_backend_matches_the_float64_reference(backend, case, n, d, dtype,
 
 
 def _open_clip_terms(image, text, scale, dist_image, dist_text, dist_scale):
-    """OpenCLIP's DistillClipLoss.forward (open_clip/loss.py), single process, written out."""
-    def dist_loss(teacher_logits, student_logits):
-        return -(teacher_logits.softmax(dim=1)
-                 * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
-
+    """OpenCLIP's DistillClipLoss.forward (open_clip/loss.py), single process, written out (its
+    distillation term: test_distill.py's)."""
     logits_per_image, logits_per_text = scale * image @ text.T, scale * text @ image.T
-    dist_per_image = dist_scale * dist_image @ dist_text.T
-    dist_per_text = dist_scale * dist_text @ dist_image.T
     labels = torch.arange(image.shape[0], device=image.device)
     contrastive = (F.cross_entropy(logits_per_image, labels)
                    + F.cross_entropy(logits_per_text, labels)) / 2
-    distill = (dist_loss(dist_per_image, logits_per_image)
-               + dist_loss(dist_per_text, logits_per_text)) / 2
-    return contrastive, distill
+    return contrastive, _open_clip_distill_term(image, text, scale, dist_image, dist_text,
+                                                dist_scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -27,6 +27,17 @@ def _skip(backend, dtype=torch.float32, n=1):
         pytest.skip("the Triton interpreter runs the small shapes")
 
 
+def _skip_unchecked(backend, dtype, n, reduction=None):
+    """_skip, and the cases of the reference comparisons left to smaller shapes: half precision
+    beyond N = 10 but on triton (the CPU backends upcast it), "sum" beyond N = 10 or off
+    float32 (``reduction`` given)."""
+    _skip(backend, dtype, n)
+    if dtype in (torch.float16, torch.bfloat16) and n > 10 and backend != "triton":
+        pytest.skip("half precision checked on the small shapes (the CPU upcasts anyway)")
+    if reduction == "sum" and (n > 10 or dtype != torch.float32):
+        pytest.skip("'sum' checked on the small float32 shapes")
+
+
 def _usable_device_and_dtype(backend):
     """(device, dtype) of a closed-form check: float64 where the backend takes it."""
     _skip(backend)
